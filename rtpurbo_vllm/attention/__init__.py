@@ -1,0 +1,1 @@
+"""The RTPURBO attention backend for vLLM (backend description, metadata, impl)."""

@@ -1,0 +1,160 @@
+"""Runs a Hugging Face model with RTPurbo attention taken from the exact PyTorch reference.
+
+This is the CPU-friendly way to see what RTPurbo does to a model's answers, without vLLM: the
+calibration tests and the demo measure task accuracy with it, and it can knock out chosen heads for
+ablation studies. It plugs into transformers' attention-function registry, so it works for every
+architecture whose attention calls ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen2, Qwen3).
+
+Supports batch size 1 without padding (positions ``0..T-1``), prefill and token-by-token decode with
+a KV cache. Prefill runs :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref`; each decode step runs
+:func:`~rtpurbo_vllm.reference.rtpurbo_decode_ref`, recovering pre-RoPE q/k with
+:func:`~rtpurbo_vllm.rope.invert_rope` exactly as the vLLM backend does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from rtpurbo_vllm.artifacts import RTPurboArtifact
+from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref, rtpurbo_prefill_ref
+from rtpurbo_vllm.rope import RopeSpec, invert_rope
+from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
+from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_varlen_ref
+
+ATTENTION_NAME = "rtpurbo_reference"
+
+
+@dataclass
+class DecodeStats:
+    """What the retrieval heads kept, summed over the decode steps of a run.
+
+    Attributes:
+        kept_blocks: selection blocks kept by retrieval heads (sum over steps, layers and heads).
+        total_blocks: selection blocks those heads could have kept.
+        local_tokens: tokens local heads attended to (sum over steps, layers and heads).
+        context_tokens: tokens the same local heads would attend to densely.
+    """
+
+    kept_blocks: int = 0
+    total_blocks: int = 0
+    local_tokens: int = 0
+    context_tokens: int = 0
+
+    @property
+    def kept_block_share(self) -> float:
+        """Share of selection blocks the retrieval heads kept (0 when nothing was decoded)."""
+        return self.kept_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    @property
+    def local_token_share(self) -> float:
+        """Share of the context that local heads attended to."""
+        return self.local_tokens / self.context_tokens if self.context_tokens else 0.0
+
+
+@dataclass
+class _Run:
+    artifact: RTPurboArtifact | None
+    rope: RopeSpec | None
+    stats: DecodeStats | None
+    ablated: Mapping[int, Sequence[int]] = field(default_factory=dict)
+
+
+_ACTIVE: list[_Run] = []
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``query [1, HQ, Tq, D]``, ``key/value [1, HKV, Tk, D]`` post-RoPE.
+
+    Returns ``([1, Tq, HQ, D]`` in the query dtype, ``None)``.
+    """
+    run = _ACTIVE[-1]
+    if query.shape[0] != 1:
+        raise ValueError(f"the RTPurbo reference runner supports batch size 1, got {query.shape[0]}")
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)                                       # [Tq, HQ, D]
+    k = key[0].transpose(0, 1)                                         # [Tk, HKV, D]
+    v = value[0].transpose(0, 1)
+    num_q, num_k = q.shape[0], k.shape[0]
+    scale = module.scaling if scaling is None else scaling
+    cu_q = torch.tensor([0, num_q], dtype=torch.int32)
+    cu_k = torch.tensor([0, num_k], dtype=torch.int32)
+    if run.artifact is None:   # dense (ablation only)
+        every_head = torch.ones(q.shape[1], dtype=torch.bool)
+        out = headwise_attention_ref(q, k, v, cu_q, cu_k, every_head, 0, num_k, scale)[0]
+    elif num_q > 1 or num_k < run.artifact.params.dense_threshold:
+        p = run.artifact.params
+        out = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, run.artifact.retrieval_heads[layer],
+                                  p.sink_tokens, p.window, p.dense_threshold, scale)
+    else:
+        out = _decode(run, layer, q, k, v, cu_k, scale)
+    out = out.to(query.dtype)
+    for head in run.ablated.get(layer, ()):
+        out[:, head] = 0
+    return out[None], None
+
+
+def _decode(run: _Run, layer: int, q, k, v, cu_k, scale) -> torch.Tensor:
+    """One decode step through the reference; updates ``run.stats``. Returns ``[1, HQ, D]`` fp32."""
+    artifact, p = run.artifact, run.artifact.params
+    heads = artifact.retrieval_heads[layer]
+    w_q, w_k = artifact.indexer[layer]
+    positions = torch.arange(k.shape[0])
+    q_pre = invert_rope(q, positions[-1:], run.rope)                   # [1, HQ, D]
+    k_pre = invert_rope(k, positions, run.rope)                        # [Tk, HKV, D]
+    keep = rtpurbo_decode_keep_ref(cu_k, q_pre, k_pre, heads, w_q, w_k, p.sink_tokens, p.window,
+                                   p.top_p, p.block_size, p.dense_threshold)            # [HQ, Tk]
+    if run.stats is not None:
+        num_blocks = -(-k.shape[0] // p.block_size)
+        block_keep = torch.nn.functional.pad(keep, (0, num_blocks * p.block_size - k.shape[0]))
+        block_keep = block_keep.view(keep.shape[0], num_blocks, p.block_size).any(-1)
+        local = torch.ones(keep.shape[0], dtype=torch.bool)
+        local[list(heads)] = False
+        run.stats.kept_blocks += int(block_keep[list(heads)].sum())
+        run.stats.total_blocks += num_blocks * len(heads)
+        run.stats.local_tokens += int(keep[local].sum())
+        run.stats.context_tokens += int(local.sum()) * k.shape[0]
+    return sparse_decode_varlen_ref(q, k, v, cu_k, keep, scale)[0]
+
+
+@contextlib.contextmanager
+def _use(model, run: _Run) -> Iterator[None]:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    previous = model.config._attn_implementation
+    _ACTIVE.append(run)
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+        model.set_attn_implementation(previous)
+
+
+def rtpurbo_reference_attention(model, artifact: RTPurboArtifact,
+                                stats: DecodeStats | None = None) -> contextlib.AbstractContextManager:
+    """Context manager: ``model`` runs RTPurbo attention (reference) inside the ``with`` block.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2 or Qwen3 family).
+        artifact: the model's RTPurbo artifact, with an indexer.
+        stats: if given, accumulates what the decode steps kept.
+    """
+    if not artifact.has_indexer:
+        raise ValueError("the artifact has no indexer; train one with `rtpurbo-calibrate train-indexer` "
+                         "and export it before running RTPurbo decode")
+    return _use(model, _Run(artifact, RopeSpec.from_hf_config(model.config), stats))
+
+
+def ablated_heads_attention(model, heads: Mapping[int, Sequence[int]]) -> contextlib.AbstractContextManager:
+    """Context manager: dense attention with the output of the given query heads zeroed.
+
+    Args:
+        model: a transformers causal LM.
+        heads: layer index -> query heads whose attention output is replaced by zeros.
+    """
+    return _use(model, _Run(None, None, None, dict(heads)))

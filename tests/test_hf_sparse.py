@@ -1,0 +1,89 @@
+"""The Hugging Face reference runner: RTPurbo attention with nothing dropped equals the model itself."""
+
+import pytest
+import torch
+import transformers
+
+from rtpurbo_vllm.artifacts import ModelFingerprint, RTPurboArtifact, SparsityParams
+from rtpurbo_vllm.hf_sparse import DecodeStats, ablated_heads_attention, rtpurbo_reference_attention
+
+
+def small_model(seed: int):
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=512, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def artifact_for(model, retrieval_heads, **params) -> RTPurboArtifact:
+    cfg = model.config
+    indexer = tuple((torch.randn(len(h), 16, cfg.head_dim), torch.randn(len(h), 16, cfg.head_dim))
+                    for h in retrieval_heads)
+    return RTPurboArtifact(model=ModelFingerprint.from_hf_config(cfg),
+                           retrieval_heads=tuple(tuple(h) for h in retrieval_heads),
+                           params=SparsityParams(**params), indexer=indexer)
+
+
+def greedy(model, ids, steps):
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_nothing_dropped_equals_dense(seed):
+    model = small_model(seed)
+    ids = torch.randint(1, 97, (1, 83))
+    dense_seq, dense_logits = greedy(model, ids, 6)
+    artifact = artifact_for(model, [[1], [0, 3]], sink_tokens=4, window=1000, top_p=1.0, block_size=16,
+                            dense_threshold=0)
+    stats = DecodeStats()
+    with rtpurbo_reference_attention(model, artifact, stats):
+        seq, logits = greedy(model, ids, 6)
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+    assert stats.kept_block_share == 1.0 and stats.local_token_share == 1.0
+
+
+def test_sparse_settings_change_attention_and_count_kept_blocks(seed):
+    model = small_model(seed)
+    ids = torch.randint(1, 97, (1, 300))
+    artifact = artifact_for(model, [[2], [1]], sink_tokens=4, window=32, top_p=0.5, block_size=16,
+                            dense_threshold=0)
+    stats = DecodeStats()
+    with rtpurbo_reference_attention(model, artifact, stats):
+        greedy(model, ids, 3)
+    # 3 new tokens = prefill + 2 decode steps (301 and 302 keys); 2 layers x 1 retrieval head, each
+    # over ceil(301 / 16) = ceil(302 / 16) = 19 blocks.
+    assert stats.total_blocks == 2 * 2 * 19
+    assert 0 < stats.kept_blocks < stats.total_blocks
+    # Local heads: 3 per layer, 4 sinks + 32-token window each.
+    assert stats.local_tokens == 2 * 2 * 3 * 36
+    assert stats.context_tokens == 2 * 3 * (301 + 302)
+
+
+def test_ablation_zeroes_only_the_named_heads(seed):
+    model = small_model(seed)
+    ids = torch.randint(1, 97, (1, 40))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with ablated_heads_attention(model, {}):
+            same = model(ids).logits
+        with ablated_heads_attention(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}):
+            ablated = model(ids).logits
+    torch.testing.assert_close(same, dense, rtol=1e-5, atol=1e-5)
+    # With every head's output zeroed the attention blocks only add their o_proj bias (none here).
+    model.model.layers[0].self_attn.forward = lambda hidden_states, **kw: (torch.zeros_like(hidden_states), None)
+    model.model.layers[1].self_attn.forward = model.model.layers[0].self_attn.forward
+    with torch.no_grad():
+        no_attention = model(ids).logits
+    torch.testing.assert_close(ablated, no_attention, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_artifact_without_indexer(seed):
+    model = small_model(seed)
+    artifact = RTPurboArtifact(model=ModelFingerprint.from_hf_config(model.config),
+                               retrieval_heads=((0,), (1,)))
+    with pytest.raises(ValueError, match="no indexer"):
+        rtpurbo_reference_attention(model, artifact)
