@@ -57,7 +57,8 @@ def find_artifact_dir(model_dir: str | os.PathLike, override: str | os.PathLike 
         return path
     path = Path(model_dir) / DEFAULT_DIRNAME
     require_dir(path, "no RTPurbo artifact for this model: the folder",
-                f"create one with `rtpurbo-calibrate --model {model_dir}` (it writes {path}), or import an "
+                f"create one with `rtpurbo-calibrate heads|train-indexer|export {model_dir} ...` (docs/CALIBRATION.md; "
+                f"export writes {path}), or import an "
                 f"RTP-LLM headwise_config with rtpurbo_vllm.artifacts.import_rtp_llm_headwise and save it "
                 f"there, or give the artifact folder explicitly")
     return path

@@ -1,11 +1,9 @@
 """``RTPurboAttentionBackend``: the static description vLLM reads to select and size the backend.
 
-vLLM resolves this class through the ``CUSTOM`` slot that :mod:`rtpurbo_vllm.plugin` fills. It
-holds no tensors and queries no device.
-
-State: the serving path (metadata builder and impl, issue #4) is not written yet, so
-:meth:`supports_combination` refuses every configuration with a message saying so; vLLM then stops
-at start-up with that reason instead of failing later inside a forward pass.
+vLLM resolves this class through the ``CUSTOM`` slot that :mod:`rtpurbo_vllm.plugin` fills. It holds
+no tensors and queries no device. The paged K/V cache keeps FlashAttention's layout (all KV heads,
+``[num_blocks, HKV, P, 2 * D]`` logical, ``[num_blocks, P, HKV, 2 * D]`` physical); the index keys
+live in a side cache (:mod:`rtpurbo_vllm.attention.index_cache`).
 """
 
 from __future__ import annotations
@@ -13,22 +11,33 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import AttentionBackend, MultipleOf
-
-NOT_READY = ("the RTPURBO serving kernels are not implemented in this version of rtpurbo-vllm; "
-             "serve with --attention-backend FLASH_ATTN until a release with the RTPURBO impl")
+from vllm.v1.attention.backend import MultipleOf
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
 
-class RTPurboAttentionBackend(AttentionBackend):
+class RTPurboAttentionBackend(FlashAttentionBackend):
     """RTPurbo head-wise sparse attention (retrieval heads dense / top-p; local heads sink + window)."""
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    forward_includes_kv_cache_update: bool = True
 
     @staticmethod
     def get_name() -> str:
         # vLLM maps this name back through AttentionBackendEnum in every worker; "CUSTOM" always
         # resolves there, even before the plugin installs the RTPURBO alias.
         return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        from rtpurbo_vllm.attention.impl import RTPurboAttentionImpl
+
+        return RTPurboAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
+
+        return RTPurboMetadataBuilder
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
@@ -38,21 +47,50 @@ class RTPurboAttentionBackend(AttentionBackend):
     def get_supported_head_sizes(cls) -> list[int]:
         return [64, 128]
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
-        """``(2, num_blocks, block_size, num_kv_heads, head_size)``: K and V pages, FlashAttention's layout."""
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size in cls.get_supported_head_sizes()
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return kv_cache_dtype in (None, "auto", "float16", "bfloat16")
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        from vllm.v1.attention.backend import AttentionType
+
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        # FlashAttention-3 (prefill) needs Hopper; the Triton decode kernels run anywhere.
+        return capability is None or capability.major == 9
 
     @classmethod
     def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
                              use_sparse, use_mm_prefix, device_capability) -> str | None:
-        return NOT_READY
-
-    @staticmethod
-    def get_impl_cls():
-        raise NotImplementedError(NOT_READY)
-
-    @staticmethod
-    def get_builder_cls():
-        raise NotImplementedError(NOT_READY)
+        return None

@@ -137,14 +137,30 @@ def test_unknown_backend_name_still_rejected():
         AttentionConfig.validate_backend_before("RTPURBOX")
 
 
-def test_backend_refuses_configurations_until_impl_exists():
-    from rtpurbo_vllm.attention.backend import NOT_READY, RTPurboAttentionBackend
+def _validate(**overrides):
+    import torch
 
-    reasons = RTPurboAttentionBackend.validate_configuration(
-        head_size=128, dtype=__import__("torch").bfloat16, kv_cache_dtype="auto", block_size=16,
-        use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
-        use_per_head_quant_scales=False, device_capability=None, attn_type="decoder")
-    assert reasons == [NOT_READY]
+    from rtpurbo_vllm.attention.backend import RTPurboAttentionBackend
+
+    config = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False,
+                  has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+                  device_capability=None, attn_type="decoder")
+    return RTPurboAttentionBackend.validate_configuration(**{**config, **overrides})
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    pytest.param({}, None, id="supported"),
+    pytest.param({"head_size": 96}, "head_size not supported", id="head-size"),
+    pytest.param({"dtype": __import__("torch").float32}, "dtype not supported", id="fp32"),
+    pytest.param({"kv_cache_dtype": "fp8"}, "kv_cache_dtype not supported", id="fp8-kv"),
+    pytest.param({"has_sliding_window": True}, "sliding window not supported", id="model-swa"),
+    pytest.param({"use_mla": True}, "MLA not supported", id="mla"),
+    pytest.param({"attn_type": "encoder_only"}, "attention type encoder_only not supported", id="encoder"),
+])
+def test_backend_validates_configuration(overrides, reason):
+    """vLLM refuses an explicitly chosen backend with these reasons (no silent fallback)."""
+    reasons = _validate(**overrides)
+    assert reasons == ([] if reason is None else [reason])
 
 
 def test_no_top_level_triton_kernels_from_this_repo():

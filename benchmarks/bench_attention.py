@@ -1,0 +1,215 @@
+"""One attention layer of Llama-3-8B shape: RTPURBO against FlashAttention-3 dense, same process and card.
+
+Shape: 32 query heads, 8 KV heads, head dim 128, bf16, paged cache (64-token pages); 5 of 32 query
+heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks + 8192 tokens.
+
+- Prefill of one sequence at each length: FA3 dense causal vs the head-wise prefill
+  (retrieval heads dense per KV group, local heads windowed + sink pass), plus the index-key write.
+- Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs index queries + block top-p
+  + head-wise sparse decode. Random weights have no real sparsity, so the kept-block share is set
+  explicitly: ``--keep`` of each sequence's blocks are planted as the indexer's hot blocks (the
+  paper measures > 97% decode sparsity at 512K, i.e. about 3% kept); the share top-p really kept
+  is printed. Both sides are timed as CUDA-graph replays (median of repeats).
+
+Run on a Hopper GPU from the repo root:
+    python3 -P benchmarks/bench_attention.py --out results/
+It prints a table of times and ratios and writes ``bench_attention.json`` and ``bench_attention.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import environment, time_cuda_graph, time_eager  # noqa: E402
+
+from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill  # noqa: E402
+from rtpurbo_vllm.rope import RopeSpec  # noqa: E402
+from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace  # noqa: E402
+from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_decode import (  # noqa: E402
+    allocate_sparse_decode_workspace,
+    headwise_sparse_decode,
+)
+
+HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
+RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
+SINK, WINDOW, TOP_P = 4, 8192, 0.9
+DTYPE = torch.bfloat16
+ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
+
+
+def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    flash_attn_varlen_func(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k=seqused_k, causal=True,
+                           softmax_scale=D ** -0.5, block_table=block_table, out=out, fa_version=3,
+                           window_size=window)
+
+
+def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
+    """K|V cache in vLLM's packed layout, random contents; distinct pages per sequence."""
+    pages_per_seq = math.ceil(num_tokens_per_seq / PAGE)
+    num_pages = pages_per_seq * num_seqs
+    kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device)
+    key_cache, value_cache = kv.split(D, dim=-1)
+    block_table = torch.randperm(num_pages, device=device, dtype=torch.int32).view(num_seqs, pages_per_seq)
+    return key_cache, value_cache, block_table, num_pages
+
+
+def bench_prefill(length: int, device, repeats: int) -> dict:
+    key_cache, value_cache, block_table, _ = paged_cache(length, 1, device)
+    q = torch.randn(length, HQ, D, dtype=DTYPE, device=device)
+    k_new = torch.randn(length, HKV, D, dtype=DTYPE, device=device)
+    cu_q = torch.tensor([0, length], dtype=torch.int32, device=device)
+    seqused = torch.tensor([length], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    plan = RTPurboPrefillPlan.build(RETRIEVAL, HQ, HKV, device)
+    kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
+    w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+    index_cache = torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    positions = torch.arange(length, device=device)
+    slots = (block_table[0, positions // PAGE].long() * PAGE + positions % PAGE)
+    table = rope_table(ROPE, device, num_positions=length)
+
+    def dense():
+        fa3(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, out)
+
+    def rtpurbo():
+        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index_cache, is_neox_style=True)
+        headwise_prefill(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, plan, SINK,
+                         WINDOW, D ** -0.5, out)
+
+    reps = max(2, repeats // max(1, length // 131072))
+    t_dense, t_rtp = time_eager(dense, reps, 1), time_eager(rtpurbo, reps, 1)
+    flops = 4 * length * length / 2 * HQ * D
+    return {"phase": "prefill", "batch": 1, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
+            "speedup": t_dense / t_rtp, "fa3_tflops": flops / t_dense / 1e9}
+
+
+def plant_hot_blocks(q_idx, index_cache, block_table, length, keep, generator):
+    """Makes ``keep`` of each sequence's blocks (plus the forced ones) hold the indexer's mass."""
+    num_blocks = math.ceil(length / BS)
+    hot = max(1, round(keep * num_blocks))
+    index_cache.normal_(0, 0.05)
+    for b in range(q_idx.shape[0]):
+        blocks = torch.randperm(num_blocks, generator=generator, device="cpu")[:hot]
+        tokens = (blocks[:, None] * BS + torch.arange(BS)).flatten()
+        tokens = tokens[tokens < length].to(q_idx.device)
+        pages, offs = block_table[b, tokens // PAGE].long(), tokens % PAGE
+        index_cache[pages, offs] = (4.0 * q_idx[b] / q_idx[b].norm(dim=-1, keepdim=True)).to(index_cache.dtype)
+
+
+def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> dict:
+    key_cache, value_cache, block_table, num_pages = paged_cache(length, batch, device)
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device=device)
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    heads = torch.tensor(RETRIEVAL, dtype=torch.int32, device=device)
+    w_q = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+    positions = torch.full((batch,), length - 1, device=device)
+    table = rope_table(ROPE, device, num_positions=length)
+    max_blocks = math.ceil(length / BS)
+    q_idx = torch.empty(batch, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    index_cache = torch.empty(num_pages, PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
+    num_selected = torch.empty(batch, len(RETRIEVAL), dtype=torch.int32, device=device)
+    topp_ws = make_block_topp_workspace(batch, len(RETRIEVAL), max_blocks, device)
+    attn_ws = allocate_sparse_decode_workspace(batch, HQ, D, device=device)
+    index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
+    plant_hot_blocks(q_idx, index_cache, block_table, length, keep, torch.Generator().manual_seed(0))
+
+    def dense():
+        fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
+
+    def rtpurbo():
+        index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
+        block_topp(q_idx, index_cache, block_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected,
+                   num_selected)
+        headwise_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, heads, selected, num_selected,
+                               BS, SINK, WINDOW, D ** -0.5, attn_ws, out)
+
+    t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
+    kept = num_selected.float().mean().item() / max_blocks
+    kv_bytes = batch * length * HKV * 2 * D * 2
+    return {"phase": "decode", "batch": batch, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
+            "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        for batch in sorted({r["batch"] for r in rows if r["phase"] == phase}):
+            pts = [r for r in rows if r["phase"] == phase and r["batch"] == batch]
+            ax.plot([r["context"] // 1024 for r in pts], [r["speedup"] for r in pts], marker="o",
+                    label=f"batch {batch}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_ylabel("speedup over FA3 dense")
+        ax.set_title(f"{phase}, one layer (32q/8kv, d=128, 15% retrieval)")
+        ax.axhline(1, color="gray", lw=0.5)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefill", metavar="K", type=int, nargs="*", default=[32, 128, 512, 1024],
+                        help="prefill context lengths in K tokens (default 32 128 512 1024)")
+    parser.add_argument("--decode", metavar="K", type=int, nargs="*", default=[32, 128, 512],
+                        help="decode context lengths in K tokens (default 32 128 512)")
+    parser.add_argument("--batch", metavar="B", type=int, nargs="*", default=[1, 32],
+                        help="decode batch sizes (default 1 32)")
+    parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
+                        help="share of blocks planted as the indexer's hot blocks (default 0.03)")
+    parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
+    parser.add_argument("--out", metavar="DIR", default="results", help="folder for the JSON and the PNG")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    rows = []
+    for k in args.prefill:
+        rows.append(bench_prefill(k * 1024, device, args.repeats))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    for batch in args.batch:
+        for k in args.decode:
+            free = torch.cuda.mem_get_info()[0]
+            need = batch * k * 1024 * HKV * 2 * D * 2 * 1.3
+            if need > free:
+                print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
+                continue
+            rows.append(bench_decode(batch, k * 1024, args.keep, device, args.repeats))
+            print(rows[-1], flush=True)
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(), "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL,
+                                                      "sink": SINK, "window": WINDOW, "top_p": TOP_P},
+              "command": " ".join(sys.argv), "rows": rows}
+    (out / "bench_attention.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "bench_attention.png")
+    print(f"\n{result['environment']['device']}  (times in ms, median)")
+    print(f"{'phase':8} {'batch':>5} {'context':>8} {'FA3':>10} {'RTPURBO':>10} {'speedup':>8} {'kept':>6}")
+    for r in rows:
+        kept = f"{r['kept_block_share']:.3f}" if "kept_block_share" in r else ""
+        print(f"{r['phase']:8} {r['batch']:5d} {r['context'] // 1024:7d}K {r['fa3_ms']:10.3f} "
+              f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {kept:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""GPU timing shared by the benchmarks: CUDA-graph replays timed with events, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+
+def time_cuda_graph(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of one ``fn()`` replayed from a CUDA graph (launch gaps removed).
+
+    ``fn`` must be capturable: fixed shapes, no host synchronisation, no allocation that outlives it.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_eager(graph.replay, repeats, warmup)
+
+
+def time_eager(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` launched eagerly, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    """The card, versions and clocks-as-found, recorded with every result."""
+    import vllm
+
+    props = torch.cuda.get_device_properties(0)
+    return {"device": props.name, "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "vllm": vllm.__version__}

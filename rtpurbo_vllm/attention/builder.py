@@ -1,0 +1,84 @@
+"""``RTPurboMetadataBuilder``: turns vLLM's per-step batch state into :class:`RTPurboMetadata`.
+
+This is the "plan" half of the backend: it runs once per step for all RTPURBO layers of a KV-cache
+group, splits the batch into its decode and prefill parts, and hands out the decode kernels'
+scratch, which it allocates once (sized by ``max_num_seqs`` and ``max_model_len``) so that the
+impl's ``forward`` only launches kernels.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from rtpurbo_vllm.attention.metadata import (
+    RTPurboDecodeMetadata,
+    RTPurboDecodeWorkspace,
+    RTPurboMetadata,
+    RTPurboPrefillMetadata,
+)
+from rtpurbo_vllm.attention.serving_config import serving_artifact
+from rtpurbo_vllm.attention.tp import rank_layout
+from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace, make_block_topp_workspace
+from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace
+
+
+class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
+    """Builds :class:`RTPurboMetadata` for the RTPURBO layers of one KV-cache group."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        artifact = serving_artifact(vllm_config)
+        layout = rank_layout(artifact.layout)
+        params = artifact.params
+        self.max_blocks = -(-vllm_config.model_config.max_model_len // params.block_size)
+        max_decodes = vllm_config.scheduler_config.max_num_seqs
+        retrieval_counts = {len(h) for h in layout.retrieval_heads} - {0}
+        max_retrieval = max(retrieval_counts, default=1)
+        topp = make_block_topp_workspace(max_decodes, max_retrieval, self.max_blocks, device)
+        head_size = kv_cache_spec.head_size
+        self.workspace = RTPurboDecodeWorkspace(
+            index_queries=torch.empty(max_decodes, max_retrieval, params.index_dim, dtype=kv_cache_spec.dtype,
+                                      device=device),
+            selected=torch.empty(max_decodes, max_retrieval, self.max_blocks, dtype=torch.int32, device=device),
+            num_selected=torch.empty(max_decodes, max_retrieval, dtype=torch.int32, device=device),
+            topp={hr: BlockTopPWorkspace(topp.block_max[:, :hr], topp.block_sum[:, :hr])
+                  for hr in retrieval_counts},
+            attention=allocate_sparse_decode_workspace(max_decodes, layout.num_heads, head_size,
+                                                       device=device),
+        )
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> RTPurboMetadata:
+        cm = common_attn_metadata
+        if cm.positions is None:
+            raise RuntimeError("RTPURBO needs token positions in the attention metadata (to undo RoPE); "
+                               "this vLLM model runner does not provide them")
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        num_tokens = cm.num_actual_tokens
+        decode = prefill = None
+        if num_decodes:
+            decode = RTPurboDecodeMetadata(seq_lens=cm.seq_lens[:num_decodes],
+                                           block_table=cm.block_table_tensor[:num_decodes],
+                                           workspace=self.workspace)
+        if num_prefills:
+            prefill = RTPurboPrefillMetadata(
+                cu_seqlens_q=cm.query_start_loc[num_decodes:cm.num_reqs + 1] - num_decode_tokens,
+                seq_lens=cm.seq_lens[num_decodes:cm.num_reqs],
+                block_table=cm.block_table_tensor[num_decodes:cm.num_reqs],
+                max_query_len=cm.max_query_len,
+                max_seq_len=cm.max_seq_len,
+            )
+        return RTPurboMetadata(num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[:num_tokens],
+                               positions=cm.positions[:num_tokens], num_decode_tokens=num_decode_tokens,
+                               decode=decode, prefill=prefill)

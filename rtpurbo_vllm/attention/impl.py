@@ -1,0 +1,195 @@
+"""``RTPurboAttentionImpl``: the "run" half of the backend; ``forward`` only launches kernels.
+
+Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attention.metadata`):
+
+1. the new tokens' K/V go into vLLM's paged cache (FlashAttention layout, all KV heads);
+2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the side cache;
+3. decode tokens: index queries -> block top-p per retrieval head -> head-wise sparse decode
+   (retrieval heads over their kept blocks, local heads over sinks + window);
+4. prefill tokens: head-wise prefill (retrieval heads dense causal, local heads sinks + window).
+
+Everything that depends only on the layer (its retrieval heads on this rank, indexer weights, the
+RoPE table, the prefill plan, the side cache) is prepared once in
+:meth:`RTPurboAttentionImpl.process_weights_after_loading`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from rtpurbo_vllm.attention.index_cache import RTPurboIndexCache
+from rtpurbo_vllm.attention.metadata import RTPurboMetadata
+from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill, headwise_prefill_torch
+from rtpurbo_vllm.attention.serving_config import serving_artifact
+from rtpurbo_vllm.attention.tp import rank_indexer, rank_layout
+from rtpurbo_vllm.rope import RopeSpec
+from rtpurbo_vllm.triton_kernels.block_topp import block_topp
+from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
+from rtpurbo_vllm.triton_kernels.sparse_decode import headwise_sparse_decode
+
+INDEX_CACHE_SUFFIX = "rtpurbo_index"
+_ROPE_TABLES: dict[tuple[RopeSpec, torch.device], torch.Tensor] = {}
+
+
+@dataclass
+class _LayerPlan:
+    """What one layer needs at every step, on this rank's device.
+
+    Attributes:
+        retrieval_heads: ``[HR]`` int32, rank-local retrieval query heads.
+        kv_heads: ``[HR]`` int32, the KV head each of them reads.
+        w_q: ``[HR, DI, D]`` model dtype, indexer query projections.
+        w_k: ``[HR, DI, D]`` model dtype, indexer key projections.
+        index_cache: the side-cache layer (None when the layer has no retrieval head on this rank).
+        prefill: the prefill head split.
+    """
+
+    retrieval_heads: torch.Tensor
+    kv_heads: torch.Tensor
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    index_cache: RTPurboIndexCache | None
+    prefill: RTPurboPrefillPlan
+
+
+class RTPurboAttentionImpl(AttentionImpl):
+    """RTPurbo attention of one decoder layer (vLLM's ``AttentionImpl`` contract)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **kwargs) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "a model-level sliding window": sliding_window is not None,
+            "logit soft-capping": logits_soft_cap is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
+            f"kv_cache_dtype={kv_cache_dtype}": kv_cache_dtype not in ("auto", "bfloat16", "float16"),
+        }
+        if any(unsupported.values()):
+            names = ", ".join(name for name, bad in unsupported.items() if bad)
+            raise ValueError(f"RTPURBO does not support {names}; serve this model with "
+                             "--attention-backend FLASH_ATTN")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.vllm_config = get_current_vllm_config()
+        self.artifact = serving_artifact(self.vllm_config)   # fails early, naming what is missing
+        self.params = self.artifact.params
+        self.rope = self.artifact.model.rope
+        self.layer_name: str | None = None
+        self.plan: _LayerPlan | None = None
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """Finds this impl's layer, slices the artifact for this rank, creates the side cache."""
+        context = self.vllm_config.compilation_config.static_forward_context
+        names = [name for name, layer in context.items() if getattr(layer, "impl", None) is self]
+        if len(names) != 1:
+            raise RuntimeError(f"RTPURBO impl is registered under {len(names)} layers: {names}")
+        self.layer_name = names[0]
+        layer = extract_layer_index(self.layer_name)
+        device = self.vllm_config.device_config.device
+        layout = rank_layout(self.artifact.layout)
+        if (layout.num_heads, layout.num_kv_heads) != (self.num_heads, self.num_kv_heads):
+            raise ValueError(f"{self.layer_name}: the artifact gives this rank {layout.num_heads} query / "
+                             f"{layout.num_kv_heads} KV heads, the layer has {self.num_heads} / "
+                             f"{self.num_kv_heads}; was the artifact made for this model?")
+        heads = layout.retrieval_heads[layer]
+        w_q, w_k = rank_indexer(self.artifact.layout, layer, *self.artifact.indexer[layer])
+        index_cache = None
+        if heads:
+            index_cache = RTPurboIndexCache(f"{self.layer_name}.{INDEX_CACHE_SUFFIX}", len(heads),
+                                            self.params.index_dim, act_dtype, self.vllm_config)
+        self.plan = _LayerPlan(
+            retrieval_heads=torch.tensor(heads, dtype=torch.int32, device=device),
+            kv_heads=torch.tensor([layout.kv_head_of(h) for h in heads], dtype=torch.int32, device=device),
+            w_q=w_q.to(device=device, dtype=act_dtype).contiguous(),
+            w_k=w_k.to(device=device, dtype=act_dtype).contiguous(),
+            index_cache=index_cache,
+            prefill=RTPurboPrefillPlan.build(heads, self.num_heads, self.num_kv_heads, device),
+        )
+        self.rope_table = _shared_rope_table(self.rope, torch.device(device))
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: RTPurboMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """One layer's attention for a step.
+
+        Args:
+            layer: vLLM's ``Attention`` module (for the KV scales).
+            query: ``[T_pad, HQ, D]`` post-RoPE.
+            key: ``[T_pad, HKV, D]`` post-RoPE.
+            value: ``[T_pad, HKV, D]``.
+            kv_cache: ``[num_blocks, HKV, P, 2 * D]`` logical view of the paged K|V cache.
+            attn_metadata: this step's metadata; None in vLLM's memory-profiling run.
+            output: ``[T_pad, HQ, D]``, written in place.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("RTPURBO does not fuse output quantisation")
+        if attn_metadata is None:
+            return output.fill_(0)
+        md, plan, p = attn_metadata, self.plan, self.params
+        n = md.num_actual_tokens
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # [N, P, HKV, D]
+        _write_kv(key[:n], value[:n], key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
+        index_cache = plan.index_cache.paged_view() if plan.index_cache is not None else None
+        if index_cache is not None:
+            write_index_keys(key[:n], md.positions, self.rope_table, plan.kv_heads, plan.w_k, md.slot_mapping,
+                             index_cache, is_neox_style=self.rope.is_neox_style)
+        if md.decode is not None:
+            self._decode(query[:md.num_decode_tokens], key_cache, value_cache, index_cache, md,
+                         output[:md.num_decode_tokens])
+        if md.prefill is not None:
+            pf = md.prefill
+            run_prefill = headwise_prefill if query.is_cuda else headwise_prefill_torch
+            run_prefill(query[md.num_decode_tokens:n], key_cache, value_cache, pf.cu_seqlens_q, pf.seq_lens,
+                        pf.max_query_len, pf.max_seq_len, pf.block_table, plan.prefill, p.sink_tokens,
+                        p.window, self.scale, output[md.num_decode_tokens:n], dense_threshold=p.dense_threshold)
+        return output
+
+    def _decode(self, query, key_cache, value_cache, index_cache, md: RTPurboMetadata, out) -> None:
+        """Decode part: index queries, block top-p and the head-wise sparse decode into ``out``."""
+        dec, plan, p = md.decode, self.plan, self.params
+        ws = dec.workspace
+        num_decodes, num_retrieval = query.shape[0], plan.retrieval_heads.shape[0]
+        selected = ws.selected[:num_decodes, :num_retrieval]
+        num_selected = ws.num_selected[:num_decodes, :num_retrieval]
+        if index_cache is not None:
+            q_idx = ws.index_queries[:num_decodes, :num_retrieval]
+            index_queries(query, md.positions[:num_decodes], self.rope_table, plan.retrieval_heads, plan.w_q,
+                          q_idx, is_neox_style=self.rope.is_neox_style)
+            block_topp(q_idx, index_cache, dec.block_table, dec.seq_lens, p.top_p, p.sink_tokens,
+                       p.block_size, selected.shape[-1], ws.topp[num_retrieval], selected, num_selected)
+        headwise_sparse_decode(query, key_cache, value_cache, dec.block_table, dec.seq_lens,
+                               plan.retrieval_heads, selected, num_selected, p.block_size, p.sink_tokens,
+                               p.window, self.scale, ws.attention, out)
+
+
+def _write_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, layer) -> None:
+    """Writes the new tokens' K/V into the paged cache (vLLM's CUDA op; plain indexing on the CPU)."""
+    if key.is_cuda:
+        from vllm import _custom_ops as ops
+
+        ops.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                                    layer._k_scale, layer._v_scale)
+        return
+    valid = slot_mapping >= 0
+    key_cache.flatten(0, 1)[slot_mapping[valid]] = key[valid]
+    value_cache.flatten(0, 1)[slot_mapping[valid]] = value[valid]
+
+
+def _shared_rope_table(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    """One cos|sin table per RoPE and device, shared by every layer of the process."""
+    key = (spec, device)
+    if key not in _ROPE_TABLES:
+        _ROPE_TABLES[key] = rope_table(spec, device)
+    return _ROPE_TABLES[key]

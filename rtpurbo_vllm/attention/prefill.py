@@ -1,0 +1,255 @@
+"""Head-wise prefill of one layer on vLLM's paged KV cache (FlashAttention layout).
+
+Retrieval query heads attend densely and causally; local query heads see the ``sink_tokens`` first keys
+plus a sliding ``window`` (the query itself included); a sequence with fewer than ``dense_threshold``
+keys runs dense on every head. Semantics: :func:`rtpurbo_vllm.reference.rtpurbo_prefill_ref`.
+
+:func:`headwise_prefill` (FlashAttention-3, Hopper) runs, for the sequences that are not dense:
+
+1. local heads: one FA3 call over all query heads with ``window_size=(window - 1, 0)``, written into
+   ``out`` together with its LSE; then the sink keys that lie outside a query's window are merged in
+   by log-sum-exp (plain torch, a few keys per query);
+2. retrieval heads: one dense causal FA3 call per KV head ``g`` that serves retrieval heads, on the
+   one-head views ``key_cache[:, :, g:g+1]`` (no copy); the results overwrite those heads in ``out``;
+3. dense sequences: one dense causal FA3 call over all heads; its rows replace theirs in ``out``.
+
+Sequences are taken out of a call by passing it ``seqused_k = 0`` for them (FA3 then reads none of
+their keys), so no call needs host-side knowledge of which sequences are dense. A batch whose
+``max_seqlen_k`` is at most ``window`` or below ``dense_threshold`` is dense on every head: one FA3
+call. :func:`headwise_prefill_torch` is the CPU fallback with the same signature.
+
+FA3 facts this relies on (``vllm/vllm_flash_attn/flash_attn_interface.py`` and FA3's ``mha_fwd``):
+q/k/v/out need only a unit stride in the last dimension (other strides are passed to the kernel);
+``seqused_k`` and ``cu_seqlens_q`` must be contiguous int32; with ``cu_seqlens_q`` the LSE comes back
+as ``[HQ, T]`` float32 (natural log); a query at chunk row ``i`` sees keys in
+``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`` and ``causal=True`` sets
+``right = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
+
+# The sink merge runs over chunks of tokens so that each of its float32 temporaries ([chunk, HQ, D] or
+# [chunk, S, HKV, D]) holds at most this many elements (32 MiB); about seven are alive at once.
+_SINK_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True, eq=False)
+class RTPurboPrefillPlan:
+    """The head split of one layer as the prefill uses it; built once per layer on the host.
+
+    Attributes:
+        num_heads: query heads of the layer (HQ).
+        num_kv_heads: KV heads of the layer (HKV).
+        retrieval_groups: for each KV head ``g`` that serves retrieval query heads, in increasing ``g``:
+            ``(g, heads)`` with ``heads`` ``[n_g]`` int64 on the plan's device, the retrieval query heads
+            that read ``g``, in increasing order.
+        local_heads: the local query heads, in increasing order.
+        retrieval_mask: ``[HQ]`` bool on the plan's device, True for retrieval query heads.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    retrieval_groups: tuple[tuple[int, torch.Tensor], ...]
+    local_heads: tuple[int, ...]
+    retrieval_mask: torch.Tensor
+
+    @classmethod
+    def build(cls, retrieval_heads: Sequence[int], num_heads: int, num_kv_heads: int,
+              device: torch.device | str = "cpu") -> "RTPurboPrefillPlan":
+        """The plan of a layer whose retrieval query heads are ``retrieval_heads`` (any order).
+
+        Raises ``ValueError`` for duplicate or out-of-range heads, or ``num_heads % num_kv_heads != 0``.
+        """
+        layout = HeadLayout.from_lists(num_heads, num_kv_heads, [retrieval_heads])
+        heads = layout.retrieval_heads[0]
+        groups = []
+        for kv_head in layout.retrieval_kv_heads(0):
+            members = [h for h in heads if layout.kv_head_of(h) == kv_head]
+            groups.append((kv_head, torch.tensor(members, dtype=torch.long, device=device)))
+        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, retrieval_groups=tuple(groups),
+                   local_heads=tuple(h for h in range(num_heads) if h not in heads),
+                   retrieval_mask=layout.retrieval_mask(0).to(device))
+
+
+def _check_args(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
+                plan: RTPurboPrefillPlan, sink_tokens: int, window: int, out: torch.Tensor) -> None:
+    """Host-side checks of the shapes and settings a caller can get wrong (no device sync)."""
+    if query.dim() != 3 or query.shape[1] != plan.num_heads:
+        raise ValueError(f"query has shape {tuple(query.shape)}, expected [T, {plan.num_heads}, D] "
+                         f"for this layer's plan")
+    expected_cache = (key_cache.shape[0], key_cache.shape[1], plan.num_kv_heads, query.shape[2])
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if tuple(cache.shape) != expected_cache:
+            raise ValueError(f"{name} has shape {tuple(cache.shape)}, expected {expected_cache} "
+                             f"([num_pages, page_size, HKV, D])")
+    if out.shape != query.shape or out.dtype != query.dtype:
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, expected {query.dtype} "
+                         f"{tuple(query.shape)} like the query")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if seqused_k.shape != (num_seqs,) or block_table.shape[0] != num_seqs:
+        raise ValueError(f"cu_seqlens_q describes {num_seqs} sequences but seqused_k has shape "
+                         f"{tuple(seqused_k.shape)} and block_table {tuple(block_table.shape)}")
+    if window < 1 or sink_tokens < 0:
+        raise ValueError(f"need window >= 1 and sink_tokens >= 0, got window={window}, "
+                         f"sink_tokens={sink_tokens}")
+
+
+def _token_seqs(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[T]`` int64: the sequence of each query row (no device sync)."""
+    seqs = torch.arange(cu_seqlens_q.shape[0] - 1, device=cu_seqlens_q.device)
+    return torch.repeat_interleave(seqs, cu_seqlens_q.diff(), output_size=num_tokens)
+
+
+def _merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_k: int,
+                 block_table: torch.Tensor, token_seqs: torch.Tensor, sink_tokens: int, window: int,
+                 scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Adds to the windowed attention in ``out`` the sink keys that lie outside each query's window.
+
+    Query row ``t`` at absolute position ``i`` gains the keys ``j < sink_tokens`` with ``j <= i - window``
+    (the others are in its window already), merged by log-sum-exp with the window's ``lse`` (which
+    is only read). Rows with no such key keep their value exactly. Every head is merged; the caller
+    overwrites the retrieval heads afterwards.
+
+    Args:
+        query: ``[T, HQ, D]`` fp16/bf16.
+        key_cache, value_cache: ``[num_pages, P, HKV, D]`` fp16/bf16, any strides.
+        cu_seqlens_q: ``[B+1]`` int32.
+        seqused_k: ``[B]`` int32, keys per sequence (0 for a sequence to leave alone: its positions
+            are then negative).
+        max_seqlen_k: ``> window``, at least every ``seqused_k``.
+        block_table: ``[B, max_pages]`` int32.
+        token_seqs: ``[T]`` int64 from :func:`_token_seqs`.
+        sink_tokens, window, scale: as in :func:`headwise_prefill`.
+        out: ``[T, HQ, D]`` fp16/bf16, the windowed attention; updated in place.
+        lse: ``[HQ, T]`` float32, the windowed attention's LSE (FA3's varlen layout).
+    """
+    num_tokens, num_heads, head_size = query.shape
+    page_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    # A sink j is needed only if j <= i - window <= max_seqlen_k - 1 - window.
+    sinks = torch.arange(min(sink_tokens, max_seqlen_k - window), device=query.device)     # [S]
+    pages = block_table[:, sinks // page_size].long()                                      # [B, S]
+    k_sink = key_cache[pages, sinks % page_size]                                           # [B, S, HKV, D]
+    v_sink = value_cache[pages, sinks % page_size]                                         # [B, S, HKV, D]
+    rows = torch.arange(num_tokens, device=query.device)
+    last_sink = rows + (seqused_k - cu_seqlens_q[1:])[token_seqs] - window                 # [T] i - window
+
+    chunk = max(1, _SINK_CHUNK_ELEMENTS // (max(num_heads, len(sinks) * num_kv_heads) * head_size))
+    for t0 in range(0, num_tokens, chunk):
+        t1 = min(t0 + chunk, num_tokens)
+        seqs = token_seqs[t0:t1]
+        q = query[t0:t1].float().reshape(-1, num_kv_heads, group, head_size)               # [C, HKV, G, D]
+        k, v = k_sink[seqs].float(), v_sink[seqs].float()                                  # [C, S, HKV, D]
+        s = torch.einsum("ckgd,cskd->ckgs", q, k) * scale                                  # [C, HKV, G, S]
+        hidden = sinks[None, :] > last_sink[t0:t1, None]                                   # [C, S]
+        s.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        lse_win = lse[:, t0:t1].t().reshape(-1, num_kv_heads, group)                        # [C, HKV, G]
+        m = torch.maximum(lse_win, s.amax(dim=-1))                                         # [C, HKV, G]
+        w_win = torch.exp(lse_win - m)                                                     # 1 if no sink
+        p = torch.exp(s - m[..., None])                                                    # [C, HKV, G, S]
+        o_win = out[t0:t1].float().reshape(-1, num_kv_heads, group, head_size)             # [C, HKV, G, D]
+        num = w_win[..., None] * o_win + torch.einsum("ckgs,cskd->ckgd", p, v)
+        merged = num / (w_win + p.sum(dim=-1))[..., None]
+        out[t0:t1] = merged.reshape(-1, num_heads, head_size).to(out.dtype)
+
+
+def headwise_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, block_table: torch.Tensor, plan: RTPurboPrefillPlan,
+                     sink_tokens: int, window: int, scale: float, out: torch.Tensor,
+                     dense_threshold: int = 0) -> None:
+    """Head-wise prefill (or chunked prefill) of one layer with FlashAttention-3; writes ``out``.
+
+    Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
+    already in the cache. No device sync. Scratch: per retrieval KV head the gathered queries and
+    their output (``[T, n_g, D]`` each); ``[T, HQ, D]`` for the dense call when ``dense_threshold > 0``;
+    the sink merge's chunked float32 temporaries (about 220 MiB at most) when ``sink_tokens > 0``.
+
+    Args:
+        query: ``[T, HQ, D]`` fp16/bf16 on a Hopper GPU, post-RoPE; last dimension contiguous.
+        key_cache: ``[num_pages, P, HKV, D]`` same dtype, last dimension contiguous, other strides free
+            (vLLM's ``kv_cache.transpose(1, 2).split(D, -1)`` views).
+        value_cache: ``[num_pages, P, HKV, D]`` same dtype and layout rules.
+        cu_seqlens_q: ``[B+1]`` int32 contiguous, query row offsets; ``cu_seqlens_q[-1] == T``.
+        seqused_k: ``[B]`` int32 contiguous, keys per sequence (history plus chunk).
+        max_seqlen_q: longest chunk (an upper bound is fine).
+        max_seqlen_k: longest ``seqused_k`` (an upper bound is fine, up to ``max_pages * P``).
+        block_table: ``[B, max_pages]`` int32, last dimension contiguous; entries past a sequence's
+            pages must still be valid page ids (vLLM's are).
+        plan: the layer's :class:`RTPurboPrefillPlan` on the query's device.
+        sink_tokens: leading keys local heads always see (``>= 0``).
+        window: local heads see keys less than ``window`` positions back (``>= 1``).
+        scale: softmax scale.
+        out: ``[T, HQ, D]`` dtype of ``query``, last dimension contiguous; fully overwritten.
+        dense_threshold: sequences with ``seqused_k < dense_threshold`` run dense on every head
+            (0: none).
+    """
+    _check_args(query, key_cache, value_cache, cu_seqlens_q, seqused_k, block_table, plan,
+                sink_tokens, window, out)
+    from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    def fa3(q, k, v, used, **kwargs):
+        return flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+                                      seqused_k=used, max_seqlen_k=max_seqlen_k, block_table=block_table,
+                                      softmax_scale=scale, causal=True, fa_version=3, **kwargs)
+
+    if max_seqlen_k <= window or max_seqlen_k < dense_threshold:
+        fa3(query, key_cache, value_cache, seqused_k, out=out)
+        return
+    token_seqs = _token_seqs(cu_seqlens_q, query.shape[0])                                 # [T] int64
+    dense_seqs = seqused_k < dense_threshold if dense_threshold else None                  # [B] bool
+    headwise_used = seqused_k.masked_fill(dense_seqs, 0) if dense_threshold else seqused_k  # [B] int32
+
+    if plan.local_heads:
+        _, lse = fa3(query, key_cache, value_cache, headwise_used, out=out,
+                     window_size=(window - 1, 0), return_softmax_lse=True)                 # lse [HQ, T]
+        if sink_tokens:
+            _merge_sinks(query, key_cache, value_cache, cu_seqlens_q, headwise_used, max_seqlen_k,
+                         block_table, token_seqs, sink_tokens, window, scale, out, lse)
+    for kv_head, heads in plan.retrieval_groups:
+        k = canonicalize_singleton_dim_strides(key_cache[:, :, kv_head:kv_head + 1])       # [N, P, 1, D]
+        v = canonicalize_singleton_dim_strides(value_cache[:, :, kv_head:kv_head + 1])
+        out.index_copy_(1, heads, fa3(query.index_select(1, heads), k, v, headwise_used))
+    if dense_threshold:
+        dense_out = fa3(query, key_cache, value_cache, seqused_k.masked_fill(~dense_seqs, 0))  # [T, HQ, D]
+        torch.where(dense_seqs[token_seqs][:, None, None], dense_out, out, out=out)
+
+
+def headwise_prefill_torch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,
+                           max_seqlen_k: int, block_table: torch.Tensor, plan: RTPurboPrefillPlan,
+                           sink_tokens: int, window: int, scale: float, out: torch.Tensor,
+                           dense_threshold: int = 0) -> None:
+    """:func:`headwise_prefill` in plain PyTorch (CPU, CI): gathers the pages, runs the reference.
+
+    Same arguments and result, any float dtype and device; computed in float32 and syncs with the
+    host. ``max_seqlen_q`` and ``max_seqlen_k`` are unused (kept for the shared signature).
+    """
+    _check_args(query, key_cache, value_cache, cu_seqlens_q, seqused_k, block_table, plan,
+                sink_tokens, window, out)
+    page_size = key_cache.shape[1]
+    seqlens_k = seqused_k.tolist()
+    slots = [torch.arange(n, device=query.device) for n in seqlens_k]
+    pages = [block_table[b, s // page_size].long() for b, s in enumerate(slots)]
+    k = torch.cat([key_cache[p, s % page_size] for p, s in zip(pages, slots)])            # [T_k, HKV, D]
+    v = torch.cat([value_cache[p, s % page_size] for p, s in zip(pages, slots)])          # [T_k, HKV, D]
+    cu_seqlens_k = torch.tensor([0] + seqlens_k).cumsum(0).int()
+    args = (query, k, v, cu_seqlens_q, cu_seqlens_k)
+    result, _ = headwise_attention_ref(*args, plan.retrieval_mask, sink_tokens, window, scale)
+    if any(n < dense_threshold for n in seqlens_k):
+        all_heads = torch.ones_like(plan.retrieval_mask)
+        dense, _ = headwise_attention_ref(*args, all_heads, sink_tokens, window, scale)
+        dense_rows = (seqused_k < dense_threshold).repeat_interleave(cu_seqlens_q.diff().long())
+        result = torch.where(dense_rows.to(query.device)[:, None, None], dense, result)
+    out.copy_(result)

@@ -1,0 +1,154 @@
+"""How well an artifact's indexer routes: per retrieval head, on held-out text, the share of the real
+attention mass inside the indexer's top-p block set, and the share of blocks kept.
+
+For each sampled query (decode-like positions in the second half of each sequence) and retrieval
+head, the indexer scores all past tokens, :func:`block_topp_ref` picks blocks with the artifact's
+``top_p``, ``block_size`` and ``sink_tokens`` (sink blocks and the query's own block forced), and
+the real attention row (post-RoPE, causal) is summed over the kept tokens (*recall*). For scale,
+*oracle blocks kept* is the share an oracle needs: block top-p on the real attention itself.
+The results dict is the single source of the JSON and the markdown report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtpurbo_vllm import __version__
+from rtpurbo_vllm.artifacts import RTPurboArtifact, load_artifact
+from rtpurbo_vllm.calibration import outputs
+from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_retrieval, resolve_model
+from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
+from rtpurbo_vllm.triton_kernels.block_topp import block_topp_ref, expand_block_mask, index_scores_ref
+from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
+
+REPORT_JSON, REPORT_MD = "evaluate.json", "evaluate.md"
+METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
+
+
+def _stats(values: torch.Tensor) -> dict[str, float]:
+    """mean, min, p10, p50 of a 1-D float tensor."""
+    q = torch.quantile(values.double(), torch.tensor([0.1, 0.5], dtype=torch.double))
+    return {"mean": float(values.mean()), "min": float(values.min()), "p10": float(q[0]), "p50": float(q[1])}
+
+
+def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
+                  query_pos: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, top_p: float,
+                  block_size: int, sink_tokens: int) -> dict[str, torch.Tensor]:
+    """Routing quality of one layer's retrieval heads on one sequence.
+
+    Args:
+        heads: the layer's HR retrieval query heads.
+        q_pre: ``[Q, HR, D]`` pre-RoPE queries of those heads at ``query_pos`` (``[Q]`` int64).
+        k_pre: ``[T, HKV, D]`` pre-RoPE keys.
+        w_q, w_k: ``[HR, DI, D]`` indexer projections.
+        top_p, block_size, sink_tokens: the artifact's selection settings.
+
+    Returns:
+        :data:`METRICS` -> ``[HR, Q]`` float32 (CPU): attention mass inside the kept blocks, share of
+        blocks kept, share of blocks the oracle keeps.
+    """
+    kv_of = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
+    teacher = attention_rows(q_pre, k_pre, query_pos, torch.tensor(heads), lm)              # [HR, Q, T]
+    q_idx = index_project_ref(q_pre, w_q.to(q_pre.device))                                  # [Q, HR, DI]
+    k_idx = index_project_ref(k_pre[:, kv_of.to(k_pre.device)], w_k.to(k_pre.device))      # [T, HR, DI]
+    out = {m: torch.empty(len(heads), len(query_pos)) for m in METRICS}
+    for i, pos in enumerate(query_pos.tolist()):
+        n = pos + 1
+        real = teacher[:, i, :n]                                                            # [HR, n]
+        keep = block_topp_ref(index_scores_ref(q_idx[i], k_idx[:n]), top_p, block_size, sink_tokens)
+        oracle = block_topp_ref(real.log(), top_p, block_size, sink_tokens)                 # [HR, NB]
+        out["recall"][:, i] = (real * expand_block_mask(keep, n, block_size)).sum(-1).cpu()
+        out["blocks_kept"][:, i] = keep.float().mean(-1).cpu()
+        out["oracle_blocks_kept"][:, i] = oracle.float().mean(-1).cpu()
+    return out
+
+
+def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os.PathLike | RTPurboArtifact, *,
+                      data: str | os.PathLike | None = None, num_seqs: int = 4, seq_len: int = 4096,
+                      queries_per_seq: int = 32, seed: int = 1234, device: str | None = None) -> dict[str, Any]:
+    """The ``evaluate`` command's measurement; returns the results dict (see :func:`write_report`).
+
+    Args:
+        model: a model folder or a loaded model.
+        artifact: an artifact folder (validated against the model) or an in-memory artifact with indexer.
+        data: held-out text: the held-out split (last 10 %) of this file/folder; None = synthetic text
+            from a seed stream the training does not use (``seed``).
+        num_seqs, seq_len, queries_per_seq: how much to measure.
+
+    Raises:
+        ValueError: artifact missing, invalid, without indexer or made for another model.
+    """
+    lm = resolve_model(model, device)
+    if not isinstance(artifact, RTPurboArtifact):
+        artifact = load_artifact(artifact, hf_config=lm.hf_config)
+    if artifact.indexer is None:
+        raise ValueError("the artifact has no indexer; fix: export one with `rtpurbo-calibrate export --indexer`")
+    if num_seqs < 1 or queries_per_seq < 1 or seq_len < 2:
+        raise ValueError(f"need num_seqs >= 1, queries_per_seq >= 1, seq_len >= 2; got {num_seqs}, "
+                         f"{queries_per_seq}, {seq_len}")
+    p = artifact.params
+    retrieval = [list(h) for h in artifact.retrieval_heads]
+    source = TokenSource.create(lm.tokenizer, data, "heldout")
+    t0 = time.perf_counter()
+    per_head: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
+    for index in range(num_seqs):
+        ids, query_pos = sample_sequence(source, seq_len, queries_per_seq, seed, index)
+        captured = capture_retrieval(lm, retrieval, ids, query_pos)
+        for layer, heads in enumerate(retrieval):
+            if not heads:
+                continue
+            w_q, w_k = artifact.indexer[layer]
+            res = layer_routing(lm, heads, captured.q_pre[layer], captured.k_pre[layer], query_pos,
+                                w_q, w_k, p.top_p, p.block_size, p.sink_tokens)
+            for j, head in enumerate(heads):
+                for m in METRICS:
+                    per_head.setdefault((layer, head), {k: [] for k in METRICS})[m].append(res[m][j])
+    rows = [{"layer": layer, "head": head, "kv_head": head // (lm.num_heads // lm.num_kv_heads),
+             **{m: float(torch.cat(v[m]).mean()) for m in METRICS}}
+            for (layer, head), v in sorted(per_head.items())]
+    name = getattr(lm.hf_config, "_name_or_path", "") or lm.hf_config.architectures[0]
+    return {
+        "model": str(name),
+        "params": p.to_dict(),
+        "data": source.description,
+        "num_sequences": num_seqs,
+        "seq_len": seq_len,
+        "queries_per_seq": queries_per_seq,
+        "seed": seed,
+        "summary": {"num_retrieval_heads": len(rows), "num_query_heads": lm.num_layers * lm.num_heads,
+                    **{m: _stats(torch.tensor([r[m] for r in rows])) for m in METRICS}},
+        "heads": rows,
+        "environment": {"rtpurbo_vllm": __version__, "torch": torch.__version__, "device": str(lm.device),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "wall_s": round(time.perf_counter() - t0, 2)},
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The markdown report of an :func:`evaluate_artifact` results dict."""
+    s, p = report["summary"], report["params"]
+    summary = [{"metric": m, **s[m]} for m in METRICS]
+    return (f"# RTPurbo indexer evaluation: {report['model']}\n\n"
+            f"{s['num_retrieval_heads']} retrieval heads of {s['num_query_heads']} query heads; "
+            f"top_p {p['top_p']}, block {p['block_size']}, sink {p['sink_tokens']}; "
+            f"{report['num_sequences']} held-out sequences x {report['seq_len']} tokens, "
+            f"{report['queries_per_seq']} queries each (second half); data: {report['data']}.\n\n"
+            "- **recall**: share of the real attention mass inside the indexer's top-p blocks\n"
+            "- **blocks_kept**: share of blocks the indexer keeps (sink and own block included)\n"
+            "- **oracle_blocks_kept**: share an oracle keeps (block top-p on the real attention)\n\n"
+            "## Summary over heads\n\n" + outputs.markdown_table(summary) +
+            "\n## Per head\n\n" + outputs.markdown_table(report["heads"]) +
+            "\n_" + ", ".join(f"{k} {v}" for k, v in report["environment"].items()) + "_\n")
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes ``evaluate.json`` and ``evaluate.md`` (atomically) to ``out_dir``."""
+    out_dir = outputs.ensure_writable_dir(out_dir)
+    return {"json": outputs.write_json(out_dir / REPORT_JSON, report),
+            "markdown": outputs.write_bytes(out_dir / REPORT_MD, render_markdown(report).encode())}

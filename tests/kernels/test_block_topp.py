@@ -1,0 +1,421 @@
+"""block_topp (Triton) against block_topp_ref(index_scores_ref(...)) per sequence and retrieval head.
+
+Small cases run on the CPU under ``TRITON_INTERPRET=1`` (the default set below, before Triton is
+imported) and compiled on a GPU with ``TRITON_INTERPRET=0``; ``gpu`` cases (realistic lengths, a huge
+page pool for int64 offsets, CUDA-graph capture/replay) need ``TRITON_INTERPRET=0``.
+
+Float summation order differs between kernel and reference, so a selection is judged by
+:func:`assert_selection_valid`: exact format, forced blocks kept, kept mass reaches ``top_p`` (within
+``MASS_TOL``), minimal, greedy by mass, and equal to the reference's set whenever the reference's
+decision is not borderline (:func:`reference_margin_is_comfortable`).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, index_scores_ref,  # noqa: E402
+                                                    make_block_topp_workspace)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+runs_here = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                               reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+compiled_only = pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (TRITON_INTERPRET=0)")
+
+MASS_TOL = 1e-5         # slack on "kept mass reaches top_p" and on minimality
+COMFORT = 1e-4          # the reference's decision is clear-cut when its sums clear top_p by this much
+GAP_RTOL = 1e-4         # ... and the block masses either side of its cut differ by this (relative)
+POISON = -7             # outputs are prefilled with this; no entry may keep it
+
+SMALL_LENS = [1, 63, 64, 65, 200, 515]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_keys(pattern, q, seq_len, block_size):
+    """Index keys ``[T, HR, DI]`` float32 of one sequence, for query ``q`` ``[HR, DI]``.
+
+    random: unit-ish Gaussian keys. peaked: faint background plus three hot blocks aligned with the
+    query. flat: tiny keys, near-uniform mass. ties: keys repeat with period BS, so all full blocks
+    have bit-identical masses.
+    """
+    hr, di = q.shape
+    dev = q.device
+    if pattern == "random":
+        return torch.randn(seq_len, hr, di, device=dev) * 0.7
+    if pattern == "flat":
+        return torch.randn(seq_len, hr, di, device=dev) * 0.02
+    if pattern == "ties":
+        base = torch.randn(block_size, hr, di, device=dev)
+        return base.repeat(math.ceil(seq_len / block_size), 1, 1)[:seq_len].contiguous()
+    if pattern == "peaked":
+        keys = torch.randn(seq_len, hr, di, device=dev) * 0.3
+        num_blocks = math.ceil(seq_len / block_size)
+        direction = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)                 # [HR, DI]
+        for h in range(hr):
+            for blk in torch.randperm(num_blocks)[:3].tolist():
+                lo, hi = blk * block_size, min((blk + 1) * block_size, seq_len)
+                amp = 2.0 + 2.0 * torch.rand(())
+                keys[lo:hi, h] = direction[h] * amp + torch.randn(hi - lo, di, device=dev) * 0.1
+        return keys
+    raise ValueError(pattern)
+
+
+def make_batch(seq_lens, hr, di, page_size, block_size, dtype, pattern, device, spare_pages=3,
+               page_offset=0):
+    """A paged decode batch with shuffled, non-contiguous pages.
+
+    Unused cache slots (spare pages, the tail of each last page) hold NaN, and block-table entries past
+    each sequence's pages point at a NaN page, so reading anything outside the sequences shows.
+    ``page_offset`` shifts every used page id up (a large pool exercises int64 offsets).
+
+    Returns:
+        q_idx ``[B, HR, DI]``, index_cache ``[num_pages, P, HR, DI]``, block_table ``[B, max_pages]``
+        int32, seq_lens ``[B]`` int32, keys (list of ``[T, HR, DI]`` in ``dtype``).
+    """
+    batch = len(seq_lens)
+    max_len = max(max(seq_lens), 1)
+    pages_per_seq = [math.ceil(t / page_size) for t in seq_lens]
+    used = sum(pages_per_seq)
+    num_pages = page_offset + used + spare_pages
+    q_idx = torch.randn(batch, hr, di, device=device)
+    cache = torch.full((num_pages, page_size, hr, di), float("nan"), dtype=dtype, device=device)
+    max_pages = math.ceil(max_len / page_size) + 1
+    nan_page = num_pages - 1
+    block_table = torch.full((batch, max_pages), nan_page, dtype=torch.int32, device=device)
+    page_ids = page_offset + torch.randperm(used, device=device)
+    keys, cursor = [], 0
+    for b, (t, n) in enumerate(zip(seq_lens, pages_per_seq)):
+        pages = page_ids[cursor:cursor + n]
+        cursor += n
+        block_table[b, :n] = pages.to(torch.int32)
+        k = make_keys(pattern, q_idx[b], t, block_size).to(dtype)
+        padded = torch.full((n * page_size, hr, di), float("nan"), dtype=dtype, device=device)
+        padded[:t] = k
+        cache[pages.long()] = padded.view(n, page_size, hr, di)
+        keys.append(k)
+    q_idx = q_idx.to(dtype)
+    return q_idx, cache, block_table, torch.tensor(seq_lens, dtype=torch.int32, device=device), keys
+
+
+def poisoned_outputs(batch, hr, max_blocks, device):
+    return (torch.full((batch, hr, max_blocks), POISON, dtype=torch.int32, device=device),
+            torch.full((batch, hr), POISON, dtype=torch.int32, device=device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison
+
+
+def true_block_mass(q, keys, block_size):
+    """``[HR, NB]`` float64 block masses from float64 scores: the yardstick for both implementations."""
+    probs = torch.softmax(torch.einsum("hi,thi->ht", q.double(), keys.double()), dim=-1)
+    num_blocks = math.ceil(keys.shape[0] / block_size)
+    probs = torch.nn.functional.pad(probs, (0, num_blocks * block_size - keys.shape[0]))
+    return probs.view(q.shape[0], num_blocks, block_size).sum(-1)
+
+
+def forced_blocks(num_blocks, sink_tokens, block_size):
+    blocks = torch.arange(num_blocks)
+    return (blocks < math.ceil(sink_tokens / block_size)) | (blocks == num_blocks - 1)
+
+
+def reference_margin_is_comfortable(mass, ref_keep, forced, top_p):
+    """Whether the reference's choice for one head is clear-cut under rounding.
+
+    With the non-forced blocks in greedy order (mass descending, ties by id) and ``k`` of them kept, the
+    decision is clear when: the k-th block was needed by more than ``COMFORT`` (``F + S_{k-1}`` below
+    ``top_p - COMFORT``), stopping after it was right by more than ``COMFORT`` (``F + S_k`` above
+    ``top_p + COMFORT``, when some block is left), and the masses either side of the cut differ by more
+    than ``GAP_RTOL`` relative or are exactly equal (an exact tie is broken by id on both sides).
+
+    Args:
+        mass: ``[NB]`` float64 true block masses. ref_keep, forced: ``[NB]`` bool. top_p: float < 1.
+    """
+    candidates = (~forced).nonzero().flatten()
+    order = candidates[torch.sort(mass[candidates], descending=True, stable=True).indices]
+    sorted_mass = mass[order]
+    k = int(ref_keep[order].sum())
+    forced_mass = float(mass[forced].sum())
+    taken = forced_mass + float(sorted_mass[:k].sum())
+    if k > 0 and top_p - (taken - float(sorted_mass[k - 1])) <= COMFORT:
+        return False
+    if k == 0 and forced_mass - top_p <= COMFORT:
+        return False
+    if k < len(order):
+        if taken - top_p <= COMFORT:
+            return False
+        if k > 0:
+            last, first_left = float(sorted_mass[k - 1]), float(sorted_mass[k])
+            if last != first_left and last - first_left <= GAP_RTOL * last:
+                return False
+    return True
+
+
+def assert_selection_valid(selected, num_selected, mass, ref_keep, forced, top_p, where=""):
+    """Checks one head's kernel output against the top-p contract and the reference.
+
+    Args:
+        selected: ``[max_blocks]`` int32 kernel ids. num_selected: int.
+        mass: ``[NB]`` float64 true block masses. ref_keep, forced: ``[NB]`` bool.
+    """
+    num_blocks = mass.shape[0]
+    assert 0 <= num_selected <= num_blocks, f"{where}: num_selected={num_selected} for {num_blocks} blocks"
+    ids = selected[:num_selected]
+    assert (selected[num_selected:] == -1).all(), f"{where}: padding not -1: {selected.tolist()}"
+    assert ((ids >= 0) & (ids < num_blocks)).all(), f"{where}: ids out of range: {ids.tolist()}"
+    assert (ids[1:] > ids[:-1]).all(), f"{where}: ids not strictly ascending: {ids.tolist()}"
+    keep = torch.zeros(num_blocks, dtype=torch.bool)
+    keep[ids.long()] = True
+    if top_p >= 1.0:
+        assert keep.all(), f"{where}: top_p=1 must keep every block, kept {ids.tolist()}"
+        return
+    assert keep[forced].all(), f"{where}: forced blocks {forced.nonzero().flatten().tolist()} not all in " \
+                               f"{ids.tolist()}"
+    kept_mass = float(mass[keep].sum())
+    assert kept_mass >= top_p - MASS_TOL, f"{where}: kept mass {kept_mass} < top_p {top_p}"
+    optional = keep & ~forced
+    if optional.any():
+        lightest = float(mass[optional].min())
+        assert kept_mass - lightest < top_p + MASS_TOL, \
+            f"{where}: not minimal, dropping a block of mass {lightest} still leaves {kept_mass - lightest}"
+        dropped = ~keep & ~forced
+        if dropped.any():
+            heaviest_dropped = float(mass[dropped].max())
+            assert heaviest_dropped <= lightest * (1 + GAP_RTOL), \
+                f"{where}: dropped a block of mass {heaviest_dropped} but kept one of {lightest}"
+            exact_tie = dropped & (mass == lightest)
+            if exact_tie.any():
+                first_dropped = int(exact_tie.nonzero()[0])
+                last_kept = int((optional & (mass == lightest)).nonzero()[-1])
+                assert first_dropped > last_kept, f"{where}: tie at mass {lightest} not broken by lower id"
+    if reference_margin_is_comfortable(mass, ref_keep, forced, top_p):
+        assert torch.equal(keep, ref_keep), \
+            f"{where}: kernel {ids.tolist()} != reference {ref_keep.nonzero().flatten().tolist()}"
+
+
+def check_against_reference(q_idx, keys, seq_lens, selected, num_selected, top_p, sink_tokens, block_size):
+    """Runs the reference per sequence and :func:`assert_selection_valid` per head (on the CPU)."""
+    selected, num_selected = selected.cpu(), num_selected.cpu()
+    hr = q_idx.shape[1]
+    for b, t in enumerate(seq_lens):
+        if t == 0:
+            assert (num_selected[b] == 0).all() and (selected[b] == -1).all(), f"seq {b}: empty not empty"
+            continue
+        q, k = q_idx[b].cpu(), keys[b].cpu()
+        ref_keep = block_topp_ref(index_scores_ref(q, k), top_p, block_size, sink_tokens)   # [HR, NB]
+        mass = true_block_mass(q, k, block_size)
+        forced = forced_blocks(mass.shape[1], sink_tokens, block_size)
+        for h in range(hr):
+            # The reference must pass its own contract (checks the helper as much as the reference).
+            assert_selection_valid(torch.cat([ref_keep[h].nonzero().flatten().int(),
+                                              torch.full((selected.shape[2] - int(ref_keep[h].sum()),), -1,
+                                                         dtype=torch.int32)]),
+                                   int(ref_keep[h].sum()), mass[h], ref_keep[h], forced, top_p,
+                                   where=f"reference seq {b} (T={t}) head {h}")
+            assert_selection_valid(selected[b, h], int(num_selected[b, h]), mass[h], ref_keep[h], forced,
+                                   top_p, where=f"seq {b} (T={t}) head {h}")
+
+
+def run_case(seq_lens, hr, di, page_size, block_size, sink_tokens, top_p, pattern, dtype, device,
+             max_batch=None, page_offset=0):
+    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, dtype,
+                                                       pattern, device, page_offset=page_offset)
+    max_blocks = math.ceil(max(max(seq_lens), 1) / block_size) + 1   # headroom: padding must be written
+    workspace = make_block_topp_workspace(max_batch or len(seq_lens), hr, max_blocks, device)
+    selected, num_selected = poisoned_outputs(len(seq_lens), hr, max_blocks, device)
+    out = block_topp(q_idx, cache, block_table, lens, top_p, sink_tokens, block_size, max_blocks, workspace,
+                     selected=selected, num_selected=num_selected)
+    assert out[0] is selected and out[1] is num_selected
+    check_against_reference(q_idx, keys, seq_lens, selected, num_selected, top_p, sink_tokens, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small cases (interpreter on CPU, compiled on GPU)
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+# (HR, P, BS, sink_tokens, top_p, pattern, dtype)
+SMALL_CASES = [
+    pytest.param(1, 16, 64, 4, 0.9, "random", bf16, id="HR1-P16-sink4-p0.9-random-bf16"),
+    pytest.param(3, 64, 64, 0, 0.9, "peaked", bf16, id="HR3-P64-sink0-p0.9-peaked-bf16"),
+    pytest.param(5, 16, 64, 4, 0.5, "peaked", fp16, id="HR5-P16-sink4-p0.5-peaked-fp16"),
+    pytest.param(3, 16, 64, 0, 0.5, "flat", fp32, id="HR3-P16-sink0-p0.5-flat-fp32"),
+    pytest.param(3, 64, 64, 4, 0.9, "flat", bf16, id="HR3-P64-sink4-p0.9-flat-bf16"),
+    pytest.param(5, 64, 64, 4, 1.0, "random", bf16, id="HR5-P64-sink4-p1.0-random-bf16"),
+    pytest.param(3, 16, 64, 4, 0.9, "ties", fp32, id="HR3-P16-sink4-p0.9-ties-fp32"),
+    pytest.param(3, 64, 64, 0, 0.5, "ties", bf16, id="HR3-P64-sink0-p0.5-ties-bf16"),
+    pytest.param(1, 64, 64, 70, 0.9, "peaked", fp32, id="HR1-P64-sink70(2 blocks)-p0.9-peaked-fp32"),
+    pytest.param(3, 16, 32, 4, 0.9, "random", bf16, id="HR3-P16-BS32-sink4-p0.9-random-bf16"),
+    pytest.param(3, 64, 16, 4, 0.5, "peaked", bf16, id="HR3-P64-BS16(P>BS)-sink4-p0.5-peaked-bf16"),
+]
+
+
+@runs_here
+@pytest.mark.parametrize("hr, page_size, block_size, sink_tokens, top_p, pattern, dtype", SMALL_CASES)
+def test_block_topp_small(seed, hr, page_size, block_size, sink_tokens, top_p, pattern, dtype):
+    run_case(SMALL_LENS, hr, 16, page_size, block_size, sink_tokens, top_p, pattern, dtype, DEVICE)
+
+
+@runs_here
+def test_block_topp_uniform_exact_ties(seed):
+    """q = 0 makes every score 0: all full blocks tie exactly and 1/8 + 3/8 hits top_p = 0.5 exactly."""
+    q_idx, cache, block_table, lens, keys = make_batch([512, 515], 2, 16, 16, 64, fp32, "random", DEVICE)
+    q_idx.zero_()
+    workspace = make_block_topp_workspace(2, 2, 9, DEVICE)
+    selected, num_selected = poisoned_outputs(2, 2, 9, DEVICE)
+    block_topp(q_idx, cache, block_table, lens, 0.5, 0, 64, 9, workspace, selected, num_selected)
+    # T=512: forced last block (1/8) + blocks 0, 1, 2 reach exactly 0.5 -- the reference's set too.
+    assert selected[0].cpu().tolist() == [[0, 1, 2, 7, -1, -1, -1, -1, -1]] * 2
+    check_against_reference(q_idx, keys, [512, 515], selected, num_selected, 0.5, 0, 64)
+
+
+@runs_here
+def test_block_topp_underflowing_blocks(seed):
+    """Blocks whose mass underflows to 0 are kept at top_p = 1 and dropped below it."""
+    seq_lens = [515]
+    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 1, 16, 16, 64, fp32, "random", DEVICE)
+    q_idx.zero_()
+    q_idx[0, 0, 0] = 1.0
+    k = torch.zeros(515, 1, 16)
+    k[:64, 0, 0] = 200.0        # block 0 holds all the mass; every other block underflows to 0
+    pages = block_table[0, :math.ceil(515 / 16)].long().cpu()
+    flat = cache[pages.to(cache.device)].view(-1, 1, 16)
+    flat[:515] = k.to(cache.device)
+    cache[pages.to(cache.device)] = flat.view(-1, 16, 1, 16)
+    workspace = make_block_topp_workspace(1, 1, 9, DEVICE)
+    for top_p, expect in [(1.0, list(range(9))), (0.999999, [0, 8])]:
+        selected, num_selected = poisoned_outputs(1, 1, 9, DEVICE)
+        block_topp(q_idx, cache, block_table, lens, top_p, 0, 64, 9, workspace, selected, num_selected)
+        assert selected[0, 0].cpu().tolist()[:len(expect)] == expect
+        assert int(num_selected[0, 0]) == len(expect)
+        check_against_reference(q_idx, [k], seq_lens, selected, num_selected, top_p, 0, 64)
+
+
+@runs_here
+def test_block_topp_empty_rows_and_reuse(seed):
+    """seq_len 0 (a padded batch row) selects nothing; a workspace for a larger batch is reused."""
+    workspace = make_block_topp_workspace(4, 3, 9, DEVICE)
+    for seq_lens in ([515, 0, 64], [0, 130, 1]):
+        q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 3, 16, 16, 64, bf16, "peaked", DEVICE)
+        selected, num_selected = poisoned_outputs(3, 3, 9, DEVICE)
+        block_topp(q_idx, cache, block_table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
+        check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
+
+
+@runs_here
+def test_block_topp_float32_queries_bf16_cache(seed):
+    """q_idx may be float32 (the index-query kernel's output) over a bf16 cache."""
+    seq_lens = [200, 515]
+    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 2, 16, 16, 64, bf16, "peaked", DEVICE)
+    q_idx = q_idx.float() + 0.01 * torch.randn(q_idx.shape, device=DEVICE)   # not bf16-representable
+    workspace = make_block_topp_workspace(2, 2, 9, DEVICE)
+    selected, num_selected = poisoned_outputs(2, 2, 9, DEVICE)
+    block_topp(q_idx, cache, block_table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
+    check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
+
+
+def test_block_topp_rejects_bad_arguments():
+    q = torch.zeros(2, 3, 16)
+    cache = torch.zeros(4, 16, 3, 16)
+    table = torch.zeros(2, 4, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    ws = make_block_topp_workspace(2, 3, 4, "cpu")
+    with pytest.raises(ValueError, match="top_p"):
+        block_topp(q, cache, table, lens, 0.0, 4, 64, 4, ws)
+    with pytest.raises(ValueError, match="power of two"):
+        block_topp(q, cache, table, lens, 0.9, 4, 48, 4, ws)
+    with pytest.raises(TypeError, match="int32"):
+        block_topp(q, cache, table.long(), lens, 0.9, 4, 64, 4, ws)
+    with pytest.raises(TypeError, match="float"):
+        block_topp(q.int(), cache, table, lens, 0.9, 4, 64, 4, ws)
+    with pytest.raises(ValueError, match="workspace"):
+        block_topp(q, cache, table, lens, 0.9, 4, 64, 8, ws)
+    with pytest.raises(ValueError, match="HR, DI"):
+        block_topp(q, torch.zeros(4, 16, 2, 16), table, lens, 0.9, 4, 64, 4, ws)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: realistic sizes, int64 offsets, CUDA graphs
+
+LARGE_LENS = [32768, 65537, 100003, 131072]
+LARGE_MAX_BLOCKS = 131072 // 64
+
+
+@pytest.mark.gpu
+@compiled_only
+@pytest.mark.parametrize("page_size, top_p, pattern", [
+    pytest.param(16, 0.9, "peaked", id="P16-p0.9-peaked"),
+    pytest.param(64, 0.9, "random", id="P64-p0.9-random"),
+    pytest.param(64, 0.5, "peaked", id="P64-p0.5-peaked"),
+    pytest.param(16, 1.0, "random", id="P16-p1.0-random"),
+])
+def test_block_topp_gpu_large(seed, page_size, top_p, pattern):
+    run_case(LARGE_LENS, 8, 16, page_size, 64, 4, top_p, pattern, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@compiled_only
+def test_block_topp_gpu_int64_offsets(seed):
+    """Pages past 2**31 elements into the cache: page * stride overflows int32."""
+    hr, di, page_size = 8, 16, 64
+    page_offset = 2**31 // (page_size * hr * di) + 8       # ~4.3 GB of bf16 cache below the used pages
+    run_case([5000, 777], hr, di, page_size, 64, 4, 0.9, "peaked", torch.bfloat16, "cuda",
+             page_offset=page_offset)
+
+
+@pytest.mark.gpu
+@compiled_only
+def test_block_topp_gpu_cuda_graph_replay(seed):
+    """Capture once; new seq_lens, queries, cache contents and block tables; replay; compare."""
+    hr, di, page_size, block_size, sink, top_p = 8, 16, 16, 64, 4, 0.9
+    max_len = 65536
+    max_blocks = max_len // block_size
+    batch = 4
+    first = [70, 1, 4096, 333]
+    second = [max_len, 0, 12345, 64]
+    num_pages = sum(math.ceil(t / page_size) for t in second) + 8
+    max_pages = max_len // page_size + 1
+
+    def fill(seq_lens, pattern):
+        q_idx, cache, table, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, torch.bfloat16,
+                                                     pattern, "cuda")
+        cache = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, 0, 0, num_pages - cache.shape[0]),
+                                        value=float("nan"))
+        table = torch.nn.functional.pad(table, (0, max_pages - table.shape[1]), value=num_pages - 1)
+        return q_idx, cache, table, lens, keys
+
+    q_s, cache_s, table_s, lens_s, _ = fill(first, "random")
+    workspace = make_block_topp_workspace(batch, hr, max_blocks, "cuda")
+    selected, num_selected = poisoned_outputs(batch, hr, max_blocks, "cuda")
+
+    def launch():
+        block_topp(q_s, cache_s, table_s, lens_s, top_p, sink, block_size, max_blocks, workspace,
+                   selected, num_selected)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch()                                            # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+
+    for seq_lens, pattern in ((first, "random"), (second, "peaked")):
+        q_idx, cache, table, lens, keys = fill(seq_lens, pattern)
+        for static, new in ((q_s, q_idx), (cache_s, cache), (table_s, table), (lens_s, lens)):
+            static.copy_(new)
+        selected.fill_(POISON)
+        num_selected.fill_(POISON)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_reference(q_idx, keys, seq_lens, selected, num_selected, top_p, sink, block_size)

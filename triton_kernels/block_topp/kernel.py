@@ -1,0 +1,371 @@
+"""Block top-p selection for retrieval heads at decode, in Triton (sort-free).
+
+For every decode sequence ``b`` and retrieval head ``h``, the op scores the sequence's index keys
+against the query's index vector, forms the softmax mass of each BS-token selection block and keeps
+the smallest block set reaching ``top_p`` that contains the forced blocks (the sink block(s) and the
+last, own block), filled by decreasing mass with ties to the lower block id. This equals
+:func:`.reference.block_topp_ref` applied to :func:`.reference.index_scores_ref` up to float
+summation order.
+
+Two launches, both with grids fixed by ``(B, HR, max_blocks)`` so they can be captured in a CUDA
+graph; nothing is read back to the host and nothing is allocated when a workspace and outputs are
+passed in.
+
+1. ``_block_stats_kernel``, grid ``(HR, cdiv(max_blocks, BLOCKS_PER_PROG), B)``: each program scores
+   ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
+   max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. Programs past the
+   sequence's last block return at once.
+2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), combines the block stats into masses
+   ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
+   the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
+   order like their values, and a 31-step binary search over bit patterns finds the largest ``tau``
+   with ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is the
+   mass of the last block the greedy order takes. The kept set is the forced blocks, every
+   non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
+   ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
+   blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
+   writes the kept ids in ascending order, the count, and ``-1`` padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Bit pattern of +inf in float32: every finite non-negative mass has a smaller pattern.
+_F32_INF_BITS = 0x7F800000
+# ceil(log2(_F32_INF_BITS + 1)): binary-search steps that shrink [-1, +inf bits] to adjacent values.
+_SEARCH_STEPS = 31
+
+_SELECT_MAX_CHUNK = 4096     # blocks held in registers at once by one selection program
+_STATS_BLOCKS_PER_PROG = 16  # selection blocks scored by one stats program
+_STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats program
+
+
+@dataclass(frozen=True)
+class BlockTopPWorkspace:
+    """Scratch of :func:`block_topp`, allocated once by :func:`make_block_topp_workspace`.
+
+    Attributes:
+        block_max: ``[max_batch, HR, max_blocks]`` float32, per block the max indexer score.
+        block_sum: ``[max_batch, HR, max_blocks]`` float32, per block ``sum exp(score - block_max)``.
+    """
+
+    block_max: torch.Tensor
+    block_sum: torch.Tensor
+
+
+def make_block_topp_workspace(max_batch: int, num_heads: int, max_blocks: int,
+                              device: torch.device | str) -> BlockTopPWorkspace:
+    """Allocates the scratch of :func:`block_topp` for up to ``max_batch`` sequences.
+
+    Args:
+        max_batch: largest batch ``B`` the workspace will serve.
+        num_heads: HR, retrieval heads of the layer(s) it serves.
+        max_blocks: static bound on selection blocks per sequence, ``ceil(max_model_len / BS)``.
+        device: where the op runs.
+
+    Returns:
+        A :class:`BlockTopPWorkspace` of ``2 * max_batch * HR * max_blocks`` float32 (uninitialised:
+        every entry read is written first in the same call).
+    """
+    if max_batch < 1 or num_heads < 1 or max_blocks < 1:
+        raise ValueError(f"need max_batch, num_heads and max_blocks >= 1, got {max_batch}, {num_heads}, "
+                         f"{max_blocks}")
+    shape = (max_batch, num_heads, max_blocks)
+    return BlockTopPWorkspace(block_max=torch.empty(shape, dtype=torch.float32, device=device),
+                              block_sum=torch.empty(shape, dtype=torch.float32, device=device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel 1: per-block max score and exp-sum
+
+
+@triton.jit
+def _block_stats_kernel(
+    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, block_max_ptr, block_sum_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_cp, stride_ct, stride_ch, stride_cd,
+    stride_tb, stride_tp,
+    stride_wb, stride_wh,
+    max_blocks,
+    DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
+):
+    head = tl.program_id(0)
+    first_block = tl.program_id(1) * BLOCKS_PER_PROG
+    seq = tl.program_id(2).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_blocks = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
+    end_block = tl.minimum(first_block + BLOCKS_PER_PROG, num_blocks)  # <= first_block: nothing to do
+
+    dims = tl.arange(0, DI_PAD)
+    q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
+                other=0.0).to(tl.float32)                                             # [DI_PAD]
+    table_row = block_table_ptr + seq * stride_tb
+    ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
+    for block0 in range(first_block, end_block, BLOCKS_PER_ITER):
+        blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
+        tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
+        valid = tokens < seq_len
+        page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
+        row = page * stride_cp + (tokens % PAGE_SIZE) * stride_ct + head * stride_ch  # [NBI, BS] int64
+        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :] * stride_cd,
+                       mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)               # [NBI, BS]
+        scores = tl.where(valid, scores, float("-inf"))
+        block_max = tl.max(scores, axis=1)                                            # [NBI]
+        safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)              # rows past the end
+        block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                # [NBI]
+        in_range = blocks < end_block
+        tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
+        tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel 2: threshold search and compaction
+
+
+@triton.jit
+def _block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks, global_max, inv_total):
+    """Masses of ``blocks`` (0 past the end), and which of them are valid, forced and candidates."""
+    valid = blocks < num_blocks
+    b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
+    b_sum = tl.load(block_sum_ptr + blocks, mask=valid, other=0.0)
+    mass = tl.where(valid, b_sum * tl.exp(b_max - global_max) * inv_total, 0.0)
+    forced = valid & ((blocks < num_sink_blocks) | (blocks == num_blocks - 1))
+    candidate = valid & ~forced
+    return mass, valid, forced, candidate
+
+
+@triton.jit
+def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max,
+                             inv_total, bound_bits, STRICT: tl.constexpr, CHUNK: tl.constexpr):
+    """Sum of non-forced masses whose float32 bit pattern is >= ``bound_bits`` (> if ``STRICT``),
+    recomputed chunk by chunk from the workspace."""
+    total = 0.0
+    for start in range(0, num_blocks, CHUNK):
+        mass, _, _, candidate = _block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK),
+                                            num_blocks, num_sink_blocks, global_max, inv_total)
+        bits = mass.to(tl.int32, bitcast=True)
+        above = (bits > bound_bits) if STRICT else (bits >= bound_bits)
+        total += tl.sum(tl.where(candidate & above, mass, 0.0))
+    return total
+
+
+@triton.jit
+def _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max, inv_total,
+                      first_mass, first_candidate, forced_mass, top_p, SINGLE_CHUNK: tl.constexpr,
+                      CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, INF_BITS: tl.constexpr):
+    """Bit pattern of tau, the largest value with ``forced_mass + sum(candidate mass >= tau) >= top_p``
+    (a candidate's mass), or -1 when even every block falls short.
+
+    Binary search over int32 bit patterns, which order non-negative floats like their values: the
+    invariant is reached(lo) and not reached(hi), from lo = -1 ("keep all") and hi = +inf. With
+    ``SINGLE_CHUNK`` every block sits in ``first_mass``/``first_candidate`` (registers).
+    """
+    first_bits = first_mass.to(tl.int32, bitcast=True)
+    lo = tl.full((), -1, tl.int32)
+    hi = tl.full((), INF_BITS, tl.int32)
+    for _ in range(SEARCH_STEPS):
+        mid = lo + (hi - lo) // 2
+        if SINGLE_CHUNK:
+            mass_at_least = tl.sum(tl.where(first_candidate & (first_bits >= mid), first_mass, 0.0))
+        else:
+            mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                                                     global_max, inv_total, mid, False, CHUNK)
+        reached = forced_mass + mass_at_least >= top_p
+        lo = tl.where(reached, mid, lo)
+        hi = tl.where(reached, hi, mid)
+    return lo
+
+
+@triton.jit
+def _select_kernel(
+    seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
+    stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
+    top_p, num_sink_blocks, max_blocks,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    INF_BITS: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(1).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_blocks = tl.maximum(tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks), 0)
+    block_max_ptr += seq * stride_wb + head * stride_wh
+    block_sum_ptr += seq * stride_wb + head * stride_wh
+    selected_ptr += seq * stride_sb + head * stride_sh
+    lanes = tl.arange(0, CHUNK)
+
+    # Softmax normaliser over all tokens from the per-block stats.
+    global_max = float("-inf")
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + lanes
+        b_max = tl.load(block_max_ptr + blocks, mask=blocks < num_blocks, other=float("-inf"))
+        global_max = tl.maximum(global_max, tl.max(b_max))
+    global_max = tl.where(num_blocks > 0, global_max, 0.0)  # empty rows: keep the arithmetic finite
+    total = 0.0
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + lanes
+        valid = blocks < num_blocks
+        b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
+        b_sum = tl.load(block_sum_ptr + blocks, mask=valid, other=0.0)
+        total += tl.sum(tl.where(valid, b_sum * tl.exp(b_max - global_max), 0.0))
+    inv_total = 1.0 / tl.maximum(total, 1.0)  # total >= 1 (the top block's own term) unless empty
+
+    # The first CHUNK blocks stay in registers: with SINGLE_CHUNK that is every block.
+    first_mass, _, first_forced, first_candidate = _block_mass(block_max_ptr, block_sum_ptr, lanes, num_blocks,
+                                                               num_sink_blocks, global_max, inv_total)
+    forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
+    for start in range(CHUNK, num_blocks, CHUNK):
+        mass, _, forced, _ = _block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks,
+                                         num_sink_blocks, global_max, inv_total)
+        forced_mass += tl.sum(tl.where(forced, mass, 0.0))
+
+    # Greedy cut: every candidate above tau, then the ones tied at tau in id order while short of top_p.
+    tau_bits = _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max,
+                                 inv_total, first_mass, first_candidate, forced_mass, top_p, SINGLE_CHUNK,
+                                 CHUNK, SEARCH_STEPS, INF_BITS)
+    tau = tau_bits.to(tl.float32, bitcast=True)
+    keep_all = (top_p >= 1.0) | (tau_bits < 0)
+    if SINGLE_CHUNK:
+        mass_above = tl.sum(tl.where(first_candidate & (first_mass.to(tl.int32, bitcast=True) > tau_bits),
+                                     first_mass, 0.0))
+    else:
+        mass_above = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                                              global_max, inv_total, tau_bits, True, CHUNK)
+    mass_before_ties = forced_mass + mass_above
+
+    # Compaction in ascending block order.
+    count = tl.full((), 0, tl.int32)
+    ties_seen = tl.full((), 0, tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + lanes
+        mass, valid, forced, candidate = _block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks,
+                                                     num_sink_blocks, global_max, inv_total)
+        bits = mass.to(tl.int32, bitcast=True)
+        tie = (candidate & (bits == tau_bits)).to(tl.int32)
+        ties_before = ties_seen + tl.cumsum(tie, axis=0) - tie
+        tie_kept = (tie != 0) & (mass_before_ties + ties_before.to(tl.float32) * tau < top_p)
+        keep = valid & (keep_all | forced | (candidate & (bits > tau_bits)) | tie_kept)
+        keep_i = keep.to(tl.int32)
+        slot = count + tl.cumsum(keep_i, axis=0) - keep_i
+        tl.store(selected_ptr + slot, blocks.to(tl.int32), mask=keep)
+        count += tl.sum(keep_i)
+        ties_seen += tl.sum(tie)
+    tl.store(num_selected_ptr + seq * stride_nb + head * stride_nh, count)
+    for start in range((count // CHUNK) * CHUNK, max_blocks, CHUNK):
+        slots = start + lanes
+        tl.store(selected_ptr + slots, tl.full((CHUNK,), -1, tl.int32),
+                 mask=(slots >= count) & (slots < max_blocks))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+
+
+def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, top_p: float, sink_tokens: int, block_size: int, max_blocks: int,
+               workspace: BlockTopPWorkspace, selected: torch.Tensor | None = None,
+               num_selected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block top-p selection of every retrieval head of a decode batch.
+
+    Per sequence ``b`` and head ``h``: softmax over the ``seq_lens[b]`` index scores
+    ``q_idx[b, h] . k`` (float32, no scale), block masses over BS-token selection blocks, and the
+    smallest block set reaching ``top_p`` that holds the blocks of the first ``sink_tokens`` tokens
+    and the last block, filled by decreasing mass (ties: lower id first); ``top_p == 1`` keeps all.
+    Launch shapes depend only on ``B``, ``HR`` and ``max_blocks`` (CUDA-graph capturable); no host
+    synchronisation.
+
+    Args:
+        q_idx: ``[B, HR, DI]`` bf16/fp16/fp32, the decode queries' index vectors.
+        index_cache: ``[num_pages, P, HR, DI]`` bf16/fp16/fp32 (usually ``q_idx``'s dtype; both are
+            read as float32), paged index keys; the decode token's own key is already written.
+        block_table: ``[B, max_pages]`` int32, page ids per sequence (entries past a sequence's
+            last page are never read).
+        seq_lens: ``[B]`` int32, tokens per sequence, the decode token included. ``0`` gives an empty
+            selection; the caller guarantees ``seq_lens <= max_blocks * BS`` (longer is clamped).
+        top_p: in ``(0, 1]``.
+        sink_tokens: leading tokens whose blocks are always kept (``>= 0``).
+        block_size: BS, tokens per selection block, a power of two; any page size ``P`` works
+            (``BS % P == 0`` or ``P % BS == 0`` are the usual cases).
+        max_blocks: static bound on blocks per sequence, ``ceil(max_model_len / BS)``.
+        workspace: from :func:`make_block_topp_workspace` with ``max_batch >= B``, the same ``HR``
+            and ``max_blocks``.
+        selected: optional output ``[B, HR, max_blocks]`` int32, written in place; allocated if None.
+        num_selected: optional output ``[B, HR]`` int32, written in place; allocated if None.
+
+    Returns:
+        ``selected`` ``[B, HR, max_blocks]`` int32: kept block ids ascending, then ``-1``; and
+        ``num_selected`` ``[B, HR]`` int32: kept blocks per head. All on the inputs' device.
+    """
+    if q_idx.dim() != 3 or index_cache.dim() != 4:
+        raise ValueError(f"q_idx must be [B, HR, DI] and index_cache [num_pages, P, HR, DI], got "
+                         f"{tuple(q_idx.shape)} and {tuple(index_cache.shape)}")
+    batch, num_heads, index_dim = q_idx.shape
+    page_size = index_cache.shape[1]
+    if index_cache.shape[2:] != (num_heads, index_dim):
+        raise ValueError(f"index_cache {tuple(index_cache.shape)} does not match q_idx {tuple(q_idx.shape)} "
+                         f"in (HR, DI)")
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    if q_idx.dtype not in floats or index_cache.dtype not in floats:
+        raise TypeError(f"q_idx and index_cache must be bf16, fp16 or float32, got {q_idx.dtype} and "
+                        f"{index_cache.dtype}")
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise TypeError(f"block_table and seq_lens must be int32, got {block_table.dtype} and {seq_lens.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"need block_table [B, max_pages] and seq_lens [B] with B={batch}, got "
+                         f"{tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+    ws_max, ws_sum = workspace.block_max, workspace.block_sum
+    ws_shape = ws_max.shape
+    if (ws_sum.shape != ws_shape or len(ws_shape) != 3 or ws_shape[0] < batch
+            or ws_shape[1:] != (num_heads, max_blocks) or ws_max.stride() != ws_sum.stride()
+            or ws_max.stride(2) != 1 or ws_max.dtype != torch.float32 or ws_sum.dtype != torch.float32):
+        raise ValueError(f"workspace of shape {tuple(ws_shape)} does not serve B={batch}, HR={num_heads}, "
+                         f"max_blocks={max_blocks}: allocate it with make_block_topp_workspace")
+    device = q_idx.device
+    if selected is None:
+        selected = torch.empty((batch, num_heads, max_blocks), dtype=torch.int32, device=device)
+    if num_selected is None:
+        num_selected = torch.empty((batch, num_heads), dtype=torch.int32, device=device)
+    if (selected.shape != (batch, num_heads, max_blocks) or selected.dtype != torch.int32
+            or selected.stride(2) != 1):
+        raise ValueError(f"selected must be int32 [{batch}, {num_heads}, {max_blocks}] with unit last stride")
+    if num_selected.shape != (batch, num_heads) or num_selected.dtype != torch.int32:
+        raise ValueError(f"num_selected must be int32 [{batch}, {num_heads}]")
+    if batch == 0:
+        return selected, num_selected
+
+    blocks_per_iter = max(1, min(_STATS_BLOCKS_PER_PROG, _STATS_TOKENS_PER_ITER // block_size))
+    blocks_per_prog = max(_STATS_BLOCKS_PER_PROG, blocks_per_iter)
+    _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
+        q_idx, index_cache, block_table, seq_lens, workspace.block_max, workspace.block_sum,
+        *q_idx.stride(), *index_cache.stride(), *block_table.stride(),
+        workspace.block_max.stride(0), workspace.block_max.stride(1),
+        max_blocks,
+        DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
+        BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter, num_warps=4,
+    )
+    chunk = min(triton.next_power_of_2(max_blocks), _SELECT_MAX_CHUNK)
+    _select_kernel[(num_heads, batch)](
+        seq_lens, workspace.block_max, workspace.block_sum, selected, num_selected,
+        workspace.block_max.stride(0), workspace.block_max.stride(1),
+        selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
+        float(top_p), math.ceil(sink_tokens / block_size), max_blocks,
+        BLOCK_SIZE=block_size, CHUNK=chunk, SINGLE_CHUNK=max_blocks <= chunk, SEARCH_STEPS=_SEARCH_STEPS,
+        INF_BITS=_F32_INF_BITS,
+        num_warps=4 if chunk <= 1024 else 8,
+    )
+    return selected, num_selected

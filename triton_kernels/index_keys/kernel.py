@@ -1,0 +1,299 @@
+"""Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index cache and for queries.
+
+vLLM hands the attention backend post-RoPE ``q [T, HQ, D]`` / ``k [T, HKV, D]`` and the token
+``positions [T]``; the indexer needs the pre-RoPE vectors. Each program takes ``BLOCK_T`` tokens of one
+retrieval head ``r`` and
+
+1. loads the tokens' rows of the head it reads (query head ``heads[r]`` or KV head ``kv_heads[r]``) as the
+   two rotary halves (NeoX: channels ``j`` and ``rotary_dim/2 + j``; GPT-J: ``2j`` and ``2j + 1``) plus the
+   pass-through tail ``[rotary_dim, D)`` (partial rotary),
+2. un-rotates the halves in float32 with the ``cos | sin`` rows of their positions, the exact inverse of
+   vLLM's 2x2 rotation (transpose / (cos² + sin²), so YaRN's folded mscale is divided out),
+3. projects with the matching columns of ``W[r]`` (``[DI, D]``) in three ``[BLOCK_T, *] x [*, DI]`` dots
+   accumulated in float32 (``tf32x3``: about 1e-6 relative error against a float32 matmul),
+4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index cache at
+   ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored).
+
+Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, nothing is read back to the host, so both ops
+can be captured in a CUDA graph. Token, page and table offsets are computed in int64. Positions outside
+the table are clamped into it (memory safety for padding tokens whose positions are stale; such rows
+are garbage and, for keys, not stored when their slot is negative).
+
+The table is built once per model with :func:`rope_table` (float32 ``[num_positions, rotary_dim]``, row
+``p`` = ``cos(p) | sin(p)`` exactly as :func:`rtpurbo_vllm.rope.rope_cos_sin` gives them — the layout of
+vLLM's ``cos_sin_cache``, but float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
+
+# Tuned on one H200 (T 8192, HQ 32, HKV 8, D 128, HR 5, bf16; CUDA-graph timings): ~14 us per op with these
+# settings, 33 us with an FMA ("ieee") dot, 55-95 us with larger tiles or a per-channel gather formulation.
+_MAX_TILE_ELEMS = 4096  # BLOCK_T * next_pow2(D) per program: BLOCK_T 32 at D 128, 16 at D 256
+_NUM_WARPS = 2
+_DOT_PRECISION = "tf32x3"  # 3 TF32 MMAs: ~1e-6 relative to the float32 result, twice as fast as "ieee"
+
+
+def rope_table_length(spec: RopeSpec) -> int:
+    """Rows vLLM 0.26 gives its ``cos_sin_cache`` for ``spec``: ``max_position`` scaled by ``factor`` for
+    ``linear`` (and for ``yarn`` from ``original_max_position_embeddings``), else ``max_position``."""
+    p = dict(spec.scaling or {})
+    rope_type = p.get("rope_type", "default")
+    if rope_type == "linear":
+        return int(spec.max_position * p["factor"])
+    if rope_type == "yarn":
+        return max(spec.max_position, int(p["original_max_position_embeddings"] * p["factor"]))
+    return spec.max_position
+
+
+def rope_table(spec: RopeSpec, device: torch.device | str | None = None,
+               num_positions: int | None = None) -> torch.Tensor:
+    """The ``cos | sin`` table the kernels read; build it once per model and share it between layers.
+
+    Args:
+        spec: the model's rotary embedding.
+        device: where the table lives (the kernels' device).
+        num_positions: rows; defaults to :func:`rope_table_length` (vLLM's own table length).
+
+    Returns:
+        ``[num_positions, spec.rotary_dim]`` float32, contiguous: row ``p`` is
+        ``cat(cos, sin)`` of :func:`rtpurbo_vllm.rope.rope_cos_sin` at position ``p`` (mscale folded in).
+        ``num_positions * rotary_dim * 4`` bytes (64 MiB for 131072 positions at rotary_dim 128).
+    """
+    n = rope_table_length(spec) if num_positions is None else int(num_positions)
+    if n < 1:
+        raise ValueError(f"num_positions must be positive, got {n}")
+    positions = torch.arange(n, dtype=torch.int64, device=device)
+    cos, sin = rope_cos_sin(spec, positions)
+    return torch.cat((cos, sin), dim=-1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device code.
+
+
+@triton.jit
+def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_positions, w_ptr, s_wh, s_wi, r,
+                    offs_t, mask_t,
+                    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, PRECISION: tl.constexpr):
+    """``[BLOCK_T, DI]`` float32: ``W[r] @ unrope(x[t, head])`` for the tokens ``offs_t`` (int64).
+
+    The rotary pairs are loaded as two ``[BLOCK_T, HALF]`` halves (NeoX: channels ``j`` and ``HALF + j``;
+    GPT-J: ``2j`` and ``2j + 1``), un-rotated, and projected with the matching columns of ``W``; the
+    pass-through tail ``[ROT, D)`` is projected as is. Three dots, no gathers.
+    """
+    HALF: tl.constexpr = ROT // 2
+    TAIL: tl.constexpr = D - ROT
+    offs_j = tl.arange(0, BLOCK_HALF)
+    mask_j = offs_j < HALF
+    if NEOX:
+        ch1 = offs_j
+        ch2 = offs_j + HALF
+    else:
+        ch1 = 2 * offs_j
+        ch2 = 2 * offs_j + 1
+
+    row = x_ptr + offs_t * s_xt + head.to(tl.int64) * s_xh                             # [BLOCK_T]
+    m = mask_t[:, None] & mask_j[None, :]
+    x1 = tl.load(row[:, None] + ch1[None, :], mask=m, other=0.0).to(tl.float32)        # [BLOCK_T, BLOCK_HALF]
+    x2 = tl.load(row[:, None] + ch2[None, :], mask=m, other=0.0).to(tl.float32)
+
+    pos = tl.load(pos_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), num_positions - 1)
+    cs_row = cs_ptr + pos * s_cs                                                       # [BLOCK_T]
+    c = tl.load(cs_row[:, None] + offs_j[None, :], mask=m, other=1.0)
+    s = tl.load(cs_row[:, None] + HALF + offs_j[None, :], mask=m, other=0.0)
+    # Inverse of [[c, -s], [s, c]] (vLLM: o1 = x1 c - x2 s, o2 = x2 c + x1 s), divided by c² + s².
+    inv = 1.0 / (c * c + s * s)
+    p1 = (x1 * c + x2 * s) * inv
+    p2 = (x2 * c - x1 * s) * inv
+
+    offs_i = tl.arange(0, DI)
+    w_row = w_ptr + r.to(tl.int64) * s_wh + offs_i * s_wi                              # [DI]
+    mw = mask_j[None, :]
+    w1 = tl.load(w_row[:, None] + ch1[None, :], mask=mw, other=0.0).to(tl.float32)     # [DI, BLOCK_HALF]
+    w2 = tl.load(w_row[:, None] + ch2[None, :], mask=mw, other=0.0).to(tl.float32)
+    acc = tl.dot(p1, tl.trans(w1), input_precision=PRECISION)                          # [BLOCK_T, DI]
+    acc = tl.dot(p2, tl.trans(w2), acc, input_precision=PRECISION)
+    if TAIL > 0:
+        offs_k = tl.arange(0, BLOCK_TAIL)
+        mask_k = offs_k < TAIL
+        xt = tl.load(row[:, None] + ROT + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                     other=0.0).to(tl.float32)                                          # [BLOCK_T, BLOCK_TAIL]
+        wt = tl.load(w_row[:, None] + ROT + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _index_queries_kernel(
+    q_ptr, pos_ptr, cs_ptr, heads_ptr, w_ptr, out_ptr,
+    T, num_positions,
+    s_qt, s_qh, s_cs, s_wh, s_wi, s_ot, s_oh, s_oi,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+):
+    r = tl.program_id(1)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    head = tl.load(heads_ptr + r)
+    acc = _unrope_project(q_ptr, s_qt, s_qh, head, pos_ptr, cs_ptr, s_cs, num_positions,
+                          w_ptr, s_wh, s_wi, r, offs_t, mask_t, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
+                          PRECISION)
+    offs_i = tl.arange(0, DI)
+    dst = out_ptr + (offs_t * s_ot + r.to(tl.int64) * s_oh)[:, None] + offs_i[None, :] * s_oi
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None])
+
+
+@triton.jit
+def _write_index_keys_kernel(
+    k_ptr, pos_ptr, cs_ptr, kv_heads_ptr, w_ptr, slot_ptr, cache_ptr,
+    T, num_positions,
+    s_kt, s_kh, s_cs, s_wh, s_wi, s_cp, s_co, s_ch, s_ci,
+    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    r = tl.program_id(1)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
+    keep = slot >= 0
+    kv_head = tl.load(kv_heads_ptr + r)
+    acc = _unrope_project(k_ptr, s_kt, s_kh, kv_head, pos_ptr, cs_ptr, s_cs, num_positions,
+                          w_ptr, s_wh, s_wi, r, offs_t, keep, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
+                          PRECISION)
+    slot = tl.where(keep, slot, 0)
+    page = slot // PAGE
+    offset = slot % PAGE
+    offs_i = tl.arange(0, DI)
+    dst = cache_ptr + (page * s_cp + offset * s_co + r.to(tl.int64) * s_ch)[:, None] + offs_i[None, :] * s_ci
+    tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                  head_ids: torch.Tensor, w: torch.Tensor, is_neox_style: bool) -> tuple[int, int, int, int, int]:
+    """Shape/dtype checks shared by both launchers (metadata only, no device sync); returns T, D, HR, DI, rot."""
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a float [T, H, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {x.stride()}")
+    t, _, d = x.shape
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 [{t}], got {positions.dtype} {tuple(positions.shape)}")
+    if cos_sin.dim() != 2 or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        raise ValueError("cos_sin must be the contiguous float32 [num_positions, rotary_dim] table from "
+                         f"rope_table(), got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    rot = cos_sin.shape[1]
+    if rot % 2 or not 0 < rot <= d:
+        raise ValueError(f"rotary_dim (cos_sin.shape[1]) = {rot} must be even and in (0, D={d}]")
+    if w.dim() != 3 or w.shape[2] != d or w.stride(-1) != 1:
+        raise ValueError(f"w must be [HR, DI, D={d}] with a contiguous last dimension, got "
+                         f"{tuple(w.shape)} strides {w.stride()}")
+    hr, di = w.shape[0], w.shape[1]
+    if di < 16 or di & (di - 1):
+        raise ValueError(f"index dim DI = {di} must be a power of two >= 16")
+    if head_ids.shape != (hr,) or head_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"head ids must be int32/int64 [HR={hr}], got {head_ids.dtype} {tuple(head_ids.shape)}")
+    devices = {x.device, positions.device, cos_sin.device, head_ids.device, w.device}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not isinstance(is_neox_style, bool):
+        raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
+    return t, d, hr, di, rot
+
+
+def _tile(d: int, rot: int) -> dict[str, int]:
+    """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot), BLOCK_T from D."""
+    block_half = max(16, triton.next_power_of_2(rot // 2))
+    block_tail = max(16, triton.next_power_of_2(d - rot)) if d > rot else 16
+    block_t = max(16, _MAX_TILE_ELEMS // triton.next_power_of_2(d))
+    return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=block_t)
+
+
+def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, heads: torch.Tensor,
+                  w_q: torch.Tensor, out: torch.Tensor, *, is_neox_style: bool) -> torch.Tensor:
+    """Index queries of the retrieval heads from vLLM's post-RoPE queries.
+
+    Args:
+        query: ``[T, HQ, D]`` bf16/fp16/fp32 (device), post-RoPE; last dimension contiguous.
+        positions: ``[T]`` int64 (or int32) (device), token positions.
+        cos_sin: ``[num_positions, rotary_dim]`` float32 (device), from :func:`rope_table`.
+        heads: ``[HR]`` int32 (or int64) (device), the query head of each retrieval head.
+        w_q: ``[HR, DI, D]`` any float dtype (device), ``W^Q_h``; last dimension contiguous.
+        out: ``[T, HR, DI]`` float32 (device), **written in place**: ``w_q[r] @ unrope(query[t, heads[r]])``.
+        is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
+
+    Returns:
+        ``out``.
+    """
+    t, d, hr, di, rot = _check_common("query", query, positions, cos_sin, heads, w_q, is_neox_style)
+    if out.shape != (t, hr, di) or not out.is_floating_point() or out.device != query.device:
+        raise ValueError(f"out must be a float [{t}, {hr}, {di}] tensor on {query.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if t == 0 or hr == 0:
+        return out
+    tile = _tile(d, rot)
+    grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
+    _index_queries_kernel[grid](
+        query, positions, cos_sin, heads, w_q, out,
+        t, cos_sin.shape[0],
+        query.stride(0), query.stride(1), cos_sin.stride(0), w_q.stride(0), w_q.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile, PRECISION=_DOT_PRECISION,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_heads: torch.Tensor,
+                     w_k: torch.Tensor, slot_mapping: torch.Tensor, index_cache: torch.Tensor, *,
+                     is_neox_style: bool) -> torch.Tensor:
+    """Writes the retrieval heads' index keys of vLLM's post-RoPE keys into the paged index cache.
+
+    Args:
+        key: ``[T, HKV, D]`` bf16/fp16/fp32 (device), post-RoPE; last dimension contiguous.
+        positions: ``[T]`` int64 (or int32) (device), token positions.
+        cos_sin: ``[num_positions, rotary_dim]`` float32 (device), from :func:`rope_table`.
+        kv_heads: ``[HR]`` int32 (or int64) (device), the KV head each retrieval head reads (repeats allowed).
+        w_k: ``[HR, DI, D]`` any float dtype (device), ``W^K_h``; last dimension contiguous.
+        slot_mapping: ``[T]`` int64 (device), vLLM's ``page_id * P + offset``; negative = padding, skipped.
+        index_cache: ``[num_pages, P, HR, DI]`` bf16/fp16/fp32 (device), **written in place** at the
+            tokens' slots (``w_k[r] @ unrope(key[t, kv_heads[r]])`` rounded to its dtype); nothing else
+            is touched.
+        is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
+
+    Returns:
+        ``index_cache``.
+    """
+    t, d, hr, di, rot = _check_common("key", key, positions, cos_sin, kv_heads, w_k, is_neox_style)
+    if index_cache.dim() != 4 or index_cache.shape[2:] != (hr, di) or not index_cache.is_floating_point():
+        raise ValueError(f"index_cache must be a float [num_pages, P, HR={hr}, DI={di}] tensor, got "
+                         f"{index_cache.dtype} {tuple(index_cache.shape)}")
+    if slot_mapping.shape != (t,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int64 [{t}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if index_cache.device != key.device or slot_mapping.device != key.device:
+        raise ValueError("index_cache and slot_mapping must be on the key's device")
+    if t == 0 or hr == 0:
+        return index_cache
+    tile = _tile(d, rot)
+    grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
+    _write_index_keys_kernel[grid](
+        key, positions, cos_sin, kv_heads, w_k, slot_mapping, index_cache,
+        t, cos_sin.shape[0],
+        key.stride(0), key.stride(1), cos_sin.stride(0), w_k.stride(0), w_k.stride(1),
+        *index_cache.stride(),
+        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile,
+        PAGE=index_cache.shape[1], PRECISION=_DOT_PRECISION,
+        num_warps=_NUM_WARPS,
+    )
+    return index_cache

@@ -1,0 +1,489 @@
+"""Head-wise sparse decode over vLLM's paged KV cache: split-KV Triton kernels plus an LSE combine.
+
+One decode query per sequence (already written to the cache). Each query head attends to a set of
+the sequence's ``L = seq_lens[b]`` tokens:
+
+- a *local* head to the sinks and the sliding window: token ``t < L`` with ``L-1 - t < window`` or
+  ``t < sink_tokens``;
+- a *retrieval* head ``r`` (query head ``retrieval_heads[r]``) to the tokens of its selected BS-token
+  blocks ``selected[b, r, :num_selected[b, r]]`` (tokens ``>= L`` dropped).
+
+The softmax is renormalised over the kept tokens; a head that keeps nothing gets output 0 and LSE
+``-inf`` (as :func:`sparse_decode_ref`). Query head ``h`` reads KV head ``h // (HQ // HKV)``.
+
+Parallelisation (flash-decoding). Each head's kept tokens form a *virtual* token list, of length
+``n = min(sink, ws) + L - ws`` (``ws = max(L - window, 0)``) for local heads and
+``num_selected * BS`` for retrieval heads. It is cut into at most S splits of
+``chunk = roundup(cdiv(n, S), TILE)`` tokens, computed on the device from ``seq_lens`` /
+``num_selected``. S depends only on the batch size and the workspace (:meth:`SparseDecodeWorkspace.
+splits_for_batch`: small batches get more splits per sequence from the same workspace), so launch
+grids depend only on shapes: the op is CUDA-graph safe and never syncs with the host. Two launches:
+
+1. ``_split_kernel``, grid ``(B, HR + HKV, S)``, one program per (sequence, head unit, split):
+   - a retrieval unit ``r < HR`` follows its own block list (a tile may span several blocks; each
+     token's page comes from the block table); its single query row is padded to the 16-row minimum
+     of ``tl.dot``;
+   - a KV-group unit takes the G query heads of the group together (one ``[G, D] x [D, TILE]`` dot
+     per tile, so K/V are loaded once for the group); rows of retrieval heads are computed but not
+     stored, and a group without local heads does nothing.
+   Both kinds share one launch so that they overlap (back to back, batch 1 leaves the GPU idle).
+2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
+
+Splits past a head's work return without writing; the combine reads only the valid ones.
+Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page offsets are int64.
+
+Measured (H200, bf16, HQ=32, HKV=8, D=128, 5 retrieval heads keeping ~10 % of 64-token blocks,
+window 8192 + 4 sinks, CUDA-graph replay): B=32 at L=128K ~550 us, ~3.9 TB/s of K/V read; B=1 at
+128K ~35 us (1.9 TB/s: too little work to fill the GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_SPLITS_PER_SEQ = 32
+"""Default workspace slots per sequence of ``max_batch`` (``S`` at full batch)."""
+DEFAULT_MAX_SPLITS = 64
+"""Default cap on ``S`` when a small batch could use more of the workspace."""
+
+# Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
+CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2}
+
+
+@dataclass(frozen=True)
+class SparseDecodeWorkspace:
+    """Split-KV scratch of :func:`headwise_sparse_decode`; allocate once, reuse for every layer.
+
+    Attributes:
+        partial_out: ``[num_slots, HQ, D]`` float32, per-split normalised outputs; sequence ``b`` of a
+            batch of B with S splits uses slots ``b * S + split``.
+        partial_lse: ``[num_slots, HQ]`` float32, per-split natural-log LSEs.
+        max_splits: cap on S.
+    """
+
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+    max_splits: int = DEFAULT_MAX_SPLITS
+
+    @property
+    def num_slots(self) -> int:
+        return self.partial_lse.shape[0]
+
+    def splits_for_batch(self, batch: int) -> int:
+        """S for a batch of ``batch`` sequences: the largest power of two with ``batch * S`` slots,
+        capped at ``max_splits`` (a function of shapes only, hence fixed within a CUDA graph)."""
+        per_seq = min(self.num_slots // max(batch, 1), self.max_splits)
+        if per_seq < 1:
+            raise ValueError(f"workspace has {self.num_slots} slots, too few for {batch} sequences; "
+                             f"allocate it with max_batch >= {batch}")
+        return 1 << (per_seq.bit_length() - 1)
+
+
+def allocate_sparse_decode_workspace(max_batch: int, num_heads: int, head_dim: int,
+                                     splits_per_seq: int = DEFAULT_SPLITS_PER_SEQ,
+                                     max_splits: int = DEFAULT_MAX_SPLITS,
+                                     device: torch.device | str | None = None) -> SparseDecodeWorkspace:
+    """Scratch for up to ``max_batch`` decode sequences of ``num_heads`` query heads.
+
+    It holds ``max_batch * splits_per_seq`` split slots (``* HQ * (D + 1) * 4`` bytes). A batch of B
+    sequences cuts each head's kept tokens into ``S = min(max_splits, pow2floor(slots / B))``
+    splits, so a program handles at most ``cdiv(max kept tokens, S)`` tokens (rounded up to a
+    128-token tile); small batches get more splits, hence more parallelism, from the same memory.
+    """
+    if min(max_batch, num_heads, head_dim, splits_per_seq, max_splits) < 1:
+        raise ValueError(f"need positive sizes, got max_batch={max_batch}, num_heads={num_heads}, "
+                         f"head_dim={head_dim}, splits_per_seq={splits_per_seq}, max_splits={max_splits}")
+    slots = max_batch * splits_per_seq
+    partial_out = torch.empty(slots, num_heads, head_dim, dtype=torch.float32, device=device)
+    partial_lse = torch.empty(slots, num_heads, dtype=torch.float32, device=device)
+    return SparseDecodeWorkspace(partial_out, partial_lse, max_splits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers: the combine must cut work exactly as the split kernels do.
+
+
+@triton.jit
+def _split_chunk(n_virtual, NUM_SPLITS: tl.constexpr, TILE: tl.constexpr):
+    """Tokens per split: ``cdiv(n, S)`` rounded up to a whole tile (at least one tile)."""
+    chunk = tl.cdiv(tl.cdiv(n_virtual, NUM_SPLITS), TILE) * TILE
+    return tl.maximum(chunk, TILE)
+
+
+@triton.jit
+def _local_span(seq_len, sink_tokens, window):
+    """Window start ``ws``, sinks before it ``n_sink`` and kept-token count of a local head.
+
+    Virtual token ``i`` is token ``i`` if ``i < n_sink``, else ``ws + i - n_sink``.
+    """
+    ws = tl.maximum(seq_len - window, 0)
+    n_sink = tl.minimum(sink_tokens, ws)
+    return ws, n_sink, n_sink + seq_len - ws
+
+
+@triton.jit
+def _is_retrieval(h, ret_ptr, HR, HR_PAD: tl.constexpr):
+    """``[len(h)]`` bool: which query heads ``h`` are retrieval heads."""
+    r_idx = tl.arange(0, HR_PAD)
+    heads = tl.load(ret_ptr + r_idx, mask=r_idx < HR, other=-1)
+    return tl.max((h[:, None] == heads[None, :]).to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _attend_split(q, k_ptr, v_ptr, bt_row, sel_row, start, end, seq_len, ws, n_sink, kvh,
+                  s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                  ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
+                  qk_scale, UPCAST_DOT: tl.constexpr):
+    """Online softmax of the ``[ROWS, D_PAD]`` queries over virtual tokens ``[start, end)``.
+
+    Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
+    """
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < D
+    offs_t = tl.arange(0, TILE)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
+    for off in range(start, end, TILE):
+        vi = off + offs_t
+        valid = vi < end
+        if RETRIEVAL:
+            blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
+            tok = blk * BS + vi % BS
+            valid = valid & (blk >= 0) & (tok < seq_len)
+        else:
+            tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
+        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        in_page = tok % PAGE
+        k = tl.load(k_ptr + (page * s_kp + in_page * s_kt + kvh * s_kh)[:, None] + offs_d[None, :],
+                    mask=valid[:, None] & mask_d[None, :], other=0.0)                  # [TILE, D_PAD]
+        v = tl.load(v_ptr + (page * s_vp + in_page * s_vt + kvh * s_vh)[:, None] + offs_d[None, :],
+                    mask=valid[:, None] & mask_d[None, :], other=0.0)                  # [TILE, D_PAD]
+        if UPCAST_DOT:
+            # The interpreter's dot misreads bf16 (stored as uint16): round as the GPU does, dot in fp32.
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            s = tl.dot(q, tl.trans(k))                                                 # [ROWS, TILE]
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A retrieval tile may lie wholly past L (a selected block beyond the sequence).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST_DOT:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)                                              # [ROWS, D_PAD]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, s_pos, s_poh, s_pls, s_plh,
+                   D: tl.constexpr, D_PAD: tl.constexpr):
+    """Stores one split's normalised output and natural-log LSE (0 and -inf where nothing kept)."""
+    offs_d = tl.arange(0, D_PAD)
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    po = po_ptr + slot * s_pos + h[:, None] * s_poh + offs_d[None, :]
+    tl.store(po, acc / l_safe[:, None], mask=mask_h[:, None] & (offs_d < D)[None, :])
+    tl.store(pl_ptr + slot * s_pls + h * s_plh, lse, mask=mask_h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@triton.jit
+def _local_split(
+    b, kvh, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
+    sink_tokens, window, qk_scale, HR,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
+    G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot)."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window)
+    chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
+    start = split * chunk
+    offs_g = tl.arange(0, ROWS)
+    h = kvh * G + offs_g
+    mask_h = offs_g < G
+    if HAS_RET:
+        mask_h = mask_h & (_is_retrieval(h, ret_ptr, HR, HR_PAD) == 0)
+    # Nothing to do past the head's tokens or in a group of retrieval heads only.
+    if (start < n_virtual) & (tl.max(mask_h.to(tl.int32), 0) > 0):
+        offs_d = tl.arange(0, D_PAD)
+        q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
+        end = tl.minimum(start + chunk, n_virtual)
+        acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, bt_ptr, start, end, seq_len, ws,
+                                      n_sink, kvh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                                      ROWS, False, 1, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
+        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h,
+                       s_pos, s_poh, s_pls, s_plh, D, D_PAD)
+
+
+@triton.jit
+def _retrieval_split(
+    b, r, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
+    qk_scale, max_blocks,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
+    s_pos, s_poh, s_pls, s_plh,
+    G: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot)."""
+    n_sel = tl.load(nsel_ptr + b * s_nb + r * s_nr)
+    n_virtual = tl.minimum(tl.maximum(n_sel, 0), max_blocks) * BS
+    chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
+    start = split * chunk
+    if start < n_virtual:
+        seq_len = tl.load(seq_lens_ptr + b)
+        h = tl.load(ret_ptr + r)
+        offs_row = tl.arange(0, ROWS)
+        mask_h = offs_row == 0
+        offs_d = tl.arange(0, D_PAD)
+        q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_row[:, None] * 0 + offs_d[None, :],
+                    mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
+        end = tl.minimum(start + chunk, n_virtual)
+        acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, sel_ptr + b * s_sb + r * s_sr,
+                                      start, end, seq_len, 0, 0, h // G, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                                      ROWS, True, BS, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
+        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h,
+                       s_pos, s_poh, s_pls, s_plh, D, D_PAD)
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
+    sink_tokens, window, qk_scale, max_blocks, HR,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
+    s_pos, s_poh, s_pls, s_plh,
+    HKV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Grid ``(B, HR + HKV, S)``: retrieval heads first (their splits run longest), then KV groups.
+
+    One launch for both kinds of head, so their programs share the machine instead of running
+    back to back (which at batch 1 leaves most of it idle).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    if head < HR:
+        _retrieval_split(b, head, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
+                         po_ptr, pl_ptr, qk_scale, max_blocks,
+                         s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
+                         s_pos, s_poh, s_pls, s_plh,
+                         G, ROWS, BS, D, D_PAD, PAGE, TILE_RET, NUM_SPLITS, UPCAST_DOT)
+    else:
+        _local_split(b, head - HR, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
+                     sink_tokens, window, qk_scale, HR,
+                     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
+                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, PAGE, TILE_LOCAL, NUM_SPLITS, UPCAST_DOT)
+
+
+@triton.jit
+def _combine_kernel(
+    po_ptr, pl_ptr, out_ptr, lse_ptr, seq_lens_ptr, ret_ptr, nsel_ptr,
+    sink_tokens, window, max_blocks, HR,
+    s_pos, s_poh, s_pls, s_plh, s_ob, s_oh, s_lb, s_lh, s_nb, s_nr,
+    BS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr, HAS_LSE: tl.constexpr,
+    D: tl.constexpr, D_BLOCK: tl.constexpr, TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+):
+    """Grid ``(B, HQ, cdiv(D, D_BLOCK))``: merges one head's splits over a slice of D."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d0 = tl.program_id(2) * D_BLOCK
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    _, _, n_virtual = _local_span(seq_len, sink_tokens, window)
+    n_splits = tl.cdiv(n_virtual, _split_chunk(n_virtual, NUM_SPLITS, TILE_LOCAL))
+    if HAS_RET:
+        r_idx = tl.arange(0, HR_PAD)
+        hit = tl.load(ret_ptr + r_idx, mask=r_idx < HR, other=-1) == h
+        is_ret = tl.max(hit.to(tl.int32), 0) > 0
+        slot = tl.max(tl.where(hit, r_idx, 0), 0)
+        n_sel = tl.load(nsel_ptr + b * s_nb + slot * s_nr, mask=is_ret, other=0)
+        n_ret = tl.minimum(tl.maximum(n_sel, 0), max_blocks) * BS
+        n_splits = tl.where(is_ret, tl.cdiv(n_ret, _split_chunk(n_ret, NUM_SPLITS, TILE_RET)), n_splits)
+
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    offs_d = d0 + tl.arange(0, D_BLOCK)
+    mask_d = offs_d < D
+    base = b * NUM_SPLITS
+    m = float("-inf")
+    den = 0.0
+    acc = tl.zeros([D_BLOCK], tl.float32)
+    for s0 in range(0, n_splits, SPLIT_BLOCK):
+        mask_s = s0 + offs_s < n_splits
+        slots = base + s0 + offs_s
+        lse = tl.load(pl_ptr + slots * s_pls + h * s_plh, mask=mask_s, other=float("-inf"))
+        po = tl.load(po_ptr + slots[:, None] * s_pos + h * s_poh + offs_d[None, :],
+                     mask=mask_s[:, None] & mask_d[None, :], other=0.0)                # [SPLIT_BLOCK, D_BLOCK]
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        w = tl.exp(lse - m_ref)                                                        # 0 where -inf
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * po, 0)
+        m = m_new
+    has = den > 0.0
+    den_safe = tl.where(has, den, 1.0)
+    tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, (acc / den_safe).to(out_ptr.dtype.element_ty), mask=mask_d)
+    if HAS_LSE & (d0 == 0):
+        tl.store(lse_ptr + b * s_lb + h * s_lh, tl.where(has, m + tl.log(den_safe), float("-inf")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher.
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           retrieval_heads: torch.Tensor, selected: torch.Tensor,
+                           num_selected: torch.Tensor, block_size: int, sink_tokens: int, window: int,
+                           scale: float, workspace: SparseDecodeWorkspace, out: torch.Tensor,
+                           lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-wise sparse decode attention of one layer for B decode sequences (one new token each).
+
+    Only shapes, dtypes and devices are checked (no host sync); values are trusted. Launch shapes
+    depend only on tensor shapes, so the call can be captured in a CUDA graph and replayed with new
+    ``seq_lens`` / ``block_table`` / ``selected`` / ``num_selected`` / cache contents.
+
+    Args:
+        q: ``[B, HQ, D]`` bf16/fp16 (any strides with a unit last stride), the decode queries.
+        k_cache: ``[num_pages, P, HKV, D]`` same dtype as ``q``, vLLM's FlashAttention-layout key cache
+            (``kv_cache[0]``; a strided view is fine); ``HQ % HKV == 0``.
+        v_cache: ``[num_pages, P, HKV, D]`` like ``k_cache``.
+        block_table: ``[B, max_pages]`` int32, page ids of each sequence's tokens (token t on page
+            ``block_table[b, t // P]``, slot ``t % P``); entries past the sequence are never read.
+        seq_lens: ``[B]`` int32, tokens per sequence including the decode token (0: padding entry,
+            its output is 0).
+        retrieval_heads: ``[HR]`` int32, the query heads that are retrieval heads (unique, in
+            ``[0, HQ)``); every other head is local. ``HR`` may be 0.
+        selected: ``[B, HR, max_blocks]`` int32, ascending ids of the BS-token blocks each retrieval
+            head keeps, -1 padded; only the first ``num_selected`` entries are read.
+        num_selected: ``[B, HR]`` int32, valid entries of ``selected`` (clamped to ``[0, max_blocks]``).
+        block_size: BS, tokens per selection block (any ``>= 1``; P and BS need not divide each other).
+        sink_tokens: leading tokens local heads always see (``>= 0``).
+        window: local heads see tokens less than ``window`` positions before the decode token (``>= 1``).
+        scale: softmax scale.
+        workspace: from :func:`allocate_sparse_decode_workspace` for ``HQ`` heads of dim ``D`` with
+            ``max_batch >= B``; overwritten.
+        out: ``[B, HQ, D]`` (unit last stride), written in place in its own dtype.
+        lse: optional ``[B, HQ]`` float32, written in place with each head's natural-log LSE
+            (``-inf`` where a head keeps nothing).
+
+    Returns:
+        ``out``.
+    """
+    _check(q.dim() == 3, f"q must be [B, HQ, D], got shape {tuple(q.shape)}")
+    batch, num_heads, head_dim = q.shape
+    _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+           f"k_cache and v_cache must both be [num_pages, P, HKV, D], got {tuple(k_cache.shape)} and "
+           f"{tuple(v_cache.shape)}")
+    _, page_size, num_kv_heads, cache_dim = k_cache.shape
+    _check(cache_dim == head_dim, f"cache head dim {cache_dim} differs from q's {head_dim}")
+    _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
+    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+           f"cache dtypes {k_cache.dtype}/{v_cache.dtype} must equal q's {q.dtype} (fp8 caches are not supported)")
+    _check(out.shape == q.shape, f"out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        _check(t.stride(-1) == 1, f"{name} needs a unit stride in its last dimension")
+    _check(block_table.dim() == 2 and block_table.shape[0] == batch and block_table.dtype == torch.int32,
+           f"block_table must be [B={batch}, max_pages] int32, got {tuple(block_table.shape)} {block_table.dtype}")
+    _check(seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32,
+           f"seq_lens must be [B={batch}] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    _check(retrieval_heads.dim() == 1 and retrieval_heads.dtype == torch.int32,
+           f"retrieval_heads must be [HR] int32, got {tuple(retrieval_heads.shape)} {retrieval_heads.dtype}")
+    num_ret = retrieval_heads.shape[0]
+    _check(num_ret <= num_heads, f"{num_ret} retrieval heads for {num_heads} query heads")
+    _check(selected.dim() == 3 and selected.shape[:2] == (batch, num_ret) and selected.dtype == torch.int32,
+           f"selected must be [B={batch}, HR={num_ret}, max_blocks] int32, got {tuple(selected.shape)} "
+           f"{selected.dtype}")
+    _check(num_selected.shape == (batch, num_ret) and num_selected.dtype == torch.int32,
+           f"num_selected must be [B={batch}, HR={num_ret}] int32, got {tuple(num_selected.shape)} "
+           f"{num_selected.dtype}")
+    _check(block_size >= 1 and sink_tokens >= 0 and window >= 1,
+           f"need block_size >= 1, sink_tokens >= 0, window >= 1; got {block_size}, {sink_tokens}, {window}")
+    po, pl = workspace.partial_out, workspace.partial_lse
+    _check(po.dtype == pl.dtype == torch.float32 and po.dim() == 3 and po.shape[1:] == (num_heads, head_dim)
+           and pl.shape == po.shape[:2],
+           f"workspace {tuple(po.shape)} does not fit HQ={num_heads}, D={head_dim}; "
+           f"use allocate_sparse_decode_workspace")
+    if lse is not None:
+        _check(lse.shape == (batch, num_heads) and lse.dtype == torch.float32,
+               f"lse must be [B={batch}, HQ={num_heads}] float32, got {tuple(lse.shape)} {lse.dtype}")
+    tensors = (q, k_cache, v_cache, block_table, seq_lens, retrieval_heads, selected, num_selected, po, pl, out)
+    _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
+    if batch == 0:
+        return out
+    num_splits = workspace.splits_for_batch(batch)   # raises if the workspace is too small
+
+    cfg = CONFIG
+    # 128-token tiles measured best at D=128 (H200); halve them for wider heads to bound registers.
+    tile_local = cfg["tile_local"] if head_dim <= 128 else cfg["tile_local"] // 2
+    tile_ret = cfg["tile_retrieval"] if head_dim <= 128 else cfg["tile_retrieval"] // 2
+    group = num_heads // num_kv_heads
+    d_pad = triton.next_power_of_2(head_dim)
+    hr_pad = max(triton.next_power_of_2(num_ret), 1)
+    has_ret = num_ret > 0
+    qk_scale = float(scale) * 1.4426950408889634   # exp2 domain
+    max_blocks = selected.shape[2]
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    # With HR == 0 these pointers are passed but never dereferenced.
+    ret_arg = retrieval_heads if has_ret else seq_lens
+    nsel_arg = num_selected if has_ret else seq_lens
+    nsel_strides = num_selected.stride() if has_ret else (0, 0)
+    common_strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
+    part_strides = (po.stride(0), po.stride(1), pl.stride(0), pl.stride(1))
+
+    sel_arg = selected if has_ret else seq_lens
+    sel_strides = selected.stride()[:2] if has_ret else (0, 0)
+    _split_kernel[(batch, num_ret + num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, ret_arg, sel_arg, nsel_arg, po, pl,
+        sink_tokens, window, qk_scale, max_blocks, num_ret,
+        *common_strides, *sel_strides, *nsel_strides, *part_strides,
+        HKV=num_kv_heads, G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
+        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad, PAGE=page_size,
+        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits,
+        UPCAST_DOT=upcast, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    lse_arg = lse if lse is not None else pl
+    lse_strides = lse.stride() if lse is not None else (0, 0)
+    d_block = min(d_pad, 32)
+    _combine_kernel[(batch, num_heads, triton.cdiv(head_dim, d_block))](
+        po, pl, out, lse_arg, seq_lens, ret_arg, nsel_arg,
+        sink_tokens, window, max_blocks, num_ret,
+        *part_strides, out.stride(0), out.stride(1), *lse_strides, *nsel_strides,
+        BS=block_size, HR_PAD=hr_pad, HAS_RET=has_ret, HAS_LSE=lse is not None,
+        D=head_dim, D_BLOCK=d_block, TILE_LOCAL=tile_local, TILE_RET=tile_ret,
+        NUM_SPLITS=num_splits, SPLIT_BLOCK=min(num_splits, 32), num_warps=cfg["warps_combine"],
+    )
+    return out
