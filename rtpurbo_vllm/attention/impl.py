@@ -168,10 +168,11 @@ class RTPurboAttentionImpl(AttentionImpl):
             index_queries(query, md.positions[:num_decodes], self.rope_table, plan.retrieval_heads, plan.w_q,
                           q_idx, is_neox_style=self.rope.is_neox_style)
             block_topp(q_idx, index_cache, dec.block_table, dec.seq_lens, p.top_p, p.sink_tokens,
-                       p.block_size, selected.shape[-1], ws.topp[num_retrieval], selected, num_selected)
+                       p.block_size, selected.shape[-1], ws.topp[num_retrieval], selected, num_selected,
+                       dense_threshold=p.dense_threshold)
         headwise_sparse_decode(query, key_cache, value_cache, dec.block_table, dec.seq_lens,
                                plan.retrieval_heads, selected, num_selected, p.block_size, p.sink_tokens,
-                               p.window, self.scale, ws.attention, out)
+                               p.window, self.scale, ws.attention, out, dense_threshold=p.dense_threshold)
 
 
 def _write_kv(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, layer) -> None:

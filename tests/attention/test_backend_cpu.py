@@ -5,21 +5,22 @@ chunk) and a fresh prefill, over shuffled pages. The impl writes the caches and 
 the test compares them with the exact reference of the whole sequences.
 """
 
+import dataclasses
 import os
 
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("CPU integration test (the GPU runs the gpu-marked end-to-end tests)", allow_module_level=True)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from rtpurbo_vllm.artifacts import ModelFingerprint, RTPurboArtifact, SparsityParams, save_artifact  # noqa: E402
 from rtpurbo_vllm.reference import rtpurbo_decode_ref, rtpurbo_prefill_ref  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
-
-if torch.cuda.is_available():
-    pytest.skip("CPU integration test (the GPU runs the gpu-marked end-to-end tests)", allow_module_level=True)
 
 HQ, HKV, D, PAGE = 4, 2, 64, 16
 RETRIEVAL = ((1,), (0, 3))
@@ -39,9 +40,12 @@ def cpu_platform():
     platforms.current_platform = previous
 
 
-@pytest.fixture
-def engine(tmp_path, cpu_platform, seed):
-    """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact."""
+@pytest.fixture(params=[0, 100], ids=["sparse-everywhere", "dense-below-100"])
+def engine(request, tmp_path, cpu_platform, seed):
+    """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact.
+
+    With ``dense_threshold`` 100 the sequences of 37, 45 and 80 tokens run dense, the 130-token one sparse.
+    """
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=128,
@@ -50,8 +54,9 @@ def engine(tmp_path, cpu_platform, seed):
                                       architectures=["LlamaForCausalLM"])
     config.save_pretrained(tmp_path)
     indexer = tuple((torch.randn(len(h), 16, D) / 4, torch.randn(len(h), 16, D) / 4) for h in RETRIEVAL)
+    params = dataclasses.replace(PARAMS, dense_threshold=request.param)
     save_artifact(RTPurboArtifact(model=ModelFingerprint.from_hf_config(config), retrieval_heads=RETRIEVAL,
-                                  params=PARAMS, indexer=indexer), tmp_path / "rtpurbo")
+                                  params=params, indexer=indexer), tmp_path / "rtpurbo")
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)
     return VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
                       cache_config=CacheConfig(block_size=PAGE))
@@ -70,6 +75,13 @@ def make_layers(vllm_config):
         for layer in layers:
             layer.process_weights_after_loading(torch.bfloat16)
     return layers
+
+
+def disjoint_pages(num_pages):
+    """Shuffled, non-overlapping page ids for each request of BATCH."""
+    perm = torch.randperm(num_pages).int()
+    counts = [-(-(c + n) // PAGE) for c, n in BATCH]
+    return list(perm[:sum(counts)].split(counts))
 
 
 def common_metadata(pages):
@@ -97,7 +109,7 @@ def test_builder_splits_decodes_and_prefills(engine):
 
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
 
-    pages = [torch.randperm(64)[:-(-(c + n) // PAGE)].int() for c, n in BATCH]
+    pages = disjoint_pages(64)
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D, dtype=torch.bfloat16)
     make_layers(engine)
     builder = RTPurboMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], engine, torch.device("cpu"))
@@ -119,7 +131,7 @@ def test_impl_matches_reference(engine, seed):
     layers = make_layers(engine)
     spec = RopeSpec.from_hf_config(engine.model_config.hf_text_config)
     num_pages = 64
-    pages = [torch.randperm(num_pages)[:-(-(c + n) // PAGE)].int() for c, n in BATCH]
+    pages = disjoint_pages(num_pages)
     cm = common_metadata(pages)
     builder = RTPurboMetadataBuilder(FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
                                                        dtype=torch.bfloat16),
@@ -170,7 +182,7 @@ def test_impl_matches_reference(engine, seed):
             torch.testing.assert_close(paged_index[page_of, off].float(), want, atol=0.05, rtol=0.02)
 
         # Attention output against the reference on whole sequences.
-        p = PARAMS
+        p = impl.params
         row = 0
         for b, ((cached, new), (q_pre, q, k_pre, k, v)) in enumerate(zip(BATCH, seqs)):
             n = cached + new

@@ -431,7 +431,7 @@ def test_fa3_path(seed, fa3, case):
 
 @pytest.mark.gpu
 def test_fa3_path_leaves_inputs_alone(seed, fa3):
-    batch = _paged_batch([3000, 0], [1000, 500], 8, 2, 128, [1, 6], 16, "NHD", torch.bfloat16, "cuda")
+    batch = _paged_batch([3000, 0], [1000, 500], 8, 2, 128, 16, "NHD", torch.bfloat16, "cuda")
     q, key_cache = batch[0], batch[7]
     q_before, cache_before = q.clone(), key_cache.clone()
     _run(headwise_prefill, batch, [1, 6], 4, 256, 2000, device="cuda")

@@ -24,6 +24,8 @@ from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
+# The interpreter converts size-1 arrays to Python ints (NumPy >= 1.25 warns, once per loop bound).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 runs_here = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 compiled_only = pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (TRITON_INTERPRET=0)")

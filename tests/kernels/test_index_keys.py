@@ -108,6 +108,7 @@ CASES = [
     Case(1, 5, 1, (1, 2, 4), 128, "yarn", 16, torch.float16),
     Case(7, 8, 2, (3,), 64, "llama3", 64, torch.bfloat16),
     Case(7, 4, 4, (0, 2), 96, "partial0.5", 16, torch.bfloat16),        # D not a power of two
+    Case(7, 8, 2, (2, 3), 256, "yarn", 16, torch.bfloat16),             # largest head size
 ]
 
 

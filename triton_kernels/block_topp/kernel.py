@@ -25,6 +25,12 @@ passed in.
    ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding.
+
+Measured on one H200 (B=4, HR=8, DI=16, BS=64, bf16, CUDA-graph replay): 37 us at 32K tokens, 87 us
+at 128K (stats kernel 71 us, 1.9 TB/s of index keys), 314 us at 512K; a 4K-token batch with
+``max_blocks`` sized for 128K takes 35 us (mostly stats programs that find nothing to do). A radix-8
+search (8 bounds per step in one ``[CHUNK, 8]`` reduction, 11 steps) measured slower than the binary
+search (93 vs 88 us at 128K), so the binary search stays.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class BlockTopPWorkspace:
     Attributes:
         block_max: ``[max_batch, HR, max_blocks]`` float32, per block the max indexer score.
         block_sum: ``[max_batch, HR, max_blocks]`` float32, per block ``sum exp(score - block_max)``.
+
+    Views work too (unit last stride, the same strides for both), e.g. ``[:, :hr]`` slices of a
+    workspace allocated for the largest HR.
     """
 
     block_max: torch.Tensor
@@ -188,7 +197,7 @@ def _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
 def _select_kernel(
     seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
     stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
-    top_p, num_sink_blocks, max_blocks,
+    top_p, dense_threshold, num_sink_blocks, max_blocks,
     BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     INF_BITS: tl.constexpr,
 ):
@@ -231,7 +240,7 @@ def _select_kernel(
                                  inv_total, first_mass, first_candidate, forced_mass, top_p, SINGLE_CHUNK,
                                  CHUNK, SEARCH_STEPS, INF_BITS)
     tau = tau_bits.to(tl.float32, bitcast=True)
-    keep_all = (top_p >= 1.0) | (tau_bits < 0)
+    keep_all = (top_p >= 1.0) | (tau_bits < 0) | (seq_len < dense_threshold)
     if SINGLE_CHUNK:
         mass_above = tl.sum(tl.where(first_candidate & (first_mass.to(tl.int32, bitcast=True) > tau_bits),
                                      first_mass, 0.0))
@@ -271,7 +280,8 @@ def _select_kernel(
 def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, top_p: float, sink_tokens: int, block_size: int, max_blocks: int,
                workspace: BlockTopPWorkspace, selected: torch.Tensor | None = None,
-               num_selected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               num_selected: torch.Tensor | None = None,
+               dense_threshold: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Block top-p selection of every retrieval head of a decode batch.
 
     Per sequence ``b`` and head ``h``: softmax over the ``seq_lens[b]`` index scores
@@ -298,6 +308,8 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
             and ``max_blocks``.
         selected: optional output ``[B, HR, max_blocks]`` int32, written in place; allocated if None.
         num_selected: optional output ``[B, HR]`` int32, written in place; allocated if None.
+        dense_threshold: a sequence with ``seq_lens < dense_threshold`` keeps every block (it runs
+            dense); 0: none does.
 
     Returns:
         ``selected`` ``[B, HR, max_blocks]`` int32: kept block ids ascending, then ``-1``; and
@@ -363,7 +375,7 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
         seq_lens, workspace.block_max, workspace.block_sum, selected, num_selected,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
-        float(top_p), math.ceil(sink_tokens / block_size), max_blocks,
+        float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
         BLOCK_SIZE=block_size, CHUNK=chunk, SINGLE_CHUNK=max_blocks <= chunk, SEARCH_STEPS=_SEARCH_STEPS,
         INF_BITS=_F32_INF_BITS,
         num_warps=4 if chunk <= 1024 else 8,

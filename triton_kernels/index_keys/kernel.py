@@ -32,9 +32,10 @@ import triton.language as tl
 
 from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
 
-# Tuned on one H200 (T 8192, HQ 32, HKV 8, D 128, HR 5, bf16; CUDA-graph timings): ~14 us per op with these
-# settings, 33 us with an FMA ("ieee") dot, 55-95 us with larger tiles or a per-channel gather formulation.
-_MAX_TILE_ELEMS = 4096  # BLOCK_T * next_pow2(D) per program: BLOCK_T 32 at D 128, 16 at D 256
+# Tuned on one H200 (T 8192, HQ 32, HKV 8, HR 5, bf16; CUDA-graph timings): D 128 ~14 us per op, D 256
+# ~47 us; an FMA ("ieee") dot took 33 us at D 128, BLOCK_T 16 or 4+ warps were slower, and a per-channel
+# gather formulation took 55-95 us.
+_BLOCK_T = 32
 _NUM_WARPS = 2
 _DOT_PRECISION = "tf32x3"  # 3 TF32 MMAs: ~1e-6 relative to the float32 result, twice as fast as "ieee"
 
@@ -213,11 +214,10 @@ def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: 
 
 
 def _tile(d: int, rot: int) -> dict[str, int]:
-    """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot), BLOCK_T from D."""
+    """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot)."""
     block_half = max(16, triton.next_power_of_2(rot // 2))
     block_tail = max(16, triton.next_power_of_2(d - rot)) if d > rot else 16
-    block_t = max(16, _MAX_TILE_ELEMS // triton.next_power_of_2(d))
-    return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=block_t)
+    return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=_BLOCK_T)
 
 
 def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, heads: torch.Tensor,

@@ -116,12 +116,13 @@ def _split_chunk(n_virtual, NUM_SPLITS: tl.constexpr, TILE: tl.constexpr):
 
 
 @triton.jit
-def _local_span(seq_len, sink_tokens, window):
+def _local_span(seq_len, sink_tokens, window, dense_threshold):
     """Window start ``ws``, sinks before it ``n_sink`` and kept-token count of a local head.
 
-    Virtual token ``i`` is token ``i`` if ``i < n_sink``, else ``ws + i - n_sink``.
+    Virtual token ``i`` is token ``i`` if ``i < n_sink``, else ``ws + i - n_sink``. A sequence shorter
+    than ``dense_threshold`` is dense: its window covers every token.
     """
-    ws = tl.maximum(seq_len - window, 0)
+    ws = tl.where(seq_len < dense_threshold, 0, tl.maximum(seq_len - window, 0))
     n_sink = tl.minimum(sink_tokens, ws)
     return ws, n_sink, n_sink + seq_len - ws
 
@@ -206,7 +207,7 @@ def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, s_pos, s_poh,
 @triton.jit
 def _local_split(
     b, kvh, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
-    sink_tokens, window, qk_scale, HR,
+    sink_tokens, window, dense_threshold, qk_scale, HR,
     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
@@ -214,7 +215,7 @@ def _local_split(
 ):
     """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot)."""
     seq_len = tl.load(seq_lens_ptr + b)
-    ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window)
+    ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
     chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
     start = split * chunk
     offs_g = tl.arange(0, ROWS)
@@ -269,7 +270,7 @@ def _retrieval_split(
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
-    sink_tokens, window, qk_scale, max_blocks, HR,
+    sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
     s_pos, s_poh, s_pls, s_plh,
     HKV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
@@ -292,7 +293,7 @@ def _split_kernel(
                          G, ROWS, BS, D, D_PAD, PAGE, TILE_RET, NUM_SPLITS, UPCAST_DOT)
     else:
         _local_split(b, head - HR, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
-                     sink_tokens, window, qk_scale, HR,
+                     sink_tokens, window, dense_threshold, qk_scale, HR,
                      s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
                      G, ROWS, HR_PAD, HAS_RET, D, D_PAD, PAGE, TILE_LOCAL, NUM_SPLITS, UPCAST_DOT)
 
@@ -300,7 +301,7 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     po_ptr, pl_ptr, out_ptr, lse_ptr, seq_lens_ptr, ret_ptr, nsel_ptr,
-    sink_tokens, window, max_blocks, HR,
+    sink_tokens, window, dense_threshold, max_blocks, HR,
     s_pos, s_poh, s_pls, s_plh, s_ob, s_oh, s_lb, s_lh, s_nb, s_nr,
     BS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr, HAS_LSE: tl.constexpr,
     D: tl.constexpr, D_BLOCK: tl.constexpr, TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr,
@@ -312,7 +313,7 @@ def _combine_kernel(
     d0 = tl.program_id(2) * D_BLOCK
 
     seq_len = tl.load(seq_lens_ptr + b)
-    _, _, n_virtual = _local_span(seq_len, sink_tokens, window)
+    _, _, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
     n_splits = tl.cdiv(n_virtual, _split_chunk(n_virtual, NUM_SPLITS, TILE_LOCAL))
     if HAS_RET:
         r_idx = tl.arange(0, HR_PAD)
@@ -368,7 +369,7 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            retrieval_heads: torch.Tensor, selected: torch.Tensor,
                            num_selected: torch.Tensor, block_size: int, sink_tokens: int, window: int,
                            scale: float, workspace: SparseDecodeWorkspace, out: torch.Tensor,
-                           lse: torch.Tensor | None = None) -> torch.Tensor:
+                           lse: torch.Tensor | None = None, dense_threshold: int = 0) -> torch.Tensor:
     """Head-wise sparse decode attention of one layer for B decode sequences (one new token each).
 
     Only shapes, dtypes and devices are checked (no host sync); values are trusted. Launch shapes
@@ -398,6 +399,9 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out: ``[B, HQ, D]`` (unit last stride), written in place in its own dtype.
         lse: optional ``[B, HQ]`` float32, written in place with each head's natural-log LSE
             (``-inf`` where a head keeps nothing).
+        dense_threshold: a sequence with ``seq_len < dense_threshold`` is dense: its local heads see
+            every token (its retrieval heads see what ``selected`` holds: every block, from block
+            top-p with the same threshold). 0: no sequence is dense.
 
     Returns:
         ``out``.
@@ -468,7 +472,7 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sel_strides = selected.stride()[:2] if has_ret else (0, 0)
     _split_kernel[(batch, num_ret + num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, ret_arg, sel_arg, nsel_arg, po, pl,
-        sink_tokens, window, qk_scale, max_blocks, num_ret,
+        sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret,
         *common_strides, *sel_strides, *nsel_strides, *part_strides,
         HKV=num_kv_heads, G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
         HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad, PAGE=page_size,
@@ -480,7 +484,7 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     d_block = min(d_pad, 32)
     _combine_kernel[(batch, num_heads, triton.cdiv(head_dim, d_block))](
         po, pl, out, lse_arg, seq_lens, ret_arg, nsel_arg,
-        sink_tokens, window, max_blocks, num_ret,
+        sink_tokens, window, dense_threshold, max_blocks, num_ret,
         *part_strides, out.stride(0), out.stride(1), *lse_strides, *nsel_strides,
         BS=block_size, HR_PAD=hr_pad, HAS_RET=has_ret, HAS_LSE=lse is not None,
         D=head_dim, D_BLOCK=d_block, TILE_LOCAL=tile_local, TILE_RET=tile_ret,
