@@ -63,6 +63,7 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-packages, package_dir = _packages()
-ext_modules, cmdclass = _cuda_extensions()
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":
+    packages, package_dir = _packages()
+    ext_modules, cmdclass = _cuda_extensions()
+    setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)

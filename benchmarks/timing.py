@@ -7,21 +7,15 @@ from typing import Callable
 
 import torch
 
+from rtpurbo_vllm.cuda_graphs import capture
+
 
 def time_cuda_graph(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of one ``fn()`` replayed from a CUDA graph (launch gaps removed).
 
     ``fn`` must be capturable: fixed shapes, no host synchronisation, no allocation that outlives it.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture(fn, warmup)
     return time_eager(graph.replay, repeats, warmup)
 
 

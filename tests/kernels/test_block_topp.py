@@ -19,6 +19,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, index_scores_ref,  # noqa: E402
                                                     make_block_topp_workspace)
 
@@ -403,14 +404,7 @@ def test_block_topp_gpu_cuda_graph_replay(seed):
         block_topp(q_s, cache_s, table_s, lens_s, top_p, sink, block_size, max_blocks, workspace,
                    selected, num_selected)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        launch()                                            # warm-up: compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
+    graph = capture(launch)
 
     for seq_lens, pattern in ((first, "random"), (second, "peaked")):
         q_idx, cache, table, lens, keys = fill(seq_lens, pattern)

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, Qwen3Config  # noqa: E402
 
+from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope, rope_cos_sin  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import (  # noqa: E402
     index_keys_ref, index_queries, index_queries_ref, rope_table, rope_table_length, write_index_keys,
@@ -363,14 +364,7 @@ def test_gpu_cuda_graph_replay(seed):
         write_index_keys(bufs["key"], bufs["positions"], table, first.kv_heads, first.w_k,
                          bufs["slot_mapping"], cache, is_neox_style=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # warm-up: compiles outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph = capture(run)
 
     for _ in range(2):
         x = _inputs(case, device="cuda")

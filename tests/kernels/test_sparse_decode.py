@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 import importlib  # noqa: E402
 
+from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import expand_block_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_decode import kernel as _kernel_module  # noqa: E402
@@ -298,14 +299,7 @@ def test_gpu_cuda_graph_replay(seed):
                                window, d ** -0.5, ws, out, lse)
 
     fill([100] * batch)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()   # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture(call)
 
     for lens in ([1, 64, 65, 2047, 2048, 2049, 19_999, 20_000], [max_len - i * 999 for i in range(batch)]):
         keep_blocks = fill(lens)
