@@ -1,0 +1,25 @@
+"""Tensor parallelism: each rank serves its slice of the retrieval heads and their indexer rows."""
+
+import pytest
+import torch
+
+from rtpurbo_vllm.attention import tp
+from rtpurbo_vllm.heads import HeadLayout
+
+
+def test_outside_a_distributed_run_the_rank_is_the_whole_model():
+    assert tp.tp_rank_and_size() == (0, 1)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_slices_heads_and_indexer_rows(monkeypatch, rank):
+    monkeypatch.setattr(tp, "tp_rank_and_size", lambda: (rank, 2))
+    layout = HeadLayout.from_lists(8, 2, [[1, 3, 4, 6]])
+    w_q = torch.arange(4.0)[:, None, None].expand(4, 16, 64)    # row r holds r
+    w_k = -w_q
+    local = tp.rank_layout(layout)
+    assert local == layout.for_rank(rank, 2)
+    q, k = tp.rank_indexer(layout, 0, w_q, w_k)
+    rows = [0, 1] if rank == 0 else [2, 3]            # global heads 1, 3 | 4, 6
+    assert q[:, 0, 0].tolist() == rows and k[:, 0, 0].tolist() == [-r for r in rows]
+    assert local.retrieval_heads == (((1, 3),) if rank == 0 else ((0, 2),))
