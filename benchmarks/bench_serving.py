@@ -1,0 +1,900 @@
+"""End to end on one card: FLASH_ATTN against RTPURBO under ``vllm serve``, ``vllm bench serve`` and
+``vllm bench latency``, with dummy weights and a synthetic RTPurbo artifact.
+
+For each backend (FLASH_ATTN first, then RTPURBO) it
+
+1. starts ``vllm serve`` on 127.0.0.1 (``--load-format dummy``, prefix caching off so repeated random
+   prompts cannot hit the cache), waits for ``/health`` (bounded), and reads the KV capacity from the
+   server's log: ``GPU KV cache size: N tokens`` and ``Maximum concurrency for M tokens per request: Cx``;
+2. runs ``vllm bench serve`` (random dataset) at each input length and max concurrency and collects
+   TTFT, TPOT, ITL and throughput from its ``--save-result`` JSON; then stops the server (SIGTERM, SIGKILL
+   after a timeout, also on errors and Ctrl-C);
+3. runs ``vllm bench latency`` (random token ids) at one input length for each batch size, from its
+   ``--output-json`` (each run starts its own engine, so the server must be stopped first).
+
+The model defaults to a Llama-3-8B-shape ``config.json`` written by this script (32 layers, 32 query /
+8 KV heads, d = 128, vocabulary 128256). Prompts are random tokens in every case: ``vllm bench serve``
+needs a tokenizer to make text prompts, and by default it gets the tiny test model's word-level tokenizer
+(``rtpurbo_vllm/tiny/model``, 268 words, written from :mod:`rtpurbo_vllm.tiny.tokenizer` when that
+folder is absent), so prompts are random word sequences; ``--tokenizer`` takes another.
+
+**Kept-block share.** The artifact is synthetic (random retrieval heads, random indexer, see
+``rtpurbo-calibrate synthesize``). Dummy weights are uniform in +-1e-3, so pre-RoPE queries and keys
+are ~1e-5 and every indexer score is ~1e-9: the indexer softmax is flat, block masses are equal, and
+block top-p keeps the fewest blocks that reach ``top_p`` of the mass, i.e. about ``top_p`` of the blocks.
+So the share is controlled through the artifact's ``top_p`` (``--keep``, default 0.03: the paper measures
+> 97% decode sparsity at 512K), and the script prints the share that top-p keeps on flat scores at each
+context (``block_topp_ref``, sink and current block included). The serving path does not report the
+share it actually kept, so it is not measured here. Which blocks are kept (the flat tie-break keeps the
+first ones) does not matter for timing. Prefill (TTFT) does not depend on top-p: retrieval heads run
+dense, local heads see sinks + window.
+
+Results go to ``--out``: ``bench_serving.json`` (one dict: environment, settings, artifact, KV capacity,
+rows, every command with its log), ``bench_serving.md`` (tables and ratios) and ``bench_serving.png``.
+Several invocations into the same ``--out`` merge (rows with the same backend and shape are replaced), so
+a long sweep can be split into shorter commands; settings that change the numbers must match.
+
+Run on a GPU machine from the repo root, for example:
+    python3 -P benchmarks/bench_serving.py --out results/serving --dry-run     # print the commands
+    python3 -P benchmarks/bench_serving.py --out results/serving --contexts 32 128 256
+    python3 -P benchmarks/bench_serving.py --out results/serving --backends RTPURBO --phases latency
+    python3 -P benchmarks/bench_serving.py --out results/serving --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+BACKENDS = ("FLASH_ATTN", "RTPURBO")
+PHASES = ("serve", "latency")
+HOST = "127.0.0.1"
+SERVED_NAME = "rtpurbo-bench"
+RESULTS_JSON, REPORT_MD, PLOT_PNG = "bench_serving.json", "bench_serving.md", "bench_serving.png"
+TOKENIZER_HEADROOM = 128          # tokens of max_model_len beyond the longest request (round-trip mismatch)
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+# Settings that change the numbers: results made with other values are never merged into one file.
+COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "seed",
+              "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
+              "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
+
+# vLLM 0.26 logs the KV capacity in vllm/v1/core/kv_cache_utils.py (get_kv_cache_configs):
+#   logger.info_once("GPU KV cache size: %s tokens", f"{num_tokens:,}")
+#   logger.info_once("Maximum concurrency for %s tokens per request: %.2fx", f"{max_model_len:,}", max_concurrency)
+KV_CACHE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+CONCURRENCY_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+# Fields of `vllm bench serve --save-result` (vllm/benchmarks/serve.py: benchmark() and main_async()).
+SERVE_FIELDS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+                "request_throughput", "output_throughput", "total_token_throughput")
+SERVE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated command line; token counts are tokens (the CLI takes K = 1024 tokens)."""
+
+    out: Path
+    model: Path | None
+    tokenizer: Path | None
+    vllm: tuple[str, ...]
+    ratio: float
+    by_kv_group: bool
+    top_p: float
+    seed: int
+    backends: tuple[str, ...]
+    phases: tuple[str, ...]
+    port: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    engine_args: tuple[str, ...]
+    startup_timeout: float
+    stop_timeout: float
+    command_timeout: float
+    contexts: tuple[int, ...]
+    output_len: int
+    num_prompts: int
+    max_concurrency: tuple[int, ...]
+    num_warmups: int
+    latency_context: int
+    latency_batch: tuple[int, ...]
+    latency_output_len: int
+    latency_iters: int
+    latency_warmup: int
+    fresh: bool
+    dry_run: bool
+    report_only: bool
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> Settings:
+        """Checks the parsed flags; a bad value raises ValueError naming the flag."""
+        contexts = tuple(k * 1024 for k in args.contexts)
+        latency_context = args.latency_context * 1024
+        needed = max([*(c + args.output_len for c in contexts), latency_context + args.latency_output_len])
+        max_model_len = args.max_model_len or needed + TOKENIZER_HEADROOM
+        top_p = args.top_p if args.top_p is not None else args.keep
+        checks = [
+            (min(contexts) > 0, "--contexts must be positive"),
+            (latency_context > 0, "--latency-context must be positive"),
+            (0.0 < top_p <= 1.0, "--keep / --top-p must be in (0, 1]"),
+            (0.0 < args.ratio <= 1.0, "--ratio must be in (0, 1]"),
+            (min(args.output_len, args.num_prompts, args.latency_output_len, args.latency_iters) >= 1,
+             "--output-len, --num-prompts, --latency-output-len and --latency-iters must be >= 1"),
+            (min(args.max_concurrency) >= 1 and min(args.latency_batch) >= 1,
+             "--max-concurrency and --latency-batch must be >= 1"),
+            (min(args.num_warmups, args.latency_warmup) >= 0, "--num-warmups and --latency-warmup must be >= 0"),
+            (max_model_len >= needed, f"--max-model-len {max_model_len} is below the longest request ({needed})"),
+            (0.0 < args.gpu_memory_utilization <= 1.0, "--gpu-memory-utilization must be in (0, 1]"),
+            (args.model is None or (Path(args.model) / "config.json").is_file(),
+             f"--model {args.model} has no config.json"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        # Absolute paths: the children run in OUT.
+        return cls(
+            out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None,
+            tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
+            vllm=tuple(shlex.split(args.vllm)), ratio=args.ratio,
+            by_kv_group=args.by_kv_group, top_p=top_p, seed=args.seed, backends=tuple(args.backends),
+            phases=tuple(args.phases), port=args.port, max_model_len=max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
+            engine_args=tuple(shlex.split(args.engine_args)), startup_timeout=args.startup_timeout,
+            stop_timeout=args.stop_timeout, command_timeout=args.command_timeout, contexts=contexts,
+            output_len=args.output_len, num_prompts=args.num_prompts, max_concurrency=tuple(args.max_concurrency),
+            num_warmups=args.num_warmups, latency_context=latency_context, latency_batch=tuple(args.latency_batch),
+            latency_output_len=args.latency_output_len, latency_iters=args.latency_iters,
+            latency_warmup=args.latency_warmup, fresh=args.fresh, dry_run=args.dry_run,
+            report_only=args.report_only)
+
+    @property
+    def model_dir(self) -> Path:
+        """The model folder served: ``--model``, else the Llama-3-8B-shape folder this script writes."""
+        return self.model if self.model is not None else self.out / "llama3-8b-dummy"
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Where the synthetic artifact is written (never inside a user's model folder)."""
+        return self.out / "rtpurbo-synthetic"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """``--tokenizer``; else ``--model``; else the tiny model's folder, or a copy of its tokenizer."""
+        from rtpurbo_vllm.tiny import tiny_model_dir
+
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.model is not None:
+            return self.model
+        tiny = tiny_model_dir()
+        return tiny if (tiny / "tokenizer.json").is_file() else self.out / "tiny-tokenizer"
+
+    def comparable(self) -> dict[str, Any]:
+        """The settings that must match for two invocations' rows to share one results file."""
+        values = {"model": str(self.model_dir), "tokenizer": str(self.tokenizer_dir),
+                  "engine_args": list(self.engine_args)}
+        return {k: values.get(k, getattr(self, k)) for k in COMPARABLE}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model folder, tokenizer, artifact
+# ----------------------------------------------------------------------------------------------------
+
+def write_model_dir(settings: Settings) -> None:
+    """Writes the default Llama-3-8B-shape ``config.json`` (long enough for ``max_model_len``) and, when
+    the tiny model folder is absent, the tiny tokenizer. A ``--model`` folder is left untouched."""
+    if settings.model is None:
+        config = {**LLAMA3_8B, "max_position_embeddings": settings.max_model_len}
+        write_atomic(settings.model_dir / "config.json", json.dumps(config, indent=2))
+    if settings.tokenizer_dir == settings.out / "tiny-tokenizer":
+        from rtpurbo_vllm.tiny.tokenizer import save_tokenizer
+
+        save_tokenizer(settings.tokenizer_dir)
+
+
+def write_artifact(settings: Settings) -> dict[str, Any]:
+    """Writes the synthetic artifact for ``settings.model_dir`` and describes it, with the kept-block
+    share that top-p selects on flat indexer scores at each context (see the module docstring)."""
+    from rtpurbo_vllm.artifacts import SparsityParams
+    from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
+
+    params = SparsityParams(top_p=settings.top_p)
+    path = synthesize_artifact(settings.model_dir, settings.artifact_dir, ratio=settings.ratio,
+                               by_kv_group=settings.by_kv_group, seed=settings.seed, params=params)
+    config = json.loads((path / "rtpurbo_config.json").read_text())
+    heads = sum(len(layer) for layer in config["retrieval_heads"])
+    total = config["model"]["num_layers"] * config["model"]["num_heads"]
+    contexts = sorted({*settings.contexts, settings.latency_context})
+    return {"path": str(path), "params": config["params"], "retrieval_heads": heads, "query_heads": total,
+            "ratio": settings.ratio, "by_kv_group": settings.by_kv_group,
+            "kept_block_share_flat": {str(t): kept_share_on_flat_scores(t, params) for t in contexts}}
+
+
+def kept_share_on_flat_scores(num_tokens: int, params) -> float:
+    """Share of ``ceil(num_tokens / block_size)`` blocks that block top-p keeps when every indexer score
+    is equal (dummy weights), forced sink and current blocks included."""
+    import torch
+
+    from rtpurbo_vllm.triton_kernels.block_topp import block_topp_ref
+
+    keep = block_topp_ref(torch.zeros(1, num_tokens), params.top_p, params.block_size, params.sink_tokens)
+    return keep.float().mean().item()
+
+
+def describe_artifact(artifact: dict[str, Any]) -> str:
+    """The lines printed (and put in the report) about the artifact and the kept-block share."""
+    p = artifact["params"]
+    shares = ", ".join(f"{int(t) // 1024}K {v:.3f}" for t, v in artifact["kept_block_share_flat"].items())
+    return (f"Synthetic artifact {artifact['path']}: {artifact['retrieval_heads']} of {artifact['query_heads']} "
+            f"query heads are retrieval heads (ratio {artifact['ratio']}, by KV group: {artifact['by_kv_group']}); "
+            f"local heads see {p['sink_tokens']} sinks + a window of {p['window']} tokens; block top-p "
+            f"{p['top_p']} over {p['block_size']}-token blocks; sequences under {p['dense_threshold']} tokens "
+            f"run dense.\nKept-block share of the retrieval heads at decode: set through top-p, not measured. "
+            f"Dummy weights make every indexer score ~0, so top-p keeps about top_p of the blocks: {shares} "
+            f"(block_topp_ref on flat scores). The serving path does not report the share it really kept.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BenchRun:
+    """One ``vllm bench`` command: the row key it fills, its argv, its result file and its log."""
+
+    key: dict[str, Any]
+    argv: list[str]
+    result: Path
+    log: Path
+
+
+def engine_flags(settings: Settings, backend: str) -> list[str]:
+    """Engine flags shared by ``vllm serve`` and ``vllm bench latency`` (``EngineArgs``)."""
+    flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--tokenizer", str(settings.tokenizer_dir),
+             "--attention-backend", backend, "--max-model-len", str(settings.max_model_len),
+             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+             "--max-num-batched-tokens", str(settings.max_num_batched_tokens), "--no-enable-prefix-caching",
+             "--generation-config", "vllm", "--seed", str(settings.seed)]
+    if backend == "RTPURBO":
+        flags += ["--additional-config", json.dumps({"rtpurbo": {"artifact": str(settings.artifact_dir)}})]
+    return flags + list(settings.engine_args)
+
+
+def serve_command(settings: Settings, backend: str, port: int) -> list[str]:
+    """``vllm serve`` for one backend, listening on 127.0.0.1 only."""
+    return [*settings.vllm, "serve", str(settings.model_dir), "--host", HOST, "--port", str(port),
+            "--served-model-name", SERVED_NAME, "--disable-uvicorn-access-log", *engine_flags(settings, backend)]
+
+
+def bench_serve_runs(settings: Settings, backend: str, port: int) -> list[BenchRun]:
+    """``vllm bench serve`` against the running server, one per (context, max concurrency)."""
+    runs = []
+    for context in settings.contexts:
+        for concurrency in settings.max_concurrency:
+            name = f"serve-{backend}-{context // 1024}K-c{concurrency}"
+            result = settings.out / "raw" / f"{name}.json"
+            argv = [*settings.vllm, "bench", "serve", "--backend", "openai", "--host", HOST, "--port", str(port),
+                    "--endpoint", "/v1/completions", "--model", SERVED_NAME,
+                    "--tokenizer", str(settings.tokenizer_dir), "--dataset-name", "random",
+                    "--random-input-len", str(context), "--random-output-len", str(settings.output_len),
+                    "--random-range-ratio", "0", "--num-prompts", str(settings.num_prompts),
+                    "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
+                    "--temperature", "0", "--num-warmups", str(settings.num_warmups),
+                    "--percentile-metrics", ",".join(SERVE_METRICS), "--metric-percentiles", "50,90,99",
+                    "--seed", str(settings.seed), "--disable-tqdm", "--save-result",
+                    "--result-dir", str(result.parent), "--result-filename", result.name,
+                    "--metadata", f"attention_backend={backend}", f"context={context}"]
+            runs.append(BenchRun({"backend": backend, "context": context, "concurrency": concurrency}, argv,
+                                 result, settings.out / "logs" / f"{name}.log"))
+    return runs
+
+
+def bench_latency_runs(settings: Settings, backend: str) -> list[BenchRun]:
+    """``vllm bench latency`` (its own engine), one per batch size at ``latency_context``."""
+    runs = []
+    for batch in settings.latency_batch:
+        name = f"latency-{backend}-{settings.latency_context // 1024}K-b{batch}"
+        result = settings.out / "raw" / f"{name}.json"
+        argv = [*settings.vllm, "bench", "latency", "--model", str(settings.model_dir),
+                "--input-len", str(settings.latency_context), "--output-len", str(settings.latency_output_len),
+                "--batch-size", str(batch), "--num-iters-warmup", str(settings.latency_warmup),
+                "--num-iters", str(settings.latency_iters), "--disable-detokenize", "--output-json", str(result),
+                *engine_flags(settings, backend)]
+        runs.append(BenchRun({"backend": backend, "context": settings.latency_context, "batch": batch}, argv,
+                             result, settings.out / "logs" / f"{name}.log"))
+    return runs
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every child: plain log lines, unbuffered, no proxy for 127.0.0.1 (the
+    ``vllm bench serve`` client honours proxy variables) and, unless set, ``VLLM_USE_FLASHINFER_SAMPLER=0``:
+    the sampler is not what is measured, and FlashInfer's JIT build of it adds ~2 min to every engine start
+    on a fresh machine."""
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), HOST, "localhost"]))
+    return {"VLLM_USE_FLASHINFER_SAMPLER": "0", **os.environ, "VLLM_LOGGING_COLOR": "0", "NO_COLOR": "1",
+            "PYTHONUNBUFFERED": "1", "NO_PROXY": no_proxy, "no_proxy": no_proxy}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------
+
+class Child:
+    """A child process with stdout and stderr in a log file; :meth:`stop` ends it and its descendants."""
+
+    def __init__(self, argv: list[str], log: Path, cwd: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as handle:
+            self.popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=child_env(),
+                                          stdin=subprocess.DEVNULL)
+        self.log = log
+        self._descendants: dict[int, Any] = {}
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def note_descendants(self) -> None:
+        """Remembers the processes it started (vLLM's engine core), to stop them even if it dies first."""
+        import psutil
+
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for proc in psutil.Process(self.popen.pid).children(recursive=True):
+                self._descendants[proc.pid] = proc
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM (vLLM then shuts its engine processes down), SIGKILL after ``timeout`` seconds; then the
+        same for any descendant still running. Only these processes, by pid."""
+        import psutil
+
+        if self.alive():
+            self.note_descendants()
+            self.popen.terminate()
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        _, left = psutil.wait_procs(list(self._descendants.values()), timeout=timeout)
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(left, timeout=timeout)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_healthy(child: Child, port: int, timeout: float) -> None:
+    """Polls ``http://127.0.0.1:port/health`` (no proxy; every 0.1 s, backing off to 2 s) until 200; raises
+    when ``child`` exits or after ``timeout`` seconds."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline, poll = time.monotonic() + timeout, 0.1
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"the server exited with code {child.popen.returncode} before it was healthy; "
+                               f"last lines of {child.log}:\n{child.tail()}")
+        with contextlib.suppress(OSError):
+            with opener.open(f"http://{HOST}:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(poll)
+        poll = min(2.0, poll * 1.5)
+    raise TimeoutError(f"the server was not healthy within {timeout:.0f} s; last lines of {child.log}:\n"
+                       f"{child.tail()}")
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], port: int, log: Path, cwd: Path, startup_timeout: float,
+                   stop_timeout: float) -> Iterator[Child]:
+    """Starts the server, waits for health and yields it; always stops it on the way out."""
+    child = Child(argv, log, cwd)
+    try:
+        wait_healthy(child, port, startup_timeout)
+        child.note_descendants()
+        yield child
+    finally:
+        child.stop(stop_timeout)
+
+
+def run_command(argv: list[str], log: Path, cwd: Path, timeout: float, stop_timeout: float) -> int:
+    """Runs one command to completion (stopped after ``timeout`` seconds: exit code 124)."""
+    child = Child(argv, log, cwd)
+    try:
+        return child.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return 124
+    finally:
+        child.stop(stop_timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing vLLM's outputs
+# ----------------------------------------------------------------------------------------------------
+
+def parse_kv_capacity(log_text: str) -> dict[str, Any]:
+    """KV capacity from an engine log (the last occurrence; None where a line is missing).
+
+    Returns:
+        ``kv_cache_tokens`` (int), ``max_concurrency`` (float, requests of ``concurrency_request_tokens``).
+    """
+    kv = KV_CACHE_RE.findall(log_text)
+    conc = CONCURRENCY_RE.findall(log_text)
+    return {"kv_cache_tokens": int(kv[-1].replace(",", "")) if kv else None,
+            "max_concurrency": float(conc[-1][1]) if conc else None,
+            "concurrency_request_tokens": int(conc[-1][0].replace(",", "")) if conc else None}
+
+
+def parse_serve_result(path: Path) -> dict[str, Any]:
+    """The numbers kept from a ``vllm bench serve --save-result`` JSON (times in ms)."""
+    data = json.loads(path.read_text())
+    row = {k: data[k] for k in SERVE_FIELDS if k in data}
+    for metric in SERVE_METRICS:
+        for stat in ("mean", "median", "p90", "p99"):
+            key = f"{stat}_{metric}_ms"
+            if key in data:
+                row[key] = data[key]
+    return row
+
+
+def parse_latency_result(path: Path) -> dict[str, Any]:
+    """The numbers kept from a ``vllm bench latency --output-json`` file (seconds per batch)."""
+    data = json.loads(path.read_text())
+    percentiles = {str(k): v for k, v in data["percentiles"].items()}
+    return {"avg_latency_s": data["avg_latency"], "p50_latency_s": percentiles.get("50"),
+            "p90_latency_s": percentiles.get("90"), "iterations": len(data["latencies"])}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file next to ``path``, then renames it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def environment() -> dict[str, Any]:
+    """Card (from nvidia-smi: this process never creates a CUDA context, which would take memory from
+    the servers), versions and the repository commit."""
+    import importlib.metadata
+
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip().splitlines()
+        device = smi[0] if smi else "no GPU listed by nvidia-smi"
+    except (OSError, subprocess.SubprocessError) as exc:
+        device = f"unknown ({type(exc).__name__} from nvidia-smi)"
+    versions = {}
+    for name in ("vllm", "torch", "transformers", "triton", "rtpurbo-vllm"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "describe", "--always",
+                                 "--dirty"], capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {k: v for k, v in sorted(child_env().items()) if k.startswith(("VLLM_", "CUDA_", "TRITON_"))
+           and not any(word in k for word in ("KEY", "TOKEN", "SECRET"))}
+    return {"device": device, "python": platform.python_version(), "versions": versions, "commit": commit,
+            "host": platform.node(), "env": env}
+
+
+def new_results(settings: Settings) -> dict[str, Any]:
+    return {"settings": settings.comparable(), "artifact": None, "capacity": {}, "serve": [], "latency": [],
+            "commands": [], "invocations": []}
+
+
+def load_results(settings: Settings) -> dict[str, Any]:
+    """The results file in ``--out`` to merge into (a fresh one with ``--fresh`` or when absent)."""
+    path = settings.out / RESULTS_JSON
+    if settings.fresh or not path.is_file():
+        return new_results(settings)
+    results = json.loads(path.read_text())
+    if results["settings"] != settings.comparable():
+        differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
+        raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
+                         "--fresh to start over, or another --out")
+    return results
+
+
+def put_row(rows: list[dict[str, Any]], row: dict[str, Any], key: dict[str, Any]) -> None:
+    """Replaces the row with the same key (backend and shape), or appends ``row``."""
+    rows[:] = [r for r in rows if any(r.get(k) != v for k, v in key.items())] + [row]
+
+
+def save(settings: Settings, results: dict[str, Any]) -> None:
+    write_atomic(settings.out / RESULTS_JSON, json.dumps(results, indent=2))
+
+
+def run_bench(settings: Settings, results: dict[str, Any], run: BenchRun,
+              parse: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Runs one ``vllm bench`` command and turns its result file into a row (``error`` on failure)."""
+    run.result.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        run.result.unlink()
+    start = time.monotonic()
+    rc = run_command(run.argv, run.log, settings.out, settings.command_timeout, settings.stop_timeout)
+    seconds = time.monotonic() - start
+    results["commands"].append({"command": shlex.join(run.argv), "log": str(run.log), "rc": rc,
+                                "seconds": round(seconds, 1)})
+    row = {**run.key, "log": str(run.log)}
+    if rc == 0 and run.result.is_file():
+        row.update(parse(run.result))
+        if row.get("failed") or row.get("completed") == 0:      # numbers over part of the requests mislead
+            row["error"] = f"{row.get('failed')} requests failed, {row.get('completed')} completed; see {run.log}"
+    else:
+        row["error"] = f"exit code {rc}; see {run.log}"
+    return row
+
+
+def run_backend(settings: Settings, results: dict[str, Any], backend: str, port: int) -> None:
+    """The serve phase (one server, every bench serve run) and the latency phase for one backend. A server
+    that fails is recorded under ``capacity`` with an ``error`` and the run goes on with the next phase."""
+    if "serve" in settings.phases:
+        argv = serve_command(settings, backend, port)
+        log = settings.out / "logs" / f"server-{backend}.log"
+        print(f"[{backend}] starting: {shlex.join(argv)}", flush=True)
+        start = time.monotonic()
+        record = {"command": shlex.join(argv), "log": str(log), "server": True}
+        results["commands"].append(record)
+        try:
+            with running_server(argv, port, log, settings.out, settings.startup_timeout,
+                                settings.stop_timeout) as server:
+                results["capacity"][backend] = {**parse_kv_capacity(log.read_text(errors="replace")),
+                                                "max_model_len": settings.max_model_len, "log": str(log),
+                                                "startup_s": round(time.monotonic() - start, 1)}
+                print(f"[{backend}] healthy after {time.monotonic() - start:.0f} s; "
+                      f"{results['capacity'][backend]}", flush=True)
+                for run in bench_serve_runs(settings, backend, port):
+                    if not server.alive():
+                        raise RuntimeError(f"the {backend} server exited; last lines of {log}:\n{server.tail()}")
+                    row = run_bench(settings, results, run, parse_serve_result)
+                    put_row(results["serve"], row, run.key)
+                    save(settings, results)
+                    print(f"[{backend}] {summary(row)}", flush=True)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            results["capacity"][backend] = {**results["capacity"].get(backend, {}), "error": str(exc),
+                                            "log": str(log)}
+            print(f"[{backend}] server FAILED: {exc}", flush=True)
+        finally:
+            record["seconds"] = round(time.monotonic() - start, 1)
+            save(settings, results)
+    if "latency" in settings.phases:
+        for run in bench_latency_runs(settings, backend):
+            row = run_bench(settings, results, run, parse_latency_result)
+            row.update(parse_kv_capacity(run.log.read_text(errors="replace")))
+            put_row(results["latency"], row, run.key)
+            save(settings, results)
+            print(f"[{backend}] {summary(row)}", flush=True)
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """One line per failed server or bench run."""
+    servers = [f"{b} server: FAILED, {c['error']}" for b, c in results["capacity"].items() if "error" in c]
+    return servers + [f"{r['backend']} {summary(r)}" for r in results["serve"] + results["latency"] if "error" in r]
+
+
+def summary(row: dict[str, Any]) -> str:
+    """One line per finished row."""
+    shape = f"{row['context'] // 1024}K " + (f"c={row['concurrency']}" if "concurrency" in row else
+                                             f"batch={row['batch']}")
+    if "error" in row:
+        return f"{shape}: FAILED, {row['error']}"
+    if "avg_latency_s" in row:
+        return f"{shape}: latency {row['avg_latency_s']:.3f} s"
+    return (f"{shape}: TTFT {row.get('median_ttft_ms', float('nan')):.1f} ms, TPOT "
+            f"{row.get('median_tpot_ms', float('nan')):.2f} ms, {row.get('output_throughput', float('nan')):.1f} "
+            f"out tok/s, {row.get('completed')} completed, {row.get('failed')} failed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else ""
+
+
+def _row(rows: list[dict[str, Any]], **key) -> dict[str, Any]:
+    return next((r for r in rows if all(r.get(k) == v for k, v in key.items()) and "error" not in r), {})
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The report: settings, the serve table per context, the latency table, KV capacity, commands.
+    Ratios are oriented so that > 1 means RTPURBO is better (FA/RTP for times, RTP/FA otherwise)."""
+    env, s = results.get("environment", {}), results["settings"]
+    fa, rtp = (results["capacity"].get(b, {}) for b in BACKENDS)
+    lines = ["# Serving benchmark: FLASH_ATTN vs RTPURBO", "",
+             f"Card: {env.get('device')}; vLLM {env.get('versions', {}).get('vllm')}, torch "
+             f"{env.get('versions', {}).get('torch')}, commit {env.get('commit')}.",
+             f"Model: {s['model']} (`--load-format dummy`), tokenizer {s['tokenizer']}; max_model_len "
+             f"{s['max_model_len']:,}, prefill chunk {s['max_num_batched_tokens']}, gpu-memory-utilization "
+             f"{s['gpu_memory_utilization']}, prefix caching off, extra engine args {s['engine_args'] or 'none'}.",
+             ""]
+    if results.get("artifact"):
+        lines += [describe_artifact(results["artifact"]), ""]
+    lines += [f"## `vllm bench serve` (random prompts, {s['num_prompts']} per point, output {s['output_len']} "
+              "tokens; TTFT and TPOT are medians)", "",
+              "| context | max conc. | TTFT FA (ms) | TTFT RTP (ms) | speedup | TPOT FA (ms) | TPOT RTP (ms) | "
+              "speedup | out tok/s FA | out tok/s RTP | ratio | KV tokens FA | KV tokens RTP | ratio | "
+              "max conc. FA | max conc. RTP |",
+              "|" + " --- |" * 16]
+    for context, conc in sorted({(r["context"], r["concurrency"]) for r in results["serve"]}):
+        a, b = (_row(results["serve"], backend=x, context=context, concurrency=conc) for x in BACKENDS)
+        cells = [f"{context // 1024}K", str(conc),
+                 _fmt(a.get("median_ttft_ms")), _fmt(b.get("median_ttft_ms")),
+                 _ratio(a.get("median_ttft_ms"), b.get("median_ttft_ms")),
+                 _fmt(a.get("median_tpot_ms")), _fmt(b.get("median_tpot_ms")),
+                 _ratio(a.get("median_tpot_ms"), b.get("median_tpot_ms")),
+                 _fmt(a.get("output_throughput")), _fmt(b.get("output_throughput")),
+                 _ratio(b.get("output_throughput"), a.get("output_throughput")),
+                 _fmt(fa.get("kv_cache_tokens"), ","), _fmt(rtp.get("kv_cache_tokens"), ","),
+                 _ratio(rtp.get("kv_cache_tokens"), fa.get("kv_cache_tokens")),
+                 _fmt(fa.get("max_concurrency"), ".2f"), _fmt(rtp.get("max_concurrency"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "KV tokens and max concurrency are the servers' own log lines (`GPU KV cache size`, `Maximum "
+              f"concurrency for {s['max_model_len']:,} tokens per request`), one value per server, so the same "
+              "on every row."]
+    lines += ["", f"## `vllm bench latency` (random token ids, output {s['latency_output_len']} tokens, mean of "
+              f"{s['latency_iters']} runs after {s['latency_warmup']} warm-up; seconds per batch)", "",
+              "| context | batch | FA (s) | RTP (s) | speedup |", "| --- | --- | --- | --- | --- |"]
+    for context, batch in sorted({(r["context"], r["batch"]) for r in results["latency"]}):
+        a, b = (_row(results["latency"], backend=x, context=context, batch=batch) for x in BACKENDS)
+        lines.append(f"| {context // 1024}K | {batch} | {_fmt(a.get('avg_latency_s'))} | "
+                     f"{_fmt(b.get('avg_latency_s'))} | {_ratio(a.get('avg_latency_s'), b.get('avg_latency_s'))} |")
+    if failures(results):
+        lines += ["", "## Failed runs", ""] + [f"- {line}" for line in failures(results)]
+    lines += ["", "## Commands", "", "```bash"] + [c["command"] for c in results["commands"]] + ["```", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """TTFT, TPOT and output throughput against context for both backends, and latency per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    panels = (("median_ttft_ms", "median TTFT (ms)"), ("median_tpot_ms", "median TPOT (ms)"),
+              ("output_throughput", "output tokens/s"))
+    ok = [r for r in results["serve"] if "error" not in r]
+    for ax, (field, label) in zip(axes, panels):
+        for backend in BACKENDS:
+            for conc in sorted({r["concurrency"] for r in ok}):
+                pts = sorted((r["context"], r[field]) for r in ok
+                             if r["backend"] == backend and r["concurrency"] == conc and field in r)
+                if pts:
+                    ax.plot([c // 1024 for c, _ in pts], [v for _, v in pts], marker="o",
+                            label=f"{backend} conc {conc}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["context"] // 1024 for r in ok})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set_xlabel("context (K tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"vllm bench serve: {label}")
+        if ax.lines:
+            ax.legend()
+    lat = [r for r in results["latency"] if "error" not in r]
+    shapes = sorted({(r["context"], r["batch"]) for r in lat})
+    for i, backend in enumerate(BACKENDS):
+        values = [_row(lat, backend=backend, context=c, batch=b).get("avg_latency_s", 0.0) for c, b in shapes]
+        axes[3].bar([x + 0.4 * i for x in range(len(shapes))], values, width=0.4, label=backend)
+    axes[3].set_xticks([x + 0.2 for x in range(len(shapes))], [f"{c // 1024}K b{b}" for c, b in shapes])
+    axes[3].set_ylabel("seconds per batch")
+    axes[3].set_title("vllm bench latency")
+    if shapes:
+        axes[3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(settings: Settings, results: dict[str, Any]) -> str:
+    """Writes the markdown report and the plot next to the results JSON; returns the markdown."""
+    text = render_markdown(results)
+    write_atomic(settings.out / REPORT_MD, text)
+    plot(results, settings.out / PLOT_PNG)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def _default_vllm() -> str:
+    """vLLM's CLI through this interpreter: works where vLLM is only on PYTHONPATH (the GPU machine's
+    bundle has no ``vllm`` script); ``-P`` keeps the working folder, and so this repo's top-level
+    ``triton_kernels`` folder, off ``sys.path``."""
+    return shlex.join([sys.executable, "-P", "-m", "vllm.entrypoints.cli.main"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="DIR", default=None,
+                       help="model folder with config.json, served with dummy weights; its max_position_embeddings "
+                            "must cover --max-model-len (default: a Llama-3-8B-shape folder written to "
+                            "OUT/llama3-8b-dummy)")
+    model.add_argument("--tokenizer", metavar="PATH", default=None,
+                       help="tokenizer for the prompts and the servers (default: --model if given, else the tiny "
+                            "model's word-level tokenizer; prompts are random tokens either way)")
+    model.add_argument("--vllm", metavar="CMD", default=_default_vllm(),
+                       help="the vllm command, shell-quoted (default: this Python -P -m vllm.entrypoints.cli.main)")
+
+    art = parser.add_argument_group("RTPURBO artifact (synthetic)")
+    art.add_argument("--ratio", metavar="SHARE", type=float, default=0.15,
+                     help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate)")
+    art.add_argument("--by-kv-group", action="store_true", help="draw whole KV groups of retrieval heads")
+    keep = art.add_mutually_exclusive_group()
+    keep.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
+                      help="kept-block share of the retrieval heads at decode, set as the artifact's top-p "
+                           "(dummy weights give flat indexer scores, so top-p keeps about this share; default 0.03)")
+    keep.add_argument("--top-p", metavar="P", type=float, default=None,
+                      help="the artifact's block top-p, passed through as given (instead of --keep)")
+    art.add_argument("--seed", metavar="INT", type=int, default=0,
+                     help="seed of the artifact, the engines and the prompts (default 0)")
+
+    srv = parser.add_argument_group("engines")
+    srv.add_argument("--backends", metavar="NAME", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                     help="attention backends, run in this order (default FLASH_ATTN RTPURBO)")
+    srv.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=list(PHASES),
+                     help="serve (vllm serve + vllm bench serve) and/or latency (vllm bench latency)")
+    srv.add_argument("--port", metavar="PORT", type=int, default=0,
+                     help="port of vllm serve on 127.0.0.1 (default: a free one)")
+    srv.add_argument("--max-model-len", metavar="TOKENS", type=int, default=0,
+                     help="max_model_len of every engine (default: longest request + 128); keep it fixed when "
+                          "splitting a sweep over several invocations")
+    srv.add_argument("--gpu-memory-utilization", metavar="SHARE", type=float, default=0.9,
+                     help="vLLM's --gpu-memory-utilization (default 0.9)")
+    srv.add_argument("--max-num-batched-tokens", metavar="TOKENS", type=int, default=16384,
+                     help="prefill chunk, the same for serve and latency (default 16384)")
+    srv.add_argument("--engine-args", metavar="ARGS", default="",
+                     help="more flags for every engine, one shell-quoted string, "
+                          "e.g. --engine-args=\"--enforce-eager\"")
+    srv.add_argument("--startup-timeout", metavar="S", type=float, default=900,
+                     help="seconds to wait for /health (default 900)")
+    srv.add_argument("--stop-timeout", metavar="S", type=float, default=60,
+                     help="seconds between SIGTERM and SIGKILL when stopping a process (default 60)")
+    srv.add_argument("--command-timeout", metavar="S", type=float, default=3600,
+                     help="seconds one vllm bench command may run (default 3600)")
+
+    srvb = parser.add_argument_group("vllm bench serve")
+    srvb.add_argument("--contexts", metavar="K", type=int, nargs="+", default=[32, 128, 256],
+                      help="input lengths in K tokens (default 32 128 256)")
+    srvb.add_argument("--output-len", metavar="N", type=int, default=128, help="output tokens (default 128)")
+    srvb.add_argument("--num-prompts", metavar="N", type=int, default=4, help="prompts per point (default 4)")
+    srvb.add_argument("--max-concurrency", metavar="C", type=int, nargs="+", default=[1],
+                      help="client max concurrency, one run each (default 1)")
+    srvb.add_argument("--num-warmups", metavar="N", type=int, default=1,
+                      help="warm-up requests before each point (default 1: first-call kernel compilation)")
+
+    lat = parser.add_argument_group("vllm bench latency")
+    lat.add_argument("--latency-context", metavar="K", type=int, default=128,
+                     help="input length in K tokens (default 128)")
+    lat.add_argument("--latency-batch", metavar="B", type=int, nargs="+", default=[1, 4],
+                     help="batch sizes, one engine start each (default 1 4)")
+    lat.add_argument("--latency-output-len", metavar="N", type=int, default=128, help="output tokens (default 128)")
+    lat.add_argument("--latency-iters", metavar="N", type=int, default=3, help="timed iterations (default 3)")
+    lat.add_argument("--latency-warmup", metavar="N", type=int, default=1, help="warm-up iterations (default 1)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default="results/serving",
+                     help="folder for the JSON, markdown, PNG, logs and raw vLLM results (default results/serving)")
+    out.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
+    out.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
+    out.add_argument("--report-only", action="store_true",
+                     help="rewrite the markdown and PNG from the results JSON in --out; run nothing")
+    return parser
+
+
+def print_dry_run(settings: Settings, port: int) -> None:
+    print(f"# model folder: {settings.model_dir}" + ("" if settings.model else " (config.json written here)"))
+    print(f"# tokenizer: {settings.tokenizer_dir}")
+    if "RTPURBO" in settings.backends:
+        from rtpurbo_vllm.artifacts import SparsityParams
+
+        params = SparsityParams(top_p=settings.top_p)
+        shares = ", ".join(f"{t // 1024}K {kept_share_on_flat_scores(t, params):.3f}"
+                           for t in sorted({*settings.contexts, settings.latency_context}))
+        print(f"# synthetic artifact -> {settings.artifact_dir}: synthesize_artifact(ratio={settings.ratio}, "
+              f"by_kv_group={settings.by_kv_group}, seed={settings.seed}, top_p={settings.top_p})")
+        print(f"# kept-block share on flat (dummy-weight) indexer scores: {shares}; not measured by serving")
+    for backend in settings.backends:
+        if "serve" in settings.phases:
+            print(f"\n# {backend}: server (waits for http://{HOST}:{port}/health), then the clients")
+            print(shlex.join(serve_command(settings, backend, port)))
+            for run in bench_serve_runs(settings, backend, port):
+                print(shlex.join(run.argv))
+        if "latency" in settings.phases:
+            print(f"\n# {backend}: latency (server stopped)")
+            for run in bench_latency_runs(settings, backend):
+                print(shlex.join(run.argv))
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (a job manager's stop) unwinds like Ctrl-C, so every server is stopped on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_cli(build_parser().parse_args(argv))
+    if settings.report_only:
+        print(write_report(settings, json.loads((settings.out / RESULTS_JSON).read_text())))
+        return 0
+    port = settings.port or free_port()
+    if settings.dry_run:
+        print_dry_run(settings, port)
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    results = load_results(settings)
+    env = environment()
+    results["environment"] = env
+    results["invocations"].append({"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                                   "argv": list(sys.argv[1:] if argv is None else argv), "environment": env})
+    write_model_dir(settings)
+    if "RTPURBO" in settings.backends:
+        results["artifact"] = write_artifact(settings)
+        print(describe_artifact(results["artifact"]), flush=True)
+    save(settings, results)
+    try:
+        for backend in settings.backends:
+            run_backend(settings, results, backend, port)
+    finally:
+        save(settings, results)
+        print(write_report(settings, results))
+    return 1 if failures(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""benchmarks/bench_serving.py on the CPU: the commands it builds (also through vLLM's own parsers), parsing
+of vLLM's log lines and result files, the report, the server lifecycle against fake servers on 127.0.0.1,
+and the whole run against a fake ``vllm`` executable."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "bench_serving.py")
+bs = importlib.util.module_from_spec(_spec)
+sys.modules["bench_serving"] = bs          # dataclasses look their module up while the class is built
+_spec.loader.exec_module(bs)
+
+
+def _settings(tmp_path, *extra):
+    return bs.Settings.from_cli(bs.build_parser().parse_args(["--out", str(tmp_path / "out"), *extra]))
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def _sub(s, argv):
+    """The command without the ``vllm`` prefix, which must be the configured one."""
+    assert tuple(argv[:len(s.vllm)]) == s.vllm
+    return argv[len(s.vllm):]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------
+
+def test_server_commands_for_both_backends(tmp_path):
+    s = _settings(tmp_path, "--contexts", "32", "256", "--output-len", "64", "--engine-args=--enforce-eager")
+    assert s.max_model_len == 256 * 1024 + 64 + bs.TOKENIZER_HEADROOM
+    fa, rtp = (bs.serve_command(s, backend, 8123) for backend in bs.BACKENDS)
+    for argv, backend in ((fa, "FLASH_ATTN"), (rtp, "RTPURBO")):
+        assert _sub(s, argv)[:2] == ["serve", str(s.model_dir)]
+        assert _value(argv, "--attention-backend") == backend
+        assert _value(argv, "--host") == "127.0.0.1" and _value(argv, "--port") == "8123"
+        assert _value(argv, "--load-format") == "dummy"
+        assert _value(argv, "--max-model-len") == str(s.max_model_len)
+        assert "--no-enable-prefix-caching" in argv and argv[-1] == "--enforce-eager"
+        assert _value(argv, "--tokenizer") == str(s.tokenizer_dir)
+    assert s.vllm == (sys.executable, "-P", "-m", "vllm.entrypoints.cli.main")    # works with vLLM on PYTHONPATH
+    assert "--additional-config" not in fa
+    assert json.loads(_value(rtp, "--additional-config")) == {"rtpurbo": {"artifact": str(s.artifact_dir)}}
+    assert s.artifact_dir.parent == s.out            # never written into a user's model folder
+
+
+def test_bench_commands(tmp_path):
+    s = _settings(tmp_path, "--contexts", "32", "128", "--max-concurrency", "1", "4", "--num-prompts", "6",
+                  "--latency-context", "64", "--latency-batch", "1", "4")
+    runs = bs.bench_serve_runs(s, "RTPURBO", 9000)
+    assert [r.key for r in runs] == [{"backend": "RTPURBO", "context": c, "concurrency": k}
+                                     for c in (32768, 131072) for k in (1, 4)]
+    argv = runs[-1].argv
+    assert _sub(s, argv)[:2] == ["bench", "serve"]
+    assert _value(argv, "--host") == "127.0.0.1" and _value(argv, "--port") == "9000"
+    assert _value(argv, "--dataset-name") == "random" and _value(argv, "--random-input-len") == "131072"
+    assert _value(argv, "--max-concurrency") == "4" and _value(argv, "--num-prompts") == "6"
+    assert _value(argv, "--model") == bs.SERVED_NAME and "--save-result" in argv
+    assert Path(_value(argv, "--result-dir")) / _value(argv, "--result-filename") == runs[-1].result
+    lat = bs.bench_latency_runs(s, "FLASH_ATTN")
+    assert [r.key["batch"] for r in lat] == [1, 4]
+    argv = lat[1].argv
+    assert _sub(s, argv)[:2] == ["bench", "latency"] and _value(argv, "--attention-backend") == "FLASH_ATTN"
+    assert _value(argv, "--input-len") == "65536" and _value(argv, "--batch-size") == "4"
+    assert Path(_value(argv, "--output-json")) == lat[1].result
+    assert "--additional-config" in bs.bench_latency_runs(s, "RTPURBO")[0].argv
+
+
+def test_child_environment(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "example.org")
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    env = bs.child_env()
+    assert env["NO_PROXY"] == env["no_proxy"] == "example.org,127.0.0.1,localhost"
+    assert env["VLLM_LOGGING_COLOR"] == "0" and env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")                   # a caller's choice is kept
+    assert bs.child_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--keep", "0"], "--keep"), (["--top-p", "1.5"], "--top-p"), (["--max-concurrency", "0"], "--max-concurrency"),
+    (["--max-model-len", "1000"], "below the longest request"), (["--ratio", "2"], "--ratio"),
+])
+def test_bad_settings_are_rejected(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        _settings(tmp_path, *bad)
+
+
+def test_commands_parse_with_vllms_own_cli(tmp_path):
+    """The real ``vllm`` CLI main parses every command; only the subcommands' work is replaced by a probe."""
+    s = _settings(tmp_path, "--contexts", "32", "--latency-batch", "4")
+    commands = [_sub(s, argv) for argv in (bs.serve_command(s, "FLASH_ATTN", 8011),
+                                           bs.serve_command(s, "RTPURBO", 8011),
+                                           bs.bench_serve_runs(s, "RTPURBO", 8011)[0].argv,
+                                           bs.bench_latency_runs(s, "RTPURBO")[0].argv)]
+    code = textwrap.dedent("""
+        import json, sys
+        from vllm import platforms
+        if platforms.current_platform.is_unspecified():   # no GPU here: vLLM's CPU platform builds the parsers
+            from vllm.platforms.cpu import CpuPlatform
+            platforms.current_platform = CpuPlatform()
+        import vllm.entrypoints.cli.serve as serve
+        from vllm.entrypoints.cli.benchmark.latency import BenchmarkLatencySubcommand
+        from vllm.entrypoints.cli.benchmark.serve import BenchmarkServingSubcommand
+        from vllm.entrypoints.cli.main import main
+        commands, keys, parsed = json.loads(sys.argv[1]), json.loads(sys.argv[2]), []
+        probe = staticmethod(lambda args: parsed.append({k: getattr(args, k, None) for k in keys}))
+        serve.ServeSubcommand.cmd = probe
+        BenchmarkLatencySubcommand.cmd = probe
+        BenchmarkServingSubcommand.cmd = probe
+        for argv in commands:
+            sys.argv = ["vllm", *argv]
+            main()
+        print(json.dumps(parsed, default=str))
+    """)
+    keys = ["model_tag", "attention_backend", "host", "port", "load_format", "max_model_len", "enable_prefix_caching",
+            "served_model_name", "disable_uvicorn_access_log", "additional_config", "dataset_name", "random_input_len",
+            "random_output_len", "num_prompts", "save_result", "max_concurrency", "ignore_eos", "input_len",
+            "batch_size", "output_json"]
+    proc = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(commands), json.dumps(keys)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fa, rtp, client, latency = json.loads(proc.stdout.strip().splitlines()[-1])
+    for args, backend in ((fa, "FLASH_ATTN"), (rtp, "RTPURBO")):
+        assert args["model_tag"] == str(s.model_dir) and args["attention_backend"] == backend
+        assert (args["host"], args["port"], args["load_format"]) == ("127.0.0.1", 8011, "dummy")
+        assert args["max_model_len"] == s.max_model_len and args["enable_prefix_caching"] is False
+        assert args["served_model_name"] == [bs.SERVED_NAME] and args["disable_uvicorn_access_log"] is True
+    assert "rtpurbo" in rtp["additional_config"]
+    assert (client["host"], client["port"], client["dataset_name"]) == ("127.0.0.1", 8011, "random")
+    assert (client["random_input_len"], client["random_output_len"], client["num_prompts"]) == (32768, 128, 4)
+    assert client["save_result"] is True and client["max_concurrency"] == 1 and client["ignore_eos"] is True
+    assert (latency["input_len"], latency["batch_size"], latency["attention_backend"]) == (131072, 4, "RTPURBO")
+    assert latency["output_json"].endswith("latency-RTPURBO-128K-b4.json") and latency["load_format"] == "dummy"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing vLLM's outputs
+# ---------------------------------------------------------------------------------------------------
+
+def _vllm_source(relative):
+    return (Path(importlib.util.find_spec("vllm").origin).parent / relative).read_text()
+
+
+# vLLM 0.26, vllm/v1/core/kv_cache_utils.py (get_kv_cache_configs), checked against the installed source below.
+KV_FORMAT = "GPU KV cache size: %s tokens"
+CONCURRENCY_FORMAT = "Maximum concurrency for %s tokens per request: %.2fx"
+# The line prefix: vllm/logger.py _FORMAT ("%(levelname)s %(asctime)s [%(fileinfo)s:%(lineno)d] %(message)s")
+# behind the "(EngineCore pid=N) " that vllm/utils/system_utils.py _add_prefix writes for the engine process.
+PREFIX = "(EngineCore pid=4242) INFO 11-28 10:15:02 [kv_cache_utils.py:2177] "
+
+
+def sample_log(tokens, request_tokens, concurrency):
+    return "\n".join([
+        "(APIServer pid=4200) INFO 11-28 10:14:01 [utils.py:233] non-default args: {'model': '/m'}",
+        PREFIX + KV_FORMAT % f"{tokens:,}",
+        PREFIX + CONCURRENCY_FORMAT % (f"{request_tokens:,}", concurrency),
+        "(APIServer pid=4200) INFO 11-28 10:16:40 [api_server.py:1000] Starting vLLM server on http://127.0.0.1:8000",
+    ])
+
+
+def test_log_formats_match_installed_vllm():
+    source = _vllm_source("v1/core/kv_cache_utils.py")
+    assert f'"{KV_FORMAT}"' in source and f'"{CONCURRENCY_FORMAT}"' in source
+
+
+def test_parse_kv_capacity():
+    got = bs.parse_kv_capacity(sample_log(1_234_560, 262_272, 4.7071))
+    assert got == {"kv_cache_tokens": 1_234_560, "max_concurrency": 4.71, "concurrency_request_tokens": 262_272}
+    assert bs.parse_kv_capacity(sample_log(999, 1000, 0.999)) == {
+        "kv_cache_tokens": 999, "max_concurrency": 1.0, "concurrency_request_tokens": 1000}
+    assert bs.parse_kv_capacity("no such lines") == {"kv_cache_tokens": None, "max_concurrency": None,
+                                                     "concurrency_request_tokens": None}
+
+
+def serve_result(backend, context, ttft, tpot, throughput):
+    """A ``vllm bench serve --save-result`` file as vllm/benchmarks/serve.py writes it (without --save-detailed)."""
+    return {
+        "date": "20261128-101500", "endpoint_type": "openai", "backend": "openai", "label": "openai",
+        "model_id": bs.SERVED_NAME, "tokenizer_id": "/tok", "num_prompts": 4, "attention_backend": backend,
+        "context": str(context), "request_rate": "inf", "burstiness": 1.0, "max_concurrency": 1,
+        "duration": 12.5, "completed": 4, "failed": 0, "total_input_tokens": 4 * context, "total_output_tokens": 512,
+        "request_throughput": 0.32, "request_goodput": None, "output_throughput": throughput,
+        "total_token_throughput": 4 * context / 12.5, "max_output_tokens_per_s": 80.0,
+        "max_concurrent_requests": 1, "rtfx": 0.0,
+        **{f"{stat}_ttft_ms": ttft for stat in ("mean", "median", "std", "p50", "p90", "p99")},
+        **{f"{stat}_tpot_ms": tpot for stat in ("mean", "median", "std", "p50", "p90", "p99")},
+        **{f"{stat}_itl_ms": tpot for stat in ("mean", "median", "std", "p50", "p90", "p99")},
+        **{f"{stat}_e2el_ms": ttft + 127 * tpot for stat in ("mean", "median", "std", "p50", "p90", "p99")},
+    }
+
+
+def latency_result(avg):
+    """A ``vllm bench latency --output-json`` file (vllm/benchmarks/latency.py; percentile keys become strings)."""
+    return {"avg_latency": avg, "latencies": [avg * 0.9, avg, avg * 1.1],
+            "percentiles": {"10": avg * 0.9, "25": avg, "50": avg, "75": avg, "90": avg * 1.1, "99": avg * 1.1}}
+
+
+def test_result_field_names_match_installed_vllm():
+    serve, latency = _vllm_source("benchmarks/serve.py"), _vllm_source("benchmarks/latency.py")
+    for field in bs.SERVE_FIELDS:
+        assert f'"{field}"' in serve
+    assert 'f"mean_{metric_attribute_name}_ms"' in serve and 'f"p{p_word}_{metric_attribute_name}_ms"' in serve
+    assert all(f'"{k}"' in latency for k in ("avg_latency", "latencies", "percentiles"))
+
+
+def test_parse_bench_results(tmp_path):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(serve_result("RTPURBO", 32768, 150.0, 20.0, 40.0)))
+    row = bs.parse_serve_result(path)
+    assert row["completed"] == 4 and row["failed"] == 0 and row["output_throughput"] == 40.0
+    assert row["median_ttft_ms"] == 150.0 and row["p99_tpot_ms"] == 20.0 and row["p90_itl_ms"] == 20.0
+    assert "std_ttft_ms" not in row and "attention_backend" not in row
+    path.write_text(json.dumps(latency_result(2.0)))
+    assert bs.parse_latency_result(path) == {"avg_latency_s": 2.0, "p50_latency_s": 2.0, "p90_latency_s": 2.2,
+                                             "iterations": 3}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def fake_results(s):
+    results = bs.new_results(s)
+    results["environment"] = {"device": "NVIDIA H200, 143771 MiB, 570.00", "versions": {"vllm": "0.26.0"},
+                              "commit": "abc1234"}
+    results["capacity"] = {"FLASH_ATTN": {"kv_cache_tokens": 400_000, "max_concurrency": 1.52},
+                           "RTPURBO": {"kv_cache_tokens": 380_000, "max_concurrency": 1.45}}
+    for backend, ttft, tpot, tput in (("FLASH_ATTN", 2000.0, 40.0, 20.0), ("RTPURBO", 1000.0, 10.0, 60.0)):
+        results["serve"].append({"backend": backend, "context": 131072, "concurrency": 1,
+                                 "median_ttft_ms": ttft, "median_tpot_ms": tpot, "output_throughput": tput})
+        results["latency"].append({"backend": backend, "context": 131072, "batch": 4,
+                                   "avg_latency_s": 30.0 if backend == "FLASH_ATTN" else 12.0})
+    results["serve"].append({"backend": "RTPURBO", "context": 262144, "concurrency": 1, "error": "exit code 1"})
+    results["commands"].append({"command": "vllm serve /m --attention-backend FLASH_ATTN"})
+    return results
+
+
+def test_report_tables_and_ratios(tmp_path):
+    s = _settings(tmp_path)
+    text = bs.render_markdown(fake_results(s))
+    row = next(line for line in text.splitlines() if line.startswith("| 128K | 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["128K", "1", "2000", "1000", "2.00x", "40", "10", "4.00x", "20", "60", "3.00x",
+                     "400,000", "380,000", "0.95x", "1.52", "1.45"]
+    assert "| 128K | 4 | 30 | 12 | 2.50x |" in text
+    assert "| 256K | 1 |" in text and "FAILED, exit code 1" in text         # a failed point is listed, not hidden
+    assert "NVIDIA H200" in text and "vllm serve /m --attention-backend FLASH_ATTN" in text
+
+
+def test_report_files_are_written_atomically(tmp_path):
+    s = _settings(tmp_path)
+    results = fake_results(s)
+    bs.save(s, results)
+    bs.write_report(s, results)
+    assert json.loads((s.out / bs.RESULTS_JSON).read_text()) == results
+    assert (s.out / bs.REPORT_MD).read_text().startswith("# Serving benchmark")
+    assert (s.out / bs.PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in s.out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_put_row_replaces_same_key():
+    rows = [{"backend": "RTPURBO", "context": 1, "batch": 1, "avg_latency_s": 1.0},
+            {"backend": "RTPURBO", "context": 1, "batch": 4, "avg_latency_s": 2.0}]
+    bs.put_row(rows, {"backend": "RTPURBO", "context": 1, "batch": 1, "avg_latency_s": 3.0},
+               {"backend": "RTPURBO", "context": 1, "batch": 1})
+    assert sorted((r["batch"], r["avg_latency_s"]) for r in rows) == [(1, 3.0), (4, 2.0)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Server lifecycle (fake servers on 127.0.0.1)
+# ---------------------------------------------------------------------------------------------------
+
+FAKE_SERVER = textwrap.dedent("""
+    import http.server, signal, subprocess, sys, time
+    mode, port, pidfile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if mode == "exit":
+        sys.exit(3)
+    # A child that outlives a plain kill of the server, like vLLM's engine core process.
+    engine = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                               "signal.SIG_IGN); time.sleep(120)"])
+    open(pidfile, "w").write(str(engine.pid))
+    if mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "never-healthy":
+        time.sleep(120)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+""")
+
+
+def _fake_server(tmp_path, mode):
+    port = bs.free_port()
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    return [sys.executable, str(script), mode, str(port), str(tmp_path / "engine.pid")], port
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["healthy", "ignore-term"])
+def test_server_is_stopped_when_the_body_fails(tmp_path, mode):
+    argv, port = _fake_server(tmp_path, mode)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="bench failed"):
+        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=20,
+                               stop_timeout=0.5) as server:
+            assert server.alive()
+            engine = int((tmp_path / "engine.pid").read_text())
+            raise RuntimeError("bench failed")
+    assert not server.alive() and _gone(engine)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("mode, error", [("exit", "exited with code 3"), ("never-healthy", "not healthy within")])
+def test_server_is_stopped_when_it_never_gets_healthy(tmp_path, monkeypatch, mode, error):
+    argv, port = _fake_server(tmp_path, mode)
+    started = []
+    monkeypatch.setattr(bs, "Child", lambda *args, _cls=bs.Child: started.append(_cls(*args)) or started[-1])
+    with pytest.raises((RuntimeError, TimeoutError), match=error):
+        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=2, stop_timeout=0.5):
+            pytest.fail("the body must not run")
+    assert len(started) == 1 and not started[0].alive()
+    if mode == "never-healthy":
+        assert _gone(int((tmp_path / "engine.pid").read_text()))
+
+
+def test_command_timeout_stops_the_command(tmp_path):
+    rc = bs.run_command([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "c.log", tmp_path,
+                        timeout=0.5, stop_timeout=1)
+    assert rc == 124
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run against a fake `vllm`
+# ---------------------------------------------------------------------------------------------------
+
+FAKE_VLLM = textwrap.dedent("""
+    import http.server, json, os, sys
+    argv = sys.argv[1:]
+    def value(flag):
+        return argv[argv.index(flag) + 1]
+    def capacity():
+        backend = value("--attention-backend")
+        print("(EngineCore pid=1) INFO 11-28 10:00:00 [kv_cache_utils.py:2177] GPU KV cache size: %s tokens"
+              % f"{400000 if backend == 'FLASH_ATTN' else 380000:,}")
+        print("(EngineCore pid=1) INFO 11-28 10:00:00 [kv_cache_utils.py:2179] Maximum concurrency for %s tokens "
+              "per request: %.2fx" % (f"{int(value('--max-model-len')):,}", 1.5), flush=True)
+    fast = "--additional-config" in argv
+    if argv[0] == "serve":
+        assert value("--host") == "127.0.0.1"
+        if os.environ.get("FAKE_SERVER_EXIT"):
+            sys.exit(2)
+        capacity()
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/health" else 404)
+                self.end_headers()
+        http.server.HTTPServer(("127.0.0.1", int(value("--port"))), Health).serve_forever()
+    elif argv[:2] == ["bench", "serve"]:
+        backend = [m for m in argv if m.startswith("attention_backend=")][0].split("=")[1]
+        context = int(value("--random-input-len"))
+        if context == 2048 and backend == "RTPURBO" and os.environ.get("FAKE_FAIL"):
+            sys.exit(1)
+        failed = int(context == 1024 and backend == "RTPURBO" and bool(os.environ.get("FAKE_FAIL")))
+        ttft, tpot = (100.0, 5.0) if backend == "RTPURBO" else (200.0, 10.0)
+        result = {"completed": 2 - failed, "failed": failed, "duration": 1.0, "output_throughput": 1000.0 / tpot,
+                  "median_ttft_ms": ttft * context / 1024, "median_tpot_ms": tpot, "median_itl_ms": tpot}
+        os.makedirs(value("--result-dir"), exist_ok=True)
+        with open(os.path.join(value("--result-dir"), value("--result-filename")), "w") as f:
+            json.dump(result, f)
+    elif argv[:2] == ["bench", "latency"]:
+        capacity()
+        avg = int(value("--batch-size")) * (1.0 if fast else 2.0)
+        with open(value("--output-json"), "w") as f:
+            json.dump({"avg_latency": avg, "latencies": [avg], "percentiles": {"50": avg, "90": avg}}, f)
+""")
+
+
+def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
+    exe = tmp_path / "vllm"
+    exe.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
+    exe.chmod(0o755)
+    out = tmp_path / "out"
+    common = ["--vllm", str(exe), "--out", str(out), "--contexts", "1", "2", "--latency-context", "1",
+              "--latency-batch", "1", "2", "--num-prompts", "2", "--startup-timeout", "20", "--stop-timeout", "1",
+              "--max-model-len", "4096"]
+    assert bs.main(common) == 0
+    printed = capsys.readouterr().out
+    assert "Kept-block share of the retrieval heads at decode: set through top-p, not measured" in printed
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert results["capacity"]["FLASH_ATTN"]["kv_cache_tokens"] == 400_000
+    assert results["capacity"]["RTPURBO"]["concurrency_request_tokens"] == 4096
+    assert len(results["serve"]) == 4 and len(results["latency"]) == 4
+    assert results["artifact"]["params"]["top_p"] == 0.03
+    assert 0.03 <= results["artifact"]["kept_block_share_flat"]["2048"] <= 0.1     # 2 forced blocks of 32
+    assert sum(c.get("server", False) for c in results["commands"]) == 2
+    assert len(results["commands"]) == 2 + 4 + 4
+    assert (out / bs.PLOT_PNG).is_file() and "| 2K | 1 | 400 | 200 | 2.00x |" in (out / bs.REPORT_MD).read_text()
+    assert "| 1K | 2 | 4 | 2 | 2.00x |" in (out / bs.REPORT_MD).read_text()
+
+    # A second invocation merges: both RTPURBO points now fail (a command error; one failed request), they
+    # replace the earlier rows, nothing is duplicated.
+    monkeypatch.setenv("FAKE_FAIL", "1")
+    assert bs.main([*common, "--backends", "RTPURBO", "--phases", "serve"]) == 1
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert len(results["serve"]) == 4 and len(results["invocations"]) == 2
+    failed = sorted((r["backend"], r["context"], r["error"].split(";")[0]) for r in results["serve"] if "error" in r)
+    assert failed == [("RTPURBO", 1024, "1 requests failed, 1 completed"), ("RTPURBO", 2048, "exit code 1")]
+    # A server that dies at startup is recorded, and the latency phase still runs.
+    monkeypatch.setenv("FAKE_SERVER_EXIT", "1")
+    assert bs.main([*common, "--backends", "FLASH_ATTN", "--latency-batch", "1"]) == 1
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert "exited with code 2" in results["capacity"]["FLASH_ATTN"]["error"]
+    assert "FLASH_ATTN server: FAILED" in (out / bs.REPORT_MD).read_text()
+    assert len(results["latency"]) == 4 and len(results["invocations"]) == 3
+    with pytest.raises(ValueError, match="other settings .*top_p"):
+        bs.main([*common, "--keep", "0.1"])
