@@ -1,0 +1,34 @@
+"""A tiny Llama model trained from scratch on synthetic long-context key-value retrieval.
+
+It is the test subject of the head finding, indexer training and serving tests: 4 layers x 8 query
+heads (2 KV heads, head_dim 64), a 366-token vocabulary, trained by :mod:`rtpurbo_vllm.tiny.train`
+on the task of :mod:`rtpurbo_vllm.tiny.task`. The trained folder belongs next to this file
+(``model/``); it is not committed yet: training has not reached its accuracy target (see the issue
+notes). ``python -m rtpurbo_vllm.tiny.train --out rtpurbo_vllm/tiny/model`` produces it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+
+def tiny_model_dir() -> Path:
+    """The committed Hugging Face folder of the trained model (config, weights, tokenizer)."""
+    return Path(__file__).resolve().parent / "model"
+
+
+@lru_cache(maxsize=None)
+def load_tiny_model(dtype: str = "float32"):
+    """``(model, tokenizer)`` from :func:`tiny_model_dir`, loaded once per ``dtype`` and cached.
+
+    The model is a ``LlamaForCausalLM`` in eval mode on the CPU with SDPA attention; callers share
+    it and must not modify it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tiny_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
