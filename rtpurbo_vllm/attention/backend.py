@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
 
@@ -38,10 +37,6 @@ class RTPurboAttentionBackend(FlashAttentionBackend):
         from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
 
         return RTPurboMetadataBuilder
-
-    @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
-        return [MultipleOf(16)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -93,4 +88,6 @@ class RTPurboAttentionBackend(FlashAttentionBackend):
     @classmethod
     def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
                              use_sparse, use_mm_prefix, device_capability) -> str | None:
+        # FlashAttention's own rule (sinks below SM90, mm-prefix without FA4) does not apply: both are
+        # refused above.
         return None
