@@ -66,4 +66,5 @@ def _cuda_extensions():
 if __name__ == "__main__":
     packages, package_dir = _packages()
     ext_modules, cmdclass = _cuda_extensions()
-    setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
+          package_data={"rtpurbo_vllm.tiny": ["model/*", "model/rtpurbo/*"]})

@@ -5,9 +5,9 @@ A document is filler words with *pairs* ``key sigma 9 3 8 .`` buried in it; a *q
 words of their own (never filler), and the value follows the key directly, so finding it is one
 step of induction: attend to the token after the earlier copy of the current token. (Keys of three
 digits with ``: value`` in between need a match three tokens deep, which a from-scratch model did
-not learn within the CPU budget: 25-28 % with 5-8 pairs.) Every
-generator takes a seed (or a ``random.Random``) and is deterministic in it. Token ids come from the
-fixed vocabulary of :mod:`rtpurbo_vllm.tiny.tokenizer`; every id sequence starts with ``<s>``.
+not learn within the CPU budget: 25-28 % with 5-8 pairs.) Every generator takes a seed (or a
+``random.Random``) and is deterministic in it. Token ids come from the fixed vocabulary of
+:mod:`rtpurbo_vllm.tiny.tokenizer`; every id sequence starts with ``<s>``.
 
 Filler is not uniform noise: each filler word is drawn among four fixed *successors* of the word two
 places back (a skip-bigram rule), with an occasional ``.``. Predicting it needs the previous token,
@@ -166,10 +166,10 @@ def make_training_example(rng: random.Random, seq_len: int, n_pairs: int, n_quer
     Events are shuffled with a pair first. Each query asks for a uniformly chosen pair defined
     before it and is followed by its answer and ``.``. An *echo* is a span of random digits (each
     token with probability ``echo_digit_p``) and filler words (length drawn from ``echo_len``)
-    that appears twice, the second time at a later
-    random place: copying it is the induction skill that answering a query builds on (digits repeat
-    often, so the copy must match several tokens back, like a key), with far more targets per
-    document. ``n_pairs = n_queries = 0`` gives echoes alone.
+    that appears twice, the second time at a later random place: copying it is the induction skill
+    that answering a query builds on (digits repeat often, so copying them must match more than
+    one token back), with far more targets per document. ``n_pairs = n_queries = 0`` gives echoes
+    alone.
 
     Returns:
         ``(ids, targets)``: ``ids`` ``[seq_len]``; ``targets`` ``[seq_len]`` says what predicts

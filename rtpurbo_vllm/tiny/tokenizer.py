@@ -47,6 +47,10 @@ assert len(TOKEN_ID) == len(VOCAB), "duplicate word in the tiny vocabulary"
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = (TOKEN_ID[t] for t in SPECIALS)
 
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+"""The model has no roles: a chat request is ``<s>`` and its messages' text, so the chat endpoint
+sends the same ids as the completions endpoint for a one-message chat."""
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The fast tokenizer over :data:`VOCAB` (``len(VOCAB)`` ids); ``encode`` prepends ``<s>``."""
@@ -62,7 +66,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        clean_up_tokenization_spaces=False, model_max_length=8192)
+        clean_up_tokenization_spaces=False, model_max_length=8192, chat_template=CHAT_TEMPLATE)
 
 
 def save_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
