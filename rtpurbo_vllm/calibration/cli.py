@@ -65,6 +65,9 @@ def _add_heads_args(p: argparse.ArgumentParser) -> None:
     probe.add_argument("--needle-tokens", metavar="N", type=int, default=64,
                        help="tokens of the needle span that appears twice (default 64)")
     _add_data(probe, "filler and needle text")
+    probe.add_argument("--needle-data", metavar="PATH", default=None,
+                       help="text file or folder the needles are cut from instead of --data: text whose spans "
+                            "occur once (records, code, ids), so the second copy has one earlier match")
     out = p.add_argument_group("output and runtime")
     out.add_argument("--out", metavar="DIR", required=True,
                      help="folder for heads.json, head_scores.json/.csv and head_heatmap.png")
@@ -76,7 +79,8 @@ def _run_heads(args: argparse.Namespace) -> None:
 
     result = find_heads(args.model, args.out, ratio=args.ratio or DEFAULT_RATIO, count=args.count, by_kv_group=args.by_kv_group,
                         probe_tokens=args.probe_tokens, num_probes=args.num_probes,
-                        needle_tokens=args.needle_tokens, data=args.data, seed=args.seed, device=args.device)
+                        needle_tokens=args.needle_tokens, data=args.data,
+                        needle_data=args.needle_data, seed=args.seed, device=args.device)
     per_layer = ", ".join(f"L{i}:{h}" for i, h in enumerate(result.heads.retrieval_heads) if h)
     print(f"{result.heads.settings['num_selected']} retrieval heads ({per_layer})")
     for name, path in result.paths.items():

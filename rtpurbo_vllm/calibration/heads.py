@@ -208,9 +208,11 @@ class HeadsResult:
 def find_heads(model: str | os.PathLike | LoadedModel, out_dir: str | os.PathLike, *,
                ratio: float | None = DEFAULT_RATIO, count: int | None = None, by_kv_group: bool = False,
                probe_tokens: int = 4096, num_probes: int = 4, needle_tokens: int = DEFAULT_NEEDLE_TOKENS,
-               data: str | os.PathLike | None = None, seed: int = 0, device: str | None = None) -> HeadsResult:
+               data: str | os.PathLike | None = None, needle_data: str | os.PathLike | None = None,
+               seed: int = 0, device: str | None = None) -> HeadsResult:
     """The ``heads`` command: scores every query head on needle-copy probes, selects the retrieval
     heads and writes ``heads.json``, ``head_scores.{json,csv}`` and ``head_heatmap.png`` to ``out_dir``.
+    Filler comes from ``data``, needles from ``needle_data`` (default: ``data`` as well).
 
     Raises:
         ValueError: bad selection settings, a probe shorter than needed, an unsupported model or an
@@ -220,11 +222,13 @@ def find_heads(model: str | os.PathLike | LoadedModel, out_dir: str | os.PathLik
     lm = resolve_model(model, device)
     target_count(lm.num_layers * lm.num_heads, ratio, count)
     source = TokenSource.create(lm.tokenizer, data, "train")
-    probes = make_probes(source, num_probes, probe_tokens, seed, needle_tokens)
+    needles = None if needle_data is None else TokenSource.create(lm.tokenizer, needle_data, "train")
+    probes = make_probes(source, num_probes, probe_tokens, seed, needle_tokens, needle_source=needles)
     scores = retrieval_scores(lm, probes)
     selected = select_heads(scores, lm.num_kv_heads, ratio, count, by_kv_group)
     settings = {"ratio": ratio, "count": count, "by_kv_group": by_kv_group, "probe_tokens": probe_tokens,
                 "num_probes": num_probes, "needle_tokens": needle_tokens, "data": source.description,
+                "needle_data": (needles or source).description,
                 "seed": seed, "num_selected": sum(map(len, selected))}
     heads = HeadsFile(ModelFingerprint.from_hf_config(lm.hf_config), selected, scores.tolist(), settings)
     table = score_table(scores, selected, lm.num_kv_heads)

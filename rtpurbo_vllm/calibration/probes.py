@@ -3,7 +3,8 @@
 A probe is a document of ``probe_tokens`` ids holding the same needle span twice: once near the
 start (after ``offset`` tokens, clear of the attention sinks) and once ending ``tail`` tokens before
 the end. Filler and needle come from a :class:`~rtpurbo_vllm.calibration.data.TokenSource` (the
-user's text or synthetic text), the needle from a different random place than the filler.
+user's text or synthetic text), the needle from a different random place than the filler, or from a
+source of its own (text whose spans recur nowhere else, so the copy has one match).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def min_probe_tokens(needle_tokens: int = DEFAULT_NEEDLE_TOKENS, offset: int = D
 
 def make_probes(source: TokenSource, num_probes: int, probe_tokens: int, seed: int,
                 needle_tokens: int = DEFAULT_NEEDLE_TOKENS, offset: int = DEFAULT_OFFSET,
-                tail: int = DEFAULT_TAIL) -> list[NeedleProbe]:
-    """``num_probes`` different probes, deterministic in ``seed``.
+                tail: int = DEFAULT_TAIL, needle_source: TokenSource | None = None) -> list[NeedleProbe]:
+    """``num_probes`` different probes, deterministic in ``seed``; needles are cut from
+    ``needle_source`` when given, else from ``source``.
 
     Raises:
         ValueError: ``probe_tokens`` is shorter than :func:`min_probe_tokens`, or a count is not positive.
@@ -58,7 +60,7 @@ def make_probes(source: TokenSource, num_probes: int, probe_tokens: int, seed: i
     rng = random.Random(seed)
     probes = []
     for _ in range(num_probes):
-        needle = source.tokens(rng, needle_tokens)
+        needle = (needle_source or source).tokens(rng, needle_tokens)
         doc = source.sequence(rng, probe_tokens - 2 * needle_tokens)
         second_start = probe_tokens - tail - needle_tokens
         ids = doc[:offset] + needle + doc[offset:second_start - needle_tokens] + needle + doc[len(doc) - tail:]
