@@ -8,7 +8,10 @@ never initialises CUDA. It
    backend slot, by class path (the backend module is imported only when vLLM resolves it);
 2. makes ``RTPURBO`` (any case) a name of that slot, so ``--attention-backend RTPURBO`` parses. The
    alias *is* the ``CUSTOM`` member, so a ``VllmConfig`` holding it unpickles in spawned processes
-   before their plugins load.
+   before their plugins load;
+3. registers the KV-cache specs and managers of the memory-saving layout
+   (:func:`rtpurbo_vllm.kv_cache.register_kv_cache_specs`; CPU-only imports of vLLM's KV-cache
+   manager modules) in every process that builds KV-cache configs or managers.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ BACKEND_CLASS_PATH = "rtpurbo_vllm.attention.backend.RTPurboAttentionBackend"
 
 
 def register() -> None:
-    """Registers the backend and the ``RTPURBO`` alias; calling it again changes nothing."""
+    """Registers the backend, the ``RTPURBO`` alias and the KV-cache specs; calling it again changes
+    nothing."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    _register_kv_cache_specs()
     custom = AttentionBackendEnum.CUSTOM
     already = (AttentionBackendEnum._member_map_.get(BACKEND_NAME) is custom
                and _registered_path(custom) == BACKEND_CLASS_PATH)
@@ -41,6 +46,17 @@ def register() -> None:
     AttentionBackendEnum._member_map_[BACKEND_NAME] = custom
     logger.info("rtpurbo-vllm: attention backend %s registered as CUSTOM (%s)",
                 BACKEND_NAME, BACKEND_CLASS_PATH)
+
+
+def _register_kv_cache_specs() -> None:
+    # Importing the package registers the specs (and does it again wherever a pickled spec is
+    # loaded), so a failure here is logged rather than aborting vLLM's start-up.
+    try:
+        from rtpurbo_vllm.kv_cache import register_kv_cache_specs
+
+        register_kv_cache_specs()
+    except Exception:  # noqa: BLE001
+        logger.exception("rtpurbo-vllm: registering the KV-cache specs failed")
 
 
 def _registered_path(member) -> str | None:
