@@ -1,14 +1,38 @@
 #!/usr/bin/env bash
-# GPU checks on the lent machine, after the vLLM bundle is staged and sourced (see
-# ../shared/device/README.md): installs this package, then runs the end-to-end engine tests, the
-# GPU kernel/prefill tests and the one-layer benchmark. Logs and results go under $OUT.
+# GPU checks on the lent machine, after the vLLM bundle is staged and sourced and this package is
+# installed (see ../shared/device/README.md and docs/BENCHMARKS.md). One stage per call, so each fits
+# in one device command; logs and results go under $OUT.
+#
+#   bash scripts/gpu_checks.sh tests      # GPU kernel/prefill tests + vllm.LLM engine tests
+#   bash scripts/gpu_checks.sh serve      # vllm serve with the tiny model: accuracy, preemption, TP=2, V1
+#   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
+#   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
-export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-# -P: keep the repo root (and its triton_kernels/ folder) off sys.path.
-timeout 240 python3 -P -m pytest -x -q -s -rs tests/e2e 2>&1 | tee "$OUT/e2e.log" | grep -vE "^(INFO|DEBUG|WARNING)"
-timeout 100 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-timeout 150 python3 -P benchmarks/bench_attention.py ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+stage=${1:?stage: tests | serve | layer | serving}
+shift
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+# -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
+case "$stage" in
+  tests)
+    timeout 150 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 \
+      | tail -15 | tee "$OUT/gpu_tests.log"
+    timeout 300 python3 -P -m pytest -q -s -rs tests/e2e/test_engine_gpu.py 2>&1 | tee "$OUT/e2e_engine.log" \
+      | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -30 ;;
+  serve)
+    RTPURBO_E2E_LOGS="$OUT/serve_logs" timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_serve_tiny_gpu.py \
+      2>&1 | tee "$OUT/e2e_serve.log" | grep -vE "^(INFO|DEBUG|WARNING)" | tail -30 ;;
+  layer)
+    timeout 560 python3 -P benchmarks/bench_attention.py --prefill 32 128 512 1024 --decode 32 128 512 \
+      --batch 1 32 --repeats 5 --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_attention.log" ;;
+  serving)
+    backend=${1:?serving needs a backend: FLASH_ATTN or RTPURBO}
+    shift
+    keep="$HOME/rtpurbo_serving"      # outlives one call, so FLASH_ATTN and RTPURBO runs merge
+    timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends "$backend" --phases serve \
+      --contexts 32 128 --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_serving_$backend.log" | tail -40
+    cp -r "$keep" "$OUT/serving" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
