@@ -26,7 +26,7 @@ from rtpurbo_vllm.attention.index_cache import RTPurboIndexCache
 from rtpurbo_vllm.attention.metadata import RTPurboMetadata
 from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill, headwise_prefill_torch
 from rtpurbo_vllm.attention.serving_config import serving_artifact
-from rtpurbo_vllm.attention.tp import rank_indexer, rank_layout
+from rtpurbo_vllm.attention.tp import index_slots, rank_indexer, rank_layout
 from rtpurbo_vllm.rope import RopeSpec
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp
 from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
@@ -104,10 +104,11 @@ class RTPurboAttentionImpl(AttentionImpl):
                              f"{self.num_kv_heads}; was the artifact made for this model?")
         heads = layout.retrieval_heads[layer]
         w_q, w_k = rank_indexer(self.artifact.layout, layer, *self.artifact.indexer[layer])
-        index_cache = None
-        if heads:
-            index_cache = RTPurboIndexCache(f"{self.layer_name}.{INDEX_CACHE_SUFFIX}", len(heads),
-                                            self.params.index_dim, act_dtype, self.vllm_config)
+        index_cache, slots = None, index_slots(self.artifact.layout, layer)
+        if slots:       # every rank declares the cache, sized for the busiest rank
+            cache = RTPurboIndexCache(f"{self.layer_name}.{INDEX_CACHE_SUFFIX}", len(heads), slots,
+                                      self.params.index_dim, act_dtype, self.vllm_config)
+            index_cache = cache if heads else None
         self.plan = _LayerPlan(
             retrieval_heads=torch.tensor(heads, dtype=torch.int32, device=device),
             kv_heads=torch.tensor([layout.kv_head_of(h) for h in heads], dtype=torch.int32, device=device),

@@ -81,23 +81,27 @@ class RTPurboIndexCacheMetadataBuilder(AttentionMetadataBuilder[RTPurboIndexCach
 
 
 class RTPurboIndexCache(nn.Module, AttentionLayerBase):
-    """Side-cache layer of one attention layer; vLLM binds ``kv_cache`` ``[num_blocks, P, HR * DI]``.
+    """Side-cache layer of one attention layer; vLLM binds ``kv_cache`` ``[num_blocks, P, S * DI]``.
 
     Args:
         prefix: unique layer name with exactly one numeric component (the layer index).
-        num_heads: retrieval query heads of the layer on this rank (HR > 0).
+        num_heads: retrieval query heads of the layer on this rank (HR >= 0).
+        num_slots: S, heads the cache has room for: the same on every tensor-parallel rank (vLLM
+            requires equal specs), so the most any rank serves (``tp.index_slots``); ``HR <= S``.
         index_dim: DI, the indexer dimension (16).
         dtype: cache dtype (the model's activation dtype).
         vllm_config: the engine config; the layer registers itself in its static forward context.
     """
 
-    def __init__(self, prefix: str, num_heads: int, index_dim: int, dtype: torch.dtype,
+    def __init__(self, prefix: str, num_heads: int, num_slots: int, index_dim: int, dtype: torch.dtype,
                  vllm_config: VllmConfig) -> None:
         super().__init__()
-        if num_heads <= 0:
-            raise ValueError(f"{prefix}: an index cache needs at least one retrieval head")
+        if not 0 <= num_heads <= num_slots or num_slots <= 0:
+            raise ValueError(f"{prefix}: an index cache needs 0 <= heads <= slots and slots > 0, got "
+                             f"{num_heads} heads, {num_slots} slots")
         self.prefix = prefix
         self.num_heads = num_heads
+        self.num_slots = num_slots
         self.index_dim = index_dim
         self.dtype = dtype
         self.kv_cache = torch.tensor([])
@@ -108,14 +112,15 @@ class RTPurboIndexCache(nn.Module, AttentionLayerBase):
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
         return MLAAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
-                                head_size=self.num_heads * self.index_dim, dtype=self.dtype)
+                                head_size=self.num_slots * self.index_dim, dtype=self.dtype)
 
     def get_attn_backend(self) -> type[AttentionBackend]:
         return RTPurboIndexCacheBackend
 
     def paged_view(self) -> torch.Tensor:
-        """The bound cache as ``[num_blocks, P, HR, DI]`` (a view)."""
-        return self.kv_cache.view(*self.kv_cache.shape[:2], self.num_heads, self.index_dim)
+        """This rank's heads of the bound cache, ``[num_blocks, P, HR, DI]`` (a strided view)."""
+        full = self.kv_cache.view(*self.kv_cache.shape[:2], self.num_slots, self.index_dim)
+        return full[:, :, :self.num_heads]
 
     def forward(self) -> None:
         """Never called: the attention impl writes and reads this cache."""
