@@ -29,6 +29,11 @@ grids depend only on shapes: the op is CUDA-graph safe and never syncs with the 
    Both kinds share one launch so that they overlap (back to back, batch 1 leaves the GPU idle).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
+Split KV layout (``kv_slots``): a KV head's K/V live either in ``k_cache``/``v_cache`` (the full heads,
+``block_table``) or in ``window_cache`` (own block table and page size); retrieval units always read
+the former, a KV-group unit picks its cache at run time. Local units only ever enumerate sink and
+window tokens, so out-of-window pages of the window cache (vLLM's null block) are never read.
+
 Splits past a head's work return without writing; the combine reads only the valid ones.
 Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page offsets are int64.
 
