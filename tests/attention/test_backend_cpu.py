@@ -24,9 +24,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers  # noqa: E402
 
 from rtpurbo_vllm.artifacts import ModelFingerprint, RTPurboArtifact, SparsityParams, save_artifact  # noqa: E402
-from rtpurbo_vllm.reference import rtpurbo_decode_ref, rtpurbo_prefill_ref  # noqa: E402
+from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref, rtpurbo_prefill_ref  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope  # noqa: E402
+from rtpurbo_vllm.triton_kernels.block_topp import expand_block_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_ref  # noqa: E402
 
 D, PAGE = 64, 16
 # (HQ, HKV, retrieval heads per layer). Split layout: "hkv2" keeps both KV heads in full (no window
@@ -155,6 +157,38 @@ def nan_cache(num_pages, page_size, num_kv_heads):
                       ).permute(0, 2, 1, 3)
 
 
+def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.02):
+    """``[HQ, D]`` float32: the reference decode of one sequence (``q`` ``[HQ, D]``, ``k``/``v`` its keys).
+
+    Block top-p runs on bf16 index keys in the kernel and on exact ones here, so a retrieval head may
+    pick another block set when two blocks' masses tie within rounding. Where ``kernel_blocks[r]``
+    (the kernel's kept blocks of head ``r``) differs from the reference's, it is accepted if it is a
+    top-p set of the exact masses up to ``near_tie`` (holds the forced blocks, reaches ``top_p`` and
+    would fall below it without its lightest optional block), and the reference attends over it.
+    """
+    n = k.shape[0]
+    cu_k = torch.tensor([0, n], dtype=torch.int32)
+    keep = rtpurbo_decode_keep_ref(cu_k, q_pre[None], k_pre, heads, w_q.float(), w_k.float(), p.sink_tokens,
+                                   p.window, p.top_p, p.block_size, p.dense_threshold)          # [HQ, n]
+    group = q.shape[0] // k.shape[1]
+    num_blocks = -(-n // p.block_size)
+    for r, h in enumerate(heads):
+        ref_blocks = sorted(set((keep[h].nonzero().flatten() // p.block_size).tolist()))
+        if kernel_blocks[r] == ref_blocks:
+            continue
+        scores = (w_k[r].float() @ k_pre[:, h // group].float().t()).t() @ (w_q[r].float() @ q_pre[h].float())
+        mass = torch.zeros(num_blocks).index_add_(0, torch.arange(n) // p.block_size, torch.softmax(scores, 0))
+        forced = set(range(-(-p.sink_tokens // p.block_size))) | {num_blocks - 1}
+        chosen = mass[kernel_blocks[r]].sum()
+        optional = [mass[b] for b in kernel_blocks[r] if b not in forced]
+        assert forced <= set(kernel_blocks[r]) and chosen >= p.top_p - near_tie, (h, kernel_blocks[r], mass)
+        assert not optional or chosen - min(optional) < p.top_p + near_tie, (h, kernel_blocks[r], mass)
+        block_mask = torch.zeros(1, num_blocks, dtype=torch.bool)
+        block_mask[0, kernel_blocks[r]] = True
+        keep[h] = expand_block_mask(block_mask, n, p.block_size)[0]
+    return sparse_decode_ref(q, k, v, keep, scale)[0]
+
+
 @pytest.mark.parametrize("kv_layout", ["full", "split"])
 def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout):
     from vllm.forward_context import set_forward_context
@@ -259,16 +293,18 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
             page, off = slots_of(index_table, index_page, b, t)
             torch.testing.assert_close(paged_index[page, off].float(), want, atol=0.05, rtol=0.02)
 
-        # Attention output against the reference on whole sequences.
+        # Attention output against the reference on whole sequences (decodes first, as in BATCH).
         p = impl.params
+        ws = md.decode.workspace
         row = 0
         for b, ((cached, new), (q_pre, q, k_pre, k, v)) in enumerate(zip(BATCH, seqs)):
             n = cached + new
             cu_k = torch.tensor([0, n], dtype=torch.int32)
             if new == 1:
-                want = rtpurbo_decode_ref(q[-1:], k, v, cu_k, q_pre[-1:], k_pre, RETRIEVAL[layer_idx],
-                                          w_q.float(), w_k.float(), p.sink_tokens, p.window, p.top_p,
-                                          p.block_size, p.dense_threshold, impl.scale)
+                kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist()
+                                 for r in range(len(RETRIEVAL[layer_idx]))]
+                want = decode_reference(q[-1], k, v, q_pre[-1], k_pre, RETRIEVAL[layer_idx], w_q, w_k, p,
+                                        impl.scale, kernel_blocks)[None]
             else:
                 want = rtpurbo_prefill_ref(q[cached:], k, v, torch.tensor([0, new], dtype=torch.int32), cu_k,
                                            RETRIEVAL[layer_idx], p.sink_tokens, p.window, p.dense_threshold,
