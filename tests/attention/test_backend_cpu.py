@@ -117,6 +117,43 @@ def paged_group(page_size, held=None):
     return table, len(ids) + 1 + int(table.max())
 
 
+def manager_block_tables(vllm_config, num_blocks=128):
+    """The step's block tables from vLLM's real ``KVCacheManager`` over the specs the layers declare
+    (RTPurbo's sink-keeping window and prefix-trimming managers), keyed by spec class name, and the
+    page count. Earlier steps prefill the decodes' prompts and the first 50-token chunk of the
+    chunked prefill; this step schedules the decode tokens, the second chunk and the fresh prompt."""
+    import importlib.util
+    import pathlib
+
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    path = pathlib.Path(__file__).parents[1] / "kv_cache" / "conftest.py"
+    helpers = importlib.util.module_from_spec(importlib.util.spec_from_file_location("kv_cache_helpers", path))
+    helpers.__spec__.loader.exec_module(helpers)
+    context = vllm_config.compilation_config.static_forward_context
+    specs = {name: layer.get_kv_cache_spec(vllm_config) for name, layer in context.items()
+             if isinstance(layer, AttentionLayerBase)}
+    vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = False
+    kv = helpers.Engine(vllm_config, specs, num_blocks)
+    requests = []
+    for i, (cached, new) in enumerate(BATCH):
+        request = kv.request(f"r{i}", [1000 * i + t for t in range(cached + (new > 1) * new)])
+        if new == 1:
+            assert kv.admit(request) == 0 and kv.decode(request)
+        else:
+            assert kv.admit(request, first_chunk=cached or None) == 0 and (not cached or kv.step(request, new))
+        assert request.num_computed_tokens == cached + new
+        requests.append(request)
+    tables = {}
+    for name in kv.groups:
+        rows = [[block.block_id for block in kv.blocks(r, name)] for r in requests]
+        table = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.int32)
+        for b, row in enumerate(rows):
+            table[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        tables[name] = table
+    return tables, num_blocks
+
+
 def common_metadata(block_table, page_size):
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -189,8 +226,10 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
     return sparse_decode_ref(q, k, v, keep, scale)[0]
 
 
-@pytest.mark.parametrize("kv_layout", ["full", "split"])
-def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout):
+@pytest.mark.parametrize("kv_layout, blocks", [("full", "hand"), ("split", "hand"), ("split", "manager")])
+def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout, blocks):
+    """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (split layout with
+    three groups only: with R == H there is one group)."""
     from vllm.forward_context import set_forward_context
 
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
@@ -203,10 +242,19 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
     names = [layer.layer_name for layer in layers]
     spec = RopeSpec.from_hf_config(engine.model_config.hf_text_config)
     split = kv_layout == "split"
+    if blocks == "manager" and HKV == 2:
+        pytest.skip("every KV head is full: one KV-cache group, covered with hand-built tables")
+    managed, managed_pages = manager_block_tables(engine) if blocks == "manager" else (None, None)
+
+    def group_tables(spec, held=None):
+        """(block table, page count) of the group of ``spec``."""
+        if managed is not None:
+            return managed[type(spec).__name__], managed_pages
+        return paged_group(spec.block_size, held)
 
     # The KV-cache groups as vLLM would form them from the layers' specs (same tables for every layer).
     main_spec = layers[0].get_kv_cache_spec(engine)
-    main_table, main_pages = paged_group(main_spec.block_size)
+    main_table, main_pages = group_tables(main_spec)
     attn_metadata = {}
     md = RTPurboMetadataBuilder(main_spec, names, engine, torch.device("cpu")).build(
         0, common_metadata(main_table, main_spec.block_size))
@@ -225,7 +273,7 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
                 kept = side_spec.sliding_window
                 assert kept == max(PARAMS.window, dense_threshold - 1)
                 held = (lambda b, t, kept=kept: (t < PARAMS.sink_tokens) | (t > BATCH[b][0] - kept))
-            table, pages = paged_group(side_spec.block_size, held)
+            table, pages = group_tables(side_spec, held)
             side_names = [f"{name}.{suffix}" for name in names]
             builder = layer.get_attn_backend().get_builder_cls()(side_spec, side_names, engine, torch.device("cpu"))
             side_md = builder.build(0, common_metadata(table, side_spec.block_size))
