@@ -240,10 +240,13 @@ def _local_split(
         q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + offs_d[None, :],
                     mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
         end = tl.minimum(start + chunk, n_virtual)
+        # Full layout (constexpr): KV head kvh of the main cache; no window code is compiled.
         slot = kvh
+        in_main = True
         if SPLIT_CACHE:
             slot = tl.load(slots_ptr + kvh)
-        if slot >= 0:
+            in_main = slot >= 0
+        if in_main:
             acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, bt_ptr, start, end, seq_len, ws,
                                           n_sink, slot, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
                                           ROWS, False, 1, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
