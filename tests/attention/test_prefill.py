@@ -509,3 +509,26 @@ def test_split_plan():
     assert plan.cache_slot(0) == 1 and plan.cache_slot(2) == 0
     with pytest.raises(ValueError, match="miss a retrieval KV head"):
         RTPurboPrefillPlan.build([5], num_heads=8, num_kv_heads=4, full_kv_heads=[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "promoted-P16-Pw48", "dense-P112-Pw16"])
+def test_split_kv_layout_fa3(seed, fa3, case):
+    """The split layout with the real FlashAttention-3 (bf16, D=128); garbage as on a GPU: zeros."""
+    hist, new, hq, hkv, _, heads, full, main_page, window_page, sink, window, dense = case
+    d = 128
+    batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.bfloat16, "cpu")
+    q, k, v, cu_q, cu_k, seqused_k = batch[:6]
+    kept = max(window, dense - 1)
+    window_heads = [g for g in range(hkv) if g not in full]
+    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool), 0.0)
+    window_kv = _split_paged(k, v, cu_k, window_heads, window_page, lambda b, t: (t < sink) | (t > hist[b] - kept),
+                             0.0)
+    main, window_kv = ([t.cuda() for t in x] for x in (main, window_kv))
+    plan = RTPurboPrefillPlan.build(heads, hq, hkv, device="cuda", full_kv_heads=full)
+    out = torch.full_like(q, float("nan")).cuda()
+    headwise_prefill(q.cuda(), *main[:2], cu_q.cuda(), seqused_k.cuda(), int(cu_q.diff().max()),
+                     int(seqused_k.max()), main[2], plan, sink, window, d ** -0.5, out, dense_threshold=dense,
+                     window_kv=tuple(window_kv))
+    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, dense, d ** -0.5)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=1.5e-2, rtol=1e-2)

@@ -173,6 +173,8 @@ def _split_layout(k_cache, v_cache, block_table, seq_lens, full_kv_heads, main_p
     slots = [full_kv_heads.index(g) if g in full_kv_heads else -1 - window_heads.index(g)
              for g in range(num_kv_heads)]
 
+    k_cache, v_cache, block_table, device = k_cache.cpu(), v_cache.cpu(), block_table.cpu(), k_cache.device
+
     def repage(heads, new_page, held):
         tables, pages = [], [torch.full((new_page, len(heads), 2, k_cache.shape[3]), float("nan"),
                                         dtype=k_cache.dtype)]
@@ -199,12 +201,12 @@ def _split_layout(k_cache, v_cache, block_table, seq_lens, full_kv_heads, main_p
         table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
         for b, row in enumerate(tables):
             table[b, :len(row)] = torch.tensor([0 if p == 0 else int(order[p - 1]) for p in row], dtype=torch.int32)
-        cache = cache.to(k_cache.device)
-        return cache[..., 0, :], cache[..., 1, :], table.to(k_cache.device)
+        cache = cache.to(device)
+        return cache[..., 0, :], cache[..., 1, :], table.to(device)
 
     main = repage(list(full_kv_heads), main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool))
     window = repage(window_heads, window_page, lambda b, t: (t < sink_tokens) | (t >= keep_from[b]))
-    return torch.tensor(slots, dtype=torch.int32, device=k_cache.device), main, window
+    return torch.tensor(slots, dtype=torch.int32, device=device), main, window
 
 
 # (id, HQ, HKV, full KV heads, main page, window page, sink, window, retrieval heads, dense_threshold)
