@@ -76,7 +76,7 @@ LLAMA3_8B = {
     "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 # Settings that change the numbers: results made with other values are never merged into one file.
-COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "seed",
+COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "seed", "kv_layout",
               "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
               "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
 
@@ -107,6 +107,7 @@ class Settings:
     by_kv_group: bool
     top_p: float
     seed: int
+    kv_layout: str
     backends: tuple[str, ...]
     phases: tuple[str, ...]
     port: int
@@ -162,7 +163,8 @@ class Settings:
             out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None,
             tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
             vllm=tuple(shlex.split(args.vllm)), ratio=args.ratio,
-            by_kv_group=args.by_kv_group, top_p=top_p, seed=args.seed, backends=tuple(args.backends),
+            by_kv_group=args.by_kv_group, top_p=top_p, seed=args.seed, kv_layout=args.kv_layout,
+            backends=tuple(args.backends),
             phases=tuple(args.phases), port=args.port, max_model_len=max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
             engine_args=tuple(shlex.split(args.engine_args)), startup_timeout=args.startup_timeout,
@@ -282,7 +284,10 @@ def engine_flags(settings: Settings, backend: str) -> list[str]:
              "--max-num-batched-tokens", str(settings.max_num_batched_tokens), "--no-enable-prefix-caching",
              "--generation-config", "vllm", "--seed", str(settings.seed)]
     if backend == "RTPURBO":
-        flags += ["--additional-config", json.dumps({"rtpurbo": {"artifact": str(settings.artifact_dir)}})]
+        options = {"artifact": str(settings.artifact_dir)}
+        if settings.kv_layout != "full":    # the default layout keeps the command line as it was
+            options["kv_layout"] = settings.kv_layout
+        flags += ["--additional-config", json.dumps({"rtpurbo": options})]
     return flags + list(settings.engine_args)
 
 
@@ -588,6 +593,7 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                                 settings.stop_timeout) as server:
                 results["capacity"][backend] = {**parse_kv_capacity(log.read_text(errors="replace")),
                                                 "max_model_len": settings.max_model_len, "log": str(log),
+                                                "kv_layout": settings.kv_layout if backend == "RTPURBO" else "full",
                                                 "startup_s": round(time.monotonic() - start, 1)}
                 print(f"[{backend}] healthy after {time.monotonic() - start:.0f} s; "
                       f"{results['capacity'][backend]}", flush=True)
@@ -776,6 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     art.add_argument("--ratio", metavar="SHARE", type=float, default=0.15,
                      help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate)")
     art.add_argument("--by-kv-group", action="store_true", help="draw whole KV groups of retrieval heads")
+    art.add_argument("--kv-layout", choices=("full", "split"), default="full",
+                     help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
+                          "KV head for every token (default); split keeps full history only for retrieval KV "
+                          "heads (compare the logged KV capacity)")
     keep = art.add_mutually_exclusive_group()
     keep.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                       help="kept-block share of the retrieval heads at decode, set as the artifact's top-p "

@@ -3,7 +3,9 @@
 vLLM resolves this class through the ``CUSTOM`` slot that :mod:`rtpurbo_vllm.plugin` fills. It holds
 no tensors and queries no device. The paged K/V cache keeps FlashAttention's layout (all KV heads,
 ``[num_blocks, HKV, P, 2 * D]`` logical, ``[num_blocks, P, HKV, 2 * D]`` physical); the index keys
-live in a side cache (:mod:`rtpurbo_vllm.attention.index_cache`).
+live in a side cache (:mod:`rtpurbo_vllm.attention.index_cache`). With ``kv_layout="split"`` the
+layer's cache holds only the R full KV heads (same layout, ``HKV`` -> ``R``) and the window KV heads
+and index keys live in side layers of their own groups (:mod:`rtpurbo_vllm.kv_cache`).
 """
 
 from __future__ import annotations

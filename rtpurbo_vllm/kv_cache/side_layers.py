@@ -150,7 +150,7 @@ class RTPurboPlannedIndexCache(RTPurboIndexCache):
     """
 
     def __init__(self, prefix: str, plan: KVLayoutPlan, dtype: torch.dtype, vllm_config: VllmConfig) -> None:
-        super().__init__(prefix, plan.index_width, plan.index_dim, dtype, vllm_config)
+        super().__init__(prefix, plan.index_width, plan.index_width, plan.index_dim, dtype, vllm_config)
         self.layer_name = prefix
         self.plan = plan
 

@@ -436,3 +436,99 @@ def test_fa3_path_leaves_inputs_alone(seed, fa3):
     q_before, cache_before = q.clone(), key_cache.clone()
     _run(headwise_prefill, batch, [1, 6], 4, 256, 2000, device="cuda")
     assert torch.equal(q, q_before) and torch.equal(key_cache, cache_before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the split KV layout (full KV heads in the main cache, the others in a window cache).
+
+
+def _split_paged(k, v, cu_k, heads, page_size, held, garbage=float("nan")):
+    """K and V ``[N, page_size, len(heads), D]`` of ``heads`` and a block table: slots of tokens that
+    ``held(b, t)`` rejects hold ``garbage``, and pages with none held are vLLM's null block 0."""
+    ck = cu_k.tolist()
+    pages = [torch.full((page_size, len(heads), 2, k.shape[2]), garbage, dtype=k.dtype)]
+    rows = []
+    for b in range(len(ck) - 1):
+        row = []
+        for p0 in range(0, ck[b + 1] - ck[b], page_size):
+            t = torch.arange(p0, min(p0 + page_size, ck[b + 1] - ck[b]))
+            keep = t[held(b, t)]
+            if not len(keep):
+                row.append(0)
+                continue
+            page = torch.full_like(pages[0], garbage)
+            page[keep - p0, :, 0] = k[ck[b] + keep][:, heads]
+            page[keep - p0, :, 1] = v[ck[b] + keep][:, heads]
+            row.append(len(pages))
+            pages.append(page)
+        rows.append(row)
+    table = torch.zeros(len(rows), max(len(r) for r in rows) + 1, dtype=torch.int32)
+    for b, row in enumerate(rows):
+        table[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    cache = torch.stack(pages)
+    return cache[..., 0, :], cache[..., 1, :], table
+
+
+# (history, new, HQ, HKV, D, retrieval heads, full KV heads, main page, window page, sink, window, dense)
+SPLIT_CASES = [
+    ([300, 0, 17], [45, 200, 63], 8, 4, 16, [0, 5], [0, 2], 48, 112, 4, 33, 0),
+    ([300, 0, 17], [45, 200, 63], 8, 4, 16, [5], [0, 2], 16, 48, 4, 20, 0),     # KV head 0 promoted
+    ([130, 0, 60], [20, 90, 30], 8, 2, 32, [1], [0], 112, 16, 4, 40, 100),      # dense sequences
+]
+
+
+@pytest.mark.parametrize("fn", [headwise_prefill_torch, headwise_prefill], ids=["torch", "fa3-emulated"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "promoted-P16-Pw48", "dense-P112-Pw16"])
+def test_split_kv_layout(seed, fake_fa3, fn, case):
+    """Split caches whose out-of-window pages are garbage null blocks give the dense layout's result.
+
+    The torch path never reads unheld keys (NaN there). FA3 loads whole key tiles and masks scores, so
+    the keys of a window's boundary tile must be finite: vLLM's null block stays zero and a freed page
+    holds another request's K/V, both finite; here they hold 1000."""
+    hist, new, hq, hkv, d, heads, full, main_page, window_page, sink, window, dense = case
+    batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.float16, "cpu")
+    q, k, v, cu_q, cu_k, seqused_k = batch[:6]
+    kept = max(window, dense - 1)    # what the window cache keeps (the impl's plan)
+    window_heads = [g for g in range(hkv) if g not in full]
+    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool))
+    garbage = float("nan") if fn is headwise_prefill_torch else 1000.0
+    window_kv = _split_paged(k, v, cu_k, window_heads, window_page,
+                             lambda b, t: (t < sink) | (t > hist[b] - kept), garbage)
+    plan = RTPurboPrefillPlan.build(heads, hq, hkv, full_kv_heads=full)
+    out = torch.full_like(q, float("nan"))
+    fn(q, *main[:2], cu_q, seqused_k, int(cu_q.diff().max()), int(seqused_k.max()), main[2], plan, sink, window,
+       d ** -0.5, out, dense_threshold=dense, window_kv=window_kv)
+    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, dense, d ** -0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_split_plan():
+    plan = RTPurboPrefillPlan.build([5, 0], num_heads=8, num_kv_heads=4, full_kv_heads=[2, 0])
+    assert [(kv.tolist(), q.tolist()) for kv, q in plan.cache_parts] == [([2, 0], [4, 5, 0, 1]),
+                                                                         ([1, 3], [2, 3, 6, 7])]
+    assert plan.cache_slot(0) == 1 and plan.cache_slot(2) == 0
+    with pytest.raises(ValueError, match="miss a retrieval KV head"):
+        RTPurboPrefillPlan.build([5], num_heads=8, num_kv_heads=4, full_kv_heads=[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "promoted-P16-Pw48", "dense-P112-Pw16"])
+def test_split_kv_layout_fa3(seed, fa3, case):
+    """The split layout with the real FlashAttention-3 (bf16, D=128); garbage as on a GPU: zeros."""
+    hist, new, hq, hkv, _, heads, full, main_page, window_page, sink, window, dense = case
+    d = 128
+    batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.bfloat16, "cpu")
+    q, k, v, cu_q, cu_k, seqused_k = batch[:6]
+    kept = max(window, dense - 1)
+    window_heads = [g for g in range(hkv) if g not in full]
+    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool), 0.0)
+    window_kv = _split_paged(k, v, cu_k, window_heads, window_page, lambda b, t: (t < sink) | (t > hist[b] - kept),
+                             0.0)
+    main, window_kv = ([t.cuda() for t in x] for x in (main, window_kv))
+    plan = RTPurboPrefillPlan.build(heads, hq, hkv, device="cuda", full_kv_heads=full)
+    out = torch.full_like(q, float("nan")).cuda()
+    headwise_prefill(q.cuda(), *main[:2], cu_q.cuda(), seqused_k.cuda(), int(cu_q.diff().max()),
+                     int(seqused_k.max()), main[2], plan, sink, window, d ** -0.5, out, dense_threshold=dense,
+                     window_kv=tuple(window_kv))
+    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, dense, d ** -0.5)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=1.5e-2, rtol=1e-2)

@@ -56,6 +56,19 @@ def test_server_commands_for_both_backends(tmp_path):
     assert s.artifact_dir.parent == s.out            # never written into a user's model folder
 
 
+def test_kv_layout_option(tmp_path):
+    """--kv-layout split reaches RTPURBO's additional-config (only RTPURBO's) and the comparable settings."""
+    s = _settings(tmp_path, "--kv-layout", "split")
+    fa, rtp = (bs.serve_command(s, backend, 8123) for backend in bs.BACKENDS)
+    assert "--additional-config" not in fa
+    assert json.loads(_value(rtp, "--additional-config")) == {
+        "rtpurbo": {"artifact": str(s.artifact_dir), "kv_layout": "split"}}
+    assert s.comparable()["kv_layout"] == "split"
+    assert _settings(tmp_path).comparable()["kv_layout"] == "full"
+    with pytest.raises(SystemExit):
+        _settings(tmp_path, "--kv-layout", "compact")
+
+
 def test_bench_commands(tmp_path):
     s = _settings(tmp_path, "--contexts", "32", "128", "--max-concurrency", "1", "4", "--num-prompts", "6",
                   "--latency-context", "64", "--latency-batch", "1", "4")

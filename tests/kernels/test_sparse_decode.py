@@ -159,6 +159,100 @@ def test_page_and_block_sizes(seed, page_size, block_size):
     _run_case([3, 130, 300], 8, 2, 64, page_size, block_size, 4, 70, [3, 4], num_splits=4)
 
 
+def _split_layout(k_cache, v_cache, block_table, seq_lens, full_kv_heads, main_page, window_page, sink_tokens,
+                  keep_from):
+    """The split KV layout of a dense paged cache (what ``kv_cache.install_kv_layout`` gives the impl).
+
+    Main cache: the ``full_kv_heads`` of every token, pages of ``main_page`` tokens. Window cache: the
+    other KV heads, pages of ``window_page`` tokens, holding only tokens ``t < sink_tokens`` or
+    ``t >= keep_from[b]``; pages with no such token are vLLM's null block 0, and every unheld slot
+    (block 0 included) is NaN. Returns ``(kv_slots, main (k, v, table), window (k, v, table))``.
+    """
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    window_heads = [g for g in range(num_kv_heads) if g not in full_kv_heads]
+    slots = [full_kv_heads.index(g) if g in full_kv_heads else -1 - window_heads.index(g)
+             for g in range(num_kv_heads)]
+
+    k_cache, v_cache, block_table, device = k_cache.cpu(), v_cache.cpu(), block_table.cpu(), k_cache.device
+
+    def repage(heads, new_page, held):
+        tables, pages = [], [torch.full((new_page, len(heads), 2, k_cache.shape[3]), float("nan"),
+                                        dtype=k_cache.dtype)]
+        for b, n in enumerate(seq_lens):
+            t = torch.arange(n)
+            k = k_cache[block_table[b, t // page_size].long().cpu(), t % page_size][:, heads]
+            v = v_cache[block_table[b, t // page_size].long().cpu(), t % page_size][:, heads]
+            row = []
+            for p0 in range(0, max(n, 1), new_page):
+                toks = torch.arange(p0, min(p0 + new_page, n))
+                mask = held(b, toks)
+                if not mask.any():
+                    row.append(0)
+                    continue
+                page = torch.full_like(pages[0], float("nan"))
+                page[toks[mask] - p0, :, 0] = k[toks[mask]]
+                page[toks[mask] - p0, :, 1] = v[toks[mask]]
+                row.append(len(pages))
+                pages.append(page)
+            tables.append(row)
+        order = torch.randperm(len(pages) - 1) + 1        # shuffle the real pages, block 0 stays null
+        cache = torch.stack(pages)[torch.cat([torch.zeros(1, dtype=torch.long), torch.argsort(order) + 1])]
+        width = max(len(r) for r in tables) + 1
+        table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+        for b, row in enumerate(tables):
+            table[b, :len(row)] = torch.tensor([0 if p == 0 else int(order[p - 1]) for p in row], dtype=torch.int32)
+        cache = cache.to(device)
+        return cache[..., 0, :], cache[..., 1, :], table.to(device)
+
+    main = repage(list(full_kv_heads), main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool))
+    window = repage(window_heads, window_page, lambda b, t: (t < sink_tokens) | (t >= keep_from[b]))
+    return torch.tensor(slots, dtype=torch.int32, device=device), main, window
+
+
+# (id, HQ, HKV, full KV heads, main page, window page, sink, window, retrieval heads, dense_threshold)
+SPLIT_CASES = [
+    ("HKV4-full13-P48-Pw112", 8, 4, [1, 3], 48, 112, 4, 70, [2, 3, 7], 0),
+    ("HKV4-full0-promoted-P16-Pw48", 8, 4, [0, 2], 16, 48, 4, 33, [1], 0),
+    ("HKV2-full1-P112-Pw16-dense", 4, 2, [1], 112, 16, 4, 40, [2, 3], 100),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c[1:], id=c[0]) for c in SPLIT_CASES])
+def test_split_kv_layout(seed, case):
+    """Full KV heads from a main cache, window KV heads from a window cache whose out-of-window
+    pages are NaN (block 0): the same result as the dense cache."""
+    hq, hkv, full, main_page, window_page, sink, window, ret, dense = case
+    seq_lens, head_dim, block_size, dtype = [1, 5, 63, 64, 65, 200, 515], 64, 64, torch.bfloat16
+    q = torch.randn(len(seq_lens), hq, head_dim, dtype=dtype, device=DEVICE)
+    k_cache, v_cache, block_table = _paged_cache(seq_lens, 16, hkv, head_dim, dtype, DEVICE)
+    max_blocks = math.ceil(max(seq_lens) / block_size) + 1
+    selected, num_selected, keep_blocks = _selection(seq_lens, len(ret), block_size, sink, max_blocks)
+    if dense:   # what block top-p selects for a dense sequence: every block
+        for b, n in enumerate(seq_lens):
+            if n < dense:
+                nb = math.ceil(n / block_size)
+                keep_blocks[b][:] = True
+                selected[b, :, :nb] = torch.arange(nb, dtype=torch.int32)
+                num_selected[b] = nb
+    keep_from = [0 if n < dense else n - window for n in seq_lens]
+    kv_slots, (mk, mv, mt), window_cache = _split_layout(k_cache, v_cache, block_table, seq_lens, full,
+                                                         main_page, window_page, sink, keep_from)
+    workspace = allocate_sparse_decode_workspace(len(seq_lens), hq, head_dim, splits_per_seq=4, max_splits=4,
+                                                 device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((len(seq_lens), hq), float("nan"), device=DEVICE)
+    headwise_sparse_decode(q, mk, mv, mt, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                           torch.tensor(ret, dtype=torch.int32, device=DEVICE), selected.to(DEVICE),
+                           num_selected.to(DEVICE), block_size, sink, window, head_dim ** -0.5, workspace, out, lse,
+                           dense_threshold=dense, kv_slots=kv_slots, window_cache=window_cache)
+    want = [n if n < dense else window for n in seq_lens]
+    ref_out, ref_lse = zip(*(_reference(q[b:b + 1], k_cache, v_cache, block_table[b:b + 1], [n], ret,
+                                        [keep_blocks[b]], block_size, sink, w, head_dim ** -0.5)
+                             for b, (n, w) in enumerate(zip(seq_lens, want))))
+    torch.testing.assert_close(out.float(), torch.cat(ref_out), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, torch.cat(ref_lse), atol=1e-3, rtol=1e-3)
+
+
 def test_splits_for_batch():
     ws = allocate_sparse_decode_workspace(8, 2, 16, splits_per_seq=4, max_splits=64)
     assert [ws.splits_for_batch(b) for b in (1, 2, 3, 5, 8)] == [32, 16, 8, 4, 4]

@@ -29,6 +29,11 @@ grids depend only on shapes: the op is CUDA-graph safe and never syncs with the 
    Both kinds share one launch so that they overlap (back to back, batch 1 leaves the GPU idle).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
+Split KV layout (``kv_slots``): a KV head's K/V live either in ``k_cache``/``v_cache`` (the full heads,
+``block_table``) or in ``window_cache`` (own block table and page size); retrieval units always read
+the former, a KV-group unit picks its cache at run time. Local units only ever enumerate sink and
+window tokens, so out-of-window pages of the window cache (vLLM's null block) are never read.
+
 Splits past a head's work return without writing; the combine reads only the valid ones.
 Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page offsets are int64.
 
@@ -206,14 +211,20 @@ def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, s_pos, s_poh,
 
 @triton.jit
 def _local_split(
-    b, kvh, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
-    sink_tokens, window, dense_threshold, qk_scale, HR,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
+    b, kvh, split, q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr, seq_lens_ptr, ret_ptr,
+    po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, HR,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh, s_wbtb,
+    s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGE_W: tl.constexpr, TILE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot)."""
+    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot).
+
+    With ``SPLIT_CACHE`` the group's K/V live in the main cache (slot ``kv_slots[kvh] >= 0``) or in
+    the window cache (slot ``-1 - kv_slots[kvh]``, its own block table and page size ``PAGE_W``);
+    either way only the sink and window tokens are read.
+    """
     seq_len = tl.load(seq_lens_ptr + b)
     ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
     chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
@@ -229,24 +240,36 @@ def _local_split(
         q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + offs_d[None, :],
                     mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
         end = tl.minimum(start + chunk, n_virtual)
-        acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, bt_ptr, start, end, seq_len, ws,
-                                      n_sink, kvh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
-                                      ROWS, False, 1, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
+        # Full layout (constexpr): KV head kvh of the main cache; no window code is compiled.
+        slot = kvh
+        in_main = True
+        if SPLIT_CACHE:
+            slot = tl.load(slots_ptr + kvh)
+            in_main = slot >= 0
+        if in_main:
+            acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, bt_ptr, start, end, seq_len, ws,
+                                          n_sink, slot, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                                          ROWS, False, 1, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
+        else:
+            acc, l_i, m_i = _attend_split(q, wk_ptr, wv_ptr, wbt_ptr + b * s_wbtb, wbt_ptr, start, end, seq_len,
+                                          ws, n_sink, -1 - slot, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh,
+                                          ROWS, False, 1, D, D_PAD, PAGE_W, TILE, qk_scale, UPCAST_DOT)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
 @triton.jit
 def _retrieval_split(
-    b, r, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
+    b, r, split, q_ptr, k_ptr, v_ptr, bt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
     qk_scale, max_blocks,
     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot)."""
+    """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot); with
+    ``SPLIT_CACHE`` its KV head is main-cache slot ``kv_slots[h // G]``."""
     n_sel = tl.load(nsel_ptr + b * s_nb + r * s_nr)
     n_virtual = tl.minimum(tl.maximum(n_sel, 0), max_blocks) * BS
     chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
@@ -260,8 +283,11 @@ def _retrieval_split(
         q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_row[:, None] * 0 + offs_d[None, :],
                     mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
         end = tl.minimum(start + chunk, n_virtual)
+        kvh = h // G
+        if SPLIT_CACHE:
+            kvh = tl.load(slots_ptr + kvh)
         acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, sel_ptr + b * s_sb + r * s_sr,
-                                      start, end, seq_len, 0, 0, h // G, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                                      start, end, seq_len, 0, 0, kvh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
                                       ROWS, True, BS, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
@@ -269,13 +295,14 @@ def _retrieval_split(
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
-    sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
-    s_pos, s_poh, s_pls, s_plh,
+    q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
+    po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh, s_wbtb,
+    s_sb, s_sr, s_nb, s_nr, s_pos, s_poh, s_pls, s_plh,
     HKV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
-    BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGE_W: tl.constexpr,
+    TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Grid ``(B, HR + HKV, S)``: retrieval heads first (their splits run longest), then KV groups.
 
@@ -286,16 +313,18 @@ def _split_kernel(
     head = tl.program_id(1)
     split = tl.program_id(2)
     if head < HR:
-        _retrieval_split(b, head, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
-                         po_ptr, pl_ptr, qk_scale, max_blocks,
+        _retrieval_split(b, head, split, q_ptr, k_ptr, v_ptr, bt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr,
+                         nsel_ptr, po_ptr, pl_ptr, qk_scale, max_blocks,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
                          s_pos, s_poh, s_pls, s_plh,
-                         G, ROWS, BS, D, D_PAD, PAGE, TILE_RET, NUM_SPLITS, UPCAST_DOT)
+                         G, ROWS, BS, D, D_PAD, PAGE, TILE_RET, NUM_SPLITS, SPLIT_CACHE, UPCAST_DOT)
     else:
-        _local_split(b, head - HR, split, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
-                     sink_tokens, window, dense_threshold, qk_scale, HR,
-                     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_pos, s_poh, s_pls, s_plh,
-                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, PAGE, TILE_LOCAL, NUM_SPLITS, UPCAST_DOT)
+        _local_split(b, head - HR, split, q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr,
+                     seq_lens_ptr, ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, HR,
+                     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt,
+                     s_wvh, s_wbtb, s_pos, s_poh, s_pls, s_plh,
+                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, PAGE, PAGE_W, TILE_LOCAL, NUM_SPLITS, SPLIT_CACHE,
+                     UPCAST_DOT)
 
 
 @triton.jit
@@ -369,7 +398,10 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            retrieval_heads: torch.Tensor, selected: torch.Tensor,
                            num_selected: torch.Tensor, block_size: int, sink_tokens: int, window: int,
                            scale: float, workspace: SparseDecodeWorkspace, out: torch.Tensor,
-                           lse: torch.Tensor | None = None, dense_threshold: int = 0) -> torch.Tensor:
+                           lse: torch.Tensor | None = None, dense_threshold: int = 0,
+                           kv_slots: torch.Tensor | None = None,
+                           window_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor:
     """Head-wise sparse decode attention of one layer for B decode sequences (one new token each).
 
     Only shapes, dtypes and devices are checked (no host sync); values are trusted. Launch shapes
@@ -402,6 +434,13 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         dense_threshold: a sequence with ``seq_len < dense_threshold`` is dense: its local heads see
             every token (its retrieval heads see what ``selected`` holds: every block, from block
             top-p with the same threshold). 0: no sequence is dense.
+        kv_slots: split KV layout (``kv_cache.KVLayoutPlan``): ``[HKV]`` int32, where KV head ``g``
+            lives: ``j >= 0`` is head ``j`` of ``k_cache``/``v_cache`` (the full heads, read through
+            ``block_table``), ``-1 - j`` is head ``j`` of ``window_cache``. The KV heads of retrieval
+            heads must be full. None: ``k_cache`` holds every KV head in order.
+        window_cache: with ``kv_slots``, ``(k, v, block_table)`` of the window heads: ``[num_pages_w,
+            P_w, HKV_w, D]`` twice (like ``k_cache``, own page size) and ``[B, max_pages_w]`` int32.
+            Only sink and window tokens are read, so pages outside them may hold anything.
 
     Returns:
         ``out``.
@@ -413,12 +452,26 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
            f"{tuple(v_cache.shape)}")
     _, page_size, num_kv_heads, cache_dim = k_cache.shape
     _check(cache_dim == head_dim, f"cache head dim {cache_dim} differs from q's {head_dim}")
+    split = kv_slots is not None
+    _check(split or window_cache is None, "window_cache needs kv_slots")
+    if split:
+        _check(kv_slots.dim() == 1 and kv_slots.dtype == torch.int32,
+               f"kv_slots must be [HKV] int32, got {tuple(kv_slots.shape)} {kv_slots.dtype}")
+        num_kv_heads = kv_slots.shape[0]
+    # Without a window cache the window arguments alias the main cache and are never read.
+    w_k, w_v, w_bt = window_cache if window_cache is not None else (k_cache, v_cache, block_table)
+    _check(w_k.dim() == 4 and w_k.shape == w_v.shape and w_k.shape[3] == head_dim,
+           f"window K/V must both be [num_pages, P, HKV_w, D={head_dim}], got {tuple(w_k.shape)} and "
+           f"{tuple(w_v.shape)}")
+    _check(w_bt.dim() == 2 and w_bt.shape[0] == batch and w_bt.dtype == torch.int32,
+           f"window block table must be [B={batch}, max_pages] int32, got {tuple(w_bt.shape)} {w_bt.dtype}")
     _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
-    _check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+    _check(k_cache.dtype == v_cache.dtype == w_k.dtype == w_v.dtype == q.dtype,
            f"cache dtypes {k_cache.dtype}/{v_cache.dtype} must equal q's {q.dtype} (fp8 caches are not supported)")
     _check(out.shape == q.shape, f"out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("window K", w_k), ("window V", w_v),
+                    ("out", out)):
         _check(t.stride(-1) == 1, f"{name} needs a unit stride in its last dimension")
     _check(block_table.dim() == 2 and block_table.shape[0] == batch and block_table.dtype == torch.int32,
            f"block_table must be [B={batch}, max_pages] int32, got {tuple(block_table.shape)} {block_table.dtype}")
@@ -444,7 +497,8 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if lse is not None:
         _check(lse.shape == (batch, num_heads) and lse.dtype == torch.float32,
                f"lse must be [B={batch}, HQ={num_heads}] float32, got {tuple(lse.shape)} {lse.dtype}")
-    tensors = (q, k_cache, v_cache, block_table, seq_lens, retrieval_heads, selected, num_selected, po, pl, out)
+    tensors = (q, k_cache, v_cache, block_table, w_k, w_v, w_bt, seq_lens, retrieval_heads, selected, num_selected,
+               po, pl, out, *((kv_slots,) if split else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
     if batch == 0:
         return out
@@ -465,18 +519,20 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ret_arg = retrieval_heads if has_ret else seq_lens
     nsel_arg = num_selected if has_ret else seq_lens
     nsel_strides = num_selected.stride() if has_ret else (0, 0)
-    common_strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
+    common_strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+                      *w_k.stride()[:3], *w_v.stride()[:3], w_bt.stride(0))
     part_strides = (po.stride(0), po.stride(1), pl.stride(0), pl.stride(1))
 
     sel_arg = selected if has_ret else seq_lens
     sel_strides = selected.stride()[:2] if has_ret else (0, 0)
     _split_kernel[(batch, num_ret + num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, ret_arg, sel_arg, nsel_arg, po, pl,
+        q, k_cache, v_cache, block_table, w_k, w_v, w_bt, kv_slots if split else seq_lens, seq_lens, ret_arg,
+        sel_arg, nsel_arg, po, pl,
         sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret,
         *common_strides, *sel_strides, *nsel_strides, *part_strides,
         HKV=num_kv_heads, G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
-        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad, PAGE=page_size,
-        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits,
+        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad, PAGE=page_size, PAGE_W=w_k.shape[1],
+        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, SPLIT_CACHE=split,
         UPCAST_DOT=upcast, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     lse_arg = lse if lse is not None else pl
