@@ -41,10 +41,7 @@ import torch
 
 from rtpurbo_vllm.heads import HeadLayout
 from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
-
-# The sink merge runs over chunks of tokens so that each of its float32 temporaries ([chunk, HQ, D] or
-# [chunk, S, HKV, D]) holds at most this many elements (32 MiB); about seven are alive at once.
-_SINK_CHUNK_ELEMENTS = 1 << 23
+from rtpurbo_vllm.triton_kernels.sink_merge import merge_sinks
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,60 +152,6 @@ def _token_seqs(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.repeat_interleave(seqs, cu_seqlens_q.diff(), output_size=num_tokens)
 
 
-def _merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_k: int,
-                 block_table: torch.Tensor, token_seqs: torch.Tensor, sink_tokens: int, window: int,
-                 scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Adds to the windowed attention in ``out`` the sink keys that lie outside each query's window.
-
-    Query row ``t`` at absolute position ``i`` gains the keys ``j < sink_tokens`` with ``j <= i - window``
-    (the others are in its window already), merged by log-sum-exp with the window's ``lse`` (which
-    is only read). Rows with no such key keep their value exactly. Every head is merged; the caller
-    overwrites the retrieval heads afterwards.
-
-    Args:
-        query: ``[T, HQ, D]`` fp16/bf16.
-        key_cache, value_cache: ``[num_pages, P, HKV, D]`` fp16/bf16, any strides.
-        cu_seqlens_q: ``[B+1]`` int32.
-        seqused_k: ``[B]`` int32, keys per sequence (0 for a sequence to leave alone: its positions
-            are then negative).
-        max_seqlen_k: ``> window``, at least every ``seqused_k``.
-        block_table: ``[B, max_pages]`` int32.
-        token_seqs: ``[T]`` int64 from :func:`_token_seqs`.
-        sink_tokens, window, scale: as in :func:`headwise_prefill`.
-        out: ``[T, HQ, D]`` fp16/bf16, the windowed attention; updated in place.
-        lse: ``[HQ, T]`` float32, the windowed attention's LSE (FA3's varlen layout).
-    """
-    num_tokens, num_heads, head_size = query.shape
-    page_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    # A sink j is needed only if j <= i - window <= max_seqlen_k - 1 - window.
-    sinks = torch.arange(min(sink_tokens, max_seqlen_k - window), device=query.device)     # [S]
-    pages = block_table[:, sinks // page_size].long()                                      # [B, S]
-    k_sink = key_cache[pages, sinks % page_size]                                           # [B, S, HKV, D]
-    v_sink = value_cache[pages, sinks % page_size]                                         # [B, S, HKV, D]
-    rows = torch.arange(num_tokens, device=query.device)
-    last_sink = rows + (seqused_k - cu_seqlens_q[1:])[token_seqs] - window                 # [T] i - window
-
-    chunk = max(1, _SINK_CHUNK_ELEMENTS // (max(num_heads, len(sinks) * num_kv_heads) * head_size))
-    for t0 in range(0, num_tokens, chunk):
-        t1 = min(t0 + chunk, num_tokens)
-        seqs = token_seqs[t0:t1]
-        q = query[t0:t1].float().reshape(-1, num_kv_heads, group, head_size)               # [C, HKV, G, D]
-        k, v = k_sink[seqs].float(), v_sink[seqs].float()                                  # [C, S, HKV, D]
-        s = torch.einsum("ckgd,cskd->ckgs", q, k) * scale                                  # [C, HKV, G, S]
-        hidden = sinks[None, :] > last_sink[t0:t1, None]                                   # [C, S]
-        s.masked_fill_(hidden[:, None, None, :], float("-inf"))
-        lse_win = lse[:, t0:t1].t().reshape(-1, num_kv_heads, group)                        # [C, HKV, G]
-        m = torch.maximum(lse_win, s.amax(dim=-1))                                         # [C, HKV, G]
-        w_win = torch.exp(lse_win - m)                                                     # 1 if no sink
-        p = torch.exp(s - m[..., None])                                                    # [C, HKV, G, S]
-        o_win = out[t0:t1].float().reshape(-1, num_kv_heads, group, head_size)             # [C, HKV, G, D]
-        num = w_win[..., None] * o_win + torch.einsum("ckgs,cskd->ckgd", p, v)
-        merged = num / (w_win + p.sum(dim=-1))[..., None]
-        out[t0:t1] = merged.reshape(-1, num_heads, head_size).to(out.dtype)
-
-
 def headwise_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, block_table: torch.Tensor, plan: RTPurboPrefillPlan,
@@ -218,8 +161,8 @@ def headwise_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
     Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
     already in the cache. No device sync. Scratch: per retrieval KV head the gathered queries and
-    their output (``[T, n_g, D]`` each); ``[T, HQ, D]`` for the dense call when ``dense_threshold > 0``;
-    the sink merge's chunked float32 temporaries (about 220 MiB at most) when ``sink_tokens > 0``.
+    their output (``[T, n_g, D]`` each); ``[T, HQ, D]`` for the dense call when ``dense_threshold > 0``.
+    The sink merge (``triton_kernels/sink_merge``) works in place.
 
     Args:
         query: ``[T, HQ, D]`` fp16/bf16 on a Hopper GPU, post-RoPE; last dimension contiguous.
@@ -269,9 +212,9 @@ def headwise_prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
             o = out if q_heads is None else torch.empty_like(q)
             _, lse = fa3(q, k_cache, v_cache, table, headwise_used, out=o,
                          window_size=(window - 1, 0), return_softmax_lse=True)             # lse [HQ_c, T]
-            if sink_tokens:
-                _merge_sinks(q, k_cache, v_cache, cu_seqlens_q, headwise_used, max_seqlen_k, table,
-                             token_seqs, sink_tokens, window, scale, o, lse)
+            if sink_tokens and max_seqlen_k > window:      # else no row sees a sink outside its window
+                merge_sinks(q, k_cache, v_cache, cu_seqlens_q, headwise_used, table, token_seqs, sink_tokens,
+                            window, scale, o, lse)
             if q_heads is not None:
                 out.index_copy_(1, q_heads, o)
     for kv_head, heads in plan.retrieval_groups:

@@ -354,16 +354,6 @@ def test_fa3_path_emulated_dense_threshold(seed, fake_fa3, dense_threshold, head
     assert fake_fa3[-1]["q"].shape[1] == hq and "window_size" not in fake_fa3[-1]
 
 
-def test_sink_merge_in_chunks(seed, fake_fa3, monkeypatch):
-    """The sink merge over several token chunks (one chunk: 7 tokens here) changes nothing."""
-    monkeypatch.setattr(prefill, "_SINK_CHUNK_ELEMENTS", 7 * 8 * 16)
-    batch = _paged_batch([300, 0, 17], [45, 200, 63], 8, 2, 16, 16, "NHD", torch.float16, "cpu")
-    q, k, v, cu_q, cu_k = batch[:5]
-    out = _run(headwise_prefill, batch, [0, 5], 20, 7, dense_threshold=0)
-    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, [0, 5], 20, 7, 0, 0.25)
-    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
-
-
 @pytest.mark.parametrize("hist", [0, 9])
 @pytest.mark.parametrize("sink_tokens", SINKS)
 @pytest.mark.parametrize("fn", ["fa3", "torch"])
