@@ -1,4 +1,5 @@
-"""Atomic output files of the calibration commands: JSON, CSV, markdown, PNG and staged folders.
+"""Atomic output files of the calibration and evaluation commands: JSON, CSV, markdown, PNG and
+staged folders.
 
 Every file is written to a hidden temporary sibling, flushed and renamed into place, so an
 interrupted run leaves either the old file or the new one, never half of one. Errors a user can fix

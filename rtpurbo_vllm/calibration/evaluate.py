@@ -21,7 +21,7 @@ import torch
 
 from rtpurbo_vllm import __version__
 from rtpurbo_vllm.artifacts import RTPurboArtifact, load_artifact
-from rtpurbo_vllm.calibration import outputs
+from rtpurbo_vllm import outputs
 from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_retrieval, resolve_model
 from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp_ref, expand_block_mask, index_scores_ref

@@ -23,7 +23,7 @@ import torch
 
 from rtpurbo_vllm.artifacts import ArtifactError, ModelFingerprint
 from rtpurbo_vllm.artifacts.validate import check_matches_model
-from rtpurbo_vllm.calibration import outputs
+from rtpurbo_vllm import outputs
 from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_pre_rope, resolve_model
 from rtpurbo_vllm.calibration.data import TokenSource
 from rtpurbo_vllm.calibration.probes import DEFAULT_NEEDLE_TOKENS, NeedleProbe, make_probes

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from rtpurbo_vllm.calibration import outputs
+from rtpurbo_vllm import outputs
 from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_retrieval, resolve_model
 from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
 from rtpurbo_vllm.calibration.heads import HeadsFile

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from rtpurbo_vllm.calibration.outputs import markdown_table, write_bytes, write_json
+from rtpurbo_vllm.outputs import markdown_table, write_bytes, write_json
 from rtpurbo_vllm.eval.client import Completion, Endpoint
 from rtpurbo_vllm.eval.scoring import score, summarize
 from rtpurbo_vllm.eval.tasks import Sample

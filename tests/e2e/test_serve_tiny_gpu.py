@@ -147,20 +147,22 @@ def mixed_batch():
     return long + short + shared
 
 
-@pytest.fixture(scope="module")
-def flash(prompts, mixed_batch):
-    with serve("flash_attn", "FLASH_ATTN") as url:
+def answers(backend: str, prompts, mixed_batch) -> dict[str, list[str]]:
+    """Greedy answers of a ``backend`` server: completions and chat on ``prompts``, and the mixed batch."""
+    with serve(backend.lower(), backend) as url:
         return {"completions": completions(url, [p.text for p in prompts]),
                 "chat": chats(url, [p.text for p in prompts]),
                 "mixed": completions(url, mixed_batch)}
+
+
+@pytest.fixture(scope="module")
+def flash(prompts, mixed_batch):
+    return answers("FLASH_ATTN", prompts, mixed_batch)
 
 
 @pytest.fixture(scope="module")
 def rtpurbo(prompts, mixed_batch):
-    with serve("rtpurbo", "RTPURBO") as url:
-        return {"completions": completions(url, [p.text for p in prompts]),
-                "chat": chats(url, [p.text for p in prompts]),
-                "mixed": completions(url, mixed_batch)}
+    return answers("RTPURBO", prompts, mixed_batch)
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])
