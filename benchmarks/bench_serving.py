@@ -5,7 +5,9 @@ For each backend (FLASH_ATTN first, then RTPURBO) it
 
 1. starts ``vllm serve`` on 127.0.0.1 (``--load-format dummy``, prefix caching off so repeated random
    prompts cannot hit the cache), waits for ``/health`` (bounded), and reads the KV capacity from the
-   server's log: ``GPU KV cache size: N tokens`` and ``Maximum concurrency for M tokens per request: Cx``;
+   server's log: ``GPU KV cache size: N tokens`` and ``Maximum concurrency for M tokens per request: Cx``,
+   and prints RTPURBO's max concurrency over FLASH_ATTN's next to the ratio the split KV layout predicts
+   for the artifact (``KVLayoutPlan.vllm_capacity_ratio``; ``--kv-layout split``, ``--kv-heads-per-layer``);
 2. runs ``vllm bench serve`` (random dataset) at each input length and max concurrency and collects
    TTFT, TPOT, ITL and throughput from its ``--save-result`` JSON; then stops the server (SIGTERM, SIGKILL
    after a timeout, also on errors and Ctrl-C);
@@ -39,6 +41,7 @@ Run on a GPU machine from the repo root, for example:
     python3 -P benchmarks/bench_serving.py --out results/serving --contexts 32 128 256
     python3 -P benchmarks/bench_serving.py --out results/serving --backends RTPURBO --phases latency
     python3 -P benchmarks/bench_serving.py --out results/serving --report-only
+    python3 -P benchmarks/bench_serving.py --out results/kv1 --kv-layout split --kv-heads-per-layer 1 --contexts 128
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ HOST = "127.0.0.1"
 SERVED_NAME = "rtpurbo-bench"
 RESULTS_JSON, REPORT_MD, PLOT_PNG = "bench_serving.json", "bench_serving.md", "bench_serving.png"
 TOKENIZER_HEADROOM = 128          # tokens of max_model_len beyond the longest request (round-trip mismatch)
+DEFAULT_RATIO = 0.15              # rtpurbo-calibrate's default share of retrieval heads
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -76,7 +80,8 @@ LLAMA3_8B = {
     "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
 # Settings that change the numbers: results made with other values are never merged into one file.
-COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "seed", "kv_layout",
+COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "kv_heads_per_layer", "seed",
+              "kv_layout",
               "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
               "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
 
@@ -103,8 +108,9 @@ class Settings:
     model: Path | None
     tokenizer: Path | None
     vllm: tuple[str, ...]
-    ratio: float
+    ratio: float | None
     by_kv_group: bool
+    kv_heads_per_layer: int | None
     top_p: float
     seed: int
     kv_layout: str
@@ -140,11 +146,14 @@ class Settings:
         needed = max([*(c + args.output_len for c in contexts), latency_context + args.latency_output_len])
         max_model_len = args.max_model_len or needed + TOKENIZER_HEADROOM
         top_p = args.top_p if args.top_p is not None else args.keep
+        # --ratio defaults to 0.15; a per-layer KV budget alone takes every query head of its KV groups.
+        ratio = args.ratio if args.ratio is not None or args.kv_heads_per_layer is not None else DEFAULT_RATIO
         checks = [
             (min(contexts) > 0, "--contexts must be positive"),
             (latency_context > 0, "--latency-context must be positive"),
             (0.0 < top_p <= 1.0, "--keep / --top-p must be in (0, 1]"),
-            (0.0 < args.ratio <= 1.0, "--ratio must be in (0, 1]"),
+            (ratio is None or 0.0 < ratio <= 1.0, "--ratio must be in (0, 1]"),
+            (args.kv_heads_per_layer is None or args.kv_heads_per_layer >= 1, "--kv-heads-per-layer must be >= 1"),
             (min(args.output_len, args.num_prompts, args.latency_output_len, args.latency_iters) >= 1,
              "--output-len, --num-prompts, --latency-output-len and --latency-iters must be >= 1"),
             (min(args.max_concurrency) >= 1 and min(args.latency_batch) >= 1,
@@ -162,8 +171,9 @@ class Settings:
         return cls(
             out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None,
             tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
-            vllm=tuple(shlex.split(args.vllm)), ratio=args.ratio,
-            by_kv_group=args.by_kv_group, top_p=top_p, seed=args.seed, kv_layout=args.kv_layout,
+            vllm=tuple(shlex.split(args.vllm)), ratio=ratio,
+            by_kv_group=args.by_kv_group, kv_heads_per_layer=args.kv_heads_per_layer, top_p=top_p, seed=args.seed,
+            kv_layout=args.kv_layout,
             backends=tuple(args.backends),
             phases=tuple(args.phases), port=args.port, max_model_len=max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -226,16 +236,91 @@ def write_artifact(settings: Settings) -> dict[str, Any]:
     from rtpurbo_vllm.artifacts import SparsityParams
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
 
+    from rtpurbo_vllm.artifacts import load_artifact
+
     params = SparsityParams(top_p=settings.top_p)
-    path = synthesize_artifact(settings.model_dir, settings.artifact_dir, ratio=settings.ratio,
-                               by_kv_group=settings.by_kv_group, seed=settings.seed, params=params)
+    path = synthesize_artifact(settings.model_dir, settings.artifact_dir, **selection(settings), seed=settings.seed,
+                               params=params)
     config = json.loads((path / "rtpurbo_config.json").read_text())
     heads = sum(len(layer) for layer in config["retrieval_heads"])
     total = config["model"]["num_layers"] * config["model"]["num_heads"]
     contexts = sorted({*settings.contexts, settings.latency_context})
     return {"path": str(path), "params": config["params"], "retrieval_heads": heads, "query_heads": total,
             "ratio": settings.ratio, "by_kv_group": settings.by_kv_group,
-            "kept_block_share_flat": {str(t): kept_share_on_flat_scores(t, params) for t in contexts}}
+            "kv_heads_per_layer": settings.kv_heads_per_layer,
+            "kept_block_share_flat": {str(t): kept_share_on_flat_scores(t, params) for t in contexts},
+            "predicted_capacity": predict_capacity(settings, load_artifact(path))}
+
+
+def selection(settings: Settings) -> dict[str, Any]:
+    """The head-selection arguments of ``synthesize_artifact``."""
+    return {"ratio": settings.ratio, "count": None, "by_kv_group": settings.by_kv_group,
+            "kv_heads_per_layer": settings.kv_heads_per_layer}
+
+
+def model_hf_config(settings: Settings):
+    """The transformers config of the served model (the default Llama-3-8B shape needs no folder)."""
+    from transformers import AutoConfig
+
+    if settings.model is not None:
+        return AutoConfig.from_pretrained(settings.model)
+    config = {**LLAMA3_8B, "max_position_embeddings": settings.max_model_len}
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def max_in_flight_tokens(settings: Settings) -> int:
+    """vLLM 0.26's ``VllmConfig.max_in_flight_tokens``: 2 batches of ``max_num_batched_tokens`` with async
+    scheduling (its default, one GPU), 1 with ``--no-async-scheduling`` in ``--engine-args``."""
+    batches = 1 if "--no-async-scheduling" in settings.engine_args else 2
+    return batches * settings.max_num_batched_tokens
+
+
+def engine_block_size(settings: Settings) -> int:
+    """vLLM's KV block size: ``--block-size`` from ``--engine-args`` (either spelling), else 16."""
+    args = list(settings.engine_args)
+    for i, arg in enumerate(args):
+        if arg == "--block-size" and i + 1 < len(args):
+            return int(args[i + 1])
+        if arg.startswith("--block-size="):
+            return int(arg.split("=", 1)[1])
+    return 16
+
+
+def predict_capacity(settings: Settings, artifact=None) -> dict[str, Any]:
+    """What the split KV layout should give against FLASH_ATTN's dense layout for ``artifact`` (default:
+    the synthetic artifact of ``settings``, built in memory): ``KVLayoutPlan.vllm_capacity_ratio`` at
+    ``max_model_len``, which is the ratio of the two servers' "Maximum concurrency" lines for the same KV
+    memory (the window as served, ``max(window, dense_threshold - 1)``; bf16; one rank)."""
+    import torch
+
+    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan, serving_window
+
+    if artifact is None:
+        from rtpurbo_vllm.artifacts import SparsityParams
+        from rtpurbo_vllm.calibration.synthesize import synthetic_artifact
+
+        artifact = synthetic_artifact(model_hf_config(settings), **selection(settings), seed=settings.seed,
+                                      params=SparsityParams(top_p=settings.top_p))
+    p, in_flight = artifact.params, max_in_flight_tokens(settings)
+    plan = KVLayoutPlan.build(artifact.layout, head_size=artifact.model.head_dim, kv_dtype=torch.bfloat16,
+                              index_dim=p.index_dim, sink_tokens=p.sink_tokens, window=serving_window(p),
+                              block_unit=engine_block_size(settings))
+    return {"kv_layout": settings.kv_layout, "context": settings.max_model_len, "max_in_flight_tokens": in_flight,
+            "full_kv_heads": plan.num_full_kv_heads, "kv_heads": plan.num_kv_heads, "index_slots": plan.index_width,
+            "split_vllm_capacity_ratio": round(plan.vllm_capacity_ratio(settings.max_model_len, in_flight), 3),
+            "split_capacity_ratio": round(plan.capacity_ratio(settings.max_model_len), 3)}
+
+
+def describe_prediction(pred: dict[str, Any]) -> str:
+    """One line on the predicted KV capacity (printed, and in the report)."""
+    line = (f"Predicted KV capacity of --kv-layout split vs FLASH_ATTN at {pred['context']:,} tokens: "
+            f"{pred['split_vllm_capacity_ratio']:.2f}x (KVLayoutPlan.vllm_capacity_ratio: R={pred['full_kv_heads']}/"
+            f"{pred['kv_heads']} full KV heads per layer, n={pred['index_slots']} index slots, window reserve for "
+            f"{pred['max_in_flight_tokens']:,} in-flight tokens; {pred['split_capacity_ratio']:.2f}x without vLLM's "
+            f"block rounding and reserve)")
+    if pred["kv_layout"] != "split":
+        line += f"; this run uses --kv-layout {pred['kv_layout']} (every KV head kept: about 1x)"
+    return line + "."
 
 
 def kept_share_on_flat_scores(num_tokens: int, params) -> float:
@@ -253,13 +338,17 @@ def describe_artifact(artifact: dict[str, Any]) -> str:
     """The lines printed (and put in the report) about the artifact and the kept-block share."""
     p = artifact["params"]
     shares = ", ".join(f"{int(t) // 1024}K {v:.3f}" for t, v in artifact["kept_block_share_flat"].items())
+    budget = artifact.get("kv_heads_per_layer")
+    prediction = f"\n{describe_prediction(artifact['predicted_capacity'])}" if artifact.get("predicted_capacity") else ""
     return (f"Synthetic artifact {artifact['path']}: {artifact['retrieval_heads']} of {artifact['query_heads']} "
-            f"query heads are retrieval heads (ratio {artifact['ratio']}, by KV group: {artifact['by_kv_group']}); "
+            f"query heads are retrieval heads (ratio {artifact['ratio']}, by KV group: {artifact['by_kv_group']}, "
+            f"KV heads per layer: {budget if budget is not None else 'no budget'}); "
             f"local heads see {p['sink_tokens']} sinks + a window of {p['window']} tokens; block top-p "
             f"{p['top_p']} over {p['block_size']}-token blocks; sequences under {p['dense_threshold']} tokens "
             f"run dense.\nKept-block share of the retrieval heads at decode: set through top-p, not measured. "
             f"Dummy weights make every indexer score ~0, so top-p keeps about top_p of the blocks: {shares} "
-            f"(block_topp_ref on flat scores). The serving path does not report the share it really kept.")
+            f"(block_topp_ref on flat scores). The serving path does not report the share it really kept."
+            + prediction)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -541,6 +630,7 @@ def load_results(settings: Settings) -> dict[str, Any]:
     if settings.fresh or not path.is_file():
         return new_results(settings)
     results = json.loads(path.read_text())
+    results["settings"] = {"kv_heads_per_layer": None, **results["settings"]}     # files from before the option
     if results["settings"] != settings.comparable():
         differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
@@ -597,6 +687,8 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                                                 "startup_s": round(time.monotonic() - start, 1)}
                 print(f"[{backend}] healthy after {time.monotonic() - start:.0f} s; "
                       f"{results['capacity'][backend]}", flush=True)
+                if backend == "RTPURBO":
+                    print(f"[{backend}] {capacity_comparison(results)}", flush=True)
                 for run in bench_serve_runs(settings, backend, port):
                     if not server.alive():
                         raise RuntimeError(f"the {backend} server exited; last lines of {log}:\n{server.tail()}")
@@ -618,6 +710,23 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
             put_row(results["latency"], row, run.key)
             save(settings, results)
             print(f"[{backend}] {summary(row)}", flush=True)
+
+
+def capacity_comparison(results: dict[str, Any]) -> str:
+    """Measured KV capacity (ratio of the servers' max concurrency) next to the prediction."""
+    fa, rtp = (results["capacity"].get(b, {}) for b in BACKENDS)
+    measured = (rtp["max_concurrency"] / fa["max_concurrency"]
+                if rtp.get("max_concurrency") and fa.get("max_concurrency") else None)
+    pred = (results.get("artifact") or {}).get("predicted_capacity")
+    text = (f"KV capacity RTPURBO ({rtp.get('kv_layout', '?')} layout) / FLASH_ATTN: measured "
+            + (f"{measured:.2f}x (max concurrency {rtp['max_concurrency']:.2f} / {fa['max_concurrency']:.2f})"
+               if measured else "n/a (needs both servers' max-concurrency lines)"))
+    if pred:
+        expected = pred["split_vllm_capacity_ratio"] if rtp.get("kv_layout", pred["kv_layout"]) == "split" else None
+        text += (f"; predicted {expected:.2f}x (KVLayoutPlan.vllm_capacity_ratio)" if expected else
+                 f"; predicted about 1x for the full layout ({pred['split_vllm_capacity_ratio']:.2f}x with "
+                 f"--kv-layout split)")
+    return text
 
 
 def failures(results: dict[str, Any]) -> list[str]:
@@ -691,6 +800,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", "KV tokens and max concurrency are the servers' own log lines (`GPU KV cache size`, `Maximum "
               f"concurrency for {s['max_model_len']:,} tokens per request`), one value per server, so the same "
               "on every row."]
+    if rtp:
+        lines += ["", capacity_comparison(results) + "."]
     lines += ["", f"## `vllm bench latency` (random token ids, output {s['latency_output_len']} tokens, mean of "
               f"{s['latency_iters']} runs after {s['latency_warmup']} warm-up; seconds per batch)", "",
               "| context | batch | FA (s) | RTP (s) | speedup |", "| --- | --- | --- | --- | --- |"]
@@ -779,9 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the vllm command, shell-quoted (default: this Python -P -m vllm.entrypoints.cli.main)")
 
     art = parser.add_argument_group("RTPURBO artifact (synthetic)")
-    art.add_argument("--ratio", metavar="SHARE", type=float, default=0.15,
-                     help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate)")
+    art.add_argument("--ratio", metavar="SHARE", type=float, default=None,
+                     help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate; "
+                          "with --kv-heads-per-layer: every query head of the chosen KV groups)")
     art.add_argument("--by-kv-group", action="store_true", help="draw whole KV groups of retrieval heads")
+    art.add_argument("--kv-heads-per-layer", metavar="N", type=int, default=None,
+                     help="per-layer KV budget of the synthetic artifact (rtpurbo-calibrate --kv-heads-per-layer): "
+                          "retrieval heads only in N KV groups of every layer, so --kv-layout split keeps N KV "
+                          "heads per layer in full")
     art.add_argument("--kv-layout", choices=("full", "split"), default="full",
                      help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
                           "KV head for every token (default); split keeps full history only for retrieval KV "
@@ -858,8 +974,10 @@ def print_dry_run(settings: Settings, port: int) -> None:
         shares = ", ".join(f"{t // 1024}K {kept_share_on_flat_scores(t, params):.3f}"
                            for t in sorted({*settings.contexts, settings.latency_context}))
         print(f"# synthetic artifact -> {settings.artifact_dir}: synthesize_artifact(ratio={settings.ratio}, "
-              f"by_kv_group={settings.by_kv_group}, seed={settings.seed}, top_p={settings.top_p})")
+              f"by_kv_group={settings.by_kv_group}, kv_heads_per_layer={settings.kv_heads_per_layer}, "
+              f"seed={settings.seed}, top_p={settings.top_p})")
         print(f"# kept-block share on flat (dummy-weight) indexer scores: {shares}; not measured by serving")
+        print(f"# {describe_prediction(predict_capacity(settings))}")
     for backend in settings.backends:
         if "serve" in settings.phases:
             print(f"\n# {backend}: server (waits for http://{HOST}:{port}/health), then the clients")

@@ -38,7 +38,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from rtpurbo_vllm.attention.index_cache import RTPurboIndexCache
-from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan
+from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan, serving_window
 from rtpurbo_vllm.kv_cache.side_layers import RTPurboWindowCache, install_kv_layout
 from rtpurbo_vllm.attention.metadata import RTPurboMetadata
 from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill, headwise_prefill_torch
@@ -178,7 +178,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         rank, size = tp_rank_and_size()
         return KVLayoutPlan.build(self.artifact.layout, head_size=self.head_size, kv_dtype=kv_dtype,
                                   index_dtype=index_dtype, index_dim=p.index_dim, sink_tokens=p.sink_tokens,
-                                  window=max(p.window, p.dense_threshold - 1), tp_rank=rank, tp_size=size,
+                                  window=serving_window(p), tp_rank=rank, tp_size=size,
                                   block_unit=self.vllm_config.cache_config.block_size)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -21,6 +21,7 @@ EPILOG = """examples:
   rtpurbo-calibrate train-indexer ./Qwen3-8B --heads ./calib/heads.json --out ./calib/indexer --resume
   rtpurbo-calibrate export ./Qwen3-8B --heads ./calib/heads.json --indexer ./calib/indexer   # -> ./Qwen3-8B/rtpurbo
   rtpurbo-calibrate evaluate ./Qwen3-8B --artifact ./Qwen3-8B/rtpurbo --data ./fineweb_sample/ --out ./calib/eval
+  rtpurbo-calibrate heads ./Llama-3-8B --out ./calib --kv-heads-per-layer 1   # best KV group of every layer
   rtpurbo-calibrate synthesize ./llama3-8b-dummy --ratio 0.15 --by-kv-group   # random artifact, benchmarks only
 """
 
@@ -53,6 +54,23 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     sel.add_argument("--by-kv-group", action="store_true",
                      help="rank whole KV groups by their best query head and select whole groups until the "
                           "ratio/count is met, so each KV head is all-retrieval or all-local")
+    sel.add_argument("--kv-heads-per-layer", metavar="N", type=int, default=None,
+                     help="per-layer KV budget: every layer may use only its N KV groups with the highest "
+                          "best-query-head score; alone it selects every query head of those groups, with "
+                          "--ratio/--count the top heads among them (the split KV layout then keeps N KV heads "
+                          "per layer in full instead of the most any layer needs)")
+
+
+def _selection(args: argparse.Namespace) -> dict:
+    """ratio/count/by_kv_group/kv_heads_per_layer for the library: ``--ratio`` defaults to 0.15 unless
+    ``--count`` or ``--kv-heads-per-layer`` decides the number of heads."""
+    from rtpurbo_vllm.calibration.heads import DEFAULT_RATIO
+
+    ratio = args.ratio
+    if ratio is None and args.count is None and args.kv_heads_per_layer is None:
+        ratio = DEFAULT_RATIO
+    return {"ratio": ratio, "count": args.count, "by_kv_group": args.by_kv_group,
+            "kv_heads_per_layer": args.kv_heads_per_layer}
 
 
 def _add_heads_args(p: argparse.ArgumentParser) -> None:
@@ -71,13 +89,16 @@ def _add_heads_args(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output and runtime")
     out.add_argument("--out", metavar="DIR", required=True,
                      help="folder for heads.json, head_scores.json/.csv and head_heatmap.png")
+    out.add_argument("--report-context", metavar="TOKENS", type=int, default=None,
+                     help="context length at which the predicted KV capacity of the split layout is printed "
+                          "(default: the model's max_position_embeddings, else 131072)")
     _add_runtime(out, seed=0)
 
 
 def _run_heads(args: argparse.Namespace) -> None:
-    from rtpurbo_vllm.calibration.heads import DEFAULT_RATIO, find_heads
+    from rtpurbo_vllm.calibration.heads import find_heads, format_kv_capacity
 
-    result = find_heads(args.model, args.out, ratio=args.ratio or DEFAULT_RATIO, count=args.count, by_kv_group=args.by_kv_group,
+    result = find_heads(args.model, args.out, **_selection(args), report_context=args.report_context,
                         probe_tokens=args.probe_tokens, num_probes=args.num_probes,
                         needle_tokens=args.needle_tokens, data=args.data,
                         needle_data=args.needle_data, seed=args.seed, device=args.device)
@@ -85,6 +106,7 @@ def _run_heads(args: argparse.Namespace) -> None:
     print(f"{result.heads.settings['num_selected']} retrieval heads ({per_layer})")
     for name, path in result.paths.items():
         print(f"  {name}: {path}")
+    print(format_kv_capacity(result.heads.settings["kv_capacity"]))
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -208,12 +230,15 @@ def _add_synthesize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_synthesize(args: argparse.Namespace) -> None:
-    from rtpurbo_vllm.calibration.heads import DEFAULT_RATIO
+    from rtpurbo_vllm.artifacts import load_artifact
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
 
-    path = synthesize_artifact(args.model, args.out, ratio=args.ratio or DEFAULT_RATIO, count=args.count,
-                               by_kv_group=args.by_kv_group, seed=args.seed, params=_sparsity(args))
-    print(f"synthetic artifact (random heads and indexer; dummy-weight benchmarks only): {path}")
+    path = synthesize_artifact(args.model, args.out, **_selection(args), seed=args.seed, params=_sparsity(args))
+    layout = load_artifact(path).layout
+    full = max(len(layout.retrieval_kv_heads(layer)) for layer in range(layout.num_layers))
+    print(f"synthetic artifact (random heads and indexer; dummy-weight benchmarks only): {path}\n"
+          f"  {layout.num_retrieval_heads} retrieval query heads; the split KV layout keeps R={full} of "
+          f"{layout.num_kv_heads} KV heads per layer in full")
 
 
 # name -> (help, add arguments, run)

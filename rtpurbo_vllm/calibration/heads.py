@@ -5,7 +5,9 @@ the second needle copy puts on the first, averaged over several probes. Heads ar
 over all layers; the top ones (``ratio`` of all query heads, or ``count``) are retrieval heads. With
 ``by_kv_group`` whole KV groups are ranked by their best query head and taken until the target
 count of query heads is reached, so every KV head is either fully retrieval or fully local and the
-KV-cache saving is known in advance.
+KV-cache saving is known in advance. With a per-layer KV budget (``kv_heads_per_layer`` N) every
+layer may use only its N best KV groups (ranked by their best query head), so the split KV layout,
+which pads every layer to the most retrieval KV heads of any layer, keeps N KV heads per layer in full.
 
 The *heads file* (JSON, :data:`HEADS_FILE`) carries the model fingerprint, the per-layer retrieval
 heads and the scores; ``train-indexer`` and ``export`` read it and refuse it for another model.
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rtpurbo_vllm.artifacts import ArtifactError, ModelFingerprint
+from rtpurbo_vllm.artifacts import ArtifactError, ModelFingerprint, SparsityParams
 from rtpurbo_vllm.artifacts.validate import check_matches_model
 from rtpurbo_vllm import outputs
 from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_pre_rope, resolve_model
@@ -76,28 +78,74 @@ def target_count(num_query_heads: int, ratio: float | None, count: int | None) -
     return max(1, round(ratio * num_query_heads))
 
 
+def budget_groups(scores: torch.Tensor, num_kv_heads: int, kv_heads_per_layer: int) -> torch.Tensor:
+    """``[L, HKV]`` bool: in every layer, the ``kv_heads_per_layer`` KV groups whose best query head
+    scores highest (ties go to the lower KV head).
+
+    Raises:
+        ValueError: ``kv_heads_per_layer`` outside ``[1, HKV]``.
+    """
+    num_layers, num_heads = scores.shape
+    if not 1 <= kv_heads_per_layer <= num_kv_heads:
+        raise ValueError(f"--kv-heads-per-layer must be in [1, {num_kv_heads}] (the model's KV heads per "
+                         f"layer), got {kv_heads_per_layer}")
+    best = scores.float().reshape(num_layers, num_kv_heads, num_heads // num_kv_heads).amax(-1)    # [L, HKV]
+    top = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :kv_heads_per_layer]
+    return torch.zeros(num_layers, num_kv_heads, dtype=torch.bool).scatter_(1, top, True)
+
+
 def select_heads(scores: torch.Tensor, num_kv_heads: int, ratio: float | None = DEFAULT_RATIO,
-                 count: int | None = None, by_kv_group: bool = False) -> list[list[int]]:
+                 count: int | None = None, by_kv_group: bool = False,
+                 kv_heads_per_layer: int | None = None) -> list[list[int]]:
     """Global top heads of ``scores`` ``[L, HQ]``; ties go to the lower (layer, head).
 
     Args:
         scores: ``[L, HQ]`` float, higher = more retrieval-like.
-        num_kv_heads: HKV (for ``by_kv_group``).
+        num_kv_heads: HKV.
         ratio, count: the target number of query heads (``count`` wins; see :func:`target_count`).
         by_kv_group: rank KV groups by their best query head and take whole groups until at least
             the target number of query heads is selected.
+        kv_heads_per_layer: a per-layer KV budget N. Every layer may use only its N KV groups with the
+            highest best-query-head score (:func:`budget_groups`), so the split KV layout keeps at
+            most N KV heads per layer in full. With ``ratio`` and ``count`` both None, every query
+            head of those groups is selected (``L * N * HQ/HKV`` heads: their KV heads are kept in full
+            anyway); otherwise the global ranking (or ``by_kv_group``) runs over those groups only and
+            the target must fit in them.
 
     Returns:
         Per layer, the sorted retrieval query-head ids.
+
+    Raises:
+        ValueError: bad ratio/count/budget, or a target larger than the budget allows (the message
+            names the fix).
     """
     num_layers, num_heads = scores.shape
-    target = target_count(num_layers * num_heads, ratio, count)
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads per layer are not a multiple of {num_kv_heads} KV heads")
     group = num_heads // num_kv_heads
+    if kv_heads_per_layer is None:
+        allowed = torch.ones(num_layers, num_kv_heads, dtype=torch.bool)
+        target = target_count(num_layers * num_heads, ratio, count)
+    else:
+        allowed = budget_groups(scores, num_kv_heads, kv_heads_per_layer)
+        if ratio is None and count is None:
+            return [[h for h in range(num_heads) if allowed[layer, h // group]] for layer in range(num_layers)]
+        target = target_count(num_layers * num_heads, ratio, count)
+        limit = num_layers * kv_heads_per_layer * group
+        if target > limit:
+            asked = f"--count {count}" if count is not None else f"--ratio {ratio}"
+            raise ValueError(f"{asked} asks for {target} query heads but --kv-heads-per-layer {kv_heads_per_layer} "
+                             f"allows at most {limit} ({num_layers} layers x {kv_heads_per_layer} KV heads x "
+                             f"{group} query heads); fix: leave out --ratio/--count to take every query head of "
+                             f"the chosen KV groups, ask for at most {limit} heads, or raise --kv-heads-per-layer")
     if by_kv_group:
         ranked = scores.float().reshape(num_layers, num_kv_heads, group).amax(-1).flatten()
+        usable = allowed.flatten()
     else:
-        ranked, group = scores.float().flatten(), 1
-    order = torch.sort(ranked, descending=True, stable=True).indices[: -(-target // group)]
+        ranked, usable = scores.float().flatten(), allowed.repeat_interleave(group, dim=1).flatten()
+        group = 1
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    order = order[usable[order]][: -(-target // group)]
     selected: list[list[int]] = [[] for _ in range(num_layers)]
     per_layer = num_heads // group
     for idx in order.tolist():
@@ -197,6 +245,86 @@ def plot_heatmap(scores: torch.Tensor, retrieval_heads: Sequence[Sequence[int]],
     return outputs.write_bytes(path, buf.getvalue())
 
 
+def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int, num_kv_heads: int,
+                        head_dim: int, context: int, params: SparsityParams | None = None,
+                        kv_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """What the split KV layout (``kv_layout: "split"``, one rank) would make of ``retrieval_heads``:
+    R (full KV heads per layer, the most retrieval KV heads of any layer), n (index slots) and the KV
+    capacity at ``context`` tokens against vLLM's dense layout (:meth:`KVLayoutPlan.capacity_ratio`:
+    planned and ideal, without vLLM's block rounding and chunked-prefill window reserve).
+
+    The window is the one served (``max(window, dense_threshold - 1)``, :func:`serving_window`) of
+    ``params`` (default :class:`SparsityParams`), K/V and index keys in ``kv_dtype``.
+    """
+    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan, serving_window
+
+    params = params or SparsityParams()
+    plan = KVLayoutPlan.build(HeadLayout.from_lists(num_heads, num_kv_heads, retrieval_heads), head_size=head_dim,
+                              kv_dtype=kv_dtype, index_dim=params.index_dim, sink_tokens=params.sink_tokens,
+                              window=serving_window(params))
+    return {"query_heads": sum(map(len, retrieval_heads)), "full_kv_heads": plan.num_full_kv_heads,
+            "kv_heads": num_kv_heads, "index_slots": plan.index_width,
+            "promoted_kv_heads": plan.padding.promoted_kv_heads,
+            "capacity_ratio": round(plan.capacity_ratio(context), 3),
+            "ideal_capacity_ratio": round(plan.capacity_ratio(context, "ideal"), 3)}
+
+
+def kv_capacity_report(scores: torch.Tensor, num_kv_heads: int, head_dim: int,
+                       selected: Sequence[Sequence[int]], context: int,
+                       kv_heads_per_layer: int | None = None, params: SparsityParams | None = None) -> dict[str, Any]:
+    """The memory trade-off of a selection: :func:`predict_kv_capacity` for ``selected`` and, for
+    comparison, for the global top selection of as many query heads and for per-layer KV budgets of
+    1 and 2 (those below HKV that differ from ``kv_heads_per_layer``).
+
+    Returns:
+        ``{"context", "window", "sink_tokens", "rows": [{"selection": label, **prediction}, ...]}``,
+        the selected heads first.
+    """
+    from rtpurbo_vllm.kv_cache.layout import serving_window
+
+    params = params or SparsityParams()
+    num_heads = scores.shape[1]
+    chosen = [sorted(h) for h in selected]
+    budget = (f"{kv_heads_per_layer} KV head{'s' if kv_heads_per_layer > 1 else ''} per layer" if kv_heads_per_layer
+              else "no per-layer KV budget")
+    candidates = [(f"selected ({budget})", chosen)]
+    total = sum(map(len, chosen))
+    if total:
+        candidates.append((f"global top {total} query heads", select_heads(scores, num_kv_heads, count=total)))
+    for n in (1, 2):
+        if n < num_kv_heads and n != kv_heads_per_layer:
+            candidates.append((f"--kv-heads-per-layer {n} (all query heads of the groups)",
+                               select_heads(scores, num_kv_heads, None, None, kv_heads_per_layer=n)))
+    rows, seen = [], []
+    for label, heads in candidates:
+        if heads in seen:
+            continue
+        seen.append(heads)
+        rows.append({"selection": label,
+                     **predict_kv_capacity(heads, num_heads, num_kv_heads, head_dim, context, params)})
+    return {"context": context, "window": serving_window(params), "sink_tokens": params.sink_tokens, "rows": rows}
+
+
+def format_kv_capacity(report: dict[str, Any]) -> str:
+    """The lines ``heads`` prints for :func:`kv_capacity_report`."""
+    lines = [f"predicted KV capacity of the split layout (kv_layout=split) at {report['context']} tokens vs vLLM's "
+             f"dense layout (bf16; local KV heads keep {report['sink_tokens']} sinks + {report['window']} tokens; "
+             f"one rank):"]
+    width = max(len(r["selection"]) for r in report["rows"])
+    for r in report["rows"]:
+        lines.append(f"  {r['selection']:<{width}}  {r['query_heads']:>5} query heads, R={r['full_kv_heads']}/"
+                     f"{r['kv_heads']} full KV heads, n={r['index_slots']} index slots -> "
+                     f"{r['capacity_ratio']:.2f}x (ideal per-layer layout {r['ideal_capacity_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def default_report_context(hf_config) -> int:
+    """The context ``heads`` reports capacity at: the model's ``max_position_embeddings``, else 128K."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return int(getattr(text, "max_position_embeddings", None) or 131072)
+
+
 @dataclass(frozen=True)
 class HeadsResult:
     """What :func:`find_heads` produced: the heads file content and the paths written."""
@@ -207,12 +335,16 @@ class HeadsResult:
 
 def find_heads(model: str | os.PathLike | LoadedModel, out_dir: str | os.PathLike, *,
                ratio: float | None = DEFAULT_RATIO, count: int | None = None, by_kv_group: bool = False,
+               kv_heads_per_layer: int | None = None, report_context: int | None = None,
                probe_tokens: int = 4096, num_probes: int = 4, needle_tokens: int = DEFAULT_NEEDLE_TOKENS,
                data: str | os.PathLike | None = None, needle_data: str | os.PathLike | None = None,
                seed: int = 0, device: str | None = None) -> HeadsResult:
     """The ``heads`` command: scores every query head on needle-copy probes, selects the retrieval
     heads and writes ``heads.json``, ``head_scores.{json,csv}`` and ``head_heatmap.png`` to ``out_dir``.
     Filler comes from ``data``, needles from ``needle_data`` (default: ``data`` as well).
+    Selection: :func:`select_heads` (``kv_heads_per_layer`` with ``ratio=None, count=None`` takes every
+    query head of each layer's best N KV groups). ``settings["kv_capacity"]`` holds
+    :func:`kv_capacity_report` at ``report_context`` tokens (default :func:`default_report_context`).
 
     Raises:
         ValueError: bad selection settings, a probe shorter than needed, an unsupported model or an
@@ -220,23 +352,32 @@ def find_heads(model: str | os.PathLike | LoadedModel, out_dir: str | os.PathLik
     """
     out_dir = outputs.ensure_writable_dir(out_dir)
     lm = resolve_model(model, device)
-    target_count(lm.num_layers * lm.num_heads, ratio, count)
+    select_heads(torch.zeros(lm.num_layers, lm.num_heads), lm.num_kv_heads, ratio, count, by_kv_group,
+                 kv_heads_per_layer)                                     # settings checked before the model runs
+    context = report_context or default_report_context(lm.hf_config)
+    if context < 1:
+        raise ValueError(f"--report-context must be positive, got {context}")
     source = TokenSource.create(lm.tokenizer, data, "train")
     needles = None if needle_data is None else TokenSource.create(lm.tokenizer, needle_data, "train")
     probes = make_probes(source, num_probes, probe_tokens, seed, needle_tokens, needle_source=needles)
     scores = retrieval_scores(lm, probes)
-    selected = select_heads(scores, lm.num_kv_heads, ratio, count, by_kv_group)
-    settings = {"ratio": ratio, "count": count, "by_kv_group": by_kv_group, "probe_tokens": probe_tokens,
+    selected = select_heads(scores, lm.num_kv_heads, ratio, count, by_kv_group, kv_heads_per_layer)
+    fingerprint = ModelFingerprint.from_hf_config(lm.hf_config)
+    capacity = kv_capacity_report(scores, lm.num_kv_heads, fingerprint.head_dim, selected, context,
+                                  kv_heads_per_layer)
+    settings = {"ratio": ratio, "count": count, "by_kv_group": by_kv_group,
+                "kv_heads_per_layer": kv_heads_per_layer, "probe_tokens": probe_tokens,
                 "num_probes": num_probes, "needle_tokens": needle_tokens, "data": source.description,
                 "needle_data": (needles or source).description,
-                "seed": seed, "num_selected": sum(map(len, selected))}
-    heads = HeadsFile(ModelFingerprint.from_hf_config(lm.hf_config), selected, scores.tolist(), settings)
+                "seed": seed, "num_selected": sum(map(len, selected)), "kv_capacity": capacity}
+    heads = HeadsFile(fingerprint, selected, scores.tolist(), settings)
     table = score_table(scores, selected, lm.num_kv_heads)
     name = getattr(lm.hf_config, "_name_or_path", "") or lm.hf_config.architectures[0]
     paths = {"heads": heads.save(out_dir / HEADS_FILE),
              "scores_json": outputs.write_json(out_dir / SCORES_JSON, table),
              "scores_csv": outputs.write_csv(out_dir / SCORES_CSV, table),
              "heatmap": plot_heatmap(scores, selected, out_dir / HEATMAP_PNG,
-                                     f"{Path(name).name}: {settings['num_selected']} retrieval heads boxed "
-                                     f"({num_probes} probes x {probe_tokens} tokens)")}
+                                     f"{Path(name).name}: {settings['num_selected']} retrieval heads boxed"
+                                     + (f", KV budget {kv_heads_per_layer} per layer" if kv_heads_per_layer else "")
+                                     + f" ({num_probes} probes x {probe_tokens} tokens)")}
     return HeadsResult(heads, paths)

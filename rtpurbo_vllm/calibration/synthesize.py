@@ -2,7 +2,7 @@
 
 A model served with ``--load-format dummy`` has random weights and no real retrieval heads, but the
 serving path still needs an artifact of the right shape. This draws the retrieval heads at random
-(with the same ratio / count / KV-group rules as ``heads``) and a random indexer. Its provenance
+(with the same ratio / count / KV-group / per-layer KV budget rules as ``heads``) and a random indexer. Its provenance
 says it is synthetic; never use one for accuracy measurements.
 """
 
@@ -27,13 +27,14 @@ from rtpurbo_vllm.calibration.heads import DEFAULT_RATIO, select_heads
 
 
 def synthetic_artifact(hf_config, *, ratio: float | None = DEFAULT_RATIO, count: int | None = None,
-                       by_kv_group: bool = False, seed: int = 0,
+                       by_kv_group: bool = False, kv_heads_per_layer: int | None = None, seed: int = 0,
                        params: SparsityParams = SparsityParams()) -> RTPurboArtifact:
-    """An artifact with random retrieval heads and a random ``[HR, DI, D]`` fp32 indexer per layer."""
+    """An artifact with random retrieval heads (:func:`select_heads` on uniform random scores) and a
+    random ``[HR, DI, D]`` fp32 indexer per layer."""
     model = ModelFingerprint.from_hf_config(hf_config)
     generator = torch.Generator().manual_seed(seed)
     scores = torch.rand(model.num_layers, model.num_heads, generator=generator)          # [L, HQ]
-    heads = select_heads(scores, model.num_kv_heads, ratio, count, by_kv_group)
+    heads = select_heads(scores, model.num_kv_heads, ratio, count, by_kv_group, kv_heads_per_layer)
 
     def weights(n: int) -> torch.Tensor:
         return torch.randn(n, params.index_dim, model.head_dim, generator=generator) / math.sqrt(model.head_dim)
@@ -41,7 +42,8 @@ def synthetic_artifact(hf_config, *, ratio: float | None = DEFAULT_RATIO, count:
     indexer = tuple((weights(len(h)), weights(len(h))) for h in heads)
     provenance = Provenance(data="synthetic: random retrieval heads and indexer (dummy-weight benchmarks only)",
                             steps=0, seed=seed, tool="rtpurbo-calibrate synthesize",
-                            extra={"ratio": ratio, "count": count, "by_kv_group": by_kv_group})
+                            extra={"ratio": ratio, "count": count, "by_kv_group": by_kv_group,
+                                   "kv_heads_per_layer": kv_heads_per_layer})
     return RTPurboArtifact(model, tuple(tuple(h) for h in heads), params, provenance, indexer)
 
 

@@ -51,6 +51,13 @@ DEFAULT_MAX_SCHEDULER_BLOCK = 4096
 DEFAULT_REFERENCE_TOKENS = 16384
 
 
+def serving_window(params) -> int:
+    """Tokens a window KV head keeps when served with ``params`` (:class:`SparsityParams`):
+    ``max(window, dense_threshold - 1)``, so a sequence short enough to run dense finds every key of
+    its local heads in the window cache."""
+    return max(params.window, params.dense_threshold - 1)
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Block sizes (tokens per vLLM block) of the three caches and their common page size.

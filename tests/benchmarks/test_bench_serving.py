@@ -69,6 +69,50 @@ def test_kv_layout_option(tmp_path):
         _settings(tmp_path, "--kv-layout", "compact")
 
 
+def test_kv_heads_per_layer_option(tmp_path):
+    """--kv-heads-per-layer reaches the synthetic artifact and the comparable settings; alone it takes every
+    query head of the chosen KV groups (no default ratio), with --ratio the top share among them."""
+    s = _settings(tmp_path, "--kv-heads-per-layer", "1", "--kv-layout", "split")
+    assert (s.ratio, s.kv_heads_per_layer) == (None, 1)
+    assert bs.selection(s) == {"ratio": None, "count": None, "by_kv_group": False, "kv_heads_per_layer": 1}
+    assert s.comparable()["kv_heads_per_layer"] == 1 and s.comparable()["ratio"] is None
+    assert _settings(tmp_path).ratio == 0.15 and _settings(tmp_path).kv_heads_per_layer is None
+    assert _settings(tmp_path, "--kv-heads-per-layer", "2", "--ratio", "0.1").ratio == 0.1
+    with pytest.raises(ValueError, match="--kv-heads-per-layer must be >= 1"):
+        _settings(tmp_path, "--kv-heads-per-layer", "0")
+    # The prediction is KVLayoutPlan.vllm_capacity_ratio of the artifact's layout with the served window.
+    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan
+
+    pred = bs.predict_capacity(s)
+    assert (pred["full_kv_heads"], pred["kv_heads"], pred["index_slots"]) == (1, 8, 4)
+    assert pred["max_in_flight_tokens"] == 2 * 16384 and pred["context"] == s.max_model_len
+    from rtpurbo_vllm.heads import HeadLayout
+
+    layout = HeadLayout.from_lists(32, 8, [[0, 1, 2, 3]] * 32)            # R=1, n=4 in every layer, like the artifact
+    plan = KVLayoutPlan.build(layout, head_size=128, window=16383)
+    assert pred["split_vllm_capacity_ratio"] == round(plan.vllm_capacity_ratio(s.max_model_len, 32768), 3)
+    assert 1.5 < pred["split_vllm_capacity_ratio"] < pred["split_capacity_ratio"]
+    assert bs.max_in_flight_tokens(_settings(tmp_path, "--engine-args=--no-async-scheduling")) == 16384
+    assert bs.engine_block_size(_settings(tmp_path, "--engine-args=--block-size 32")) == 32
+    # A results file from before the option merges with a run without it.
+    old = bs.new_results(_settings(tmp_path))
+    del old["settings"]["kv_heads_per_layer"]
+    bs.save(_settings(tmp_path), old)
+    assert bs.load_results(_settings(tmp_path))["settings"]["kv_heads_per_layer"] is None
+    with pytest.raises(ValueError, match="other settings .*kv_heads_per_layer"):
+        bs.load_results(_settings(tmp_path, "--kv-heads-per-layer", "1"))
+
+
+def test_dry_run_shows_the_budget_and_the_prediction(tmp_path, capsys):
+    assert bs.main(["--out", str(tmp_path / "out"), "--dry-run", "--contexts", "128", "--kv-layout", "split",
+                    "--kv-heads-per-layer", "1", "--backends", "RTPURBO", "--phases", "serve"]) == 0
+    printed = capsys.readouterr().out
+    assert "synthesize_artifact(ratio=None, by_kv_group=False, kv_heads_per_layer=1" in printed
+    assert "Predicted KV capacity of --kv-layout split vs FLASH_ATTN at 131,328 tokens" in printed
+    assert "R=1/8 full KV heads per layer" in printed and "KVLayoutPlan.vllm_capacity_ratio" in printed
+    assert '"kv_layout": "split"' in printed and not (tmp_path / "out").exists()
+
+
 def test_bench_commands(tmp_path):
     s = _settings(tmp_path, "--contexts", "32", "128", "--max-concurrency", "1", "4", "--num-prompts", "6",
                   "--latency-context", "64", "--latency-batch", "1", "4")
@@ -422,11 +466,17 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
     assert bs.main(common) == 0
     printed = capsys.readouterr().out
     assert "Kept-block share of the retrieval heads at decode: set through top-p, not measured" in printed
+    assert "Predicted KV capacity of --kv-layout split vs FLASH_ATTN" in printed
+    assert "KV capacity RTPURBO (full layout) / FLASH_ATTN: measured 1.00x (max concurrency 1.50 / 1.50); " \
+           "predicted about 1x for the full layout" in printed
     results = json.loads((out / bs.RESULTS_JSON).read_text())
     assert results["capacity"]["FLASH_ATTN"]["kv_cache_tokens"] == 400_000
     assert results["capacity"]["RTPURBO"]["concurrency_request_tokens"] == 4096
     assert len(results["serve"]) == 4 and len(results["latency"]) == 4
     assert results["artifact"]["params"]["top_p"] == 0.03
+    assert results["artifact"]["kv_heads_per_layer"] is None and results["artifact"]["ratio"] == 0.15
+    assert results["artifact"]["predicted_capacity"]["kv_layout"] == "full"
+    assert "KV capacity RTPURBO (full layout) / FLASH_ATTN: measured 1.00x" in (out / bs.REPORT_MD).read_text()
     assert 0.03 <= results["artifact"]["kept_block_share_flat"]["2048"] <= 0.1     # 2 forced blocks of 32
     assert sum(c.get("server", False) for c in results["commands"]) == 2
     assert len(results["commands"]) == 2 + 4 + 4

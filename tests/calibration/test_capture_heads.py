@@ -11,7 +11,15 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from rtpurbo_vllm.calibration.capture import attention_rows, capture_pre_rope, check_supported, wrap_model
 from rtpurbo_vllm.calibration.data import TokenSource
-from rtpurbo_vllm.calibration.heads import HeadsFile, find_heads, probe_scores, select_heads
+from rtpurbo_vllm.calibration.heads import (
+    HeadsFile,
+    budget_groups,
+    find_heads,
+    format_kv_capacity,
+    kv_capacity_report,
+    probe_scores,
+    select_heads,
+)
 from rtpurbo_vllm.calibration.probes import make_probes, min_probe_tokens
 from rtpurbo_vllm.rope import apply_rope
 from rtpurbo_vllm.tiny.tokenizer import build_tokenizer
@@ -138,6 +146,58 @@ def test_selection_by_ratio_count_and_kv_group():
     for bad in ({"ratio": None}, {"ratio": 0.0}, {"ratio": 1.5}, {"count": 0}, {"count": 9}):
         with pytest.raises(ValueError, match="--ratio|--count"):
             select_heads(scores, 2, **bad)
+
+
+def test_selection_with_a_per_layer_kv_budget():
+    # L=3, HQ=4, HKV=2 (groups {0,1}, {2,3}); best per group: L0 0.9 | 0.3, L1 0.8 | 0.7, L2 0.5 | 0.5 (tie).
+    scores = torch.tensor([[0.1, 0.9, 0.2, 0.3], [0.8, 0.0, 0.05, 0.7], [0.5, 0.4, 0.1, 0.5]])
+    assert budget_groups(scores, 2, 1).tolist() == [[True, False], [True, False], [True, False]]  # tie: lower
+    # Alone: every query head of each layer's best group (free: that KV head is kept in full anyway).
+    assert select_heads(scores, 2, None, None, kv_heads_per_layer=1) == [[0, 1], [0, 1], [0, 1]]
+    assert select_heads(scores, 2, None, None, kv_heads_per_layer=2) == [[0, 1, 2, 3]] * 3
+    # With a count: the global ranking restricted to those groups (L1's 0.7 in group 1 is not allowed).
+    assert select_heads(scores, 2, count=3, kv_heads_per_layer=1) == [[1], [0], [0]]
+    assert select_heads(scores, 2, ratio=0.25, kv_heads_per_layer=1) == [[1], [0], [0]]    # round(0.25 * 12) = 3
+    assert select_heads(scores, 2, count=4, kv_heads_per_layer=2) == [[1], [0, 3], [0]]    # = the global top 4
+    # With --by-kv-group: whole allowed groups, best first, until the count is met.
+    assert select_heads(scores, 2, count=3, by_kv_group=True, kv_heads_per_layer=1) == [[0, 1], [0, 1], []]
+    assert select_heads(scores, 2, None, None, by_kv_group=True, kv_heads_per_layer=1) == [[0, 1]] * 3
+    # Every layer uses at most N KV heads, whatever the global ranking prefers.
+    for n, count in ((1, 6), (2, 12)):
+        heads = select_heads(scores, 2, count=count - 1, kv_heads_per_layer=n)
+        assert sum(map(len, heads)) == count - 1 and all(len({h // 2 for h in layer}) <= n for layer in heads)
+    # GQA ratio 1 (HQ == HKV): a KV group is one query head, so N KV heads = N query heads per layer.
+    mha = torch.tensor([[0.3, 0.1, 0.2], [0.0, 0.5, 0.5]])
+    assert select_heads(mha, 3, None, None, kv_heads_per_layer=1) == [[0], [1]]
+    assert select_heads(mha, 3, None, None, kv_heads_per_layer=2) == [[0, 2], [1, 2]]
+    assert select_heads(mha, 3, count=3, kv_heads_per_layer=2) == [[0], [1, 2]]          # 0.5, 0.5, 0.3
+    # Errors name the fix.
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"--kv-heads-per-layer must be in \[1, 2\].*got " + str(bad)):
+            select_heads(scores, 2, None, None, kv_heads_per_layer=bad)
+    with pytest.raises(ValueError, match=r"--count 7 asks for 7 query heads but --kv-heads-per-layer 1 allows at "
+                                         r"most 6 .*fix: leave out --ratio/--count"):
+        select_heads(scores, 2, count=7, kv_heads_per_layer=1)
+    with pytest.raises(ValueError, match=r"--ratio 0.75 asks for 9"):
+        select_heads(scores, 2, ratio=0.75, kv_heads_per_layer=1)
+    with pytest.raises(ValueError, match="--ratio"):                         # no budget: a target is needed
+        select_heads(scores, 2, None, None)
+
+
+def test_kv_capacity_prediction_shows_the_trade_off():
+    """Llama-3-8B shape (32 layers, 32 query / 8 KV heads, D=128): a per-layer budget bounds R."""
+    scores = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
+    budget = select_heads(scores, 8, None, None, kv_heads_per_layer=1)
+    report = kv_capacity_report(scores, 8, 128, budget, 131072, kv_heads_per_layer=1)
+    rows = {r["selection"]: r for r in report["rows"]}
+    chosen, global_, two = (rows["selected (1 KV head per layer)"], rows["global top 128 query heads"],
+                            rows["--kv-heads-per-layer 2 (all query heads of the groups)"])
+    assert (chosen["query_heads"], chosen["full_kv_heads"], chosen["promoted_kv_heads"]) == (128, 1, 0)
+    assert two["full_kv_heads"] == 2 and global_["full_kv_heads"] >= 4
+    assert chosen["capacity_ratio"] > two["capacity_ratio"] > 2 > 1.5 > global_["capacity_ratio"]
+    assert report["window"] == 16383 and report["context"] == 131072       # max(8192, 16384 - 1) as served
+    text = format_kv_capacity(report)
+    assert "at 131072 tokens" in text and "R=1/8" in text and f"{chosen['capacity_ratio']:.2f}x" in text
 
 
 def test_find_heads_writes_outputs_and_heads_file_checks_the_model(tmp_path):

@@ -48,6 +48,42 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert "2 retrieval heads" in printed and "artifact written and validated" in printed and "recall" in printed
 
 
+def test_heads_with_a_per_layer_kv_budget(tmp_path, capsys):
+    """--kv-heads-per-layer 1 alone: both query heads of the best KV group of each layer; the setting and the
+    predicted capacity (selected vs global) go to heads.json and the printed report."""
+    model = _save_qwen3(tmp_path / "qwen3")
+    out = tmp_path / "calib"
+    assert main(["heads", model, "--out", str(out), "--kv-heads-per-layer", "1", "--report-context", "65536",
+                 "--probe-tokens", "240", "--num-probes", "1", "--needle-tokens", "24", "--device", "cpu"]) == 0
+    heads = json.loads((out / "heads.json").read_text())
+    settings = heads["settings"]
+    assert settings["kv_heads_per_layer"] == 1 and settings["ratio"] is None and settings["num_selected"] == 4
+    assert heads["retrieval_heads"] in ([[0, 1], [0, 1]], [[0, 1], [2, 3]], [[2, 3], [0, 1]], [[2, 3], [2, 3]])
+    scores = torch.tensor(heads["scores"])
+    for layer, chosen in enumerate(heads["retrieval_heads"]):      # the group holding the layer's best head
+        assert int(scores[layer].argmax()) // 2 == chosen[0] // 2
+    capacity = settings["kv_capacity"]
+    assert capacity["context"] == 65536 and capacity["rows"][0]["selection"] == "selected (1 KV head per layer)"
+    assert capacity["rows"][0]["full_kv_heads"] == 1 and capacity["rows"][0]["query_heads"] == 4
+    printed = capsys.readouterr().out
+    assert "4 retrieval heads" in printed and "predicted KV capacity of the split layout" in printed
+    assert "at 65536 tokens" in printed and "R=1/2 full KV heads" in printed
+    assert any(r["selection"] == "global top 4 query heads" for r in capacity["rows"]) == \
+        ("global top 4 query heads" in printed)
+    # With --count: the top heads inside the budget; the default report context is max_position_embeddings.
+    assert main(["heads", model, "--out", str(tmp_path / "c"), "--kv-heads-per-layer", "1", "--count", "3",
+                 "--probe-tokens", "240", "--num-probes", "1", "--needle-tokens", "24", "--device", "cpu"]) == 0
+    heads = json.loads((tmp_path / "c" / "heads.json").read_text())
+    assert heads["settings"]["num_selected"] == 3 and heads["settings"]["kv_capacity"]["context"] == 1024
+    assert all(len({h // 2 for h in layer}) <= 1 for layer in heads["retrieval_heads"])
+    # Impossible combinations stop before the model runs, naming the fix.
+    assert main(["heads", model, "--out", str(tmp_path / "x"), "--kv-heads-per-layer", "3"]) == 2
+    assert "--kv-heads-per-layer must be in [1, 2]" in capsys.readouterr().err
+    assert main(["heads", model, "--out", str(tmp_path / "x"), "--kv-heads-per-layer", "1", "--count", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "allows at most 4" in err and "fix: leave out --ratio/--count" in err
+
+
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     other = _save_qwen3(tmp_path / "other", layers=3)
     model = _save_qwen3(tmp_path / "model")

@@ -36,3 +36,22 @@ def test_synthesize_is_repeatable(model_dir, tmp_path):
     a, b = (load_artifact(tmp_path / out) for out in ("a", "b"))
     assert a.retrieval_heads == b.retrieval_heads and a.indexer_tensors().keys() == b.indexer_tensors().keys()
     assert all((x == y).all() for x, y in zip(a.indexer_tensors().values(), b.indexer_tensors().values()))
+
+
+def test_synthesize_with_a_per_layer_kv_budget(model_dir, tmp_path, capsys):
+    """--kv-heads-per-layer N: retrieval heads only in N KV groups of each layer (all of their query heads
+    alone, the top ratio among them with --ratio); recorded in the provenance."""
+    assert main(["synthesize", str(model_dir), "--out", str(tmp_path / "a"), "--kv-heads-per-layer", "1"]) == 0
+    assert "R=1 of 2 KV heads per layer" in capsys.readouterr().out
+    artifact = load_artifact(tmp_path / "a")
+    assert artifact.layout.num_retrieval_heads == 4 * 4                      # 4 layers x one group of 4
+    assert all(len(artifact.layout.retrieval_kv_heads(layer)) == 1 for layer in range(4))
+    assert artifact.provenance.extra["kv_heads_per_layer"] == 1 and artifact.provenance.extra["ratio"] is None
+    assert main(["synthesize", str(model_dir), "--out", str(tmp_path / "b"), "--kv-heads-per-layer", "1",
+                 "--ratio", "0.25"]) == 0
+    artifact = load_artifact(tmp_path / "b")
+    assert artifact.layout.num_retrieval_heads == 8
+    assert all(len(artifact.layout.retrieval_kv_heads(layer)) <= 1 for layer in range(4))
+    assert main(["synthesize", str(model_dir), "--out", str(tmp_path / "c"), "--kv-heads-per-layer", "1",
+                 "--ratio", "0.75"]) == 2
+    assert "allows at most 16" in capsys.readouterr().err
