@@ -15,7 +15,7 @@ from typing import Sequence
 from rtpurbo_vllm.eval.client import API_CHOICES, ClientConfig, Endpoint
 from rtpurbo_vllm.eval.report import render_markdown
 from rtpurbo_vllm.eval.runner import DEFAULT_LENGTHS, EvalConfig, run_eval
-from rtpurbo_vllm.eval.tasks import TASKS, TEMPLATE_CHOICES, VOCAB_CHOICES
+from rtpurbo_vllm.eval.tasks import TASKS, TEMPLATE_CHOICES, TINY_TASKS, VOCAB_CHOICES
 
 EPILOG = """examples:
   # the same model served twice: RTPurbo and dense FlashAttention, on two ports
@@ -28,9 +28,12 @@ EPILOG = """examples:
   rtpurbo-eval --endpoint http://127.0.0.1:8000 --tokenizer ./Qwen3-8B --api chat \\
       --tasks niah_multikey,vt --metadata gpu=H100 top_p=0.9
 
-  # the tiny test model (word-level tokenizer: terse templates, words from its vocabulary)
-  rtpurbo-eval --endpoint tiny=http://127.0.0.1:8000 --tokenizer rtpurbo_vllm/tiny/model \\
-      --tasks niah_single,niah_multikey,vt --lengths 1k,2k --max-tokens 8
+  # the tiny test model, RTPurbo against dense (terse templates and the tiny word source are
+  # picked automatically; the default tasks are the two it is trained for: niah_single,niah_multikey)
+  vllm serve rtpurbo_vllm/tiny/model --attention-backend RTPURBO --port 8000
+  vllm serve rtpurbo_vllm/tiny/model --attention-backend FLASH_ATTN --port 8001
+  rtpurbo-eval --compare rtpurbo=http://127.0.0.1:8000 flash=http://127.0.0.1:8001 \\
+      --tokenizer rtpurbo_vllm/tiny/model --lengths 1k,2k --samples 50
 
 tasks:
 """ + "\n".join(f"  {name:<16} {spec.description}" for name, spec in TASKS.items()) + """
@@ -86,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tokenizer", metavar="PATH", required=True,
                        help="local folder of the served model's tokenizer (usually the model folder); prompt "
                             "lengths are counted with it")
-    tasks.add_argument("--tasks", metavar="LIST", type=_name_list, default=tuple(TASKS),
-                       help=f"comma-separated tasks (default all: {','.join(TASKS)})")
+    tasks.add_argument("--tasks", metavar="LIST", type=_name_list, default=None,
+                       help=f"comma-separated tasks (default: all the templates can phrase, i.e. all of "
+                            f"{','.join(TASKS)} with ruler templates, all but cwe,fwe with terse ones; "
+                            f"{','.join(TINY_TASKS)} for the tiny model)")
     tasks.add_argument("--lengths", metavar="LIST", type=_int_list, default=DEFAULT_LENGTHS,
                        help="comma-separated context lengths in tokens; k = 1024 "
                             f"(default {','.join(map(str, DEFAULT_LENGTHS))})")
@@ -97,15 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the same seed and tokenizer give the same prompts (default 0)")
     tasks.add_argument("--vocab", metavar="SOURCE", choices=VOCAB_CHOICES, default="auto",
                        help="filler and key words: builtin (an English word list), tokenizer (whole words of "
-                            "the tokenizer's vocabulary), or auto (builtin unless the tokenizer cannot encode "
-                            "it) (default auto)")
+                            "the tokenizer's vocabulary), tiny (the tiny model's key words and skip-bigram "
+                            "filler, as in its training documents; its tokenizer only), or auto (tiny for the "
+                            "tiny model's tokenizer, else builtin unless the tokenizer cannot encode it) "
+                            "(default auto)")
     tasks.add_argument("--template", metavar="SET", choices=TEMPLATE_CHOICES, default="auto",
                        help="ruler (RULER's English instructions), terse (only key/value/query, digits and "
-                            "': . ,'; needle and vt tasks only), or auto (ruler when the tokenizer encodes it) "
+                            "': . ,': 'key sigma 9 3 8 .' needles asked by 'query key sigma', the tiny model's "
+                            "format; needle and vt tasks only), or auto (ruler when the tokenizer encodes it) "
                             "(default auto)")
     tasks.add_argument("--max-tokens", metavar="N", type=int, default=None,
                        help="generation budget of every request (default RULER's per task: 128 needle, 30 vt, "
-                            "120 cwe, 50 fwe)")
+                            "120 cwe, 50 fwe; terse needle tasks 8 with one value asked, 24 with four)")
 
     req = parser.add_argument_group("requests")
     req.add_argument("--concurrency", metavar="N", type=int, default=16,

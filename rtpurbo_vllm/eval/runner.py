@@ -27,7 +27,9 @@ class EvalConfig:
     Attributes:
         endpoints: one endpoint, or two to compare on identical prompts (distinct names).
         tokenizer: local folder of the served model's tokenizer.
-        tasks: task names (keys of :data:`~rtpurbo_vllm.eval.tasks.TASKS`).
+        tasks: task names (keys of :data:`~rtpurbo_vllm.eval.tasks.TASKS`); ``None`` runs the
+            generator's :meth:`~rtpurbo_vllm.eval.tasks.TaskGenerator.default_tasks` (every task the
+            templates can phrase; ``niah_single`` and ``niah_multikey`` for the tiny model).
         lengths: context lengths in tokens of the prompt text.
         num_samples: samples per (task, length).
         seed: the samples are a function of the seed (and tokenizer, vocab, template).
@@ -45,7 +47,7 @@ class EvalConfig:
 
     endpoints: tuple[Endpoint, ...]
     tokenizer: str
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] | None = None
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
     num_samples: int = 20
     seed: int = 0
@@ -63,8 +65,8 @@ class EvalConfig:
         if len({e.name for e in self.endpoints}) != len(self.endpoints):
             raise ValueError(f"both endpoints are named {self.endpoints[0].name!r}; fix: name them, e.g. "
                              "rtpurbo=http://127.0.0.1:8000 flash=http://127.0.0.1:8001")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
+        unknown = [t for t in self.tasks if t not in TASKS] if self.tasks is not None else []
+        if unknown or self.tasks == ():
             raise ValueError(f"unknown tasks {unknown or '(none given)'}; fix: choose from {', '.join(TASKS)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"lengths {list(self.lengths)}; fix: positive token counts, e.g. 4096,8192")
@@ -73,13 +75,14 @@ class EvalConfig:
 
 
 def environment(config: EvalConfig, generator: TaskGenerator) -> dict[str, Any]:
-    """The report's environment block: date, versions, host, tokenizer and every run setting."""
+    """The report's environment block: date, versions, host, tokenizer and every run setting (the
+    tasks as run, defaults resolved)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rtpurbo_vllm": _version("rtpurbo-vllm"), "vllm": _version("vllm"),
         "transformers": _version("transformers"), "python": platform.python_version(),
         "host": platform.node(), "tokenizer": str(Path(config.tokenizer).resolve()), **generator.describe(),
-        "seed": config.seed, "tasks": list(config.tasks), "lengths": list(config.lengths),
+        "seed": config.seed, "tasks": list(config.tasks or generator.default_tasks()), "lengths": list(config.lengths),
         "samples_per_task_length": config.num_samples, "api": config.client.api,
         "max_tokens": config.max_tokens or "per task", "concurrency": config.client.concurrency,
         "timeout_s": config.client.timeout_s, "retries": config.client.retries,
@@ -108,7 +111,8 @@ def run_eval(config: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
 
     endpoints = [resolve_model(e, config.client) for e in config.endpoints]
     generator = TaskGenerator(load_tokenizer(config.tokenizer), vocab=config.vocab, template=config.template)
-    samples = generator.generate(config.tasks, config.lengths, config.num_samples, config.seed, config.progress)
+    tasks = config.tasks or generator.default_tasks()
+    samples = generator.generate(tasks, config.lengths, config.num_samples, config.seed, config.progress)
     requests = [(s.prompt, config.max_tokens or s.max_tokens) for s in samples]
     completions = [complete_all(e, requests, config.client, config.progress) for e in endpoints]
     results = build_results(environment(config, generator), endpoints, samples, completions)

@@ -15,8 +15,11 @@ Language Models?"):
 Nothing is downloaded. Filler and list words come from :data:`~rtpurbo_vllm.eval.words.BUILTIN_WORDS`
 or from the tokenizer's own vocabulary, and only words the tokenizer round-trips are used. Two
 template sets exist: ``ruler`` (RULER's English instructions) and ``terse`` (only the words
-``key``, ``value``, ``query``, digits and ``: . ,``), so that a tokenizer with a small fixed
-vocabulary, such as the tiny test model's, can run the needle and variable-tracking tasks.
+``key``, ``value``, ``query``, digits and ``: . ,``: needles ``key sigma 9 3 8 .``, the question
+``query key sigma``), so that a tokenizer with a small fixed vocabulary can run the needle and
+variable-tracking tasks. The ``tiny`` word source, chosen automatically for the tiny test model's
+tokenizer (:mod:`rtpurbo_vllm.tiny`), reproduces that model's training documents: keys from its
+dedicated key words, filler from its skip-bigram generator (:func:`rtpurbo_vllm.tiny.task.filler_words`).
 
 A sample is a pure function of (tokenizer, template, vocabulary, task, length, index, seed).
 """
@@ -32,7 +35,10 @@ from typing import Any, Callable, Sequence
 from rtpurbo_vllm.eval.words import BUILTIN_WORDS
 
 TEMPLATE_CHOICES = ("auto", "ruler", "terse")
-VOCAB_CHOICES = ("auto", "builtin", "tokenizer")
+VOCAB_CHOICES = ("auto", "builtin", "tokenizer", "tiny")
+TINY_TASKS = ("niah_single", "niah_multikey")
+"""The tasks the tiny model is trained for (one queried key, its 3-digit value); the default tasks
+of the ``tiny`` word source."""
 MARKER_WORDS = frozenset({"key", "value", "query", "var"})
 """Words the templates use as markers; never used as filler, keys or list items."""
 MIN_LEXICON = 64
@@ -102,7 +108,9 @@ class Templates:
     key_separator: str
     last_key_separator: str
     key_words: int
-    """Words per NIAH key, joined by ``-``; 0 makes keys ``key_digits`` digits."""
+    """Words per NIAH key, joined by ``-``; 0 makes keys ``key_digits`` digits. Single-word keys
+    come from the word source's key pool when it has one, else from the filler words, and then
+    never appear as filler."""
     key_digits: int
     value_digits: int
     vt_intro: str
@@ -116,6 +124,11 @@ class Templates:
     cwe_question: str | None = None
     fwe_intro: str | None = None
     fwe_question: str | None = None
+    budgets: tuple[tuple[str, int], ...] = ()
+    """``(task, max_tokens)`` generation budgets replacing the task's RULER budget."""
+
+    def budget(self, task: str, default: int) -> int:
+        return dict(self.budgets).get(task, default)
 
     def join_keys(self, keys: Sequence[str]) -> str:
         """``a``, ``a and b`` style lists of keys for a question."""
@@ -167,17 +180,22 @@ RULER_TEMPLATES = Templates(
 )
 
 TERSE_TEMPLATES = Templates(
+    # The needle format of the tiny model (rtpurbo_vllm.tiny.task.pair_span / query_span): a one-word
+    # key, its value right after it, and a question that ends on the key, answered by the value.
     name="terse",
     niah_intro="",
-    niah_needle="key {key} : value {value} .",
-    niah_question_one=" query key {keys} : value",
-    niah_question_many=" query key {keys} : value",
-    key_separator=" , key ", last_key_separator=" , key ", key_words=0, key_digits=3, value_digits=3,
+    niah_needle="key {key} {value} .",
+    niah_question_one=" query key {keys}",
+    niah_question_many=" query key {keys}",
+    key_separator=" , key ", last_key_separator=" , key ", key_words=1, key_digits=0, value_digits=3,
     vt_intro="",
     vt_first="key {name} : value {value} .",
     vt_hop="key {name} : value {prev} .",
     vt_question=" query value {value} : key",
     var_letters=0, vt_value_digits=3,
+    # No answer prefix: the value is the first thing generated (4 tokens each with its "." under a
+    # digit-splitting tokenizer); a short budget keeps later filler from matching by chance.
+    budgets=(("niah_single", 8), ("niah_multikey", 8), ("niah_multivalue", 24), ("niah_multiquery", 24)),
 )
 
 
@@ -213,9 +231,11 @@ class TaskGenerator:
     Args:
         tokenizer: a Hugging Face tokenizer (the served model's).
         vocab: where words come from: ``builtin`` (the built-in English list), ``tokenizer`` (whole
-            lower-case words of the tokenizer's vocabulary) or ``auto`` (``builtin`` when the
-            tokenizer round-trips nearly all of it, else ``tokenizer``). Either way only words the
-            tokenizer encodes without ``<unk>`` and decodes back unchanged are kept.
+            lower-case words of the tokenizer's vocabulary), ``tiny`` (the tiny model's: keys and
+            variable names from its key words, filler from its skip-bigram generator; only for its
+            tokenizer) or ``auto`` (``tiny`` for the tiny model's tokenizer, else ``builtin`` when
+            the tokenizer round-trips nearly all of it, else ``tokenizer``). Either way only words
+            the tokenizer encodes without ``<unk>`` and decodes back unchanged are kept.
         template: ``ruler``, ``terse`` or ``auto`` (``ruler`` when the tokenizer round-trips its
             English text, else ``terse``).
 
@@ -232,6 +252,13 @@ class TaskGenerator:
         self.tokenizer = tokenizer
         self.templates = self._pick_templates(template)
         self.vocab, self.lexicon = self._pick_lexicon(vocab)
+        self.key_pool: list[str] | None = None
+        """Words reserved for single-word keys and variable names (never filler), or ``None``:
+        then those come from :attr:`lexicon` and are left out of the filler around them."""
+        if self.vocab == "tiny":
+            from rtpurbo_vllm.tiny.tokenizer import KEY_WORDS
+
+            self.key_pool = self._keep_round_trips(list(KEY_WORDS))
 
     # -- tokenizer helpers ------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> list[list[int]]:
@@ -268,7 +295,22 @@ class TaskGenerator:
         raise ValueError(f"the tokenizer cannot encode the {'/'.join(t.name for t in order)} task templates "
                          f"losslessly (some of their words become <unk> or change); fix: {fix}")
 
+    def is_tiny_tokenizer(self) -> bool:
+        """The tokenizer has exactly the tiny model's vocabulary (:mod:`rtpurbo_vllm.tiny.tokenizer`)."""
+        from rtpurbo_vllm.tiny.tokenizer import TOKEN_ID
+
+        return self.tokenizer.get_vocab() == TOKEN_ID
+
     def _pick_lexicon(self, vocab: str) -> tuple[str, list[str]]:
+        if vocab == "auto" and self.is_tiny_tokenizer():
+            vocab = "tiny"
+        if vocab == "tiny":
+            if not self.is_tiny_tokenizer():
+                raise ValueError("--vocab tiny needs the tiny model's tokenizer (rtpurbo_vllm/tiny/model); "
+                                 "fix: --vocab auto")
+            from rtpurbo_vllm.tiny.tokenizer import FILLER_WORDS
+
+            return vocab, self._keep_round_trips(list(FILLER_WORDS))
         kept = []
         if vocab != "tokenizer":
             builtin = [w for w in BUILTIN_WORDS if w not in MARKER_WORDS]
@@ -317,7 +359,7 @@ class TaskGenerator:
             draft.check(units)
         return Sample(task=task, length=length, index=index, prompt=text,
                       answers=tuple(self.canonical(a) for a in draft.answers), num_tokens=num_tokens,
-                      max_tokens=spec.max_tokens, meta=draft.meta)
+                      max_tokens=self.templates.budget(task, spec.max_tokens), meta=draft.meta)
 
     def generate(self, tasks: Sequence[str], lengths: Sequence[int], num_samples: int, seed: int,
                  progress: bool = False) -> list[Sample]:
@@ -328,9 +370,18 @@ class TaskGenerator:
         return [self.sample(t, n, i, seed) for t, n, i in tqdm(keys, desc="generating", unit="sample",
                                                                disable=not progress)]
 
+    def default_tasks(self) -> tuple[str, ...]:
+        """The tasks run when none are named: those the tiny model is trained for with the ``tiny``
+        word source, else every task the template set can phrase."""
+        if self.vocab == "tiny":
+            return TINY_TASKS
+        return tuple(name for name, spec in TASKS.items() if self.templates.name == "ruler" or not spec.needs_ruler)
+
     def describe(self) -> dict[str, Any]:
-        """Template set, word source and pool size, for the report's environment block."""
+        """Template set, word source and pool sizes, for the report's environment block."""
         return {"template": self.templates.name, "vocab": self.vocab, "num_words": len(self.lexicon),
+                "num_key_words": len(self.key_pool) if self.key_pool is not None else None,
+                "filler": "skip-bigram" if self.vocab == "tiny" else "uniform",
                 "tokenizer_class": type(self.tokenizer).__name__}
 
     # -- pieces shared by the drafts ----------------------------------------------------------
@@ -338,10 +389,18 @@ class TaskGenerator:
                  exclude: frozenset[str] = frozenset()) -> str:
         """``n`` filler words (some ending a sentence with ``.``) with ``needles`` inserted between
         sentences at relative ``depths`` (sorted, in [0, 1]); the first ``k`` words are the same for
-        every ``n >= k``. Words in ``exclude`` never appear as filler."""
-        pool = [w for w in self.lexicon if w not in exclude]
+        every ``n >= k``. Words in ``exclude`` never appear as filler.
+
+        The ``tiny`` word source draws the tiny model's skip-bigram filler instead, where ``.`` is a
+        word of its own (its keys are never filler, so ``exclude`` has nothing to remove)."""
         rng = random.Random(filler_seed)
-        words = [rng.choice(pool) + ("." if rng.random() < SENTENCE_END_P else "") for _ in range(n)]
+        if self.vocab == "tiny":
+            from rtpurbo_vllm.tiny.task import filler_words
+
+            words = filler_words(rng, n)
+        else:
+            pool = [w for w in self.lexicon if w not in exclude]
+            words = [rng.choice(pool) + ("." if rng.random() < SENTENCE_END_P else "") for _ in range(n)]
         pieces, start = [], 0
         for needle, depth in zip(needles, depths):
             at = max(start, int(depth * n))
@@ -408,7 +467,9 @@ def _niah(num_keys: int, num_values: int, num_queries: int) -> Callable[..., _Dr
 
     def draft(gen: TaskGenerator, rng: random.Random, filler_seed: str, length: int) -> _Draft:
         t = gen.templates
-        if t.key_words:
+        if t.key_words == 1:
+            keys = rng.sample(gen.key_pool or gen.lexicon, num_keys)
+        elif t.key_words:
             keys = gen.distinct(lambda: "-".join(rng.sample(gen.lexicon, t.key_words)), num_keys)
         else:
             keys = gen.distinct(lambda: gen.digits(rng, t.key_digits, leading_zero=True), num_keys)
@@ -421,7 +482,8 @@ def _niah(num_keys: int, num_values: int, num_queries: int) -> Callable[..., _Dr
         question = (t.niah_question_one if len(answers) == 1 else t.niah_question_many).format(
             keys=t.join_keys(queried))
         texts = [t.niah_needle.format(key=k, value=v) for k, v in needles]
-        return _Draft(render=lambda n: t.niah_intro + gen.haystack(filler_seed, n, texts, depths) + question,
+        exclude = frozenset(keys) if t.key_words == 1 else frozenset()
+        return _Draft(render=lambda n: t.niah_intro + gen.haystack(filler_seed, n, texts, depths, exclude) + question,
                       answers=answers, max_units=4 * length + 64,
                       meta={"depths": [round(d, 4) for d in depths], "queried_keys": queried})
 
@@ -437,7 +499,7 @@ def _vt(num_hops: int) -> Callable[..., _Draft]:
             names = gen.distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=t.var_letters)),
                                  num_hops + 1)
         else:
-            names = rng.sample(gen.lexicon, num_hops + 1)
+            names = rng.sample(gen.key_pool or gen.lexicon, num_hops + 1)
         value = gen.digits(rng, t.vt_value_digits, leading_zero=False)
         texts = [t.vt_first.format(name=names[0], value=value)]
         texts += [t.vt_hop.format(name=b, prev=a) for a, b in zip(names, names[1:])]

@@ -101,6 +101,16 @@ def _filler(rng: random.Random, n: int, context: Sequence[int] = ()) -> list[int
     return out[len(out) - n:] if n else []
 
 
+def filler_words(rng: random.Random, n: int) -> list[str]:
+    """``n`` filler words of the training documents' skip-bigram filler, as text (``.`` is a word
+    of its own), for prompts built from text such as ``rtpurbo-eval``'s.
+
+    The words are drawn one after the other from ``rng``, so the first ``k`` are the same for every
+    ``n >= k`` given the same ``rng`` state.
+    """
+    return [VOCAB[i] for i in _filler(rng, n)]
+
+
 def filler_targets(ids: Sequence[int]) -> list[bool]:
     """``[T]``: True where ``ids[t]`` follows the skip-bigram rule from a filler word at ``t - 2``."""
     return [t >= 2 and ids[t - 2] in _SUCCESSORS and ids[t] in _SUCCESSORS[ids[t - 2]]

@@ -32,6 +32,7 @@ class FakeServer:
     def __init__(self, behaviour, model="fake-model"):
         self.behaviour, self.model = behaviour, model
         self.prompts: list[str] = []          # every request's prompt, in arrival order
+        self.max_tokens: list[int] = []       # and its generation budget
         self.in_flight = self.max_in_flight = 0
 
     async def _complete(self, request: web.Request) -> web.Response:
@@ -39,6 +40,7 @@ class FakeServer:
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         self.prompts.append(prompt)
+        self.max_tokens.append(body.get("max_tokens"))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -240,3 +242,35 @@ def test_cli_reports_bad_input(tokenizer_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_cli_tiny_model_defaults(tmp_path):
+    """``--tokenizer rtpurbo_vllm/tiny/model`` with no task options: the tiny model's two tasks in its
+    own format, budget 8; an answer in the model's style (``9 3 8 . the``) scores 1."""
+    from rtpurbo_vllm.tiny import tiny_model_dir
+
+    tiny = str(tiny_model_dir())
+    if not (tiny_model_dir() / "tokenizer.json").exists():
+        pytest.skip("the tiny model is not trained in this checkout")
+    gen = TaskGenerator(load_tokenizer(tiny))
+    answers = {s.prompt: s.answers[0] for s in gen.generate(["niah_single", "niah_multikey"], [512], 2, seed=0)}
+
+    def model(prompt, attempt):
+        return f" {answers[prompt]} . the cat"
+
+    def off_by_one(prompt, attempt):              # the first digit wrong
+        first, rest = answers[prompt].split(" ", 1)
+        return f" {(int(first) + 1) % 10} {rest} . the cat"
+
+    with FakeServer(model) as good, FakeServer(off_by_one) as bad:
+        args = ["--compare", f"rtpurbo={good.url}", f"flash={bad.url}", "--tokenizer", tiny, "--lengths", "512",
+                "--samples", "2", "--out", str(tmp_path), "--no-progress"]
+        assert main(args) == 0
+        assert sorted(good.prompts) == sorted(answers) and set(good.max_tokens) == {8}
+    (path,) = tmp_path.glob("eval-*-rtpurbo-vs-flash.json")
+    results = json.loads(path.read_text())
+    env = results["environment"]
+    assert (env["template"], env["vocab"], env["filler"], env["tasks"]) == (
+        "terse", "tiny", "skip-bigram", ["niah_single", "niah_multikey"])
+    assert [(r["task"], r["rtpurbo"], r["flash"]) for r in results["comparison"]] == [
+        ("niah_single", 1.0, 0.0), ("niah_multikey", 1.0, 0.0), ("mean", 1.0, 0.0)]

@@ -125,10 +125,13 @@ def test_restricted_vocabulary_uses_terse_templates_and_its_own_words(words_only
             assert words_only.unk_token_id not in ids
             assert all(re.fullmatch(r"\d \d \d|[a-z]+", a) for a in s.answers)     # as the tokenizer decodes
             assert s == gen.sample(task, length, 0, seed=5)
+    assert gen.default_tasks() == tuple(WORD_TASKS) and gen.key_pool is None
     s = gen.sample("niah_multikey", 2048, 1, seed=5)
     decoded = words_only.decode(words_only(s.prompt, add_special_tokens=False)["input_ids"])
-    key = re.search(r"query key (\d \d \d) : value$", decoded).group(1)
-    assert f"key {key} : value {s.answers[0]} ." in decoded
+    key = re.search(r"query key ([a-z]+)$", decoded).group(1)
+    assert key in gen.lexicon and f"key {key} {s.answers[0]} ." in decoded
+    assert decoded.split().count(key) == 2              # the needle and the question: never filler
+    assert len(re.findall(r"key [a-z]+ \d \d \d \.", decoded)) == 4 and s.max_tokens == 8
 
 
 def test_restricted_vocabulary_rejects_what_it_cannot_phrase(words_only):
@@ -139,6 +142,8 @@ def test_restricted_vocabulary_rejects_what_it_cannot_phrase(words_only):
     with pytest.raises(ValueError, match="--template auto"):
         TaskGenerator(words_only, template="ruler")
     assert TaskGenerator(words_only, vocab="builtin").describe()["num_words"] == 100
+    with pytest.raises(ValueError, match="tiny model's tokenizer"):
+        TaskGenerator(words_only, vocab="tiny")
 
 
 def test_bad_requests_raise_value_errors(bpe):
@@ -160,6 +165,61 @@ def test_fit_finds_the_largest_size_under_the_target():
     assert (tokens, units) == (1000, 500)
     with pytest.raises(ValueError, match="cannot fill"):
         _fit(lambda n: "x " * n, lambda t: len(t.split()), 1000, 100, "t")
+
+
+# -- the tiny model's task family --------------------------------------------------------------------
+needs_tiny = pytest.mark.skipif(not TINY_TOKENIZER.exists(), reason="the tiny model is not trained in this checkout")
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return load_tokenizer(str(TINY_TOKENIZER.parent))
+
+
+@needs_tiny
+def test_tiny_model_tokenizer_gets_its_training_format(tiny_tok):
+    """Auto settings give the tiny model's documents: ``key K d d d .`` pairs with K a key word, in
+    skip-bigram filler without key words, and a prompt ending ``query key K``, answered ``d d d``."""
+    from rtpurbo_vllm.tiny.task import KEY_WORDS, filler_targets, pair_span, query_span
+    from rtpurbo_vllm.tiny.tokenizer import FILLER_WORDS, TOKEN_ID
+
+    gen = TaskGenerator(tiny_tok)
+    assert gen.describe() | {"tokenizer_class": None} == {
+        "template": "terse", "vocab": "tiny", "num_words": len(FILLER_WORDS), "num_key_words": len(KEY_WORDS),
+        "filler": "skip-bigram", "tokenizer_class": None}
+    assert gen.default_tasks() == ("niah_single", "niah_multikey")
+    keys = {TOKEN_ID[w] for w in KEY_WORDS}
+    for task, num_pairs in (("niah_single", 1), ("niah_multikey", 4)):
+        for length in (1024, 2048):
+            s = gen.sample(task, length, 3, seed=9)
+            ids = tiny_tok(s.prompt, add_special_tokens=False)["input_ids"]
+            assert length - TOLERANCE <= s.num_tokens == len(ids) <= length and tiny_tok.unk_token_id not in ids
+            assert s == TaskGenerator(tiny_tok).sample(task, length, 3, seed=9)
+            assert s.prompt != gen.sample(task, length, 3, seed=10).prompt
+            assert ids[-3:] == query_span(ids[-1]) and ids[-1] in keys
+            starts = [t for t in range(len(ids) - 3) if ids[t] == TOKEN_ID["key"]]
+            assert len(starts) == num_pairs and all(ids[t + 1] in keys for t in starts)
+            pairs = {ids[t + 1]: ids[t + 2:t + 5] for t in starts}
+            assert all(ids[t:t + 6] == pair_span(ids[t + 1], pairs[ids[t + 1]]) for t in starts)
+            assert len(pairs) == num_pairs and (set(ids) & keys) == set(pairs)     # key words only in pairs
+            assert s.answers == (tiny_tok.decode(pairs[ids[-1]]),) and re.fullmatch(r"\d \d \d", s.answers[0])
+            assert s.max_tokens == 8
+            filler = [t for t, i in enumerate(ids) if tiny_tok.convert_ids_to_tokens(i) in FILLER_WORDS]
+            rule = filler_targets(ids)
+            assert sum(rule[t] for t in filler) / len(filler) > 0.75        # the skip-bigram filler
+
+
+@needs_tiny
+def test_tiny_model_tokenizer_other_settings(tiny_tok):
+    from rtpurbo_vllm.tiny.task import KEY_WORDS
+
+    vt = TaskGenerator(tiny_tok).sample("vt", 1024, 0, seed=0)      # phrased, names from the key words
+    assert 1024 - TOLERANCE <= vt.num_tokens and set(vt.answers) <= set(KEY_WORDS) and len(vt.answers) == 5
+    plain = TaskGenerator(tiny_tok, vocab="tokenizer")                # uniform filler, keys from the lexicon
+    assert plain.describe()["filler"] == "uniform" and plain.key_pool is None
+    s = plain.sample("niah_single", 1024, 0, seed=0)
+    key = s.prompt.split()[-1]
+    assert 1024 - TOLERANCE <= s.num_tokens and s.prompt.split().count(key) == 2
 
 
 @pytest.mark.skipif(not TINY_TOKENIZER.exists(), reason="the tiny model is not trained in this checkout")
