@@ -4,6 +4,7 @@
 # in one device command; logs and results go under $OUT.
 #
 #   bash scripts/gpu_checks.sh tests      # GPU kernel/prefill tests + vllm.LLM engine tests
+#   bash scripts/gpu_checks.sh cudagraph  # full CUDA graphs of decode steps: FULL vs PIECEWISE vs eager tokens
 #   bash scripts/gpu_checks.sh serve      # vllm serve with the tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
@@ -11,7 +12,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | serve | layer | serving}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -20,6 +21,9 @@ case "$stage" in
     timeout 150 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 \
       | tail -15 | tee "$OUT/gpu_tests.log"
     timeout 300 python3 -P -m pytest -q -s -rs tests/e2e/test_engine_gpu.py 2>&1 | tee "$OUT/e2e_engine.log" \
+      | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -30 ;;
+  cudagraph)
+    timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_cudagraph_gpu.py 2>&1 | tee "$OUT/e2e_cudagraph.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -30 ;;
   serve)
     RTPURBO_E2E_LOGS="$OUT/serve_logs" timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_serve_tiny_gpu.py \

@@ -4,6 +4,21 @@ This is the "plan" half of the backend: it runs once per step for all RTPURBO la
 group, splits the batch into its decode and prefill parts, and hands out the decode kernels'
 scratch, which it allocates once (sized by ``max_num_seqs`` and ``max_model_len``) so that the
 impl's ``forward`` only launches kernels.
+
+CUDA graphs (``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``): vLLM captures the whole forward,
+attention included, of pure-decode batches padded to a capture size (FULL_AND_PIECEWISE /
+FULL_DECODE_ONLY); mixed and prefill batches keep running the attention eagerly between piecewise
+graphs. A replayed graph reads whatever the captured launches were given, so every tensor of the
+decode part is a view of memory that does not move between steps:
+
+* vLLM's persistent per-step buffers (both model runners fill them in place and hand out views at
+  fixed addresses): ``seq_lens``, ``block_table_tensor``, ``slot_mapping`` (padding: -1),
+  ``positions`` and ``query_start_loc``; padded requests get ``seq_len`` 0 and the null block;
+* the builder's own :class:`RTPurboDecodeWorkspace`, allocated here once.
+
+The decode part's Python values (token and request counts) are the padded batch size both at
+capture and at replay, and the kernels' launch grids depend only on them and on constants
+(``max_model_len``, head counts), never on per-step sequence lengths.
 """
 
 from __future__ import annotations
@@ -33,7 +48,8 @@ from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_wor
 class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
     """Builds :class:`RTPurboMetadata` for the RTPURBO layers of one KV-cache group."""
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Pure single-token decode batches are captured whole; vLLM never captures the others' attention.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -42,7 +58,7 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         layout = rank_layout(artifact.layout)
         params = artifact.params
         self.max_blocks = -(-vllm_config.model_config.max_model_len // params.block_size)
-        max_decodes = vllm_config.scheduler_config.max_num_seqs
+        max_decodes = self.max_decodes = vllm_config.scheduler_config.max_num_seqs
         retrieval_counts = {len(h) for h in layout.retrieval_heads} - {0}
         max_retrieval = max(retrieval_counts, default=1)
         topp = make_block_topp_workspace(max_decodes, max_retrieval, self.max_blocks, device)
@@ -58,6 +74,15 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
                                                        device=device),
         )
 
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> RTPurboMetadata:
+        """Metadata of a capture batch: exactly what :meth:`build` gives at replay (the same views of
+        vLLM's buffers, the same workspace), so the captured decode launches are the ones a replay
+        needs. vLLM captures the attention only for padded single-token decode batches (our support
+        level); other batches (e.g. the eager breaks of an opt-in breakable graph) come here too and
+        keep their prefill part, which :meth:`RTPurboAttentionImpl.forward
+        <rtpurbo_vllm.attention.impl.RTPurboAttentionImpl.forward>` refuses to run inside a capture."""
+        return self.build(common_prefix_len=0, common_attn_metadata=common_attn_metadata)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RTPurboMetadata:
         cm = common_attn_metadata
@@ -68,6 +93,10 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         num_tokens = cm.num_actual_tokens
         decode = prefill = None
         if num_decodes:
+            if num_decodes > self.max_decodes:
+                raise RuntimeError(f"{num_decodes} decode requests in one step, but the RTPURBO decode "
+                                   f"workspace serves max_num_seqs={self.max_decodes}")
+            # Views of vLLM's persistent buffers (fixed addresses, see the module docstring).
             decode = RTPurboDecodeMetadata(seq_lens=cm.seq_lens[:num_decodes],
                                            block_table=cm.block_table_tensor[:num_decodes],
                                            workspace=self.workspace)

@@ -10,6 +10,12 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
    (retrieval heads over their kept blocks, local heads over sinks + window);
 4. prefill tokens: head-wise prefill (retrieval heads dense causal, local heads sinks + window).
 
+CUDA graphs: a pure-decode step (padded to a capture size: padded requests have ``seq_len`` 0, the
+null block and slot -1) runs steps 1-3 only, with launch grids fixed by the padded batch size and
+every tensor a view of vLLM's persistent buffers, the builder's workspace, the caches or the layer's
+plan, so vLLM captures it whole and replays it (:mod:`rtpurbo_vllm.attention.builder`). Padded rows
+write no cache entry and produce output 0. The prefill path (step 4) always runs eagerly.
+
 Everything that depends only on the layer (its retrieval heads on this rank, indexer weights, the
 RoPE table, the prefill plan, the side caches) is prepared once in
 :meth:`RTPurboAttentionImpl.process_weights_after_loading`.
@@ -220,6 +226,10 @@ class RTPurboAttentionImpl(AttentionImpl):
         if md.decode is not None:
             self._decode(query[:nd], key_cache, value_cache, window, index, md, output[:nd])
         if md.prefill is not None:
+            if query.is_cuda and torch.cuda.is_current_stream_capturing():
+                # Its launch shapes come from per-step host values: a replay would run stale ones.
+                raise RuntimeError("RTPURBO's prefill path cannot run inside a CUDA-graph capture; vLLM "
+                                   "captures only pure single-token decode batches with this backend")
             pf = md.prefill
             window_kv = None if window is None else (*window.caches, window.block_table[nd:nd + pf.seq_lens.shape[0]])
             run_prefill = headwise_prefill if query.is_cuda else headwise_prefill_torch

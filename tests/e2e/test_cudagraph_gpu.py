@@ -1,0 +1,104 @@
+"""Full CUDA graphs of pure-decode steps with the RTPURBO backend inside a real vLLM engine (marked ``gpu``).
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the test can read the CUDA-graph
+mode the model runner resolved: with RTPURBO's ``UNIFORM_SINGLE_TOKEN_DECODE`` support it must keep
+``FULL_AND_PIECEWISE`` (decode steps captured whole, attention included; mixed steps piecewise).
+
+Sparse settings (window 64, top-p 0.9, 16-token blocks) on prompts of 64 to 3000 tokens, batches of 1,
+3 (replayed in the graph of 4, one padded row) and 8 prompts, both KV layouts:
+
+* against the same compiled engine with ``cudagraph_mode=PIECEWISE`` (attention eager between the same
+  piecewise graphs, same padded GEMM shapes) the greedy tokens must be identical: a decode row's
+  attention does not depend on the batch it runs in;
+* against ``enforce_eager=True`` (no torch.compile, so other kernels round differently) greedy tokens
+  must be identical except where the two paths part at a near-tie of the eager engine's logprobs.
+"""
+
+import gc
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 2048
+NEAR_TIE = 0.1          # nats
+CAPTURE_SIZES = [1, 2, 4, 8]
+BATCHES = {1: [700], 3: [300, 1500, 2600], 8: [64, 100, 400, 900, 1200, 1800, 2300, 3000]}
+MAX_TOKENS = 24
+
+
+@pytest.fixture(autouse=True)
+def in_process_engine(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import transformers
+
+    from rtpurbo_vllm.artifacts import SparsityParams, save_artifact
+    from rtpurbo_vllm.calibration.synthesize import synthetic_artifact
+
+    path = tmp_path_factory.mktemp("llama")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                      head_dim=64, max_position_embeddings=16384, initializer_range=0.08,
+                                      architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    params = SparsityParams(sink_tokens=4, window=64, top_p=0.9, block_size=16, dense_threshold=0)
+    save_artifact(synthetic_artifact(config, ratio=0.25, seed=0, params=params), path / "rtpurbo")
+    return path
+
+
+def prompts(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def generate(model_dir, mode, kv_layout, logprobs=None):
+    """``{batch size: [(tokens, logprobs per step)]}`` of one engine: ``mode`` is "eager" or a
+    ``cudagraph_mode`` name; checks the mode the model runner resolved."""
+    from vllm import LLM, SamplingParams
+    from vllm.config import CUDAGraphMode
+    from vllm.inputs import TokensPrompt
+
+    engine_args = dict(model=str(model_dir), attention_backend="RTPURBO", skip_tokenizer_init=True,
+                       gpu_memory_utilization=0.25, max_model_len=8192, seed=0,
+                       additional_config={"rtpurbo": {"kv_layout": kv_layout}})
+    if mode == "eager":
+        llm = LLM(enforce_eager=True, **engine_args)
+    else:
+        llm = LLM(enforce_eager=False, compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES,
+                                                           "cudagraph_mode": mode}, **engine_args)
+        resolved = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        assert resolved == CUDAGraphMode[mode], f"asked for {mode}, the model runner resolved {resolved}"
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False,
+                            logprobs=logprobs)
+    results = {}
+    for size, lengths in BATCHES.items():
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(lengths, seed=size)], params)
+        results[size] = [(list(o.outputs[0].token_ids),
+                          [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs or []])
+                         for o in outs]
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+@pytest.mark.parametrize("kv_layout", ["full", "split"])
+def test_full_decode_graphs_match_eager(model_dir, kv_layout):
+    graphs = generate(model_dir, "FULL_AND_PIECEWISE", kv_layout)
+    piecewise = generate(model_dir, "PIECEWISE", kv_layout)
+    eager = generate(model_dir, "eager", kv_layout, logprobs=2)
+    for size in BATCHES:
+        got = [tokens for tokens, _ in graphs[size]]
+        assert [len(t) for t in got] == [MAX_TOKENS] * size
+        assert got == [tokens for tokens, _ in piecewise[size]], f"batch of {size}: FULL decode graphs vs PIECEWISE"
+        for i, (tokens, (want, logprobs)) in enumerate(zip(got, eager[size])):
+            same = next((j for j, (a, b) in enumerate(zip(want, tokens)) if a != b), MAX_TOKENS)
+            if same < MAX_TOKENS:   # only a near-tie of the eager engine may part the greedy paths
+                gap = logprobs[same][want[same]] - logprobs[same].get(tokens[same], float("-inf"))
+                assert gap < NEAR_TIE, (size, i, same, gap, want, tokens)
