@@ -8,11 +8,13 @@
 #   bash scripts/gpu_checks.sh serve      # vllm serve with the tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
+#   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 128K
+#   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | kvsplit | eval}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -38,5 +40,25 @@ case "$stage" in
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends "$backend" --phases serve \
       --contexts 32 128 --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_serving_$backend.log" | tail -40
     cp -r "$keep" "$OUT/serving" ;;
+  kvsplit)
+    n=${1:?kvsplit needs N, the retrieval KV heads per layer}
+    keep="$HOME/rtpurbo_kvsplit_$n"
+    timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends RTPURBO --phases serve \
+      --kv-layout split --kv-heads-per-layer "$n" --contexts 128 --max-concurrency 1 4 8 2>&1 \
+      | tee "$OUT/bench_serving_split_$n.log" | tail -40
+    cp -r "$keep" "$OUT/kvsplit_$n" ;;
+  eval)
+    model=rtpurbo_vllm/tiny/model
+    for spec in RTPURBO:8000 FLASH_ATTN:8001; do
+      python3 -P -m vllm.entrypoints.cli.main serve "$model" --attention-backend "${spec%:*}" --port "${spec#*:}" \
+        --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 > "$OUT/server_${spec%:*}.log" 2>&1 &
+    done
+    for port in 8000 8001; do
+      timeout 300 bash -c "until curl -sf http://127.0.0.1:$port/health > /dev/null; do sleep 2; done"
+    done
+    timeout 400 python3 -P -m rtpurbo_vllm.eval.cli --compare rtpurbo=http://127.0.0.1:8000 \
+      flash=http://127.0.0.1:8001 --tokenizer "$model" --lengths 1k,2k --samples 50 --out "$OUT/eval" \
+      --no-progress --metadata model=tiny 2>&1 | tee "$OUT/eval.log" | tail -30
+    kill %1 %2 2>/dev/null; wait ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
