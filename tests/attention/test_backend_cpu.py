@@ -39,17 +39,6 @@ PARAMS = SparsityParams(sink_tokens=4, window=24, top_p=0.8, block_size=16, inde
 BATCH = [(36, 1), (129, 1), (50, 30), (0, 45)]
 
 
-@pytest.fixture(scope="module")
-def cpu_platform():
-    from vllm import platforms
-    from vllm.platforms.cpu import CpuPlatform
-
-    previous = platforms.current_platform
-    platforms.current_platform = CpuPlatform()
-    yield
-    platforms.current_platform = previous
-
-
 @pytest.fixture(params=[0, 100], ids=["sparse-everywhere", "dense-below-100"])
 def dense_threshold(request):
     """With 100 the sequences of 37, 45 and 80 tokens run dense, the 130-token one sparse."""

@@ -46,17 +46,6 @@ STALE_POSITION = 10 ** 7  # padded tokens' positions are left over from earlier 
 STEP_A, STEP_B, PADDED = [36, 129, 19], [140, 0, 57, 88], 4
 
 
-@pytest.fixture(scope="module")
-def cpu_platform():
-    from vllm import platforms
-    from vllm.platforms.cpu import CpuPlatform
-
-    previous = platforms.current_platform
-    platforms.current_platform = CpuPlatform()
-    yield
-    platforms.current_platform = previous
-
-
 def tensors_of(obj, path="md"):
     """``(path, tensor)`` of every tensor reachable from metadata (dataclasses, dicts, tuples)."""
     if isinstance(obj, torch.Tensor):

@@ -21,7 +21,8 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-VOCAB = 2048
+VOCAB = 2048     # the random Llama's vocabulary (conftest.py)
+
 NEAR_TIE = 0.1          # nats
 CAPTURE_SIZES = [1, 2, 4, 8]
 BATCHES = {1: [700], 3: [300, 1500, 2600], 8: [64, 100, 400, 900, 1200, 1800, 2300, 3000]}
@@ -34,21 +35,16 @@ def in_process_engine(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import transformers
+def model_dir(random_llama):
+    from transformers import AutoConfig
 
     from rtpurbo_vllm.artifacts import SparsityParams, save_artifact
     from rtpurbo_vllm.calibration.synthesize import synthetic_artifact
 
-    path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024,
-                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                      head_dim=64, max_position_embeddings=16384, initializer_range=0.08,
-                                      architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    path = random_llama
     params = SparsityParams(sink_tokens=4, window=64, top_p=0.9, block_size=16, dense_threshold=0)
-    save_artifact(synthetic_artifact(config, ratio=0.25, seed=0, params=params), path / "rtpurbo")
+    save_artifact(synthetic_artifact(AutoConfig.from_pretrained(path), ratio=0.25, seed=0, params=params),
+                  path / "rtpurbo")
     return path
 
 

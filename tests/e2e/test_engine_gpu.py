@@ -12,9 +12,11 @@ import json
 import pytest
 import torch
 
+
 pytestmark = pytest.mark.gpu
 
-VOCAB = 2048
+VOCAB = 2048     # the random Llama's vocabulary (conftest.py)
+
 NEAR_TIE = 0.1   # nats: where greedy paths part, the two tokens must be this close under FLASH_ATTN
 
 
@@ -25,17 +27,8 @@ def spawn_workers(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import transformers
-
-    path = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024,
-                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                      head_dim=64, max_position_embeddings=16384, initializer_range=0.08,
-                                      architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
+def model_dir(random_llama):
+    return random_llama
 
 
 def write_artifact(model_dir, **params):
