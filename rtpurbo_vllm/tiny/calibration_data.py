@@ -25,7 +25,7 @@ from rtpurbo_vllm.tiny.task import (
     VALUE_DIGITS,
     _digits,
     _distinct_keys,
-    _filler,
+    filler_words,
     make_training_example,
     pair_span,
 )
@@ -39,7 +39,7 @@ def _text(ids: Sequence[int]) -> str:
 
 
 def filler_document(rng: random.Random, n: int = DOC_TOKENS) -> str:
-    return _text(_filler(rng, n))
+    return " ".join(filler_words(rng, n))
 
 
 def records_document(rng: random.Random, n: int = DOC_TOKENS) -> str:
