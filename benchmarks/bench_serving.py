@@ -42,6 +42,7 @@ Run on a GPU machine from the repo root, for example:
     python3 -P benchmarks/bench_serving.py --out results/serving --backends RTPURBO --phases latency
     python3 -P benchmarks/bench_serving.py --out results/serving --report-only
     python3 -P benchmarks/bench_serving.py --out results/kv1 --kv-layout split --kv-heads-per-layer 1 --contexts 128
+    python3 -P benchmarks/bench_serving.py --out results/kv --kv-layout split --phases capacity   # startup only
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 BACKENDS = ("FLASH_ATTN", "RTPURBO")
-PHASES = ("serve", "latency")
+PHASES = ("serve", "latency", "capacity")
 HOST = "127.0.0.1"
 SERVED_NAME = "rtpurbo-bench"
 RESULTS_JSON, REPORT_MD, PLOT_PNG = "bench_serving.json", "bench_serving.md", "bench_serving.png"
@@ -143,7 +144,8 @@ class Settings:
         """Checks the parsed flags; a bad value raises ValueError naming the flag."""
         contexts = tuple(k * 1024 for k in args.contexts)
         latency_context = args.latency_context * 1024
-        needed = max([*(c + args.output_len for c in contexts), latency_context + args.latency_output_len])
+        needed = max([*(c + args.output_len for c in contexts),
+                      *([latency_context + args.latency_output_len] if "latency" in args.phases else [])])
         max_model_len = args.max_model_len or needed + TOKENIZER_HEADROOM
         top_p = args.top_p if args.top_p is not None else args.keep
         # --ratio defaults to 0.15; a per-layer KV budget alone takes every query head of its KV groups.
@@ -551,6 +553,32 @@ def parse_kv_capacity(log_text: str) -> dict[str, Any]:
             "concurrency_request_tokens": int(conc[-1][0].replace(",", "")) if conc else None}
 
 
+def parse_server_metrics(text: str) -> dict[str, float]:
+    """The counters kept from a server's Prometheus ``/metrics`` text after its runs: ``preemptions``
+    (``vllm:num_preemptions_total``) and ``kv_cache_usage`` (``vllm:kv_cache_usage_perc``, a share in
+    [0, 1]; 0 once every request's blocks are back in the pool), each summed over label sets; a metric
+    the text lacks is left out."""
+    names = {"vllm:num_preemptions_total": "preemptions", "vllm:kv_cache_usage_perc": "kv_cache_usage"}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else line.partition(" ")
+        if line.startswith("#") or name not in names:
+            continue
+        value = float(line.rsplit(" ", 1)[-1])
+        found[names[name]] = found.get(names[name], 0.0) + value
+    return found
+
+
+def server_metrics(port: int) -> dict[str, float]:
+    """:func:`parse_server_metrics` of ``http://127.0.0.1:port/metrics`` (empty if it cannot be read)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+            return parse_server_metrics(response.read().decode(errors="replace"))
+    except OSError:
+        return {}
+
+
 def parse_serve_result(path: Path) -> dict[str, Any]:
     """The numbers kept from a ``vllm bench serve --save-result`` JSON (times in ms)."""
     data = json.loads(path.read_text())
@@ -669,9 +697,10 @@ def run_bench(settings: Settings, results: dict[str, Any], run: BenchRun,
 
 
 def run_backend(settings: Settings, results: dict[str, Any], backend: str, port: int) -> None:
-    """The serve phase (one server, every bench serve run) and the latency phase for one backend. A server
-    that fails is recorded under ``capacity`` with an ``error`` and the run goes on with the next phase."""
-    if "serve" in settings.phases:
+    """The serve phase (one server, every bench serve run; the capacity phase alone starts the server for
+    its KV-capacity lines only) and the latency phase for one backend. A server that fails is recorded
+    under ``capacity`` with an ``error`` and the run goes on with the next phase."""
+    if "serve" in settings.phases or "capacity" in settings.phases:
         argv = serve_command(settings, backend, port)
         log = settings.out / "logs" / f"server-{backend}.log"
         print(f"[{backend}] starting: {shlex.join(argv)}", flush=True)
@@ -689,13 +718,16 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                       f"{results['capacity'][backend]}", flush=True)
                 if backend == "RTPURBO":
                     print(f"[{backend}] {capacity_comparison(results)}", flush=True)
-                for run in bench_serve_runs(settings, backend, port):
+                for run in bench_serve_runs(settings, backend, port) if "serve" in settings.phases else []:
                     if not server.alive():
                         raise RuntimeError(f"the {backend} server exited; last lines of {log}:\n{server.tail()}")
                     row = run_bench(settings, results, run, parse_serve_result)
                     put_row(results["serve"], row, run.key)
                     save(settings, results)
                     print(f"[{backend}] {summary(row)}", flush=True)
+                time.sleep(1.0)                     # one more stats interval after the last request
+                results["capacity"][backend]["after_runs"] = server_metrics(port)
+                print(f"[{backend}] after the runs: {results['capacity'][backend]['after_runs']}", flush=True)
         except (RuntimeError, TimeoutError, OSError) as exc:
             results["capacity"][backend] = {**results["capacity"].get(backend, {}), "error": str(exc),
                                             "log": str(log)}
@@ -914,8 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = parser.add_argument_group("engines")
     srv.add_argument("--backends", metavar="NAME", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                      help="attention backends, run in this order (default FLASH_ATTN RTPURBO)")
-    srv.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=list(PHASES),
-                     help="serve (vllm serve + vllm bench serve) and/or latency (vllm bench latency)")
+    srv.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=["serve", "latency"],
+                     help="serve (vllm serve + vllm bench serve), latency (vllm bench latency) and/or capacity "
+                          "(vllm serve started for its KV-capacity lines, then stopped; default serve latency)")
     srv.add_argument("--port", metavar="PORT", type=int, default=0,
                      help="port of vllm serve on 127.0.0.1 (default: a free one)")
     srv.add_argument("--max-model-len", metavar="TOKENS", type=int, default=0,
@@ -979,10 +1012,10 @@ def print_dry_run(settings: Settings, port: int) -> None:
         print(f"# kept-block share on flat (dummy-weight) indexer scores: {shares}; not measured by serving")
         print(f"# {describe_prediction(predict_capacity(settings))}")
     for backend in settings.backends:
-        if "serve" in settings.phases:
+        if "serve" in settings.phases or "capacity" in settings.phases:
             print(f"\n# {backend}: server (waits for http://{HOST}:{port}/health), then the clients")
             print(shlex.join(serve_command(settings, backend, port)))
-            for run in bench_serve_runs(settings, backend, port):
+            for run in bench_serve_runs(settings, backend, port) if "serve" in settings.phases else []:
                 print(shlex.join(run.argv))
         if "latency" in settings.phases:
             print(f"\n# {backend}: latency (server stopped)")

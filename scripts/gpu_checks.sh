@@ -3,12 +3,12 @@
 # installed (see ../shared/device/README.md and docs/BENCHMARKS.md). One stage per call, so each fits
 # in one device command; logs and results go under $OUT.
 #
-#   bash scripts/gpu_checks.sh tests      # GPU kernel/prefill tests + vllm.LLM engine tests
+#   bash scripts/gpu_checks.sh tests [kernels]  # GPU kernel/prefill tests (+ vllm.LLM engine tests)
 #   bash scripts/gpu_checks.sh cudagraph  # full CUDA graphs of decode steps: FULL vs PIECEWISE vs eager tokens
-#   bash scripts/gpu_checks.sh serve      # vllm serve with the tiny model: accuracy, preemption, TP=2, V1
+#   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
-#   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 128K
+#   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
 set -uo pipefail
 OUT=${OUT:-results}
@@ -22,13 +22,14 @@ case "$stage" in
   tests)
     timeout 150 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 \
       | tail -15 | tee "$OUT/gpu_tests.log"
+    [ "${1:-}" = kernels ] && exit 0
     timeout 300 python3 -P -m pytest -q -s -rs tests/e2e/test_engine_gpu.py 2>&1 | tee "$OUT/e2e_engine.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -30 ;;
   cudagraph)
     timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_cudagraph_gpu.py 2>&1 | tee "$OUT/e2e_cudagraph.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -30 ;;
   serve)
-    RTPURBO_E2E_LOGS="$OUT/serve_logs" timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_serve_tiny_gpu.py \
+    RTPURBO_E2E_LOGS="$OUT/serve_logs" timeout 580 python3 -P -m pytest -q -s -rs tests/e2e/test_serve_tiny_gpu.py "$@" \
       2>&1 | tee "$OUT/e2e_serve.log" | grep -vE "^(INFO|DEBUG|WARNING)" | tail -30 ;;
   layer)
     timeout 560 python3 -P benchmarks/bench_attention.py --prefill 32 128 512 1024 --decode 32 128 512 \
@@ -42,9 +43,11 @@ case "$stage" in
     cp -r "$keep" "$OUT/serving" ;;
   kvsplit)
     n=${1:?kvsplit needs N, the retrieval KV heads per layer}
+    shift
     keep="$HOME/rtpurbo_kvsplit_$n"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends RTPURBO --phases serve \
-      --kv-layout split --kv-heads-per-layer "$n" --contexts 128 --max-concurrency 1 4 8 2>&1 \
+      --kv-layout split --kv-heads-per-layer "$n" --contexts 128 --max-concurrency 8 --num-prompts 8 \
+      --max-num-batched-tokens 8192 --engine-args=--no-async-scheduling "$@" 2>&1 \
       | tee "$OUT/bench_serving_split_$n.log" | tail -40
     cp -r "$keep" "$OUT/kvsplit_$n" ;;
   eval)

@@ -241,6 +241,24 @@ def test_parse_kv_capacity():
                                                      "concurrency_request_tokens": None}
 
 
+def test_parse_server_metrics_names_installed_vllm_metrics():
+    source = _vllm_source("v1/metrics/loggers.py")
+    assert '"vllm:num_preemptions"' in source and '"vllm:kv_cache_usage_perc"' in source
+    text = "\n".join([
+        "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
+        "# TYPE vllm:num_preemptions_total counter",
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
+        'vllm:num_preemptions_total{engine="1",model_name="m"} 2.0',
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.0',
+        'vllm:num_requests_running{engine="0",model_name="m"} 0.0',
+        "process_cpu_seconds_total 12.5",
+    ])
+    assert bs.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
+    assert bs.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
+    assert bs.parse_server_metrics("") == {}
+
+
 def serve_result(backend, context, ttft, tpot, throughput):
     """A ``vllm bench serve --save-result`` file as vllm/benchmarks/serve.py writes it (without --save-detailed)."""
     return {
@@ -432,8 +450,11 @@ FAKE_VLLM = textwrap.dedent("""
         capacity()
         class Health(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                self.send_response(200 if self.path == "/health" else 404)
+                body = {"/health": b"", "/metrics": b'vllm:num_preemptions_total{engine="0"} 0.0\\n'
+                        b'vllm:kv_cache_usage_perc{engine="0"} 0.0\\n'}.get(self.path)
+                self.send_response(404 if body is None else 200)
                 self.end_headers()
+                self.wfile.write(body or b"")
         http.server.HTTPServer(("127.0.0.1", int(value("--port"))), Health).serve_forever()
     elif argv[:2] == ["bench", "serve"]:
         backend = [m for m in argv if m.startswith("attention_backend=")][0].split("=")[1]
@@ -472,6 +493,7 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
     results = json.loads((out / bs.RESULTS_JSON).read_text())
     assert results["capacity"]["FLASH_ATTN"]["kv_cache_tokens"] == 400_000
     assert results["capacity"]["RTPURBO"]["concurrency_request_tokens"] == 4096
+    assert results["capacity"]["RTPURBO"]["after_runs"] == {"preemptions": 0.0, "kv_cache_usage": 0.0}
     assert len(results["serve"]) == 4 and len(results["latency"]) == 4
     assert results["artifact"]["params"]["top_p"] == 0.03
     assert results["artifact"]["kv_heads_per_layer"] is None and results["artifact"]["ratio"] == 0.15
@@ -500,3 +522,19 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
     assert len(results["latency"]) == 4 and len(results["invocations"]) == 3
     with pytest.raises(ValueError, match="other settings .*top_p"):
         bs.main([*common, "--keep", "0.1"])
+
+
+def test_capacity_phase_only_starts_the_servers(tmp_path, capsys):
+    exe = tmp_path / "vllm"
+    exe.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
+    exe.chmod(0o755)
+    out = tmp_path / "out"
+    assert bs.main(["--vllm", str(exe), "--out", str(out), "--phases", "capacity", "--kv-layout", "split",
+                    "--kv-heads-per-layer", "1", "--contexts", "1", "--startup-timeout", "20", "--stop-timeout", "1",
+                    "--max-model-len", "4096"]) == 0
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert [c.get("server", False) for c in results["commands"]] == [True, True]
+    assert results["serve"] == [] and results["latency"] == []
+    assert results["capacity"]["RTPURBO"]["kv_cache_tokens"] == 380_000
+    assert results["capacity"]["RTPURBO"]["kv_layout"] == "split"
+    assert "KV capacity RTPURBO (split layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
