@@ -52,11 +52,13 @@ case "$stage" in
     cp -r "$keep" "$OUT/kvsplit_$n" ;;
   eval)
     model=rtpurbo_vllm/tiny/model
-    for spec in RTPURBO:8000 FLASH_ATTN:8001; do
-      python3 -P -m vllm.entrypoints.cli.main serve "$model" --attention-backend "${spec%:*}" --port "${spec#*:}" \
-        --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 > "$OUT/server_${spec%:*}.log" 2>&1 &
-    done
-    for port in 8000 8001; do
+    # One after the other (a server profiling its memory while another starts on the same GPU misreads
+    # it); on a 2-GPU machine each server gets its own GPU.
+    gpus=$(nvidia-smi -L | wc -l)
+    for spec in RTPURBO:8000:0 FLASH_ATTN:8001:$((gpus > 1 ? 1 : 0)); do
+      IFS=: read -r backend port gpu <<< "$spec"
+      CUDA_VISIBLE_DEVICES=$gpu python3 -P -m vllm.entrypoints.cli.main serve "$model" --attention-backend "$backend" \
+        --port "$port" --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 > "$OUT/server_$backend.log" 2>&1 &
       timeout 300 bash -c "until curl -sf http://127.0.0.1:$port/health > /dev/null; do sleep 2; done"
     done
     timeout 400 python3 -P -m rtpurbo_vllm.eval.cli --compare rtpurbo=http://127.0.0.1:8000 \

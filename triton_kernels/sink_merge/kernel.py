@@ -27,7 +27,7 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < num_tokens
-    seq = tl.load(seq_ptr + rows, mask=row_ok, other=0)
+    seq = tl.load(seq_ptr + rows, mask=row_ok, other=0).to(tl.int32)     # int32 or int64 in memory
     pos = rows - tl.load(cu_ptr + seq + 1, mask=row_ok, other=0) + tl.load(used_ptr + seq, mask=row_ok, other=0)
     last = tl.where(row_ok, pos - window, -1)              # the last sink a row may see
     dims = tl.arange(0, BLOCK_D)
@@ -42,16 +42,18 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
     kv_head = head // GROUP
     for s in tl.static_range(NUM_SINKS):
         seen = last >= s
-        page = tl.load(bt_ptr + seq.to(tl.int64) * sbt_b + s // page_size, mask=seen, other=0).to(tl.int64)
-        offset = s % page_size
         load_ok = seen[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + page[:, None] * sk_n + offset * sk_p + kv_head * sk_h + dims[None, :],
+        # the page id broadcast over the tile (a 1-D masked load here trips Triton 3.6's layout pass)
+        page = tl.load(bt_ptr + seq.to(tl.int64)[:, None] * sbt_b + s // page_size + 0 * dims[None, :],
+                       mask=load_ok, other=0).to(tl.int64)
+        offset = s % page_size
+        k = tl.load(k_ptr + page * sk_n + offset * sk_p + kv_head * sk_h + dims[None, :],
                     mask=load_ok, other=0.0).to(tl.float32)
         score = tl.where(seen, tl.sum(q * k, axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m, score)
         alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
         p = tl.where(seen, tl.exp(score - m_new), 0.0)
-        v = tl.load(v_ptr + page[:, None] * sv_n + offset * sv_p + kv_head * sv_h + dims[None, :],
+        v = tl.load(v_ptr + page * sv_n + offset * sv_p + kv_head * sv_h + dims[None, :],
                     mask=load_ok, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + p[:, None] * v
         denom = denom * alpha + p
