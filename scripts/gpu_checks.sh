@@ -54,16 +54,21 @@ case "$stage" in
     model=rtpurbo_vllm/tiny/model
     # One after the other (a server profiling its memory while another starts on the same GPU misreads
     # it); on a 2-GPU machine each server gets its own GPU.
-    gpus=$(nvidia-smi -L | wc -l)
+    gpus=$(nvidia-smi -L | wc -l) servers=()
     for spec in RTPURBO:8000:0 FLASH_ATTN:8001:$((gpus > 1 ? 1 : 0)); do
       IFS=: read -r backend port gpu <<< "$spec"
-      CUDA_VISIBLE_DEVICES=$gpu python3 -P -m vllm.entrypoints.cli.main serve "$model" --attention-backend "$backend" \
-        --port "$port" --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 > "$OUT/server_$backend.log" 2>&1 &
+      CUDA_VISIBLE_DEVICES=$gpu setsid python3 -P -m vllm.entrypoints.cli.main serve "$model" \
+        --attention-backend "$backend" --port "$port" --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 \
+        > "$OUT/server_$backend.log" 2>&1 &
+      servers+=($!)
       timeout 300 bash -c "until curl -sf http://127.0.0.1:$port/health > /dev/null; do sleep 2; done"
     done
     timeout 400 python3 -P -m rtpurbo_vllm.eval.cli --compare rtpurbo=http://127.0.0.1:8000 \
       flash=http://127.0.0.1:8001 --tokenizer "$model" --lengths 1k,2k --samples 50 --out "$OUT/eval" \
       --no-progress --metadata model=tiny 2>&1 | tee "$OUT/eval.log" | tail -30
-    kill %1 %2 2>/dev/null; wait ;;
+    # Each server with its engine processes (own session via setsid), so the next stage finds the GPUs free.
+    for pid in "${servers[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    for _ in $(seq 60); do kill -0 "${servers[@]}" 2>/dev/null || break; sleep 1; done
+    for pid in "${servers[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done; wait ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

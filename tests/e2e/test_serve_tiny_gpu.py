@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def serve(name: str, backend: str, *args: str, env: dict | None = None, tp: int 
     log = open(logs / f"{name}.log", "w")
     log.write(" ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -90,13 +91,23 @@ def serve(name: str, backend: str, *args: str, env: dict | None = None, tp: int 
             time.sleep(2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_group(proc)
         log.close()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Stops a server and everything it started (engine core, TP workers: its own session), so the
+    next server or test finds the GPU memory free: SIGTERM to the group, SIGKILL after ``timeout``
+    seconds, then SIGKILL to any member left once the server itself is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def completions(url: str, texts: list[str], max_tokens: int = 3) -> list[str]:
