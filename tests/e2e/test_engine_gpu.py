@@ -6,11 +6,9 @@ sequence) the engine must give FLASH_ATTN's greedy tokens; with sparse settings 
 mixed batch of long and short prompts with chunked prefill and prefix caching.
 """
 
-import gc
 import json
 
 import pytest
-import torch
 
 
 pytestmark = pytest.mark.gpu
@@ -47,53 +45,35 @@ def write_artifact(model_dir, **params):
     save_artifact(artifact, target)
 
 
-def generate(model_dir, backend, prompts, max_tokens=8, logprobs=None, **engine_args):
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=str(model_dir), attention_backend=backend, skip_tokenizer_init=True, enforce_eager=True,
-              gpu_memory_utilization=0.3, max_model_len=16384, seed=0, **engine_args)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-                            logprobs=logprobs)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    result = [(list(o.outputs[0].token_ids),
-               [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs or []])
-              for o in outs]
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+def generate(greedy_outputs, model_dir, backend, prompts, max_tokens=8, logprobs=None, **engine_args):
+    return greedy_outputs(model_dir, [prompts], max_tokens, logprobs=logprobs, attention_backend=backend,
+                          enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=16384,
+                          max_logprobs=VOCAB, **engine_args)[0]
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def test_dense_settings_match_flash_attn(model_dir):
+def test_dense_settings_match_flash_attn(model_dir, greedy_outputs, random_prompts, first_parting):
     write_artifact(model_dir, sink_tokens=4, window=16384, top_p=1.0, block_size=64, dense_threshold=0)
-    batch = prompts([37, 700, 3000, 5000])
-    want = generate(model_dir, "FLASH_ATTN", batch, logprobs=2)
-    got = generate(model_dir, "RTPURBO", batch)
+    batch = random_prompts([37, 700, 3000, 5000])
+    want = generate(greedy_outputs, model_dir, "FLASH_ATTN", batch, logprobs=VOCAB)   # whole vocabulary
+    got = generate(greedy_outputs, model_dir, "RTPURBO", batch)
     report = []
-    for (fa_tokens, fa_logprobs), (rtp_tokens, _) in zip(want, got):
-        same = next((i for i, (a, b) in enumerate(zip(fa_tokens, rtp_tokens)) if a != b), len(fa_tokens))
-        gap = None
-        if same < len(fa_tokens):   # greedy paths part: only a near-tie under FLASH_ATTN may cause it
-            step = fa_logprobs[same]
-            gap = step[fa_tokens[same]] - step.get(rtp_tokens[same], float("-inf"))
+    for fa, (rtp_tokens, _) in zip(want, got):
+        # greedy paths may part only at a near-tie under FLASH_ATTN
+        same, gap = first_parting(fa, rtp_tokens)
         report.append({"identical_prefix": same, "logprob_gap_at_split": gap})
     print(json.dumps({"flash_attn": [t for t, _ in want], "rtpurbo": [t for t, _ in got], "report": report}))
     assert all(r["logprob_gap_at_split"] is None or r["logprob_gap_at_split"] < NEAR_TIE for r in report)
     assert sum(r["identical_prefix"] == 8 for r in report) >= 2
 
 
-def test_sparse_mixed_batch_chunked_prefill_and_prefix_cache(model_dir):
+def test_sparse_mixed_batch_chunked_prefill_and_prefix_cache(model_dir, greedy_outputs, random_prompts):
     write_artifact(model_dir, sink_tokens=4, window=512, top_p=0.9, block_size=64, dense_threshold=0)
-    long_prompts = prompts([9000, 6000, 3000], seed=1)
+    long_prompts = random_prompts([9000, 6000, 3000], seed=1)
     shared = long_prompts[0][:4096]
-    batch = long_prompts + prompts([5, 60], seed=2) + [shared + p for p in prompts([300, 40], seed=3)]
-    got = [t for t, _ in generate(model_dir, "RTPURBO", batch, max_tokens=16, enable_prefix_caching=True,
-                                  max_num_batched_tokens=2048, enable_chunked_prefill=True)]
+    batch = (long_prompts + random_prompts([5, 60], seed=2)
+             + [shared + p for p in random_prompts([300, 40], seed=3)])
+    got = [t for t, _ in generate(greedy_outputs, model_dir, "RTPURBO", batch, max_tokens=16,
+                                  enable_prefix_caching=True, max_num_batched_tokens=2048,
+                                  enable_chunked_prefill=True)]
     assert [len(t) for t in got] == [16] * len(batch)
     assert all(0 <= tok < VOCAB for t in got for tok in t)
