@@ -67,4 +67,4 @@ if __name__ == "__main__":
     packages, package_dir = _packages()
     ext_modules, cmdclass = _cuda_extensions()
     setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
-          package_data={"rtpurbo_vllm.tiny": ["model/*", "model/rtpurbo/*"]})
+          package_data={"rtpurbo_vllm.tiny": ["model/*", "model/rtpurbo/*", "model/rtpurbo-kv1/*"]})

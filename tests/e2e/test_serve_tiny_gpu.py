@@ -6,10 +6,12 @@ documents. The window covers 12.5 % of that context and the indexer's top-p keep
 blocks at the answer positions (measured by ``tests/tiny/test_rtpurbo_on_tiny.py`` with the exact
 reference on the same prompts). Checked here, each server a real ``vllm serve`` process:
 
-- completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's;
+- completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's, with the
+  default KV layout and with the split layout (artifact ``model/rtpurbo-kv1``, one retrieval KV head
+  per layer, so the other KV head keeps only sinks + window);
 - a mixed batch (long and short prompts, shared prefixes) sent at once to a server with chunked
   prefill, prefix caching and a KV cache too small for all of it: vLLM preempts requests, reuses
-  cached prefixes, and every answer equals the unconstrained server's;
+  cached prefixes, and every answer equals the unconstrained server's (both KV layouts);
 - with two GPUs: tensor parallelism 2 gives TP=1's greedy answers; and the V1 model runner serves the
   same answers as the default (V2).
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtpurbo_vllm.tiny import tiny_model_dir
+from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir, tiny_model_dir
 from rtpurbo_vllm.tiny.task import make_prompt, score
 
 pytestmark = pytest.mark.gpu
@@ -158,9 +160,17 @@ def mixed_batch():
     return long + short + shared
 
 
-def answers(backend: str, prompts, mixed_batch) -> dict[str, list[str]]:
+# The split KV layout with the artifact calibrated under a KV budget of one retrieval KV head per layer:
+# layer 1 keeps KV head 1 whole and KV head 0 as 4 sinks + 256 tokens (the shipped artifact has
+# retrieval heads in both KV groups of layer 1, which keeps every KV head whole).
+SPLIT = ("--additional-config", json.dumps({"rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()),
+                                                        "kv_layout": "split"}}))
+LAYOUTS = {"default": (), "split": SPLIT}
+
+
+def answers(name: str, backend: str, prompts, mixed_batch, *args: str) -> dict[str, list[str]]:
     """Greedy answers of a ``backend`` server: completions and chat on ``prompts``, and the mixed batch."""
-    with serve(backend.lower(), backend) as url:
+    with serve(name, backend, *args) as url:
         return {"completions": completions(url, [p.text for p in prompts]),
                 "chat": chats(url, [p.text for p in prompts]),
                 "mixed": completions(url, mixed_batch)}
@@ -168,35 +178,56 @@ def answers(backend: str, prompts, mixed_batch) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def flash(prompts, mixed_batch):
-    return answers("FLASH_ATTN", prompts, mixed_batch)
+    return answers("flash_attn", "FLASH_ATTN", prompts, mixed_batch)
 
 
 @pytest.fixture(scope="module")
 def rtpurbo(prompts, mixed_batch):
-    return answers("RTPURBO", prompts, mixed_batch)
+    return answers("rtpurbo", "RTPURBO", prompts, mixed_batch)
 
 
+@pytest.fixture(scope="module")
+def rtpurbo_split(prompts, mixed_batch):
+    return answers("rtpurbo_split", "RTPURBO", prompts, mixed_batch, *SPLIT)
+
+
+@pytest.fixture
+def served(request, layout):
+    """The RTPURBO server's answers for ``layout`` ("default" or "split")."""
+    return request.getfixturevalue("rtpurbo" if layout == "default" else "rtpurbo_split")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("api", ["completions", "chat"])
-def test_accuracy_within_two_points_of_flash_attn(prompts, flash, rtpurbo, api):
-    dense, sparse = accuracy(prompts, flash[api]), accuracy(prompts, rtpurbo[api])
-    print(f"{api}: FLASH_ATTN {dense:.2f}, RTPURBO {sparse:.2f} on {len(prompts)} prompts of {CONTEXT} tokens")
+def test_accuracy_within_two_points_of_flash_attn(prompts, flash, served, layout, api):
+    dense, sparse = accuracy(prompts, flash[api]), accuracy(prompts, served[api])
+    print(f"{api}, {layout} KV layout: FLASH_ATTN {dense:.2f}, RTPURBO {sparse:.2f} on {len(prompts)} prompts "
+          f"of {CONTEXT} tokens")
     assert dense >= 0.8
     assert sparse >= dense - 0.02
 
 
-def test_mixed_batch_with_preemption_and_prefix_hits(rtpurbo, mixed_batch):
-    """A KV cache of 160 pages of 16 tokens (2560 tokens) for 32 requests sent at once that each
-    generate 200 tokens: vLLM admits what the prompts need, then runs out of pages while decoding and
-    must preempt and recompute; the 8 prompts sharing a 1536-token prefix hit the prefix cache. The
-    answers (the first 3 generated words) must equal the unconstrained server's."""
-    with serve("rtpurbo_preempt", "RTPURBO", "--enforce-eager", "--block-size", "16", "--max-model-len", "2304",
-               "--num-gpu-blocks-override", "160", "--enable-prefix-caching", "--enable-chunked-prefill",
-               "--max-num-batched-tokens", "512", "--max-num-seqs", "32") as url:
+# Pages of the constrained server's KV cache: ~1.1 long requests (2048 + 200 tokens) in either layout
+# (default: 16-token pages holding both KV heads and the index keys; split: equal 4 KiB pages of the
+# full (16 tokens), window (16) and index (32) caches, ~230 of them for one long request).
+PREEMPT_PAGES = {"default": 160, "split": 300}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout):
+    """A KV cache too small for the 32 requests sent at once, which each generate 200 tokens: vLLM
+    admits what the prompts need, then runs out of pages while decoding and must preempt and
+    recompute; the 8 prompts sharing a 1536-token prefix hit the prefix cache. The answers (the first
+    3 generated words) must equal the unconstrained server's (same layout)."""
+    with serve(f"rtpurbo_preempt_{layout}", "RTPURBO", "--enforce-eager", "--block-size", "16",
+               "--max-model-len", "2304", "--num-gpu-blocks-override", str(PREEMPT_PAGES[layout]),
+               "--enable-prefix-caching", "--enable-chunked-prefill", "--max-num-batched-tokens", "512",
+               "--max-num-seqs", "32", *LAYOUTS[layout]) as url:
         got = completions(url, mixed_batch, max_tokens=200)
         preempted = metric(url, "vllm:num_preemptions_total")
         hits = metric(url, "vllm:prefix_cache_hits_total")
-    same = sum(a.split()[:3] == b.split()[:3] for a, b in zip(got, rtpurbo["mixed"]))
-    print(f"preemptions {preempted:.0f}, prefix-cache hit tokens {hits:.0f}, "
+    same = sum(a.split()[:3] == b.split()[:3] for a, b in zip(got, served["mixed"]))
+    print(f"{layout} KV layout: preemptions {preempted:.0f}, prefix-cache hit tokens {hits:.0f}, "
           f"{same}/{len(got)} answers equal to the unconstrained server's")
     assert same >= len(got) - 1
     assert preempted > 0

@@ -4,7 +4,8 @@
   other heads does not.
 - Accuracy: the exact reference of RTPurbo (local heads: sinks + window; retrieval heads: top-p blocks
   of the trained indexer) answers within 2 points of dense attention at a context where top-p keeps
-  under 25% of the blocks and the window covers under 25% of the context.
+  under 25% of the blocks and the window covers under 25% of the context; with the shipped artifact
+  and with the one calibrated under a KV budget of one retrieval KV head per layer (``rtpurbo-kv1``).
 """
 
 import random
@@ -14,7 +15,7 @@ import torch
 
 from rtpurbo_vllm.artifacts import find_artifact_dir, load_artifact
 from rtpurbo_vllm.hf_sparse import DecodeStats, ablated_heads_attention, rtpurbo_reference_attention
-from rtpurbo_vllm.tiny import load_tiny_model, tiny_model_dir
+from rtpurbo_vllm.tiny import load_tiny_model, tiny_kv1_artifact_dir, tiny_model_dir
 from rtpurbo_vllm.tiny.task import make_prompt, score
 
 pytestmark = [
@@ -67,14 +68,24 @@ def test_ablating_retrieval_heads_breaks_the_task_and_other_heads_do_not(tiny):
     assert without_other >= dense - 0.15
 
 
-def test_sparse_attention_keeps_accuracy(tiny):
+@pytest.fixture(scope="module")
+def dense_accuracy(tiny):
+    model, _, prompts = tiny
+    return accuracy(model, prompts)
+
+
+@pytest.mark.parametrize("artifact_dir", ["shipped", "kv1"])
+def test_sparse_attention_keeps_accuracy(tiny, dense_accuracy, artifact_dir):
     model, artifact, prompts = tiny
+    if artifact_dir == "kv1":
+        artifact = load_artifact(tiny_kv1_artifact_dir(), hf_config=model.config)
+        kv_groups = [{h // artifact.layout.group_size for h in heads} for heads in artifact.retrieval_heads]
+        assert max(len(groups) for groups in kv_groups) == 1      # one retrieval KV head per layer at most
     assert artifact.params.window < 0.25 * CONTEXT
-    dense = accuracy(model, prompts)
     stats = DecodeStats()
     sparse = accuracy(model, prompts, lambda: rtpurbo_reference_attention(model, artifact, stats))
-    print(f"dense {dense:.2f}, RTPurbo {sparse:.2f}, blocks kept {stats.kept_block_share:.3f}, "
-          f"local context {stats.local_token_share:.3f}")
+    print(f"{artifact_dir}: dense {dense_accuracy:.2f}, RTPurbo {sparse:.2f}, blocks kept "
+          f"{stats.kept_block_share:.3f}, local context {stats.local_token_share:.3f}")
     assert stats.kept_block_share < 0.25
     assert stats.local_token_share < 0.25
-    assert sparse >= dense - 0.02
+    assert sparse >= dense_accuracy - 0.02
