@@ -4,10 +4,11 @@
 For each backend (FLASH_ATTN first, then RTPURBO) it
 
 1. starts ``vllm serve`` on 127.0.0.1 (``--load-format dummy``, prefix caching off so repeated random
-   prompts cannot hit the cache), waits for ``/health`` (bounded), and reads the KV capacity from the
-   server's log: ``GPU KV cache size: N tokens`` and ``Maximum concurrency for M tokens per request: Cx``,
-   and prints RTPURBO's max concurrency over FLASH_ATTN's next to the ratio the split KV layout predicts
-   for the artifact (``KVLayoutPlan.vllm_capacity_ratio``; ``--kv-layout split``, ``--kv-heads-per-layer``);
+   prompts cannot hit the cache; ``--prefix-caching`` turns it on), waits for ``/health`` (bounded),
+   and reads the KV capacity from the server's log: ``GPU KV cache size: N tokens`` and ``Maximum
+   concurrency for M tokens per request: Cx``, and prints RTPURBO's max concurrency over FLASH_ATTN's
+   next to the ratio the split KV layout predicts for the artifact (``KVLayoutPlan.vllm_capacity_ratio``;
+   ``--kv-layout split``, ``--kv-heads-per-layer``);
 2. runs ``vllm bench serve`` (random dataset) at each input length and max concurrency and collects
    TTFT, TPOT, ITL and throughput from its ``--save-result`` JSON; then stops the server (SIGTERM, SIGKILL
    after a timeout, also on errors and Ctrl-C);
@@ -15,10 +16,12 @@ For each backend (FLASH_ATTN first, then RTPURBO) it
    ``--output-json`` (each run starts its own engine, so the server must be stopped first).
 
 The model defaults to a Llama-3-8B-shape ``config.json`` written by this script (32 layers, 32 query /
-8 KV heads, d = 128, vocabulary 128256). Prompts are random tokens in every case: ``vllm bench serve``
-needs a tokenizer to make text prompts, and by default it gets the tiny test model's word-level tokenizer
-(``rtpurbo_vllm/tiny/model``, 268 words, written from :mod:`rtpurbo_vllm.tiny.tokenizer` when that
-folder is absent), so prompts are random word sequences; ``--tokenizer`` takes another.
+8 KV heads, d = 128, vocabulary 128256); ``--shape llama3.2-1b`` writes a Llama-3.2-1B shape instead
+(16 layers, 32 query / 8 KV heads, d = 64, hidden 2048). Prompts are random tokens in every case:
+``vllm bench serve`` needs a tokenizer to make text prompts, and by default it gets the tiny test model's
+word-level tokenizer (``rtpurbo_vllm/tiny/model``, 268 words, written from
+:mod:`rtpurbo_vllm.tiny.tokenizer` when that folder is absent), so prompts are random word sequences;
+``--tokenizer`` takes another.
 
 **Kept-block share.** The artifact is synthetic (random retrieval heads, random indexer, see
 ``rtpurbo-calibrate synthesize``). Dummy weights are uniform in +-1e-3, so pre-RoPE queries and keys
@@ -80,9 +83,12 @@ LLAMA3_8B = {
     "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
     "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
+LLAMA32_1B = {**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "head_dim": 64,
+              "tie_word_embeddings": True}
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}     # --shape: config.json of the dummy model
 # Settings that change the numbers: results made with other values are never merged into one file.
 COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "kv_heads_per_layer", "seed",
-              "kv_layout",
+              "kv_layout", "prefix_caching",
               "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
               "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
 
@@ -95,6 +101,8 @@ CONCURRENCY_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per reques
 SERVE_FIELDS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
                 "request_throughput", "output_throughput", "total_token_throughput")
 SERVE_METRICS = ("ttft", "tpot", "itl", "e2el")
+# Prometheus names of /metrics (vllm/v1/metrics/loggers.py; a counter gains "_total") -> the keys kept.
+SERVER_METRICS = {"vllm:num_preemptions_total": "preemptions", "vllm:kv_cache_usage_perc": "kv_cache_usage"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +115,7 @@ class Settings:
 
     out: Path
     model: Path | None
+    shape: str
     tokenizer: Path | None
     vllm: tuple[str, ...]
     ratio: float | None
@@ -115,6 +124,7 @@ class Settings:
     top_p: float
     seed: int
     kv_layout: str
+    prefix_caching: bool
     backends: tuple[str, ...]
     phases: tuple[str, ...]
     port: int
@@ -171,11 +181,11 @@ class Settings:
                 raise ValueError(message)
         # Absolute paths: the children run in OUT.
         return cls(
-            out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None,
+            out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None, shape=args.shape,
             tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
             vllm=tuple(shlex.split(args.vllm)), ratio=ratio,
             by_kv_group=args.by_kv_group, kv_heads_per_layer=args.kv_heads_per_layer, top_p=top_p, seed=args.seed,
-            kv_layout=args.kv_layout,
+            kv_layout=args.kv_layout, prefix_caching=args.prefix_caching,
             backends=tuple(args.backends),
             phases=tuple(args.phases), port=args.port, max_model_len=max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -189,8 +199,8 @@ class Settings:
 
     @property
     def model_dir(self) -> Path:
-        """The model folder served: ``--model``, else the Llama-3-8B-shape folder this script writes."""
-        return self.model if self.model is not None else self.out / "llama3-8b-dummy"
+        """The model folder served: ``--model``, else the ``--shape`` folder this script writes."""
+        return self.model if self.model is not None else self.out / f"{self.shape}-dummy"
 
     @property
     def artifact_dir(self) -> Path:
@@ -220,12 +230,16 @@ class Settings:
 # Model folder, tokenizer, artifact
 # ----------------------------------------------------------------------------------------------------
 
+def shape_config(settings: Settings) -> dict[str, Any]:
+    """The ``config.json`` of the ``--shape`` dummy model, long enough for ``max_model_len``."""
+    return {**SHAPES[settings.shape], "max_position_embeddings": settings.max_model_len}
+
+
 def write_model_dir(settings: Settings) -> None:
-    """Writes the default Llama-3-8B-shape ``config.json`` (long enough for ``max_model_len``) and, when
-    the tiny model folder is absent, the tiny tokenizer. A ``--model`` folder is left untouched."""
+    """Writes the ``--shape`` ``config.json`` (:func:`shape_config`) and, when the tiny model folder is
+    absent, the tiny tokenizer. A ``--model`` folder is left untouched."""
     if settings.model is None:
-        config = {**LLAMA3_8B, "max_position_embeddings": settings.max_model_len}
-        write_atomic(settings.model_dir / "config.json", json.dumps(config, indent=2))
+        write_atomic(settings.model_dir / "config.json", json.dumps(shape_config(settings), indent=2))
     if settings.tokenizer_dir == settings.out / "tiny-tokenizer":
         from rtpurbo_vllm.tiny.tokenizer import save_tokenizer
 
@@ -261,12 +275,12 @@ def selection(settings: Settings) -> dict[str, Any]:
 
 
 def model_hf_config(settings: Settings):
-    """The transformers config of the served model (the default Llama-3-8B shape needs no folder)."""
+    """The transformers config of the served model (a ``--shape`` model needs no folder)."""
     from transformers import AutoConfig
 
     if settings.model is not None:
         return AutoConfig.from_pretrained(settings.model)
-    config = {**LLAMA3_8B, "max_position_embeddings": settings.max_model_len}
+    config = shape_config(settings)
     return AutoConfig.for_model(config.pop("model_type"), **config)
 
 
@@ -372,7 +386,8 @@ def engine_flags(settings: Settings, backend: str) -> list[str]:
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--tokenizer", str(settings.tokenizer_dir),
              "--attention-backend", backend, "--max-model-len", str(settings.max_model_len),
              "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-             "--max-num-batched-tokens", str(settings.max_num_batched_tokens), "--no-enable-prefix-caching",
+             "--max-num-batched-tokens", str(settings.max_num_batched_tokens),
+             "--enable-prefix-caching" if settings.prefix_caching else "--no-enable-prefix-caching",
              "--generation-config", "vllm", "--seed", str(settings.seed)]
     if backend == "RTPURBO":
         options = {"artifact": str(settings.artifact_dir)}
@@ -395,20 +410,30 @@ def bench_serve_runs(settings: Settings, backend: str, port: int) -> list[BenchR
         for concurrency in settings.max_concurrency:
             name = f"serve-{backend}-{context // 1024}K-c{concurrency}"
             result = settings.out / "raw" / f"{name}.json"
-            argv = [*settings.vllm, "bench", "serve", "--backend", "openai", "--host", HOST, "--port", str(port),
-                    "--endpoint", "/v1/completions", "--model", SERVED_NAME,
-                    "--tokenizer", str(settings.tokenizer_dir), "--dataset-name", "random",
-                    "--random-input-len", str(context), "--random-output-len", str(settings.output_len),
-                    "--random-range-ratio", "0", "--num-prompts", str(settings.num_prompts),
-                    "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
-                    "--temperature", "0", "--num-warmups", str(settings.num_warmups),
-                    "--percentile-metrics", ",".join(SERVE_METRICS), "--metric-percentiles", "50,90,99",
-                    "--seed", str(settings.seed), "--disable-tqdm", "--save-result",
-                    "--result-dir", str(result.parent), "--result-filename", result.name,
-                    "--metadata", f"attention_backend={backend}", f"context={context}"]
+            argv = bench_serve_argv(settings, port, result, input_len=context, range_ratio="0",
+                                    concurrency=concurrency, metadata=[f"attention_backend={backend}",
+                                                                       f"context={context}"])
             runs.append(BenchRun({"backend": backend, "context": context, "concurrency": concurrency}, argv,
                                  result, settings.out / "logs" / f"{name}.log"))
     return runs
+
+
+def bench_serve_argv(settings: Settings, port: int, result: Path, *, input_len: int, range_ratio: str,
+                     concurrency: int, metadata: list[str]) -> list[str]:
+    """One ``vllm bench serve`` (random dataset, ``num_prompts`` prompts of ``input_len`` tokens widened by
+    ``range_ratio``, vLLM's ``--random-range-ratio`` as given; ``output_len`` tokens each, greedy, all sent
+    at once under ``concurrency``) whose ``--save-result`` JSON is ``result``; ``metadata`` is
+    ``KEY=VALUE`` strings stored in that JSON."""
+    return [*settings.vllm, "bench", "serve", "--backend", "openai", "--host", HOST, "--port", str(port),
+            "--endpoint", "/v1/completions", "--model", SERVED_NAME,
+            "--tokenizer", str(settings.tokenizer_dir), "--dataset-name", "random",
+            "--random-input-len", str(input_len), "--random-output-len", str(settings.output_len),
+            "--random-range-ratio", range_ratio, "--num-prompts", str(settings.num_prompts),
+            "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
+            "--temperature", "0", "--num-warmups", str(settings.num_warmups),
+            "--percentile-metrics", ",".join(SERVE_METRICS), "--metric-percentiles", "50,90,99",
+            "--seed", str(settings.seed), "--disable-tqdm", "--save-result",
+            "--result-dir", str(result.parent), "--result-filename", result.name, "--metadata", *metadata]
 
 
 def bench_latency_runs(settings: Settings, backend: str) -> list[BenchRun]:
@@ -553,12 +578,11 @@ def parse_kv_capacity(log_text: str) -> dict[str, Any]:
             "concurrency_request_tokens": int(conc[-1][0].replace(",", "")) if conc else None}
 
 
-def parse_server_metrics(text: str) -> dict[str, float]:
-    """The counters kept from a server's Prometheus ``/metrics`` text after its runs: ``preemptions``
-    (``vllm:num_preemptions_total``) and ``kv_cache_usage`` (``vllm:kv_cache_usage_perc``, a share in
-    [0, 1]; 0 once every request's blocks are back in the pool), each summed over label sets; a metric
-    the text lacks is left out."""
-    names = {"vllm:num_preemptions_total": "preemptions", "vllm:kv_cache_usage_perc": "kv_cache_usage"}
+def parse_server_metrics(text: str, names: dict[str, str] = SERVER_METRICS) -> dict[str, float]:
+    """The metrics kept from a server's Prometheus ``/metrics`` text, each summed over label sets and
+    stored under its key in ``names`` (Prometheus name -> key); a metric the text lacks is left out. By
+    default ``preemptions`` (``vllm:num_preemptions_total``) and ``kv_cache_usage``
+    (``vllm:kv_cache_usage_perc``, a share in [0, 1]; 0 once every request's blocks are back in the pool)."""
     found: dict[str, float] = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else line.partition(" ")
@@ -569,12 +593,12 @@ def parse_server_metrics(text: str) -> dict[str, float]:
     return found
 
 
-def server_metrics(port: int) -> dict[str, float]:
+def server_metrics(port: int, names: dict[str, str] = SERVER_METRICS) -> dict[str, float]:
     """:func:`parse_server_metrics` of ``http://127.0.0.1:port/metrics`` (empty if it cannot be read)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(f"http://{HOST}:{port}/metrics", timeout=10) as response:
-            return parse_server_metrics(response.read().decode(errors="replace"))
+            return parse_server_metrics(response.read().decode(errors="replace"), names)
     except OSError:
         return {}
 
@@ -658,7 +682,8 @@ def load_results(settings: Settings) -> dict[str, Any]:
     if settings.fresh or not path.is_file():
         return new_results(settings)
     results = json.loads(path.read_text())
-    results["settings"] = {"kv_heads_per_layer": None, **results["settings"]}     # files from before the option
+    # Files from before these options were made with their defaults.
+    results["settings"] = {"kv_heads_per_layer": None, "prefix_caching": False, **results["settings"]}
     if results["settings"] != settings.comparable():
         differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
@@ -806,7 +831,8 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"{env.get('versions', {}).get('torch')}, commit {env.get('commit')}.",
              f"Model: {s['model']} (`--load-format dummy`), tokenizer {s['tokenizer']}; max_model_len "
              f"{s['max_model_len']:,}, prefill chunk {s['max_num_batched_tokens']}, gpu-memory-utilization "
-             f"{s['gpu_memory_utilization']}, prefix caching off, extra engine args {s['engine_args'] or 'none'}.",
+             f"{s['gpu_memory_utilization']}, prefix caching {'on' if s.get('prefix_caching') else 'off'}, extra "
+             f"engine args {s['engine_args'] or 'none'}.",
              ""]
     if results.get("artifact"):
         lines += [describe_artifact(results["artifact"]), ""]
@@ -908,65 +934,82 @@ def _default_vllm() -> str:
     return shlex.join([sys.executable, "-P", "-m", "vllm.entrypoints.cli.main"])
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of the served dummy-weight model, its synthetic artifact and its engine (shared with
+    ``bench_stability.py``, which changes some defaults with ``set_defaults``); returns their ``dest``
+    names."""
+    model = parser.add_argument_group("model")
+    art = parser.add_argument_group("RTPURBO artifact (synthetic)")
+    keep = art.add_mutually_exclusive_group()
+    srv = parser.add_argument_group("engine")
+    actions = [
+        model.add_argument("--model", metavar="DIR", default=None,
+                           help="model folder with config.json, served with dummy weights; its "
+                                "max_position_embeddings must cover --max-model-len (default: a --shape folder "
+                                "written to OUT/SHAPE-dummy)"),
+        model.add_argument("--shape", choices=tuple(SHAPES), default="llama3-8b",
+                           help="config.json of the dummy model written when --model is not given "
+                                "(default %(default)s)"),
+        model.add_argument("--tokenizer", metavar="PATH", default=None,
+                           help="tokenizer for the prompts and the servers (default: --model if given, else the "
+                                "tiny model's word-level tokenizer; prompts are random tokens either way)"),
+        model.add_argument("--vllm", metavar="CMD", default=_default_vllm(),
+                           help="the vllm command, shell-quoted (default: this Python -P -m "
+                                "vllm.entrypoints.cli.main)"),
+        art.add_argument("--ratio", metavar="SHARE", type=float, default=None,
+                         help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate; "
+                              "with --kv-heads-per-layer: every query head of the chosen KV groups)"),
+        art.add_argument("--by-kv-group", action="store_true", help="draw whole KV groups of retrieval heads"),
+        art.add_argument("--kv-heads-per-layer", metavar="N", type=int, default=None,
+                         help="per-layer KV budget of the synthetic artifact (rtpurbo-calibrate "
+                              "--kv-heads-per-layer): retrieval heads only in N KV groups of every layer, so "
+                              "--kv-layout split keeps N KV heads per layer in full (default %(default)s; None is "
+                              "no budget)"),
+        art.add_argument("--kv-layout", choices=("full", "split"), default="full",
+                         help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
+                              "KV head for every token; split keeps full history only for retrieval KV heads "
+                              "(compare the logged KV capacity; default %(default)s)"),
+        keep.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
+                          help="kept-block share of the retrieval heads at decode, set as the artifact's top-p "
+                               "(dummy weights give flat indexer scores, so top-p keeps about this share; "
+                               "default %(default)s)"),
+        keep.add_argument("--top-p", metavar="P", type=float, default=None,
+                          help="the artifact's block top-p, passed through as given (instead of --keep)"),
+        art.add_argument("--seed", metavar="INT", type=int, default=0,
+                         help="seed of the artifact, the engines and the prompts (default %(default)s)"),
+        srv.add_argument("--port", metavar="PORT", type=int, default=0,
+                         help="port of vllm serve on 127.0.0.1 (default: a free one)"),
+        srv.add_argument("--max-model-len", metavar="TOKENS", type=int, default=0,
+                         help="max_model_len of every engine (default: longest request + 128); keep it fixed when "
+                              "splitting a sweep over several invocations"),
+        srv.add_argument("--gpu-memory-utilization", metavar="SHARE", type=float, default=0.9,
+                         help="vLLM's --gpu-memory-utilization (default %(default)s)"),
+        srv.add_argument("--max-num-batched-tokens", metavar="TOKENS", type=int, default=16384,
+                         help="prefill chunk, the same for serve and latency (default %(default)s)"),
+        srv.add_argument("--engine-args", metavar="ARGS", default="",
+                         help="more flags for every engine, one shell-quoted string, "
+                              "e.g. --engine-args=\"--enforce-eager\" (default %(default)r)"),
+        srv.add_argument("--startup-timeout", metavar="S", type=float, default=900,
+                         help="seconds to wait for /health (default %(default)s)"),
+        srv.add_argument("--stop-timeout", metavar="S", type=float, default=60,
+                         help="seconds between SIGTERM and SIGKILL when stopping a process (default %(default)s)"),
+        srv.add_argument("--command-timeout", metavar="S", type=float, default=3600,
+                         help="seconds one vllm bench command may run (default %(default)s)"),
+    ]
+    return [action.dest for action in actions]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", metavar="DIR", default=None,
-                       help="model folder with config.json, served with dummy weights; its max_position_embeddings "
-                            "must cover --max-model-len (default: a Llama-3-8B-shape folder written to "
-                            "OUT/llama3-8b-dummy)")
-    model.add_argument("--tokenizer", metavar="PATH", default=None,
-                       help="tokenizer for the prompts and the servers (default: --model if given, else the tiny "
-                            "model's word-level tokenizer; prompts are random tokens either way)")
-    model.add_argument("--vllm", metavar="CMD", default=_default_vllm(),
-                       help="the vllm command, shell-quoted (default: this Python -P -m vllm.entrypoints.cli.main)")
-
-    art = parser.add_argument_group("RTPURBO artifact (synthetic)")
-    art.add_argument("--ratio", metavar="SHARE", type=float, default=None,
-                     help="share of query heads drawn as retrieval heads (default 0.15, as rtpurbo-calibrate; "
-                          "with --kv-heads-per-layer: every query head of the chosen KV groups)")
-    art.add_argument("--by-kv-group", action="store_true", help="draw whole KV groups of retrieval heads")
-    art.add_argument("--kv-heads-per-layer", metavar="N", type=int, default=None,
-                     help="per-layer KV budget of the synthetic artifact (rtpurbo-calibrate --kv-heads-per-layer): "
-                          "retrieval heads only in N KV groups of every layer, so --kv-layout split keeps N KV "
-                          "heads per layer in full")
-    art.add_argument("--kv-layout", choices=("full", "split"), default="full",
-                     help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
-                          "KV head for every token (default); split keeps full history only for retrieval KV "
-                          "heads (compare the logged KV capacity)")
-    keep = art.add_mutually_exclusive_group()
-    keep.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
-                      help="kept-block share of the retrieval heads at decode, set as the artifact's top-p "
-                           "(dummy weights give flat indexer scores, so top-p keeps about this share; default 0.03)")
-    keep.add_argument("--top-p", metavar="P", type=float, default=None,
-                      help="the artifact's block top-p, passed through as given (instead of --keep)")
-    art.add_argument("--seed", metavar="INT", type=int, default=0,
-                     help="seed of the artifact, the engines and the prompts (default 0)")
-
-    srv = parser.add_argument_group("engines")
-    srv.add_argument("--backends", metavar="NAME", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                     help="attention backends, run in this order (default FLASH_ATTN RTPURBO)")
-    srv.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=["serve", "latency"],
-                     help="serve (vllm serve + vllm bench serve), latency (vllm bench latency) and/or capacity "
-                          "(vllm serve started for its KV-capacity lines, then stopped; default serve latency)")
-    srv.add_argument("--port", metavar="PORT", type=int, default=0,
-                     help="port of vllm serve on 127.0.0.1 (default: a free one)")
-    srv.add_argument("--max-model-len", metavar="TOKENS", type=int, default=0,
-                     help="max_model_len of every engine (default: longest request + 128); keep it fixed when "
-                          "splitting a sweep over several invocations")
-    srv.add_argument("--gpu-memory-utilization", metavar="SHARE", type=float, default=0.9,
-                     help="vLLM's --gpu-memory-utilization (default 0.9)")
-    srv.add_argument("--max-num-batched-tokens", metavar="TOKENS", type=int, default=16384,
-                     help="prefill chunk, the same for serve and latency (default 16384)")
-    srv.add_argument("--engine-args", metavar="ARGS", default="",
-                     help="more flags for every engine, one shell-quoted string, "
-                          "e.g. --engine-args=\"--enforce-eager\"")
-    srv.add_argument("--startup-timeout", metavar="S", type=float, default=900,
-                     help="seconds to wait for /health (default 900)")
-    srv.add_argument("--stop-timeout", metavar="S", type=float, default=60,
-                     help="seconds between SIGTERM and SIGKILL when stopping a process (default 60)")
-    srv.add_argument("--command-timeout", metavar="S", type=float, default=3600,
-                     help="seconds one vllm bench command may run (default 3600)")
+    add_server_arguments(parser)
+    runs = parser.add_argument_group("runs")
+    runs.add_argument("--backends", metavar="NAME", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                      help="attention backends, run in this order (default FLASH_ATTN RTPURBO)")
+    runs.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=["serve", "latency"],
+                      help="serve (vllm serve + vllm bench serve), latency (vllm bench latency) and/or capacity "
+                           "(vllm serve started for its KV-capacity lines, then stopped; default serve latency)")
+    runs.add_argument("--prefix-caching", action="store_true",
+                      help="serve with prefix caching on (default off, so repeated random prompts cannot hit it)")
 
     srvb = parser.add_argument_group("vllm bench serve")
     srvb.add_argument("--contexts", metavar="K", type=int, nargs="+", default=[32, 128, 256],

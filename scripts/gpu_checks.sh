@@ -9,12 +9,16 @@
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
+#   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
+#   bash scripts/gpu_checks.sh stability [extra bench_stability args]  # 200 x 4K-128K requests (1B dummy): no
+#                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs
+#                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | kvsplit | eval}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | kvsplit | eval | stability}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -50,6 +54,16 @@ case "$stage" in
       --max-num-batched-tokens 8192 --engine-args=--no-async-scheduling "$@" 2>&1 \
       | tee "$OUT/bench_serving_split_$n.log" | tail -40
     cp -r "$keep" "$OUT/kvsplit_$n" ;;
+  capacity)
+    # KV capacity only (servers start, report, stop): FLASH_ATTN and the split layout with 2 retrieval KV
+    # heads per layer, then the split layout with the global top 15 % of query heads (uneven per layer).
+    common=(--phases capacity --kv-layout split --contexts 128 --max-num-batched-tokens 8192
+            --engine-args=--no-async-scheduling)
+    timeout 280 python3 -P benchmarks/bench_serving.py --out "$HOME/rtpurbo_capacity_kv2" \
+      --backends FLASH_ATTN RTPURBO --kv-heads-per-layer 2 "${common[@]}" 2>&1 | tee "$OUT/capacity_kv2.log" | tail -5
+    timeout 200 python3 -P benchmarks/bench_serving.py --out "$HOME/rtpurbo_capacity_top15" \
+      --backends RTPURBO --ratio 0.15 "${common[@]}" 2>&1 | tee "$OUT/capacity_top15.log" | tail -5
+    cp -r "$HOME/rtpurbo_capacity_kv2" "$OUT/capacity_kv2"; cp -r "$HOME/rtpurbo_capacity_top15" "$OUT/capacity_top15" ;;
   eval)
     model=rtpurbo_vllm/tiny/model
     # One after the other (a server profiling its memory while another starts on the same GPU misreads
@@ -70,5 +84,10 @@ case "$stage" in
     for pid in "${servers[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
     for _ in $(seq 60); do kill -0 "${servers[@]}" 2>/dev/null || break; sleep 1; done
     for pid in "${servers[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done; wait ;;
+  stability)
+    keep="$HOME/rtpurbo_stability"    # outlives one call, so phases run in separate calls merge
+    timeout 570 python3 -P benchmarks/bench_stability.py --out "$keep" --stop-timeout 20 "$@" 2>&1 \
+      | tee "$OUT/bench_stability.log" | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -40
+    cp -r "$keep" "$OUT/stability" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -4,7 +4,6 @@ and the whole run against a fake ``vllm`` executable."""
 
 import importlib.util
 import json
-import subprocess
 import sys
 import textwrap
 import time
@@ -103,6 +102,22 @@ def test_kv_heads_per_layer_option(tmp_path):
         bs.load_results(_settings(tmp_path, "--kv-heads-per-layer", "1"))
 
 
+def test_shape_and_prefix_caching_options(tmp_path):
+    """--shape picks the dummy model's config.json (and its folder), --prefix-caching the engine flag."""
+    s = _settings(tmp_path, "--shape", "llama3.2-1b", "--prefix-caching")
+    assert s.model_dir == s.out / "llama3.2-1b-dummy" and _settings(tmp_path).model_dir == s.out / "llama3-8b-dummy"
+    config = bs.model_hf_config(s)
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (16, 2048, 64)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
+    assert config.rope_parameters["rope_theta"] == 500000.0
+    assert config.tie_word_embeddings and config.max_position_embeddings == s.max_model_len
+    argv = bs.serve_command(s, "RTPURBO", 8123)
+    assert "--enable-prefix-caching" in argv and "--no-enable-prefix-caching" not in argv
+    assert s.comparable()["prefix_caching"] is True and _settings(tmp_path).comparable()["prefix_caching"] is False
+    with pytest.raises(SystemExit):
+        _settings(tmp_path, "--shape", "llama3-70b")
+
+
 def test_dry_run_shows_the_budget_and_the_prediction(tmp_path, capsys):
     assert bs.main(["--out", str(tmp_path / "out"), "--dry-run", "--contexts", "128", "--kv-layout", "split",
                     "--kv-heads-per-layer", "1", "--backends", "RTPURBO", "--phases", "serve"]) == 0
@@ -154,41 +169,18 @@ def test_bad_settings_are_rejected(tmp_path, bad, message):
         _settings(tmp_path, *bad)
 
 
-def test_commands_parse_with_vllms_own_cli(tmp_path):
+def test_commands_parse_with_vllms_own_cli(tmp_path, parse_with_vllm):
     """The real ``vllm`` CLI main parses every command; only the subcommands' work is replaced by a probe."""
     s = _settings(tmp_path, "--contexts", "32", "--latency-batch", "4")
     commands = [_sub(s, argv) for argv in (bs.serve_command(s, "FLASH_ATTN", 8011),
                                            bs.serve_command(s, "RTPURBO", 8011),
                                            bs.bench_serve_runs(s, "RTPURBO", 8011)[0].argv,
                                            bs.bench_latency_runs(s, "RTPURBO")[0].argv)]
-    code = textwrap.dedent("""
-        import json, sys
-        from vllm import platforms
-        if platforms.current_platform.is_unspecified():   # no GPU here: vLLM's CPU platform builds the parsers
-            from vllm.platforms.cpu import CpuPlatform
-            platforms.current_platform = CpuPlatform()
-        import vllm.entrypoints.cli.serve as serve
-        from vllm.entrypoints.cli.benchmark.latency import BenchmarkLatencySubcommand
-        from vllm.entrypoints.cli.benchmark.serve import BenchmarkServingSubcommand
-        from vllm.entrypoints.cli.main import main
-        commands, keys, parsed = json.loads(sys.argv[1]), json.loads(sys.argv[2]), []
-        probe = staticmethod(lambda args: parsed.append({k: getattr(args, k, None) for k in keys}))
-        serve.ServeSubcommand.cmd = probe
-        BenchmarkLatencySubcommand.cmd = probe
-        BenchmarkServingSubcommand.cmd = probe
-        for argv in commands:
-            sys.argv = ["vllm", *argv]
-            main()
-        print(json.dumps(parsed, default=str))
-    """)
     keys = ["model_tag", "attention_backend", "host", "port", "load_format", "max_model_len", "enable_prefix_caching",
             "served_model_name", "disable_uvicorn_access_log", "additional_config", "dataset_name", "random_input_len",
             "random_output_len", "num_prompts", "save_result", "max_concurrency", "ignore_eos", "input_len",
             "batch_size", "output_json"]
-    proc = subprocess.run([sys.executable, "-P", "-c", code, json.dumps(commands), json.dumps(keys)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fa, rtp, client, latency = json.loads(proc.stdout.strip().splitlines()[-1])
+    fa, rtp, client, latency = parse_with_vllm(commands, keys)
     for args, backend in ((fa, "FLASH_ATTN"), (rtp, "RTPURBO")):
         assert args["model_tag"] == str(s.model_dir) and args["attention_backend"] == backend
         assert (args["host"], args["port"], args["load_format"]) == ("127.0.0.1", 8011, "dummy")
@@ -256,6 +248,7 @@ def test_parse_server_metrics_names_installed_vllm_metrics():
     ])
     assert bs.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
     assert bs.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
+    assert bs.parse_server_metrics(text, {"vllm:num_requests_running": "running"}) == {"running": 0.0}
     assert bs.parse_server_metrics("") == {}
 
 
@@ -431,57 +424,9 @@ def test_command_timeout_stops_the_command(tmp_path):
 # The whole run against a fake `vllm`
 # ---------------------------------------------------------------------------------------------------
 
-FAKE_VLLM = textwrap.dedent("""
-    import http.server, json, os, sys
-    argv = sys.argv[1:]
-    def value(flag):
-        return argv[argv.index(flag) + 1]
-    def capacity():
-        backend = value("--attention-backend")
-        print("(EngineCore pid=1) INFO 11-28 10:00:00 [kv_cache_utils.py:2177] GPU KV cache size: %s tokens"
-              % f"{400000 if backend == 'FLASH_ATTN' else 380000:,}")
-        print("(EngineCore pid=1) INFO 11-28 10:00:00 [kv_cache_utils.py:2179] Maximum concurrency for %s tokens "
-              "per request: %.2fx" % (f"{int(value('--max-model-len')):,}", 1.5), flush=True)
-    fast = "--additional-config" in argv
-    if argv[0] == "serve":
-        assert value("--host") == "127.0.0.1"
-        if os.environ.get("FAKE_SERVER_EXIT"):
-            sys.exit(2)
-        capacity()
-        class Health(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = {"/health": b"", "/metrics": b'vllm:num_preemptions_total{engine="0"} 0.0\\n'
-                        b'vllm:kv_cache_usage_perc{engine="0"} 0.0\\n'}.get(self.path)
-                self.send_response(404 if body is None else 200)
-                self.end_headers()
-                self.wfile.write(body or b"")
-        http.server.HTTPServer(("127.0.0.1", int(value("--port"))), Health).serve_forever()
-    elif argv[:2] == ["bench", "serve"]:
-        backend = [m for m in argv if m.startswith("attention_backend=")][0].split("=")[1]
-        context = int(value("--random-input-len"))
-        if context == 2048 and backend == "RTPURBO" and os.environ.get("FAKE_FAIL"):
-            sys.exit(1)
-        failed = int(context == 1024 and backend == "RTPURBO" and bool(os.environ.get("FAKE_FAIL")))
-        ttft, tpot = (100.0, 5.0) if backend == "RTPURBO" else (200.0, 10.0)
-        result = {"completed": 2 - failed, "failed": failed, "duration": 1.0, "output_throughput": 1000.0 / tpot,
-                  "median_ttft_ms": ttft * context / 1024, "median_tpot_ms": tpot, "median_itl_ms": tpot}
-        os.makedirs(value("--result-dir"), exist_ok=True)
-        with open(os.path.join(value("--result-dir"), value("--result-filename")), "w") as f:
-            json.dump(result, f)
-    elif argv[:2] == ["bench", "latency"]:
-        capacity()
-        avg = int(value("--batch-size")) * (1.0 if fast else 2.0)
-        with open(value("--output-json"), "w") as f:
-            json.dump({"avg_latency": avg, "latencies": [avg], "percentiles": {"50": avg, "90": avg}}, f)
-""")
-
-
-def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
-    exe = tmp_path / "vllm"
-    exe.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
-    exe.chmod(0o755)
+def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     out = tmp_path / "out"
-    common = ["--vllm", str(exe), "--out", str(out), "--contexts", "1", "2", "--latency-context", "1",
+    common = ["--vllm", fake_vllm, "--out", str(out), "--contexts", "1", "2", "--latency-context", "1",
               "--latency-batch", "1", "2", "--num-prompts", "2", "--startup-timeout", "20", "--stop-timeout", "1",
               "--max-model-len", "4096"]
     assert bs.main(common) == 0
@@ -524,12 +469,9 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch):
         bs.main([*common, "--keep", "0.1"])
 
 
-def test_capacity_phase_only_starts_the_servers(tmp_path, capsys):
-    exe = tmp_path / "vllm"
-    exe.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
-    exe.chmod(0o755)
+def test_capacity_phase_only_starts_the_servers(tmp_path, capsys, fake_vllm):
     out = tmp_path / "out"
-    assert bs.main(["--vllm", str(exe), "--out", str(out), "--phases", "capacity", "--kv-layout", "split",
+    assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "capacity", "--kv-layout", "split",
                     "--kv-heads-per-layer", "1", "--contexts", "1", "--startup-timeout", "20", "--stop-timeout", "1",
                     "--max-model-len", "4096"]) == 0
     results = json.loads((out / bs.RESULTS_JSON).read_text())
