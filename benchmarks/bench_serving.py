@@ -88,7 +88,7 @@ LLAMA32_1B = {**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_
 SHAPES = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}     # --shape: config.json of the dummy model
 # Settings that change the numbers: results made with other values are never merged into one file.
 COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "kv_heads_per_layer", "seed",
-              "kv_layout", "prefix_caching",
+              "kv_layout", "prefix_caching", "decode_only",
               "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
               "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
 
@@ -125,6 +125,7 @@ class Settings:
     seed: int
     kv_layout: str
     prefix_caching: bool
+    decode_only: bool
     backends: tuple[str, ...]
     phases: tuple[str, ...]
     port: int
@@ -185,7 +186,8 @@ class Settings:
             tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
             vllm=tuple(shlex.split(args.vllm)), ratio=ratio,
             by_kv_group=args.by_kv_group, kv_heads_per_layer=args.kv_heads_per_layer, top_p=top_p, seed=args.seed,
-            kv_layout=args.kv_layout, prefix_caching=args.prefix_caching,
+            kv_layout=args.kv_layout, prefix_caching=args.prefix_caching or args.decode_only,
+            decode_only=args.decode_only,
             backends=tuple(args.backends),
             phases=tuple(args.phases), port=args.port, max_model_len=max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -404,17 +406,22 @@ def serve_command(settings: Settings, backend: str, port: int) -> list[str]:
 
 
 def bench_serve_runs(settings: Settings, backend: str, port: int) -> list[BenchRun]:
-    """``vllm bench serve`` against the running server, one per (context, max concurrency)."""
+    """``vllm bench serve`` against the running server, one per (context, max concurrency). With
+    ``decode_only`` each is preceded by a priming run of the same prompts (same seed; key ``prime``),
+    which leaves their KV in the prefix cache: the measured run then prefills one block per request,
+    so its TPOT is decode alone (no other request's prefill in between) and its TTFT a cache hit."""
     runs = []
     for context in settings.contexts:
         for concurrency in settings.max_concurrency:
-            name = f"serve-{backend}-{context // 1024}K-c{concurrency}"
-            result = settings.out / "raw" / f"{name}.json"
-            argv = bench_serve_argv(settings, port, result, input_len=context, range_ratio="0",
-                                    concurrency=concurrency, metadata=[f"attention_backend={backend}",
-                                                                       f"context={context}"])
-            runs.append(BenchRun({"backend": backend, "context": context, "concurrency": concurrency}, argv,
-                                 result, settings.out / "logs" / f"{name}.log"))
+            for prime in (True, False) if settings.decode_only else (False,):
+                name = f"serve-{backend}-{context // 1024}K-c{concurrency}" + ("-prime" if prime else "")
+                result = settings.out / "raw" / f"{name}.json"
+                argv = bench_serve_argv(settings, port, result, input_len=context, range_ratio="0",
+                                        concurrency=concurrency, metadata=[f"attention_backend={backend}",
+                                                                           f"context={context}"])
+                key = {"backend": backend, "context": context, "concurrency": concurrency}
+                runs.append(BenchRun({**key, "prime": True} if prime else key, argv, result,
+                                     settings.out / "logs" / f"{name}.log"))
     return runs
 
 
@@ -683,7 +690,8 @@ def load_results(settings: Settings) -> dict[str, Any]:
         return new_results(settings)
     results = json.loads(path.read_text())
     # Files from before these options were made with their defaults.
-    results["settings"] = {"kv_heads_per_layer": None, "prefix_caching": False, **results["settings"]}
+    results["settings"] = {"kv_heads_per_layer": None, "prefix_caching": False, "decode_only": False,
+                           **results["settings"]}
     if results["settings"] != settings.comparable():
         differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
@@ -747,6 +755,10 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                     if not server.alive():
                         raise RuntimeError(f"the {backend} server exited; last lines of {log}:\n{server.tail()}")
                     row = run_bench(settings, results, run, parse_serve_result)
+                    if run.key.get("prime"):        # its numbers include the prefills: only failures count
+                        if "error" in row:
+                            print(f"[{backend}] priming run failed: {row['error']}", flush=True)
+                        continue
                     put_row(results["serve"], row, run.key)
                     save(settings, results)
                     print(f"[{backend}] {summary(row)}", flush=True)
@@ -836,8 +848,10 @@ def render_markdown(results: dict[str, Any]) -> str:
              ""]
     if results.get("artifact"):
         lines += [describe_artifact(results["artifact"]), ""]
+    primed = ("; decode only: each point's prompts were sent once before, unmeasured, so TPOT has no prefill "
+              "in it and TTFT times a prefix-cache hit" if s.get("decode_only") else "")
     lines += [f"## `vllm bench serve` (random prompts, {s['num_prompts']} per point, output {s['output_len']} "
-              "tokens; TTFT and TPOT are medians)", "",
+              f"tokens; TTFT and TPOT are medians{primed})", "",
               "| context | max conc. | TTFT FA (ms) | TTFT RTP (ms) | speedup | TPOT FA (ms) | TPOT RTP (ms) | "
               "speedup | out tok/s FA | out tok/s RTP | ratio | KV tokens FA | KV tokens RTP | ratio | "
               "max conc. FA | max conc. RTP |",
@@ -1010,6 +1024,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(vllm serve started for its KV-capacity lines, then stopped; default serve latency)")
     runs.add_argument("--prefix-caching", action="store_true",
                       help="serve with prefix caching on (default off, so repeated random prompts cannot hit it)")
+    runs.add_argument("--decode-only", action="store_true",
+                      help="TPOT of decode alone: prefix caching on, and each point's prompts sent once unmeasured "
+                           "first, so the measured run finds their KV cached (its TTFT is then a cache hit)")
 
     srvb = parser.add_argument_group("vllm bench serve")
     srvb.add_argument("--contexts", metavar="K", type=int, nargs="+", default=[32, 128, 256],

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
+#   bash scripts/gpu_checks.sh decode     # TPOT of decode alone at 128K, c1/c4, FLASH_ATTN and RTPURBO (primed prompts)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
@@ -45,6 +46,12 @@ case "$stage" in
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends "$backend" --phases serve \
       --contexts 32 128 --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_serving_$backend.log" | tail -40
     cp -r "$keep" "$OUT/serving" ;;
+  decode)
+    # TPOT of decode alone, both backends at 128K: each point's prompts primed into the prefix cache first.
+    keep="$HOME/rtpurbo_decode"
+    timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
+      --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
+    cp -r "$keep" "$OUT/decode" ;;
   kvsplit)
     n=${1:?kvsplit needs N, the retrieval KV heads per layer}
     shift

@@ -480,3 +480,21 @@ def test_capacity_phase_only_starts_the_servers(tmp_path, capsys, fake_vllm):
     assert results["capacity"]["RTPURBO"]["kv_cache_tokens"] == 380_000
     assert results["capacity"]["RTPURBO"]["kv_layout"] == "split"
     assert "KV capacity RTPURBO (split layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
+
+
+def test_decode_only_primes_each_point_with_the_same_prompts(tmp_path, fake_vllm):
+    out = tmp_path / "out"
+    assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "serve", "--decode-only", "--contexts", "1",
+                    "--max-concurrency", "1", "4", "--startup-timeout", "20", "--stop-timeout", "1",
+                    "--max-model-len", "4096"]) == 0
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert results["settings"]["prefix_caching"] and results["settings"]["decode_only"]
+    clients = [c["command"] for c in results["commands"] if not c.get("server")]
+    assert len(clients) == 2 * 2 * 2           # 2 backends x 2 concurrencies x (priming + measured)
+    for prime, measured in zip(clients[::2], clients[1::2]):
+        assert "-prime.json" in prime and "-prime.json" not in measured
+        # the same prompts: identical commands but for the result file
+        assert prime.replace("-prime.json", ".json") == measured
+    assert all("--enable-prefix-caching" in c["command"] for c in results["commands"] if c.get("server"))
+    assert len(results["serve"]) == 4 and not any(r.get("prime") for r in results["serve"])
+    assert "decode only: each point's prompts were sent once before" in (out / bs.REPORT_MD).read_text()
