@@ -592,7 +592,7 @@ def parse_server_metrics(text: str, names: dict[str, str] = SERVER_METRICS) -> d
     (``vllm:kv_cache_usage_perc``, a share in [0, 1]; 0 once every request's blocks are back in the pool)."""
     found: dict[str, float] = {}
     for line in text.splitlines():
-        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else line.partition(" ")
+        name = line.split("{", 1)[0].split(" ", 1)[0]     # "name{labels} value" or "name value"
         if line.startswith("#") or name not in names:
             continue
         value = float(line.rsplit(" ", 1)[-1])
