@@ -550,6 +550,24 @@ def running_server(argv: list[str], port: int, log: Path, cwd: Path, startup_tim
         child.stop(stop_timeout)
 
 
+@contextlib.contextmanager
+def recorded_server(commands: list[dict[str, Any]], argv: list[str], port: int, log: Path, label: str,
+                    settings: Settings) -> Iterator[Child]:
+    """:func:`running_server` for ``argv`` (log ``log``) with its command, log and run time appended to
+    ``commands`` (``"server": True``); prints ``[label] starting`` and ``[label] healthy after N s``."""
+    record = {"command": shlex.join(argv), "log": str(log), "server": True}
+    commands.append(record)
+    print(f"[{label}] starting: {record['command']}", flush=True)
+    start = time.monotonic()
+    try:
+        with running_server(argv, port, log, settings.out, settings.startup_timeout,
+                            settings.stop_timeout) as server:
+            print(f"[{label}] healthy after {time.monotonic() - start:.0f} s", flush=True)
+            yield server
+    finally:
+        record["seconds"] = round(time.monotonic() - start, 1)
+
+
 def run_command(argv: list[str], log: Path, cwd: Path, timeout: float, stop_timeout: float) -> int:
     """Runs one command to completion (stopped after ``timeout`` seconds: exit code 124)."""
     child = Child(argv, log, cwd)
@@ -734,21 +752,16 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
     its KV-capacity lines only) and the latency phase for one backend. A server that fails is recorded
     under ``capacity`` with an ``error`` and the run goes on with the next phase."""
     if "serve" in settings.phases or "capacity" in settings.phases:
-        argv = serve_command(settings, backend, port)
         log = settings.out / "logs" / f"server-{backend}.log"
-        print(f"[{backend}] starting: {shlex.join(argv)}", flush=True)
         start = time.monotonic()
-        record = {"command": shlex.join(argv), "log": str(log), "server": True}
-        results["commands"].append(record)
         try:
-            with running_server(argv, port, log, settings.out, settings.startup_timeout,
-                                settings.stop_timeout) as server:
+            with recorded_server(results["commands"], serve_command(settings, backend, port), port, log, backend,
+                                 settings) as server:
                 results["capacity"][backend] = {**parse_kv_capacity(log.read_text(errors="replace")),
                                                 "max_model_len": settings.max_model_len, "log": str(log),
                                                 "kv_layout": settings.kv_layout if backend == "RTPURBO" else "full",
                                                 "startup_s": round(time.monotonic() - start, 1)}
-                print(f"[{backend}] healthy after {time.monotonic() - start:.0f} s; "
-                      f"{results['capacity'][backend]}", flush=True)
+                print(f"[{backend}] KV capacity: {results['capacity'][backend]}", flush=True)
                 if backend == "RTPURBO":
                     print(f"[{backend}] {capacity_comparison(results)}", flush=True)
                 for run in bench_serve_runs(settings, backend, port) if "serve" in settings.phases else []:
@@ -770,7 +783,6 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                                             "log": str(log)}
             print(f"[{backend}] server FAILED: {exc}", flush=True)
         finally:
-            record["seconds"] = round(time.monotonic() - start, 1)
             save(settings, results)
     if "latency" in settings.phases:
         for run in bench_latency_runs(settings, backend):

@@ -48,7 +48,6 @@ Run on a GPU machine from the repo root, for example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -63,7 +62,7 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir, tiny_model_dir
 from rtpurbo_vllm.tiny.task import Prompt, make_prompt, score
@@ -274,7 +273,8 @@ def run_load(settings: Settings, section: dict[str, Any], port: int) -> None:
     print(f"[load] {section['description']}", flush=True)
     section["artifact"] = bs.write_artifact(s)
     print(f"[load] {bs.describe_artifact(section['artifact'])}", flush=True)
-    with recorded_server(section, bs.serve_command(s, BACKEND, port), port, "load", s) as log:
+    log = s.out / "logs" / "server-load.log"
+    with bs.recorded_server(section["commands"], bs.serve_command(s, BACKEND, port), port, log, "load", s):
         section["capacity"] = bs.parse_kv_capacity(log.read_text(errors="replace"))
         section["bench"] = bs.run_bench(s, section, plan.run, parse_load_result)
         print(f"[load] {describe_bench(section['bench'])}", flush=True)
@@ -411,7 +411,8 @@ def run_identity(settings: Settings, section: dict[str, Any], port: int) -> None
                              "identity_engine_args": list(settings.identity_engine_args)})
     print(f"[identity] {section['description']}", flush=True)
     ask = functools.partial(complete, port, max_tokens=settings.identity_max_tokens, timeout=s.command_timeout)
-    with recorded_server(section, identity_serve_command(settings, port), port, "identity", s):
+    with bs.recorded_server(section["commands"], identity_serve_command(settings, port), port,
+                            s.out / "logs" / "server-identity.log", "identity", s):
         start = time.monotonic()
         with ThreadPoolExecutor(len(texts)) as pool:
             batched = list(pool.map(ask, texts))
@@ -433,26 +434,8 @@ def identity_criteria(settings: Settings, section: dict[str, Any]) -> list[dict[
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared by the phases: server, pool check, criteria
+# Shared by the phases: pool check, criteria
 # ----------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def recorded_server(section: dict[str, Any], argv: list[str], port: int, name: str,
-                    s: bs.Settings) -> Iterator[Path]:
-    """``bs.running_server`` (log ``OUT/logs/server-NAME.log``), recorded in ``section["commands"]`` with
-    its run time; yields the log's path."""
-    log = s.out / "logs" / f"server-{name}.log"
-    record = {"command": shlex.join(argv), "log": str(log), "server": True}
-    section["commands"].append(record)
-    print(f"[{name}] starting: {record['command']}", flush=True)
-    start = time.monotonic()
-    try:
-        with bs.running_server(argv, port, log, s.out, s.startup_timeout, s.stop_timeout):
-            print(f"[{name}] healthy after {time.monotonic() - start:.0f} s", flush=True)
-            yield log
-    finally:
-        record["seconds"] = round(time.monotonic() - start, 1)
-
 
 def settled_metrics(port: int, timeout: float) -> dict[str, float]:
     """``POOL_METRICS`` from ``/metrics``, read again every 0.5 s until KV usage, running and waiting
