@@ -16,7 +16,7 @@ Environment switches of the tests:
 - ``FAKE_FAILED_REQUESTS=N``: ``bench serve`` reports N failed requests;
 - ``FAKE_KV_USAGE=X``: ``/metrics`` reports ``vllm:kv_cache_usage_perc`` X;
 - ``FAKE_FLIP_PROMPT=SHA1``: the first completion of the prompt with this SHA-1 differs at generated token
-  ``FLIP_AT`` (a near-tie: top-2 margin 0.01), later ones do not.
+  ``FLIP_AT`` with a top-2 margin of ``FAKE_FLIP_MARGIN`` (default 0.01, a near-tie), later ones do not.
 """
 
 import hashlib
@@ -50,12 +50,13 @@ def metrics_text():
 
 def completion(prompt, max_tokens, flipped):
     """An OpenAI completions reply: tokens " <hex digit>" from the prompt's SHA-1; ``flipped`` swaps the
-    token at ``FLIP_AT`` for " X" with a near-tie margin."""
+    token at ``FLIP_AT`` for " X", ``FAKE_FLIP_MARGIN`` above the original token."""
     digest = hashlib.sha1(prompt.encode()).hexdigest()
     tokens = [" " + digest[i % len(digest)] for i in range(max_tokens)]
     top = [{t: -0.1, " Y": -2.5} for t in tokens]
     if flipped and max_tokens > FLIP_AT:
-        top[FLIP_AT] = {" X": -0.69, tokens[FLIP_AT]: -0.70}
+        margin = float(os.environ.get("FAKE_FLIP_MARGIN", "0.01"))
+        top[FLIP_AT] = {" X": -0.69, tokens[FLIP_AT]: -0.69 - margin}
         tokens[FLIP_AT] = " X"
     return {"choices": [{"index": 0, "text": "".join(tokens), "logprobs": {
         "tokens": tokens, "token_logprobs": [max(t.values()) for t in top], "top_logprobs": top}}]}

@@ -227,25 +227,42 @@ def test_full_run_passes_and_phases_merge(tmp_path, capsys, monkeypatch, fake_vl
     assert "| load | requests | pass | 5 of 5 completed, 0 failed |" in report
     assert "4/4 prompts identical batched and one at a time" in report and "--save-detailed" in report
 
-    # Prompt 2's first answer (the batched pass) differs: exit 1, the prompt named with the token and the
-    # margins; the load phase of the first run is kept.
+    # Prompt 2's first answer (the batched pass) differs at a near-tie (top-2 margin 0.01): a pass, the
+    # prompt named with the token and the margins; the load phase of the first run is kept.
     flipped = bst.identity_prompts(_settings(argv))[2].text
     monkeypatch.setenv("FAKE_FLIP_PROMPT", hashlib.sha1(flipped.encode()).hexdigest())
-    assert bst.main([*argv, "--phases", "identity"]) == 1
+    assert bst.main([*argv, "--phases", "identity"]) == 0
     results = _results(tmp_path)
     assert all(c["passed"] for c in results["phases"]["load"]["criteria"])
     comparison = results["phases"]["identity"]["comparison"]
     assert comparison["identical"] == 3 and [row["index"] for row in comparison["differ"]] == [2]
     row = comparison["differ"][0]
-    assert row["token"] == 3 and row["batched_margin"] == pytest.approx(0.01)      # the fake's near-tie
+    assert row["token"] == 3 and row["batched_margin"] == pytest.approx(0.01)
     assert row["sequential_margin"] == pytest.approx(2.4)
     identical = _criteria(results, "identity")["identical greedy outputs"]
-    assert not identical["passed"] and "prompt 2 (" in identical["detail"]
-    assert "differs at generated token 3" in identical["detail"]
+    assert identical["passed"] and identical["detail"].startswith("each difference starts at a top-2 near-tie")
+    assert "prompt 2 (" in identical["detail"] and "differs at generated token 3" in identical["detail"]
+
+    # The same difference with a clear margin (0.5 nats) is a failure: exit 1.
+    monkeypatch.setenv("FAKE_FLIP_MARGIN", "0.5")
+    assert bst.main([*argv, "--phases", "identity"]) == 1
+    results = _results(tmp_path)
+    assert results["phases"]["identity"]["comparison"]["differ"][0]["batched_margin"] == pytest.approx(0.5)
+    identical = _criteria(results, "identity")["identical greedy outputs"]
+    assert not identical["passed"] and identical["detail"].startswith("3/4 prompts identical")
     assert _criteria(results, "identity")["KV blocks back in the pool"]["passed"]
     report = (tmp_path / "out" / bst.REPORT_MD).read_text()
     assert report.startswith("# Stability under load (issue #5 item 4): FAILED")
     assert "| identity | identical greedy outputs | FAIL | 3/4 prompts identical" in report
+
+
+def test_flash_attn_control_serves_the_tiny_model_dense(tmp_path):
+    s = _settings(["--out", str(tmp_path), "--identity-backend", "FLASH_ATTN"])
+    command = bst.identity_serve_command(s, 8123)
+    assert _value(command, "--attention-backend") == "FLASH_ATTN" and "--additional-config" not in command
+    assert bst.describe_identity(s, [300, 400]).startswith("FLASH_ATTN serving the tiny trained model (dense")
+    assert _value(bst.identity_serve_command(_settings(["--out", str(tmp_path)]), 8123),
+                  "--attention-backend") == "RTPURBO"
 
 
 def test_failed_requests_fail_the_load_phase(tmp_path, monkeypatch, fake_vllm):

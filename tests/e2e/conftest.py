@@ -55,6 +55,9 @@ def greedy_outputs():
             results.append([(list(o.outputs[0].token_ids),
                              [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs or []])
                             for o in outs])
+        # The engine core gc.freeze()s what it allocates at start-up: only its shutdown unfreezes it and
+        # tears down the distributed state, so an in-process engine gives its GPU memory back.
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
