@@ -10,8 +10,10 @@ For each backend (FLASH_ATTN first, then RTPURBO) it
    next to the ratio the split KV layout predicts for the artifact (``KVLayoutPlan.vllm_capacity_ratio``;
    ``--kv-layout split``, ``--kv-heads-per-layer``);
 2. runs ``vllm bench serve`` (random dataset) at each input length and max concurrency and collects
-   TTFT, TPOT, ITL and throughput from its ``--save-result`` JSON; then stops the server (SIGTERM, SIGKILL
-   after a timeout, also on errors and Ctrl-C);
+   TTFT, TPOT, ITL and throughput from its ``--save-result`` JSON (``--decode-only``: each context's
+   prompts are sent once first, unmeasured, so the measured runs find their KV in the prefix cache and
+   time decode alone); then stops the server (SIGTERM, SIGKILL after a timeout, also on errors and
+   Ctrl-C);
 3. runs ``vllm bench latency`` (random token ids) at one input length for each batch size, from its
    ``--output-json`` (each run starts its own engine, so the server must be stopped first).
 
@@ -407,37 +409,42 @@ def serve_command(settings: Settings, backend: str, port: int) -> list[str]:
 
 def bench_serve_runs(settings: Settings, backend: str, port: int) -> list[BenchRun]:
     """``vllm bench serve`` against the running server, one per (context, max concurrency). With
-    ``decode_only`` each is preceded by a priming run of the same prompts (same seed; key ``prime``),
-    which leaves their KV in the prefix cache: the measured run then prefills one block per request,
-    so its TPOT is decode alone (no other request's prefill in between) and its TTFT a cache hit."""
+    ``decode_only`` each context starts with a priming run of its prompts, all at once (same seed, so
+    the same prompts as the measured runs; key ``prime``), which leaves their KV in the prefix cache:
+    the measured runs (no warm-up requests, the priming run was one) then prefill one block per
+    request, so their TPOT is decode alone (no other request's prefill in between) and their TTFT a
+    cache hit."""
     runs = []
     for context in settings.contexts:
-        for concurrency in settings.max_concurrency:
-            for prime in (True, False) if settings.decode_only else (False,):
-                name = f"serve-{backend}-{context // 1024}K-c{concurrency}" + ("-prime" if prime else "")
-                result = settings.out / "raw" / f"{name}.json"
-                argv = bench_serve_argv(settings, port, result, input_len=context, range_ratio="0",
-                                        concurrency=concurrency, metadata=[f"attention_backend={backend}",
-                                                                           f"context={context}"])
-                key = {"backend": backend, "context": context, "concurrency": concurrency}
-                runs.append(BenchRun({**key, "prime": True} if prime else key, argv, result,
-                                     settings.out / "logs" / f"{name}.log"))
+        metadata = [f"attention_backend={backend}", f"context={context}"]
+        points = [(c, False) for c in settings.max_concurrency]
+        if settings.decode_only:
+            points = [(settings.num_prompts, True), *points]
+        for concurrency, prime in points:
+            name = f"serve-{backend}-{context // 1024}K-" + ("prime" if prime else f"c{concurrency}")
+            result = settings.out / "raw" / f"{name}.json"
+            argv = bench_serve_argv(settings, port, result, input_len=context, range_ratio="0",
+                                    concurrency=concurrency, metadata=metadata,
+                                    warmups=0 if settings.decode_only and not prime else settings.num_warmups)
+            key = {"backend": backend, "context": context}
+            runs.append(BenchRun({**key, "prime": True} if prime else {**key, "concurrency": concurrency}, argv,
+                                 result, settings.out / "logs" / f"{name}.log"))
     return runs
 
 
 def bench_serve_argv(settings: Settings, port: int, result: Path, *, input_len: int, range_ratio: str,
-                     concurrency: int, metadata: list[str]) -> list[str]:
+                     concurrency: int, metadata: list[str], warmups: int) -> list[str]:
     """One ``vllm bench serve`` (random dataset, ``num_prompts`` prompts of ``input_len`` tokens widened by
     ``range_ratio``, vLLM's ``--random-range-ratio`` as given; ``output_len`` tokens each, greedy, all sent
-    at once under ``concurrency``) whose ``--save-result`` JSON is ``result``; ``metadata`` is
-    ``KEY=VALUE`` strings stored in that JSON."""
+    at once under ``concurrency``, after ``warmups`` warm-up requests) whose ``--save-result`` JSON is
+    ``result``; ``metadata`` is ``KEY=VALUE`` strings stored in that JSON."""
     return [*settings.vllm, "bench", "serve", "--backend", "openai", "--host", HOST, "--port", str(port),
             "--endpoint", "/v1/completions", "--model", SERVED_NAME,
             "--tokenizer", str(settings.tokenizer_dir), "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(settings.output_len),
             "--random-range-ratio", range_ratio, "--num-prompts", str(settings.num_prompts),
             "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
-            "--temperature", "0", "--num-warmups", str(settings.num_warmups),
+            "--temperature", "0", "--num-warmups", str(warmups),
             "--percentile-metrics", ",".join(SERVE_METRICS), "--metric-percentiles", "50,90,99",
             "--seed", str(settings.seed), "--disable-tqdm", "--save-result",
             "--result-dir", str(result.parent), "--result-filename", result.name, "--metadata", *metadata]
@@ -860,14 +867,14 @@ def render_markdown(results: dict[str, Any]) -> str:
              ""]
     if results.get("artifact"):
         lines += [describe_artifact(results["artifact"]), ""]
-    primed = ("; decode only: each point's prompts were sent once before, unmeasured, so TPOT has no prefill "
+    primed = ("; decode only: each context's prompts were sent once before, unmeasured, so TPOT has no prefill "
               "in it and TTFT times a prefix-cache hit" if s.get("decode_only") else "")
     lines += [f"## `vllm bench serve` (random prompts, {s['num_prompts']} per point, output {s['output_len']} "
-              f"tokens; TTFT and TPOT are medians{primed})", "",
+              f"tokens; TTFT, TPOT and ITL are medians{primed})", "",
               "| context | max conc. | TTFT FA (ms) | TTFT RTP (ms) | speedup | TPOT FA (ms) | TPOT RTP (ms) | "
-              "speedup | out tok/s FA | out tok/s RTP | ratio | KV tokens FA | KV tokens RTP | ratio | "
-              "max conc. FA | max conc. RTP |",
-              "|" + " --- |" * 16]
+              "speedup | ITL FA (ms) | ITL RTP (ms) | speedup | out tok/s FA | out tok/s RTP | ratio | "
+              "KV tokens FA | KV tokens RTP | ratio | max conc. FA | max conc. RTP |",
+              "|" + " --- |" * 19]
     for context, conc in sorted({(r["context"], r["concurrency"]) for r in results["serve"]}):
         a, b = (_row(results["serve"], backend=x, context=context, concurrency=conc) for x in BACKENDS)
         cells = [f"{context // 1024}K", str(conc),
@@ -875,13 +882,18 @@ def render_markdown(results: dict[str, Any]) -> str:
                  _ratio(a.get("median_ttft_ms"), b.get("median_ttft_ms")),
                  _fmt(a.get("median_tpot_ms")), _fmt(b.get("median_tpot_ms")),
                  _ratio(a.get("median_tpot_ms"), b.get("median_tpot_ms")),
+                 _fmt(a.get("median_itl_ms")), _fmt(b.get("median_itl_ms")),
+                 _ratio(a.get("median_itl_ms"), b.get("median_itl_ms")),
                  _fmt(a.get("output_throughput")), _fmt(b.get("output_throughput")),
                  _ratio(b.get("output_throughput"), a.get("output_throughput")),
                  _fmt(fa.get("kv_cache_tokens"), ","), _fmt(rtp.get("kv_cache_tokens"), ","),
                  _ratio(rtp.get("kv_cache_tokens"), fa.get("kv_cache_tokens")),
                  _fmt(fa.get("max_concurrency"), ".2f"), _fmt(rtp.get("max_concurrency"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "KV tokens and max concurrency are the servers' own log lines (`GPU KV cache size`, `Maximum "
+    lines += ["", "TPOT is each request's mean gap between output tokens (so it takes in any stall of the "
+              "request: another request's prefill, the API server tokenizing a long prompt), ITL the median "
+              "of all those gaps: the decode step itself.",
+              "", "KV tokens and max concurrency are the servers' own log lines (`GPU KV cache size`, `Maximum "
               f"concurrency for {s['max_model_len']:,} tokens per request`), one value per server, so the same "
               "on every row."]
     if rtp:
@@ -1037,8 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--prefix-caching", action="store_true",
                       help="serve with prefix caching on (default off, so repeated random prompts cannot hit it)")
     runs.add_argument("--decode-only", action="store_true",
-                      help="TPOT of decode alone: prefix caching on, and each point's prompts sent once unmeasured "
-                           "first, so the measured run finds their KV cached (its TTFT is then a cache hit)")
+                      help="TPOT of decode alone: prefix caching on, and each context's prompts sent once, all at "
+                           "once and unmeasured, before its measured runs (which then skip warm-ups), so those "
+                           "find the prompts' KV cached (their TTFT is a cache hit)")
 
     srvb = parser.add_argument_group("vllm bench serve")
     srvb.add_argument("--contexts", metavar="K", type=int, nargs="+", default=[32, 128, 256],

@@ -215,7 +215,7 @@ def load_plan(settings: Settings, port: int) -> LoadPlan:
     result = s.out / "raw" / "stability-load.json"
     argv = bs.bench_serve_argv(s, port, result, input_len=input_len,
                                range_ratio=json.dumps({"input": ratio, "output": 0.0}),
-                               concurrency=s.max_concurrency[0],
+                               concurrency=s.max_concurrency[0], warmups=s.num_warmups,
                                metadata=[f"attention_backend={BACKEND}", "phase=stability-load"])
     run = bs.BenchRun({"phase": "load"}, [*argv, "--save-detailed"], result, s.out / "logs" / "stability-load.log")
     return LoadPlan(run, s.num_prompts, input_len, ratio, num_special)

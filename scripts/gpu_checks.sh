@@ -47,7 +47,7 @@ case "$stage" in
       --contexts 32 128 --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_serving_$backend.log" | tail -40
     cp -r "$keep" "$OUT/serving" ;;
   decode)
-    # TPOT of decode alone, both backends at 128K: each point's prompts primed into the prefix cache first.
+    # TPOT/ITL of decode alone, both backends at 128K (~7 min): the prompts primed into the prefix cache first.
     keep="$HOME/rtpurbo_decode"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
       --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30

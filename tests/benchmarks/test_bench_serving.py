@@ -305,9 +305,10 @@ def fake_results(s):
                               "commit": "abc1234"}
     results["capacity"] = {"FLASH_ATTN": {"kv_cache_tokens": 400_000, "max_concurrency": 1.52},
                            "RTPURBO": {"kv_cache_tokens": 380_000, "max_concurrency": 1.45}}
-    for backend, ttft, tpot, tput in (("FLASH_ATTN", 2000.0, 40.0, 20.0), ("RTPURBO", 1000.0, 10.0, 60.0)):
-        results["serve"].append({"backend": backend, "context": 131072, "concurrency": 1,
-                                 "median_ttft_ms": ttft, "median_tpot_ms": tpot, "output_throughput": tput})
+    for backend, ttft, tpot, itl, tput in (("FLASH_ATTN", 2000.0, 40.0, 9.0, 20.0),
+                                           ("RTPURBO", 1000.0, 10.0, 4.5, 60.0)):
+        results["serve"].append({"backend": backend, "context": 131072, "concurrency": 1, "median_ttft_ms": ttft,
+                                 "median_tpot_ms": tpot, "median_itl_ms": itl, "output_throughput": tput})
         results["latency"].append({"backend": backend, "context": 131072, "batch": 4,
                                    "avg_latency_s": 30.0 if backend == "FLASH_ATTN" else 12.0})
     results["serve"].append({"backend": "RTPURBO", "context": 262144, "concurrency": 1, "error": "exit code 1"})
@@ -320,8 +321,8 @@ def test_report_tables_and_ratios(tmp_path):
     text = bs.render_markdown(fake_results(s))
     row = next(line for line in text.splitlines() if line.startswith("| 128K | 1 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["128K", "1", "2000", "1000", "2.00x", "40", "10", "4.00x", "20", "60", "3.00x",
-                     "400,000", "380,000", "0.95x", "1.52", "1.45"]
+    assert cells == ["128K", "1", "2000", "1000", "2.00x", "40", "10", "4.00x", "9", "4.5", "2.00x", "20", "60",
+                     "3.00x", "400,000", "380,000", "0.95x", "1.52", "1.45"]
     assert "| 128K | 4 | 30 | 12 | 2.50x |" in text
     assert "| 256K | 1 |" in text and "FAILED, exit code 1" in text         # a failed point is listed, not hidden
     assert "NVIDIA H200" in text and "vllm serve /m --attention-backend FLASH_ATTN" in text
@@ -482,19 +483,32 @@ def test_capacity_phase_only_starts_the_servers(tmp_path, capsys, fake_vllm):
     assert "KV capacity RTPURBO (split layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
 
 
-def test_decode_only_primes_each_point_with_the_same_prompts(tmp_path, fake_vllm):
+def test_decode_only_primes_each_context_with_the_same_prompts(tmp_path, fake_vllm):
     out = tmp_path / "out"
     assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "serve", "--decode-only", "--contexts", "1",
-                    "--max-concurrency", "1", "4", "--startup-timeout", "20", "--stop-timeout", "1",
-                    "--max-model-len", "4096"]) == 0
+                    "--max-concurrency", "1", "4", "--num-prompts", "3", "--startup-timeout", "20",
+                    "--stop-timeout", "1", "--max-model-len", "4096"]) == 0
     results = json.loads((out / bs.RESULTS_JSON).read_text())
     assert results["settings"]["prefix_caching"] and results["settings"]["decode_only"]
-    clients = [c["command"] for c in results["commands"] if not c.get("server")]
-    assert len(clients) == 2 * 2 * 2           # 2 backends x 2 concurrencies x (priming + measured)
-    for prime, measured in zip(clients[::2], clients[1::2]):
-        assert "-prime.json" in prime and "-prime.json" not in measured
-        # the same prompts: identical commands but for the result file
-        assert prime.replace("-prime.json", ".json") == measured
+    clients = [c["command"].split() for c in results["commands"] if not c.get("server")]
+    assert len(clients) == 2 * 3               # 2 backends x (priming + 2 concurrencies)
+
+    def without(argv, *flags):                  # argv less each flag and its value
+        drop = {i + j for i, a in enumerate(argv) if a in flags for j in (0, 1)}
+        return [a for i, a in enumerate(argv) if i not in drop]
+
+    for prime, *measured in (clients[:3], clients[3:]):
+        assert prime[prime.index("--result-filename") + 1].endswith("-1K-prime.json")
+        assert prime[prime.index("--max-concurrency") + 1] == "3"      # every prompt at once
+        assert prime[prime.index("--num-warmups") + 1] == "1"
+        for argv, concurrency in zip(measured, ("1", "4")):
+            assert argv[argv.index("--max-concurrency") + 1] == concurrency
+            assert argv[argv.index("--num-warmups") + 1] == "0"          # the priming run warmed up
+            # the same prompts: identical commands but for concurrency, warm-ups and the result file
+            flags = ("--max-concurrency", "--num-warmups", "--result-filename")
+            assert without(argv, *flags) == without(prime, *flags)
     assert all("--enable-prefix-caching" in c["command"] for c in results["commands"] if c.get("server"))
     assert len(results["serve"]) == 4 and not any(r.get("prime") for r in results["serve"])
-    assert "decode only: each point's prompts were sent once before" in (out / bs.REPORT_MD).read_text()
+    report = (out / bs.REPORT_MD).read_text()
+    assert "decode only: each context's prompts were sent once before" in report
+    assert "| ITL FA (ms) | ITL RTP (ms) | speedup |" in report
