@@ -14,7 +14,7 @@ keys runs dense on every head. Semantics: :func:`rtpurbo_vllm.reference.rtpurbo_
 
 1. local heads: one FA3 call over all query heads with ``window_size=(window - 1, 0)``, written into
    ``out`` together with its LSE; then the sink keys that lie outside a query's window are merged in
-   by log-sum-exp (plain torch, a few keys per query);
+   by log-sum-exp (one Triton pass, :mod:`rtpurbo_vllm.triton_kernels.sink_merge`);
 2. retrieval heads: one dense causal FA3 call per KV head ``g`` that serves retrieval heads, on the
    one-head views ``key_cache[:, :, g:g+1]`` (no copy); the results overwrite those heads in ``out``;
 3. dense sequences: one dense causal FA3 call over the local pass's heads; its rows replace theirs.
