@@ -8,18 +8,19 @@
 #   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
-#   bash scripts/gpu_checks.sh decode     # TPOT of decode alone at 128K, c1/c4, FLASH_ATTN and RTPURBO (primed prompts)
+#   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1/c4, FLASH_ATTN and RTPURBO (primed)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
 #   bash scripts/gpu_checks.sh stability [extra bench_stability args]  # 200 x 4K-128K requests (1B dummy): no
 #                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
+#   bash scripts/gpu_checks.sh stability-control   # the identity check on FLASH_ATTN (the control)
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | kvsplit | eval | stability}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | decode | kvsplit | capacity | eval | stability | stability-control}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -98,5 +99,11 @@ case "$stage" in
     timeout 570 python3 -P benchmarks/bench_stability.py --out "$keep" --stop-timeout 20 "$@" 2>&1 \
       | tee "$OUT/bench_stability.log" | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -40
     cp -r "$keep" "$OUT/stability" ;;
+  stability-control)
+    # The identity check on vLLM's own FLASH_ATTN (dense): how often batched and one-at-a-time greedy paths
+    # part at ties without RTPURBO (~2 min).
+    timeout 300 python3 -P benchmarks/bench_stability.py --out "$OUT/stability_flash_attn" --stop-timeout 20 \
+      --phases identity --identity-backend FLASH_ATTN "$@" 2>&1 | tee "$OUT/bench_stability_flash_attn.log" \
+      | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -20 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
