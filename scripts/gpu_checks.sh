@@ -8,6 +8,7 @@
 #   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
+#   bash scripts/gpu_checks.sh ttft [K...]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
 #   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1/c4, FLASH_ATTN and RTPURBO (primed)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
@@ -20,7 +21,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | decode | kvsplit | capacity | eval | stability | stability-control}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -55,6 +56,14 @@ case "$stage" in
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
       --max-concurrency 1 4 --output-len 512 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
     cp -r "$keep" "$OUT/decode" ;;
+  ttft)
+    # TTFT (fresh prefill) at concurrency 1, both backends, contexts in K (default 32 128; ~5 min), 2 prompts
+    # per point. Each set of contexts gets its own folder: max_model_len follows the longest.
+    contexts=("$@"); [ ${#contexts[@]} -eq 0 ] && contexts=(32 128)
+    keep="$HOME/rtpurbo_ttft_$(IFS=-; echo "${contexts[*]}")"
+    timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --contexts "${contexts[@]}" \
+      --max-concurrency 1 --num-prompts 2 2>&1 | tee "$OUT/bench_$(basename "$keep").log" | tail -30
+    cp -r "$keep" "$OUT/$(basename "$keep")" ;;
   kvsplit)
     n=${1:?kvsplit needs N, the retrieval KV heads per layer}
     shift
