@@ -14,7 +14,7 @@
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
 #   bash scripts/gpu_checks.sh stability [extra bench_stability args]  # 200 x 4K-128K requests (1B dummy): no
-#                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs
+#                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs (ties aside)
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
 #   bash scripts/gpu_checks.sh stability-control   # the identity check on FLASH_ATTN (the control)
 set -uo pipefail
