@@ -13,7 +13,8 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
 
 Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
-It prints a table of times and ratios and writes ``bench_attention.json`` and ``bench_attention.png``.
+It prints a table of times and ratios, then RTPURBO's decode step split into its launch groups (each
+timed alone), and writes ``bench_attention.json`` and ``bench_attention.png``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
 RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
 SINK, WINDOW, TOP_P = 4, 8192, 0.9
 DTYPE = torch.bfloat16
+# RTPURBO's decode step: index queries (un-RoPE + W_q), block top-p (block scores + selection), head-wise
+# sparse decode (split-KV + combine). Each is also timed alone: where the time goes at batch 1.
+DECODE_PARTS = ("index_query", "block_topp", "sparse_decode")
 ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
 
 
@@ -129,18 +133,26 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> 
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
 
+    parts = {  # the decode step's launches, in order (DECODE_PARTS)
+        "index_query": lambda: index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True),
+        "block_topp": lambda: block_topp(q_idx, index_cache, block_table, seq_lens, TOP_P, SINK, BS, max_blocks,
+                                         topp_ws, selected, num_selected),
+        "sparse_decode": lambda: headwise_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, heads,
+                                                        selected, num_selected, BS, SINK, WINDOW, D ** -0.5,
+                                                        attn_ws, out),
+    }
+
     def rtpurbo():
-        index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
-        block_topp(q_idx, index_cache, block_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected,
-                   num_selected)
-        headwise_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, heads, selected, num_selected,
-                               BS, SINK, WINDOW, D ** -0.5, attn_ws, out)
+        for name in DECODE_PARTS:
+            parts[name]()
 
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
     kept = num_selected.float().mean().item() / max_blocks
+    parts_ms = {name: time_cuda_graph(parts[name], repeats) for name in DECODE_PARTS}
     kv_bytes = batch * length * HKV * 2 * D * 2
     return {"phase": "decode", "batch": batch, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
-            "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9}
+            "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
+            "rtpurbo_parts_ms": parts_ms}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -208,6 +220,13 @@ def main(argv=None) -> int:
         kept = f"{r['kept_block_share']:.3f}" if "kept_block_share" in r else ""
         print(f"{r['phase']:8} {r['batch']:5d} {r['context'] // 1024:7d}K {r['fa3_ms']:10.3f} "
               f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {kept:>6}")
+    print("\nRTPURBO decode, each launch group replayed alone (ms; each includes its own graph launch, so they "
+          "add up to more than the step)")
+    print(f"{'batch':>5} {'context':>8} " + " ".join(f"{name:>14}" for name in DECODE_PARTS))
+    for r in rows:
+        if "rtpurbo_parts_ms" in r:
+            print(f"{r['batch']:5d} {r['context'] // 1024:7d}K "
+                  + " ".join(f"{r['rtpurbo_parts_ms'][name]:14.4f}" for name in DECODE_PARTS))
     return 0
 
 
