@@ -43,9 +43,6 @@ HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
 RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
 SINK, WINDOW, TOP_P = 4, 8192, 0.9
 DTYPE = torch.bfloat16
-# RTPURBO's decode step: index queries (un-RoPE + W_q), block top-p (block scores + selection), head-wise
-# sparse decode (split-KV + combine). Each is also timed alone: where the time goes at batch 1.
-DECODE_PARTS = ("index_query", "block_topp", "sparse_decode")
 ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
 
 
@@ -133,7 +130,10 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> 
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
 
-    parts = {  # the decode step's launches, in order (DECODE_PARTS)
+    # RTPURBO's decode step, its launch groups in order: index queries (un-RoPE + W_q), block top-p (block
+    # scores + selection), head-wise sparse decode (split-KV + combine). Each is also timed alone: where
+    # the time goes at batch 1.
+    parts = {
         "index_query": lambda: index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True),
         "block_topp": lambda: block_topp(q_idx, index_cache, block_table, seq_lens, TOP_P, SINK, BS, max_blocks,
                                          topp_ws, selected, num_selected),
@@ -143,12 +143,12 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> 
     }
 
     def rtpurbo():
-        for name in DECODE_PARTS:
-            parts[name]()
+        for part in parts.values():
+            part()
 
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
     kept = num_selected.float().mean().item() / max_blocks
-    parts_ms = {name: time_cuda_graph(parts[name], repeats) for name in DECODE_PARTS}
+    parts_ms = {name: time_cuda_graph(part, repeats) for name, part in parts.items()}
     kv_bytes = batch * length * HKV * 2 * D * 2
     return {"phase": "decode", "batch": batch, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
             "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
@@ -222,11 +222,12 @@ def main(argv=None) -> int:
               f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {kept:>6}")
     print("\nRTPURBO decode, each launch group replayed alone (ms; each includes its own graph launch, so they "
           "add up to more than the step)")
-    print(f"{'batch':>5} {'context':>8} " + " ".join(f"{name:>14}" for name in DECODE_PARTS))
-    for r in rows:
-        if "rtpurbo_parts_ms" in r:
-            print(f"{r['batch']:5d} {r['context'] // 1024:7d}K "
-                  + " ".join(f"{r['rtpurbo_parts_ms'][name]:14.4f}" for name in DECODE_PARTS))
+    decode_rows = [r for r in rows if "rtpurbo_parts_ms" in r]
+    if decode_rows:
+        print(f"{'batch':>5} {'context':>8} " + " ".join(f"{name:>14}" for name in decode_rows[0]["rtpurbo_parts_ms"]))
+    for r in decode_rows:
+        print(f"{r['batch']:5d} {r['context'] // 1024:7d}K "
+              + " ".join(f"{ms:14.4f}" for ms in r["rtpurbo_parts_ms"].values()))
     return 0
 
 

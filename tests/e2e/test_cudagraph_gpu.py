@@ -47,10 +47,10 @@ def model_dir(random_llama):
     path = random_llama
     # One retrieval KV head per layer (of 2): the split layout then has a real window cache (with
     # retrieval heads in both KV groups of a layer it would keep every KV head whole, design A).
+    config = AutoConfig.from_pretrained(path)
     for name, top_p in ARTIFACTS.items():
         params = SparsityParams(sink_tokens=4, window=64, top_p=top_p, block_size=16, dense_threshold=0)
-        save_artifact(synthetic_artifact(AutoConfig.from_pretrained(path), kv_heads_per_layer=1, seed=0,
-                                         params=params), path / name)
+        save_artifact(synthetic_artifact(config, kv_heads_per_layer=1, seed=0, params=params), path / name)
     return path
 
 
