@@ -107,7 +107,9 @@ def plant_hot_blocks(q_idx, index_cache, block_table, length, keep, generator):
         index_cache[pages, offs] = (4.0 * q_idx[b] / q_idx[b].norm(dim=-1, keepdim=True)).to(index_cache.dtype)
 
 
-def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> dict:
+def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None) -> dict:
+    """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
+    serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``."""
     key_cache, value_cache, block_table, num_pages = paged_cache(length, batch, device)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device=device)
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
@@ -117,7 +119,8 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> 
     w_q = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
     positions = torch.full((batch,), length - 1, device=device)
     table = rope_table(ROPE, device, num_positions=length)
-    max_blocks = math.ceil(length / BS)
+    max_model_len = max(max_model_len or length, length)
+    max_blocks = math.ceil(max_model_len / BS)
     q_idx = torch.empty(batch, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
     index_cache = torch.empty(num_pages, PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
     selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
@@ -147,10 +150,10 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int) -> 
             part()
 
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
-    kept = num_selected.float().mean().item() / max_blocks
+    kept = num_selected.float().mean().item() / math.ceil(length / BS)
     parts_ms = {name: time_cuda_graph(part, repeats) for name, part in parts.items()}
     kv_bytes = batch * length * HKV * 2 * D * 2
-    return {"phase": "decode", "batch": batch, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
+    return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
             "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
             "rtpurbo_parts_ms": parts_ms}
 
@@ -185,6 +188,9 @@ def main(argv=None) -> int:
                         help="decode context lengths in K tokens (default 32 128 512)")
     parser.add_argument("--batch", metavar="B", type=int, nargs="*", default=[1, 32],
                         help="decode batch sizes (default 1 32)")
+    parser.add_argument("--max-model-len", metavar="K", type=int, default=None,
+                        help="decode: size block top-p for this max_model_len in K tokens, as a server with "
+                             "--max-model-len does (default: each context itself)")
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
             if need > free:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
-            rows.append(bench_decode(batch, k * 1024, args.keep, device, args.repeats))
+            rows.append(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
+                                     args.max_model_len and args.max_model_len * 1024))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     out = Path(args.out)
@@ -214,7 +221,8 @@ def main(argv=None) -> int:
               "command": " ".join(sys.argv), "rows": rows}
     (out / "bench_attention.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "bench_attention.png")
-    print(f"\n{result['environment']['device']}  (times in ms, median)")
+    print(f"\n{result['environment']['device']}  (times in ms, median"
+          + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
     print(f"{'phase':8} {'batch':>5} {'context':>8} {'FA3':>10} {'RTPURBO':>10} {'speedup':>8} {'kept':>6}")
     for r in rows:
         kept = f"{r['kept_block_share']:.3f}" if "kept_block_share" in r else ""

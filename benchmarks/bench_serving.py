@@ -14,8 +14,13 @@ For each backend (FLASH_ATTN first, then RTPURBO) it
    prompts are sent once first, unmeasured, so the measured runs find their KV in the prefix cache and
    time decode alone); then stops the server (SIGTERM, SIGKILL after a timeout, also on errors and
    Ctrl-C);
-3. runs ``vllm bench latency`` (random token ids) at one input length for each batch size, from its
-   ``--output-json`` (each run starts its own engine, so the server must be stopped first).
+3. runs ``vllm bench latency`` (random token ids) at one input length for each batch size and output
+   length, from its ``--output-json`` (each run starts its own engine, so the server must be stopped
+   first). Two output lengths (``--latency-output-len 1 513``) also give the decode step alone,
+   engine-side: the runs differ only in their decode steps, so ``(latency(513) - latency(1)) / 512``
+   is the batch's TPOT with no API server in the way (at 128K-token prompts the API server's
+   per-request work staggers concurrent requests by seconds, so ``vllm bench serve`` at concurrency 4
+   never has 4 requests decoding together).
 
 The model defaults to a Llama-3-8B-shape ``config.json`` written by this script (32 layers, 32 query /
 8 KV heads, d = 128, vocabulary 128256); ``--shape llama3.2-1b`` writes a Llama-3.2-1B shape instead
@@ -40,12 +45,17 @@ Results go to ``--out``: ``bench_serving.json`` (one dict: environment, settings
 rows, every command with its log), ``bench_serving.md`` (tables and ratios) and ``bench_serving.png``.
 Several invocations into the same ``--out`` merge (rows with the same backend and shape are replaced), so
 a long sweep can be split into shorter commands; settings that change the numbers must match.
+Runs made in parallel into separate folders (one backend per GPU: ``scripts/gpu_pair.sh``) are joined
+with ``--merge DIR...``.
 
 Run on a GPU machine from the repo root, for example:
     python3 -P benchmarks/bench_serving.py --out results/serving --dry-run     # print the commands
     python3 -P benchmarks/bench_serving.py --out results/serving --contexts 32 128 256
     python3 -P benchmarks/bench_serving.py --out results/serving --backends RTPURBO --phases latency
     python3 -P benchmarks/bench_serving.py --out results/serving --report-only
+    python3 -P benchmarks/bench_serving.py --out results/fa --merge results/rtp   # one table of both
+    python3 -P benchmarks/bench_serving.py --out results/lat --phases latency --contexts 128 --latency-batch 4 \
+        --latency-output-len 1 513                                                  # decode step at batch 4
     python3 -P benchmarks/bench_serving.py --out results/kv1 --kv-layout split --kv-heads-per-layer 1 --contexts 128
     python3 -P benchmarks/bench_serving.py --out results/kv --kv-layout split --phases capacity   # startup only
 """
@@ -145,20 +155,23 @@ class Settings:
     num_warmups: int
     latency_context: int
     latency_batch: tuple[int, ...]
-    latency_output_len: int
+    latency_output_len: tuple[int, ...]
     latency_iters: int
     latency_warmup: int
     fresh: bool
     dry_run: bool
     report_only: bool
+    merge: tuple[Path, ...]
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Settings:
         """Checks the parsed flags; a bad value raises ValueError naming the flag."""
         contexts = tuple(k * 1024 for k in args.contexts)
         latency_context = args.latency_context * 1024
-        needed = max([*(c + args.output_len for c in contexts),
-                      *([latency_context + args.latency_output_len] if "latency" in args.phases else [])])
+        # The longest request of the phases that run (a latency-only run is not sized by --contexts).
+        serving = {"serve", "capacity"} & set(args.phases)
+        needed = max([*(c + args.output_len for c in contexts if serving),
+                      *([latency_context + max(args.latency_output_len)] if "latency" in args.phases else [])])
         max_model_len = args.max_model_len or needed + TOKENIZER_HEADROOM
         top_p = args.top_p if args.top_p is not None else args.keep
         # --ratio defaults to 0.15; a per-layer KV budget alone takes every query head of its KV groups.
@@ -169,7 +182,7 @@ class Settings:
             (0.0 < top_p <= 1.0, "--keep / --top-p must be in (0, 1]"),
             (ratio is None or 0.0 < ratio <= 1.0, "--ratio must be in (0, 1]"),
             (args.kv_heads_per_layer is None or args.kv_heads_per_layer >= 1, "--kv-heads-per-layer must be >= 1"),
-            (min(args.output_len, args.num_prompts, args.latency_output_len, args.latency_iters) >= 1,
+            (min(args.output_len, args.num_prompts, *args.latency_output_len, args.latency_iters) >= 1,
              "--output-len, --num-prompts, --latency-output-len and --latency-iters must be >= 1"),
             (min(args.max_concurrency) >= 1 and min(args.latency_batch) >= 1,
              "--max-concurrency and --latency-batch must be >= 1"),
@@ -197,9 +210,9 @@ class Settings:
             stop_timeout=args.stop_timeout, command_timeout=args.command_timeout, contexts=contexts,
             output_len=args.output_len, num_prompts=args.num_prompts, max_concurrency=tuple(args.max_concurrency),
             num_warmups=args.num_warmups, latency_context=latency_context, latency_batch=tuple(args.latency_batch),
-            latency_output_len=args.latency_output_len, latency_iters=args.latency_iters,
+            latency_output_len=tuple(sorted(set(args.latency_output_len))), latency_iters=args.latency_iters,
             latency_warmup=args.latency_warmup, fresh=args.fresh, dry_run=args.dry_run,
-            report_only=args.report_only)
+            report_only=args.report_only, merge=tuple(Path(d).resolve() for d in args.merge))
 
     @property
     def model_dir(self) -> Path:
@@ -226,7 +239,7 @@ class Settings:
     def comparable(self) -> dict[str, Any]:
         """The settings that must match for two invocations' rows to share one results file."""
         values = {"model": str(self.model_dir), "tokenizer": str(self.tokenizer_dir),
-                  "engine_args": list(self.engine_args)}
+                  "engine_args": list(self.engine_args), "latency_output_len": list(self.latency_output_len)}
         return {k: values.get(k, getattr(self, k)) for k in COMPARABLE}
 
 
@@ -451,18 +464,21 @@ def bench_serve_argv(settings: Settings, port: int, result: Path, *, input_len: 
 
 
 def bench_latency_runs(settings: Settings, backend: str) -> list[BenchRun]:
-    """``vllm bench latency`` (its own engine), one per batch size at ``latency_context``."""
+    """``vllm bench latency`` (its own engine), one per batch size and output length at ``latency_context``.
+    Two output lengths time decode alone: the runs differ only in their decode steps (see
+    :func:`decode_step_ms`)."""
     runs = []
     for batch in settings.latency_batch:
-        name = f"latency-{backend}-{settings.latency_context // 1024}K-b{batch}"
-        result = settings.out / "raw" / f"{name}.json"
-        argv = [*settings.vllm, "bench", "latency", "--model", str(settings.model_dir),
-                "--input-len", str(settings.latency_context), "--output-len", str(settings.latency_output_len),
-                "--batch-size", str(batch), "--num-iters-warmup", str(settings.latency_warmup),
-                "--num-iters", str(settings.latency_iters), "--disable-detokenize", "--output-json", str(result),
-                *engine_flags(settings, backend)]
-        runs.append(BenchRun({"backend": backend, "context": settings.latency_context, "batch": batch}, argv,
-                             result, settings.out / "logs" / f"{name}.log"))
+        for output_len in settings.latency_output_len:
+            name = f"latency-{backend}-{settings.latency_context // 1024}K-b{batch}-o{output_len}"
+            result = settings.out / "raw" / f"{name}.json"
+            argv = [*settings.vllm, "bench", "latency", "--model", str(settings.model_dir),
+                    "--input-len", str(settings.latency_context), "--output-len", str(output_len),
+                    "--batch-size", str(batch), "--num-iters-warmup", str(settings.latency_warmup),
+                    "--num-iters", str(settings.latency_iters), "--disable-detokenize", "--output-json", str(result),
+                    *engine_flags(settings, backend)]
+            key = {"backend": backend, "context": settings.latency_context, "batch": batch, "output_len": output_len}
+            runs.append(BenchRun(key, argv, result, settings.out / "logs" / f"{name}.log"))
     return runs
 
 
@@ -708,20 +724,53 @@ def new_results(settings: Settings) -> dict[str, Any]:
             "commands": [], "invocations": []}
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A results JSON, brought up to date: files from before an option existed were made with its default,
+    and files from before several latency output lengths hold one length for the whole file."""
+    results = json.loads(path.read_text())
+    results["settings"] = {"kv_heads_per_layer": None, "prefix_caching": False, "decode_only": False,
+                           **results["settings"]}
+    if isinstance(results["settings"]["latency_output_len"], int):
+        output_len = results["settings"]["latency_output_len"]
+        results["settings"]["latency_output_len"] = [output_len]
+        results["latency"] = [{"output_len": output_len, **row} for row in results["latency"]]
+    return results
+
+
 def load_results(settings: Settings) -> dict[str, Any]:
     """The results file in ``--out`` to merge into (a fresh one with ``--fresh`` or when absent)."""
     path = settings.out / RESULTS_JSON
     if settings.fresh or not path.is_file():
         return new_results(settings)
-    results = json.loads(path.read_text())
-    # Files from before these options were made with their defaults.
-    results["settings"] = {"kv_heads_per_layer": None, "prefix_caching": False, "decode_only": False,
-                           **results["settings"]}
+    results = read_results(path)
     if results["settings"] != settings.comparable():
         differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
                          "--fresh to start over, or another --out")
     return results
+
+
+ROW_KEYS = ("backend", "context", "concurrency", "prime", "batch", "output_len")   # what names a row's point
+
+
+def merge_results(into: dict[str, Any], other: dict[str, Any], source: Path) -> None:
+    """Merges the results of another ``--out`` (a parallel run, e.g. the other backend on another GPU) into
+    ``into``: its rows replace those of the same point, its servers' capacity and its commands are added.
+    The settings must be equal apart from the folder the script wrote the dummy model into."""
+    mine, theirs = into["settings"], other["settings"]
+    differ = sorted(k for k in COMPARABLE if k != "model" and mine.get(k) != theirs.get(k))
+    if Path(mine["model"]).name != Path(theirs["model"]).name:
+        differ.insert(0, "model")
+    if differ:
+        raise ValueError(f"{source / RESULTS_JSON} was made with other settings ({', '.join(differ)}); "
+                         "only runs of one configuration merge")
+    for part in ("serve", "latency"):
+        for row in other[part]:
+            put_row(into[part], row, {k: row[k] for k in ROW_KEYS if k in row})
+    into["capacity"].update(other["capacity"])
+    into["artifact"] = into["artifact"] or other["artifact"]
+    into["commands"] += other["commands"]
+    into["invocations"] += other["invocations"]
 
 
 def put_row(rows: list[dict[str, Any]], row: dict[str, Any], key: dict[str, Any]) -> None:
@@ -826,7 +875,7 @@ def failures(results: dict[str, Any]) -> list[str]:
 def summary(row: dict[str, Any]) -> str:
     """One line per finished row."""
     shape = f"{row['context'] // 1024}K " + (f"c={row['concurrency']}" if "concurrency" in row else
-                                             f"batch={row['batch']}")
+                                             f"batch={row['batch']} out={row['output_len']}")
     if "error" in row:
         return f"{shape}: FAILED, {row['error']}"
     if "avg_latency_s" in row:
@@ -898,17 +947,49 @@ def render_markdown(results: dict[str, Any]) -> str:
               "on every row."]
     if rtp:
         lines += ["", capacity_comparison(results) + "."]
-    lines += ["", f"## `vllm bench latency` (random token ids, output {s['latency_output_len']} tokens, mean of "
-              f"{s['latency_iters']} runs after {s['latency_warmup']} warm-up; seconds per batch)", "",
-              "| context | batch | FA (s) | RTP (s) | speedup |", "| --- | --- | --- | --- | --- |"]
-    for context, batch in sorted({(r["context"], r["batch"]) for r in results["latency"]}):
-        a, b = (_row(results["latency"], backend=x, context=context, batch=batch) for x in BACKENDS)
-        lines.append(f"| {context // 1024}K | {batch} | {_fmt(a.get('avg_latency_s'))} | "
+    lines += ["", f"## `vllm bench latency` (random token ids, mean of {s['latency_iters']} runs after "
+              f"{s['latency_warmup']} warm-up; seconds per batch: prefill of the batch plus its decode steps)", "",
+              "| context | batch | output | FA (s) | RTP (s) | speedup |", "| --- | --- | --- | --- | --- | --- |"]
+    for context, batch, output_len in sorted({(r["context"], r["batch"], r["output_len"]) for r in results["latency"]}):
+        a, b = (_row(results["latency"], backend=x, context=context, batch=batch, output_len=output_len)
+                for x in BACKENDS)
+        lines.append(f"| {context // 1024}K | {batch} | {output_len} | {_fmt(a.get('avg_latency_s'))} | "
                      f"{_fmt(b.get('avg_latency_s'))} | {_ratio(a.get('avg_latency_s'), b.get('avg_latency_s'))} |")
+    steps = decode_steps(results["latency"])
+    if steps:
+        lines += ["", "### Decode step from two output lengths (engine only: no API server, no other request's "
+                  "prefill)", "",
+                  "(latency(long) - latency(short)) / (long - short): the two runs share their prefill, so this is "
+                  "the mean time of one decode step of the whole batch, i.e. TPOT at that batch size.", "",
+                  "| context | batch | outputs | decode step FA (ms) | decode step RTP (ms) | speedup |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for (context, batch, lengths), by_backend in sorted(steps.items()):
+            a, b = (by_backend.get(x) for x in BACKENDS)
+            lines.append(f"| {context // 1024}K | {batch} | {lengths[0]} -> {lengths[1]} | {_fmt(a)} | {_fmt(b)} | "
+                         f"{_ratio(a, b)} |")
     if failures(results):
         lines += ["", "## Failed runs", ""] + [f"- {line}" for line in failures(results)]
     lines += ["", "## Commands", "", "```bash"] + [c["command"] for c in results["commands"]] + ["```", ""]
     return "\n".join(lines)
+
+
+def decode_step_ms(short: dict[str, Any], long: dict[str, Any]) -> float:
+    """Milliseconds per decode step from two ``vllm bench latency`` rows of one backend, context and batch that
+    differ only in output length: (latency(long) - latency(short)) / (long - short)."""
+    return 1e3 * (long["avg_latency_s"] - short["avg_latency_s"]) / (long["output_len"] - short["output_len"])
+
+
+def decode_steps(rows: list[dict[str, Any]]) -> dict[tuple[int, int, tuple[int, int]], dict[str, float]]:
+    """:func:`decode_step_ms` per (context, batch, (shortest, longest output)) and backend, wherever a backend has
+    finished rows at two or more output lengths."""
+    steps: dict[tuple[int, int, tuple[int, int]], dict[str, float]] = {}
+    for backend, context, batch in sorted({(r["backend"], r["context"], r["batch"]) for r in rows}):
+        done = sorted((r for r in rows if "error" not in r and (r["backend"], r["context"], r["batch"]) ==
+                       (backend, context, batch)), key=lambda r: r["output_len"])
+        if len(done) >= 2:
+            lengths = (done[0]["output_len"], done[-1]["output_len"])
+            steps.setdefault((context, batch, lengths), {})[backend] = decode_step_ms(done[0], done[-1])
+    return steps
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -939,11 +1020,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if ax.lines:
             ax.legend()
     lat = [r for r in results["latency"] if "error" not in r]
-    shapes = sorted({(r["context"], r["batch"]) for r in lat})
+    shapes = sorted({(r["context"], r["batch"], r["output_len"]) for r in lat})
     for i, backend in enumerate(BACKENDS):
-        values = [_row(lat, backend=backend, context=c, batch=b).get("avg_latency_s", 0.0) for c, b in shapes]
+        values = [_row(lat, backend=backend, context=c, batch=b, output_len=o).get("avg_latency_s", 0.0)
+                  for c, b, o in shapes]
         axes[3].bar([x + 0.4 * i for x in range(len(shapes))], values, width=0.4, label=backend)
-    axes[3].set_xticks([x + 0.2 for x in range(len(shapes))], [f"{c // 1024}K b{b}" for c, b in shapes])
+    axes[3].set_xticks([x + 0.2 for x in range(len(shapes))], [f"{c // 1024}K b{b} o{o}" for c, b, o in shapes])
     axes[3].set_ylabel("seconds per batch")
     axes[3].set_title("vllm bench latency")
     if shapes:
@@ -1068,7 +1150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="input length in K tokens (default 128)")
     lat.add_argument("--latency-batch", metavar="B", type=int, nargs="+", default=[1, 4],
                      help="batch sizes, one engine start each (default 1 4)")
-    lat.add_argument("--latency-output-len", metavar="N", type=int, default=128, help="output tokens (default 128)")
+    lat.add_argument("--latency-output-len", metavar="N", type=int, nargs="+", default=[128],
+                     help="output tokens, one run each (default 128); two lengths also give the decode step alone")
     lat.add_argument("--latency-iters", metavar="N", type=int, default=3, help="timed iterations (default 3)")
     lat.add_argument("--latency-warmup", metavar="N", type=int, default=1, help="warm-up iterations (default 1)")
 
@@ -1079,6 +1162,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
     out.add_argument("--report-only", action="store_true",
                      help="rewrite the markdown and PNG from the results JSON in --out; run nothing")
+    out.add_argument("--merge", metavar="DIR", nargs="+", default=[],
+                     help="merge the results JSON of these folders (runs of the same settings made in parallel, "
+                          "e.g. one backend per GPU) into --out's, then rewrite the report; run nothing")
     return parser
 
 
@@ -1115,8 +1201,15 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_cli(build_parser().parse_args(argv))
+    if settings.merge:
+        results = read_results(settings.out / RESULTS_JSON)
+        for folder in settings.merge:
+            merge_results(results, read_results(folder / RESULTS_JSON), folder)
+        save(settings, results)
+        print(write_report(settings, results))
+        return 0
     if settings.report_only:
-        print(write_report(settings, json.loads((settings.out / RESULTS_JSON).read_text())))
+        print(write_report(settings, read_results(settings.out / RESULTS_JSON)))
         return 0
     port = settings.port or free_port()
     if settings.dry_run:

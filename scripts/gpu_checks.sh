@@ -9,7 +9,8 @@
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
 #   bash scripts/gpu_checks.sh ttft [K...]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
-#   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1/c4, FLASH_ATTN and RTPURBO (primed)
+#   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1, FLASH_ATTN and RTPURBO (primed)
+#   (decode step at batch 4, engine only, and other two-GPU runs: scripts/gpu_pair.sh, one backend per GPU)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
@@ -49,12 +50,13 @@ case "$stage" in
       --contexts 32 128 --max-concurrency 1 4 "$@" 2>&1 | tee "$OUT/bench_serving_$backend.log" | tail -40
     cp -r "$keep" "$OUT/serving" ;;
   decode)
-    # TPOT/ITL of decode alone, both backends at 128K (~8 min): the prompts primed into the prefix cache first.
-    # 512 output tokens: each request then decodes for seconds, so the ~0.5 s the API server spends on each
-    # 128K-token prompt (requests start staggered by it) hardly shortens the time all 4 decode together.
+    # TPOT/ITL of decode alone, both backends at 128K, one request at a time (~6 min): the prompts primed into
+    # the prefix cache first. Not concurrency 4: at 128K-token prompts the API server's per-request work
+    # staggers concurrent requests by seconds (session 5: never more than 2 decoding together); the batch-4
+    # decode step comes from `vllm bench latency` at two output lengths (scripts/gpu_pair.sh step ...).
     keep="$HOME/rtpurbo_decode"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
-      --max-concurrency 1 4 --output-len 512 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
+      --max-concurrency 1 --output-len 512 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
     cp -r "$keep" "$OUT/decode" ;;
   ttft)
     # TTFT (fresh prefill) at concurrency 1, both backends, contexts in K (default 32 128; ~5 min), 2 prompts

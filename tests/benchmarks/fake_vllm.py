@@ -121,7 +121,8 @@ def bench_serve(argv):
 
 def bench_latency(argv):
     print_capacity(argv)
-    avg = int(value(argv, "--batch-size")) * (1.0 if "--additional-config" in argv else 2.0)
+    prefill, step = (1.0, 0.004) if "--additional-config" in argv else (2.0, 0.01)     # seconds
+    avg = int(value(argv, "--batch-size")) * prefill + int(value(argv, "--output-len")) * step
     with open(value(argv, "--output-json"), "w") as f:
         json.dump({"avg_latency": avg, "latencies": [avg], "percentiles": {"50": avg, "90": avg}}, f)
 

@@ -39,3 +39,14 @@ def test_decode_row_has_the_step_and_its_parts(bench_attention):
     assert list(row["rtpurbo_parts_ms"]) == ["index_query", "block_topp", "sparse_decode"]
     assert all(t == 0.5 for t in row["rtpurbo_parts_ms"].values())
     assert 0.0 < row["kept_block_share"] <= 1.0                       # block top-p really ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_decode_sized_for_a_longer_max_model_len(bench_attention):
+    """--max-model-len sizes block top-p as a server would; the kept share stays per real block."""
+    length = 2 * bench_attention.BS + 5
+    row = bench_attention.bench_decode(1, length, keep=0.5, device=torch.device("cpu"), repeats=1,
+                                       max_model_len=40 * bench_attention.BS)
+    short = bench_attention.bench_decode(1, length, keep=0.5, device=torch.device("cpu"), repeats=1)
+    assert row["max_model_len"] == 40 * bench_attention.BS and short["max_model_len"] == length
+    assert row["kept_block_share"] == short["kept_block_share"] and 0.0 < row["kept_block_share"] <= 1.0

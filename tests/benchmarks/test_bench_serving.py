@@ -37,6 +37,15 @@ def _sub(s, argv):
 # Commands
 # ---------------------------------------------------------------------------------------------------
 
+def test_max_model_len_follows_the_phases_that_run(tmp_path):
+    """RTPURBO's decode kernels are sized by max_model_len, so a latency-only run is not sized by --contexts."""
+    latency_only = _settings(tmp_path, "--phases", "latency", "--latency-context", "128",
+                             "--latency-output-len", "1", "513")
+    assert latency_only.max_model_len == 128 * 1024 + 513 + bs.TOKENIZER_HEADROOM
+    both = _settings(tmp_path, "--phases", "serve", "latency", "--contexts", "32", "256")
+    assert both.max_model_len == 256 * 1024 + 128 + bs.TOKENIZER_HEADROOM
+
+
 def test_server_commands_for_both_backends(tmp_path):
     s = _settings(tmp_path, "--contexts", "32", "256", "--output-len", "64", "--engine-args=--enforce-eager")
     assert s.max_model_len == 256 * 1024 + 64 + bs.TOKENIZER_HEADROOM
@@ -130,7 +139,7 @@ def test_dry_run_shows_the_budget_and_the_prediction(tmp_path, capsys):
 
 def test_bench_commands(tmp_path):
     s = _settings(tmp_path, "--contexts", "32", "128", "--max-concurrency", "1", "4", "--num-prompts", "6",
-                  "--latency-context", "64", "--latency-batch", "1", "4")
+                  "--latency-context", "64", "--latency-batch", "1", "4", "--latency-output-len", "512", "1")
     runs = bs.bench_serve_runs(s, "RTPURBO", 9000)
     assert [r.key for r in runs] == [{"backend": "RTPURBO", "context": c, "concurrency": k}
                                      for c in (32768, 131072) for k in (1, 4)]
@@ -142,11 +151,13 @@ def test_bench_commands(tmp_path):
     assert _value(argv, "--model") == bs.SERVED_NAME and "--save-result" in argv
     assert Path(_value(argv, "--result-dir")) / _value(argv, "--result-filename") == runs[-1].result
     lat = bs.bench_latency_runs(s, "FLASH_ATTN")
-    assert [r.key["batch"] for r in lat] == [1, 4]
-    argv = lat[1].argv
+    assert [(r.key["batch"], r.key["output_len"]) for r in lat] == [(1, 1), (1, 512), (4, 1), (4, 512)]
+    assert len({r.result for r in lat}) == 4                       # one result file per run
+    argv = lat[3].argv
     assert _sub(s, argv)[:2] == ["bench", "latency"] and _value(argv, "--attention-backend") == "FLASH_ATTN"
     assert _value(argv, "--input-len") == "65536" and _value(argv, "--batch-size") == "4"
-    assert Path(_value(argv, "--output-json")) == lat[1].result
+    assert _value(argv, "--output-len") == "512" and Path(_value(argv, "--output-json")) == lat[3].result
+    assert s.max_model_len >= 65536 + 512
     assert "--additional-config" in bs.bench_latency_runs(s, "RTPURBO")[0].argv
 
 
@@ -191,7 +202,7 @@ def test_commands_parse_with_vllms_own_cli(tmp_path, parse_with_vllm):
     assert (client["random_input_len"], client["random_output_len"], client["num_prompts"]) == (32768, 128, 4)
     assert client["save_result"] is True and client["max_concurrency"] == 1 and client["ignore_eos"] is True
     assert (latency["input_len"], latency["batch_size"], latency["attention_backend"]) == (131072, 4, "RTPURBO")
-    assert latency["output_json"].endswith("latency-RTPURBO-128K-b4.json") and latency["load_format"] == "dummy"
+    assert latency["output_json"].endswith("latency-RTPURBO-128K-b4-o128.json") and latency["load_format"] == "dummy"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,8 +320,10 @@ def fake_results(s):
                                            ("RTPURBO", 1000.0, 10.0, 4.5, 60.0)):
         results["serve"].append({"backend": backend, "context": 131072, "concurrency": 1, "median_ttft_ms": ttft,
                                  "median_tpot_ms": tpot, "median_itl_ms": itl, "output_throughput": tput})
-        results["latency"].append({"backend": backend, "context": 131072, "batch": 4,
-                                   "avg_latency_s": 30.0 if backend == "FLASH_ATTN" else 12.0})
+        for output_len, seconds in ((1, 30.0 if backend == "FLASH_ATTN" else 12.0),
+                                    (129, 32.56 if backend == "FLASH_ATTN" else 12.64)):
+            results["latency"].append({"backend": backend, "context": 131072, "batch": 4, "output_len": output_len,
+                                       "avg_latency_s": seconds})
     results["serve"].append({"backend": "RTPURBO", "context": 262144, "concurrency": 1, "error": "exit code 1"})
     results["commands"].append({"command": "vllm serve /m --attention-backend FLASH_ATTN"})
     return results
@@ -323,7 +336,9 @@ def test_report_tables_and_ratios(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["128K", "1", "2000", "1000", "2.00x", "40", "10", "4.00x", "9", "4.5", "2.00x", "20", "60",
                      "3.00x", "400,000", "380,000", "0.95x", "1.52", "1.45"]
-    assert "| 128K | 4 | 30 | 12 | 2.50x |" in text
+    assert "| 128K | 4 | 1 | 30 | 12 | 2.50x |" in text
+    # Decode step: (32.56 - 30) / 128 = 20 ms on FLASH_ATTN, (12.64 - 12) / 128 = 5 ms on RTPURBO.
+    assert "| 128K | 4 | 1 -> 129 | 20 | 5 | 4.00x |" in text
     assert "| 256K | 1 |" in text and "FAILED, exit code 1" in text         # a failed point is listed, not hidden
     assert "NVIDIA H200" in text and "vllm serve /m --attention-backend FLASH_ATTN" in text
 
@@ -337,6 +352,53 @@ def test_report_files_are_written_atomically(tmp_path):
     assert (s.out / bs.REPORT_MD).read_text().startswith("# Serving benchmark")
     assert (s.out / bs.PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in s.out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_decode_step_needs_two_finished_output_lengths():
+    rows = [{"backend": "RTPURBO", "context": 8, "batch": 4, "output_len": n, "avg_latency_s": s}
+            for n, s in ((1, 1.0), (65, 1.64), (33, 9.9))]
+    rows[2]["error"] = "exit code 1"                                    # a failed run is left out
+    rows.append({"backend": "FLASH_ATTN", "context": 8, "batch": 4, "output_len": 1, "avg_latency_s": 2.0})
+    assert bs.decode_steps(rows) == {(8, 4, (1, 65)): {"RTPURBO": pytest.approx(10.0)}}
+
+
+def test_results_with_one_latency_output_length_are_read_and_merged(tmp_path):
+    """A results file from before several output lengths (an int in settings, rows without output_len)."""
+    s = _settings(tmp_path, "--latency-output-len", "128")
+    old = bs.new_results(s)
+    old["settings"]["latency_output_len"] = 128
+    old["latency"] = [{"backend": "RTPURBO", "context": 131072, "batch": 4, "avg_latency_s": 12.0}]
+    s.out.mkdir(parents=True)
+    (s.out / bs.RESULTS_JSON).write_text(json.dumps(old))
+    results = bs.load_results(s)
+    assert results["settings"] == s.comparable() and results["latency"][0]["output_len"] == 128
+    assert "| 128K | 4 | 128 |  | 12 |" in bs.render_markdown(results)
+
+
+def test_parallel_runs_merge_into_one_report(tmp_path, capsys):
+    """One backend per GPU, each into its own --out; --merge joins them into one table."""
+    parts = {}
+    for backend in bs.BACKENDS:
+        s = _settings(tmp_path / backend)
+        results = fake_results(s)
+        for part in ("serve", "latency"):
+            results[part] = [r for r in results[part] if r["backend"] == backend]
+        results["capacity"] = {backend: results["capacity"][backend]}
+        bs.save(s, results)
+        parts[backend] = s.out
+    fa, rtp = parts["FLASH_ATTN"], parts["RTPURBO"]
+    assert bs.main(["--out", str(fa), "--merge", str(rtp)]) == 0
+    merged = json.loads((fa / bs.RESULTS_JSON).read_text())
+    assert set(merged["capacity"]) == set(bs.BACKENDS) and len(merged["serve"]) == 3 and len(merged["latency"]) == 4
+    text = (fa / bs.REPORT_MD).read_text()
+    assert "| 128K | 4 | 1 -> 129 | 20 | 5 | 4.00x |" in text and text in capsys.readouterr().out
+    # Merging again replaces the same points: nothing is duplicated.
+    assert bs.main(["--out", str(fa), "--merge", str(rtp)]) == 0
+    assert len(json.loads((fa / bs.RESULTS_JSON).read_text())["serve"]) == 3
+    other = _settings(tmp_path / "other", "--keep", "0.1")
+    bs.save(other, fake_results(other))
+    with pytest.raises(ValueError, match="other settings \\(top_p\\)"):
+        bs.main(["--out", str(fa), "--merge", str(other.out)])
 
 
 def test_put_row_replaces_same_key():
@@ -428,8 +490,8 @@ def test_command_timeout_stops_the_command(tmp_path):
 def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     out = tmp_path / "out"
     common = ["--vllm", fake_vllm, "--out", str(out), "--contexts", "1", "2", "--latency-context", "1",
-              "--latency-batch", "1", "2", "--num-prompts", "2", "--startup-timeout", "20", "--stop-timeout", "1",
-              "--max-model-len", "4096"]
+              "--latency-batch", "1", "2", "--latency-output-len", "1", "33", "--num-prompts", "2",
+              "--startup-timeout", "20", "--stop-timeout", "1", "--max-model-len", "4096"]
     assert bs.main(common) == 0
     printed = capsys.readouterr().out
     assert "Kept-block share of the retrieval heads at decode: set through top-p, not measured" in printed
@@ -440,16 +502,17 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     assert results["capacity"]["FLASH_ATTN"]["kv_cache_tokens"] == 400_000
     assert results["capacity"]["RTPURBO"]["concurrency_request_tokens"] == 4096
     assert results["capacity"]["RTPURBO"]["after_runs"] == {"preemptions": 0.0, "kv_cache_usage": 0.0}
-    assert len(results["serve"]) == 4 and len(results["latency"]) == 4
+    assert len(results["serve"]) == 4 and len(results["latency"]) == 8
     assert results["artifact"]["params"]["top_p"] == 0.03
     assert results["artifact"]["kv_heads_per_layer"] is None and results["artifact"]["ratio"] == 0.15
     assert results["artifact"]["predicted_capacity"]["kv_layout"] == "full"
     assert "KV capacity RTPURBO (full layout) / FLASH_ATTN: measured 1.00x" in (out / bs.REPORT_MD).read_text()
     assert 0.03 <= results["artifact"]["kept_block_share_flat"]["2048"] <= 0.1     # 2 forced blocks of 32
     assert sum(c.get("server", False) for c in results["commands"]) == 2
-    assert len(results["commands"]) == 2 + 4 + 4
+    assert len(results["commands"]) == 2 + 4 + 8
     assert (out / bs.PLOT_PNG).is_file() and "| 2K | 1 | 400 | 200 | 2.00x |" in (out / bs.REPORT_MD).read_text()
-    assert "| 1K | 2 | 4 | 2 | 2.00x |" in (out / bs.REPORT_MD).read_text()
+    assert "| 1K | 2 | 1 | 4.01 | 2.004 | 2.00x |" in (out / bs.REPORT_MD).read_text()
+    assert "| 1K | 2 | 1 -> 33 | 10 | 4 | 2.50x |" in (out / bs.REPORT_MD).read_text()      # the decode step
 
     # A second invocation merges: both RTPURBO points now fail (a command error; one failed request), they
     # replace the earlier rows, nothing is duplicated.
@@ -465,7 +528,7 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     results = json.loads((out / bs.RESULTS_JSON).read_text())
     assert "exited with code 2" in results["capacity"]["FLASH_ATTN"]["error"]
     assert "FLASH_ATTN server: FAILED" in (out / bs.REPORT_MD).read_text()
-    assert len(results["latency"]) == 4 and len(results["invocations"]) == 3
+    assert len(results["latency"]) == 8 and len(results["invocations"]) == 3
     with pytest.raises(ValueError, match="other settings .*top_p"):
         bs.main([*common, "--keep", "0.1"])
 

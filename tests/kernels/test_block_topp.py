@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import importlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -324,6 +325,18 @@ def test_block_topp_float32_queries_bf16_cache(seed):
     selected, num_selected = poisoned_outputs(2, 2, 9, DEVICE)
     block_topp(q_idx, cache, block_table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
     check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
+
+
+@runs_here
+@pytest.mark.parametrize("top_p, pattern", [(0.9, "peaked"), (0.5, "ties"), (0.9, "random"), (1.0, "flat")])
+def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, top_p, pattern):
+    """The selection keeps a row's masses in registers when it has at most CHUNK blocks and re-reads the
+    workspace chunk by chunk otherwise, decided per row (max_blocks, i.e. max_model_len, does not push a
+    short row onto the slow path). A 4-block chunk puts both kinds of row in one small batch."""
+    kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
+    monkeypatch.setattr(kernel, "_SELECT_MAX_CHUNK", 4)
+    # 2, 4 and 5 blocks (<= and > CHUNK), 9 blocks (several chunks, ragged), an empty row; max_blocks 10.
+    run_case([100, 256, 257, 515, 0], 3, 16, 16, 64, 4, top_p, pattern, fp32, DEVICE)
 
 
 def test_block_topp_rejects_bad_arguments():

@@ -24,7 +24,11 @@ passed in.
    non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
    ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
-   writes the kept ids in ascending order, the count, and ``-1`` padding.
+   writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
+   (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
+   workspace at every step. The choice is made per row, so a long ``max_model_len`` (which sets
+   ``max_blocks``) does not put short rows on the slow path (session 5: a server sized for 256K,
+   ``max_blocks`` 4100, took 78 us more per layer at batch 4, 128K, when the choice was per launch).
 
 Measured on one H200 (B=4, HR=8, DI=16, BS=64, bf16, CUDA-graph replay): 37 us at 32K tokens, 87 us
 at 128K (stats kernel 71 us, 1.9 TB/s of index keys), 314 us at 512K; a 4K-token batch with
@@ -168,21 +172,22 @@ def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_
 
 @triton.jit
 def _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max, inv_total,
-                      first_mass, first_candidate, forced_mass, top_p, SINGLE_CHUNK: tl.constexpr,
+                      first_mass, first_candidate, forced_mass, top_p, in_registers,
                       CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, INF_BITS: tl.constexpr):
     """Bit pattern of tau, the largest value with ``forced_mass + sum(candidate mass >= tau) >= top_p``
     (a candidate's mass), or -1 when even every block falls short.
 
     Binary search over int32 bit patterns, which order non-negative floats like their values: the
-    invariant is reached(lo) and not reached(hi), from lo = -1 ("keep all") and hi = +inf. With
-    ``SINGLE_CHUNK`` every block sits in ``first_mass``/``first_candidate`` (registers).
+    invariant is reached(lo) and not reached(hi), from lo = -1 ("keep all") and hi = +inf. When
+    ``in_registers`` (``num_blocks <= CHUNK``, decided per sequence) every block sits in
+    ``first_mass``/``first_candidate``; otherwise each step re-reads the workspace chunk by chunk.
     """
     first_bits = first_mass.to(tl.int32, bitcast=True)
     lo = tl.full((), -1, tl.int32)
     hi = tl.full((), INF_BITS, tl.int32)
     for _ in range(SEARCH_STEPS):
         mid = lo + (hi - lo) // 2
-        if SINGLE_CHUNK:
+        if in_registers:
             mass_at_least = tl.sum(tl.where(first_candidate & (first_bits >= mid), first_mass, 0.0))
         else:
             mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
@@ -198,8 +203,7 @@ def _select_kernel(
     seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
     stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
     top_p, dense_threshold, num_sink_blocks, max_blocks,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    INF_BITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, INF_BITS: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     seq = tl.program_id(1).to(tl.int64)
@@ -226,7 +230,9 @@ def _select_kernel(
         total += tl.sum(tl.where(valid, b_sum * tl.exp(b_max - global_max), 0.0))
     inv_total = 1.0 / tl.maximum(total, 1.0)  # total >= 1 (the top block's own term) unless empty
 
-    # The first CHUNK blocks stay in registers: with SINGLE_CHUNK that is every block.
+    # The first CHUNK blocks stay in registers: for a sequence of at most CHUNK blocks that is every block,
+    # whatever max_blocks (max_model_len) is.
+    in_registers = num_blocks <= CHUNK
     first_mass, _, first_forced, first_candidate = _block_mass(block_max_ptr, block_sum_ptr, lanes, num_blocks,
                                                                num_sink_blocks, global_max, inv_total)
     forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
@@ -237,11 +243,11 @@ def _select_kernel(
 
     # Greedy cut: every candidate above tau, then the ones tied at tau in id order while short of top_p.
     tau_bits = _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max,
-                                 inv_total, first_mass, first_candidate, forced_mass, top_p, SINGLE_CHUNK,
+                                 inv_total, first_mass, first_candidate, forced_mass, top_p, in_registers,
                                  CHUNK, SEARCH_STEPS, INF_BITS)
     tau = tau_bits.to(tl.float32, bitcast=True)
     keep_all = (top_p >= 1.0) | (tau_bits < 0) | (seq_len < dense_threshold)
-    if SINGLE_CHUNK:
+    if in_registers:
         mass_above = tl.sum(tl.where(first_candidate & (first_mass.to(tl.int32, bitcast=True) > tau_bits),
                                      first_mass, 0.0))
     else:
@@ -376,8 +382,7 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
-        BLOCK_SIZE=block_size, CHUNK=chunk, SINGLE_CHUNK=max_blocks <= chunk, SEARCH_STEPS=_SEARCH_STEPS,
-        INF_BITS=_F32_INF_BITS,
+        BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_STEPS=_SEARCH_STEPS, INF_BITS=_F32_INF_BITS,
         num_warps=4 if chunk <= 1024 else 8,
     )
     return selected, num_selected
