@@ -153,8 +153,8 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     parts_ms = {name: time_cuda_graph(part, repeats) for name, part in parts.items()}
     kv_bytes = batch * length * HKV * 2 * D * 2
-    return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
-            "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
+    return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
+            "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
             "rtpurbo_parts_ms": parts_ms}
 
 

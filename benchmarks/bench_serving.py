@@ -737,6 +737,11 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+def differing_settings(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The :data:`COMPARABLE` settings in which two results files (or a file and this run) differ, sorted."""
+    return sorted(k for k in COMPARABLE if mine.get(k) != theirs.get(k))
+
+
 def load_results(settings: Settings) -> dict[str, Any]:
     """The results file in ``--out`` to merge into (a fresh one with ``--fresh`` or when absent)."""
     path = settings.out / RESULTS_JSON
@@ -744,7 +749,7 @@ def load_results(settings: Settings) -> dict[str, Any]:
         return new_results(settings)
     results = read_results(path)
     if results["settings"] != settings.comparable():
-        differ = sorted(k for k in COMPARABLE if results["settings"].get(k) != settings.comparable()[k])
+        differ = differing_settings(results["settings"], settings.comparable())
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); pass the same values, "
                          "--fresh to start over, or another --out")
     return results
@@ -758,9 +763,8 @@ def merge_results(into: dict[str, Any], other: dict[str, Any], source: Path) -> 
     ``into``: its rows replace those of the same point, its servers' capacity and its commands are added.
     The settings must be equal apart from the folder the script wrote the dummy model into."""
     mine, theirs = into["settings"], other["settings"]
-    differ = sorted(k for k in COMPARABLE if k != "model" and mine.get(k) != theirs.get(k))
-    if Path(mine["model"]).name != Path(theirs["model"]).name:
-        differ.insert(0, "model")
+    same_model = Path(mine["model"]).name == Path(theirs["model"]).name
+    differ = [k for k in differing_settings(mine, theirs) if k != "model" or not same_model]
     if differ:
         raise ValueError(f"{source / RESULTS_JSON} was made with other settings ({', '.join(differ)}); "
                          "only runs of one configuration merge")

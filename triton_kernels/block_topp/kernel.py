@@ -27,8 +27,9 @@ passed in.
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
    workspace at every step. The choice is made per row, so a long ``max_model_len`` (which sets
-   ``max_blocks``) does not put short rows on the slow path (session 5: a server sized for 256K,
-   ``max_blocks`` 4100, took 78 us more per layer at batch 4, 128K, when the choice was per launch).
+   ``max_blocks``) does not put short rows on the slow path. (Session 5, when the choice was per launch:
+   a server sized for 256K, ``max_blocks`` 4100, decoded batch 4 at 128K 78 us a layer slower than the
+   one-layer benchmark predicts; this path is the cause we found. Not yet re-measured.)
 
 Measured on one H200 (B=4, HR=8, DI=16, BS=64, bf16, CUDA-graph replay): 37 us at 32K tokens, 87 us
 at 128K (stats kernel 71 us, 1.9 TB/s of index keys), 314 us at 512K; a 4K-token batch with
