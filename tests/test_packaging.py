@@ -1,6 +1,11 @@
-"""Packaging: the kernel folder maps into the package, and the CUDA build says why it is skipped."""
+"""Packaging: the kernel folder maps into the package, the CUDA build says why it is skipped, and a
+real wheel holds what `pip install .` users need."""
 
+import configparser
 import importlib.util
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,3 +42,30 @@ def test_cuda_build_forced_without_toolchain_fails_clearly(setup_module, monkeyp
     monkeypatch.setattr(setup_module.glob, "glob", lambda pattern: ["csrc/op.cu"] if pattern.endswith(".cu") else [])
     with pytest.raises(RuntimeError, match="RTPURBO_BUILD_CUDA=1 but the CUDA extension cannot be built: nvcc"):
         setup_module._cuda_extensions()
+
+
+def test_wheel_holds_kernels_tiny_model_and_entry_points(tmp_path, monkeypatch):
+    """`pip wheel .` as `pip install .` builds it: every kernel folder inside the package, the tiny model
+    and its artifacts, the plugin and console-script entry points, and no pickle anywhere."""
+    monkeypatch.setenv("RTPURBO_BUILD_CUDA", "0")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("rtpurbo_vllm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        entry_points = configparser.ConfigParser()
+        entry_points.read_string(archive.read(f"{dist_info}/entry_points.txt").decode())
+
+    for op in sorted(p.name for p in (ROOT / "triton_kernels").iterdir() if (p / "__init__.py").exists()):
+        assert f"rtpurbo_vllm/triton_kernels/{op}/reference.py" in names, op
+        assert f"rtpurbo_vllm/triton_kernels/{op}/__init__.py" in names, op
+    assert not any(n.startswith("triton_kernels/") for n in names)
+    for artifact in ("rtpurbo", "rtpurbo-kv1"):
+        assert f"rtpurbo_vllm/tiny/model/{artifact}/indexer.safetensors" in names
+        assert f"rtpurbo_vllm/tiny/model/{artifact}/rtpurbo_config.json" in names
+    assert {"rtpurbo_vllm/tiny/model/model.safetensors", "rtpurbo_vllm/tiny/model/config.json",
+            "rtpurbo_vllm/tiny/model/tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".pickle", ".bin"))]
+    assert entry_points["vllm.general_plugins"]["rtpurbo"] == "rtpurbo_vllm.plugin:register"
+    assert set(entry_points["console_scripts"]) == {"rtpurbo-calibrate", "rtpurbo-eval", "rtpurbo-demo"}
