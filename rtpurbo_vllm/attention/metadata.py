@@ -27,7 +27,8 @@ class RTPurboDecodeWorkspace:
     """Scratch of the decode kernels, allocated once by the builder and shared by all layers.
 
     Attributes:
-        index_queries: ``[max_decodes, HR_max, DI]`` fp32, the indexer query per retrieval head.
+        index_queries: ``[max_decodes, HR_max, DI]`` in the KV cache's dtype (the index keys' dtype), the
+            indexer query per retrieval head.
         selected: ``[max_decodes, HR_max, max_blocks]`` int32, kept selection blocks (ascending, -1 pad).
         num_selected: ``[max_decodes, HR_max]`` int32.
         topp: the block top-p kernel's scratch per retrieval-head count HR of a layer (views of one

@@ -230,7 +230,8 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
         cos_sin: ``[num_positions, rotary_dim]`` float32 (device), from :func:`rope_table`.
         heads: ``[HR]`` int32 (or int64) (device), the query head of each retrieval head.
         w_q: ``[HR, DI, D]`` any float dtype (device), ``W^Q_h``; last dimension contiguous.
-        out: ``[T, HR, DI]`` float32 (device), **written in place**: ``w_q[r] @ unrope(query[t, heads[r]])``.
+        out: ``[T, HR, DI]`` any float dtype (device; computed in float32, rounded to ``out``'s dtype),
+            **written in place**: ``w_q[r] @ unrope(query[t, heads[r]])``.
         is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
 
     Returns:
