@@ -9,10 +9,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # vLLM brings ~8 GB (torch's CUDA build and its nvidia-* wheels); --no-cache-dir keeps pip from also keeping
 # a second copy of every wheel in its cache, so a machine with ~10 GB free is enough.
-free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
-if [ ! -d .venv/lib ] || ! .venv/bin/python -c "import vllm" 2>/dev/null; then
+if ! .venv/bin/python -c "import vllm" 2>/dev/null; then
+  free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
   if [ "$free_gb" -lt 10 ]; then
-    echo "scripts/setup.sh: only ${free_gb} GB free on $(df -P . | awk 'NR==2 {print $6}'); installing vLLM 0.26.0 needs ~10 GB" >&2
+    echo "scripts/setup.sh: only ${free_gb} GB free here; installing vLLM 0.26.0 needs ~10 GB" >&2
   fi
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q)
