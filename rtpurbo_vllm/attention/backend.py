@@ -1,11 +1,10 @@
 """``RTPurboAttentionBackend``: the static description vLLM reads to select and size the backend.
 
 vLLM resolves this class through the ``CUSTOM`` slot that :mod:`rtpurbo_vllm.plugin` fills. It holds
-no tensors and queries no device. The paged K/V cache keeps FlashAttention's layout (all KV heads,
-``[num_blocks, HKV, P, 2 * D]`` logical, ``[num_blocks, P, HKV, 2 * D]`` physical); the index keys
-live in a side cache (:mod:`rtpurbo_vllm.attention.index_cache`). With ``kv_layout="split"`` the
-layer's cache holds only the R full KV heads (same layout, ``HKV`` -> ``R``) and the window KV heads
-and index keys live in side layers of their own groups (:mod:`rtpurbo_vllm.kv_cache`).
+no tensors and queries no device. The layer's own cache is a full unit of the KV layout
+(:mod:`rtpurbo_vllm.kv_cache`) in FlashAttention's layout (``[num_blocks, slots, P, 2 * D]`` logical,
+``[num_blocks, P, slots, 2 * D]`` physical); the other units are side layers with backends of their
+own (:mod:`rtpurbo_vllm.kv_cache.side_layers`). FP8 KV caches (``fp8``, ``fp8_e4m3``) are supported.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        self._kv_bound = False
         artifact = serving_artifact(vllm_config)
         layout = rank_layout(artifact.layout)
         params = artifact.params
@@ -64,8 +65,8 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         topp = make_block_topp_workspace(max_decodes, max_retrieval, self.max_blocks, device)
         head_size = kv_cache_spec.head_size
         self.workspace = RTPurboDecodeWorkspace(
-            index_queries=torch.empty(max_decodes, max_retrieval, params.index_dim, dtype=kv_cache_spec.dtype,
-                                      device=device),
+            index_queries=torch.empty(max_decodes, max_retrieval, params.index_dim,
+                                      dtype=vllm_config.model_config.dtype, device=device),
             selected=torch.empty(max_decodes, max_retrieval, self.max_blocks, dtype=torch.int32, device=device),
             num_selected=torch.empty(max_decodes, max_retrieval, dtype=torch.int32, device=device),
             topp={hr: BlockTopPWorkspace(topp.block_max[:, :hr], topp.block_sum[:, :hr])
@@ -85,6 +86,13 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RTPurboMetadata:
+        if not self._kv_bound:
+            # vLLM binds the caches after creating the builders; the first step's build (never inside
+            # a CUDA-graph capture) resolves every layer's unit tensors.
+            context = self.vllm_config.compilation_config.static_forward_context
+            for name in self.layer_names:
+                context[name].impl.bind_kv_cache()
+            self._kv_bound = True
         cm = common_attn_metadata
         if cm.positions is None:
             raise RuntimeError("RTPURBO needs token positions in the attention metadata (to undo RoPE); "

@@ -4,9 +4,10 @@ The artifact folder is ``<model_dir>/rtpurbo`` unless ``--additional-config '{"r
 "/path"}}'`` names another. A model without a valid artifact refuses to start with a message that
 says what is missing and how to make it.
 
-``{"rtpurbo": {"kv_layout": "split"}}`` selects the memory-saving KV layout (:mod:`rtpurbo_vllm.kv_cache`:
-full K/V only for the KV heads of retrieval heads, sink + window K/V for the others); the default
-``"full"`` keeps every KV head for every token.
+``{"rtpurbo": {"kv_layout": "full"}}`` opts out of the default ``"compact"`` KV layout
+(:mod:`rtpurbo_vllm.kv_cache`: full K/V only for the KV heads of retrieval heads, sink + window K/V for
+the others) and keeps every KV head for every token. :func:`serving_kv_layout` plans it once per
+process (every layer installs its share of the same layout).
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, find_artifact_dir, load_artifact
+from rtpurbo_vllm.kv_cache.layout import KV_LAYOUTS, KVLayout
 
 ADDITIONAL_CONFIG_KEY = "rtpurbo"
+DEFAULT_KV_LAYOUT = "compact"
 _KNOWN_KEYS = {"artifact", "kv_layout"}
-KV_LAYOUTS = ("full", "split")
 _LOADED: dict[Path, RTPurboArtifact] = {}
+_KV_LAYOUTS: dict[tuple, KVLayout] = {}
 
 
 def _options(vllm_config) -> dict:
@@ -31,8 +36,8 @@ def _options(vllm_config) -> dict:
 
 
 def kv_layout_for(vllm_config) -> str:
-    """The KV-cache layout this engine serves with: ``"full"`` (default) or ``"split"``."""
-    layout = _options(vllm_config).get("kv_layout", "full")
+    """The KV-cache layout this engine serves with: ``"compact"`` (default) or ``"full"``."""
+    layout = _options(vllm_config).get("kv_layout", DEFAULT_KV_LAYOUT)
     if layout not in KV_LAYOUTS:
         raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.kv_layout' must be one of "
                             f"{list(KV_LAYOUTS)}, got {layout!r}")
@@ -59,3 +64,25 @@ def serving_artifact(vllm_config) -> RTPurboArtifact:
         _LOADED[directory] = load_artifact(directory, hf_config=vllm_config.model_config.hf_text_config,
                                            require_indexer=True)
     return _LOADED[directory]
+
+
+def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtype: torch.dtype,
+                      index_dtype: torch.dtype) -> KVLayout:
+    """This rank's KV layout of ``artifact``'s model, planned once per process and configuration.
+
+    Args:
+        vllm_config: the engine config (block size: ``cache_config.block_size``).
+        artifact: the serving artifact.
+        name: ``"compact"`` or ``"full"``.
+        kv_dtype: the K/V cache's torch dtype (``torch.uint8`` for fp8 caches).
+        index_dtype: the index keys' dtype (the model's activation dtype).
+    """
+    from rtpurbo_vllm.attention.tp import tp_rank_and_size
+
+    rank, size = tp_rank_and_size()
+    block_unit = vllm_config.cache_config.block_size
+    key = (id(artifact), name, kv_dtype, index_dtype, rank, size, block_unit)
+    if key not in _KV_LAYOUTS:
+        _KV_LAYOUTS[key] = KVLayout.from_artifact(artifact, name=name, kv_dtype=kv_dtype, index_dtype=index_dtype,
+                                                  tp_rank=rank, tp_size=size, block_unit=block_unit)
+    return _KV_LAYOUTS[key]

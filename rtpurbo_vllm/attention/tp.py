@@ -21,17 +21,6 @@ def rank_layout(layout: HeadLayout) -> HeadLayout:
     return layout.for_rank(*tp_rank_and_size())
 
 
-def index_slots(layout: HeadLayout, layer: int) -> int:
-    """Width of a layer's index cache in heads: the most retrieval heads any rank serves in it.
-
-    vLLM requires every rank to declare the same KV-cache spec for a layer, so each rank sizes the
-    layer's index cache for the busiest rank (and creates it even when it serves no retrieval head
-    of the layer itself); a rank uses its first ``HR_rank`` slots.
-    """
-    _, size = tp_rank_and_size()
-    return max(len(layout.for_rank(rank, size).retrieval_heads[layer]) for rank in range(size))
-
-
 def rank_indexer(layout: HeadLayout, layer: int, w_q: torch.Tensor,
                  w_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of a layer's indexer weights.

@@ -246,28 +246,33 @@ def plot_heatmap(scores: torch.Tensor, retrieval_heads: Sequence[Sequence[int]],
 
 
 def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int, num_kv_heads: int,
-                        head_dim: int, context: int, params: SparsityParams | None = None,
-                        kv_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    """What the split KV layout (``kv_layout: "split"``, one rank) would make of ``retrieval_heads``:
-    R (full KV heads per layer, the most retrieval KV heads of any layer), n (index slots) and the KV
-    capacity at ``context`` tokens against vLLM's dense layout (:meth:`KVLayoutPlan.capacity_ratio`:
-    planned and ideal, without vLLM's block rounding and chunked-prefill window reserve).
+                        head_dim: int, context: int, params: SparsityParams | None = None) -> dict[str, Any]:
+    """What the default compact KV layout (one rank) makes of ``retrieval_heads``: the units it plans
+    and the KV capacity at ``context`` tokens against vLLM's stock cache (FLASH_ATTN), with a bf16 and
+    with an fp8 KV cache on both sides (:meth:`KVLayout.capacity_ratio`: whole blocks of a decoding
+    sequence, without vLLM's chunked-prefill admission reserve).
 
-    The window is the one served (``max(window, dense_threshold - 1)``, :func:`serving_window`) of
-    ``params`` (default :class:`SparsityParams`), K/V and index keys in ``kv_dtype``.
+    Sinks, window, dense threshold and DI come from ``params`` (default :class:`SparsityParams`); index
+    keys are bf16.
     """
     from rtpurbo_vllm.heads import HeadLayout
-    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan, serving_window
+    from rtpurbo_vllm.kv_cache.layout import FULL, KVLayout
 
     params = params or SparsityParams()
-    plan = KVLayoutPlan.build(HeadLayout.from_lists(num_heads, num_kv_heads, retrieval_heads), head_size=head_dim,
-                              kv_dtype=kv_dtype, index_dim=params.index_dim, sink_tokens=params.sink_tokens,
-                              window=serving_window(params))
-    return {"query_heads": sum(map(len, retrieval_heads)), "full_kv_heads": plan.num_full_kv_heads,
-            "kv_heads": num_kv_heads, "index_slots": plan.index_width,
-            "promoted_kv_heads": plan.padding.promoted_kv_heads,
-            "capacity_ratio": round(plan.capacity_ratio(context), 3),
-            "ideal_capacity_ratio": round(plan.capacity_ratio(context, "ideal"), 3)}
+    heads = HeadLayout.from_lists(num_heads, num_kv_heads, retrieval_heads)
+    ratios = {}
+    for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8", torch.uint8)):
+        layout = KVLayout.build(heads, head_size=head_dim, kv_dtype=kv_dtype, index_dtype=torch.bfloat16,
+                                index_dim=params.index_dim, sink_tokens=params.sink_tokens, window=params.window,
+                                dense_threshold=params.dense_threshold)
+        ratios[name] = round(layout.capacity_ratio(context), 3)
+        if name == "bf16":
+            full = layout.units[FULL]
+            units = f"{full.count} x {full.slots}"
+    return {"query_heads": sum(map(len, retrieval_heads)),
+            "full_kv_heads": sum(len(heads.retrieval_kv_heads(l)) for l in range(heads.num_layers)),
+            "kv_heads": num_kv_heads * heads.num_layers, "full_units": units,
+            "capacity_ratio": ratios["bf16"], "fp8_capacity_ratio": ratios["fp8"]}
 
 
 def kv_capacity_report(scores: torch.Tensor, num_kv_heads: int, head_dim: int,
@@ -281,8 +286,6 @@ def kv_capacity_report(scores: torch.Tensor, num_kv_heads: int, head_dim: int,
         ``{"context", "window", "sink_tokens", "rows": [{"selection": label, **prediction}, ...]}``,
         the selected heads first.
     """
-    from rtpurbo_vllm.kv_cache.layout import serving_window
-
     params = params or SparsityParams()
     num_heads = scores.shape[1]
     chosen = [sorted(h) for h in selected]
@@ -303,19 +306,19 @@ def kv_capacity_report(scores: torch.Tensor, num_kv_heads: int, head_dim: int,
         seen.append(heads)
         rows.append({"selection": label,
                      **predict_kv_capacity(heads, num_heads, num_kv_heads, head_dim, context, params)})
-    return {"context": context, "window": serving_window(params), "sink_tokens": params.sink_tokens, "rows": rows}
+    return {"context": context, "window": params.window, "sink_tokens": params.sink_tokens, "rows": rows}
 
 
 def format_kv_capacity(report: dict[str, Any]) -> str:
     """The lines ``heads`` prints for :func:`kv_capacity_report`."""
-    lines = [f"predicted KV capacity of the split layout (kv_layout=split) at {report['context']} tokens vs vLLM's "
-             f"dense layout (bf16; local KV heads keep {report['sink_tokens']} sinks + {report['window']} tokens; "
+    lines = [f"predicted KV capacity of the compact KV layout at {report['context']} tokens vs FLASH_ATTN with the "
+             f"same KV dtype (local KV heads keep {report['sink_tokens']} sinks + {report['window']} tokens; "
              f"one rank):"]
     width = max(len(r["selection"]) for r in report["rows"])
     for r in report["rows"]:
-        lines.append(f"  {r['selection']:<{width}}  {r['query_heads']:>5} query heads, R={r['full_kv_heads']}/"
-                     f"{r['kv_heads']} full KV heads, n={r['index_slots']} index slots -> "
-                     f"{r['capacity_ratio']:.2f}x (ideal per-layer layout {r['ideal_capacity_ratio']:.2f}x)")
+        lines.append(f"  {r['selection']:<{width}}  {r['query_heads']:>5} query heads, {r['full_kv_heads']}/"
+                     f"{r['kv_heads']} full KV heads in {r['full_units']} full units -> "
+                     f"{r['capacity_ratio']:.2f}x (bf16 KV), {r['fp8_capacity_ratio']:.2f}x (fp8 KV)")
     return "\n".join(lines)
 
 

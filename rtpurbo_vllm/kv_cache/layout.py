@@ -1,40 +1,42 @@
-"""The memory layout of RTPurbo's KV cache (design B of issue #5): which KV heads keep every token.
+"""The memory layout of RTPurbo's KV cache: which heads keep every token, and where each head lives.
 
-Per layer and tensor-parallel rank, a KV head whose query heads include a retrieval head keeps the
-whole history (a *full* KV head); every other KV head keeps only the sink tokens and the last
-``window`` tokens (a *window* KV head). vLLM groups layers by equal KV-cache spec, so the plan makes
-the counts uniform: every layer (on every rank) gets exactly ``R`` full KV heads, where ``R`` is the
-largest number of retrieval KV heads of any layer on any rank; a layer with fewer promotes its
-lowest-numbered window KV heads to full. Likewise the index-key cache has ``n`` slots per token in
-every layer (``n`` >= the largest number of retrieval query heads of a layer on a rank; slot ``j``
-holds retrieval query head ``index_heads[layer][j]``, the other slots are never written or read).
+Per tensor-parallel rank, a KV head whose query heads include a retrieval head keeps the whole
+history (a *full* KV head); every other KV head keeps only the sink tokens and the last ``window``
+tokens (a *window* KV head); every retrieval query head keeps a ``DI``-dim index key per token.
 
-Three caches per layer (shapes per rank; ``B`` = vLLM blocks, ``H`` = KV heads of the rank):
+vLLM's KV-cache manager groups cache layers by equal spec, gives each group one block table, and
+backs a block id by one page in each of ``group_size`` shared tensors; groups of unequal size pad
+the smaller ones with whole layers of memory. So the heads are stored in **units**: cache layers of
+``slots`` heads each, ``count`` units per kind and the same ``count`` for every kind (no padding
+layers), with one page size for every kind (no page padding):
 
-=============================  ==========================================  ============================
-cache (layer name)             vLLM spec                                   tensor (logical / physical)
-=============================  ==========================================  ============================
-full  ``{prefix}``             ``RTPurboFullSpec(R, D, block=Pf)``         ``[B, R, Pf, 2D]`` / ``[B, Pf, R, 2D]``
-window ``{prefix}.rtp_window`` ``SinkWindowSpec(H-R, D, W, sink, Pw)``     ``[B, H-R, Pw, 2D]`` / ``[B, Pw, H-R, 2D]``
-index ``{prefix}.rtp_index``   ``RTPurboIndexSpec(1, DI*n, block=Pi)``     ``[B, Pi, DI*n]``
-=============================  ==========================================  ============================
+==========  =======================================  =================================================
+kind        vLLM spec of each unit                   unit tensor (physical)
+==========  =======================================  =================================================
+``full``    ``RTPurboFullSpec(slots_f, D, Pf)``      ``[B, Pf, slots_f, 2D]`` (FlashAttention layout)
+``window``  ``SinkWindowSpec(slots_w, D, W, Pw)``    ``[B, Pw, slots_w, 2D]``
+``index``   ``RTPurboIndexSpec(DI * slots_i, Pi)``   ``[B, Pi, slots_i * DI]``
+==========  =======================================  =================================================
 
-The block sizes ``Pf, Pw, Pi`` are multiples of ``block_unit`` (16, what FlashAttention and the
-Triton kernels need) chosen so that the three pages have exactly the same byte size
-(``Pf*R*2D*s == Pw*(H-R)*2D*s == Pi*n*DI*s'``), which vLLM's hybrid allocator requires
-(``unify_kv_cache_spec_page_size``): no page padding, no padding layers. Where the numbers do not
-divide, ``n`` is padded (index slots are 16x cheaper than KV heads); the plan reports every byte of
-padding. Edge cases: ``R == H`` (every KV head full) drops the window cache and uses one block size
-for both remaining caches (vLLM then makes one ``UniformTypeKVCacheSpecs`` group, design A);
-``R >= 1`` always, because the main ``Attention`` layer must own a spec (a layer without one gets no
-metadata); ``n == 0`` (no retrieval head anywhere) drops the index cache.
+Heads are packed into units in (layer, head) order, so a unit may hold heads of several layers and
+a layer's heads may span two units; the kernels address every head through its own
+``(kind, unit, slot)`` (:class:`HeadPlace`). The first ``num_layers`` full units are the model's
+``Attention`` layers themselves (each must own a spec to get metadata), the others are side layers
+(:mod:`.side_layers`). Every head is stored exactly once; the only waste is the empty slots of the
+last units of each kind (``count * slots - heads``), which :meth:`KVLayout.summary` reports.
+
+Two layouts share this machinery:
+
+* ``"compact"``: full units hold the retrieval KV heads, window units the others; ``count`` and the
+  slots per unit are chosen to minimise the bytes a long sequence needs (:func:`plan_unit_count`).
+* ``"full"``: every KV head is full, one unit per layer holding its KV heads in order (vLLM's stock
+  cache), and index units beside them in the same KV-cache group (one block size, one block table).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,37 +46,36 @@ from rtpurbo_vllm.heads import HeadLayout
 if TYPE_CHECKING:
     from rtpurbo_vllm.artifacts import RTPurboArtifact
 
+KV_LAYOUTS = ("compact", "full")
+FULL, WINDOW, INDEX = "full", "window", "index"
+KINDS = (FULL, WINDOW, INDEX)
 DEFAULT_BLOCK_UNIT = 16
-# Prefix-cache hits land on multiples of lcm(block sizes); keep that below this many tokens.
+# Prefix-cache hits land on multiples of lcm(block sizes); keep that below this many tokens when possible.
 DEFAULT_MAX_SCHEDULER_BLOCK = 4096
-# Index padding is weighed against page size at this context length (see plan_block_sizes).
-DEFAULT_REFERENCE_TOKENS = 16384
-
-
-def serving_window(params) -> int:
-    """Tokens a window KV head keeps when served with ``params`` (:class:`SparsityParams`):
-    ``max(window, dense_threshold - 1)``, so a sequence short enough to run dense finds every key of
-    its local heads in the window cache."""
-    return max(params.window, params.dense_threshold - 1)
+# The context length whose memory the unit plan minimises (a long-context request).
+DEFAULT_REFERENCE_TOKENS = 131072
+# Index-slot padding is weighed against page size at this context length (see plan_block_sizes).
+PAGE_REFERENCE_TOKENS = 16384
 
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Block sizes (tokens per vLLM block) of the three caches and their common page size.
+    """Block sizes (tokens per vLLM block) of the three kinds of unit and their common page size.
 
     Attributes:
-        full: block size of the full cache.
-        window: block size of the window cache (None when every KV head is full).
-        index: block size of the index cache (None without an index cache).
-        index_width: index slots per token (``n``, possibly padded up for divisibility).
-        page_size_bytes: bytes of one page of every cache (equal pages), or of the full cache when
-            the pages may differ (``R == H``: one group, one block size).
+        full: block size of the full units.
+        window: block size of the window units (None without window units).
+        index: block size of the index units (None without index units).
+        index_slots: index slots per unit (possibly padded up so that the pages divide).
+        page_size_bytes: bytes of one page of every unit (equal pages), or of a full unit when there
+            are no window units (then every unit shares one block size and one KV-cache group, and
+            page sizes may differ).
     """
 
     full: int
     window: int | None
     index: int | None
-    index_width: int
+    index_slots: int
     page_size_bytes: int
 
     @property
@@ -86,330 +87,354 @@ class BlockPlan:
         """vLLM's scheduler block (lcm of the group block sizes): the prefix-cache hit granularity."""
         return math.lcm(*self.block_sizes)
 
-    @property
-    def hash_block_size(self) -> int:
-        """vLLM's hash block (gcd of the group block sizes)."""
-        return math.gcd(*self.block_sizes)
 
-
-def plan_block_sizes(num_full: int, num_window: int, index_width: int, kv_bytes_per_head: int,
+def plan_block_sizes(full_slots: int, window_slots: int, index_slots: int, kv_bytes_per_head: int,
                      index_bytes_per_slot: int, block_unit: int = DEFAULT_BLOCK_UNIT,
                      max_scheduler_block: int = DEFAULT_MAX_SCHEDULER_BLOCK,
-                     reference_tokens: int = DEFAULT_REFERENCE_TOKENS) -> BlockPlan:
-    """Chooses block sizes giving every cache the same page size.
+                     reference_tokens: int = PAGE_REFERENCE_TOKENS) -> BlockPlan:
+    """Chooses block sizes giving every kind of unit the same page size.
 
-    With ``f = R*kv``, ``w = (H-R)*kv`` and ``i = n'*c`` bytes per token, the smallest common page is
-    ``lcm(unit*f, unit*w, unit*i)`` and the block sizes are that page over ``f``, ``w`` and ``i``
-    (multiples of ``unit`` by construction). ``n' >= n`` is searched: a padded index slot costs ``c``
-    bytes per token, a large page costs about 1.5 pages per layer and sequence (half a block of the
-    full and index caches, the window's extra block), and the scheduler block (lcm of the block sizes)
-    is vLLM's prefix-cache hit granularity. Among the widths whose scheduler block is at most
-    ``max_scheduler_block`` (all widths if none is), the one with the least
-    ``(n'-n)*c*reference_tokens + 1.5*page`` wins.
+    With ``f = slots_f*kv``, ``w = slots_w*kv`` and ``i = slots_i'*c`` bytes per token, the smallest
+    common page is ``lcm(unit*f, unit*w, unit*i)`` and the block sizes are that page over ``f``, ``w``
+    and ``i`` (multiples of ``unit`` by construction). ``slots_i' >= slots_i`` is searched: a padded
+    index slot costs ``c`` bytes per token, a large page about 1.5 pages per unit and sequence, and
+    the scheduler block (lcm of the block sizes) is vLLM's prefix-cache hit granularity. Among the
+    widths whose scheduler block is at most ``max_scheduler_block`` (all widths if none is), the one
+    with the least ``(slots_i' - slots_i) * c * reference_tokens + 1.5 * page`` wins.
 
     Args:
-        num_full: full KV heads per layer (R >= 1).
-        num_window: window KV heads per layer (H - R >= 0).
-        index_width: index slots needed per token (n >= 0).
+        full_slots: KV heads per full unit (>= 1).
+        window_slots: KV heads per window unit (0: no window units).
+        index_slots: index slots per index unit (0: no index units).
         kv_bytes_per_head: bytes per token of one KV head (K and V: ``2 * D * dtype size``).
         index_bytes_per_slot: bytes per token of one index slot (``DI * dtype size``).
-        block_unit: every block size is a multiple of this (kernel block size).
+        block_unit: every block size is a multiple of this (the kernels' block size).
         max_scheduler_block: the largest prefix-cache hit granularity accepted when avoidable.
         reference_tokens: the context length at which index padding is weighed against page size.
     """
-    if num_full < 1 or num_window < 0 or index_width < 0:
-        raise ValueError(f"bad head counts R={num_full}, H-R={num_window}, n={index_width}")
-    full_bytes = num_full * kv_bytes_per_head
-    if num_window == 0:
-        # One group (UniformTypeKVCacheSpecs): one block size, per-layer page sizes may differ.
-        return BlockPlan(full=block_unit, window=None, index=block_unit if index_width else None,
-                         index_width=index_width, page_size_bytes=block_unit * full_bytes)
-    window_bytes = num_window * kv_bytes_per_head
+    if full_slots < 1 or window_slots < 0 or index_slots < 0:
+        raise ValueError(f"bad slot counts full={full_slots}, window={window_slots}, index={index_slots}")
+    full_bytes = full_slots * kv_bytes_per_head
+    if window_slots == 0:
+        # One KV-cache group (UniformTypeKVCacheSpecs): one block size, per-unit page sizes may differ.
+        return BlockPlan(full=block_unit, window=None, index=block_unit if index_slots else None,
+                         index_slots=index_slots, page_size_bytes=block_unit * full_bytes)
+    window_bytes = window_slots * kv_bytes_per_head
     base_page = block_unit * math.lcm(full_bytes, window_bytes)
-    if index_width == 0:
+    if index_slots == 0:
         return BlockPlan(full=base_page // full_bytes, window=base_page // window_bytes, index=None,
-                         index_width=0, page_size_bytes=base_page)
+                         index_slots=0, page_size_bytes=base_page)
     candidates = []
-    for width in range(index_width, 2 * index_width + block_unit + 1):
-        slot_bytes = width * index_bytes_per_slot
+    for slots in range(index_slots, 2 * index_slots + block_unit + 1):
+        slot_bytes = slots * index_bytes_per_slot
         page = math.lcm(base_page, block_unit * slot_bytes)
         candidates.append(BlockPlan(full=page // full_bytes, window=page // window_bytes,
-                                    index=page // slot_bytes, index_width=width, page_size_bytes=page))
+                                    index=page // slot_bytes, index_slots=slots, page_size_bytes=page))
     allowed = [c for c in candidates if c.scheduler_block_size <= max_scheduler_block] or candidates
 
     def cost(c: BlockPlan) -> tuple[float, int]:
-        padding = (c.index_width - index_width) * index_bytes_per_slot * reference_tokens
+        padding = (c.index_slots - index_slots) * index_bytes_per_slot * reference_tokens
         return padding + 1.5 * c.page_size_bytes, c.scheduler_block_size
 
     return min(allowed, key=cost)
 
 
 @dataclass(frozen=True)
-class PaddingStats:
-    """What uniform counts cost against an ideal layout with per-layer counts (all ranks together).
-
-    Bytes are per token of context beyond the window (the slope of memory vs. context length),
-    summed over layers and ranks.
+class UnitShape:
+    """The cache units of one kind (every unit of a kind has the same spec).
 
     Attributes:
-        promoted_kv_heads: KV heads stored in full although none of their query heads is a
-            retrieval head (sum over layers and ranks).
-        padded_index_slots: index slots per token that no retrieval head uses.
-        ideal_bytes_per_token: full-history bytes per token of the ideal per-layer layout.
-        planned_bytes_per_token: full-history bytes per token of this plan.
+        kind: ``"full"``, ``"window"`` or ``"index"``.
+        count: units of this kind (the same for every kind of a compact layout).
+        slots: heads per unit.
+        block_size: tokens per vLLM block.
+        width: values per head and token (``2 * D`` for K|V, ``DI`` for index keys).
+        dtype: the unit tensor's dtype.
     """
 
-    promoted_kv_heads: int
-    padded_index_slots: int
-    ideal_bytes_per_token: int
-    planned_bytes_per_token: int
+    kind: str
+    count: int
+    slots: int
+    block_size: int
+    width: int
+    dtype: torch.dtype
 
     @property
-    def wasted_bytes_per_token(self) -> int:
-        return self.planned_bytes_per_token - self.ideal_bytes_per_token
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in one unit."""
+        return self.slots * self.width * _dtype_size(self.dtype)
 
     @property
-    def wasted_fraction(self) -> float:
-        """Share of the planned full-history bytes that padding takes (0 = none)."""
-        return self.wasted_bytes_per_token / self.planned_bytes_per_token if self.planned_bytes_per_token else 0.0
+    def page_size_bytes(self) -> int:
+        return self.block_size * self.bytes_per_token
 
 
 @dataclass(frozen=True)
-class KVLayoutPlan:
-    """The KV-cache layout of one tensor-parallel rank (identical specs on every rank).
+class HeadPlace:
+    """Where one head's vectors live: slot ``slot`` of unit ``unit`` of kind ``kind``."""
 
-    Head ids are local to the rank (``HeadLayout.for_rank``). Build with :meth:`build` or
-    :meth:`from_artifact`.
+    kind: str
+    unit: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class LayerPlaces:
+    """Where one layer's heads live (ids local to the rank).
 
     Attributes:
+        kv: per KV head of the layer, its place (kind ``"full"`` or ``"window"``).
+        index: per retrieval query head of the layer (in ``retrieval_heads`` order), its index slot.
+    """
+
+    kv: tuple[HeadPlace, ...]
+    index: tuple[HeadPlace, ...]
+
+
+def unit_name(layer_names: tuple[str, ...], kind: str, unit: int) -> str:
+    """The cache layer of unit ``unit`` of ``kind``: full units ``< num_layers`` are the model's
+    ``Attention`` layers; every other unit is a side layer ``{layer}.rtp_{kind}{k}`` of layer
+    ``unit % num_layers`` (one numeric component, as vLLM's ``extract_layer_index`` needs)."""
+    num_layers = len(layer_names)
+    home, k = layer_names[unit % num_layers], unit // num_layers
+    if kind == FULL and k == 0:
+        return home
+    return f"{home}.rtp_{kind}{k}"
+
+
+def _pack(heads_per_layer: list[list[int]], slots: int, kind: str) -> list[dict[int, HeadPlace]]:
+    """Packs heads in (layer, head) order into units of ``slots`` slots; per layer, head -> place."""
+    places, position = [], 0
+    for heads in heads_per_layer:
+        layer = {}
+        for h in heads:
+            layer[h] = HeadPlace(kind, position // slots, position % slots)
+            position += 1
+        places.append(layer)
+    return places
+
+
+def plan_unit_count(full_heads: int, window_heads: int, index_heads: int, num_layers: int,
+                    kv_bytes_per_head: int, index_bytes_per_slot: int, cached_tokens: int,
+                    block_unit: int = DEFAULT_BLOCK_UNIT, max_scheduler_block: int = DEFAULT_MAX_SCHEDULER_BLOCK,
+                    reference_tokens: int = DEFAULT_REFERENCE_TOKENS) -> tuple[int, int, int, BlockPlan]:
+    """Chooses the unit count ``g`` (>= ``num_layers``) and slots per unit of a compact layout.
+
+    For each ``g`` the slots are ``ceil(heads / g)`` per kind and :func:`plan_block_sizes` sizes the
+    pages; the plan whose units need the fewest bytes for one sequence of ``reference_tokens`` tokens
+    (full and index units for every token, window units for ``cached_tokens`` plus a page, 1.5 pages
+    of rounding per unit) wins, preferring scheduler blocks within ``max_scheduler_block``.
+    Head counts are the largest of any tensor-parallel rank.
+
+    Returns:
+        ``(g, full_slots, window_slots, blocks)`` (index slots: ``blocks.index_slots``).
+    """
+    best = None
+    for count in range(num_layers, max(num_layers, full_heads, window_heads, index_heads) + 1):
+        full_slots = max(1, -(-full_heads // count))
+        window_slots = -(-window_heads // count)
+        index_slots = -(-index_heads // count)
+        blocks = plan_block_sizes(full_slots, window_slots, index_slots, kv_bytes_per_head,
+                                  index_bytes_per_slot, block_unit, max_scheduler_block)
+        window_tokens = min(reference_tokens, cached_tokens + (blocks.window or 0))
+        per_token = full_slots * kv_bytes_per_head + blocks.index_slots * index_bytes_per_slot
+        units_per_kind = 1 + bool(window_slots) + bool(index_slots)
+        total = count * (reference_tokens * per_token + window_tokens * window_slots * kv_bytes_per_head
+                         + 1.5 * units_per_kind * blocks.page_size_bytes)
+        key = (blocks.scheduler_block_size > max_scheduler_block, total, count)
+        if best is None or key < best[0]:
+            best = (key, (count, full_slots, window_slots, blocks))
+    return best[1]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The KV-cache layout of one tensor-parallel rank (the same unit specs on every rank).
+
+    Build with :meth:`build` or :meth:`from_artifact`. Head ids are local to the rank
+    (``HeadLayout.for_rank``).
+
+    Attributes:
+        name: ``"compact"`` or ``"full"``.
         num_heads: query heads per layer on this rank (HQ).
         num_kv_heads: KV heads per layer on this rank (H).
         head_size: D.
-        kv_dtype: dtype of the K/V caches.
-        index_dim: DI (16).
-        index_dtype: dtype of the index-key cache.
+        index_dim: DI.
         sink_tokens: leading tokens a local head always sees.
-        window: a local head sees the last ``window`` tokens, its own included.
-        retrieval_heads: per layer, the rank's retrieval query heads (= the index slots in order).
-        retrieval_kv_heads: per layer, KV heads that serve a retrieval query head.
-        full_kv_heads: per layer, the R KV heads kept in full (sorted; retrieval ones plus promoted).
-        window_kv_heads: per layer, the H - R KV heads kept as sink + window (sorted).
+        window: tokens a window unit keeps behind the newest one (the serving window).
+        dense_threshold: sequences shorter than this run dense on every head, so window units keep
+            every token until a sequence reaches it (0: never).
+        retrieval_heads: per layer, the rank's retrieval query heads (index places in this order).
+        units: per kind present, its :class:`UnitShape`.
+        places: per layer, where its heads live.
         blocks: block sizes and page size.
-        padding: padding statistics over all ranks.
-        tp_rank, tp_size: the rank this plan is for.
+        tp_rank, tp_size: the rank this layout is for.
     """
 
+    name: str
     num_heads: int
     num_kv_heads: int
     head_size: int
-    kv_dtype: torch.dtype
     index_dim: int
-    index_dtype: torch.dtype
     sink_tokens: int
     window: int
+    dense_threshold: int
     retrieval_heads: tuple[tuple[int, ...], ...]
-    retrieval_kv_heads: tuple[tuple[int, ...], ...]
-    full_kv_heads: tuple[tuple[int, ...], ...]
-    window_kv_heads: tuple[tuple[int, ...], ...]
+    units: dict[str, UnitShape]
+    places: tuple[LayerPlaces, ...]
     blocks: BlockPlan
-    padding: PaddingStats
     tp_rank: int = 0
     tp_size: int = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, layout: HeadLayout, *, head_size: int, kv_dtype: torch.dtype = torch.bfloat16,
-              index_dtype: torch.dtype | None = None, index_dim: int = 16, sink_tokens: int = 4,
-              window: int = 8192, tp_rank: int = 0, tp_size: int = 1,
-              block_unit: int = DEFAULT_BLOCK_UNIT,
-              max_scheduler_block: int = DEFAULT_MAX_SCHEDULER_BLOCK) -> KVLayoutPlan:
-        """Plans the layout of rank ``tp_rank`` from the model's global head layout.
+    def build(cls, layout: HeadLayout, *, name: str = "compact", head_size: int,
+              kv_dtype: torch.dtype = torch.bfloat16, index_dtype: torch.dtype | None = None,
+              index_dim: int = 16, sink_tokens: int = 4, window: int = 8192, dense_threshold: int = 0,
+              tp_rank: int = 0, tp_size: int = 1, block_unit: int = DEFAULT_BLOCK_UNIT,
+              max_scheduler_block: int = DEFAULT_MAX_SCHEDULER_BLOCK) -> KVLayout:
+        """Plans rank ``tp_rank``'s layout from the model's global head layout.
 
-        ``R`` and ``n`` are maxima over all layers and all ranks, so every rank declares the same
-        specs (vLLM asserts it).
+        Slot counts are maxima over all ranks, so every rank declares the same specs (vLLM asserts it).
         """
+        if name not in KV_LAYOUTS:
+            raise ValueError(f"unknown KV layout {name!r}; expected one of {KV_LAYOUTS}")
         index_dtype = index_dtype or kv_dtype
         ranks = [layout.for_rank(r, tp_size) for r in range(tp_size)]
-        num_full = max([1] + [len(rl.retrieval_kv_heads(l)) for rl in ranks for l in range(rl.num_layers)])
-        needed_width = max([0] + [len(h) for rl in ranks for h in rl.retrieval_heads])
         mine = ranks[tp_rank]
-        hkv = mine.num_kv_heads
+        num_layers, hkv = mine.num_layers, mine.num_kv_heads
         kv_bytes = 2 * head_size * _dtype_size(kv_dtype)
         slot_bytes = index_dim * _dtype_size(index_dtype)
-        blocks = plan_block_sizes(num_full, hkv - num_full, needed_width, kv_bytes, slot_bytes,
-                                  block_unit, max_scheduler_block)
-        full, windowed, retrieval_kv = [], [], []
-        for layer in range(mine.num_layers):
-            kv = mine.retrieval_kv_heads(layer)
-            promoted = [h for h in range(hkv) if h not in kv][:num_full - len(kv)]
-            keep = tuple(sorted((*kv, *promoted)))
-            retrieval_kv.append(kv)
-            full.append(keep)
-            windowed.append(tuple(h for h in range(hkv) if h not in keep))
-        ideal = sum(len(rl.retrieval_kv_heads(l)) * kv_bytes + len(rl.retrieval_heads[l]) * slot_bytes
-                    for rl in ranks for l in range(rl.num_layers))
-        planned = tp_size * mine.num_layers * (num_full * kv_bytes + blocks.index_width * slot_bytes)
-        padding = PaddingStats(
-            promoted_kv_heads=sum(num_full - len(rl.retrieval_kv_heads(l))
-                                  for rl in ranks for l in range(rl.num_layers)),
-            padded_index_slots=sum(blocks.index_width - len(h) for rl in ranks for h in rl.retrieval_heads),
-            ideal_bytes_per_token=ideal, planned_bytes_per_token=planned)
-        return cls(num_heads=mine.num_heads, num_kv_heads=hkv, head_size=head_size, kv_dtype=kv_dtype,
-                   index_dim=index_dim, index_dtype=index_dtype, sink_tokens=sink_tokens, window=window,
-                   retrieval_heads=mine.retrieval_heads, retrieval_kv_heads=tuple(retrieval_kv),
-                   full_kv_heads=tuple(full), window_kv_heads=tuple(windowed), blocks=blocks,
-                   padding=padding, tp_rank=tp_rank, tp_size=tp_size)
+
+        def full_heads_of(rank_layout: HeadLayout) -> list[list[int]]:
+            if name == "full":
+                return [list(range(hkv))] * num_layers
+            return [list(rank_layout.retrieval_kv_heads(l)) for l in range(num_layers)]
+
+        most_full = max(sum(map(len, full_heads_of(r))) for r in ranks)
+        most_window = max(num_layers * hkv - sum(map(len, full_heads_of(r))) for r in ranks)
+        most_index = max(r.num_retrieval_heads for r in ranks)
+        if name == "full" or most_window == 0:
+            count, full_slots, window_slots = num_layers, -(-most_full // num_layers), 0
+            blocks = plan_block_sizes(full_slots, 0, -(-most_index // count), kv_bytes, slot_bytes, block_unit)
+        else:
+            cached = max(window, dense_threshold) + sink_tokens
+            count, full_slots, window_slots, blocks = plan_unit_count(
+                most_full, most_window, most_index, num_layers, kv_bytes, slot_bytes, cached, block_unit,
+                max_scheduler_block)
+        full = full_heads_of(mine)
+        window_heads = [[h for h in range(hkv) if h not in f] for f in full]
+        full_places = _pack(full, full_slots, FULL)
+        window_places = _pack(window_heads, max(window_slots, 1), WINDOW)
+        index_places = _pack([list(range(len(h))) for h in mine.retrieval_heads], max(blocks.index_slots, 1), INDEX)
+        places = tuple(LayerPlaces(kv=tuple({**full_places[l], **window_places[l]}[h] for h in range(hkv)),
+                                   index=tuple(index_places[l][j] for j in range(len(mine.retrieval_heads[l]))))
+                       for l in range(num_layers))
+        units = {FULL: UnitShape(FULL, count, full_slots, blocks.full, 2 * head_size, kv_dtype)}
+        if window_slots:
+            units[WINDOW] = UnitShape(WINDOW, count, window_slots, blocks.window, 2 * head_size, kv_dtype)
+        if blocks.index_slots:
+            units[INDEX] = UnitShape(INDEX, count, blocks.index_slots, blocks.index, index_dim, index_dtype)
+        return cls(name=name, num_heads=mine.num_heads, num_kv_heads=hkv, head_size=head_size,
+                   index_dim=index_dim, sink_tokens=sink_tokens, window=window,
+                   dense_threshold=dense_threshold if window_slots else 0,
+                   retrieval_heads=mine.retrieval_heads, units=units, places=places, blocks=blocks,
+                   tp_rank=tp_rank, tp_size=tp_size)
 
     @classmethod
-    def from_artifact(cls, artifact: RTPurboArtifact, *, kv_dtype: torch.dtype,
+    def from_artifact(cls, artifact: RTPurboArtifact, *, name: str = "compact", kv_dtype: torch.dtype,
                       index_dtype: torch.dtype | None = None, tp_rank: int = 0, tp_size: int = 1,
-                      block_unit: int = DEFAULT_BLOCK_UNIT) -> KVLayoutPlan:
-        """The plan of an artifact's model (``SparsityParams`` give sink, window and DI)."""
+                      block_unit: int = DEFAULT_BLOCK_UNIT) -> KVLayout:
+        """The layout of an artifact's model (``SparsityParams`` give sinks, window, threshold and DI)."""
         p = artifact.params
-        return cls.build(artifact.layout, head_size=artifact.model.head_dim, kv_dtype=kv_dtype,
+        return cls.build(artifact.layout, name=name, head_size=artifact.model.head_dim, kv_dtype=kv_dtype,
                          index_dtype=index_dtype, index_dim=p.index_dim, sink_tokens=p.sink_tokens,
-                         window=p.window, tp_rank=tp_rank, tp_size=tp_size, block_unit=block_unit)
+                         window=p.window, dense_threshold=p.dense_threshold, tp_rank=tp_rank,
+                         tp_size=tp_size, block_unit=block_unit)
 
     # ------------------------------------------------------------------ shape facts
     @property
     def num_layers(self) -> int:
-        return len(self.retrieval_heads)
+        return len(self.places)
 
     @property
-    def num_full_kv_heads(self) -> int:
-        """R: full KV heads per layer."""
-        return len(self.full_kv_heads[0]) if self.full_kv_heads else 1
+    def unit_count(self) -> int:
+        """Units per kind (g)."""
+        return self.units[FULL].count
 
-    @property
-    def num_window_kv_heads(self) -> int:
-        """H - R: window KV heads per layer."""
-        return self.num_kv_heads - self.num_full_kv_heads
-
-    @property
-    def index_width(self) -> int:
-        """n: index slots per token (>= every layer's retrieval query heads)."""
-        return self.blocks.index_width
-
-    @property
-    def has_window_cache(self) -> bool:
-        return self.num_window_kv_heads > 0
-
-    @property
-    def has_index_cache(self) -> bool:
-        return self.index_width > 0
+    def has(self, kind: str) -> bool:
+        return kind in self.units
 
     @property
     def num_sink_blocks(self) -> int:
-        """Window-cache blocks that hold the sink tokens (kept for the whole request)."""
-        if not self.has_window_cache or self.sink_tokens == 0:
+        """Window-unit blocks that hold the sink tokens (kept for the whole request)."""
+        if not self.has(WINDOW) or self.sink_tokens == 0:
             return 0
-        return -(-self.sink_tokens // self.blocks.window)
+        return -(-self.sink_tokens // self.units[WINDOW].block_size)
 
-    def full_kv_index(self, layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[R]`` int64: rank KV head of each full-cache head slot of ``layer``."""
-        return torch.tensor(self.full_kv_heads[layer], dtype=torch.long, device=device)
+    def full_kv_heads(self, layer: int) -> tuple[int, ...]:
+        """The layer's KV heads kept in full."""
+        return tuple(h for h, p in enumerate(self.places[layer].kv) if p.kind == FULL)
 
-    def window_kv_index(self, layer: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[H-R]`` int64: rank KV head of each window-cache head slot of ``layer``."""
-        return torch.tensor(self.window_kv_heads[layer], dtype=torch.long, device=device)
+    def units_of(self, layer: int) -> set[tuple[str, int]]:
+        """``(kind, unit)`` of every unit holding a head of ``layer``."""
+        p = self.places[layer]
+        return {(q.kind, q.unit) for q in (*p.kv, *p.index)}
 
-    def kv_head_slots(self, layer: int) -> tuple[tuple[str, int], ...]:
-        """Per rank KV head of ``layer``: ``("full", j)`` or ``("window", j)``, its cache and slot."""
-        slots = {h: ("full", j) for j, h in enumerate(self.full_kv_heads[layer])}
-        slots.update({h: ("window", j) for j, h in enumerate(self.window_kv_heads[layer])})
-        return tuple(slots[h] for h in range(self.num_kv_heads))
+    def unit_names(self, layer_names: tuple[str, ...], kind: str) -> tuple[str, ...]:
+        """The cache-layer name of every unit of ``kind`` (see :func:`unit_name`)."""
+        if len(layer_names) != self.num_layers:
+            raise ValueError(f"{len(layer_names)} layer names for a {self.num_layers}-layer layout")
+        return tuple(unit_name(layer_names, kind, u) for u in range(self.units[kind].count))
 
-    @cached_property
-    def promoted_kv_heads(self) -> tuple[tuple[int, ...], ...]:
-        """Per layer, full KV heads without a retrieval query head (still computed as local heads)."""
-        return tuple(tuple(h for h in full if h not in kv)
-                     for full, kv in zip(self.full_kv_heads, self.retrieval_kv_heads))
+    def side_units(self, layer: int) -> tuple[tuple[str, int], ...]:
+        """``(kind, unit)`` of the side layers that layer ``layer`` creates (its home units)."""
+        return tuple((kind, u) for kind, shape in self.units.items() for u in range(shape.count)
+                     if u % self.num_layers == layer and not (kind == FULL and u < self.num_layers))
 
     # ------------------------------------------------------------------ bytes
-    @property
-    def kv_bytes_per_head(self) -> int:
-        """Bytes per token of one KV head (K and V)."""
-        return 2 * self.head_size * _dtype_size(self.kv_dtype)
+    def empty_slots(self) -> dict[str, int]:
+        """Per kind, unit slots that hold no head on this rank."""
+        used = {FULL: 0, WINDOW: 0, INDEX: 0}
+        for p in self.places:
+            for q in (*p.kv, *p.index):
+                used[q.kind] += 1
+        return {kind: shape.count * shape.slots - used[kind] for kind, shape in self.units.items()}
 
-    @property
-    def index_bytes_per_slot(self) -> int:
-        return self.index_dim * _dtype_size(self.index_dtype)
+    def bytes_per_sequence(self, context: int) -> int:
+        """KV bytes one sequence of ``context`` tokens holds on this rank in decode (vLLM's whole
+        blocks: the full and index units every token, window units sinks + window + the current block)."""
+        total = 0
+        for kind, shape in self.units.items():
+            tokens = context
+            if kind == WINDOW:
+                held = max(self.window, self.dense_threshold) if context < self.dense_threshold else self.window
+                tokens = min(context, held + shape.block_size) + self.num_sink_blocks * shape.block_size
+                tokens = min(tokens, _cdiv(context, shape.block_size) * shape.block_size)
+            total += shape.count * _cdiv(tokens, shape.block_size) * shape.page_size_bytes
+        return total
 
-    def dense_bytes_per_token(self) -> int:
-        """vLLM's stock layout on this rank: every KV head keeps every token (no index cache)."""
-        return self.num_layers * self.num_kv_heads * self.kv_bytes_per_head
+    def dense_bytes_per_sequence(self, context: int, kv_dtype: torch.dtype | None = None,
+                                 block_size: int = DEFAULT_BLOCK_UNIT) -> int:
+        """What vLLM's stock cache (every KV head, every token) needs for the sequence on this rank,
+        in ``kv_dtype`` (default: this layout's K/V dtype)."""
+        dtype = kv_dtype or self.units[FULL].dtype
+        return (self.num_layers * self.num_kv_heads * 2 * self.head_size * _dtype_size(dtype)
+                * _cdiv(context, block_size) * block_size)
 
-    def full_bytes_per_token(self) -> int:
-        """This plan on this rank: bytes per token of the caches that keep every token."""
-        return self.num_layers * (self.num_full_kv_heads * self.kv_bytes_per_head
-                                  + self.index_width * self.index_bytes_per_slot)
+    def capacity_ratio(self, context: int, baseline_dtype: torch.dtype | None = None) -> float:
+        """How many more sequences of ``context`` tokens fit than in vLLM's stock cache (of
+        ``baseline_dtype``; default: this layout's K/V dtype)."""
+        return self.dense_bytes_per_sequence(context, baseline_dtype) / self.bytes_per_sequence(context)
 
-    def ideal_full_bytes_per_token(self) -> int:
-        """The ideal per-layer layout on this rank (no promoted heads, no padded slots)."""
-        return sum(len(kv) * self.kv_bytes_per_head + len(h) * self.index_bytes_per_slot
-                   for kv, h in zip(self.retrieval_kv_heads, self.retrieval_heads))
-
-    def window_bytes_per_token(self) -> int:
-        """This plan: bytes per token of the window caches (for the tokens they hold)."""
-        return self.num_layers * self.num_window_kv_heads * self.kv_bytes_per_head
-
-    def window_tokens(self, context: int) -> int:
-        """Tokens a window KV head holds for a sequence of ``context`` tokens (sinks + window)."""
-        return min(context, self.sink_tokens + self.window)
-
-    def bytes_per_sequence(self, context: int, kind: str = "planned") -> int:
-        """KV bytes one sequence of ``context`` tokens needs on this rank, ignoring block rounding.
-
-        ``kind``: ``"dense"`` (stock vLLM), ``"ideal"`` (per-layer counts, no padding) or
-        ``"planned"`` (this plan).
-        """
-        held = self.window_tokens(context)
-        if kind == "dense":
-            return context * self.dense_bytes_per_token()
-        if kind == "planned":
-            return context * self.full_bytes_per_token() + held * self.window_bytes_per_token()
-        if kind == "ideal":
-            window_heads = sum(self.num_kv_heads - len(kv) for kv in self.retrieval_kv_heads)
-            return context * self.ideal_full_bytes_per_token() + held * window_heads * self.kv_bytes_per_head
-        raise ValueError(f"unknown kind {kind!r}")
-
-    def capacity_ratio(self, context: int, kind: str = "planned") -> float:
-        """How many more sequences of ``context`` tokens fit than with the dense layout."""
-        return self.bytes_per_sequence(context, "dense") / self.bytes_per_sequence(context, kind)
-
-    def vllm_bytes_per_sequence(self, context: int, max_in_flight_tokens: int) -> int:
-        """What vLLM reserves per sequence of ``context`` tokens (its ``max_memory_usage_bytes``):
-        whole blocks, and a window cache that also holds the in-flight tokens of chunked prefill
-        (``max_in_flight_tokens``: vLLM's ``VllmConfig.max_in_flight_tokens``)."""
-        b, page = self.blocks, self.blocks.page_size_bytes
-        if not self.has_window_cache:
-            per_layer = _cdiv(context, b.full) * b.full * self.num_full_kv_heads * self.kv_bytes_per_head
-            if self.has_index_cache:
-                per_layer += _cdiv(context, b.index) * b.index * self.index_width * self.index_bytes_per_slot
-            return self.num_layers * per_layer
-        blocks = _cdiv(context, b.full)
-        if self.has_index_cache:
-            blocks += _cdiv(context, b.index)
-        window = _cdiv(min(self.window - 1 + max_in_flight_tokens, context), b.window) + 1 + self.num_sink_blocks
-        blocks += min(window, _cdiv(context, b.window))
-        return self.num_layers * blocks * page
-
-    def vllm_capacity_ratio(self, context: int, max_in_flight_tokens: int, dense_block_size: int = 16) -> float:
-        """The ratio vLLM's "Maximum concurrency" log line should show against the stock layout."""
-        dense = self.num_layers * _cdiv(context, dense_block_size) * dense_block_size * self.num_kv_heads \
-            * self.kv_bytes_per_head
-        return dense / self.vllm_bytes_per_sequence(context, max_in_flight_tokens)
-
-    def summary(self, context: int = 131072) -> str:
+    def summary(self, context: int = DEFAULT_REFERENCE_TOKENS) -> str:
         """One line for logs and reports."""
-        b = self.blocks
-        return (f"R={self.num_full_kv_heads}/{self.num_kv_heads} full KV heads, n={self.index_width} index "
-                f"slots, blocks full/window/index={b.full}/{b.window}/{b.index} "
-                f"(page {b.page_size_bytes} B, prefix-hit granularity {b.scheduler_block_size}), "
-                f"promoted KV heads {self.padding.promoted_kv_heads}, padded index slots "
-                f"{self.padding.padded_index_slots}, padding {100 * self.padding.wasted_fraction:.1f}% of "
-                f"full-history bytes; capacity vs dense at {context} tokens: "
-                f"{self.capacity_ratio(context):.2f}x (ideal {self.capacity_ratio(context, 'ideal'):.2f}x)")
+        slots = ", ".join(f"{k} {s.count}x{s.slots} (block {s.block_size})" for k, s in self.units.items())
+        empty = self.empty_slots()
+        return (f"KV layout {self.name!r}: units {slots}; page {self.blocks.page_size_bytes} B, prefix-hit "
+                f"granularity {self.blocks.scheduler_block_size} tokens; empty slots "
+                + ", ".join(f"{k} {n}" for k, n in empty.items())
+                + f"; capacity vs FLASH_ATTN at {context} tokens: {self.capacity_ratio(context):.2f}x")
 
 
 def _cdiv(a: int, b: int) -> int:

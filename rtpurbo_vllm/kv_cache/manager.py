@@ -10,7 +10,8 @@ list for a request of ``T`` computed tokens is::
 so the block table handed to the worker still maps token ``t < sink_tokens`` to its page and every
 window token to its page; tokens in between map to vLLM's null block (the kernels must mask them,
 as they mask any token outside sink + window). A prefix-cache hit needs the sink blocks and the
-window blocks before the hit end; preemption frees everything (as in vLLM).
+window blocks before the hit end (every block before it when the hit is shorter than
+``dense_threshold``); preemption frees everything (as in vLLM).
 
 :class:`FullPrefixManager` is vLLM's ``FullAttentionManager`` that trims prefix-hit blocks to the
 hit length it is given. vLLM 0.26's ``HybridKVCacheCoordinator`` only trims the *first* Full-type
@@ -72,6 +73,12 @@ class SinkWindowManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.num_sink_blocks = kv_cache_spec.num_sink_blocks
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        """vLLM's window rule, but nothing is skipped while the next step may run dense."""
+        if num_computed_tokens + 1 < self.kv_cache_spec.dense_threshold:
+            return 0
+        return super().get_num_skipped_tokens(num_computed_tokens)
 
     def _skipped_range(self, num_computed_tokens: int) -> tuple[int, int]:
         """Block indices ``[first, last)`` that are out of window and not sinks (empty: first >= last)."""
@@ -154,13 +161,15 @@ class SinkWindowManager(SlidingWindowManager):
                                block_pool: BlockPool, kv_cache_spec: KVCacheSpec, drop_eagle_block: bool,
                                alignment_tokens: int, dcp_world_size: int = 1,
                                pcp_world_size: int = 1) -> tuple[tuple[list[KVCacheBlock], ...], int]:
-        """The sliding window's hit, which also needs the sink blocks to be cached (else no hit)."""
+        """The sliding window's hit, which also needs the sink blocks to be cached, and every block
+        when the hit is short enough to run dense (else no hit)."""
         assert isinstance(kv_cache_spec, SinkWindowSpec)
         computed, hit_length = super().find_longest_cache_hit(
             block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,
             alignment_tokens, dcp_world_size, pcp_world_size)
         num_blocks = len(computed[0])
-        missing = [j for j in range(min(kv_cache_spec.num_sink_blocks, num_blocks)) if computed[0][j].is_null]
+        needed = num_blocks if hit_length + 1 < kv_cache_spec.dense_threshold else kv_cache_spec.num_sink_blocks
+        missing = [j for j in range(min(needed, num_blocks)) if computed[0][j].is_null]
         if not missing:
             return computed, hit_length
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, kv_cache_spec.block_size,
@@ -179,13 +188,15 @@ class SinkWindowManager(SlidingWindowManager):
     def reachable_block_mask(cls, start_block: int, end_block: int, alignment_tokens: int | None,
                              kv_cache_spec: KVCacheSpec, use_eagle: bool, retention_interval: int | None = None,
                              reachable_boundaries: Sequence[int] = ()) -> list[bool] | None:
-        """The sliding window's cached blocks plus the sink blocks (every hit needs them)."""
+        """The sliding window's cached blocks plus the sink blocks (every hit needs them) and every
+        block before ``dense_threshold`` (a hit that short needs them all)."""
         mask = super().reachable_block_mask(start_block, end_block, alignment_tokens, kv_cache_spec, use_eagle,
                                             retention_interval, reachable_boundaries)
         if mask is None:
             return None
         assert isinstance(kv_cache_spec, SinkWindowSpec)
-        for i in range(start_block, min(end_block, kv_cache_spec.num_sink_blocks)):
+        kept = max(kv_cache_spec.num_sink_blocks, cdiv(kv_cache_spec.dense_threshold, kv_cache_spec.block_size))
+        for i in range(start_block, min(end_block, kept)):
             mask[i - start_block] = True
         return mask
 

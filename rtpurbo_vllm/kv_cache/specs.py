@@ -1,14 +1,12 @@
-"""vLLM KV-cache specs of the three RTPurbo caches of a layer (see :mod:`.layout`).
+"""vLLM KV-cache specs of the three kinds of RTPurbo cache unit (see :mod:`.layout`).
 
-* full cache (the model's ``Attention`` layer): :class:`RTPurboFullSpec` (a ``FullAttentionSpec``)
-  ``(num_kv_heads=R, head_size=D, block_size=Pf)``, K and V of every token of the R full KV heads,
-  page ``Pf * R * 2D * s`` bytes;
-* window cache (``{prefix}.rtp_window``): :class:`SinkWindowSpec` ``(num_kv_heads=H-R, head_size=D,
-  block_size=Pw, sliding_window=W, sink_tokens=4)``, same page bytes; vLLM frees its blocks that fall
-  out of the window except the ``ceil(sink / Pw)`` sink blocks (:mod:`.manager`);
-* index cache (``{prefix}.rtp_index``): :class:`RTPurboIndexSpec` ``(num_kv_heads=1,
-  head_size=DI*n, block_size=Pi)``, one key vector per token (an ``MLAAttentionSpec``), same page
-  bytes.
+* full unit: :class:`RTPurboFullSpec` (a ``FullAttentionSpec``) ``(num_kv_heads=slots, head_size=D,
+  block_size=Pf)``, K and V of every token;
+* window unit: :class:`SinkWindowSpec` ``(num_kv_heads=slots, head_size=D, block_size=Pw,
+  sliding_window=W, sink_tokens, dense_threshold)``; vLLM frees its blocks that fall out of the window
+  except the sink blocks, and none while a request is shorter than ``dense_threshold`` (:mod:`.manager`);
+* index unit: :class:`RTPurboIndexSpec` ``(num_kv_heads=1, head_size=DI*slots, block_size=Pi)``, one
+  key vector per token (an ``MLAAttentionSpec``).
 
 The Full-type specs use :class:`~rtpurbo_vllm.kv_cache.manager.FullPrefixManager` (the stock full
 manager plus a fix for hybrid prefix hits with two Full-type groups) and the window spec
@@ -30,29 +28,32 @@ from vllm.v1.kv_cache_interface import (
     SlidingWindowSpec,
 )
 
-if TYPE_CHECKING:
-    import torch
+from rtpurbo_vllm.kv_cache.layout import INDEX, WINDOW
 
-    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan
+if TYPE_CHECKING:
+    from rtpurbo_vllm.kv_cache.layout import KVLayout, UnitShape
 
 
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(SlidingWindowSpec):
-    """A sliding window that also keeps the first ``sink_tokens`` tokens of every request.
+    """A sliding window that also keeps the first ``sink_tokens`` tokens of every request, and every
+    token while a request is shorter than ``dense_threshold`` (it may still run dense).
 
     Memory per request (admission cap and start-up sizing): the sliding window's
-    ``cdiv(min(W - 1 + in_flight, max_len), P) + 1`` blocks plus ``cdiv(sink_tokens, P)`` sink blocks,
-    never more than ``cdiv(max_len, P)``.
+    ``cdiv(min(max(W, dense_threshold) - 1 + in_flight, max_len), P) + 1`` blocks plus
+    ``cdiv(sink_tokens, P)`` sink blocks, never more than ``cdiv(max_len, P)``.
     """
 
     sink_tokens: int = 0
+    dense_threshold: int = 0
 
     @property
     def num_sink_blocks(self) -> int:
         return cdiv(self.sink_tokens, self.block_size) if self.sink_tokens > 0 else 0
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        window_blocks = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        held = max(self.sliding_window, self.dense_threshold)
+        window_blocks = cdiv(min(held - 1 + max_in_flight_tokens, max_model_len), self.block_size) + 1
         return min(window_blocks + self.num_sink_blocks, cdiv(max_model_len, self.block_size))
 
     @classmethod
@@ -68,38 +69,29 @@ class SinkWindowSpec(SlidingWindowSpec):
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(isinstance(spec, SinkWindowSpec) and spec.sliding_window == self.sliding_window
-                   and spec.sink_tokens == self.sink_tokens for spec in kv_cache_specs.values())
+                   and spec.sink_tokens == self.sink_tokens and spec.dense_threshold == self.dense_threshold
+                   for spec in kv_cache_specs.values())
 
 
 @dataclass(frozen=True, kw_only=True)
 class RTPurboFullSpec(FullAttentionSpec):
-    """The full K/V cache (R heads); a ``FullAttentionSpec`` with its own manager."""
+    """A full unit (K/V of every token); a ``FullAttentionSpec`` with its own manager."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class RTPurboIndexSpec(MLAAttentionSpec):
-    """Key-only index cache (``DI * n`` values per token); an ``MLAAttentionSpec`` with its own manager."""
+    """An index unit (``DI * slots`` key values per token); an ``MLAAttentionSpec`` with its own manager."""
 
 
-def full_spec(plan: KVLayoutPlan, dtype: torch.dtype | None = None, **kwargs) -> RTPurboFullSpec:
-    """The main ``Attention`` layer's spec: R full KV heads. ``kwargs`` go to the spec
+def unit_spec(shape: UnitShape, layout: KVLayout, **kwargs) -> KVCacheSpec:
+    """The vLLM spec of one unit of ``shape`` in ``layout``. ``kwargs`` go to K/V specs
     (``kv_quant_mode``, ``head_size_v``)."""
-    return RTPurboFullSpec(block_size=plan.blocks.full, num_kv_heads=plan.num_full_kv_heads,
-                             head_size=plan.head_size, dtype=dtype or plan.kv_dtype, **kwargs)
-
-
-def window_spec(plan: KVLayoutPlan, dtype: torch.dtype | None = None, **kwargs) -> SinkWindowSpec:
-    """The window side layer's spec: H - R KV heads, sink tokens plus a sliding window."""
-    if not plan.has_window_cache:
-        raise ValueError("this plan keeps every KV head in full; it has no window cache")
-    return SinkWindowSpec(block_size=plan.blocks.window, num_kv_heads=plan.num_window_kv_heads,
-                          head_size=plan.head_size, dtype=dtype or plan.kv_dtype,
-                          sliding_window=plan.window, sink_tokens=plan.sink_tokens, **kwargs)
-
-
-def index_spec(plan: KVLayoutPlan, dtype: torch.dtype | None = None) -> RTPurboIndexSpec:
-    """The index side layer's spec: ``DI * n`` key values per token."""
-    if not plan.has_index_cache:
-        raise ValueError("this plan has no retrieval head, hence no index cache")
-    return RTPurboIndexSpec(block_size=plan.blocks.index, num_kv_heads=1,
-                            head_size=plan.index_dim * plan.index_width, dtype=dtype or plan.index_dtype)
+    if shape.kind == INDEX:
+        return RTPurboIndexSpec(block_size=shape.block_size, num_kv_heads=1, head_size=shape.width * shape.slots,
+                                dtype=shape.dtype)
+    common = dict(block_size=shape.block_size, num_kv_heads=shape.slots, head_size=layout.head_size,
+                  dtype=shape.dtype, **kwargs)
+    if shape.kind == WINDOW:
+        return SinkWindowSpec(sliding_window=layout.window, sink_tokens=layout.sink_tokens,
+                              dense_threshold=layout.dense_threshold, **common)
+    return RTPurboFullSpec(**common)

@@ -4,11 +4,11 @@ A hand-made step mixes decodes, a chunked prefill on top of cached tokens (a pre
 chunk) and a fresh prefill, over shuffled pages. The impl writes the caches and attention output;
 the test compares them with the exact reference of the whole sequences.
 
-Both KV layouts run: ``full`` (one cache of every KV head, index keys in the same group) and
-``split`` (``--additional-config '{"rtpurbo": {"kv_layout": "split"}}'``: main, window and index
-caches, each with its own page size, block table and slot mapping, the side layers' metadata from
-their real builder through the forward context). In the split layout, window pages that hold no
-sink or window token are vLLM's null block 0, filled with NaN, and every unheld slot is NaN too.
+Both KV layouts run, bf16 and fp8 caches: ``full`` (one unit of every KV head per layer, index units
+in the same KV-cache group) and ``compact`` (the default: full, window and index units, each kind with
+its own page size, block table and slot mapping, the units' metadata from their real builder through
+the forward context; a layer's heads spread over several units). Window pages that hold no sink or
+window token are vLLM's null block 0, filled with NaN, and every unheld slot is NaN too.
 """
 
 import dataclasses
@@ -28,12 +28,14 @@ from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref, rtpurbo_prefill_ref 
 from rtpurbo_vllm.rope import RopeSpec, apply_rope  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import expand_block_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
+from rtpurbo_vllm.triton_kernels.paged_heads import gather, quantize_fp8, scatter, to_float  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_ref  # noqa: E402
 
 D, PAGE = 64, 16
-# (HQ, HKV, retrieval heads per layer). Split layout: "hkv2" keeps both KV heads in full (no window
-# cache); "hkv4" keeps one (blocks main/window/index = 48/16/192 tokens).
-CASES = {"hkv2": (4, 2, ((1,), (0, 3))), "hkv4": (8, 4, ((1,), (4, 5)))}
+# (HQ, HKV, retrieval heads per layer). Compact layout: "hkv2" keeps both KV heads in full (no window
+# units); "hkv4" one full and three window KV heads per layer over three layers, whose heads share
+# and straddle units.
+CASES = {"hkv2": (4, 2, ((1,), (0, 3))), "hkv4": (8, 4, ((1,), (4, 5), (0, 6, 7)))}
 PARAMS = SparsityParams(sink_tokens=4, window=24, top_p=0.8, block_size=16, index_dim=16, dense_threshold=0)
 # (cached tokens, new tokens) per request, decodes first as vLLM orders them.
 BATCH = [(36, 1), (129, 1), (50, 30), (0, 45)]
@@ -50,7 +52,7 @@ def case(request):
     return CASES[request.param]
 
 
-def make_engine(tmp_path, case, dense_threshold, kv_layout="full"):
+def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto"):
     """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
 
@@ -67,7 +69,7 @@ def make_engine(tmp_path, case, dense_threshold, kv_layout="full"):
                                   params=params, indexer=indexer), tmp_path / "rtpurbo")
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)
     return VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
-                      cache_config=CacheConfig(block_size=PAGE),
+                      cache_config=CacheConfig(block_size=PAGE, cache_dtype=kv_cache_dtype),
                       additional_config={"rtpurbo": {"kv_layout": kv_layout}})
 
 
@@ -90,6 +92,19 @@ def make_layers(vllm_config, case):
         for layer in layers:
             layer.process_weights_after_loading(torch.bfloat16)
     return layers
+
+
+def bind_units(vllm_config, layout, names, pages: dict):
+    """Binds every unit of ``layout`` (NaN-filled, ``pages[kind]`` pages) as vLLM would."""
+    context = vllm_config.compilation_config.static_forward_context
+    for kind, shape in layout.units.items():
+        for name in layout.unit_names(tuple(names), kind):
+            if kind == "index":
+                cache = torch.full((pages[kind], shape.block_size, shape.slots * shape.width), float("nan"),
+                                   dtype=shape.dtype)
+            else:
+                cache = nan_cache(pages[kind], shape.block_size, shape.slots, shape.dtype)
+            context[name].kv_cache = cache
 
 
 def paged_group(page_size, held=None):
@@ -165,7 +180,9 @@ def test_builder_splits_decodes_and_prefills(engine, case):
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
 
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=case[1], head_size=D, dtype=torch.bfloat16)
-    make_layers(engine, case)
+    layers = make_layers(engine, case)
+    layout = layers[0].impl.kv.layout
+    bind_units(engine, layout, [layer.layer_name for layer in layers], {kind: 8 for kind in layout.units})
     builder = RTPurboMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], engine, torch.device("cpu"))
     md = builder.build(0, common_metadata(paged_group(PAGE)[0], PAGE))
     assert md.num_decode_tokens == 2 and md.num_actual_tokens == 77
@@ -174,13 +191,16 @@ def test_builder_splits_decodes_and_prefills(engine, case):
     assert md.prefill.seq_lens.tolist() == [80, 45]
     assert md.positions[:3].tolist() == [36, 129, 50]
     assert builder.max_blocks == 1024 // PARAMS.block_size
+    assert layers[0].impl.kv.is_bound and not layers[1].impl.kv.is_bound     # the builder's own layers
 
 
-def nan_cache(num_pages, page_size, num_kv_heads):
-    """A FlashAttention-layout cache: physical ``[N, P, H, 2D]`` NaN, returned as the logical
-    ``[N, H, P, 2D]`` view vLLM binds."""
-    return torch.full((num_pages, page_size, num_kv_heads, 2 * D), float("nan"), dtype=torch.bfloat16
-                      ).permute(0, 2, 1, 3)
+def nan_cache(num_pages, page_size, num_kv_heads, dtype=torch.bfloat16):
+    """A FlashAttention-layout cache: physical ``[N, P, H, 2D]`` NaN (0x7F bytes for fp8), returned as
+    the logical ``[N, H, P, 2D]`` view vLLM binds."""
+    shape = (num_pages, page_size, num_kv_heads, 2 * D)
+    cache = torch.full(shape, 0x7F, dtype=dtype) if dtype == torch.uint8 else torch.full(shape, float("nan"),
+                                                                                           dtype=dtype)
+    return cache.permute(0, 2, 1, 3)
 
 
 def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.02):
@@ -215,64 +235,75 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
     return sparse_decode_ref(q, k, v, keep, scale)[0]
 
 
-@pytest.mark.parametrize("kv_layout, blocks", [("full", "hand"), ("split", "hand"), ("split", "manager")])
-def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout, blocks):
-    """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (split layout with
-    three groups only: with R == H there is one group)."""
+@pytest.mark.parametrize("kv_layout, blocks, kv_cache_dtype", [
+    ("full", "hand", "auto"), ("compact", "hand", "auto"), ("compact", "manager", "auto"),
+    ("compact", "hand", "fp8"), ("full", "hand", "fp8_e4m3")])
+def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout, blocks,
+                                kv_cache_dtype):
+    """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (compact layout with
+    three groups only: with every KV head full there is one group). FP8 caches: the reference reads
+    K/V quantised as the cache stores them."""
     from vllm.forward_context import set_forward_context
 
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
-    from rtpurbo_vllm.kv_cache.side_layers import INDEX_SUFFIX, WINDOW_SUFFIX, split_key_value
+    from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
 
     HQ, HKV, RETRIEVAL = case
-    engine = make_engine(tmp_path, case, dense_threshold, kv_layout)
+    engine = make_engine(tmp_path, case, dense_threshold, kv_layout, kv_cache_dtype)
     layers = make_layers(engine, case)
-    context = engine.compilation_config.static_forward_context
-    names = [layer.layer_name for layer in layers]
+    names = tuple(layer.layer_name for layer in layers)
+    layout = layers[0].impl.kv.layout
     spec = RopeSpec.from_hf_config(engine.model_config.hf_text_config)
-    split = kv_layout == "split"
-    if blocks == "manager" and HKV == 2:
+    fp8 = kv_cache_dtype != "auto"
+    if blocks == "manager" and not layout.has("window"):
         pytest.skip("every KV head is full: one KV-cache group, covered with hand-built tables")
     managed, managed_pages = manager_block_tables(engine) if blocks == "manager" else (None, None)
+    if kv_layout == "compact" and HKV == 4:
+        assert any(len(layer.impl.kv.kv_units) > 2 for layer in layers)        # heads spread over units
 
-    def group_tables(spec, held=None):
-        """(block table, page count) of the group of ``spec``."""
+    def held_window(b, t):
+        cached = BATCH[b][0]
+        return (t < PARAMS.sink_tokens) | (t > cached - PARAMS.window) | (cached + 1 < dense_threshold)
+
+    # The KV-cache groups as vLLM forms them: per kind, its block table and pages.
+    tables, pages, held = {}, {}, {}
+    for kind, shape in layout.units.items():
+        group_kind = "full" if not layout.has("window") else kind
+        unit_spec_name = {"full": "RTPurboFullSpec", "window": "SinkWindowSpec", "index": "RTPurboIndexSpec"}[kind]
+        held[kind] = held_window if kind == "window" else None
         if managed is not None:
-            return managed[type(spec).__name__], managed_pages
-        return paged_group(spec.block_size, held)
-
-    # The KV-cache groups as vLLM would form them from the layers' specs (same tables for every layer).
-    main_spec = layers[0].get_kv_cache_spec(engine)
-    main_table, main_pages = group_tables(main_spec)
+            tables[kind], pages[kind] = managed[unit_spec_name], managed_pages
+        elif group_kind != kind:          # one group: the index units share the full units' table
+            tables[kind], pages[kind] = tables["full"], pages["full"]
+        else:
+            tables[kind], pages[kind] = paged_group(shape.block_size, held[kind])
+    if layout.has("window") and managed is not None and not dense_threshold:
+        assert (tables["window"][1, 1:6] == 0).all()          # freed window pages are the null block
+    bind_units(engine, layout, names, pages)
+    context = engine.compilation_config.static_forward_context
     attn_metadata = {}
-    md = RTPurboMetadataBuilder(main_spec, names, engine, torch.device("cpu")).build(
-        0, common_metadata(main_table, main_spec.block_size))
+    main_spec = layers[0].get_kv_cache_spec(engine)
+    md = RTPurboMetadataBuilder(main_spec, list(names), engine, torch.device("cpu")).build(
+        0, common_metadata(tables["full"], layout.units["full"].block_size))
     attn_metadata.update({name: md for name in names})
-    side = {}   # suffix -> (spec, block table, pages, held)
-    if split:
-        index_layer = context.get(f"{names[0]}.{INDEX_SUFFIX}")
-        window_layer = context.get(f"{names[0]}.{WINDOW_SUFFIX}")
-        assert (window_layer is None) == (kv_layout == "split" and HKV == 2)
-        for suffix, layer in ((INDEX_SUFFIX, index_layer), (WINDOW_SUFFIX, window_layer)):
-            if layer is None:
-                continue
-            side_spec = layer.get_kv_cache_spec(engine)
-            held = None
-            if suffix == WINDOW_SUFFIX:
-                kept = side_spec.sliding_window
-                assert kept == max(PARAMS.window, dense_threshold - 1)
-                held = (lambda b, t, kept=kept: (t < PARAMS.sink_tokens) | (t > BATCH[b][0] - kept))
-            table, pages = group_tables(side_spec, held)
-            side_names = [f"{name}.{suffix}" for name in names]
-            builder = layer.get_attn_backend().get_builder_cls()(side_spec, side_names, engine, torch.device("cpu"))
-            side_md = builder.build(0, common_metadata(table, side_spec.block_size))
-            attn_metadata.update({name: side_md for name in side_names})
-            side[suffix] = (side_spec, table, pages, held)
-        if window_layer is not None and not dense_threshold:   # freed window pages (null block 0) are masked
-            assert (side[WINDOW_SUFFIX][1][1, 1:6] == 0).all()
+    for kind, shape in layout.units.items():
+        side_names = [n for n in layout.unit_names(names, kind) if n not in names]
+        if not side_names:
+            continue
+        unit_spec = context[side_names[0]].get_kv_cache_spec(engine)
+        if kind == "window":
+            assert unit_spec.sliding_window == PARAMS.window and unit_spec.dense_threshold == dense_threshold
+        side_md = UnitMetadataBuilder(unit_spec, side_names, engine, torch.device("cpu")).build(
+            0, common_metadata(tables[kind], shape.block_size))
+        attn_metadata.update({name: side_md for name in side_names})
 
     for layer_idx, layer in enumerate(layers):
-        impl = layer.impl
+        impl, kv = layer.impl, layer.impl.kv
+        assert kv.is_bound
+        scales = (layer._k_scale, layer._v_scale)
+        if fp8:
+            layer._k_scale.fill_(0.5)
+            layer._v_scale.fill_(2.0)
         # Whole sequences: pre-RoPE q/k, then post-RoPE as vLLM's attention receives them.
         seqs = []
         for cached, new in BATCH:
@@ -282,69 +313,75 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
             k_pre = torch.randn(n, HKV, D, dtype=torch.bfloat16)
             v = torch.randn(n, HKV, D, dtype=torch.bfloat16)
             seqs.append((q_pre, apply_rope(q_pre, pos, spec), k_pre, apply_rope(k_pre, pos, spec), v))
-        # (K view [N, P, H_c, D], V view, block table, KV heads, held) per K/V cache.
-        kv_cache = nan_cache(main_pages, main_spec.block_size, main_spec.num_kv_heads)
-        full_heads = impl.plan.split.full_kv_heads if split else torch.arange(HKV)
-        kv_caches = [(*split_key_value(kv_cache), main_table, full_heads, None)]
-        if WINDOW_SUFFIX in side:
-            window_spec, table, pages, held = side[WINDOW_SUFFIX]
-            window_layer = context[f"{layer.layer_name}.{WINDOW_SUFFIX}"]
-            window_layer.kv_cache = nan_cache(pages, window_spec.block_size, window_spec.num_kv_heads)
-            kv_caches.append((*window_layer.key_value(), table, impl.plan.split.window_kv_heads, held))
-        index_cache = impl.plan.index_cache
-        index_spec, index_table, index_pages, _ = side.get(INDEX_SUFFIX, (None, main_table, main_pages, None))
-        index_page = index_spec.block_size if split else main_spec.block_size
-        index_cache.kv_cache = torch.full((index_pages, index_page, index_cache.num_heads * 16), float("nan"),
-                                          dtype=torch.bfloat16)
-        paged_index = index_cache.paged_view()[:, :, :len(RETRIEVAL[layer_idx])]
+        kv_kinds = ("full", "window")
+        kv_tables = [kv.kv.table(k, tables[kind]) if kv.kv.geometry[k:k + 1] not in ((), (None,)) else None
+                     for k, kind in enumerate(kv_kinds)]
+        index_table = kv.index.table(0, tables["index"]) if kv.index is not None else None
         kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL[layer_idx]])
-        w_q, w_k = impl.plan.w_q, impl.plan.w_k
+        w_q, w_k = impl.heads.w_q, impl.heads.w_k
 
-        def slots_of(table, page_size, b, t):
-            return table[b, t // page_size].long(), t % page_size
+        def stored(x, scale):
+            """What the cache holds for ``x`` (fp8: quantised), read back as the kernels read it."""
+            return to_float(quantize_fp8(x, scale), scale) if fp8 else x.float()
+
+        def slots_for(kind, b, t):
+            page_size = layout.units[kind].block_size
+            return tables[kind][b, t // page_size].long() * page_size + t % page_size
 
         for b, ((cached, _), (_, _, _, k, v)) in enumerate(zip(BATCH, seqs)):   # the cached history
             t = torch.arange(cached)
-            for key_cache, value_cache, table, heads, held in kv_caches:
-                kept = t if held is None else t[held(b, t)]
-                page, off = slots_of(table, key_cache.shape[1], b, kept)
-                key_cache[page, off], value_cache[page, off] = k[kept][:, heads], v[kept][:, heads]
-            page, off = slots_of(index_table, index_page, b, t)
-            paged_index[page, off] = index_keys_ref(k[:cached], t, spec, kv_heads, w_k).to(torch.bfloat16)
+            for h in range(HKV):
+                kind = kv_kinds[kv.kv.head_kind[h]]
+                keep = t if held[kind] is None else t[held[kind](b, t)]
+                mappings = [torch.full((cached,), -1, dtype=torch.long) for _ in kv_kinds]
+                mappings[kv.kv.head_kind[h]][keep] = slots_for(kind, b, keep)
+                packed = torch.cat([k[:cached, h], v[:cached, h]], -1)
+                if fp8:
+                    packed = torch.cat([quantize_fp8(k[:cached, h], scales[0]), quantize_fp8(v[:cached, h], scales[1])], -1)
+                scatter(kv.kv, mappings, h, packed)
+            if kv.index is not None:
+                keys = index_keys_ref(k[:cached], t, spec, kv_heads, w_k).to(torch.bfloat16)
+                for r in range(len(RETRIEVAL[layer_idx])):
+                    scatter(kv.index, [slots_for("index", b, t)], r, keys[:, r])
         query = torch.cat([q[c:] for (c, _), (_, q, _, _, _) in zip(BATCH, seqs)])
         key = torch.cat([k[c:] for (c, _), (_, _, _, k, _) in zip(BATCH, seqs)])
         value = torch.cat([v[c:] for (c, _), (_, _, _, _, v) in zip(BATCH, seqs)])
         output = torch.full_like(query, float("nan"))
         with set_forward_context(attn_metadata, engine):
-            impl.forward(layer, query, key, value, kv_cache, md, output)
+            impl.forward(layer, query, key, value, layer.kv_cache, md, output)
 
         # Caches: every (held) token of every sequence is now in place.
         for b, (_, _, k_pre, k, v) in enumerate(seqs):
             t = torch.arange(k.shape[0])
-            for key_cache, value_cache, table, heads, held in kv_caches:
-                kept = t if held is None else t[held(b, t)]
-                page, off = slots_of(table, key_cache.shape[1], b, kept)
-                torch.testing.assert_close(key_cache[page, off], k[kept][:, heads])
-                torch.testing.assert_close(value_cache[page, off], v[kept][:, heads])
-            want = index_keys_ref(k, t, spec, kv_heads, w_k)
-            page, off = slots_of(index_table, index_page, b, t)
-            torch.testing.assert_close(paged_index[page, off].float(), want, atol=0.05, rtol=0.02)
+            for h in range(HKV):
+                kind = kv_kinds[kv.kv.head_kind[h]]
+                keep = t if held[kind] is None else t[held[kind](b, t)]
+                got = gather(kv.kv, kv_tables, b, h, keep)
+                torch.testing.assert_close(to_float(got[:, :D], scales[0]), stored(k[keep, h], scales[0]))
+                torch.testing.assert_close(to_float(got[:, D:], scales[1]), stored(v[keep, h], scales[1]))
+            if kv.index is not None:
+                want = index_keys_ref(k, t, spec, kv_heads, w_k)
+                for r in range(len(RETRIEVAL[layer_idx])):
+                    torch.testing.assert_close(gather(kv.index, [index_table], b, r, t).float(), want[:, r],
+                                               atol=0.05, rtol=0.02)
 
-        # Attention output against the reference on whole sequences (decodes first, as in BATCH).
+        # Attention output against the reference on whole sequences (decodes first, as in BATCH),
+        # over K/V as the cache stores them.
         p = impl.params
         ws = md.decode.workspace
         row = 0
         for b, ((cached, new), (q_pre, q, k_pre, k, v)) in enumerate(zip(BATCH, seqs)):
             n = cached + new
+            k_seen, v_seen = stored(k, scales[0]), stored(v, scales[1])
             cu_k = torch.tensor([0, n], dtype=torch.int32)
             if new == 1:
                 kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist()
                                  for r in range(len(RETRIEVAL[layer_idx]))]
-                want = decode_reference(q[-1], k, v, q_pre[-1], k_pre, RETRIEVAL[layer_idx], w_q, w_k, p,
+                want = decode_reference(q[-1], k_seen, v_seen, q_pre[-1], k_pre, RETRIEVAL[layer_idx], w_q, w_k, p,
                                         impl.scale, kernel_blocks)[None]
             else:
-                want = rtpurbo_prefill_ref(q[cached:], k, v, torch.tensor([0, new], dtype=torch.int32), cu_k,
-                                           RETRIEVAL[layer_idx], p.sink_tokens, p.window, p.dense_threshold,
+                want = rtpurbo_prefill_ref(q[cached:], k_seen, v_seen, torch.tensor([0, new], dtype=torch.int32),
+                                           cu_k, RETRIEVAL[layer_idx], p.sink_tokens, p.window, p.dense_threshold,
                                            impl.scale)
             got = output[row:row + new].float()
             torch.testing.assert_close(got, want, atol=0.03, rtol=0.03, msg=f"layer {layer_idx} request {b}")
@@ -355,7 +392,10 @@ def test_kv_layout_option(tmp_path, cpu_platform, seed):
     from rtpurbo_vllm.artifacts import ArtifactError
     from rtpurbo_vllm.attention.serving_config import kv_layout_for
 
-    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0)) == "full"
-    engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="compact")
-    with pytest.raises(ArtifactError, match=r"kv_layout' must be one of \['full', 'split'\], got 'compact'"):
+    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="full")) == "full"
+    engine = make_engine(tmp_path, CASES["hkv2"], 0)
+    engine.additional_config = {}
+    assert kv_layout_for(engine) == "compact"
+    engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="split")
+    with pytest.raises(ArtifactError, match=r"kv_layout' must be one of \['compact', 'full'\], got 'split'"):
         kv_layout_for(engine)

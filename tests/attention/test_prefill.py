@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from rtpurbo_vllm.attention import prefill
-from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill, headwise_prefill_torch
+from rtpurbo_vllm.attention.prefill import PrefillHeads, headwise_prefill, headwise_prefill_torch
+from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.reference import rtpurbo_prefill_ref
 from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref, masked_attention
 
@@ -190,12 +191,21 @@ def _run(fn, batch, heads, sink_tokens, window, dense_threshold, device="cpu"):
     """(out from ``fn``, reference float32) for one batch from :func:`_paged_batch`."""
     q, k, v, cu_q, cu_k, seqused_k, block_table, key_cache, value_cache = batch
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    plan = RTPurboPrefillPlan.build(heads, hq, hkv, device=device)
+    plan = PrefillHeads.build(heads, hq, hkv, device=device)
     out = torch.full_like(q, float("nan"))
     max_q, max_k = int(cu_q.diff().max()), int(seqused_k.max())
-    fn(q, key_cache, value_cache, cu_q, seqused_k, max_q, max_k, block_table, plan, sink_tokens, window,
-       d ** -0.5, out, dense_threshold=dense_threshold)
+    fn(q, [KVPart(key_cache, value_cache, block_table, tuple(range(hkv)))], cu_q, seqused_k, max_q, max_k, plan,
+       sink_tokens, window, d ** -0.5, out, dense_threshold=dense_threshold)
     return out
+
+
+def _part(kv_heads, hq, hkv, key_cache, value_cache, block_table, is_window, device="cpu"):
+    """A :class:`KVPart` of ``kv_heads`` (a subset of the layer's, in the views' head order)."""
+    group = hq // hkv
+    return KVPart(key_cache, value_cache, block_table, tuple(kv_heads),
+                  torch.tensor(kv_heads, dtype=torch.long, device=device),
+                  torch.tensor([g * group + i for g in kv_heads for i in range(group)], dtype=torch.long,
+                               device=device), is_window)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +213,7 @@ def _run(fn, batch, heads, sink_tokens, window, dense_threshold, device="cpu"):
 
 
 def test_plan_groups_and_local_heads():
-    plan = RTPurboPrefillPlan.build([5, 0, 2], num_heads=8, num_kv_heads=2)
+    plan = PrefillHeads.build([5, 0, 2], num_heads=8, num_kv_heads=2)
     assert (plan.num_heads, plan.num_kv_heads) == (8, 2)
     assert [g for g, _ in plan.retrieval_groups] == [0, 1]
     assert [heads.tolist() for _, heads in plan.retrieval_groups] == [[0, 2], [5]]
@@ -215,7 +225,7 @@ def test_plan_groups_and_local_heads():
 @pytest.mark.parametrize("heads, groups, local", [([], [], (0, 1, 2, 3, 4)), ([0, 1, 2, 3, 4], [0], ()),
                                                   ([4], [0], (0, 1, 2, 3))])
 def test_plan_mqa(heads, groups, local):
-    plan = RTPurboPrefillPlan.build(heads, num_heads=5, num_kv_heads=1)
+    plan = PrefillHeads.build(heads, num_heads=5, num_kv_heads=1)
     assert [g for g, _ in plan.retrieval_groups] == groups
     assert plan.local_heads == local
     assert plan.retrieval_mask.sum() == len(heads)
@@ -225,7 +235,7 @@ def test_plan_mqa(heads, groups, local):
                                                    ([-1], 4, 4, "out of range"), ([0], 6, 4, "not a multiple")])
 def test_plan_rejects_bad_heads(heads, hq, hkv, match):
     with pytest.raises(ValueError, match=match):
-        RTPurboPrefillPlan.build(heads, hq, hkv)
+        PrefillHeads.build(heads, hq, hkv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,17 +267,21 @@ def test_torch_fallback_dense_threshold(seed, dense_threshold):
 def test_bad_arguments():
     batch = _paged_batch([0], [10], 4, 2, 16, 16, "NHD", torch.float32, "cpu")
     q, _, _, cu_q, _, seqused_k, block_table, key_cache, value_cache = batch
-    plan = RTPurboPrefillPlan.build([1], 4, 2)
-    args = (cu_q, seqused_k, 10, 10, block_table)
+    plan = PrefillHeads.build([1], 4, 2)
+    parts = [KVPart(key_cache, value_cache, block_table, (0, 1))]
+    args = (cu_q, seqused_k, 10, 10)
     with pytest.raises(ValueError, match="out is"):
-        headwise_prefill_torch(q, key_cache, value_cache, *args, plan, 4, 8, 0.25, torch.empty_like(q).half())
+        headwise_prefill_torch(q, parts, *args, plan, 4, 8, 0.25, torch.empty_like(q).half())
     with pytest.raises(ValueError, match="window >= 1"):
-        headwise_prefill_torch(q, key_cache, value_cache, *args, plan, 4, 0, 0.25, torch.empty_like(q))
+        headwise_prefill_torch(q, parts, *args, plan, 4, 0, 0.25, torch.empty_like(q))
     with pytest.raises(ValueError, match="query has shape"):
-        headwise_prefill_torch(q, key_cache, value_cache, *args, RTPurboPrefillPlan.build([1], 8, 2), 4, 8,
-                               0.25, torch.empty_like(q))
-    with pytest.raises(ValueError, match="key_cache has shape"):
-        headwise_prefill_torch(q, key_cache[:, :, :1], value_cache, *args, plan, 4, 8, 0.25, torch.empty_like(q))
+        headwise_prefill_torch(q, parts, *args, PrefillHeads.build([1], 8, 2), 4, 8, 0.25, torch.empty_like(q))
+    with pytest.raises(ValueError, match="must both be"):
+        headwise_prefill_torch(q, [KVPart(key_cache[:, :, :1], value_cache, block_table, (0, 1))], *args, plan,
+                               4, 8, 0.25, torch.empty_like(q))
+    with pytest.raises(ValueError, match="exactly once"):
+        headwise_prefill_torch(q, [KVPart(key_cache[:, :, :1], value_cache[:, :, :1], block_table, (0,))], *args,
+                               plan, 4, 8, 0.25, torch.empty_like(q))
 
 
 def test_blockwise_reference_matches_reference(seed):
@@ -321,7 +335,7 @@ def test_fa3_path_emulated(seed, fake_fa3, case, window, sink_tokens):
     expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink_tokens, window, 0, d ** -0.5)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
 
-    plan = RTPurboPrefillPlan.build(heads, hq, hkv)
+    plan = PrefillHeads.build(heads, hq, hkv)
     if window >= max(h + n for h, n in zip(hist, new)):
         assert len(fake_fa3) == 1 and "window_size" not in fake_fa3[0]          # dense on every head
         return
@@ -429,7 +443,7 @@ def test_fa3_path_leaves_inputs_alone(seed, fa3):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CPU: the split KV layout (full KV heads in the main cache, the others in a window cache).
+# CPU: the compact KV layout (full KV heads in one view, the others in a window view).
 
 
 def _split_paged(k, v, cu_k, heads, page_size, held, garbage=float("nan")):
@@ -462,15 +476,27 @@ def _split_paged(k, v, cu_k, heads, page_size, held, garbage=float("nan")):
 # (history, new, HQ, HKV, D, retrieval heads, full KV heads, main page, window page, sink, window, dense)
 SPLIT_CASES = [
     ([300, 0, 17], [45, 200, 63], 8, 4, 16, [0, 5], [0, 2], 48, 112, 4, 33, 0),
-    ([300, 0, 17], [45, 200, 63], 8, 4, 16, [5], [0, 2], 16, 48, 4, 20, 0),     # KV head 0 promoted
+    ([300, 0, 17], [45, 200, 63], 8, 4, 16, [5], [2, 0], 16, 48, 4, 20, 0),     # full views out of head order
     ([130, 0, 60], [20, 90, 30], 8, 2, 32, [1], [0], 112, 16, 4, 40, 100),      # dense sequences
 ]
 
 
+def _compact_parts(case, batch, garbage, device="cpu"):
+    hist, new, hq, hkv, d, heads, full, main_page, window_page, sink, window, dense = case
+    _, k, v, _, cu_k = batch[:5]
+    window_heads = [g for g in range(hkv) if g not in full]
+    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool), garbage)
+    # The window view holds sinks, the window, and every token of a sequence that may run dense.
+    window_kv = _split_paged(k, v, cu_k, window_heads, window_page,
+                             lambda b, t: (t < sink) | (t > hist[b] - window) | (hist[b] + 1 < dense), garbage)
+    return [_part(full, hq, hkv, *(x.to(device) for x in main), False, device),
+            _part(window_heads, hq, hkv, *(x.to(device) for x in window_kv), True, device)]
+
+
 @pytest.mark.parametrize("fn", [headwise_prefill_torch, headwise_prefill], ids=["torch", "fa3-emulated"])
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "promoted-P16-Pw48", "dense-P112-Pw16"])
-def test_split_kv_layout(seed, fake_fa3, fn, case):
-    """Split caches whose out-of-window pages are garbage null blocks give the dense layout's result.
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "unordered-P16-Pw48", "dense-P112-Pw16"])
+def test_compact_kv_layout(seed, fake_fa3, fn, case):
+    """Full and window views whose out-of-window pages are garbage null blocks give the dense result.
 
     The torch path never reads unheld keys (NaN there). FA3 loads whole key tiles and masks scores, so
     the keys of a window's boundary tile must be finite: vLLM's null block stays zero and a freed page
@@ -478,47 +504,67 @@ def test_split_kv_layout(seed, fake_fa3, fn, case):
     hist, new, hq, hkv, d, heads, full, main_page, window_page, sink, window, dense = case
     batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.float16, "cpu")
     q, k, v, cu_q, cu_k, seqused_k = batch[:6]
-    kept = max(window, dense - 1)    # what the window cache keeps (the impl's plan)
-    window_heads = [g for g in range(hkv) if g not in full]
-    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool))
     garbage = float("nan") if fn is headwise_prefill_torch else 1000.0
-    window_kv = _split_paged(k, v, cu_k, window_heads, window_page,
-                             lambda b, t: (t < sink) | (t > hist[b] - kept), garbage)
-    plan = RTPurboPrefillPlan.build(heads, hq, hkv, full_kv_heads=full)
+    plan = PrefillHeads.build(heads, hq, hkv)
     out = torch.full_like(q, float("nan"))
-    fn(q, *main[:2], cu_q, seqused_k, int(cu_q.diff().max()), int(seqused_k.max()), main[2], plan, sink, window,
-       d ** -0.5, out, dense_threshold=dense, window_kv=window_kv)
+    fn(q, _compact_parts(case, batch, garbage), cu_q, seqused_k, int(cu_q.diff().max()), int(seqused_k.max()),
+       plan, sink, window, d ** -0.5, out, dense_threshold=dense)
     expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, dense, d ** -0.5)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
 
 
-def test_split_plan():
-    plan = RTPurboPrefillPlan.build([5, 0], num_heads=8, num_kv_heads=4, full_kv_heads=[2, 0])
-    assert [(kv.tolist(), q.tolist()) for kv, q in plan.cache_parts] == [([2, 0], [4, 5, 0, 1]),
-                                                                         ([1, 3], [2, 3, 6, 7])]
-    assert plan.cache_slot(0) == 1 and plan.cache_slot(2) == 0
-    with pytest.raises(ValueError, match="miss a retrieval KV head"):
-        RTPurboPrefillPlan.build([5], num_heads=8, num_kv_heads=4, full_kv_heads=[0])
+def test_layer_kv_parts_follow_the_units():
+    """A layer whose full KV heads straddle two units and whose window heads share one: three parts."""
+    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.kv_cache import KVLayout
+    from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
+
+    heads = HeadLayout.from_lists(8, 4, [[0, 5, 6], [1, 2, 3], [0, 4, 6, 7]])
+    layout = KVLayout.build(heads, head_size=16, window=64)
+    names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(3))
+    parts = {layer: [(p.kind, p.kv_heads) for p in LayerKV(layout, layer, names).parts] for layer in range(3)}
+    assert all(sorted(h for _, hs in p for h in hs) == [0, 1, 2, 3] for p in parts.values())
+    assert {kind for p in parts.values() for kind, _ in p} == {"full", "window"}
+    for layer, layer_parts in parts.items():
+        full = [h for kind, hs in layer_parts if kind == "full" for h in hs]
+        assert full == list(heads.retrieval_kv_heads(layer))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "promoted-P16-Pw48", "dense-P112-Pw16"])
-def test_split_kv_layout_fa3(seed, fa3, case):
-    """The split layout with the real FlashAttention-3 (bf16, D=128); garbage as on a GPU: zeros."""
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=["P48-Pw112", "unordered-P16-Pw48", "dense-P112-Pw16"])
+def test_compact_kv_layout_fa3(seed, fa3, case):
+    """Full and window views with the real FlashAttention-3 (bf16, D=128); garbage as on a GPU: zeros."""
     hist, new, hq, hkv, _, heads, full, main_page, window_page, sink, window, dense = case
+    case = (hist, new, hq, hkv, 128, heads, full, main_page, window_page, sink, window, dense)
     d = 128
     batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.bfloat16, "cpu")
     q, k, v, cu_q, cu_k, seqused_k = batch[:6]
-    kept = max(window, dense - 1)
-    window_heads = [g for g in range(hkv) if g not in full]
-    main = _split_paged(k, v, cu_k, full, main_page, lambda b, t: torch.ones_like(t, dtype=torch.bool), 0.0)
-    window_kv = _split_paged(k, v, cu_k, window_heads, window_page, lambda b, t: (t < sink) | (t > hist[b] - kept),
-                             0.0)
-    main, window_kv = ([t.cuda() for t in x] for x in (main, window_kv))
-    plan = RTPurboPrefillPlan.build(heads, hq, hkv, device="cuda", full_kv_heads=full)
+    plan = PrefillHeads.build(heads, hq, hkv, device="cuda")
     out = torch.full_like(q, float("nan")).cuda()
-    headwise_prefill(q.cuda(), *main[:2], cu_q.cuda(), seqused_k.cuda(), int(cu_q.diff().max()),
-                     int(seqused_k.max()), main[2], plan, sink, window, d ** -0.5, out, dense_threshold=dense,
-                     window_kv=tuple(window_kv))
+    headwise_prefill(q.cuda(), _compact_parts(case, batch, 0.0, "cuda"), cu_q.cuda(), seqused_k.cuda(),
+                     int(cu_q.diff().max()), int(seqused_k.max()), plan, sink, window, d ** -0.5, out,
+                     dense_threshold=dense)
     expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, dense, d ** -0.5)
     torch.testing.assert_close(out.float().cpu(), expected, atol=1.5e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_fp8_kv_fa3(seed, fa3):
+    """FP8 K/V views (FA3 descales Q, K and V) against the reference over the dequantised K/V."""
+    from rtpurbo_vllm.triton_kernels.paged_heads import quantize_fp8, to_float
+
+    hist, new, hq, hkv, d, heads = [300, 0], [45, 200], 8, 2, 128, [1, 6]
+    batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.bfloat16, "cpu")
+    q, k, v, cu_q, cu_k, seqused_k, block_table, key_cache, value_cache = batch
+    k_scale, v_scale = torch.tensor([0.5]), torch.tensor([2.0])
+    k8, v8 = quantize_fp8(key_cache, k_scale, torch.float8_e4m3fn), quantize_fp8(value_cache, v_scale, torch.float8_e4m3fn)
+    k_seen, v_seen = to_float(quantize_fp8(k, k_scale), k_scale), to_float(quantize_fp8(v, v_scale), v_scale)
+    plan = PrefillHeads.build(heads, hq, hkv, device="cuda")
+    out = torch.full_like(q, float("nan")).cuda()
+    parts = [KVPart(k8.cuda(), v8.cuda(), block_table.cuda(), tuple(range(hkv)))]
+    headwise_prefill(q.cuda(), parts, cu_q.cuda(), seqused_k.cuda(), int(cu_q.diff().max()), int(seqused_k.max()),
+                     plan, 4, 64, d ** -0.5, out, k_scale=k_scale.cuda(), v_scale=v_scale.cuda(),
+                     q_scale=torch.ones(1, device="cuda"))
+    expected = rtpurbo_prefill_ref(q, k_seen, v_seen, cu_q, cu_k, heads, 4, 64, 0, d ** -0.5)
+    err = (out.float().cpu() - expected).norm() / expected.norm()
+    assert err < 0.05, err

@@ -185,19 +185,20 @@ def test_selection_with_a_per_layer_kv_budget():
 
 
 def test_kv_capacity_prediction_shows_the_trade_off():
-    """Llama-3-8B shape (32 layers, 32 query / 8 KV heads, D=128): a per-layer budget bounds R."""
+    """Llama-3-8B shape (32 layers, 32 query / 8 KV heads, D=128): fewer full KV heads, more capacity."""
     scores = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
     budget = select_heads(scores, 8, None, None, kv_heads_per_layer=1)
     report = kv_capacity_report(scores, 8, 128, budget, 131072, kv_heads_per_layer=1)
     rows = {r["selection"]: r for r in report["rows"]}
     chosen, global_, two = (rows["selected (1 KV head per layer)"], rows["global top 128 query heads"],
                             rows["--kv-heads-per-layer 2 (all query heads of the groups)"])
-    assert (chosen["query_heads"], chosen["full_kv_heads"], chosen["promoted_kv_heads"]) == (128, 1, 0)
-    assert two["full_kv_heads"] == 2 and global_["full_kv_heads"] >= 4
-    assert chosen["capacity_ratio"] > two["capacity_ratio"] > 2 > 1.5 > global_["capacity_ratio"]
-    assert report["window"] == 16383 and report["context"] == 131072       # max(8192, 16384 - 1) as served
+    assert (chosen["query_heads"], chosen["full_kv_heads"], chosen["kv_heads"]) == (128, 32, 256)
+    assert two["full_kv_heads"] == 64 and global_["full_kv_heads"] > 64
+    assert chosen["capacity_ratio"] > 4 > two["capacity_ratio"] > global_["capacity_ratio"] > 1.5
+    assert chosen["fp8_capacity_ratio"] > 3.5
+    assert report["window"] == 8192 and report["context"] == 131072
     text = format_kv_capacity(report)
-    assert "at 131072 tokens" in text and "R=1/8" in text and f"{chosen['capacity_ratio']:.2f}x" in text
+    assert "at 131072 tokens" in text and "32/256 full KV heads" in text and f"{chosen['capacity_ratio']:.2f}x" in text
 
 
 def test_find_heads_writes_outputs_and_heads_file_checks_the_model(tmp_path):

@@ -64,10 +64,10 @@ def test_heads_with_a_per_layer_kv_budget(tmp_path, capsys):
         assert int(scores[layer].argmax()) // 2 == chosen[0] // 2
     capacity = settings["kv_capacity"]
     assert capacity["context"] == 65536 and capacity["rows"][0]["selection"] == "selected (1 KV head per layer)"
-    assert capacity["rows"][0]["full_kv_heads"] == 1 and capacity["rows"][0]["query_heads"] == 4
+    assert capacity["rows"][0]["full_kv_heads"] == 2 and capacity["rows"][0]["query_heads"] == 4
     printed = capsys.readouterr().out
-    assert "4 retrieval heads" in printed and "predicted KV capacity of the split layout" in printed
-    assert "at 65536 tokens" in printed and "R=1/2 full KV heads" in printed
+    assert "4 retrieval heads" in printed and "predicted KV capacity of the compact KV layout" in printed
+    assert "at 65536 tokens" in printed and "2/4 full KV heads" in printed
     assert any(r["selection"] == "global top 4 query heads" for r in capacity["rows"]) == \
         ("global top 4 query heads" in printed)
     # With --count: the top heads inside the budget; the default report context is max_position_embeddings.

@@ -8,8 +8,7 @@ import torch
 import transformers
 
 import rtpurbo_vllm.kv_cache  # noqa: F401  (registers the specs)
-from rtpurbo_vllm.kv_cache import KVLayoutPlan, full_spec, index_spec, window_spec
-from rtpurbo_vllm.kv_cache.side_layers import INDEX_SUFFIX, WINDOW_SUFFIX
+from rtpurbo_vllm.kv_cache import INDEX, KVLayout, unit_spec
 
 MAX_POSITIONS = 262144
 
@@ -49,19 +48,26 @@ def layer_name(i: int) -> str:
     return f"model.layers.{i}.self_attn.attn"
 
 
-def model_specs(plan: KVLayoutPlan, *, fa_stride: bool = True) -> dict:
-    """The spec dict a worker would report: attention layers first (built with the model), then each
-    layer's side caches (built after weight loading), with the backends' block-stride flags stamped."""
+def layer_names(num_layers: int) -> tuple[str, ...]:
+    return tuple(layer_name(i) for i in range(num_layers))
+
+
+def model_specs(layout: KVLayout, *, fa_stride: bool = True) -> dict:
+    """The spec dict a worker would report: the attention layers first (built with the model, full
+    units ``< L``), then the side units (built after weight loading), with the backends'
+    block-stride flags stamped (K/V units use FlashAttention's layout)."""
     from dataclasses import replace
 
-    specs = {layer_name(i): replace(full_spec(plan), indexes_kv_by_block_stride=fa_stride)
-             for i in range(plan.num_layers)}
-    for i in range(plan.num_layers):
-        if plan.has_window_cache:
-            specs[f"{layer_name(i)}.{WINDOW_SUFFIX}"] = replace(window_spec(plan), indexes_kv_by_block_stride=fa_stride)
-        if plan.has_index_cache:
-            specs[f"{layer_name(i)}.{INDEX_SUFFIX}"] = index_spec(plan)
-    return specs
+    names = layer_names(layout.num_layers)
+    specs = {}
+    for kind, shape in layout.units.items():
+        spec = unit_spec(shape, layout)
+        if kind != INDEX:
+            spec = replace(spec, indexes_kv_by_block_stride=fa_stride)
+        for name in layout.unit_names(names, kind):
+            specs[name] = spec
+    main = {n: specs.pop(n) for n in names}
+    return {**main, **specs}
 
 
 def dense_specs(num_layers: int, num_kv_heads: int, head_size: int, dtype=torch.bfloat16) -> dict:
@@ -147,4 +153,4 @@ def kv():
     import types
 
     return types.SimpleNamespace(Engine=Engine, model_specs=model_specs, dense_specs=dense_specs,
-                                 layer_name=layer_name)
+                                 layer_name=layer_name, layer_names=layer_names)

@@ -1,14 +1,15 @@
 """Block bookkeeping with vLLM's real KVCacheManager, coordinator and block pool.
 
-Layout: HQ=8, HKV=2 (G=4), D=64, two layers, R=1 full + 1 window KV head, n=4 index slots, so the
-full and window caches have 16-token blocks and the index cache 32-token blocks (equal 4 KiB pages),
-window 64, 4 sink tokens (block 0 of the window cache), scheduler block 32, hash block 16.
+Layout: HQ=8, HKV=2 (G=4), D=64, two layers, compact: two units per kind, one full and one window KV
+head per unit, index units of 4 slots, so the full and window units have 16-token blocks and the
+index units 32-token blocks (equal 4 KiB pages), window 64, 4 sink tokens (block 0 of the window
+units), scheduler block 32, hash block 16.
 """
 
 import pytest
 
 from rtpurbo_vllm.heads import HeadLayout
-from rtpurbo_vllm.kv_cache import KVLayoutPlan
+from rtpurbo_vllm.kv_cache import KVLayout
 
 WINDOW, SINK = 64, 4
 FULL, WIN, IDX = "RTPurboFullSpec", "SinkWindowSpec", "RTPurboIndexSpec"
@@ -16,9 +17,9 @@ FULL, WIN, IDX = "RTPurboFullSpec", "SinkWindowSpec", "RTPurboIndexSpec"
 
 @pytest.fixture(scope="module")
 def plan():
-    layout = HeadLayout.from_lists(8, 2, [[0, 1, 2, 3], [1, 2]])
-    plan = KVLayoutPlan.build(layout, head_size=64, window=WINDOW, sink_tokens=SINK)
-    assert (plan.num_full_kv_heads, plan.index_width) == (1, 4)
+    layout = HeadLayout.from_lists(8, 2, [[0, 1, 2, 3], [0, 1, 2, 3]])
+    plan = KVLayout.build(layout, head_size=64, window=WINDOW, sink_tokens=SINK)
+    assert [(s.count, s.slots) for s in plan.units.values()] == [(2, 1), (2, 1), (2, 4)]
     assert (plan.blocks.full, plan.blocks.window, plan.blocks.index) == (16, 16, 32)
     return plan
 
@@ -212,3 +213,22 @@ def test_admission_counts_sink_and_window_not_the_whole_sequence(engine):
     while r.num_computed_tokens < r.num_tokens:
         assert eng.step(r, 64)
     assert eng.num_free >= 0
+
+
+def test_window_keeps_every_block_while_the_sequence_may_run_dense(make_config, kv):
+    layout = KVLayout.build(HeadLayout.from_lists(8, 2, [[0, 1, 2, 3], [0, 1, 2, 3]]), head_size=64,
+                            window=WINDOW, sink_tokens=SINK, dense_threshold=200)
+    eng = kv.Engine(make_config(2048), kv.model_specs(layout), 1000)
+    r = eng.request("r", list(range(150)))
+    eng.admit(r)
+    assert None not in ids(eng.blocks(r, WIN))              # 150 + 1 < 200: the next step may be dense
+    while r.num_computed_tokens + 1 < 199:
+        assert eng.decode(r)
+    assert None not in ids(eng.blocks(r, WIN))
+    for _ in range(40):
+        assert eng.decode(r)
+    check_window(eng, r, r.num_computed_tokens)             # past the threshold: sink + window only
+    # A second request with the same prompt hits only if every block before its hit is still cached.
+    again = eng.request("again", list(range(150)))
+    assert eng.admit(again) == 128
+    assert None not in ids(eng.blocks(again, WIN))

@@ -20,7 +20,7 @@ BLOCK_T = 32
 
 @triton.jit
 def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, out_ptr, lse_ptr,
-                        num_tokens, page_size, window, scale,
+                        num_tokens, page_size, window, scale, k_scale, v_scale,
                         sq_t, sq_h, sk_n, sk_p, sk_h, sv_n, sv_p, sv_h, sbt_b, so_t, so_h, sl_h, sl_t,
                         GROUP: tl.constexpr, NUM_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -48,13 +48,13 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
                        mask=load_ok, other=0).to(tl.int64)
         offset = s % page_size
         k = tl.load(k_ptr + page * sk_n + offset * sk_p + kv_head * sk_h + dims[None, :],
-                    mask=load_ok, other=0.0).to(tl.float32)
+                    mask=load_ok, other=0.0).to(tl.float32) * k_scale
         score = tl.where(seen, tl.sum(q * k, axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m, score)
         alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
         p = tl.where(seen, tl.exp(score - m_new), 0.0)
         v = tl.load(v_ptr + page * sv_n + offset * sv_p + kv_head * sv_h + dims[None, :],
-                    mask=load_ok, other=0.0).to(tl.float32)
+                    mask=load_ok, other=0.0).to(tl.float32) * v_scale
         acc = acc * alpha[:, None] + p[:, None] * v
         denom = denom * alpha + p
         m = m_new
@@ -65,7 +65,7 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
 def merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
                 token_seqs: torch.Tensor, sink_tokens: int, window: int, scale: float,
-                out: torch.Tensor, lse: torch.Tensor) -> None:
+                out: torch.Tensor, lse: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Triton version of :func:`.reference.merge_sinks_ref` (same arguments and semantics).
 
     Shapes and dtypes as there; additionally ``query`` and ``out`` need a contiguous last dimension,
@@ -86,7 +86,7 @@ def merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads)
     _merge_sinks_kernel[grid](
         query, key_cache, value_cache, cu_seqlens_q, seqused_k, token_seqs, block_table, out, lse,
-        num_tokens, key_cache.shape[1], window, scale,
+        num_tokens, key_cache.shape[1], window, scale, k_scale, v_scale,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
         block_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         GROUP=num_heads // num_kv_heads, NUM_SINKS=sink_tokens, HEAD_DIM=head_size, BLOCK_T=BLOCK_T,
