@@ -5,12 +5,12 @@ Triton kernels: ``TRITON_INTERPRET`` is read when a kernel is defined, and a tes
 able to do so after another module imported this folder for its reference.
 """
 
-from .reference import sparse_decode_ref, sparse_decode_varlen_ref
+from .reference import decode_keep_ref, paged_sparse_decode_ref, sparse_decode_ref, sparse_decode_varlen_ref
 
 _KERNEL_NAMES = ("DEFAULT_MAX_SPLITS", "DEFAULT_SPLITS_PER_SEQ", "SparseDecodeWorkspace", "allocate_sparse_decode_workspace",
                  "headwise_sparse_decode")
 
-__all__ = [*_KERNEL_NAMES, "sparse_decode_ref", "sparse_decode_varlen_ref"]
+__all__ = [*_KERNEL_NAMES, "decode_keep_ref", "paged_sparse_decode_ref", "sparse_decode_ref", "sparse_decode_varlen_ref"]
 
 
 def __getattr__(name):

@@ -45,11 +45,14 @@ window 8192 + 4 sinks, CUDA-graph replay): B=32 at L=128K ~550 us, ~3.9 TB/s of 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ..paged_heads import PagedHeads, PageTable
 
 DEFAULT_SPLITS_PER_SEQ = 32
 """Default workspace slots per sequence of ``max_batch`` (``S`` at full batch)."""
@@ -141,14 +144,17 @@ def _is_retrieval(h, ret_ptr, HR, HR_PAD: tl.constexpr):
 
 
 @triton.jit
-def _attend_split(q, k_ptr, v_ptr, bt_row, sel_row, start, end, seq_len, ws, n_sink, kvh,
-                  s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
+                  page_size, page_stride, token_stride,
                   ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
-                  D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
-                  qk_scale, UPCAST_DOT: tl.constexpr):
-    """Online softmax of the ``[ROWS, D_PAD]`` queries over virtual tokens ``[start, end)``.
+                  D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
+                  qk_scale, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
+    """Online softmax of the ``[ROWS, D_PAD]`` queries over virtual tokens ``[start, end)`` of the KV
+    head at ``kv_ptr + head_off`` (K at ``[0, D)``, V at ``[D, 2D)``), paged by ``bt_row``.
 
     Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
+    FP8 K/V are converted exactly to the query dtype; their scales live in ``qk_scale`` and the caller's
+    output factor.
     """
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
@@ -165,12 +171,14 @@ def _attend_split(q, k_ptr, v_ptr, bt_row, sel_row, start, end, seq_len, ws, n_s
             valid = valid & (blk >= 0) & (tok < seq_len)
         else:
             tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
-        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        in_page = tok % PAGE
-        k = tl.load(k_ptr + (page * s_kp + in_page * s_kt + kvh * s_kh)[:, None] + offs_d[None, :],
-                    mask=valid[:, None] & mask_d[None, :], other=0.0)                  # [TILE, D_PAD]
-        v = tl.load(v_ptr + (page * s_vp + in_page * s_vt + kvh * s_vh)[:, None] + offs_d[None, :],
-                    mask=valid[:, None] & mask_d[None, :], other=0.0)                  # [TILE, D_PAD]
+        page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
+        row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
+        mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
+        v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
+        if FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if UPCAST_DOT:
             # The interpreter's dot misreads bf16 (stored as uint16): round as the GPU does, dot in fp32.
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
@@ -193,15 +201,16 @@ def _attend_split(q, k_ptr, v_ptr, bt_row, sel_row, start, end, seq_len, ws, n_s
 
 
 @triton.jit
-def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, s_pos, s_poh, s_pls, s_plh,
+def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, out_scale, s_pos, s_poh, s_pls, s_plh,
                    D: tl.constexpr, D_PAD: tl.constexpr):
-    """Stores one split's normalised output and natural-log LSE (0 and -inf where nothing kept)."""
+    """Stores one split's normalised output (times ``out_scale``) and natural-log LSE (0 and -inf where
+    nothing is kept)."""
     offs_d = tl.arange(0, D_PAD)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     po = po_ptr + slot * s_pos + h[:, None] * s_poh + offs_d[None, :]
-    tl.store(po, acc / l_safe[:, None], mask=mask_h[:, None] & (offs_d < D)[None, :])
+    tl.store(po, acc * (out_scale / l_safe)[:, None], mask=mask_h[:, None] & (offs_d < D)[None, :])
     tl.store(pl_ptr + slot * s_pls + h * s_plh, lse, mask=mask_h)
 
 
@@ -211,20 +220,16 @@ def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, s_pos, s_poh,
 
 @triton.jit
 def _local_split(
-    b, kvh, split, q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr, seq_lens_ptr, ret_ptr,
-    po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, HR,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh, s_wbtb,
+    b, kvh, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
+    sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
+    s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1, s_bt1,
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGE_W: tl.constexpr, TILE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot).
-
-    With ``SPLIT_CACHE`` the group's K/V live in the main cache (slot ``kv_slots[kvh] >= 0``) or in
-    the window cache (slot ``-1 - kv_slots[kvh]``, its own block table and page size ``PAGE_W``);
-    either way only the sink and window tokens are read.
-    """
+    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot), reading
+    the KV head through its kind's block table and geometry (only sink and window tokens)."""
     seq_len = tl.load(seq_lens_ptr + b)
     ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
     chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
@@ -240,36 +245,34 @@ def _local_split(
         q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + offs_d[None, :],
                     mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
         end = tl.minimum(start + chunk, n_virtual)
-        # Full layout (constexpr): KV head kvh of the main cache; no window code is compiled.
-        slot = kvh
-        in_main = True
-        if SPLIT_CACHE:
-            slot = tl.load(slots_ptr + kvh)
-            in_main = slot >= 0
-        if in_main:
-            acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, bt_ptr, start, end, seq_len, ws,
-                                          n_sink, slot, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
-                                          ROWS, False, 1, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
+        head_off = tl.multiple_of(tl.load(off_ptr + kvh), OFF_ALIGN)
+        kind = tl.load(kind_ptr + kvh)
+        if kind == 0:
+            bt_row = bt0_ptr + b * s_bt0
         else:
-            acc, l_i, m_i = _attend_split(q, wk_ptr, wv_ptr, wbt_ptr + b * s_wbtb, wbt_ptr, start, end, seq_len,
-                                          ws, n_sink, -1 - slot, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh,
-                                          ROWS, False, 1, D, D_PAD, PAGE_W, TILE, qk_scale, UPCAST_DOT)
-        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h,
+            bt_row = bt1_ptr + b * s_bt1
+        page_size = tl.where(kind == 0, page0, page1)
+        page_stride = tl.where(kind == 0, page_stride0, page_stride1).to(tl.int64)
+        token_stride = tl.where(kind == 0, token_stride0, token_stride1).to(tl.int64)
+        acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt_row, bt_row, start, end, seq_len, ws, n_sink,
+                                      page_size, page_stride, token_stride,
+                                      ROWS, False, 1, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
+        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
 @triton.jit
 def _retrieval_split(
-    b, r, split, q_ptr, k_ptr, v_ptr, bt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
-    qk_scale, max_blocks,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
+    b, r, split, q_ptr, kv_ptr, off_ptr, bt0_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr, po_ptr, pl_ptr,
+    qk_scale, out_scale, max_blocks,
+    s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, s_sb, s_sr, s_nb, s_nr,
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot); with
-    ``SPLIT_CACHE`` its KV head is main-cache slot ``kv_slots[h // G]``."""
+    """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot); its KV
+    head ``h // G`` is a kind-0 (full) head, read through the kind-0 block table."""
     n_sel = tl.load(nsel_ptr + b * s_nb + r * s_nr)
     n_virtual = tl.minimum(tl.maximum(n_sel, 0), max_blocks) * BS
     chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
@@ -283,26 +286,25 @@ def _retrieval_split(
         q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_row[:, None] * 0 + offs_d[None, :],
                     mask=mask_h[:, None] & (offs_d < D)[None, :], other=0.0)           # [ROWS, D_PAD]
         end = tl.minimum(start + chunk, n_virtual)
-        kvh = h // G
-        if SPLIT_CACHE:
-            kvh = tl.load(slots_ptr + kvh)
-        acc, l_i, m_i = _attend_split(q, k_ptr, v_ptr, bt_ptr + b * s_btb, sel_ptr + b * s_sb + r * s_sr,
-                                      start, end, seq_len, 0, 0, kvh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
-                                      ROWS, True, BS, D, D_PAD, PAGE, TILE, qk_scale, UPCAST_DOT)
-        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h,
+        head_off = tl.multiple_of(tl.load(off_ptr + h // G), OFF_ALIGN)
+        acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt0_ptr + b * s_bt0, sel_ptr + b * s_sb + r * s_sr,
+                                      start, end, seq_len, 0, 0, page0, page_stride0.to(tl.int64),
+                                      token_stride0.to(tl.int64),
+                                      ROWS, True, BS, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
+        _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
-    po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt, s_wvh, s_wbtb,
+    q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
+    po_ptr, pl_ptr, k_scale_ptr, v_scale_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
+    s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1, s_bt1,
     s_sb, s_sr, s_nb, s_nr, s_pos, s_poh, s_pls, s_plh,
-    HKV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
-    BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PAGE_W: tl.constexpr,
-    TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CACHE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, OFF_ALIGN: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """Grid ``(B, HR + HKV, S)``: retrieval heads first (their splits run longest), then KV groups.
 
@@ -312,19 +314,22 @@ def _split_kernel(
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     split = tl.program_id(2)
+    out_scale = 1.0
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        out_scale = tl.load(v_scale_ptr)
     if head < HR:
-        _retrieval_split(b, head, split, q_ptr, k_ptr, v_ptr, bt_ptr, slots_ptr, seq_lens_ptr, ret_ptr, sel_ptr,
-                         nsel_ptr, po_ptr, pl_ptr, qk_scale, max_blocks,
-                         s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_sb, s_sr, s_nb, s_nr,
+        _retrieval_split(b, head, split, q_ptr, kv_ptr, off_ptr, bt0_ptr, seq_lens_ptr, ret_ptr, sel_ptr,
+                         nsel_ptr, po_ptr, pl_ptr, qk_scale, out_scale, max_blocks,
+                         s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, s_sb, s_sr, s_nb, s_nr,
                          s_pos, s_poh, s_pls, s_plh,
-                         G, ROWS, BS, D, D_PAD, PAGE, TILE_RET, NUM_SPLITS, SPLIT_CACHE, UPCAST_DOT)
+                         G, ROWS, BS, D, D_PAD, TILE_RET, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
     else:
-        _local_split(b, head - HR, split, q_ptr, k_ptr, v_ptr, bt_ptr, wk_ptr, wv_ptr, wbt_ptr, slots_ptr,
-                     seq_lens_ptr, ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, HR,
-                     s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_btb, s_wkp, s_wkt, s_wkh, s_wvp, s_wvt,
-                     s_wvh, s_wbtb, s_pos, s_poh, s_pls, s_plh,
-                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, PAGE, PAGE_W, TILE_LOCAL, NUM_SPLITS, SPLIT_CACHE,
-                     UPCAST_DOT)
+        _local_split(b, head - HR, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr,
+                     ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
+                     s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1,
+                     s_bt1, s_pos, s_poh, s_pls, s_plh,
+                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
 @triton.jit
@@ -393,28 +398,28 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_table: torch.Tensor, seq_lens: torch.Tensor,
+def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTable], seq_lens: torch.Tensor,
                            retrieval_heads: torch.Tensor, selected: torch.Tensor,
                            num_selected: torch.Tensor, block_size: int, sink_tokens: int, window: int,
                            scale: float, workspace: SparseDecodeWorkspace, out: torch.Tensor,
                            lse: torch.Tensor | None = None, dense_threshold: int = 0,
-                           kv_slots: torch.Tensor | None = None,
-                           window_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                            ) -> torch.Tensor:
     """Head-wise sparse decode attention of one layer for B decode sequences (one new token each).
 
     Only shapes, dtypes and devices are checked (no host sync); values are trusted. Launch shapes
     depend only on tensor shapes, so the call can be captured in a CUDA graph and replayed with new
-    ``seq_lens`` / ``block_table`` / ``selected`` / ``num_selected`` / cache contents.
+    ``seq_lens`` / block tables / ``selected`` / ``num_selected`` / cache contents.
 
     Args:
         q: ``[B, HQ, D]`` bf16/fp16 (any strides with a unit last stride), the decode queries.
-        k_cache: ``[num_pages, P, HKV, D]`` same dtype as ``q``, vLLM's FlashAttention-layout key cache
-            (``kv_cache[0]``; a strided view is fine); ``HQ % HKV == 0``.
-        v_cache: ``[num_pages, P, HKV, D]`` like ``k_cache``.
-        block_table: ``[B, max_pages]`` int32, page ids of each sequence's tokens (token t on page
-            ``block_table[b, t // P]``, slot ``t % P``); entries past the sequence are never read.
+        kv: the layer's K|V layout: ``HKV`` heads of width ``2D`` (K at ``[0, D)``, V at ``[D, 2D)``),
+            ``HQ % HKV == 0``, kinds 0 (full) and/or 1 (window). Units in ``q``'s dtype, or fp8
+            (uint8 bytes / float8_e4m3fn, with ``k_scale``/``v_scale``). The KV heads of retrieval
+            heads must be kind 0; a local head reads its KV head's kind.
+        kv_tables: per kind the heads use, its :class:`PageTable` for this batch (``[B, max_pages]``
+            int32 block table; entries past a sequence's tokens are never read, and a window-kind
+            table's pages outside the sinks and the window are never read either).
         seq_lens: ``[B]`` int32, tokens per sequence including the decode token (0: padding entry,
             its output is 0).
         retrieval_heads: ``[HR]`` int32, the query heads that are retrieval heads (unique, in
@@ -422,7 +427,8 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         selected: ``[B, HR, max_blocks]`` int32, ascending ids of the BS-token blocks each retrieval
             head keeps, -1 padded; only the first ``num_selected`` entries are read.
         num_selected: ``[B, HR]`` int32, valid entries of ``selected`` (clamped to ``[0, max_blocks]``).
-        block_size: BS, tokens per selection block (any ``>= 1``; P and BS need not divide each other).
+        block_size: BS, tokens per selection block (any ``>= 1``; page sizes and BS need not divide
+            each other).
         sink_tokens: leading tokens local heads always see (``>= 0``).
         window: local heads see tokens less than ``window`` positions before the decode token (``>= 1``).
         scale: softmax scale.
@@ -433,54 +439,43 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             (``-inf`` where a head keeps nothing).
         dense_threshold: a sequence with ``seq_len < dense_threshold`` is dense: its local heads see
             every token (its retrieval heads see what ``selected`` holds: every block, from block
-            top-p with the same threshold). 0: no sequence is dense.
-        kv_slots: split KV layout (``kv_cache.KVLayoutPlan``): ``[HKV]`` int32, where KV head ``g``
-            lives: ``j >= 0`` is head ``j`` of ``k_cache``/``v_cache`` (the full heads, read through
-            ``block_table``), ``-1 - j`` is head ``j`` of ``window_cache``. The KV heads of retrieval
-            heads must be full. None: ``k_cache`` holds every KV head in order.
-        window_cache: with ``kv_slots``, ``(k, v, block_table)`` of the window heads: ``[num_pages_w,
-            P_w, HKV_w, D]`` twice (like ``k_cache``, own page size) and ``[B, max_pages_w]`` int32.
-            Only sink and window tokens are read, so pages outside them may hold anything.
+            top-p with the same threshold; a window kind must then hold every token of such a
+            sequence). 0: no sequence is dense.
+        k_scale, v_scale: fp8 units only: 1-element float32 device tensors (vLLM's ``layer._k_scale``
+            / ``_v_scale``); a stored value means ``fp8 * scale``. Ignored for bf16/fp16 units.
 
     Returns:
         ``out``.
     """
     _check(q.dim() == 3, f"q must be [B, HQ, D], got shape {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
-    _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
-           f"k_cache and v_cache must both be [num_pages, P, HKV, D], got {tuple(k_cache.shape)} and "
-           f"{tuple(v_cache.shape)}")
-    _, page_size, num_kv_heads, cache_dim = k_cache.shape
-    _check(cache_dim == head_dim, f"cache head dim {cache_dim} differs from q's {head_dim}")
-    split = kv_slots is not None
-    _check(split or window_cache is None, "window_cache needs kv_slots")
-    if split:
-        _check(kv_slots.dim() == 1 and kv_slots.dtype == torch.int32,
-               f"kv_slots must be [HKV] int32, got {tuple(kv_slots.shape)} {kv_slots.dtype}")
-        num_kv_heads = kv_slots.shape[0]
-    # Without a window cache the window arguments alias the main cache and are never read.
-    w_k, w_v, w_bt = window_cache if window_cache is not None else (k_cache, v_cache, block_table)
-    _check(w_k.dim() == 4 and w_k.shape == w_v.shape and w_k.shape[3] == head_dim,
-           f"window K/V must both be [num_pages, P, HKV_w, D={head_dim}], got {tuple(w_k.shape)} and "
-           f"{tuple(w_v.shape)}")
-    _check(w_bt.dim() == 2 and w_bt.shape[0] == batch and w_bt.dtype == torch.int32,
-           f"window block table must be [B={batch}, max_pages] int32, got {tuple(w_bt.shape)} {w_bt.dtype}")
-    _check(num_heads % num_kv_heads == 0, f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    _check(isinstance(kv, PagedHeads), f"kv must be a PagedHeads, got {type(kv).__name__}")
+    num_kv_heads = kv.num_heads
+    _check(kv.width == 2 * head_dim, f"K|V vectors have width {kv.width}, expected 2 * D = {2 * head_dim}")
+    _check(num_kv_heads > 0 and num_heads % num_kv_heads == 0,
+           f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    _check(kv.num_kinds <= 2, f"K/V heads use kinds 0 (full) and 1 (window), got {kv.num_kinds} kinds")
+    kv.check_tables(kv_tables, batch, "kv_tables")
     _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
-    _check(k_cache.dtype == v_cache.dtype == w_k.dtype == w_v.dtype == q.dtype,
-           f"cache dtypes {k_cache.dtype}/{v_cache.dtype} must equal q's {q.dtype} (fp8 caches are not supported)")
+    fp8 = kv.is_fp8
+    _check(fp8 or kv.dtype == q.dtype, f"K/V units are {kv.dtype}; expected q's {q.dtype} or fp8 (uint8 / "
+           f"float8_e4m3fn)")
+    if fp8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
+                   f"fp8 K/V need {name} as a 1-element float32 tensor, got "
+                   f"{None if s is None else (tuple(s.shape), s.dtype)}")
     _check(out.shape == q.shape, f"out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("window K", w_k), ("window V", w_v),
-                    ("out", out)):
+    for name, t in (("q", q), ("out", out)):
         _check(t.stride(-1) == 1, f"{name} needs a unit stride in its last dimension")
-    _check(block_table.dim() == 2 and block_table.shape[0] == batch and block_table.dtype == torch.int32,
-           f"block_table must be [B={batch}, max_pages] int32, got {tuple(block_table.shape)} {block_table.dtype}")
     _check(seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32,
            f"seq_lens must be [B={batch}] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
     _check(retrieval_heads.dim() == 1 and retrieval_heads.dtype == torch.int32,
            f"retrieval_heads must be [HR] int32, got {tuple(retrieval_heads.shape)} {retrieval_heads.dtype}")
     num_ret = retrieval_heads.shape[0]
     _check(num_ret <= num_heads, f"{num_ret} retrieval heads for {num_heads} query heads")
+    _check(num_ret == 0 or (kv.num_kinds > 0 and kv.geometry[0] is not None),
+           "retrieval heads read kind-0 (full) KV heads, and this layout has none")
     _check(selected.dim() == 3 and selected.shape[:2] == (batch, num_ret) and selected.dtype == torch.int32,
            f"selected must be [B={batch}, HR={num_ret}, max_blocks] int32, got {tuple(selected.shape)} "
            f"{selected.dtype}")
@@ -497,8 +492,8 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if lse is not None:
         _check(lse.shape == (batch, num_heads) and lse.dtype == torch.float32,
                f"lse must be [B={batch}, HQ={num_heads}] float32, got {tuple(lse.shape)} {lse.dtype}")
-    tensors = (q, k_cache, v_cache, block_table, w_k, w_v, w_bt, seq_lens, retrieval_heads, selected, num_selected,
-               po, pl, out, *((kv_slots,) if split else ()))
+    tensors = (q, kv.base, seq_lens, retrieval_heads, selected, num_selected, po, pl, out,
+               *((k_scale, v_scale) if fp8 else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
     if batch == 0:
         return out
@@ -519,21 +514,23 @@ def headwise_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ret_arg = retrieval_heads if has_ret else seq_lens
     nsel_arg = num_selected if has_ret else seq_lens
     nsel_strides = num_selected.stride() if has_ret else (0, 0)
-    common_strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-                      *w_k.stride()[:3], *w_v.stride()[:3], w_bt.stride(0))
+    # A kind no head uses gets another kind's (never read) table.
+    used = [k for k, g in enumerate(kv.geometry) if g is not None]
+    tables = [kv_tables[k] if k in used else kv_tables[used[0]] for k in range(2)]
+    table_args = [a for t in tables for a in (t.page_size, t.page_stride, t.token_stride, t.block_table.stride(0))]
     part_strides = (po.stride(0), po.stride(1), pl.stride(0), pl.stride(1))
-
     sel_arg = selected if has_ret else seq_lens
     sel_strides = selected.stride()[:2] if has_ret else (0, 0)
+    scale_args = (k_scale, v_scale) if fp8 else (pl, pl)
     _split_kernel[(batch, num_ret + num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, w_k, w_v, w_bt, kv_slots if split else seq_lens, seq_lens, ret_arg,
-        sel_arg, nsel_arg, po, pl,
+        q, kv.kernel_base(), kv.offsets, kv.kinds, tables[0].block_table, tables[1].block_table, seq_lens, ret_arg,
+        sel_arg, nsel_arg, po, pl, *scale_args,
         sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret,
-        *common_strides, *sel_strides, *nsel_strides, *part_strides,
-        HKV=num_kv_heads, G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
-        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad, PAGE=page_size, PAGE_W=w_k.shape[1],
-        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, SPLIT_CACHE=split,
-        UPCAST_DOT=upcast, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        q.stride(0), q.stride(1), *table_args, *sel_strides, *nsel_strides, *part_strides,
+        G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
+        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
+        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
+        UPCAST_DOT=upcast, FP8=fp8, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     lse_arg = lse if lse is not None else pl
     lse_strides = lse.stride() if lse is not None else (0, 0)
