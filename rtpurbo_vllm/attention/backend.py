@@ -49,7 +49,7 @@ class RTPurboAttentionBackend(FlashAttentionBackend):
 
     @classmethod
     def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
-        return kv_cache_dtype in (None, "auto", "float16", "bfloat16")
+        return kv_cache_dtype in (None, "auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
 
     @classmethod
     def supports_sink(cls) -> bool:

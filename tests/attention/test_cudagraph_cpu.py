@@ -36,6 +36,7 @@ _path = pathlib.Path(__file__).with_name("test_backend_cpu.py")
 cpu = importlib.util.module_from_spec(importlib.util.spec_from_file_location("rtpurbo_backend_cpu_helpers", _path))
 cpu.__spec__.loader.exec_module(cpu)
 
+from rtpurbo_vllm.kv_cache.side_layers import unit_tensor  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
 
@@ -110,86 +111,58 @@ class Runner:
 
 
 class Setup:
-    """Engine, layers, their caches, the builders of every KV-cache group and a runner."""
+    """Engine, layers, their cache units, the builders of every KV-cache group and a runner."""
 
     def __init__(self, tmp_path, case, kv_layout, dense_threshold=0):
         from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
-        from rtpurbo_vllm.kv_cache.side_layers import INDEX_SUFFIX, WINDOW_SUFFIX
+        from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
 
         self.case = case
-        self.split = kv_layout == "split"
         self.engine = cpu.make_engine(tmp_path, case, dense_threshold, kv_layout)
         self.engine.scheduler_config.max_num_seqs = MAX_REQS
         self.layers = cpu.make_layers(self.engine, case)
-        self.names = [layer.layer_name for layer in self.layers]
+        self.names = tuple(layer.layer_name for layer in self.layers)
+        self.layout = layout = self.layers[0].impl.kv.layout
         self.rope = RopeSpec.from_hf_config(self.engine.model_config.hf_text_config)
         context = self.engine.compilation_config.static_forward_context
+        # KV-cache groups: one per kind with window units, else one for everything.
+        self.group_of = {kind: kind if layout.has("window") else "full" for kind in layout.units}
+        page = {g: layout.units[g].block_size for g in set(self.group_of.values())}
+        self.runner = Runner(page, self.engine.model_config.max_model_len)
+        self.num_pages = {g: 2 + sum(-(-(c + 1) // p) for c in STEP_A + STEP_B + [0] * MAX_REQS)
+                          for g, p in page.items()}
+        cpu.bind_units(self.engine, layout, self.names, {k: self.num_pages[g] for k, g in self.group_of.items()})
+        self.units = {name: context[name].kv_cache for kind in layout.units
+                      for name in layout.unit_names(self.names, kind)}
+        # group -> [(builder, layer names)]: the RTPURBO layers' builder and the side units'.
         main_spec = self.layers[0].get_kv_cache_spec(self.engine)
-        # group -> (spec, layer names, builder)
-        self.groups = {"main": (main_spec, self.names,
-                                RTPurboMetadataBuilder(main_spec, self.names, self.engine, torch.device("cpu")))}
-        self.window_kept = None
-        if self.split:
-            for suffix in (INDEX_SUFFIX, WINDOW_SUFFIX):
-                layer = context.get(f"{self.names[0]}.{suffix}")
-                if layer is None:
-                    continue
-                spec = layer.get_kv_cache_spec(self.engine)
-                names = [f"{name}.{suffix}" for name in self.names]
-                builder = layer.get_attn_backend().get_builder_cls()(spec, names, self.engine, torch.device("cpu"))
-                self.groups[suffix] = (spec, names, builder)
-                if suffix == WINDOW_SUFFIX:
-                    self.window_kept = spec.sliding_window
-        self.index_group = INDEX_SUFFIX if self.split else "main"
-        self.runner = Runner({g: spec.block_size for g, (spec, _, _) in self.groups.items()},
-                             self.engine.model_config.max_model_len)
-        self.num_pages = {g: 2 + sum(-(-(c + 1) // spec.block_size) for c in STEP_A + STEP_B + [0] * MAX_REQS)
-                          for g, (spec, _, _) in self.groups.items()}
-        # Per layer: persistent caches and static forward inputs / outputs (a graph's are static too).
+        self.groups = {g: [] for g in page}
+        self.groups["full"].append((RTPurboMetadataBuilder(main_spec, list(self.names), self.engine,
+                                                           torch.device("cpu")), self.names))
+        for kind in layout.units:
+            side = [n for n in layout.unit_names(self.names, kind) if n not in self.names]
+            if side:
+                spec = context[side[0]].get_kv_cache_spec(self.engine)
+                self.groups[self.group_of[kind]].append(
+                    (UnitMetadataBuilder(spec, side, self.engine, torch.device("cpu")), side))
         HQ, HKV, _ = case
-        self.per_layer = []
-        for layer in self.layers:
-            impl = layer.impl
-            caches = {"main": cpu.nan_cache(self.num_pages["main"], main_spec.block_size, main_spec.num_kv_heads)}
-            if WINDOW_SUFFIX in self.groups:
-                spec = self.groups[WINDOW_SUFFIX][0]
-                window_layer = context[f"{layer.layer_name}.{WINDOW_SUFFIX}"]
-                window_layer.kv_cache = cpu.nan_cache(self.num_pages[WINDOW_SUFFIX], spec.block_size, spec.num_kv_heads)
-                caches[WINDOW_SUFFIX] = window_layer.kv_cache
-            index = impl.plan.index_cache
-            page = self.groups[self.index_group][0].block_size
-            index.kv_cache = torch.full((self.num_pages[self.index_group], page, index.num_slots * index.index_dim),
-                                        float("nan"), dtype=torch.bfloat16)
-            caches["index"] = index.kv_cache
-            io = {name: torch.zeros(MAX_REQS, heads, D, dtype=torch.bfloat16)
-                  for name, heads in (("query", HQ), ("key", HKV), ("value", HKV), ("output", HQ))}
-            self.per_layer.append((caches, io))
+        self.io = [{name: torch.zeros(MAX_REQS, heads, D, dtype=torch.bfloat16)
+                    for name, heads in (("query", HQ), ("key", HKV), ("value", HKV), ("output", HQ))}
+                   for _ in self.layers]
 
-    def cache_views(self, layer_idx):
-        """``[(name, K view, V view, group, KV heads of the cache, held)]`` and the paged index view."""
-        from rtpurbo_vllm.kv_cache.side_layers import WINDOW_SUFFIX, split_key_value
-
-        HQ, HKV, RETRIEVAL = self.case
-        impl = self.layers[layer_idx].impl
-        caches, _ = self.per_layer[layer_idx]
-        full_heads = impl.plan.split.full_kv_heads if self.split else torch.arange(HKV)
-        views = [("main", *split_key_value(caches["main"]), "main", full_heads, None)]
-        if WINDOW_SUFFIX in caches:
-            kept = self.window_kept
-            views.append(("window", *split_key_value(caches[WINDOW_SUFFIX]), WINDOW_SUFFIX,
-                          impl.plan.split.window_kv_heads, lambda c, t: (t < cpu.PARAMS.sink_tokens) | (t > c - kept)))
-        paged_index = impl.plan.index_cache.paged_view()[:, :, :len(RETRIEVAL[layer_idx])]
-        return views, paged_index
+    def held(self, kind):
+        """Which tokens a unit of ``kind`` holds for a request of ``c`` cached tokens (None: all)."""
+        if kind != "window":
+            return None
+        return lambda c, t: (t < cpu.PARAMS.sink_tokens) | (t > c - cpu.PARAMS.window)
 
     def tables(self, cached):
         """Fresh shuffled pages of every group for a step's requests (window pages without a held
         token: the null block 0)."""
         tables = {}
-        for g, (spec, _, _) in self.groups.items():
-            page = spec.block_size
-            held = None
-            if g == "rtp_window":
-                held = lambda c, t: (t < cpu.PARAMS.sink_tokens) | (t > c - self.window_kept)  # noqa: E731
+        for g in self.groups:
+            page = self.layout.units[g].block_size
+            held = self.held(g)
             ids = (torch.randperm(self.num_pages[g] - 1) + 1).tolist()
             width = max(-(-(c + 1) // page) for c in cached)
             table = torch.zeros(len(cached), width, dtype=torch.int32)
@@ -201,29 +174,31 @@ class Setup:
         return tables
 
     def build(self, common, capture):
-        """Every group's metadata keyed by layer name (the forward context), and the main group's."""
+        """Every group's metadata keyed by layer name (the forward context), and the layers' own."""
         attn_metadata = {}
-        for g, (_, names, builder) in self.groups.items():
-            md = (builder.build_for_cudagraph_capture(common[g]) if capture
-                  else builder.build(0, common[g]))
-            attn_metadata.update({name: md for name in names})
+        for g, builders in self.groups.items():
+            for builder, names in builders:
+                md = (builder.build_for_cudagraph_capture(common[g]) if capture else builder.build(0, common[g]))
+                attn_metadata.update({name: md for name in names})
         return attn_metadata, attn_metadata[self.names[0]]
 
+    def slots(self, kind, tables, b, t):
+        page = self.layout.units[kind].block_size
+        return tables[self.group_of[kind]][b, t // page].long() * page + t % page
+
     def prepare(self, cached, padded, pad_seq_len=0):
-        """A step: sequences per request and layer, caches reset (NaN, null block 0 zero as vLLM
+        """A step: sequences per request and layer, units reset (NaN, null block 0 zero as vLLM
         allocates it) and holding each request's history, runner buffers filled; returns
-        ``(sequences, common metadata per group)``."""
+        ``(sequences, common metadata per group, tables)``."""
         HQ, HKV, RETRIEVAL = self.case
         tables = self.tables(cached)
+        for cache in self.units.values():
+            cache.fill_(float("nan"))
+            cache[0] = 0
         seqs = []
         for layer_idx, layer in enumerate(self.layers):
-            caches, _ = self.per_layer[layer_idx]
-            for cache in caches.values():
-                cache.fill_(float("nan"))
-                cache[0] = 0
-            views, paged_index = self.cache_views(layer_idx)
+            kv = layer.impl.kv
             kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL[layer_idx]])
-            w_k = layer.impl.plan.w_k
             layer_seqs = []
             for b, c in enumerate(cached):
                 n, pos = c + 1, torch.arange(c + 1)
@@ -233,14 +208,17 @@ class Setup:
                 q, k = apply_rope(q_pre, pos, self.rope), apply_rope(k_pre, pos, self.rope)
                 layer_seqs.append((q_pre, q, k_pre, k, v))
                 t = torch.arange(c)
-                for _, key_cache, value_cache, g, heads, held in views:
-                    kept = t if held is None else t[held(c, t)]
-                    page = self.groups[g][0].block_size
-                    p, o = tables[g][b, kept // page].long(), kept % page
-                    key_cache[p, o], value_cache[p, o] = k[kept][:, heads], v[kept][:, heads]
-                page = self.groups[self.index_group][0].block_size
-                p, o = tables[self.index_group][b, t // page].long(), t % page
-                paged_index[p, o] = index_keys_ref(k[:c], t, self.rope, kv_heads, w_k).to(torch.bfloat16)
+                for h in range(HKV):
+                    kind = ("full", "window")[kv.kv.head_kind[h]]
+                    held = self.held(kind)
+                    keep = t if held is None else t[held(c, t)]
+                    mappings = [torch.full((c,), -1, dtype=torch.long) for _ in range(2)]
+                    mappings[kv.kv.head_kind[h]][keep] = self.slots(kind, tables, b, keep)
+                    cpu.scatter(kv.kv, mappings, h, torch.cat([k[:c, h], v[:c, h]], -1))
+                if kv.index is not None:
+                    keys = index_keys_ref(k[:c], t, self.rope, kv_heads, layer.impl.heads.w_k).to(torch.bfloat16)
+                    for r in range(len(RETRIEVAL[layer_idx])):
+                        cpu.scatter(kv.index, [self.slots("index", tables, b, t)], r, keys[:, r])
             seqs.append(layer_seqs)
         return seqs, self.runner.step(cached, tables, padded, pad_seq_len), tables
 
@@ -250,7 +228,7 @@ class Setup:
         from vllm.forward_context import set_forward_context
 
         layer = self.layers[layer_idx]
-        caches, io = self.per_layer[layer_idx]
+        io = self.io[layer_idx]
         for name in ("query", "key", "value"):
             io[name].normal_()
         io["output"].fill_(float("nan"))
@@ -258,7 +236,7 @@ class Setup:
             io["query"][b], io["key"][b], io["value"][b] = q[c], k[c], v[c]
         with set_forward_context(attn_metadata, self.engine):
             layer.impl.forward(layer, io["query"][:padded], io["key"][:padded], io["value"][:padded],
-                               caches["main"], md, io["output"][:padded])
+                               layer.kv_cache, md, io["output"][:padded])
         return io["output"][:padded]
 
     def check_output(self, layer_idx, seqs, cached, out, md):
@@ -268,29 +246,39 @@ class Setup:
         ws = md.decode.workspace
         for b, (q_pre, q, k_pre, k, v) in enumerate(seqs[layer_idx]):
             kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist() for r in range(len(heads))]
-            want = cpu.decode_reference(q[-1], k, v, q_pre[-1], k_pre, heads, impl.plan.w_q, impl.plan.w_k,
+            want = cpu.decode_reference(q[-1], k, v, q_pre[-1], k_pre, heads, impl.heads.w_q, impl.heads.w_k,
                                         impl.params, impl.scale, kernel_blocks)
             torch.testing.assert_close(out[b].float(), want, atol=0.03, rtol=0.03,
                                        msg=f"layer {layer_idx} request {b} (cached {cached[b]})")
         assert torch.isfinite(out[len(cached):]).all()
 
-    def snapshot(self, layer_idx):
-        caches, _ = self.per_layer[layer_idx]
-        return {name: cache.clone() for name, cache in caches.items()}
+    def snapshot(self):
+        return {name: cache.clone() for name, cache in self.units.items()}
 
     def check_writes(self, layer_idx, before, cached, tables):
-        """The forward wrote exactly the new tokens' slots (padded rows: nothing)."""
-        caches, _ = self.per_layer[layer_idx]
-        groups = {"main": "main", "rtp_window": "rtp_window", "index": self.index_group}
-        for name, cache in caches.items():
-            old, new = before[name], cache
-            if old.dim() == 4:   # K|V caches: logical [N, H, P, 2D] -> physical [N, P, H, 2D]
-                old, new = old.transpose(1, 2), new.transpose(1, 2)
+        """The forward wrote exactly its own heads' slots of the new tokens (padded rows: nothing)."""
+        kv = self.layers[layer_idx].impl.kv
+        want = set()
+        for b, c in enumerate(cached):
+            for h in range(kv.kv.num_heads):
+                kind = ("full", "window")[kv.kv.head_kind[h]]
+                slot = int(self.slots(kind, tables, b, torch.tensor(c)))
+                page = self.layout.units[kind].block_size
+                want.add((kv.kv_unit_names[kv.head_unit[h]], slot // page, slot % page, kv.head_slot[h]))
+            for r in range(len(kv.index_head_unit)):
+                slot = int(self.slots("index", tables, b, torch.tensor(c)))
+                page = self.layout.units["index"].block_size
+                want.add((kv.index_unit_names[kv.index_head_unit[r]], slot // page, slot % page,
+                          kv.index_head_slot[r]))
+        changed = set()
+        for name, new in self.units.items():
+            old = before[name]
+            kind = next(k for k in self.layout.units if name in self.layout.unit_names(self.names, k))
+            width = self.layout.units[kind].width
+            old, new = unit_tensor(old, kind, width), unit_tensor(new, kind, width)      # [N, P, slots, width]
             same = (old == new) | (old.isnan() & new.isnan())
-            changed = (~same).flatten(2).any(-1).nonzero().tolist()
-            page = self.groups[groups[name]][0].block_size
-            want = sorted([int(tables[groups[name]][b, c // page]), c % page] for b, c in enumerate(cached))
-            assert sorted(changed) == want, (name, changed, want)
+            changed |= {(name, *idx) for idx in map(tuple, (~same).any(-1).nonzero().tolist())}
+        assert changed == want, (sorted(changed - want), sorted(want - changed))
 
 
 def launch_recorder(monkeypatch):
@@ -307,28 +295,27 @@ def launch_recorder(monkeypatch):
             return fn(*args, **kwargs)
         monkeypatch.setattr(impl_module, name, recorded)
 
-    for name in ("_write_kv", "write_index_keys", "index_queries", "block_topp", "headwise_sparse_decode"):
+    for name in LAUNCHERS:
         wrap(name)
     return calls
 
 
+LAUNCHERS = ("kv_write", "write_index_keys", "index_queries", "block_topp", "headwise_sparse_decode")
+
+
 def persistent_storages(setup: Setup) -> set[int]:
-    """Storage addresses that live across steps: runner buffers, the builder's workspace, caches,
-    the layers' plans and RoPE tables, the layers' static inputs/outputs."""
-    found = [*setup.runner.buffers(), *(t for _, t in tensors_of(setup.groups["main"][2].workspace))]
-    for layer, (caches, io) in zip(setup.layers, setup.per_layer):
-        found += [*caches.values(), *io.values(), layer.impl.rope_table]
-        found += [t for _, t in tensors_of(layer.impl.plan)]
+    """Storage addresses that live across steps: runner buffers, the builder's workspace, the cache
+    units, the layers' head tensors, descriptors, scales and RoPE tables, their static inputs/outputs."""
+    builder = setup.groups["full"][0][0]
+    found = [*setup.runner.buffers(), *(t for _, t in tensors_of(builder.workspace)), *setup.units.values()]
+    for layer, io in zip(setup.layers, setup.io):
+        found += [*io.values(), layer.impl.rope_table, layer._k_scale, layer._v_scale]
+        found += [t for _, t in tensors_of(layer.impl.heads)]
+        found += [t for _, t in tensors_of(layer.impl.kv.kv)] + [t for _, t in tensors_of(layer.impl.kv.index)]
     return {t.untyped_storage().data_ptr() for t in found}
 
 
-def gathered(split, name, path):
-    """The split layout's K/V of the layer's full (window) heads, gathered inside the forward from
-    its inputs (a graph recomputes them at replay)."""
-    return split and name == "_write_kv" and path in ("args[0]", "args[1]")
-
-
-@pytest.mark.parametrize("kv_layout", ["full", "split"])
+@pytest.mark.parametrize("kv_layout", ["full", "compact"])
 def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeypatch, kv_layout):
     """Capture a padded decode step (3 requests in a graph of 4), replay it for another batch of
     4 (one a one-token sequence): same addresses, reference outputs, only the new tokens written."""
@@ -346,7 +333,7 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
     assert md_a.decode is not None and md_a.prefill is None and md_a.num_decode_tokens == PADDED
     capture_launches = []
     for i in range(len(setup.layers)):
-        before = setup.snapshot(i)
+        before = setup.snapshot()
         out, launches = forward(i, seqs_a, STEP_A, captured, md_a)
         capture_launches.append(launches)
         setup.check_output(i, seqs_a, STEP_A, out, md_a)
@@ -365,7 +352,7 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
             assert address(got[name][path]) == address(want[name][path]), path
     eager_launches = []
     for i in range(len(setup.layers)):
-        before = setup.snapshot(i)
+        before = setup.snapshot()
         out, _ = forward(i, seqs_b, STEP_B, captured, md_a)          # the captured launches
         setup.check_output(i, seqs_b, STEP_B, out, md_a)
         setup.check_writes(i, before, STEP_B, tables_b)
@@ -378,20 +365,17 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
     # the addresses of the captured ones.
     persistent = persistent_storages(setup)
     for launches in capture_launches:
-        assert {name for name, _ in launches} >= {"_write_kv", "write_index_keys", "index_queries", "block_topp",
-                                                  "headwise_sparse_decode"}
+        assert {name for name, _ in launches} == set(LAUNCHERS)
         for name, args in launches:
             for path, t in args:
-                assert gathered(setup.split, name, path) or t.untyped_storage().data_ptr() in persistent, \
-                    (name, path, tuple(t.shape))
+                assert t.untyped_storage().data_ptr() in persistent, (name, path, tuple(t.shape))
 
     def signature(launches):
-        return [(name, [(path, address(t)) for path, t in args if not gathered(setup.split, name, path)])
-                for name, args in launches]
+        return [(name, [(path, address(t)) for path, t in args]) for name, args in launches]
     assert [signature(x) for x in capture_launches] == [signature(x) for x in eager_launches]
 
 
-@pytest.mark.parametrize("kv_layout", ["full", "split"])
+@pytest.mark.parametrize("kv_layout", ["full", "compact"])
 @pytest.mark.parametrize("pad_seq_len", [0, 1])
 def test_padded_rows_write_nothing_and_stay_finite(tmp_path, cpu_platform, seed, kv_layout, pad_seq_len):
     """Two requests padded to the runner's 8 rows; padded rows have slot -1, the null block and
@@ -402,7 +386,7 @@ def test_padded_rows_write_nothing_and_stay_finite(tmp_path, cpu_platform, seed,
     seqs, common, tables = setup.prepare(cached, MAX_REQS, pad_seq_len)
     attn_metadata, md = setup.build(common, capture=True)
     for i in range(len(setup.layers)):
-        before = setup.snapshot(i)
+        before = setup.snapshot()
         out = setup.forward(i, seqs, cached, MAX_REQS, attn_metadata, md)
         setup.check_writes(i, before, cached, tables)
         setup.check_output(i, seqs, cached, out, md)
@@ -417,18 +401,18 @@ def test_builder_declares_single_token_decode_capture(tmp_path, cpu_platform, se
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
-    from rtpurbo_vllm.kv_cache.side_layers import SideCacheMetadataBuilder
+    from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
 
     setup = Setup(tmp_path, cpu.CASES["hkv2"], "full")
-    spec = setup.groups["main"][0]
+    spec = setup.layers[0].get_kv_cache_spec(setup.engine)
     assert (RTPurboMetadataBuilder.get_cudagraph_support(setup.engine, spec)
             == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
-    # The side layers launch nothing: they never lower the engine's minimum.
-    assert SideCacheMetadataBuilder.get_cudagraph_support(setup.engine, spec) == AttentionCGSupport.ALWAYS
+    # The side units launch nothing: they never lower the engine's minimum.
+    assert UnitMetadataBuilder.get_cudagraph_support(setup.engine, spec) == AttentionCGSupport.ALWAYS
     # More decodes than the workspace serves are refused with a clear message.
-    builder = setup.groups["main"][2]
-    runner = Runner({"main": spec.block_size}, setup.engine.model_config.max_model_len)
-    common = runner.step([5] * 2, {"main": torch.ones(2, 1, dtype=torch.int32)}, 2)["main"]
+    builder = setup.groups["full"][0][0]
+    runner = Runner({"full": spec.block_size}, setup.engine.model_config.max_model_len)
+    common = runner.step([5] * 2, {"full": torch.ones(2, 1, dtype=torch.int32)}, 2)["full"]
     builder.max_decodes = 1
     with pytest.raises(RuntimeError, match="max_num_seqs=1"):
         builder.build(0, common)

@@ -25,25 +25,15 @@ def test_rank_slices_heads_and_indexer_rows(monkeypatch, rank):
     assert local.retrieval_heads == (((1, 3),) if rank == 0 else ((0, 2),))
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_index_cache_spec_is_the_same_on_every_rank(monkeypatch, rank):
+@pytest.mark.parametrize("name", ["compact", "full"])
+def test_every_rank_declares_the_same_unit_specs(name):
     """Layer 0 has 1 retrieval head on rank 0 and 3 on rank 1, layer 1 none on rank 0: both ranks
-    declare index caches of 3 slots, and each rank's view holds only its own heads."""
-    from vllm.config import CacheConfig, DeviceConfig, VllmConfig
+    plan units of the same shapes, each holding only its own heads."""
+    from rtpurbo_vllm.kv_cache import KVLayout, unit_spec
 
-    from rtpurbo_vllm.attention.index_cache import RTPurboIndexCache
-
-    monkeypatch.setattr(tp, "tp_rank_and_size", lambda: (rank, 2))
     layout = HeadLayout.from_lists(8, 2, [[1, 4, 5, 7], [6]])
-    config = VllmConfig(cache_config=CacheConfig(block_size=16), device_config=DeviceConfig("cpu"))
-    assert [tp.index_slots(layout, layer) for layer in range(2)] == [3, 1]
-    local = tp.rank_layout(layout)
-    specs = []
-    for layer in range(2):
-        heads = local.retrieval_heads[layer]
-        cache = RTPurboIndexCache(f"model.layers.{layer}.attn.rtp_index", len(heads), tp.index_slots(layout, layer),
-                                  16, torch.bfloat16, config)
-        specs.append(cache.get_kv_cache_spec(config))
-        cache.kv_cache = torch.zeros(5, 16, cache.num_slots * 16, dtype=torch.bfloat16)
-        assert cache.paged_view().shape == (5, 16, len(heads), 16)
-    assert [(s.head_size, s.block_size) for s in specs] == [(48, 16), (16, 16)]
+    plans = [KVLayout.build(layout, name=name, head_size=64, window=32, tp_rank=r, tp_size=2) for r in range(2)]
+    specs = [{kind: unit_spec(shape, p) for kind, shape in p.units.items()} for p in plans]
+    assert specs[0] == specs[1]
+    assert [len(p.places[0].index) for p in plans] == [1, 3] and [len(p.places[1].index) for p in plans] == [0, 1]
+    assert all(p.num_kv_heads == 1 for p in plans)

@@ -45,8 +45,8 @@ def model_dir(random_llama):
     from rtpurbo_vllm.calibration.synthesize import synthetic_artifact
 
     path = random_llama
-    # One retrieval KV head per layer (of 2): the split layout then has a real window cache (with
-    # retrieval heads in both KV groups of a layer it would keep every KV head whole, design A).
+    # One retrieval KV head per layer (of 2): the compact layout then has real window units (with
+    # retrieval heads in both KV groups of every layer it would keep every KV head whole).
     config = AutoConfig.from_pretrained(path)
     for name, top_p in ARTIFACTS.items():
         params = SparsityParams(sink_tokens=4, window=64, top_p=top_p, block_size=16, dense_threshold=0)
@@ -76,7 +76,7 @@ def generate(greedy_outputs, random_prompts, model_dir, mode, kv_layout, artifac
     return dict(zip(BATCHES, greedy_outputs(model_dir, batches, MAX_TOKENS, logprobs=logprobs, **engine_args)))
 
 
-@pytest.mark.parametrize("kv_layout", ["full", "split"])
+@pytest.mark.parametrize("kv_layout", ["full", "compact"])
 def test_full_decode_graphs_match_piecewise_and_eager(model_dir, kv_layout, greedy_outputs, random_prompts,
                                                       first_parting):
     run = (greedy_outputs, random_prompts, model_dir)

@@ -6,12 +6,13 @@ documents. The window covers 12.5 % of that context and the indexer's top-p keep
 blocks at the answer positions (measured by ``tests/tiny/test_rtpurbo_on_tiny.py`` with the exact
 reference on the same prompts). Checked here, each server a real ``vllm serve`` process:
 
-- completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's, with the
-  default KV layout and with the split layout (artifact ``model/rtpurbo-kv1``, one retrieval KV head
-  per layer, so the other KV head keeps only sinks + window);
+- completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's (with the
+  same KV-cache dtype) with the default compact KV layout, the opt-out full layout, the artifact
+  ``model/rtpurbo-kv1`` (one retrieval KV head per layer, so the other KV head keeps only sinks +
+  window) and that artifact on an fp8 KV cache;
 - a mixed batch (long and short prompts, shared prefixes) sent at once to a server with chunked
   prefill, prefix caching and a KV cache too small for all of it: vLLM preempts requests, reuses
-  cached prefixes, and every answer equals the unconstrained server's (both KV layouts);
+  cached prefixes, and every answer equals the unconstrained server's (every layout);
 - with two GPUs: tensor parallelism 2 gives TP=1's greedy answers; and the V1 model runner serves the
   same answers as the default (V2).
 
@@ -160,12 +161,17 @@ def mixed_batch():
     return long + short + shared
 
 
-# The split KV layout with the artifact calibrated under a KV budget of one retrieval KV head per layer:
-# layer 1 keeps KV head 1 whole and KV head 0 as 4 sinks + 256 tokens (the shipped artifact has
-# retrieval heads in both KV groups of layer 1, which keeps every KV head whole).
-SPLIT = ("--additional-config", json.dumps({"rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()),
-                                                        "kv_layout": "split"}}))
-LAYOUTS = {"default": (), "split": SPLIT}
+# RTPURBO's KV layouts and cache dtypes: the default (compact units, the shipped artifact), the
+# opt-out full layout, the compact layout with the artifact calibrated under a KV budget of one
+# retrieval KV head per layer (window units hold most KV heads), and an fp8 KV cache (compared with
+# FLASH_ATTN on an fp8 cache too).
+KV1 = str(tiny_kv1_artifact_dir())
+LAYOUTS = {
+    "default": (),
+    "full": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "full"}})),
+    "kv1": ("--additional-config", json.dumps({"rtpurbo": {"artifact": KV1}})),
+    "fp8": ("--kv-cache-dtype", "fp8", "--additional-config", json.dumps({"rtpurbo": {"artifact": KV1}})),
+}
 
 
 def answers(name: str, backend: str, prompts, mixed_batch, *args: str) -> dict[str, list[str]]:
@@ -182,35 +188,53 @@ def flash(prompts, mixed_batch):
 
 
 @pytest.fixture(scope="module")
-def rtpurbo(prompts, mixed_batch):
-    return answers("rtpurbo", "RTPURBO", prompts, mixed_batch)
+def flash_fp8(prompts, mixed_batch):
+    return answers("flash_attn_fp8", "FLASH_ATTN", prompts, mixed_batch, "--kv-cache-dtype", "fp8")
 
 
-@pytest.fixture(scope="module")
-def rtpurbo_split(prompts, mixed_batch):
-    return answers("rtpurbo_split", "RTPURBO", prompts, mixed_batch, *SPLIT)
+_SERVED: dict[str, dict[str, list[str]]] = {}
 
 
 @pytest.fixture
-def served(request, layout):
-    """The RTPURBO server's answers for ``layout`` ("default" or "split")."""
-    return request.getfixturevalue("rtpurbo" if layout == "default" else "rtpurbo_split")
+def served(layout, prompts, mixed_batch):
+    """The RTPURBO server's answers for ``layout`` (one server per layout and module)."""
+    if layout not in _SERVED:
+        _SERVED[layout] = answers(f"rtpurbo_{layout}", "RTPURBO", prompts, mixed_batch, *LAYOUTS[layout])
+    return _SERVED[layout]
+
+
+@pytest.fixture
+def rtpurbo(prompts, mixed_batch):
+    if "default" not in _SERVED:
+        _SERVED["default"] = answers("rtpurbo_default", "RTPURBO", prompts, mixed_batch)
+    return _SERVED["default"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("api", ["completions", "chat"])
-def test_accuracy_within_two_points_of_flash_attn(prompts, flash, served, layout, api):
+def test_accuracy_within_two_points_of_flash_attn(request, prompts, served, layout, api):
+    """Against FLASH_ATTN with the same KV-cache dtype."""
+    flash = request.getfixturevalue("flash_fp8" if layout == "fp8" else "flash")
     dense, sparse = accuracy(prompts, flash[api]), accuracy(prompts, served[api])
-    print(f"{api}, {layout} KV layout: FLASH_ATTN {dense:.2f}, RTPURBO {sparse:.2f} on {len(prompts)} prompts "
+    print(f"{api}, RTPURBO {layout}: FLASH_ATTN {dense:.2f}, RTPURBO {sparse:.2f} on {len(prompts)} prompts "
           f"of {CONTEXT} tokens")
     assert dense >= 0.8
     assert sparse >= dense - 0.02
 
 
-# Pages of the constrained server's KV cache: ~1.1 long requests (2048 + 200 tokens) in either layout
-# (default: 16-token pages holding both KV heads and the index keys; split: equal 4 KiB pages of the
-# full (16 tokens), window (16) and index (32) caches, ~230 of them for one long request).
-PREEMPT_PAGES = {"default": 160, "split": 300}
+def preempt_pages(layout: str) -> int:
+    """KV-cache blocks for ~1.1 long requests (2048 + 200 tokens) in ``layout``: vLLM's pool holds
+    ``blocks * units * page`` bytes."""
+    from rtpurbo_vllm.artifacts import load_artifact
+    from rtpurbo_vllm.kv_cache import KVLayout
+
+    artifact = load_artifact(KV1 if layout in ("kv1", "fp8") else MODEL / "rtpurbo")
+    kv_dtype = torch.uint8 if layout == "fp8" else torch.bfloat16
+    plan = KVLayout.from_artifact(artifact, name="full" if layout == "full" else "compact", kv_dtype=kv_dtype,
+                                  index_dtype=torch.bfloat16)
+    per_block = plan.unit_count * sum(shape.page_size_bytes for shape in plan.units.values()) \
+        if not plan.has("window") else plan.unit_count * plan.blocks.page_size_bytes
+    return int(1.1 * plan.bytes_per_sequence(2248) / per_block) + 1
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -220,14 +244,14 @@ def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout
     recompute; the 8 prompts sharing a 1536-token prefix hit the prefix cache. The answers (the first
     3 generated words) must equal the unconstrained server's (same layout)."""
     with serve(f"rtpurbo_preempt_{layout}", "RTPURBO", "--enforce-eager", "--block-size", "16",
-               "--max-model-len", "2304", "--num-gpu-blocks-override", str(PREEMPT_PAGES[layout]),
+               "--max-model-len", "2304", "--num-gpu-blocks-override", str(preempt_pages(layout)),
                "--enable-prefix-caching", "--enable-chunked-prefill", "--max-num-batched-tokens", "512",
                "--max-num-seqs", "32", *LAYOUTS[layout]) as url:
         got = completions(url, mixed_batch, max_tokens=200)
         preempted = metric(url, "vllm:num_preemptions_total")
         hits = metric(url, "vllm:prefix_cache_hits_total")
     same = sum(a.split()[:3] == b.split()[:3] for a, b in zip(got, served["mixed"]))
-    print(f"{layout} KV layout: preemptions {preempted:.0f}, prefix-cache hit tokens {hits:.0f}, "
+    print(f"RTPURBO {layout}: preemptions {preempted:.0f}, prefix-cache hit tokens {hits:.0f}, "
           f"{same}/{len(got)} answers equal to the unconstrained server's")
     assert same >= len(got) - 1
     assert preempted > 0

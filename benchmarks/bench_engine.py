@@ -1,0 +1,208 @@
+"""KV capacity and decode step of whole engines (``vllm.LLM``, dummy weights), one configuration per process.
+
+Each configuration is ``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]``: ``FLASH_ATTN:auto``, ``FLASH_ATTN:fp8``,
+``RTPURBO:auto:kvgroup15``, ``RTPURBO:fp8:n1:compact``... ``SELECTION`` is the synthetic artifact's head
+selection (``global15``: the global top 15 % of query heads, ``kvgroup15``: 15 % of KV groups, ``n1``: one
+retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTPURBO's KV layout
+(default ``compact``).
+
+* ``capacity``: the engine starts and reports its KV pool: vLLM's logged KV tokens and maximum
+  concurrency (start-up arithmetic, which reserves a chunked prefill's in-flight window), and the
+  sequences of ``--context`` tokens the pool holds while they decode (RTPURBO: the pool's bytes over
+  :meth:`KVLayout.bytes_per_sequence`, the whole blocks a decoding sequence holds; FLASH_ATTN: tokens
+  over the context).
+* ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
+  then generated again with 1 and with ``1 + --steps`` output tokens; the decode step is the
+  difference over ``--steps`` (every request decodes from the first step: the prompts hit the cache).
+
+    python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
+    python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
+
+Results: ``DIR/bench_engine.json`` (rows merged across invocations) and ``DIR/bench_engine.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rtpurbo_vllm import outputs
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+SELECTIONS = {"global15": {"ratio": 0.15}, "kvgroup15": {"ratio": 0.15, "by_kv_group": True},
+              "n1": {"kv_heads_per_layer": 1}}
+KV_CACHE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+CONCURRENCY_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
+
+
+def parse_config(text: str) -> dict:
+    """``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]`` as a dict; raises ``ValueError`` naming the problem."""
+    parts = text.split(":")
+    backend, kv_dtype = (parts + ["auto"])[:2]
+    if backend not in ("FLASH_ATTN", "RTPURBO") or kv_dtype not in ("auto", "fp8"):
+        raise ValueError(f"bad configuration {text!r}: expected FLASH_ATTN|RTPURBO:auto|fp8[:selection[:layout]]")
+    selection = parts[2] if len(parts) > 2 else ("global15" if backend == "RTPURBO" else None)
+    layout = parts[3] if len(parts) > 3 else ("compact" if backend == "RTPURBO" else None)
+    if backend == "RTPURBO" and (selection not in SELECTIONS or layout not in ("compact", "full")):
+        raise ValueError(f"bad configuration {text!r}: selection one of {sorted(SELECTIONS)}, layout compact|full")
+    return {"name": text, "backend": backend, "kv_dtype": kv_dtype, "selection": selection, "layout": layout}
+
+
+def model_dir(out: Path, context: int, selection: str | None) -> Path:
+    """A Llama-3-8B-shape folder (config.json, the tiny tokenizer) with a synthetic artifact for ``selection``."""
+    from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
+    from rtpurbo_vllm.tiny.tokenizer import save_tokenizer
+
+    path = out / f"model-{context}"
+    config = {**LLAMA3_8B, "max_position_embeddings": context + 4096}
+    outputs.write_json(path / "config.json", config)
+    if not (path / "tokenizer.json").exists():
+        save_tokenizer(path)
+    if selection is not None:
+        synthesize_artifact(path, path / f"rtpurbo-{selection}", **SELECTIONS[selection], seed=0)
+    return path
+
+
+def engine(cfg: dict, path: Path, context: int, max_num_seqs: int, gpu_memory_utilization: float):
+    from vllm import LLM
+
+    kwargs = dict(model=str(path), load_format="dummy", attention_backend=cfg["backend"], max_model_len=context + 2048,
+                  max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization, seed=0,
+                  enable_prefix_caching=True)
+    if cfg["kv_dtype"] == "fp8":
+        kwargs["kv_cache_dtype"] = "fp8"
+    if cfg["backend"] == "RTPURBO":
+        kwargs["additional_config"] = {"rtpurbo": {"artifact": str(path / f"rtpurbo-{cfg['selection']}"),
+                                                   "kv_layout": cfg["layout"]}}
+    return LLM(**kwargs)
+
+
+def held_sequences(llm, cfg: dict, context: int) -> float:
+    """Sequences of ``context`` tokens the pool holds while they decode."""
+    import torch
+
+    vllm_config = llm.llm_engine.vllm_config
+    num_blocks = vllm_config.cache_config.num_gpu_blocks
+    if cfg["backend"] == "FLASH_ATTN":
+        return num_blocks * vllm_config.cache_config.block_size / context
+    from rtpurbo_vllm.attention.serving_config import serving_artifact
+    from rtpurbo_vllm.kv_cache import KVLayout
+
+    kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
+    layout = KVLayout.from_artifact(serving_artifact(vllm_config), name=cfg["layout"], kv_dtype=kv_dtype,
+                                    index_dtype=torch.bfloat16, block_unit=vllm_config.cache_config.block_size)
+    per_block = layout.unit_count * (layout.blocks.page_size_bytes if layout.has("window")
+                                     else sum(s.page_size_bytes for s in layout.units.values()))
+    return num_blocks * per_block / layout.bytes_per_sequence(context)
+
+
+def run_one(args) -> dict:
+    """One configuration in this process (the child side); returns its row."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cfg = parse_config(args.one)
+    path = model_dir(args.out, args.context, cfg["selection"])
+    llm = engine(cfg, path, args.context, max(args.batch + [8]), args.gpu_memory_utilization)
+    row = {**cfg, "context": args.context}
+    if args.phase == "capacity":
+        row["held_sequences"] = round(held_sequences(llm, cfg, args.context), 2)
+        row["num_gpu_blocks"] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        return row
+    import random
+
+    steps = {}
+    for batch in args.batch:
+        rng = random.Random(batch)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.context)])
+                   for _ in range(batch)]
+
+        def timed(max_tokens):
+            params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start
+
+        timed(1)                                     # prefill into the prefix cache
+        short, long = timed(1), timed(1 + args.steps)
+        steps[str(batch)] = round((long - short) / args.steps * 1000, 3)
+    row["decode_step_ms"] = steps
+    return row
+
+
+def run_child(cfg: str, args) -> dict:
+    """Runs one configuration in a fresh process (its GPU memory is freed when it exits)."""
+    log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
+    argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
+            str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--batch", *map(str, args.batch)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    with open(log, "w") as f:
+        proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+    text = log.read_text(errors="replace")
+    rows = [json.loads(line[len("ROW "):]) for line in text.splitlines() if line.startswith("ROW ")]
+    row = rows[-1] if rows else {"name": cfg, "error": f"exit {proc.returncode}, see {log.name}"}
+    if (m := KV_CACHE_RE.search(text)):
+        row["vllm_kv_tokens"] = int(m.group(1).replace(",", ""))
+    if (m := CONCURRENCY_RE.search(text)):
+        row["vllm_max_concurrency"] = float(m.group(2))
+    return row
+
+
+def render(results: dict) -> str:
+    lines = ["| phase | configuration | vLLM KV tokens | vLLM max concurrency | held sequences | decode step (ms) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        step = ", ".join(f"b{b}: {ms}" for b, ms in row.get("decode_step_ms", {}).items())
+        lines.append(f"| {row['phase']} | {row['name']} | {row.get('vllm_kv_tokens', '')} | "
+                     f"{row.get('vllm_max_concurrency', '')} | {row.get('held_sequences', '')} | "
+                     f"{step or row.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=("capacity", "step"))
+    parser.add_argument("--configs", nargs="+", default=[])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--timeout", type=float, default=560)
+    args = parser.parse_args(argv)
+    try:
+        configs = [parse_config(c) for c in args.configs]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.one:
+        print("ROW " + json.dumps(run_one(args)), flush=True)
+        return 0
+    results_path = args.out / RESULTS_JSON
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
+    for cfg in configs:
+        row = {"phase": args.phase, **run_child(cfg["name"], args)}
+        results["rows"] = [r for r in results["rows"] if (r["phase"], r["name"]) != (args.phase, cfg["name"])] + [row]
+        outputs.write_json(results_path, results)
+        print(json.dumps(row), flush=True)
+    outputs.write_bytes(args.out / REPORT_MD, render(results).encode())
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
