@@ -35,9 +35,9 @@ class KindSpec:
 def garbage_(t: torch.Tensor) -> torch.Tensor:
     """Fills ``t`` in place with values that show when read: NaN for floats, random bytes for fp8."""
     if t.dtype in FP8:
-        t.view(torch.uint8).copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
-        # a few NaN codes (0x7F), which decode to NaN on the GPU
-        t.view(torch.uint8).view(-1)[::7] = 0x7F
+        b = t.view(torch.uint8)
+        b.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
+        b[..., ::7] = 0x7F    # a few NaN codes, which decode to NaN on the GPU
     else:
         t.fill_(float("nan"))
     return t
