@@ -89,7 +89,7 @@ def build(seq_lens: Sequence[int], head_kind: Sequence[int], width: int, dtype: 
     Units of all kinds are allocated in shuffled order (``units[0]``, the base, may be of any kind), each
     head gets a random free (unit, slot) of its kind. Per kind, page 0 is the null page (garbage); every
     page holding a token the kind keeps (``keeps[kind]``, default all) gets a distinct shuffled page id,
-    other pages of a sequence map to 0, and table entries past the sequence point at random pages.
+    other pages of a sequence and table entries past it map to 0.
     ``min_page`` shifts every real page id up (int64 offsets on the GPU).
     """
     keeps = list(keeps) if keeps is not None else [None] * len(kinds)
@@ -111,7 +111,7 @@ def build(seq_lens: Sequence[int], head_kind: Sequence[int], width: int, dtype: 
         perm = (1 + min_page + torch.randperm(next_page - 1 - min_page)).tolist()
         remap = {p: perm[p - 1 - min_page] for p in range(1 + min_page, next_page)}
         width_pages = max(max((len(r) for r in rows), default=0), 1) + table_slack
-        table = torch.randint(0, total, (len(seq_lens), width_pages), dtype=torch.int32)
+        table = torch.zeros(len(seq_lens), width_pages, dtype=torch.int32)   # past the sequence: null page
         for b, row in enumerate(rows):
             table[b, :len(row)] = torch.tensor([remap.get(p, 0) for p in row], dtype=torch.int32)
         tables_rows.append(table)
@@ -159,3 +159,19 @@ def paged_kv(seq_lens, head_kind, head_dim, dtype, kinds, device, keeps=None, k_
             lay.fill(b, h, torch.cat([ks[:, h], vs[:, h]], dim=-1).to(device))
         logical.append((ks, vs))
     return lay, logical
+
+
+def copy_into(dst: Layout, src: Layout) -> None:
+    """Gives the persistent layout ``dst`` the contents of ``src`` (same heads, kinds, page sizes, at most as
+    many pages and table columns) in place: per head its unit slot, per kind the block table (other
+    entries garbage / null page). What a CUDA-graph test does between replays."""
+    for t, f in zip(dst.tables, src.tables):
+        t.block_table.fill_(0)
+        cols = min(t.block_table.shape[1], f.block_table.shape[1])
+        t.block_table[:, :cols] = f.block_table[:, :cols]
+    for h in range(dst.paged.num_heads):
+        s = src.paged.units[src.paged.head_unit[h]][..., src.paged.head_slot[h], :]
+        d = dst.paged.units[dst.paged.head_unit[h]][..., dst.paged.head_slot[h], :]
+        garbage_(d)
+        d[:s.shape[0]] = s
+    dst.seq_lens = list(src.seq_lens)
