@@ -145,11 +145,12 @@ def store_values(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None
 
 
 def paged_kv(seq_lens, head_kind, head_dim, dtype, kinds, device, keeps=None, k_scale=None, v_scale=None,
-             min_page=0, values_dtype=torch.bfloat16):
+             min_page=0, values_dtype=torch.bfloat16, spare_pages=2):
     """A K|V layout filled with random K/V (quantised for fp8), plus what each sequence stores,
     ``[(k [L, HKV, D], v [L, HKV, D])]`` in the units' dtype (on the CPU; every token, also those a
     window kind does not hold)."""
-    lay = build(seq_lens, head_kind, 2 * head_dim, dtype, kinds, device, keeps, min_page=min_page)
+    lay = build(seq_lens, head_kind, 2 * head_dim, dtype, kinds, device, keeps, spare_pages=spare_pages,
+                min_page=min_page)
     logical = []
     for b, n in enumerate(seq_lens):
         k = torch.randn(n, len(head_kind), head_dim, dtype=values_dtype) * (2.0 if dtype in FP8 else 1.0)
@@ -172,6 +173,7 @@ def copy_into(dst: Layout, src: Layout) -> None:
     for h in range(dst.paged.num_heads):
         s = src.paged.units[src.paged.head_unit[h]][..., src.paged.head_slot[h], :]
         d = dst.paged.units[dst.paged.head_unit[h]][..., dst.paged.head_slot[h], :]
+        assert s.shape[0] <= d.shape[0], f"the new layout has {s.shape[0]} pages, the persistent one {d.shape[0]}"
         garbage_(d)
         d[:s.shape[0]] = s
     dst.seq_lens = list(src.seq_lens)

@@ -329,7 +329,7 @@ def test_reuse_same_tensors_new_values(seed):
     lens_a, lens_b = [400, 1, 130, 64], [65, 399, 0, 257]
     # Persistent buffers sized for max_len.
     lay_a, _ = PL.paged_kv([max_len] * batch, head_kind, d, bf16, kinds, DEVICE,
-                           [None, PL.kept_window([max_len] * batch, sink, window)])
+                           [None, PL.kept_window([max_len] * batch, sink, window)], spare_pages=4 * batch)
     kv = lay_a.paged
     tables = lay_a.tables
     max_blocks = math.ceil(max_len / bs)
@@ -516,8 +516,10 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype):
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]
     kinds = [KindSpec(16, 2, 4), KindSpec(32, 2, 4)]
     k_scale, v_scale = _scales(kv_dtype, "cuda")
+    # Spare pages: a window of unaligned start spans one page more than the persistent layout's.
     lay, _ = PL.paged_kv([max_len] * batch, head_kind, d, kv_dtype, kinds, "cuda",
-                         [None, PL.kept_window([max_len] * batch, sink, window)], k_scale, v_scale)
+                         [None, PL.kept_window([max_len] * batch, sink, window)], k_scale, v_scale,
+                         spare_pages=4 * batch)
     kv, tables = lay.paged, lay.tables
     max_blocks = math.ceil(max_len / bs)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
