@@ -27,15 +27,12 @@ passed in.
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
    workspace at every step. The choice is made per row, so a long ``max_model_len`` (which sets
-   ``max_blocks``) does not put short rows on the slow path. (Session 5, when the choice was per launch:
-   a server sized for 256K, ``max_blocks`` 4100, decoded batch 4 at 128K 78 us a layer slower than the
-   one-layer benchmark predicts; this path is the cause we found. Not yet re-measured.)
+   ``max_blocks``) does not put short rows on the slow path.
 
-Measured on one H200 (B=4, HR=8, DI=16, BS=64, bf16, CUDA-graph replay): 37 us at 32K tokens, 87 us
-at 128K (stats kernel 71 us, 1.9 TB/s of index keys), 314 us at 512K; a 4K-token batch with
-``max_blocks`` sized for 128K takes 35 us (mostly stats programs that find nothing to do). A radix-8
-search (8 bounds per step in one ``[CHUNK, 8]`` reduction, 11 steps) measured slower than the binary
-search (93 vs 88 us at 128K), so the binary search stays.
+Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
+``base + offsets[r]`` (its unit tensor and slot) plus ``page * page_stride + (t % P) * token_stride``,
+the page from the index kind's block table. A binary search over bit patterns is used rather than
+a radix search (several bounds per step), which was slower.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index cache and for queries.
+"""Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index-key units and for queries.
 
 vLLM hands the attention backend post-RoPE ``q [T, HQ, D]`` / ``k [T, HKV, D]`` and the token
 ``positions [T]``; the indexer needs the pre-RoPE vectors. Each program takes ``BLOCK_T`` tokens of one
@@ -11,8 +11,10 @@ retrieval head ``r`` and
    vLLM's 2x2 rotation (transpose / (cos² + sin²), so YaRN's folded mscale is divided out),
 3. projects with the matching columns of ``W[r]`` (``[DI, D]``) in three ``[BLOCK_T, *] x [*, DI]`` dots
    accumulated in float32 (``tf32x3``: about 1e-6 relative error against a float32 matmul),
-4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index cache at
-   ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored).
+4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index-key units at
+   ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored),
+   addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at ``base + offsets[r]``
+   (its unit tensor and slot) plus ``page * page_stride + offset * token_stride``.
 
 Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, nothing is read back to the host, so both ops
 can be captured in a CUDA graph. Token, page and table offsets are computed in int64. Positions outside
