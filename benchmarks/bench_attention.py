@@ -34,6 +34,7 @@ from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill 
 from rtpurbo_vllm.rope import RopeSpec  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys  # noqa: E402
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_decode import (  # noqa: E402
     allocate_sparse_decode_workspace,
     headwise_sparse_decode,
@@ -61,11 +62,11 @@ def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
     kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device)
     key_cache, value_cache = kv.split(D, dim=-1)
     block_table = torch.randperm(num_pages, device=device, dtype=torch.int32).view(num_seqs, pages_per_seq)
-    return key_cache, value_cache, block_table, num_pages
+    return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
 
 def bench_prefill(length: int, device, repeats: int) -> dict:
-    key_cache, value_cache, block_table, _ = paged_cache(length, 1, device)
+    key_cache, value_cache, block_table, _, _ = paged_cache(length, 1, device)
     q = torch.randn(length, HQ, D, dtype=DTYPE, device=device)
     k_new = torch.randn(length, HKV, D, dtype=DTYPE, device=device)
     cu_q = torch.tensor([0, length], dtype=torch.int32, device=device)
@@ -74,7 +75,7 @@ def bench_prefill(length: int, device, repeats: int) -> dict:
     plan = RTPurboPrefillPlan.build(RETRIEVAL, HQ, HKV, device)
     kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
     w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
-    index_cache = torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    index = PagedHeads.single(torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device))
     positions = torch.arange(length, device=device)
     slots = (block_table[0, positions // PAGE].long() * PAGE + positions % PAGE)
     table = rope_table(ROPE, device, num_positions=length)
@@ -83,7 +84,7 @@ def bench_prefill(length: int, device, repeats: int) -> dict:
         fa3(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, out)
 
     def rtpurbo():
-        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index_cache, is_neox_style=True)
+        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True)
         headwise_prefill(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, plan, SINK,
                          WINDOW, D ** -0.5, out)
 
@@ -110,7 +111,7 @@ def plant_hot_blocks(q_idx, index_cache, block_table, length, keep, generator):
 def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None) -> dict:
     """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
     serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``."""
-    key_cache, value_cache, block_table, num_pages = paged_cache(length, batch, device)
+    key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device=device)
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
@@ -129,6 +130,8 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     attn_ws = allocate_sparse_decode_workspace(batch, HQ, D, device=device)
     index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
     plant_hot_blocks(q_idx, index_cache, block_table, length, keep, torch.Generator().manual_seed(0))
+    index = PagedHeads.single(index_cache)
+    index_table, kv_tables = index.table(0, block_table), [kv.table(0, block_table)]
 
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
@@ -138,11 +141,10 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     # the time goes at batch 1.
     parts = {
         "index_query": lambda: index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True),
-        "block_topp": lambda: block_topp(q_idx, index_cache, block_table, seq_lens, TOP_P, SINK, BS, max_blocks,
+        "block_topp": lambda: block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks,
                                          topp_ws, selected, num_selected),
-        "sparse_decode": lambda: headwise_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, heads,
-                                                        selected, num_selected, BS, SINK, WINDOW, D ** -0.5,
-                                                        attn_ws, out),
+        "sparse_decode": lambda: headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected,
+                                                        BS, SINK, WINDOW, D ** -0.5, attn_ws, out),
     }
 
     def rtpurbo():

@@ -1,6 +1,7 @@
 """Kernels of rtpurbo-vllm, one folder per op, installed as ``rtpurbo_vllm.triton_kernels``.
 
 Each op folder holds ``reference.py`` (plain PyTorch, the ground truth the kernel is tested against)
-and, once written, ``kernel.py`` (Triton). Imports inside this folder are relative: it is never a
-top-level package.
+and, once written, ``kernel.py`` (Triton). ``paged_heads.py`` (plain PyTorch) is the one description
+every kernel uses of where a layer's heads live in vLLM's paged cache unit tensors. Imports inside this
+folder are relative: it is never a top-level package.
 """

@@ -35,9 +35,9 @@ class KindSpec:
 def garbage_(t: torch.Tensor) -> torch.Tensor:
     """Fills ``t`` in place with values that show when read: NaN for floats, random bytes for fp8."""
     if t.dtype in FP8:
-        t.view(torch.uint8).copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
-        # a few NaN codes (0x7F), which decode to NaN on the GPU
-        t.view(torch.uint8).view(-1)[::7] = 0x7F
+        b = t.view(torch.uint8)
+        b.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
+        b[..., ::7] = 0x7F    # a few NaN codes, which decode to NaN on the GPU
     else:
         t.fill_(float("nan"))
     return t
@@ -89,7 +89,7 @@ def build(seq_lens: Sequence[int], head_kind: Sequence[int], width: int, dtype: 
     Units of all kinds are allocated in shuffled order (``units[0]``, the base, may be of any kind), each
     head gets a random free (unit, slot) of its kind. Per kind, page 0 is the null page (garbage); every
     page holding a token the kind keeps (``keeps[kind]``, default all) gets a distinct shuffled page id,
-    other pages of a sequence map to 0, and table entries past the sequence point at random pages.
+    other pages of a sequence and table entries past it map to 0.
     ``min_page`` shifts every real page id up (int64 offsets on the GPU).
     """
     keeps = list(keeps) if keeps is not None else [None] * len(kinds)
@@ -111,7 +111,7 @@ def build(seq_lens: Sequence[int], head_kind: Sequence[int], width: int, dtype: 
         perm = (1 + min_page + torch.randperm(next_page - 1 - min_page)).tolist()
         remap = {p: perm[p - 1 - min_page] for p in range(1 + min_page, next_page)}
         width_pages = max(max((len(r) for r in rows), default=0), 1) + table_slack
-        table = torch.randint(0, total, (len(seq_lens), width_pages), dtype=torch.int32)
+        table = torch.zeros(len(seq_lens), width_pages, dtype=torch.int32)   # past the sequence: null page
         for b, row in enumerate(rows):
             table[b, :len(row)] = torch.tensor([remap.get(p, 0) for p in row], dtype=torch.int32)
         tables_rows.append(table)
@@ -145,11 +145,12 @@ def store_values(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None
 
 
 def paged_kv(seq_lens, head_kind, head_dim, dtype, kinds, device, keeps=None, k_scale=None, v_scale=None,
-             min_page=0, values_dtype=torch.bfloat16):
+             min_page=0, values_dtype=torch.bfloat16, spare_pages=2):
     """A K|V layout filled with random K/V (quantised for fp8), plus what each sequence stores,
     ``[(k [L, HKV, D], v [L, HKV, D])]`` in the units' dtype (on the CPU; every token, also those a
     window kind does not hold)."""
-    lay = build(seq_lens, head_kind, 2 * head_dim, dtype, kinds, device, keeps, min_page=min_page)
+    lay = build(seq_lens, head_kind, 2 * head_dim, dtype, kinds, device, keeps, spare_pages=spare_pages,
+                min_page=min_page)
     logical = []
     for b, n in enumerate(seq_lens):
         k = torch.randn(n, len(head_kind), head_dim, dtype=values_dtype) * (2.0 if dtype in FP8 else 1.0)
@@ -159,3 +160,20 @@ def paged_kv(seq_lens, head_kind, head_dim, dtype, kinds, device, keeps=None, k_
             lay.fill(b, h, torch.cat([ks[:, h], vs[:, h]], dim=-1).to(device))
         logical.append((ks, vs))
     return lay, logical
+
+
+def copy_into(dst: Layout, src: Layout) -> None:
+    """Gives the persistent layout ``dst`` the contents of ``src`` (same heads, kinds, page sizes, at most as
+    many pages and table columns) in place: per head its unit slot, per kind the block table (other
+    entries garbage / null page). What a CUDA-graph test does between replays."""
+    for t, f in zip(dst.tables, src.tables):
+        t.block_table.fill_(0)
+        cols = min(t.block_table.shape[1], f.block_table.shape[1])
+        t.block_table[:, :cols] = f.block_table[:, :cols]
+    for h in range(dst.paged.num_heads):
+        s = src.paged.units[src.paged.head_unit[h]][..., src.paged.head_slot[h], :]
+        d = dst.paged.units[dst.paged.head_unit[h]][..., dst.paged.head_slot[h], :]
+        assert s.shape[0] <= d.shape[0], f"the new layout has {s.shape[0]} pages, the persistent one {d.shape[0]}"
+        garbage_(d)
+        d[:s.shape[0]] = s
+    dst.seq_lens = list(src.seq_lens)

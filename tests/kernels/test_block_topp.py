@@ -15,14 +15,33 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, index_scores_ref,  # noqa: E402
-                                                    make_block_topp_workspace)
+                                                    make_block_topp_workspace, paged_block_topp_ref,
+                                                    paged_index_keys_ref)
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
+
+
+def _load_layouts():
+    """tests/kernels/paged_layouts.py, once per session (sibling modules are not importable by name)."""
+    if "rtpurbo_paged_layouts" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("rtpurbo_paged_layouts",
+                                                      pathlib.Path(__file__).with_name("paged_layouts.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["rtpurbo_paged_layouts"]
+
+
+PL = _load_layouts()
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -74,40 +93,34 @@ def make_keys(pattern, q, seq_len, block_size):
 
 
 def make_batch(seq_lens, hr, di, page_size, block_size, dtype, pattern, device, spare_pages=3,
-               page_offset=0):
-    """A paged decode batch with shuffled, non-contiguous pages.
+               page_offset=0, num_units=None, keys=None, layout_out=None):
+    """A paged decode batch: the HR heads' index keys scattered over ``num_units`` unit tensors (default
+    3, or HR if fewer; 1 is the one-tensor layout) with spare slots, shuffled non-contiguous pages.
 
-    Unused cache slots (spare pages, the tail of each last page) hold NaN, and block-table entries past
-    each sequence's pages point at a NaN page, so reading anything outside the sequences shows.
-    ``page_offset`` shifts every used page id up (a large pool exercises int64 offsets).
+    Unused cache entries (spare pages and slots, the tail of each last page, the null page 0 that table
+    entries past each sequence point at) hold NaN, so reading anything outside the sequences shows.
+    ``page_offset`` shifts every used page id up (a large pool exercises int64 offsets). ``keys``: the
+    keys to store instead of :func:`make_keys`'s; ``layout_out``: a list that receives the test Layout.
 
     Returns:
-        q_idx ``[B, HR, DI]``, index_cache ``[num_pages, P, HR, DI]``, block_table ``[B, max_pages]``
-        int32, seq_lens ``[B]`` int32, keys (list of ``[T, HR, DI]`` in ``dtype``).
+        q_idx ``[B, HR, DI]``, index (PagedHeads), index_table (PageTable), seq_lens ``[B]`` int32,
+        keys (list of ``[T, HR, DI]`` in ``dtype``).
     """
-    batch = len(seq_lens)
-    max_len = max(max(seq_lens), 1)
-    pages_per_seq = [math.ceil(t / page_size) for t in seq_lens]
-    used = sum(pages_per_seq)
-    num_pages = page_offset + used + spare_pages
-    q_idx = torch.randn(batch, hr, di, device=device)
-    cache = torch.full((num_pages, page_size, hr, di), float("nan"), dtype=dtype, device=device)
-    max_pages = math.ceil(max_len / page_size) + 1
-    nan_page = num_pages - 1
-    block_table = torch.full((batch, max_pages), nan_page, dtype=torch.int32, device=device)
-    page_ids = page_offset + torch.randperm(used, device=device)
-    keys, cursor = [], 0
-    for b, (t, n) in enumerate(zip(seq_lens, pages_per_seq)):
-        pages = page_ids[cursor:cursor + n]
-        cursor += n
-        block_table[b, :n] = pages.to(torch.int32)
-        k = make_keys(pattern, q_idx[b], t, block_size).to(dtype)
-        padded = torch.full((n * page_size, hr, di), float("nan"), dtype=dtype, device=device)
-        padded[:t] = k
-        cache[pages.long()] = padded.view(n, page_size, hr, di)
+    num_units = num_units or min(3, hr)
+    slots = hr if num_units == 1 else -(-hr // num_units) + 1
+    lay = PL.build(seq_lens, [0] * hr, di, dtype, [PL.KindSpec(page_size, num_units, slots)], device,
+                   spare_pages=spare_pages, min_page=page_offset)
+    q_idx = torch.randn(len(seq_lens), hr, di, device=device)
+    given, keys = keys, []
+    for b, t in enumerate(seq_lens):
+        k = (make_keys(pattern, q_idx[b], t, block_size) if given is None else given[b]).to(device=device, dtype=dtype)
+        for r in range(hr):
+            lay.fill(b, r, k[:, r])
         keys.append(k)
-    q_idx = q_idx.to(dtype)
-    return q_idx, cache, block_table, torch.tensor(seq_lens, dtype=torch.int32, device=device), keys
+    if layout_out is not None:
+        layout_out.append(lay)
+    return (q_idx.to(dtype), lay.paged, lay.tables[0], torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            keys)
 
 
 def poisoned_outputs(batch, hr, max_blocks, device):
@@ -230,15 +243,21 @@ def check_against_reference(q_idx, keys, seq_lens, selected, num_selected, top_p
 
 
 def run_case(seq_lens, hr, di, page_size, block_size, sink_tokens, top_p, pattern, dtype, device,
-             max_batch=None, page_offset=0):
-    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, dtype,
-                                                       pattern, device, page_offset=page_offset)
+             max_batch=None, page_offset=0, num_units=None):
+    q_idx, index, table, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, dtype, pattern, device,
+                                                 page_offset=page_offset, num_units=num_units)
     max_blocks = math.ceil(max(max(seq_lens), 1) / block_size) + 1   # headroom: padding must be written
     workspace = make_block_topp_workspace(max_batch or len(seq_lens), hr, max_blocks, device)
     selected, num_selected = poisoned_outputs(len(seq_lens), hr, max_blocks, device)
-    out = block_topp(q_idx, cache, block_table, lens, top_p, sink_tokens, block_size, max_blocks, workspace,
+    out = block_topp(q_idx, index, table, lens, top_p, sink_tokens, block_size, max_blocks, workspace,
                      selected=selected, num_selected=num_selected)
     assert out[0] is selected and out[1] is num_selected
+    # The paged reference reads back exactly the keys stored (gather through units, slots, block table).
+    for b, t in enumerate(seq_lens):
+        assert torch.equal(paged_index_keys_ref(index, table, b, t), keys[b].float().cpu())
+    if len(seq_lens) <= 8 and top_p == 1.0:
+        for b, keep in enumerate(paged_block_topp_ref(q_idx, index, table, seq_lens, top_p, sink_tokens, block_size)):
+            assert keep is None or keep.all()
     check_against_reference(q_idx, keys, seq_lens, selected, num_selected, top_p, sink_tokens, block_size)
 
 
@@ -272,11 +291,11 @@ def test_block_topp_small(seed, hr, page_size, block_size, sink_tokens, top_p, p
 @runs_here
 def test_block_topp_uniform_exact_ties(seed):
     """q = 0 makes every score 0: all full blocks tie exactly and 1/8 + 3/8 hits top_p = 0.5 exactly."""
-    q_idx, cache, block_table, lens, keys = make_batch([512, 515], 2, 16, 16, 64, fp32, "random", DEVICE)
+    q_idx, index, table, lens, keys = make_batch([512, 515], 2, 16, 16, 64, fp32, "random", DEVICE)
     q_idx.zero_()
     workspace = make_block_topp_workspace(2, 2, 9, DEVICE)
     selected, num_selected = poisoned_outputs(2, 2, 9, DEVICE)
-    block_topp(q_idx, cache, block_table, lens, 0.5, 0, 64, 9, workspace, selected, num_selected)
+    block_topp(q_idx, index, table, lens, 0.5, 0, 64, 9, workspace, selected, num_selected)
     # T=512: forced last block (1/8) + blocks 0, 1, 2 reach exactly 0.5 -- the reference's set too.
     assert selected[0].cpu().tolist() == [[0, 1, 2, 7, -1, -1, -1, -1, -1]] * 2
     check_against_reference(q_idx, keys, [512, 515], selected, num_selected, 0.5, 0, 64)
@@ -286,19 +305,15 @@ def test_block_topp_uniform_exact_ties(seed):
 def test_block_topp_underflowing_blocks(seed):
     """Blocks whose mass underflows to 0 are kept at top_p = 1 and dropped below it."""
     seq_lens = [515]
-    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 1, 16, 16, 64, fp32, "random", DEVICE)
-    q_idx.zero_()
-    q_idx[0, 0, 0] = 1.0
     k = torch.zeros(515, 1, 16)
     k[:64, 0, 0] = 200.0        # block 0 holds all the mass; every other block underflows to 0
-    pages = block_table[0, :math.ceil(515 / 16)].long().cpu()
-    flat = cache[pages.to(cache.device)].view(-1, 1, 16)
-    flat[:515] = k.to(cache.device)
-    cache[pages.to(cache.device)] = flat.view(-1, 16, 1, 16)
+    q_idx, index, table, lens, keys = make_batch(seq_lens, 1, 16, 16, 64, fp32, "random", DEVICE, keys=[k])
+    q_idx.zero_()
+    q_idx[0, 0, 0] = 1.0
     workspace = make_block_topp_workspace(1, 1, 9, DEVICE)
     for top_p, expect in [(1.0, list(range(9))), (0.999999, [0, 8])]:
         selected, num_selected = poisoned_outputs(1, 1, 9, DEVICE)
-        block_topp(q_idx, cache, block_table, lens, top_p, 0, 64, 9, workspace, selected, num_selected)
+        block_topp(q_idx, index, table, lens, top_p, 0, 64, 9, workspace, selected, num_selected)
         assert selected[0, 0].cpu().tolist()[:len(expect)] == expect
         assert int(num_selected[0, 0]) == len(expect)
         check_against_reference(q_idx, [k], seq_lens, selected, num_selected, top_p, 0, 64)
@@ -309,9 +324,9 @@ def test_block_topp_empty_rows_and_reuse(seed):
     """seq_len 0 (a padded batch row) selects nothing; a workspace for a larger batch is reused."""
     workspace = make_block_topp_workspace(4, 3, 9, DEVICE)
     for seq_lens in ([515, 0, 64], [0, 130, 1]):
-        q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 3, 16, 16, 64, bf16, "peaked", DEVICE)
+        q_idx, index, table, lens, keys = make_batch(seq_lens, 3, 16, 16, 64, bf16, "peaked", DEVICE)
         selected, num_selected = poisoned_outputs(3, 3, 9, DEVICE)
-        block_topp(q_idx, cache, block_table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
+        block_topp(q_idx, index, table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
         check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
 
 
@@ -319,11 +334,11 @@ def test_block_topp_empty_rows_and_reuse(seed):
 def test_block_topp_float32_queries_bf16_cache(seed):
     """q_idx may be float32 (the index-query kernel's output) over a bf16 cache."""
     seq_lens = [200, 515]
-    q_idx, cache, block_table, lens, keys = make_batch(seq_lens, 2, 16, 16, 64, bf16, "peaked", DEVICE)
+    q_idx, index, table, lens, keys = make_batch(seq_lens, 2, 16, 16, 64, bf16, "peaked", DEVICE)
     q_idx = q_idx.float() + 0.01 * torch.randn(q_idx.shape, device=DEVICE)   # not bf16-representable
     workspace = make_block_topp_workspace(2, 2, 9, DEVICE)
     selected, num_selected = poisoned_outputs(2, 2, 9, DEVICE)
-    block_topp(q_idx, cache, block_table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
+    block_topp(q_idx, index, table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)
     check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
 
 
@@ -339,24 +354,51 @@ def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, top_p, p
     run_case([100, 256, 257, 515, 0], 3, 16, 16, 64, 4, top_p, pattern, fp32, DEVICE)
 
 
+@runs_here
+@pytest.mark.parametrize("num_units", [1, 4])
+def test_block_topp_unit_layouts(seed, num_units):
+    """The one-tensor layout (1 unit, slot r for head r's place in it) and 5 heads over 4 units."""
+    run_case([1, 64, 130, 515], 5, 16, 32, 64, 4, 0.9, "peaked", bf16, DEVICE, num_units=num_units)
+
+
+@runs_here
+def test_block_topp_dense_threshold(seed):
+    """Sequences shorter than dense_threshold keep every block; longer ones are selected by top-p."""
+    seq_lens = [100, 515, 300]
+    q_idx, index, table, lens, keys = make_batch(seq_lens, 3, 16, 80, 64, bf16, "peaked", DEVICE)
+    workspace = make_block_topp_workspace(3, 3, 9, DEVICE)
+    selected, num_selected = poisoned_outputs(3, 3, 9, DEVICE)
+    block_topp(q_idx, index, table, lens, 0.5, 4, 64, 9, workspace, selected, num_selected, dense_threshold=301)
+    assert num_selected[0].tolist() == [2, 2, 2] and num_selected[2].tolist() == [5, 5, 5]
+    check_against_reference(q_idx[1:2], keys[1:2], seq_lens[1:2], selected[1:2], num_selected[1:2], 0.5, 4, 64)
+    want = paged_block_topp_ref(q_idx, index, table, seq_lens, 0.5, 4, 64, dense_threshold=301)
+    assert want[0].all() and want[2].all()
+
+
 def test_block_topp_rejects_bad_arguments():
-    q = torch.zeros(2, 3, 16)
-    cache = torch.zeros(4, 16, 3, 16)
-    table = torch.zeros(2, 4, dtype=torch.int32)
-    lens = torch.ones(2, dtype=torch.int32)
-    ws = make_block_topp_workspace(2, 3, 4, "cpu")
+    q = torch.zeros(2, 3, 16, device=DEVICE)
+    index = PagedHeads.single(torch.zeros(4, 16, 3, 16, device=DEVICE))
+    table = index.table(0, torch.zeros(2, 4, dtype=torch.int32, device=DEVICE))
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    ws = make_block_topp_workspace(2, 3, 4, DEVICE)
     with pytest.raises(ValueError, match="top_p"):
-        block_topp(q, cache, table, lens, 0.0, 4, 64, 4, ws)
+        block_topp(q, index, table, lens, 0.0, 4, 64, 4, ws)
     with pytest.raises(ValueError, match="power of two"):
-        block_topp(q, cache, table, lens, 0.9, 4, 48, 4, ws)
+        block_topp(q, index, table, lens, 0.9, 4, 48, 4, ws)
     with pytest.raises(TypeError, match="int32"):
-        block_topp(q, cache, table.long(), lens, 0.9, 4, 64, 4, ws)
+        block_topp(q, index, index.table(0, table.block_table.long()), lens, 0.9, 4, 64, 4, ws)
     with pytest.raises(TypeError, match="float"):
-        block_topp(q.int(), cache, table, lens, 0.9, 4, 64, 4, ws)
+        block_topp(q.int(), index, table, lens, 0.9, 4, 64, 4, ws)
     with pytest.raises(ValueError, match="workspace"):
-        block_topp(q, cache, table, lens, 0.9, 4, 64, 8, ws)
+        block_topp(q, index, table, lens, 0.9, 4, 64, 8, ws)
     with pytest.raises(ValueError, match="HR, DI"):
-        block_topp(q, torch.zeros(4, 16, 2, 16), table, lens, 0.9, 4, 64, 4, ws)
+        block_topp(q, PagedHeads.single(torch.zeros(4, 16, 2, 16, device=DEVICE)), table, lens, 0.9, 4, 64, 4, ws)
+    with pytest.raises(ValueError, match="page_size"):
+        block_topp(q, index, PL.PageTable(table.block_table, 32, 16 * 3 * 16, 3 * 16), lens, 0.9, 4, 64, 4, ws)
+    two_kinds = PagedHeads.from_units([torch.zeros(4, 16, 2, 16, device=DEVICE), torch.zeros(4, 16, 1, 16, device=DEVICE)],
+                                      [0, 0, 1], [0, 1, 0], [0, 0, 1])
+    with pytest.raises(ValueError, match="one cache kind"):
+        block_topp(q, two_kinds, table, lens, 0.9, 4, 64, 4, ws)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,31 +440,25 @@ def test_block_topp_gpu_cuda_graph_replay(seed):
     batch = 4
     first = [70, 1, 4096, 333]
     second = [max_len, 0, 12345, 64]
-    num_pages = sum(math.ceil(t / page_size) for t in second) + 8
-    max_pages = max_len // page_size + 1
-
-    def fill(seq_lens, pattern):
-        q_idx, cache, table, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, torch.bfloat16,
-                                                     pattern, "cuda")
-        cache = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, 0, 0, num_pages - cache.shape[0]),
-                                        value=float("nan"))
-        table = torch.nn.functional.pad(table, (0, max_pages - table.shape[1]), value=num_pages - 1)
-        return q_idx, cache, table, lens, keys
-
-    q_s, cache_s, table_s, lens_s, _ = fill(first, "random")
+    static = []
+    q_s, index, table, lens_s, _ = make_batch([max_len] * batch, hr, di, page_size, block_size, torch.bfloat16,
+                                              "random", "cuda", layout_out=static)
     workspace = make_block_topp_workspace(batch, hr, max_blocks, "cuda")
     selected, num_selected = poisoned_outputs(batch, hr, max_blocks, "cuda")
+    lens_s.copy_(torch.tensor(first, dtype=torch.int32))
 
     def launch():
-        block_topp(q_s, cache_s, table_s, lens_s, top_p, sink, block_size, max_blocks, workspace,
-                   selected, num_selected)
+        block_topp(q_s, index, table, lens_s, top_p, sink, block_size, max_blocks, workspace, selected, num_selected)
 
     graph = capture(launch)
 
     for seq_lens, pattern in ((first, "random"), (second, "peaked")):
-        q_idx, cache, table, lens, keys = fill(seq_lens, pattern)
-        for static, new in ((q_s, q_idx), (cache_s, cache), (table_s, table), (lens_s, lens)):
-            static.copy_(new)
+        fresh = []
+        q_idx, _, _, lens, keys = make_batch(seq_lens, hr, di, page_size, block_size, torch.bfloat16, pattern,
+                                             "cuda", layout_out=fresh)
+        PL.copy_into(static[0], fresh[0])
+        q_s.copy_(q_idx)
+        lens_s.copy_(lens)
         selected.fill_(POISON)
         num_selected.fill_(POISON)
         graph.replay()

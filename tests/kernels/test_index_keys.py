@@ -24,6 +24,7 @@ from transformers import LlamaConfig, Qwen3Config  # noqa: E402
 
 from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope, rope_cos_sin  # noqa: E402
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import (  # noqa: E402
     index_keys_ref, index_queries, index_queries_ref, rope_table, rope_table_length, write_index_keys,
     write_index_keys_ref)
@@ -175,6 +176,43 @@ def _assert_recovered(got: torch.Tensor, x_pre: torch.Tensor, w: torch.Tensor, d
     assert err <= RECOVERY_TOL[dtype] * scale, f"max error {err:.3g} vs max |value| {scale:.3g}"
 
 
+def _index_layout(num_pages, page, hr, dtype, device, num_units=3):
+    """NaN-filled index units ``[num_pages, P, slots, DI]`` with the HR heads on random (unit, slot)s, spare
+    slots left over (other layers'); ``num_units=1`` with ``slots=HR`` is the one-tensor layout."""
+    num_units = min(num_units, hr)
+    slots = hr if num_units == 1 else -(-hr // num_units) + 1
+    units = [torch.full((num_pages, page, slots, DI), float("nan"), dtype=dtype, device=device)
+             for _ in range(num_units)]
+    places = [(u, sl) for u in range(num_units) for sl in range(slots)]
+    order = torch.randperm(len(places)).tolist()
+    return PagedHeads.from_units(units, [places[i][0] for i in order[:hr]], [places[i][1] for i in order[:hr]])
+
+
+def _read_back(index, slots):
+    """``[n, HR, DI]``: each head's entries at ``slots`` (``page * P + offset``)."""
+    p = index.page_size(0)
+    return torch.stack([index.units[index.head_unit[r]][slots // p, slots % p, index.head_slot[r]]
+                        for r in range(index.num_heads)], dim=1)
+
+
+def _written_mask(index, slot_mapping):
+    """Per unit, ``[num_pages, P, slots]`` bool: the entries a write at ``slot_mapping`` touches."""
+    masks = [torch.zeros(u.shape[:3], dtype=torch.bool, device=u.device) for u in index.units]
+    slots = slot_mapping[slot_mapping >= 0]
+    p = index.page_size(0)
+    for r in range(index.num_heads):
+        masks[index.head_unit[r]][slots // p, slots % p, index.head_slot[r]] = True
+    return masks
+
+
+def _assert_index_written(index, expected, slot_mapping, dtype):
+    eps = max(torch.finfo(dtype).eps, 1e-5)  # 1 ulp of the cache dtype; the fp32 dot is good to ~1e-6
+    for u, (got, want, written) in enumerate(zip(index.units, expected.units, _written_mask(index, slot_mapping))):
+        assert not got[written].isnan().any(), f"unit {u}: a token's slot was not written"
+        assert got[~written].isnan().all(), f"unit {u}: an entry no token maps to was written"
+        torch.testing.assert_close(got[written].float(), want[written].float(), rtol=eps, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Interpreter tests.
 
@@ -200,48 +238,41 @@ def test_write_index_keys(seed, case):
     x = _inputs(case)
     table = _table(x.spec, DEVICE)
     hr = len(case.heads)
-    cache = torch.full((x.num_pages, case.page, hr, DI), float("nan"), dtype=case.dtype, device=DEVICE)
-    expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, x.w_k, x.slot_mapping, cache)
+    index = _index_layout(x.num_pages, case.page, hr, case.dtype, DEVICE, num_units=1 + case.t % 3)
+    expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, x.w_k, x.slot_mapping, index)
     inputs = [x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping]
     before = [a.clone() for a in inputs]
-    ret = write_index_keys(*inputs, cache, is_neox_style=x.spec.is_neox_style)
-    assert ret is cache
+    ret = write_index_keys(*inputs, index, is_neox_style=x.spec.is_neox_style)
+    assert ret is index
     assert all(torch.equal(a, b) for a, b in zip(inputs, before)), "inputs were modified"
-
-    written = torch.zeros(x.num_pages * case.page, dtype=torch.bool, device=DEVICE)
-    valid = x.slot_mapping >= 0
-    written[x.slot_mapping[valid]] = True
-    written = written.view(x.num_pages, case.page)
-    assert not cache[written].isnan().any(), "a token's slot was not written"
-    assert cache[~written].isnan().all(), "a slot no token maps to was written"
-    eps = max(torch.finfo(case.dtype).eps, 1e-5)  # 1 ulp of the cache dtype; the fp32 dot is good to ~1e-6
-    torch.testing.assert_close(cache[written].float(), expected[written].float(), rtol=eps, atol=1e-5)
+    _assert_index_written(index, expected, x.slot_mapping, case.dtype)
 
     # Recovery of the pre-RoPE projection, read back through the slot mapping.
-    slots = x.slot_mapping[valid]
-    got = cache[slots // case.page, slots % case.page]
+    valid = x.slot_mapping >= 0
+    got = _read_back(index, x.slot_mapping[valid])
     _assert_recovered(got, x.k_pre[valid][:, x.kv_heads.long()], x.w_k, case.dtype)
 
 
 def test_write_index_keys_all_padding_writes_nothing(seed):
     case = Case(7, 4, 4, (0, 1), 64, "neox", 16, torch.bfloat16)
     x = _inputs(case)
-    cache = torch.full((x.num_pages, case.page, 2, DI), float("nan"), dtype=case.dtype, device=DEVICE)
+    index = _index_layout(x.num_pages, case.page, 2, case.dtype, DEVICE)
     write_index_keys(x.key, x.positions, _table(x.spec, DEVICE), x.kv_heads, x.w_k,
-                     torch.full_like(x.slot_mapping, -1), cache, is_neox_style=True)
-    assert cache.isnan().all()
+                     torch.full_like(x.slot_mapping, -1), index, is_neox_style=True)
+    assert all(u.isnan().all() for u in index.units)
 
 
 def test_fp32_cache_and_int64_head_ids(seed):
     """Cache dtype and head-id dtype are free: fp32 cache, int64 ids, fp32 W against bf16 keys."""
     case = Case(65, 8, 2, (2, 3, 7), 128, "yarn", 16, torch.bfloat16)
     x = _inputs(case)
-    cache = torch.full((x.num_pages, case.page, 3, DI), float("nan"), device=DEVICE)
+    index = _index_layout(x.num_pages, case.page, 3, torch.float32, DEVICE)
     w_k, kv_heads = x.w_k.float(), x.kv_heads.long()
-    expected = write_index_keys_ref(x.key, x.positions, x.spec, kv_heads, w_k, x.slot_mapping, cache)
-    write_index_keys(x.key, x.positions, _table(x.spec, DEVICE), kv_heads, w_k, x.slot_mapping, cache,
+    expected = write_index_keys_ref(x.key, x.positions, x.spec, kv_heads, w_k, x.slot_mapping, index)
+    write_index_keys(x.key, x.positions, _table(x.spec, DEVICE), kv_heads, w_k, x.slot_mapping, index,
                      is_neox_style=True)
-    torch.testing.assert_close(cache, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for got, want in zip(index.units, expected.units):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("rope", ["neox", "partial0.5-gptj", "linear", "yarn", "llama3"])
@@ -272,7 +303,7 @@ def test_bad_arguments_raise():
     x = _inputs(case, device="cpu")
     table = _table(x.spec, "cpu")
     out = torch.empty(7, 2, DI)
-    cache = torch.empty(x.num_pages, 16, 2, DI, dtype=torch.bfloat16)
+    index = PagedHeads.single(torch.empty(x.num_pages, 16, 2, DI, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out must be"):
         index_queries(x.query, x.positions, table, x.heads, x.w_q, out[:, :1], is_neox_style=True)
     with pytest.raises(ValueError, match="rope_table"):
@@ -282,14 +313,23 @@ def test_bad_arguments_raise():
                       x.w_q, out, is_neox_style=True)
     with pytest.raises(ValueError, match="head ids"):
         index_queries(x.query, x.positions, table, x.heads[:1], x.w_q, out, is_neox_style=True)
-    with pytest.raises(ValueError, match="index_cache must be"):
-        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, cache[:, :, :1],
+    with pytest.raises(ValueError, match="index must hold"):
+        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping,
+                         PagedHeads.single(torch.empty(x.num_pages, 16, 1, DI, dtype=torch.bfloat16)),
                          is_neox_style=True)
+    with pytest.raises(ValueError, match="index must hold"):
+        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping,
+                         PagedHeads.single(torch.zeros(x.num_pages, 16, 2, DI, dtype=torch.uint8)),
+                         is_neox_style=True)
+    with pytest.raises(ValueError, match="one cache kind"):
+        two = torch.empty(x.num_pages, 16, 1, DI, dtype=torch.bfloat16)
+        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping,
+                         PagedHeads.from_units([two, two.clone()], [0, 1], [0, 0], [0, 1]), is_neox_style=True)
     with pytest.raises(ValueError, match="slot_mapping"):
-        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping[:3], cache,
+        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping[:3], index,
                          is_neox_style=True)
     with pytest.raises(TypeError, match="is_neox_style"):
-        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, cache, is_neox_style=1)
+        write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, index, is_neox_style=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,12 +356,11 @@ def test_gpu_realistic(seed, case):
                                rtol=1e-5, atol=1e-5)
     _assert_recovered(out, x.q_pre[:, x.heads.long()], x.w_q, case.dtype)
 
-    cache = torch.full((x.num_pages, case.page, hr, DI), float("nan"), dtype=case.dtype, device="cuda")
-    expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, x.w_k, x.slot_mapping, cache)
-    write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, cache,
+    index = _index_layout(x.num_pages, case.page, hr, case.dtype, "cuda")
+    expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, x.w_k, x.slot_mapping, index)
+    write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, index,
                      is_neox_style=x.spec.is_neox_style)
-    eps = max(torch.finfo(case.dtype).eps, 1e-5)  # 1 ulp of the cache dtype; the fp32 dot is good to ~1e-6
-    torch.testing.assert_close(cache, expected, rtol=eps, atol=1e-5, equal_nan=True)
+    _assert_index_written(index, expected, x.slot_mapping, case.dtype)
 
 
 @pytest.mark.gpu
@@ -334,8 +373,8 @@ def test_gpu_int64_cache_offsets(seed):
     slot_mapping, num_pages = _slot_mapping(case.t, case.page, "cuda", min_slot=min_slot)
     cache = torch.full((num_pages, case.page, 1, DI), float("nan"), dtype=case.dtype, device="cuda")
     assert cache.numel() > 2**31
-    write_index_keys(x.key, x.positions, _table(x.spec, "cuda"), x.kv_heads, x.w_k, slot_mapping, cache,
-                     is_neox_style=True)
+    write_index_keys(x.key, x.positions, _table(x.spec, "cuda"), x.kv_heads, x.w_k, slot_mapping,
+                     PagedHeads.single(cache), is_neox_style=True)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     got = cache[slots // case.page, slots % case.page].float()
@@ -356,13 +395,13 @@ def test_gpu_cuda_graph_replay(seed):
     bufs = {name: getattr(first, name).clone() for name in ("query", "key", "positions", "slot_mapping")}
     num_pages = first.num_pages + 4
     out = torch.full((case.t, hr, DI), float("nan"), device="cuda")
-    cache = torch.full((num_pages, case.page, hr, DI), float("nan"), dtype=case.dtype, device="cuda")
+    index = _index_layout(num_pages, case.page, hr, case.dtype, "cuda")
 
     def run():
         index_queries(bufs["query"], bufs["positions"], table, first.heads, first.w_q, out,
                       is_neox_style=True)
         write_index_keys(bufs["key"], bufs["positions"], table, first.kv_heads, first.w_k,
-                         bufs["slot_mapping"], cache, is_neox_style=True)
+                         bufs["slot_mapping"], index, is_neox_style=True)
 
     graph = capture(run)
 
@@ -372,13 +411,13 @@ def test_gpu_cuda_graph_replay(seed):
         for name in bufs:
             bufs[name].copy_(getattr(x, name))
         out.fill_(float("nan"))
-        cache.fill_(float("nan"))
+        for u in index.units:
+            u.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(
             out, index_queries_ref(bufs["query"], bufs["positions"], x.spec, first.heads, first.w_q),
             rtol=1e-5, atol=1e-5)
         expected = write_index_keys_ref(bufs["key"], bufs["positions"], x.spec, first.kv_heads, first.w_k,
-                                        bufs["slot_mapping"], cache)
-        torch.testing.assert_close(cache, expected, rtol=max(torch.finfo(case.dtype).eps, 1e-5), atol=1e-5,
-                                   equal_nan=True)
+                                        bufs["slot_mapping"], index)
+        _assert_index_written(index, expected, bufs["slot_mapping"], case.dtype)

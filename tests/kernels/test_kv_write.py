@@ -161,10 +161,10 @@ def test_fp8_encoding_is_vllms():
 
 
 def test_kv_write_bad_arguments():
-    cache = torch.zeros(4, 16, 2, 128, dtype=bf16)
+    cache = torch.zeros(4, 16, 2, 128, dtype=bf16, device=DEVICE)
     kv = PagedHeads.single(cache)
-    key = torch.zeros(5, 2, 64, dtype=bf16)
-    sm = torch.zeros(5, dtype=torch.long)
+    key = torch.zeros(5, 2, 64, dtype=bf16, device=DEVICE)
+    sm = torch.zeros(5, dtype=torch.long, device=DEVICE)
     kv_write(key, key, kv, [sm])
     with pytest.raises(ValueError, match="heads"):
         kv_write(key[:, :1], key[:, :1], kv, [sm])
@@ -173,7 +173,7 @@ def test_kv_write_bad_arguments():
     with pytest.raises(ValueError, match="slot mappings"):
         kv_write(key, key, kv, [])
     with pytest.raises(ValueError, match="k_scale"):
-        kv_write(key, key, PagedHeads.single(torch.zeros(4, 16, 2, 128, dtype=u8)), [sm])
+        kv_write(key, key, PagedHeads.single(torch.zeros(4, 16, 2, 128, dtype=u8, device=DEVICE)), [sm])
     with pytest.raises(ValueError, match="dtype"):
         kv_write(key.int(), key.int(), kv, [sm])
 

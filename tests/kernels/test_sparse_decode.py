@@ -329,9 +329,9 @@ def test_reuse_same_tensors_new_values(seed):
     lens_a, lens_b = [400, 1, 130, 64], [65, 399, 0, 257]
     # Persistent buffers sized for max_len.
     lay_a, _ = PL.paged_kv([max_len] * batch, head_kind, d, bf16, kinds, DEVICE,
-                           [None, PL.kept_window([max_len] * batch, sink, window)])
+                           [None, PL.kept_window([max_len] * batch, sink, window)], spare_pages=4 * batch)
     kv = lay_a.paged
-    tables = [PageTable(t.block_table.clone(), t.page_size, t.page_stride, t.token_stride) for t in lay_a.tables]
+    tables = lay_a.tables
     max_blocks = math.ceil(max_len / bs)
     q = torch.empty(batch, hq, d, dtype=bf16, device=DEVICE)
     seq_lens = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
@@ -345,15 +345,7 @@ def test_reuse_same_tensors_new_values(seed):
         # New contents: a fresh layout's tables and unit contents copied into the persistent tensors.
         keep = PL.kept_window(lens, sink, window)
         fresh, _ = PL.paged_kv([max(n, 1) for n in lens], head_kind, d, bf16, kinds, DEVICE, [None, keep])
-        for t, f in zip(tables, fresh.tables):
-            t.block_table.fill_(0)
-            t.block_table[:, :f.block_table.shape[1]] = f.block_table[:, :t.block_table.shape[1]]
-        for h in range(kv.num_heads):
-            # head h's slot in the persistent units <- head h's slot in the fresh units (same page ids)
-            src = fresh.paged.units[fresh.paged.head_unit[h]][..., fresh.paged.head_slot[h], :]
-            dst = kv.units[kv.head_unit[h]][..., kv.head_slot[h], :]
-            PL.garbage_(dst)
-            dst[:src.shape[0]] = src
+        PL.copy_into(lay_a, fresh)
         q.copy_(torch.randn_like(q))
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         sel, nsel, _ = _selection(lens, 2, bs, sink, max_blocks)
@@ -524,8 +516,10 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype):
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]
     kinds = [KindSpec(16, 2, 4), KindSpec(32, 2, 4)]
     k_scale, v_scale = _scales(kv_dtype, "cuda")
+    # Spare pages: a window of unaligned start spans one page more than the persistent layout's.
     lay, _ = PL.paged_kv([max_len] * batch, head_kind, d, kv_dtype, kinds, "cuda",
-                         [None, PL.kept_window([max_len] * batch, sink, window)], k_scale, v_scale)
+                         [None, PL.kept_window([max_len] * batch, sink, window)], k_scale, v_scale,
+                         spare_pages=4 * batch)
     kv, tables = lay.paged, lay.tables
     max_blocks = math.ceil(max_len / bs)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
@@ -545,14 +539,7 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype):
     for lens in ([1, 64, 65, 2047, 2048, 2049, 19_999, 20_000], [max_len - i * 999 for i in range(batch)]):
         fresh, _ = PL.paged_kv(lens, head_kind, d, kv_dtype, kinds, "cuda",
                                [None, PL.kept_window(lens, sink, window)], k_scale, v_scale)
-        for t, f in zip(tables, fresh.tables):
-            t.block_table.fill_(0)
-            t.block_table[:, :f.block_table.shape[1]] = f.block_table[:, :t.block_table.shape[1]]
-        for h in range(kv.num_heads):
-            src = fresh.paged.units[fresh.paged.head_unit[h]][..., fresh.paged.head_slot[h], :]
-            dst = kv.units[kv.head_unit[h]][..., kv.head_slot[h], :]
-            PL.garbage_(dst)
-            dst[:src.shape[0]] = src
+        PL.copy_into(lay, fresh)
         q.copy_(torch.randn_like(q))
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         sel, nsel, _ = _selection(lens, len(GPU_RETRIEVAL), bs, sink, max_blocks)

@@ -5,11 +5,13 @@ Triton kernels: ``TRITON_INTERPRET`` is read when a kernel is defined, and a tes
 able to do so after another module imported this folder for its reference.
 """
 
-from .reference import block_topp_ref, expand_block_mask, index_scores_ref, token_topp_ref
+from .reference import (block_topp_ref, expand_block_mask, index_scores_ref, paged_block_topp_ref,
+                        paged_index_keys_ref, token_topp_ref)
 
 _KERNEL_NAMES = ("BlockTopPWorkspace", "block_topp", "make_block_topp_workspace")
 
-__all__ = [*_KERNEL_NAMES, "block_topp_ref", "expand_block_mask", "index_scores_ref", "token_topp_ref"]
+__all__ = [*_KERNEL_NAMES, "block_topp_ref", "expand_block_mask", "index_scores_ref", "paged_block_topp_ref",
+           "paged_index_keys_ref", "token_topp_ref"]
 
 
 def __getattr__(name):

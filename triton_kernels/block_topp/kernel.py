@@ -27,15 +27,12 @@ passed in.
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
    workspace at every step. The choice is made per row, so a long ``max_model_len`` (which sets
-   ``max_blocks``) does not put short rows on the slow path. (Session 5, when the choice was per launch:
-   a server sized for 256K, ``max_blocks`` 4100, decoded batch 4 at 128K 78 us a layer slower than the
-   one-layer benchmark predicts; this path is the cause we found. Not yet re-measured.)
+   ``max_blocks``) does not put short rows on the slow path.
 
-Measured on one H200 (B=4, HR=8, DI=16, BS=64, bf16, CUDA-graph replay): 37 us at 32K tokens, 87 us
-at 128K (stats kernel 71 us, 1.9 TB/s of index keys), 314 us at 512K; a 4K-token batch with
-``max_blocks`` sized for 128K takes 35 us (mostly stats programs that find nothing to do). A radix-8
-search (8 bounds per step in one ``[CHUNK, 8]`` reduction, 11 steps) measured slower than the binary
-search (93 vs 88 us at 128K), so the binary search stays.
+Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
+``base + offsets[r]`` (its unit tensor and slot) plus ``page * page_stride + (t % P) * token_stride``,
+the page from the index kind's block table. A binary search over bit patterns is used rather than
+a radix search (several bounds per step), which was slower.
 """
 
 from __future__ import annotations
@@ -46,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from ..paged_heads import PagedHeads, PageTable
 
 # Bit pattern of +inf in float32: every finite non-negative mass has a smaller pattern.
 _F32_INF_BITS = 0x7F800000
@@ -101,14 +100,14 @@ def make_block_topp_workspace(max_batch: int, num_heads: int, max_blocks: int,
 
 @triton.jit
 def _block_stats_kernel(
-    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, block_max_ptr, block_sum_ptr,
+    q_ptr, cache_ptr, offsets_ptr, block_table_ptr, seq_lens_ptr, block_max_ptr, block_sum_ptr,
     stride_qb, stride_qh, stride_qd,
-    stride_cp, stride_ct, stride_ch, stride_cd,
+    stride_cp, stride_ct,
     stride_tb, stride_tp,
     stride_wb, stride_wh,
     max_blocks,
     DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, OFF_ALIGN: tl.constexpr,
 ):
     head = tl.program_id(0)
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
@@ -121,14 +120,15 @@ def _block_stats_kernel(
     q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
                 other=0.0).to(tl.float32)                                             # [DI_PAD]
     table_row = block_table_ptr + seq * stride_tb
+    head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
     ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
     for block0 in range(first_block, end_block, BLOCKS_PER_ITER):
         blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
         tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
         valid = tokens < seq_len
         page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
-        row = page * stride_cp + (tokens % PAGE_SIZE) * stride_ct + head * stride_ch  # [NBI, BS] int64
-        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :] * stride_cd,
+        row = head_off + page * stride_cp + (tokens % PAGE_SIZE) * stride_ct           # [NBI, BS] int64
+        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
                        mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
         scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)               # [NBI, BS]
         scores = tl.where(valid, scores, float("-inf"))
@@ -284,7 +284,7 @@ def _select_kernel(
 # Launcher
 
 
-def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
+def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
                seq_lens: torch.Tensor, top_p: float, sink_tokens: int, block_size: int, max_blocks: int,
                workspace: BlockTopPWorkspace, selected: torch.Tensor | None = None,
                num_selected: torch.Tensor | None = None,
@@ -300,16 +300,17 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
 
     Args:
         q_idx: ``[B, HR, DI]`` bf16/fp16/fp32, the decode queries' index vectors.
-        index_cache: ``[num_pages, P, HR, DI]`` bf16/fp16/fp32 (usually ``q_idx``'s dtype; both are
-            read as float32), paged index keys; the decode token's own key is already written.
-        block_table: ``[B, max_pages]`` int32, page ids per sequence (entries past a sequence's
-            last page are never read).
+        index: the layer's index-key layout: ``HR`` heads (head ``r`` = retrieval head ``r``) of width
+            ``DI``, one kind, in bf16/fp16/fp32 units (usually ``q_idx``'s dtype; both are read as
+            float32); the decode token's own key is already written.
+        index_table: the index kind's :class:`PageTable` for this batch (``[B, max_pages]`` int32 page
+            ids per sequence; entries past a sequence's last page are never read).
         seq_lens: ``[B]`` int32, tokens per sequence, the decode token included. ``0`` gives an empty
             selection; the caller guarantees ``seq_lens <= max_blocks * BS`` (longer is clamped).
         top_p: in ``(0, 1]``.
         sink_tokens: leading tokens whose blocks are always kept (``>= 0``).
         block_size: BS, tokens per selection block, a power of two; any page size ``P`` works
-            (``BS % P == 0`` or ``P % BS == 0`` are the usual cases).
+            (``BS % P == 0`` or ``P % BS == 0`` are the usual cases; P is the index units' page size).
         max_blocks: static bound on blocks per sequence, ``ceil(max_model_len / BS)``.
         workspace: from :func:`make_block_topp_workspace` with ``max_batch >= B``, the same ``HR``
             and ``max_blocks``.
@@ -322,23 +323,28 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
         ``selected`` ``[B, HR, max_blocks]`` int32: kept block ids ascending, then ``-1``; and
         ``num_selected`` ``[B, HR]`` int32: kept blocks per head. All on the inputs' device.
     """
-    if q_idx.dim() != 3 or index_cache.dim() != 4:
-        raise ValueError(f"q_idx must be [B, HR, DI] and index_cache [num_pages, P, HR, DI], got "
-                         f"{tuple(q_idx.shape)} and {tuple(index_cache.shape)}")
+    if q_idx.dim() != 3:
+        raise ValueError(f"q_idx must be [B, HR, DI], got {tuple(q_idx.shape)}")
     batch, num_heads, index_dim = q_idx.shape
-    page_size = index_cache.shape[1]
-    if index_cache.shape[2:] != (num_heads, index_dim):
-        raise ValueError(f"index_cache {tuple(index_cache.shape)} does not match q_idx {tuple(q_idx.shape)} "
-                         f"in (HR, DI)")
+    if not isinstance(index, PagedHeads) or not isinstance(index_table, PageTable):
+        raise TypeError(f"index must be a PagedHeads and index_table a PageTable, got {type(index).__name__} and "
+                        f"{type(index_table).__name__}")
+    if (index.num_heads, index.width) != (num_heads, index_dim):
+        raise ValueError(f"index layout has {index.num_heads} heads of width {index.width}, q_idx "
+                         f"{tuple(q_idx.shape)} wants (HR, DI) = {(num_heads, index_dim)}")
+    if index.num_kinds != 1:
+        raise ValueError(f"index keys live in one cache kind (0), got heads of {index.num_kinds} kinds")
     floats = (torch.bfloat16, torch.float16, torch.float32)
-    if q_idx.dtype not in floats or index_cache.dtype not in floats:
-        raise TypeError(f"q_idx and index_cache must be bf16, fp16 or float32, got {q_idx.dtype} and "
-                        f"{index_cache.dtype}")
+    if q_idx.dtype not in floats or index.dtype not in floats:
+        raise TypeError(f"q_idx and the index units must be bf16, fp16 or float32, got {q_idx.dtype} and "
+                        f"{index.dtype}")
+    block_table = index_table.block_table
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise TypeError(f"block_table and seq_lens must be int32, got {block_table.dtype} and {seq_lens.dtype}")
     if block_table.dim() != 2 or block_table.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"need block_table [B, max_pages] and seq_lens [B] with B={batch}, got "
                          f"{tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
+    index.check_tables([index_table], batch, "index_table")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if sink_tokens < 0:
@@ -370,12 +376,13 @@ def block_topp(q_idx: torch.Tensor, index_cache: torch.Tensor, block_table: torc
     blocks_per_iter = max(1, min(_STATS_BLOCKS_PER_PROG, _STATS_TOKENS_PER_ITER // block_size))
     blocks_per_prog = max(_STATS_BLOCKS_PER_PROG, blocks_per_iter)
     _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
-        q_idx, index_cache, block_table, seq_lens, workspace.block_max, workspace.block_sum,
-        *q_idx.stride(), *index_cache.stride(), *block_table.stride(),
+        q_idx, index.kernel_base(), index.offsets, block_table, seq_lens, workspace.block_max, workspace.block_sum,
+        *q_idx.stride(), index_table.page_stride, index_table.token_stride, *block_table.stride(),
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         max_blocks,
-        DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=page_size, BLOCK_SIZE=block_size,
-        BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter, num_warps=4,
+        DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=index_table.page_size,
+        BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
+        OFF_ALIGN=index.offset_align, num_warps=4,
     )
     chunk = min(triton.next_power_of_2(max_blocks), _SELECT_MAX_CHUNK)
     _select_kernel[(num_heads, batch)](

@@ -6,13 +6,18 @@ tokens (or BS-token blocks) whose mass reaches ``top_p``. Candidates are taken i
 mass, ties to the lower index, so the set is deterministic; ``top_p == 1`` keeps everything.
 
 Computed in float32; inputs are never modified; outputs live on the inputs' device.
+:func:`paged_block_topp_ref` reads the index keys from vLLM's paged unit tensors
+(:class:`..paged_heads.PagedHeads`) as the kernel does.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+
+from ..paged_heads import PagedHeads, PageTable, gather
 
 
 def index_scores_ref(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
@@ -111,3 +116,38 @@ def expand_block_mask(keep_blocks: torch.Tensor, num_tokens: int, block_size: in
         raise ValueError(f"{keep_blocks.shape[-1]} blocks do not cover {num_tokens} tokens "
                          f"of block size {block_size}")
     return keep_blocks.repeat_interleave(block_size, dim=-1)[..., :num_tokens]
+
+
+def paged_index_keys_ref(index: PagedHeads, index_table: PageTable, b: int, seq_len: int) -> torch.Tensor:
+    """``[T, HR, DI]`` float32: the index keys of sequence ``b``'s ``T = seq_len`` tokens, read through
+    :func:`..paged_heads.gather` (head ``r``'s unit and slot, the index kind's block table)."""
+    tokens = torch.arange(seq_len)
+    return torch.stack([gather(index, [index_table], b, r, tokens).float() for r in range(index.num_heads)], dim=1)
+
+
+def paged_block_topp_ref(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
+                         seq_lens: torch.Tensor | Sequence[int], top_p: float, sink_tokens: int, block_size: int,
+                         dense_threshold: int = 0) -> list[torch.Tensor | None]:
+    """:func:`block_topp_ref` of every decode sequence, from the paged index keys.
+
+    Args:
+        q_idx: ``[B, HR, DI]`` the decode queries' index vectors.
+        index, index_table: the index-key layout and the batch's page table (as the kernel's).
+        seq_lens: ``[B]`` tokens per sequence.
+        top_p, sink_tokens, block_size: as :func:`block_topp_ref`.
+        dense_threshold: a sequence shorter than it keeps every block.
+
+    Returns:
+        Per sequence, ``[HR, ceil(T / BS)]`` bool keep mask (None for ``T == 0``).
+    """
+    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
+    out = []
+    for b, n in enumerate(lens):
+        if n == 0:
+            out.append(None)
+            continue
+        keys = paged_index_keys_ref(index, index_table, b, n).to(q_idx.device)
+        keep = block_topp_ref(index_scores_ref(q_idx[b], keys), 1.0 if n < dense_threshold else top_p, block_size,
+                              sink_tokens)
+        out.append(keep)
+    return out

@@ -1,7 +1,8 @@
 """Indexer projection of pre-RoPE queries and keys to DI (16) dims per retrieval head.
 
 The kernels un-RoPE vLLM's post-RoPE q/k (table from :func:`rope_table`) and project them in one pass:
-:func:`write_index_keys` into the paged index cache, :func:`index_queries` into a float32 buffer.
+:func:`write_index_keys` into the paged index-key units (a :class:`..paged_heads.PagedHeads`),
+:func:`index_queries` into a float32 buffer.
 """
 
 from .kernel import index_queries, rope_table, rope_table_length, write_index_keys

@@ -1,4 +1,4 @@
-"""Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index cache and for queries.
+"""Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index-key units and for queries.
 
 vLLM hands the attention backend post-RoPE ``q [T, HQ, D]`` / ``k [T, HKV, D]`` and the token
 ``positions [T]``; the indexer needs the pre-RoPE vectors. Each program takes ``BLOCK_T`` tokens of one
@@ -11,8 +11,10 @@ retrieval head ``r`` and
    vLLM's 2x2 rotation (transpose / (cos² + sin²), so YaRN's folded mscale is divided out),
 3. projects with the matching columns of ``W[r]`` (``[DI, D]``) in three ``[BLOCK_T, *] x [*, DI]`` dots
    accumulated in float32 (``tf32x3``: about 1e-6 relative error against a float32 matmul),
-4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index cache at
-   ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored).
+4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index-key units at
+   ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored),
+   addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at ``base + offsets[r]``
+   (its unit tensor and slot) plus ``page * page_stride + offset * token_stride``.
 
 Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, nothing is read back to the host, so both ops
 can be captured in a CUDA graph. Token, page and table offsets are computed in int64. Positions outside
@@ -31,6 +33,8 @@ import triton
 import triton.language as tl
 
 from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
+
+from ..paged_heads import PagedHeads
 
 # Tuned on one H200 (T 8192, HQ 32, HKV 8, HR 5, bf16; CUDA-graph timings): D 128 ~14 us per op, D 256
 # ~47 us; an FMA ("ieee") dot took 33 us at D 128, BLOCK_T 16 or 4+ warps were slower, and a per-channel
@@ -154,11 +158,12 @@ def _index_queries_kernel(
 
 @triton.jit
 def _write_index_keys_kernel(
-    k_ptr, pos_ptr, cs_ptr, kv_heads_ptr, w_ptr, slot_ptr, cache_ptr,
+    k_ptr, pos_ptr, cs_ptr, kv_heads_ptr, w_ptr, slot_ptr, cache_ptr, offsets_ptr,
     T, num_positions,
-    s_kt, s_kh, s_cs, s_wh, s_wi, s_cp, s_co, s_ch, s_ci,
+    s_kt, s_kh, s_cs, s_wh, s_wi, s_cp, s_co,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    OFF_ALIGN: tl.constexpr,
 ):
     r = tl.program_id(1)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -172,8 +177,9 @@ def _write_index_keys_kernel(
     slot = tl.where(keep, slot, 0)
     page = slot // PAGE
     offset = slot % PAGE
+    head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
     offs_i = tl.arange(0, DI)
-    dst = cache_ptr + (page * s_cp + offset * s_co + r.to(tl.int64) * s_ch)[:, None] + offs_i[None, :] * s_ci
+    dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
     tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
 
 
@@ -257,9 +263,9 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
 
 
 def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_heads: torch.Tensor,
-                     w_k: torch.Tensor, slot_mapping: torch.Tensor, index_cache: torch.Tensor, *,
-                     is_neox_style: bool) -> torch.Tensor:
-    """Writes the retrieval heads' index keys of vLLM's post-RoPE keys into the paged index cache.
+                     w_k: torch.Tensor, slot_mapping: torch.Tensor, index: PagedHeads, *,
+                     is_neox_style: bool) -> PagedHeads:
+    """Writes the retrieval heads' index keys of vLLM's post-RoPE keys into the paged index-key units.
 
     Args:
         key: ``[T, HKV, D]`` bf16/fp16/fp32 (device), post-RoPE; last dimension contiguous.
@@ -268,33 +274,39 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
         kv_heads: ``[HR]`` int32 (or int64) (device), the KV head each retrieval head reads (repeats allowed).
         w_k: ``[HR, DI, D]`` any float dtype (device), ``W^K_h``; last dimension contiguous.
         slot_mapping: ``[T]`` int64 (device), vLLM's ``page_id * P + offset``; negative = padding, skipped.
-        index_cache: ``[num_pages, P, HR, DI]`` bf16/fp16/fp32 (device), **written in place** at the
-            tokens' slots (``w_k[r] @ unrope(key[t, kv_heads[r]])`` rounded to its dtype); nothing else
-            is touched.
+        index: the layer's index-key layout: ``HR`` heads (head ``r`` = retrieval head ``r``) of width
+            ``DI``, one kind, bf16/fp16/fp32 units (device); **written in place** at the tokens' slots
+            (``w_k[r] @ unrope(key[t, kv_heads[r]])`` rounded to the units' dtype) of head ``r``'s unit
+            and slot; nothing else is touched.
         is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
 
     Returns:
-        ``index_cache``.
+        ``index``.
     """
     t, d, hr, di, rot = _check_common("key", key, positions, cos_sin, kv_heads, w_k, is_neox_style)
-    if index_cache.dim() != 4 or index_cache.shape[2:] != (hr, di) or not index_cache.is_floating_point():
-        raise ValueError(f"index_cache must be a float [num_pages, P, HR={hr}, DI={di}] tensor, got "
-                         f"{index_cache.dtype} {tuple(index_cache.shape)}")
+    if not isinstance(index, PagedHeads):
+        raise TypeError(f"index must be a PagedHeads, got {type(index).__name__}")
+    if (index.num_heads, index.width) != (hr, di) or not index.base.is_floating_point() or index.is_fp8:
+        raise ValueError(f"index must hold HR={hr} heads of width DI={di} in bf16/fp16/fp32 units, got "
+                         f"{index.num_heads} heads of width {index.width} in {index.dtype}")
+    if index.num_kinds != 1:
+        raise ValueError(f"index keys live in one cache kind (0), got heads of {index.num_kinds} kinds")
     if slot_mapping.shape != (t,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int64 [{t}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    if index_cache.device != key.device or slot_mapping.device != key.device:
-        raise ValueError("index_cache and slot_mapping must be on the key's device")
+    if index.device != key.device or slot_mapping.device != key.device:
+        raise ValueError("the index units and slot_mapping must be on the key's device")
     if t == 0 or hr == 0:
-        return index_cache
+        return index
+    page_size, page_stride, token_stride = index.geometry[0]
     tile = _tile(d, rot)
     grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
     _write_index_keys_kernel[grid](
-        key, positions, cos_sin, kv_heads, w_k, slot_mapping, index_cache,
+        key, positions, cos_sin, kv_heads, w_k, slot_mapping, index.kernel_base(), index.offsets,
         t, cos_sin.shape[0],
         key.stride(0), key.stride(1), cos_sin.stride(0), w_k.stride(0), w_k.stride(1),
-        *index_cache.stride(),
+        page_stride, token_stride,
         D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile,
-        PAGE=index_cache.shape[1], PRECISION=_DOT_PRECISION,
+        PAGE=page_size, PRECISION=_DOT_PRECISION, OFF_ALIGN=index.offset_align,
         num_warps=_NUM_WARPS,
     )
-    return index_cache
+    return index

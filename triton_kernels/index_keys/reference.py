@@ -13,6 +13,8 @@ import torch
 
 from rtpurbo_vllm.rope import RopeSpec, invert_rope
 
+from ..paged_heads import PagedHeads, scatter
+
 
 def index_project_ref(x_pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Projects pre-RoPE queries or keys with each retrieval head's own matrix.
@@ -66,25 +68,23 @@ def index_keys_ref(key: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, k
 
 
 def write_index_keys_ref(key: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, kv_heads: torch.Tensor,
-                         w_k: torch.Tensor, slot_mapping: torch.Tensor,
-                         index_cache: torch.Tensor) -> torch.Tensor:
-    """The paged index-key cache after writing the tokens' index keys, as a new tensor.
+                         w_k: torch.Tensor, slot_mapping: torch.Tensor, index: PagedHeads) -> PagedHeads:
+    """The paged index-key units after writing the tokens' index keys, as a new layout over copies.
 
     Args:
         key, positions, spec, kv_heads, w_k: as :func:`index_keys_ref`.
-        slot_mapping: ``[T]`` integer, vLLM's ``page_id * P + offset`` per token; ``-1`` (any negative
-            value) marks a padding token, which writes nothing.
-        index_cache: ``[num_pages, P, HR, DI]`` the cache before the write; not modified.
+        slot_mapping: ``[T]`` integer, vLLM's ``page_id * P + offset`` per token of the index kind;
+            ``-1`` (any negative value) marks a padding token, which writes nothing.
+        index: the index-key layout (``HR`` heads of width ``DI``, one kind); not modified.
 
     Returns:
-        A copy of ``index_cache`` with ``[slot // P, slot % P, r, :]`` set to the index key of each
-        non-padding token (float32 results rounded to the cache dtype).
+        ``index.clone()`` with head ``r``'s entry of each non-padding token's slot set to
+        ``w_k[r] @ unrope(key[t, kv_heads[r]])`` (float32 rounded to the units' dtype), written through
+        :func:`..paged_heads.scatter`.
     """
-    _, page_size, hr, di = index_cache.shape
-    keys = index_keys_ref(key, positions, spec, kv_heads, w_k)
-    assert keys.shape[1:] == (hr, di), (keys.shape, index_cache.shape)
-    out = index_cache.clone()
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    out[slots // page_size, slots % page_size] = keys[valid].to(out.dtype)
+    keys = index_keys_ref(key, positions, spec, kv_heads, w_k)                     # [T, HR, DI] float32
+    assert keys.shape[1:] == (index.num_heads, index.width), (keys.shape, index.num_heads, index.width)
+    out = index.clone()
+    for r in range(index.num_heads):
+        scatter(out, [slot_mapping], r, keys[:, r].to(index.dtype))
     return out

@@ -29,17 +29,22 @@ grids depend only on shapes: the op is CUDA-graph safe and never syncs with the 
    Both kinds share one launch so that they overlap (back to back, batch 1 leaves the GPU idle).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
-Split KV layout (``kv_slots``): a KV head's K/V live either in ``k_cache``/``v_cache`` (the full heads,
-``block_table``) or in ``window_cache`` (own block table and page size); retrieval units always read
-the former, a KV-group unit picks its cache at run time. Local units only ever enumerate sink and
-window tokens, so out-of-window pages of the window cache (vLLM's null block) are never read.
+K/V addressing (:mod:`..paged_heads`): the layer's KV heads are a :class:`PagedHeads` of width
+``2D`` (K at ``[0, D)``, V at ``[D, 2D)`` of each vector), possibly scattered over several unit
+tensors. Every program addresses its KV head ``g`` as ``base + offsets[g]`` (int64 element offset of
+the head's unit and slot from the one ``base`` pointer) plus ``page * page_stride + (t % P) *
+token_stride``, with the page from the block table of the head's kind (``kinds[g]``: 0 full, 1 window;
+per-kind block table, page size and strides are launch arguments, selected per program at run time).
+Retrieval units always read kind-0 heads through the kind-0 table; a KV-group unit reads its KV
+head's kind. Local units only ever enumerate sink and window tokens, so a window kind's pages outside
+them (vLLM's null block) are never read.
+
+FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and converted exactly to the
+query dtype for the dots (native conversion; the interpreter converts every finite e4m3fn value
+exactly too); ``k_scale`` is folded into the softmax scale and ``v_scale`` into each split's output.
 
 Splits past a head's work return without writing; the combine reads only the valid ones.
 Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page offsets are int64.
-
-Measured (H200, bf16, HQ=32, HKV=8, D=128, 5 retrieval heads keeping ~10 % of 64-token blocks,
-window 8192 + 4 sinks, CUDA-graph replay): B=32 at L=128K ~550 us, ~3.9 TB/s of K/V read; B=1 at
-128K ~35 us (1.9 TB/s: too little work to fill the GPU).
 """
 
 from __future__ import annotations
