@@ -136,6 +136,28 @@ def test_kv_write_strided_inputs(seed):
     _assert_units_equal(lay.paged, want)
 
 
+def test_kv_write_reuse_same_tensors_new_values(seed):
+    """CUDA-graph style: the same key/value/slot-mapping/scale tensors and layout, refilled in place."""
+    seq_lens = [200, 57, 1]
+    lay = PL.build(seq_lens, [1, 0, 1, 0], 128, u8, [KindSpec(16, 2, 2), KindSpec(32, 2, 2)], DEVICE,
+                   [None, PL.kept_window(seq_lens, 4, 40)])
+    t = 12
+    key = torch.empty(t, 4, 64, dtype=bf16, device=DEVICE)
+    value = torch.empty_like(key)
+    maps = [torch.empty(t, dtype=torch.long, device=DEVICE) for _ in range(2)]
+    ks, vs = torch.empty(1, device=DEVICE), torch.empty(1, device=DEVICE)
+    for new, scales in (([1, 1, 1], (0.05, 0.1)), ([8, 1, 0], (0.3, 0.01))):
+        for m, f in zip(maps, _step(lay, seq_lens, new, pad=t - sum(new))):
+            m.copy_(f)
+        key.copy_(torch.randn_like(key) * 4)
+        value.copy_(torch.randn_like(value))
+        ks.fill_(scales[0])
+        vs.fill_(scales[1])
+        want = kv_write_ref(key, value, lay.paged, maps, ks, vs)
+        kv_write(key, value, lay.paged, maps, ks, vs)
+        _assert_units_equal(lay.paged, want)
+
+
 def test_fp8_encoding_is_vllms():
     """Every float8_e4m3fn code, the midpoints between neighbours (ties to even), values past 448 and
     tiny subnormals: the kernel's bytes equal ``quantize_fp8`` (torch's e4m3fn rounding after saturation)."""

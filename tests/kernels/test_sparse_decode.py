@@ -443,28 +443,6 @@ def test_bad_arguments():
         headwise_sparse_decode(q, window_only, [None, window_only.table(1, bt)], *args[3:])
 
 
-def test_paged_heads_rejects_bad_layouts():
-    a = torch.zeros(4, 16, 2, 32, dtype=torch.bfloat16)
-    b = torch.zeros(4, 32, 2, 32, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="one dtype"):
-        PagedHeads.from_units([a, a.half()], [0, 1], [0, 0], [0, 0])
-    with pytest.raises(ValueError, match="slot"):
-        PagedHeads.from_units([a], [0], [2], [0])
-    with pytest.raises(ValueError, match="share unit"):
-        PagedHeads.from_units([a], [0, 0], [1, 1], [0, 0])
-    with pytest.raises(ValueError, match="one kind"):
-        PagedHeads.from_units([a], [0, 0], [0, 1], [0, 1])
-    with pytest.raises(ValueError, match="differ"):
-        PagedHeads.from_units([a, b], [0, 1], [0, 0], [0, 0])
-    with pytest.raises(ValueError, match="width"):
-        PagedHeads.from_units([a, torch.zeros(4, 16, 2, 16, dtype=torch.bfloat16)], [0, 1], [0, 0], [0, 1])
-    kv = PagedHeads.from_units([b, a], [0, 1, 1], [1, 0, 1], [1, 0, 0])
-    assert kv.geometry == ((16, 16 * 2 * 32, 2 * 32), (32, 32 * 2 * 32, 2 * 32))
-    elem = a.element_size()
-    assert kv.offsets.tolist() == [32, (a.data_ptr() - b.data_ptr()) // elem, (a.data_ptr() - b.data_ptr()) // elem + 32]
-    assert kv.kinds.tolist() == [1, 0, 0] and kv.offsets.dtype == torch.int64 and kv.kinds.dtype == torch.int32
-
-
 # ----------------------------------------------------------------------------------------------------
 # GPU: realistic sizes, int64 offsets, CUDA graphs.
 

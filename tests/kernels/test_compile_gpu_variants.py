@@ -1,0 +1,84 @@
+"""The GPU-only variants of the paged kernels compile for Hopper (sm_90), on the CPU.
+
+Under ``TRITON_INTERPRET=1`` some launches take interpreter-only branches (kv_write's bit-level fp8
+encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's float32 dots for bf16),
+so the recorded launches that ``test_compile_for_gpu.py`` compiles never contain the GPU variant of
+those branches. Here the launchers run with the interpreter check patched to False and the kernels
+replaced by a recorder, and the recorded GPU launches are compiled down to the cubin
+(``tests/triton_launches.py``).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rtpurbo_vllm.triton_kernels.kv_write import kernel as kv_write_kernel  # noqa: E402
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_decode import kernel as decode_kernel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU check (a GPU machine runs these variants for real)")
+
+
+def _launches_module():
+    spec = importlib.util.spec_from_file_location("rtpurbo_triton_launches_variants",
+                                                  pathlib.Path(__file__).parents[1] / "triton_launches.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, module: str, name: str, describe):
+        self.module, self.name, self.describe, self.launches = module, name, describe, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append({"module": self.module, "name": self.name,
+                                  "args": [self.describe(a) for a in args],
+                                  "kwargs": {k: self.describe(v) for k, v in kwargs.items()}})
+        return launch
+
+
+def test_gpu_variants_compile_for_hopper(monkeypatch):
+    tl_launches = _launches_module()
+    kv_rec = _Recorder("rtpurbo_vllm.triton_kernels.kv_write.kernel", "_kv_write_kernel", tl_launches.describe)
+    dec_rec = _Recorder("rtpurbo_vllm.triton_kernels.sparse_decode.kernel", "_split_kernel", tl_launches.describe)
+    monkeypatch.setattr(kv_write_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(kv_write_kernel, "_kv_write_kernel", kv_rec)
+    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode_kernel, "_split_kernel", dec_rec)
+    monkeypatch.setattr(decode_kernel, "_combine_kernel", _Recorder("", "", tl_launches.describe))
+
+    d, hkv, hq, p = 128, 2, 8, 16
+    for dtype in (torch.uint8, torch.bfloat16):
+        units = [torch.zeros(4, p, 2, 2 * d, dtype=dtype), torch.zeros(4, 2 * p, 1, 2 * d, dtype=dtype)]
+        kv = PagedHeads.from_units(units, [0, 1], [1, 0], [0, 1])
+        scales = (torch.ones(1), torch.ones(1)) if dtype == torch.uint8 else (None, None)
+        key = torch.zeros(3, hkv, d, dtype=torch.bfloat16)
+        kv_write_kernel.kv_write(key, key, kv, [torch.zeros(3, dtype=torch.long)] * 2, *scales)
+        tables = [kv.table(k, torch.zeros(2, 4, dtype=torch.int32)) for k in (0, 1)]
+        ws = decode_kernel.allocate_sparse_decode_workspace(2, hq, d, 4)
+        q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
+        decode_kernel.headwise_sparse_decode(
+            q, kv, tables, torch.ones(2, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+            torch.zeros(2, 1, 3, dtype=torch.int32), torch.ones(2, 1, dtype=torch.int32), 64, 4, 16,
+            d ** -0.5, ws, torch.empty_like(q), k_scale=scales[0], v_scale=scales[1])
+    assert [lw["kwargs"]["MANUAL_FP8"] for lw in kv_rec.launches] == [False, False]
+    assert [lw["kwargs"]["FP8"] for lw in kv_rec.launches] == [True, False]
+    assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in dec_rec.launches] == [(False, True),
+                                                                                           (False, False)]
+    failures = tl_launches.compile_launches(kv_rec.launches + dec_rec.launches, arch=90)
+    assert not failures, "GPU variants that do not compile for sm_90:\n" + "\n\n".join(
+        f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)
