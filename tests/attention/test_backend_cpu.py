@@ -121,7 +121,7 @@ def paged_group(page_size, held=None):
     return table, len(ids) + 1 + int(table.max())
 
 
-def manager_block_tables(vllm_config, num_blocks=128):
+def manager_block_tables(vllm_config, num_blocks=1024):
     """The step's block tables from vLLM's real ``KVCacheManager`` over the specs the layers declare
     (RTPurbo's sink-keeping window and prefix-trimming managers), keyed by spec class name, and the
     page count. Earlier steps prefill the decodes' prompts and the first 50-token chunk of the
@@ -203,7 +203,7 @@ def nan_cache(num_pages, page_size, num_kv_heads, dtype=torch.bfloat16):
     return cache.permute(0, 2, 1, 3)
 
 
-def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.02):
+def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.03):
     """``[HQ, D]`` float32: the reference decode of one sequence (``q`` ``[HQ, D]``, ``k``/``v`` its keys).
 
     Block top-p runs on bf16 index keys in the kernel and on exact ones here, so a retrieval head may

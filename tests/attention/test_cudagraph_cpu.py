@@ -134,6 +134,8 @@ class Setup:
         cpu.bind_units(self.engine, layout, self.names, {k: self.num_pages[g] for k, g in self.group_of.items()})
         self.units = {name: context[name].kv_cache for kind in layout.units
                       for name in layout.unit_names(self.names, kind)}
+        for layer in self.layers:           # as the builder's first build does once vLLM bound the caches
+            layer.impl.bind_kv_cache()
         # group -> [(builder, layer names)]: the RTPURBO layers' builder and the side units'.
         main_spec = self.layers[0].get_kv_cache_spec(self.engine)
         self.groups = {g: [] for g in page}
