@@ -1,5 +1,5 @@
-"""Atomic output files of the calibration and evaluation commands: JSON, CSV, markdown, PNG and
-staged folders.
+"""Atomic output files of the calibration, evaluation and benchmark commands: text, JSON, CSV,
+markdown, PNG and staged folders.
 
 Every file is written to a hidden temporary sibling, flushed and renamed into place, so an
 interrupted run leaves either the old file or the new one, never half of one. Errors a user can fix
@@ -55,6 +55,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -1,22 +1,17 @@
-"""benchmarks/bench_serving.py on the CPU: the commands it builds (also through vLLM's own parsers), parsing
+"""The serving benchmark (``rtpurbo_vllm.bench.serving``) on the CPU: the commands it builds (also through vLLM's own parsers), parsing
 of vLLM's log lines and result files, the report, the server lifecycle against fake servers on 127.0.0.1,
 and the whole run against a fake ``vllm`` executable."""
 
 import importlib.util
 import json
 import sys
-import textwrap
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "bench_serving.py")
-bs = importlib.util.module_from_spec(_spec)
-sys.modules["bench_serving"] = bs          # dataclasses look their module up while the class is built
-_spec.loader.exec_module(bs)
+from rtpurbo_vllm.bench import serving as bs
+from rtpurbo_vllm.bench import server
+from rtpurbo_vllm.bench.vllm_results import SERVE_FIELDS, parse_kv_capacity, parse_latency_result, parse_serve_result
 
 
 def _settings(tmp_path, *extra):
@@ -164,11 +159,11 @@ def test_bench_commands(tmp_path):
 def test_child_environment(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "example.org")
     monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
-    env = bs.child_env()
+    env = server.child_env()
     assert env["NO_PROXY"] == env["no_proxy"] == "example.org,127.0.0.1,localhost"
     assert env["VLLM_LOGGING_COLOR"] == "0" and env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")                   # a caller's choice is kept
-    assert bs.child_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+    assert server.child_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -236,11 +231,11 @@ def test_log_formats_match_installed_vllm():
 
 
 def test_parse_kv_capacity():
-    got = bs.parse_kv_capacity(sample_log(1_234_560, 262_272, 4.7071))
+    got = parse_kv_capacity(sample_log(1_234_560, 262_272, 4.7071))
     assert got == {"kv_cache_tokens": 1_234_560, "max_concurrency": 4.71, "concurrency_request_tokens": 262_272}
-    assert bs.parse_kv_capacity(sample_log(999, 1000, 0.999)) == {
+    assert parse_kv_capacity(sample_log(999, 1000, 0.999)) == {
         "kv_cache_tokens": 999, "max_concurrency": 1.0, "concurrency_request_tokens": 1000}
-    assert bs.parse_kv_capacity("no such lines") == {"kv_cache_tokens": None, "max_concurrency": None,
+    assert parse_kv_capacity("no such lines") == {"kv_cache_tokens": None, "max_concurrency": None,
                                                      "concurrency_request_tokens": None}
 
 
@@ -257,10 +252,10 @@ def test_parse_server_metrics_names_installed_vllm_metrics():
         'vllm:num_requests_running{engine="0",model_name="m"} 0.0',
         "process_cpu_seconds_total 12.5",
     ])
-    assert bs.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
-    assert bs.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
-    assert bs.parse_server_metrics(text, {"vllm:num_requests_running": "running"}) == {"running": 0.0}
-    assert bs.parse_server_metrics("") == {}
+    assert server.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
+    assert server.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
+    assert server.parse_server_metrics(text, {"vllm:num_requests_running": "running"}) == {"running": 0.0}
+    assert server.parse_server_metrics("") == {}
 
 
 def serve_result(backend, context, ttft, tpot, throughput):
@@ -288,7 +283,7 @@ def latency_result(avg):
 
 def test_result_field_names_match_installed_vllm():
     serve, latency = _vllm_source("benchmarks/serve.py"), _vllm_source("benchmarks/latency.py")
-    for field in bs.SERVE_FIELDS:
+    for field in SERVE_FIELDS:
         assert f'"{field}"' in serve
     assert 'f"mean_{metric_attribute_name}_ms"' in serve and 'f"p{p_word}_{metric_attribute_name}_ms"' in serve
     assert all(f'"{k}"' in latency for k in ("avg_latency", "latencies", "percentiles"))
@@ -297,12 +292,12 @@ def test_result_field_names_match_installed_vllm():
 def test_parse_bench_results(tmp_path):
     path = tmp_path / "serve.json"
     path.write_text(json.dumps(serve_result("RTPURBO", 32768, 150.0, 20.0, 40.0)))
-    row = bs.parse_serve_result(path)
+    row = parse_serve_result(path)
     assert row["completed"] == 4 and row["failed"] == 0 and row["output_throughput"] == 40.0
     assert row["median_ttft_ms"] == 150.0 and row["p99_tpot_ms"] == 20.0 and row["p90_itl_ms"] == 20.0
     assert "std_ttft_ms" not in row and "attention_backend" not in row
     path.write_text(json.dumps(latency_result(2.0)))
-    assert bs.parse_latency_result(path) == {"avg_latency_s": 2.0, "p50_latency_s": 2.0, "p90_latency_s": 2.2,
+    assert parse_latency_result(path) == {"avg_latency_s": 2.0, "p50_latency_s": 2.0, "p90_latency_s": 2.2,
                                              "iterations": 3}
 
 
@@ -407,80 +402,6 @@ def test_put_row_replaces_same_key():
     bs.put_row(rows, {"backend": "RTPURBO", "context": 1, "batch": 1, "avg_latency_s": 3.0},
                {"backend": "RTPURBO", "context": 1, "batch": 1})
     assert sorted((r["batch"], r["avg_latency_s"]) for r in rows) == [(1, 3.0), (4, 2.0)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Server lifecycle (fake servers on 127.0.0.1)
-# ---------------------------------------------------------------------------------------------------
-
-FAKE_SERVER = textwrap.dedent("""
-    import http.server, signal, subprocess, sys, time
-    mode, port, pidfile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    if mode == "exit":
-        sys.exit(3)
-    # A child that outlives a plain kill of the server, like vLLM's engine core process.
-    engine = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                               "signal.SIG_IGN); time.sleep(120)"])
-    open(pidfile, "w").write(str(engine.pid))
-    if mode == "ignore-term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if mode == "never-healthy":
-        time.sleep(120)
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-""")
-
-
-def _fake_server(tmp_path, mode):
-    port = bs.free_port()
-    script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
-    return [sys.executable, str(script), mode, str(port), str(tmp_path / "engine.pid")], port
-
-
-def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-@pytest.mark.parametrize("mode", ["healthy", "ignore-term"])
-def test_server_is_stopped_when_the_body_fails(tmp_path, mode):
-    argv, port = _fake_server(tmp_path, mode)
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="bench failed"):
-        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=20,
-                               stop_timeout=0.5) as server:
-            assert server.alive()
-            engine = int((tmp_path / "engine.pid").read_text())
-            raise RuntimeError("bench failed")
-    assert not server.alive() and _gone(engine)
-    assert time.monotonic() - start < 10
-
-
-@pytest.mark.parametrize("mode, error", [("exit", "exited with code 3"), ("never-healthy", "not healthy within")])
-def test_server_is_stopped_when_it_never_gets_healthy(tmp_path, monkeypatch, mode, error):
-    argv, port = _fake_server(tmp_path, mode)
-    started = []
-    monkeypatch.setattr(bs, "Child", lambda *args, _cls=bs.Child: started.append(_cls(*args)) or started[-1])
-    with pytest.raises((RuntimeError, TimeoutError), match=error):
-        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=2, stop_timeout=0.5):
-            pytest.fail("the body must not run")
-    assert len(started) == 1 and not started[0].alive()
-    if mode == "never-healthy":
-        assert _gone(int((tmp_path / "engine.pid").read_text()))
-
-
-def test_command_timeout_stops_the_command(tmp_path):
-    rc = bs.run_command([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "c.log", tmp_path,
-                        timeout=0.5, stop_timeout=1)
-    assert rc == 124
 
 
 # ---------------------------------------------------------------------------------------------------
