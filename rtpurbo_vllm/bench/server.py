@@ -216,3 +216,29 @@ def post_all(port: int, path: str, bodies: Sequence[Mapping[str, Any]], *, concu
             raise RuntimeError(f"POST {url} failed: {outcome.error}")
         replies.append(body)
     return replies
+
+
+@contextlib.contextmanager
+def metric_peaks(port: int, names: Mapping[str, str], interval: float = 0.5) -> Iterator[dict[str, float]]:
+    """Reads ``/metrics`` every ``interval`` seconds in a background thread while the body runs; yields a
+    dict that holds, under each key of ``names``, the highest value seen (e.g. the most requests
+    running at once: ``{"vllm:num_requests_running": "max_running"}``), complete once the body is done."""
+    import threading
+
+    peaks: dict[str, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            for key, value in server_metrics(port, names).items():
+                peaks[key] = max(peaks.get(key, value), value)
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=sample, name="metric-peaks", daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        thread.join()
