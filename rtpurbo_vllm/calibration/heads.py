@@ -256,7 +256,7 @@ def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int
     The window is the one served (``max(window, dense_threshold - 1)``, :func:`serving_window`) of
     ``params`` (default :class:`SparsityParams`), K/V and index keys in ``kv_dtype``.
     """
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
     from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan, serving_window
 
     params = params or SparsityParams()

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 if TYPE_CHECKING:
     from rtpurbo_vllm.artifacts import RTPurboArtifact

@@ -89,7 +89,7 @@ def test_kv_heads_per_layer_option(tmp_path):
     pred = bs.predict_capacity(s)
     assert (pred["full_kv_heads"], pred["kv_heads"], pred["index_slots"]) == (1, 8, 4)
     assert pred["max_in_flight_tokens"] == 2 * 16384 and pred["context"] == s.max_model_len
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
 
     layout = HeadLayout.from_lists(32, 8, [[0, 1, 2, 3]] * 32)            # R=1, n=4 in every layer, like the artifact
     plan = KVLayoutPlan.build(layout, head_size=128, window=16383)

@@ -7,7 +7,7 @@ window 64, 4 sink tokens (block 0 of the window cache), scheduler block 32, hash
 
 import pytest
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import KVLayoutPlan
 
 WINDOW, SINK = 64, 4

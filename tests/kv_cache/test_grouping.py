@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import KVLayoutPlan, RTPurboFullSpec, RTPurboIndexSpec, SinkWindowSpec
 
 GIB = 1 << 30

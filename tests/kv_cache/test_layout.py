@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import KVLayoutPlan, plan_block_sizes
 
 KV = 2 * 128 * 2      # bytes per token of one KV head (D=128, bf16)
