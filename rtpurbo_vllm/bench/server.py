@@ -43,6 +43,13 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", "NO_PROXY": no_proxy, "no_proxy": no_proxy, **(extra or {})}
 
 
+def _own_process_group() -> dict[str, Any]:
+    """``Popen`` arguments that start the child as the leader of a new process group."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}
+
+
 class Child:
     """A child process in its own process group, stdout and stderr in ``log`` (its first line is the
     command); :meth:`stop` ends it and its descendants."""
@@ -52,8 +59,8 @@ class Child:
         with open(log, "w") as handle:
             handle.write(shlex.join(argv) + "\n")
             handle.flush()
-            self.popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
-                                          env=child_env(env), stdin=subprocess.DEVNULL, start_new_session=True)
+            self.popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=child_env(env),
+                                          stdin=subprocess.DEVNULL, **_own_process_group())
         self.log = log
         self._descendants: dict[int, Any] = {}
 
@@ -196,17 +203,19 @@ def post_all(port: int, path: str, bodies: Sequence[Mapping[str, Any]], *, concu
     """
     import asyncio
 
-    from rtpurbo_vllm.eval.client import ClientConfig, _call, _session
+    import aiohttp
+
+    from rtpurbo_vllm.eval.client import ClientConfig, _call
 
     config = ClientConfig(concurrency=concurrency, timeout_s=timeout)
     url = f"http://{HOST}:{port}{path}"
 
     async def send_all() -> list[tuple[dict | None, Any]]:
         gate = asyncio.Semaphore(concurrency)
-        async with _session(config) as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
             async def one(body: Mapping[str, Any]):
                 async with gate:
-                    return await _call(session, "POST", url, dict(body), config)
+                    return await _call(http, "POST", url, dict(body), config)
 
             return list(await asyncio.gather(*(one(body) for body in bodies)))
 

@@ -4,10 +4,9 @@ every KV block back in the pool afterwards, and the same greedy outputs batched 
 Two phases (``--phases load identity``, both by default), each with its own ``vllm serve`` on 127.0.0.1
 (started, waited for on ``/health``, always stopped; logs in ``OUT/logs``):
 
-1. **load**: the dummy-weight model of ``benchmarks/bench_serving.py`` (``--shape``, default the
-   Llama-3.2-1B shape: the 8B shape was measured at ~26K prefill tokens/s on an H200, so the ~13.5M
-   prompt tokens below would take ~9 minutes, too long for one 10-minute device command) with a
-   synthetic artifact, split KV layout with one retrieval KV head per layer, prefill chunk 8192,
+1. **load**: the dummy-weight model of :mod:`rtpurbo_vllm.bench.serving` (``--shape``, default the
+   Llama-3.2-1B shape, whose prefill of the ~13.5M prompt tokens below fits one 10-minute command
+   where the 8B shape's does not) with a synthetic artifact, split KV layout with one retrieval KV head per layer, prefill chunk 8192,
    ``--no-async-scheduling`` and prefix caching on. ``vllm bench serve`` sends 200 random prompts
    whose lengths vLLM draws uniformly from [4096, 131072] tokens (:func:`random_length_args`), 32
    output tokens each (``--ignore-eos``), all at once (``--request-rate inf``) under a client
@@ -34,7 +33,7 @@ Two phases (``--phases load identity``, both by default), each with its own ``vl
    is off on this server, so the one-at-a-time pass computes every prompt again instead of reading
    the batched pass's cached KV.
 
-The model, artifact and engine options are bench_serving.py's (with the defaults above) and shape the
+The model, artifact and engine options are the serving benchmark's (with the defaults above) and shape the
 load phase's server; ``--seed``, ``--port`` and the start/stop timeouts serve both phases, and
 ``--command-timeout`` bounds ``vllm bench serve`` and each identity request.
 
@@ -80,14 +79,14 @@ TINY_MIN_PROMPT = 64                 # tokens: room for make_prompt's 8 pairs an
 IDENTITY_LOGPROBS = 2                # top log-probabilities asked per generated token (margins of a difference)
 NEAR_TIE = 0.1                       # nats: a top-2 margin below this is a tie at bf16 logit resolution
 IDENTITY_BACKENDS = ("RTPURBO", "FLASH_ATTN")
-# /metrics after a phase: the defaults of bench_serving plus the scheduler queues and prefix-cache hits
+# /metrics after a phase: the defaults of the harness plus the scheduler queues and prefix-cache hits
 # (vllm/v1/metrics/loggers.py: gauges vllm:num_requests_running / _waiting, counter vllm:prefix_cache_hits).
 POOL_METRICS = {**SERVER_METRICS, "vllm:num_requests_running": "running",
                 "vllm:num_requests_waiting": "waiting", "vllm:prefix_cache_hits_total": "prefix_cache_hits"}
 # What stops a phase and is recorded as its failure (a server that does not start or dies, HTTP errors,
 # a reply that is not what the OpenAI API returns); anything else is a bug and propagates.
 PHASE_ERRORS = (RuntimeError, TimeoutError, OSError, ValueError, KeyError)
-# bench_serving's options of the load phase's model, artifact and engine (their dest names), shared as they are.
+# The serving benchmark's options of the load phase's model, artifact and engine (their dest names), shared as they are.
 SERVER_OPTIONS = tuple(bs.add_server_arguments(argparse.ArgumentParser()))
 
 
@@ -97,7 +96,7 @@ SERVER_OPTIONS = tuple(bs.add_server_arguments(argparse.ArgumentParser()))
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The validated command line. ``serving`` holds what ``bench_serving`` needs for the load phase
+    """The validated command line. ``serving`` holds what the serving benchmark needs for the load phase
     (model, artifact, engine flags, ``vllm bench serve`` settings, ``out``, ``port``, ``vllm``, timeouts);
     lengths are tokens."""
 
@@ -144,7 +143,7 @@ class Settings:
 
 
 def serving_settings(args: argparse.Namespace) -> bs.Settings:
-    """bench_serving's settings for the load phase, checked by it: its model, artifact and engine options
+    """The serving benchmark's settings for the load phase, checked by it: its model, artifact and engine options
     as given here (:data:`SERVER_OPTIONS`), RTPURBO alone, prefix caching on, no warm-up request, and
     ``max_model_len`` (unless given) for the longest prompt plus the output."""
     serving = bs.build_parser().parse_args(
@@ -240,7 +239,7 @@ def describe_load(settings: Settings, plan: LoadRun) -> str:
 
 
 def parse_load_result(path: Path) -> dict[str, Any]:
-    """bench_serving's numbers of a ``--save-result --save-detailed`` JSON, plus the prompt lengths
+    """The serving benchmark's numbers of a ``--save-result --save-detailed`` JSON, plus the prompt lengths
     (``input_lens``: min, max, mean tokens) and the distinct request errors with their counts."""
     data = json.loads(path.read_text())
     row = parse_serve_result(path)
