@@ -31,7 +31,7 @@ import torch
 from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
-from rtpurbo_vllm.outputs import write_json
+from rtpurbo_vllm.outputs import write_figure, write_json
 from rtpurbo_vllm.rope import RopeSpec
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
@@ -222,7 +222,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(1, color="gray", lw=0.5)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(path, fig)
 
 
 def main(argv=None) -> int:

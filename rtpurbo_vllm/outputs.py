@@ -76,6 +76,16 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Pat
     return write_bytes(path, buf.getvalue().encode())
 
 
+def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG (tight bounding box), atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], floatfmt: str = ".3f") -> str:
     """A GitHub markdown table of ``rows`` (columns from the first row; floats with ``floatfmt``)."""
     cols = list(rows[0])

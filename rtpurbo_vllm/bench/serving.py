@@ -85,7 +85,7 @@ from rtpurbo_vllm.bench.server import (
     vllm_command,
 )
 from rtpurbo_vllm.bench.vllm_results import SERVE_METRICS, parse_kv_capacity, parse_latency_result, parse_serve_result
-from rtpurbo_vllm.outputs import write_json, write_text
+from rtpurbo_vllm.outputs import write_figure, write_json, write_text
 
 BACKENDS = ("FLASH_ATTN", "RTPURBO")
 PHASES = ("serve", "latency", "capacity")
@@ -814,8 +814,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if shapes:
         axes[3].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def write_report(settings: Settings, results: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ from rtpurbo_vllm.bench import serving as bs
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.server import HOST, free_port, metric_peaks, server_metrics, stop_on_sigterm
 from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity, parse_serve_result
-from rtpurbo_vllm.outputs import write_json, write_text
+from rtpurbo_vllm.outputs import write_figure, write_text
 
 K = 1024
 RESULTS_JSON, REPORT_MD, PLOT_PNG = "bench_throughput.json", "bench_throughput.md", "bench_throughput.png"
@@ -353,8 +353,8 @@ def describe_workload(workload: Workload) -> str:
             f"{workload.lengths[1] // K}K tokens (prefix caching off), {workload.output_len} output tokens each.")
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Output tokens/s per backend, one panel per workload."""
+def figure(results: dict[str, Any]):
+    """The plot: output tokens/s per backend, one panel per workload (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,15 +369,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_title(workload)
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write_report(settings: Settings, results: dict[str, Any]) -> str:
-    """Writes the markdown and the plot next to the results JSON; returns the markdown."""
+    """The markdown report (returned) and the plot, written next to the results JSON."""
+    write_figure(settings.out / PLOT_PNG, figure(results))
     text = render_markdown(results)
     write_text(settings.out / REPORT_MD, text)
-    plot(results, settings.out / PLOT_PNG)
     return text
 
 
