@@ -93,6 +93,9 @@ SERVED_NAME = "rtpurbo-bench"
 RESULTS_JSON, REPORT_MD, PLOT_PNG = "bench_serving.json", "bench_serving.md", "bench_serving.png"
 TOKENIZER_HEADROOM = 128          # tokens of max_model_len beyond the longest request (round-trip mismatch)
 DEFAULT_RATIO = 0.15              # rtpurbo-calibrate's default share of retrieval heads
+# Values of additional-config rtpurbo.kv_layout: every KV head for every token (the default), and the
+# memory-saving layout (full history only for retrieval KV heads).
+FULL_LAYOUT, MEMORY_SAVING_LAYOUT = "full", "split"
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
     "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -344,7 +347,7 @@ def describe_prediction(pred: dict[str, Any]) -> str:
             f"{pred['kv_heads']} full KV heads per layer, n={pred['index_slots']} index slots, window reserve for "
             f"{pred['max_in_flight_tokens']:,} in-flight tokens; {pred['split_capacity_ratio']:.2f}x without vLLM's "
             f"block rounding and reserve)")
-    if pred["kv_layout"] != "split":
+    if pred["kv_layout"] != MEMORY_SAVING_LAYOUT:
         line += f"; this run uses --kv-layout {pred['kv_layout']} (every KV head kept: about 1x)"
     return line + "."
 
@@ -401,7 +404,7 @@ def engine_flags(settings: Settings, backend: str) -> list[str]:
              "--generation-config", "vllm", "--seed", str(settings.seed)]
     if backend == "RTPURBO":
         options = {"artifact": str(settings.artifact_dir)}
-        if settings.kv_layout != "full":    # the default layout keeps the command line as it was
+        if settings.kv_layout != FULL_LAYOUT:    # the default layout keeps the command line as it was
             options["kv_layout"] = settings.kv_layout
         flags += ["--additional-config", json.dumps({"rtpurbo": options})]
     return flags + list(settings.engine_args)
@@ -598,7 +601,7 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                                  settings) as server:
                 results["capacity"][backend] = {**parse_kv_capacity(log.read_text(errors="replace")),
                                                 "max_model_len": settings.max_model_len, "log": str(log),
-                                                "kv_layout": settings.kv_layout if backend == "RTPURBO" else "full",
+                                                "kv_layout": settings.kv_layout if backend == "RTPURBO" else FULL_LAYOUT,
                                                 "startup_s": round(time.monotonic() - start, 1)}
                 print(f"[{backend}] KV capacity: {results['capacity'][backend]}", flush=True)
                 if backend == "RTPURBO":
@@ -642,7 +645,8 @@ def capacity_comparison(results: dict[str, Any]) -> str:
             + (f"{measured:.2f}x (max concurrency {rtp['max_concurrency']:.2f} / {fa['max_concurrency']:.2f})"
                if measured else "n/a (needs both servers' max-concurrency lines)"))
     if pred:
-        expected = pred["split_vllm_capacity_ratio"] if rtp.get("kv_layout", pred["kv_layout"]) == "split" else None
+        expected = (pred["split_vllm_capacity_ratio"]
+                    if rtp.get("kv_layout", pred["kv_layout"]) == MEMORY_SAVING_LAYOUT else None)
         text += (f"; predicted {expected:.2f}x (KVLayoutPlan.vllm_capacity_ratio)" if expected else
                  f"; predicted about 1x for the full layout ({pred['split_vllm_capacity_ratio']:.2f}x with "
                  f"--kv-layout split)")
@@ -860,7 +864,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> list[str]:
                               "--kv-heads-per-layer): retrieval heads only in N KV groups of every layer, so "
                               "--kv-layout split keeps N KV heads per layer in full (default %(default)s; None is "
                               "no budget)"),
-        art.add_argument("--kv-layout", choices=("full", "split"), default="full",
+        art.add_argument("--kv-layout", choices=(FULL_LAYOUT, MEMORY_SAVING_LAYOUT), default=FULL_LAYOUT,
                          help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
                               "KV head for every token; split keeps full history only for retrieval KV heads "
                               "(compare the logged KV capacity; default %(default)s)"),

@@ -329,7 +329,7 @@ def identity_serve_command(settings: Settings, port: int) -> list[str]:
 
 def identity_rtpurbo_config() -> dict:
     """The identity server's ``--additional-config``: the tiny model's KV-budget artifact, split layout."""
-    return {"rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()), "kv_layout": "split"}}
+    return {"rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()), "kv_layout": bs.MEMORY_SAVING_LAYOUT}}
 
 
 def describe_identity(settings: Settings, lengths: list[int]) -> str:
@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--phases", metavar="PHASE", nargs="+", choices=PHASES, default=list(PHASES),
                         help="load and/or identity, run in this order (default both)")
     bs.add_server_arguments(parser)                                   # the load phase's server (SERVER_OPTIONS)
-    parser.set_defaults(shape="llama3.2-1b", kv_layout="split", kv_heads_per_layer=1, max_num_batched_tokens=8192,
+    parser.set_defaults(shape="llama3.2-1b", kv_layout=bs.MEMORY_SAVING_LAYOUT, kv_heads_per_layer=1, max_num_batched_tokens=8192,
                         engine_args="--no-async-scheduling")
 
     load = parser.add_argument_group("load phase: vllm bench serve")

@@ -206,7 +206,9 @@ def from_bench_serving(results: dict[str, Any], date: str) -> dict[str, dict[str
             put("decode_step_128k_b4", steps.get("RTPURBO"), steps.get("FLASH_ATTN"), "ms")
     capacity, artifact = results.get("capacity", {}), results.get("artifact") or {}
     rtp, fa = capacity.get("RTPURBO", {}), capacity.get("FLASH_ATTN", {})
-    if rtp.get("kv_layout", "full") != "full" and s.get("max_model_len", 0) >= 128 * 1024:
+    from rtpurbo_vllm.bench.serving import FULL_LAYOUT
+
+    if rtp.get("kv_layout", FULL_LAYOUT) != FULL_LAYOUT and s.get("max_model_len", 0) >= 128 * 1024:
         fp8 = "_fp8" if dense == "FLASH_ATTN fp8" else ""
         kind = ("n1" if artifact.get("kv_heads_per_layer") == 1 else
                 "kvgroup15" if artifact.get("by_kv_group") and artifact.get("ratio") == 0.15 else
