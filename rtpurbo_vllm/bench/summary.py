@@ -199,14 +199,14 @@ def from_bench_serving(results: dict[str, Any], date: str) -> dict[str, dict[str
                 put("decode_step_128k_b1", rtp.get("median_itl_ms"), fa.get("median_itl_ms"), "ms")
         elif not s.get("prefix_caching"):
             put(f"ttft_{k}k", _seconds(rtp.get("median_ttft_ms")), _seconds(fa.get("median_ttft_ms")), "s")
-    from rtpurbo_vllm.bench.serving import decode_steps
+    from rtpurbo_vllm.bench.serving_report import decode_steps
 
     for (context, batch, _), steps in decode_steps(results["latency"]).items():
         if (context, batch) == (128 * 1024, 4):
             put("decode_step_128k_b4", steps.get("RTPURBO"), steps.get("FLASH_ATTN"), "ms")
     capacity, artifact = results.get("capacity", {}), results.get("artifact") or {}
     rtp, fa = capacity.get("RTPURBO", {}), capacity.get("FLASH_ATTN", {})
-    from rtpurbo_vllm.bench.serving import FULL_LAYOUT
+    from rtpurbo_vllm.bench.serving_report import FULL_LAYOUT
 
     if rtp.get("kv_layout", FULL_LAYOUT) != FULL_LAYOUT and s.get("max_model_len", 0) >= 128 * 1024:
         fp8 = "_fp8" if dense == "FLASH_ATTN fp8" else ""

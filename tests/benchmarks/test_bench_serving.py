@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rtpurbo_vllm.bench import serving as bs
-from rtpurbo_vllm.bench import server
+from rtpurbo_vllm.bench import server, serving_report
 from rtpurbo_vllm.bench.vllm_results import SERVE_FIELDS, parse_kv_capacity, parse_latency_result, parse_serve_result
 
 
@@ -354,7 +354,7 @@ def test_decode_step_needs_two_finished_output_lengths():
             for n, s in ((1, 1.0), (65, 1.64), (33, 9.9))]
     rows[2]["error"] = "exit code 1"                                    # a failed run is left out
     rows.append({"backend": "FLASH_ATTN", "context": 8, "batch": 4, "output_len": 1, "avg_latency_s": 2.0})
-    assert bs.decode_steps(rows) == {(8, 4, (1, 65)): {"RTPURBO": pytest.approx(10.0)}}
+    assert serving_report.decode_steps(rows) == {(8, 4, (1, 65)): {"RTPURBO": pytest.approx(10.0)}}
 
 
 def test_results_with_one_latency_output_length_are_read_and_merged(tmp_path):
