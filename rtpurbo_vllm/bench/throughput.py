@@ -158,8 +158,9 @@ def parse_backends(text: str) -> tuple[str, ...]:
 
 def settings_from_cli(args: argparse.Namespace) -> Settings:
     """Checks the parsed flags (a bad value raises ValueError naming the flag) and builds the serving
-    settings: ``max_model_len`` (unless given) for the longest prompt plus the longest output."""
-    output_len = max(WORKLOADS[w].output_len for w in args.workload)
+    settings: ``max_model_len`` (unless given) for the longest prompt plus the longest output of any
+    workload, so that runs of either workload share one results folder."""
+    output_len = max(w.output_len for w in WORKLOADS.values())
     serving = bs.build_parser().parse_args(
         ["--out", args.out, "--phases", "serve", "--contexts", str(MAX_CONTEXT // K), "--output-len", str(output_len),
          "--num-warmups", str(args.num_warmups)])
@@ -424,8 +425,9 @@ def print_dry_run(settings: Settings, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_cli(build_parser().parse_args(argv))
-    if settings.merge or settings.report_only:
-        results = load_results(settings)
+    if settings.merge or settings.report_only:         # the folder's own settings, whatever this command line says
+        path = settings.out / RESULTS_JSON
+        results = json.loads(path.read_text()) if path.is_file() else new_results(settings)
         for folder in settings.merge:
             merge_rows(results, json.loads((folder / RESULTS_JSON).read_text()), folder / RESULTS_JSON)
         save(settings, results)

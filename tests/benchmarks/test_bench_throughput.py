@@ -108,9 +108,9 @@ def test_bad_backend_is_refused(tmp_path):
 
 def test_one_backend_per_invocation_merges_into_one_report(tmp_path, fake_vllm, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_RUNNING", "2")
-    assert tp.main(_argv(tmp_path, fake_vllm, "--workload", "long-prompts", "long-decodes",
-                         "--backends", "FLASH_ATTN")) == 0
+    assert tp.main(_argv(tmp_path, fake_vllm, "--workload", "long-prompts", "--backends", "FLASH_ATTN")) == 0
     assert tp.main(_argv(tmp_path, fake_vllm, "--workload", "long-decodes", "--backends", "RTPURBO,FLASH_ATTN-fp8")) == 0
+    assert tp.main(_argv(tmp_path, fake_vllm, "--workload", "long-decodes", "--backends", "FLASH_ATTN")) == 0
     out = tmp_path / "out"
     results = json.loads((out / tp.RESULTS_JSON).read_text())
     rows = {(r["workload"], r["backend"]): r for r in results["rows"]}
@@ -124,7 +124,7 @@ def test_one_backend_per_invocation_merges_into_one_report(tmp_path, fake_vllm, 
     assert sum("--kv-cache-dtype fp8" in c for c in commands) == 1
     assert sum("--enable-prefix-caching" in c for c in commands) == 3            # the long-decodes servers
     servers = [c for c in results["commands"] if c.get("server")]
-    assert len(servers) == 4 and len(results["invocations"]) == 2
+    assert len(servers) == 4 and len(results["invocations"]) == 3
     report = (out / tp.REPORT_MD).read_text()
     assert "## long-decodes" in report and "## long-prompts" in report
     assert "| RTPURBO | 200.0 | 400.0 | 2.00x | 2.00x |" in report
