@@ -67,7 +67,7 @@ BASELINES = ("FLASH_ATTN", "FLASH_ATTN-fp8")
 # /metrics: sampled during the run for their peak, and read after it.
 PEAK_METRICS = {"vllm:num_requests_running": "max_running", "vllm:num_requests_waiting": "max_waiting"}
 AFTER_METRICS = {"vllm:num_preemptions_total": "preemptions", "vllm:prefix_cache_hits_total": "prefix_cache_hits"}
-QUESTION_WORDS = 32             # words of a long-decodes question, the request number included
+QUESTION_WORDS = 32             # words (tokens) of a long-decodes question: "query", the request number, words
 MAX_CONTEXT = 128 * K           # the longest prompt of either workload
 
 
@@ -91,7 +91,8 @@ WORKLOADS = {
 
 
 def words() -> list[str]:
-    """The words prompts are made of: one token each in the tiny model's word-level tokenizer."""
+    """The words prompts are made of: one token each in the tiny model's word-level tokenizer (which
+    would split digits and punctuation into several)."""
     from rtpurbo_vllm.tiny.tokenizer import FILLER_WORDS
 
     return list(FILLER_WORDS)
@@ -120,7 +121,8 @@ def make_requests(workload: Workload, seed: int, num_requests: int | None = None
         prompts = []
         for i in range(count):
             doc, tokens = documents[i % workload.num_documents]
-            question = f"question {i} : " + " ".join(rng.choices(vocab, k=QUESTION_WORDS - 3))
+            number = [vocab[i % len(vocab)], vocab[i // len(vocab) % len(vocab)]]      # distinct per request
+            question = " ".join(["query", *number, *rng.choices(vocab, k=QUESTION_WORDS - 3)])
             prompts.append((f"{doc} {question}", tokens + QUESTION_WORDS))
     return [{"prompt": p, "output_tokens": workload.output_len, "prompt_tokens": n} for p, n in prompts]
 
