@@ -13,37 +13,38 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
 
 Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
-It prints a table of times and ratios, then RTPURBO's decode step split into its launch groups (each
-timed alone), and writes ``bench_attention.json`` and ``bench_attention.png``.
+It prints a table of times and ratios, RTPURBO's decode step split into its launch groups (each
+timed alone), and per decode point the bytes the step must read (:func:`decode_bytes`) with the
+achieved TB/s of both sides and their share of the card's peak (``--peak-bandwidth``, default an
+H200's 4.8 TB/s); it writes ``bench_attention.json`` and ``bench_attention.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import environment, time_cuda_graph, time_eager  # noqa: E402
-
-from rtpurbo_vllm.attention.prefill import RTPurboPrefillPlan, headwise_prefill  # noqa: E402
-from rtpurbo_vllm.rope import RopeSpec  # noqa: E402
-from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace  # noqa: E402
-from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys  # noqa: E402
-from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
-from rtpurbo_vllm.triton_kernels.sparse_decode import (  # noqa: E402
-    allocate_sparse_decode_workspace,
-    headwise_sparse_decode,
-)
+from rtpurbo_vllm.attention.prefill import PrefillHeads, headwise_prefill
+from rtpurbo_vllm.bench.environment import environment
+from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
+from rtpurbo_vllm.kv_cache.layer_kv import KVPart
+from rtpurbo_vllm.outputs import write_figure, write_json
+from rtpurbo_vllm.rope import RopeSpec
+from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
+from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
+from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace, headwise_sparse_decode
 
 HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
 RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
 SINK, WINDOW, TOP_P = 4, 8192, 0.9
 DTYPE = torch.bfloat16
+ELEMENT_BYTES = 2                       # bf16 K, V and index keys
+H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
 ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
 
 
@@ -72,7 +73,8 @@ def bench_prefill(length: int, device, repeats: int) -> dict:
     cu_q = torch.tensor([0, length], dtype=torch.int32, device=device)
     seqused = torch.tensor([length], dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    plan = RTPurboPrefillPlan.build(RETRIEVAL, HQ, HKV, device)
+    heads = PrefillHeads.build(RETRIEVAL, HQ, HKV, device)
+    parts = [KVPart(key_cache, value_cache, block_table, tuple(range(HKV)))]
     kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
     w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
     index = PagedHeads.single(torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device))
@@ -85,8 +87,7 @@ def bench_prefill(length: int, device, repeats: int) -> dict:
 
     def rtpurbo():
         write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True)
-        headwise_prefill(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, plan, SINK,
-                         WINDOW, D ** -0.5, out)
+        headwise_prefill(q, parts, cu_q, seqused, length, length, heads, SINK, WINDOW, D ** -0.5, out)
 
     reps = max(2, repeats // max(1, length // 131072))
     t_dense, t_rtp = time_eager(dense, reps, 1), time_eager(rtpurbo, reps, 1)
@@ -154,10 +155,55 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     parts_ms = {name: time_cuda_graph(part, repeats) for name, part in parts.items()}
-    kv_bytes = batch * length * HKV * 2 * D * 2
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
-            "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept, "fa3_tb_per_s": kv_bytes / t_dense / 1e9,
-            "rtpurbo_parts_ms": parts_ms}
+            "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
+            "bytes": decode_bytes(batch, length, int(num_selected.sum().item())), "rtpurbo_parts_ms": parts_ms}
+
+
+def decode_bytes(batch: int, length: int, kept_blocks: int) -> dict[str, int]:
+    """Bytes one decode step of one layer must read from HBM, at the least.
+
+    Args:
+        batch: sequences, each ``length`` tokens long.
+        kept_blocks: blocks block top-p kept, summed over sequences and retrieval heads.
+
+    Returns:
+        ``fa3``: K and V of every KV head over the whole context; ``rtpurbo``: K and V of the sink and
+        window tokens of every KV head that serves a local head, the 16-dim index keys of every
+        retrieval head over the context, and K and V of each retrieval head's kept ``BS``-token blocks.
+    """
+    kv_token = 2 * D * ELEMENT_BYTES                                          # K and V of one token, one KV head
+    local_kv_heads = len({h // (HQ // HKV) for h in range(HQ) if h not in RETRIEVAL})
+    window = batch * min(length, SINK + WINDOW) * local_kv_heads * kv_token
+    index = batch * length * len(RETRIEVAL) * DI * ELEMENT_BYTES
+    kept = kept_blocks * BS * kv_token
+    return {"fa3": batch * length * HKV * kv_token, "rtpurbo": window + index + kept,
+            "rtpurbo_window": window, "rtpurbo_index": index, "rtpurbo_kept": kept}
+
+
+def add_bandwidth(row: dict, peak_bytes_per_s: float) -> dict:
+    """``row`` (a decode row) with the bytes of :func:`decode_bytes`, the achieved TB/s of both sides
+    and their share of the card's peak ``peak_bytes_per_s``."""
+    row = dict(row)
+    for side in ("fa3", "rtpurbo"):
+        per_s = row["bytes"][side] / (row[f"{side}_ms"] * 1e-3)
+        row[f"{side}_tb_per_s"] = per_s / 1e12
+        row[f"{side}_peak_share"] = per_s / peak_bytes_per_s
+    return row
+
+
+def print_bandwidth(rows: list[dict], peak_bytes_per_s: float) -> None:
+    """Per decode point: the bytes the step must read and the achieved bandwidth, both sides."""
+    print(f"\nDecode bandwidth: bytes one layer's step must read (MB), achieved TB/s and share of the peak "
+          f"{peak_bytes_per_s / 1e12:.2f} TB/s")
+    print(f"{'batch':>5} {'context':>8} {'FA3 MB':>10} {'FA3 TB/s':>9} {'peak':>6} {'RTP MB':>10} {'RTP TB/s':>9} "
+          f"{'peak':>6} {'window':>8} {'index':>8} {'kept':>8}")
+    for r in rows:
+        b = r["bytes"]
+        print(f"{r['batch']:5d} {r['context'] // 1024:7d}K {b['fa3'] / 1e6:10.2f} {r['fa3_tb_per_s']:9.2f} "
+              f"{r['fa3_peak_share']:6.1%} {b['rtpurbo'] / 1e6:10.2f} {r['rtpurbo_tb_per_s']:9.2f} "
+              f"{r['rtpurbo_peak_share']:6.1%} {b['rtpurbo_window'] / 1e6:8.2f} {b['rtpurbo_index'] / 1e6:8.2f} "
+              f"{b['rtpurbo_kept'] / 1e6:8.2f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -179,7 +225,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(1, color="gray", lw=0.5)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(path, fig)
 
 
 def main(argv=None) -> int:
@@ -196,6 +242,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
+    parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float, default=H200_PEAK_BYTES_PER_S,
+                        help="the card's peak memory bandwidth, for the decode bandwidth table "
+                             "(default %(default)g: H200)")
     parser.add_argument("--out", metavar="DIR", default="results", help="folder for the JSON and the PNG")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -212,16 +261,17 @@ def main(argv=None) -> int:
             if need > free:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
-            rows.append(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
-                                     args.max_model_len and args.max_model_len * 1024))
+            rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
+                                                   args.max_model_len and args.max_model_len * 1024),
+                                      args.peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(), "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL,
-                                                      "sink": SINK, "window": WINDOW, "top_p": TOP_P},
-              "command": " ".join(sys.argv), "rows": rows}
-    (out / "bench_attention.json").write_text(json.dumps(result, indent=2))
+    result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
+              "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
+                        "top_p": TOP_P},
+              "peak_bandwidth": args.peak_bandwidth, "command": " ".join(sys.argv), "rows": rows}
+    write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
@@ -238,6 +288,8 @@ def main(argv=None) -> int:
     for r in decode_rows:
         print(f"{r['batch']:5d} {r['context'] // 1024:7d}K "
               + " ".join(f"{ms:14.4f}" for ms in r["rtpurbo_parts_ms"].values()))
+    if decode_rows:
+        print_bandwidth(decode_rows, args.peak_bandwidth)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Atomic output files of the calibration and evaluation commands: JSON, CSV, markdown, PNG and
-staged folders.
+"""Atomic output files of the calibration, evaluation and benchmark commands: text, JSON, CSV,
+markdown, PNG and staged folders.
 
 Every file is written to a hidden temporary sibling, flushed and renamed into place, so an
 interrupted run leaves either the old file or the new one, never half of one. Errors a user can fix
@@ -57,6 +57,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes(path, text.encode())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON (no NaN), indented, atomically."""
     return write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
@@ -69,6 +74,16 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Pat
     writer.writeheader()
     writer.writerows(rows)
     return write_bytes(path, buf.getvalue().encode())
+
+
+def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG (tight bounding box), atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], floatfmt: str = ".3f") -> str:

@@ -11,18 +11,19 @@
 #   bash scripts/gpu_checks.sh ttft [K...]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
 #   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1, FLASH_ATTN and RTPURBO (primed)
 #   (decode step at batch 4, engine only, and other two-GPU runs: scripts/gpu_pair.sh, one backend per GPU)
-#   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, split KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
-#   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, split layout with 2 KV heads/layer, global top 15 %
+#   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, compact KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
+#   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, compact layout with 2 KV heads/layer, global top 15 %
 #   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
 #   bash scripts/gpu_checks.sh stability [extra bench_stability args]  # 200 x 4K-128K requests (1B dummy): no
 #                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs (ties aside)
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
 #   bash scripts/gpu_checks.sh stability-control   # the identity check on FLASH_ATTN (the control)
+#   bash scripts/gpu_checks.sh throughput WORKLOAD BACKENDS [args]  # bench_throughput.py, e.g. long-decodes RTPURBO
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | throughput}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -52,7 +53,7 @@ case "$stage" in
   decode)
     # TPOT/ITL of decode alone, both backends at 128K, one request at a time (~6 min): the prompts primed into
     # the prefix cache first. Not concurrency 4: at 128K-token prompts the API server's per-request work
-    # staggers concurrent requests by seconds (session 5: never more than 2 decoding together); the batch-4
+    # staggers concurrent requests by seconds (never more than 2 decoding together); the batch-4
     # decode step comes from `vllm bench latency` at two output lengths (scripts/gpu_pair.sh step ...).
     keep="$HOME/rtpurbo_decode"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
@@ -71,14 +72,14 @@ case "$stage" in
     shift
     keep="$HOME/rtpurbo_kvsplit_$n"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends RTPURBO --phases serve \
-      --kv-layout split --kv-heads-per-layer "$n" --contexts 128 --max-concurrency 8 --num-prompts 8 \
+      --kv-layout compact --kv-heads-per-layer "$n" --contexts 128 --max-concurrency 8 --num-prompts 8 \
       --max-num-batched-tokens 8192 --engine-args=--no-async-scheduling "$@" 2>&1 \
       | tee "$OUT/bench_serving_split_$n.log" | tail -40
     cp -r "$keep" "$OUT/kvsplit_$n" ;;
   capacity)
-    # KV capacity only (servers start, report, stop): FLASH_ATTN and the split layout with 2 retrieval KV
-    # heads per layer, then the split layout with the global top 15 % of query heads (uneven per layer).
-    common=(--phases capacity --kv-layout split --contexts 128 --max-num-batched-tokens 8192
+    # KV capacity only (servers start, report, stop): FLASH_ATTN and the compact layout with 2 retrieval KV
+    # heads per layer, then the compact layout with the global top 15 % of query heads (uneven per layer).
+    common=(--phases capacity --kv-layout compact --contexts 128 --max-num-batched-tokens 8192
             --engine-args=--no-async-scheduling)
     timeout 280 python3 -P benchmarks/bench_serving.py --out "$HOME/rtpurbo_capacity_kv2" \
       --backends FLASH_ATTN RTPURBO --kv-heads-per-layer 2 "${common[@]}" 2>&1 | tee "$OUT/capacity_kv2.log" | tail -5
@@ -116,5 +117,17 @@ case "$stage" in
     timeout 300 python3 -P benchmarks/bench_stability.py --out "$OUT/stability_flash_attn" --stop-timeout 20 \
       --phases identity --identity-backend FLASH_ATTN "$@" 2>&1 | tee "$OUT/bench_stability_flash_attn.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -20 ;;
+  throughput)
+    # benchmarks/bench_throughput.py: one workload, the given backends (comma-separated) one after the other;
+    # rows merge into $HOME/rtpurbo_throughput across calls, so call once per backend to stay under 10 minutes.
+    workload=${1:?throughput needs a workload: long-prompts or long-decodes}
+    backends=${2:?throughput needs backends, e.g. FLASH_ATTN,FLASH_ATTN-fp8,RTPURBO}
+    shift 2
+    keep="$HOME/rtpurbo_throughput"
+    timeout 590 python3 -P benchmarks/bench_throughput.py --out "$keep" --workload "$workload" --backends "$backends" \
+      "$@" 2>&1 | tee "$OUT/bench_throughput_${workload}_${backends//,/_}.log" \
+      | grep -vE "^(INFO|DEBUG|WARNING|\((APIServer|EngineCore))" | tail -30
+    mkdir -p "$OUT/throughput"    # the report and the logs; the datasets (tens of MB) stay on the machine
+    cp "$keep"/bench_throughput.* "$OUT/throughput/"; tar czf "$OUT/throughput/logs_raw.tgz" -C "$keep" logs raw ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

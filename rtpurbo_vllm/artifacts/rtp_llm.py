@@ -30,7 +30,7 @@ from rtpurbo_vllm.artifacts.schema import (
     SparsityParams,
 )
 from rtpurbo_vllm.artifacts.validate import validate_artifact
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from rtpurbo_vllm import __version__
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.rope import RopeSpec
 
 FORMAT_VERSION = 1
@@ -192,7 +192,7 @@ class RTPurboArtifact:
 
     @functools.cached_property
     def layout(self) -> HeadLayout:
-        """The retrieval heads as a :class:`~rtpurbo_vllm.heads.HeadLayout` (global head ids)."""
+        """The retrieval heads as a :class:`~rtpurbo_vllm.head_layout.HeadLayout` (global head ids)."""
         return HeadLayout(self.model.num_heads, self.model.num_kv_heads, self.retrieval_heads)
 
     def to_config_dict(self) -> dict[str, Any]:

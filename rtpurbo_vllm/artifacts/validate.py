@@ -29,7 +29,7 @@ from rtpurbo_vllm.artifacts.schema import (
     SparsityParams,
     indexer_tensor_name,
 )
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 RECREATE = "re-create the artifact with `rtpurbo-calibrate`"
 _FIX_FIELD = f"fix: correct the field (docs/ARTIFACTS.md lists every field) or {RECREATE}"

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
 from rtpurbo_vllm.triton_kernels.paged_heads import FP8_MAX, to_float

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 
 def tp_rank_and_size() -> tuple[int, int]:

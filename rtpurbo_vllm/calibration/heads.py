@@ -222,8 +222,6 @@ def score_table(scores: torch.Tensor, retrieval_heads: Sequence[Sequence[int]], 
 def plot_heatmap(scores: torch.Tensor, retrieval_heads: Sequence[Sequence[int]], path: str | os.PathLike,
                  title: str) -> Path:
     """PNG heat map of ``scores`` ``[L, HQ]`` (layers down, heads across); retrieval heads are boxed."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,10 +237,7 @@ def plot_heatmap(scores: torch.Tensor, retrieval_heads: Sequence[Sequence[int]],
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="needle-copy score R_h")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return outputs.write_bytes(path, buf.getvalue())
+    return outputs.write_figure(path, fig)
 
 
 def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int, num_kv_heads: int,
@@ -255,7 +250,7 @@ def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int
     Sinks, window, dense threshold and DI come from ``params`` (default :class:`SparsityParams`); index
     keys are bf16.
     """
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
     from rtpurbo_vllm.kv_cache.layout import FULL, KVLayout
 
     params = params or SparsityParams()

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 if TYPE_CHECKING:
     from rtpurbo_vllm.artifacts import RTPurboArtifact
@@ -413,6 +413,26 @@ class KVLayout:
                 tokens = min(tokens, _cdiv(context, shape.block_size) * shape.block_size)
             total += shape.count * _cdiv(tokens, shape.block_size) * shape.page_size_bytes
         return total
+
+    def vllm_bytes_per_sequence(self, context: int, max_in_flight_tokens: int) -> int:
+        """What vLLM's start-up arithmetic reserves per sequence of ``context`` tokens (its "Maximum
+        concurrency" line): whole blocks of every kind, the window units' admission cap
+        (``max(window, dense_threshold) - 1 + max_in_flight_tokens`` tokens, a block more and the sink
+        blocks; vLLM's ``VllmConfig.max_in_flight_tokens``)."""
+        total = 0
+        for kind, shape in self.units.items():
+            blocks = _cdiv(context, shape.block_size)
+            if kind == WINDOW:
+                held = max(self.window, self.dense_threshold) - 1 + max_in_flight_tokens
+                blocks = min(_cdiv(min(held, context), shape.block_size) + 1 + self.num_sink_blocks, blocks)
+            total += shape.count * blocks * shape.page_size_bytes
+        return total
+
+    def vllm_capacity_ratio(self, context: int, max_in_flight_tokens: int,
+                            baseline_dtype: torch.dtype | None = None) -> float:
+        """The ratio of vLLM's "Maximum concurrency" lines, this layout against vLLM's stock cache."""
+        return (self.dense_bytes_per_sequence(context, baseline_dtype)
+                / self.vllm_bytes_per_sequence(context, max_in_flight_tokens))
 
     def dense_bytes_per_sequence(self, context: int, kv_dtype: torch.dtype | None = None,
                                  block_size: int = DEFAULT_BLOCK_UNIT) -> int:

@@ -4,8 +4,8 @@ A hand-made step mixes decodes, a chunked prefill on top of cached tokens (a pre
 chunk) and a fresh prefill, over shuffled pages. The impl writes the caches and attention output;
 the test compares them with the exact reference of the whole sequences.
 
-Both KV layouts run, bf16 and fp8 caches: ``full`` (one unit of every KV head per layer, index units
-in the same KV-cache group) and ``compact`` (the default: full, window and index units, each kind with
+Both KV layouts run, bf16 and fp8 caches: ``full`` (the default: one unit of every KV head per layer,
+index units in the same KV-cache group) and ``compact`` (full, window and index units, each kind with
 its own page size, block table and slot mapping, the units' metadata from their real builder through
 the forward context; a layer's heads spread over several units). Window pages that hold no sink or
 window token are vLLM's null block 0, filled with NaN, and every unheld slot is NaN too.
@@ -392,10 +392,10 @@ def test_kv_layout_option(tmp_path, cpu_platform, seed):
     from rtpurbo_vllm.artifacts import ArtifactError
     from rtpurbo_vllm.attention.serving_config import kv_layout_for
 
-    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="full")) == "full"
+    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="compact")) == "compact"
     engine = make_engine(tmp_path, CASES["hkv2"], 0)
     engine.additional_config = {}
-    assert kv_layout_for(engine) == "compact"
+    assert kv_layout_for(engine) == "full"
     engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="split")
     with pytest.raises(ArtifactError, match=r"kv_layout' must be one of \['compact', 'full'\], got 'split'"):
         kv_layout_for(engine)

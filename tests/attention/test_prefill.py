@@ -515,7 +515,7 @@ def test_compact_kv_layout(seed, fake_fa3, fn, case):
 
 def test_layer_kv_parts_follow_the_units():
     """A layer whose full KV heads straddle two units and whose window heads share one: three parts."""
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
     from rtpurbo_vllm.kv_cache import KVLayout
     from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
 

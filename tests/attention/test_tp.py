@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rtpurbo_vllm.attention import tp
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 
 def test_outside_a_distributed_run_the_rank_is_the_whole_model():

@@ -6,7 +6,7 @@
   completions derived from the prompt alone (one hex digit of its SHA-1 per token), with top-2
   log-probabilities, so the same prompt always gets the same answer;
 - ``bench serve``: writes a ``--save-result`` JSON (``--save-detailed`` adds ``input_lens`` and
-  ``errors``), all ``--num-prompts`` completed;
+  ``errors``), all ``--num-prompts`` completed (of the ``custom`` dataset's JSONL, at most its lines);
 - ``bench latency``: writes an ``--output-json`` file.
 
 Environment switches of the tests:
@@ -15,6 +15,7 @@ Environment switches of the tests:
 - ``FAKE_FAIL``: ``bench serve`` for RTPURBO exits 1 at a 2K context and reports one failed request at 1K;
 - ``FAKE_FAILED_REQUESTS=N``: ``bench serve`` reports N failed requests;
 - ``FAKE_KV_USAGE=X``: ``/metrics`` reports ``vllm:kv_cache_usage_perc`` X;
+- ``FAKE_RUNNING=N``: ``/metrics`` reports ``vllm:num_requests_running`` N;
 - ``FAKE_FLIP_PROMPT=SHA1``: the first completion of the prompt with this SHA-1 differs at generated token
   ``FLIP_AT`` with a top-2 margin of ``FAKE_FLIP_MARGIN`` (default 0.01, a near-tie), later ones do not.
 """
@@ -43,8 +44,9 @@ def print_capacity(argv):
 
 def metrics_text():
     usage = float(os.environ.get("FAKE_KV_USAGE", "0"))
+    running = float(os.environ.get("FAKE_RUNNING", "0"))
     return "\n".join(['vllm:num_preemptions_total{engine="0"} 0.0', f'vllm:kv_cache_usage_perc{{engine="0"}} {usage}',
-                      'vllm:num_requests_running{engine="0"} 0.0', 'vllm:num_requests_waiting{engine="0"} 0.0',
+                      f'vllm:num_requests_running{{engine="0"}} {running}', 'vllm:num_requests_waiting{engine="0"} 0.0',
                       'vllm:prefix_cache_hits_total{engine="0"} 1234.0', ""]).encode()
 
 
@@ -99,16 +101,22 @@ def serve(argv):
 
 
 def bench_serve(argv):
-    backend = [m for m in argv if m.startswith("attention_backend=")][0].split("=")[1]
-    context = int(value(argv, "--random-input-len"))
-    json.loads(value(argv, "--random-range-ratio"))            # a number or vLLM's {"input": r, "output": r}
+    backend = [m for m in argv if m.startswith(("attention_backend=", "backend="))][0].split("=")[1]
+    prompts = int(value(argv, "--num-prompts"))
+    if value(argv, "--dataset-name") == "custom":             # JSONL of {"prompt", "output_tokens", ...}
+        with open(value(argv, "--dataset-path")) as f:
+            rows = [json.loads(line) for line in f][:prompts]
+        prompts, context = len(rows), sum(len(r["prompt"].split()) + 1 for r in rows) // len(rows)
+    else:
+        context = int(value(argv, "--random-input-len"))
+        json.loads(value(argv, "--random-range-ratio"))        # a number or vLLM's {"input": r, "output": r}
     if context == 2048 and backend == "RTPURBO" and os.environ.get("FAKE_FAIL"):
         sys.exit(1)
     failed = int(os.environ.get("FAKE_FAILED_REQUESTS", "0"))
     failed += int(context == 1024 and backend == "RTPURBO" and bool(os.environ.get("FAKE_FAIL")))
-    prompts = int(value(argv, "--num-prompts"))
-    ttft, tpot = (100.0, 5.0) if backend == "RTPURBO" else (200.0, 10.0)
+    ttft, tpot = (100.0, 5.0) if backend.startswith("RTPURBO") else (200.0, 10.0)
     result = {"completed": prompts - failed, "failed": failed, "duration": 1.0, "output_throughput": 1000.0 / tpot,
+              "total_token_throughput": 2000.0 / tpot, "p99_ttft_ms": 2 * ttft * context / 1024, "p99_tpot_ms": 2 * tpot,
               "total_input_tokens": prompts * context, "request_throughput": float(prompts),
               "median_ttft_ms": ttft * context / 1024, "median_tpot_ms": tpot, "median_itl_ms": tpot}
     if "--save-detailed" in argv:

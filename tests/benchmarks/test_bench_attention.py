@@ -1,5 +1,6 @@
 """benchmarks/bench_attention.py on the CPU: the decode benchmark's launches run (Triton under the
-interpreter) and fill the row, with FA3 and the CUDA-graph timer replaced (neither exists on a CPU)."""
+interpreter) and fill the row, with FA3 and the CUDA-graph timer replaced (neither exists on a CPU);
+the decode step's byte and bandwidth accounting."""
 
 import importlib.util
 import sys
@@ -13,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def bench_attention(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))          # its `from timing import ...`
     spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_attention", module)
@@ -50,3 +50,21 @@ def test_decode_sized_for_a_longer_max_model_len(bench_attention):
     short = bench_attention.bench_decode(1, length, keep=0.5, device=torch.device("cpu"), repeats=1)
     assert row["max_model_len"] == 40 * bench_attention.BS and short["max_model_len"] == length
     assert row["kept_block_share"] == short["kept_block_share"] and 0.0 < row["kept_block_share"] <= 1.0
+
+
+def test_decode_bytes_and_bandwidth(bench_attention):
+    """Bytes per layer step: FA3 reads every KV head's K/V; RTPURBO the sink + window K/V of the KV heads
+    that serve local heads (all 8 here), the 16-dim index keys of the 5 retrieval heads and the kept
+    blocks' K/V. Achieved TB/s and the share of the peak follow from the times."""
+    m = bench_attention
+    length, token = 128 * 1024, 2 * m.D * 2                         # K and V of one token of one KV head, bf16
+    got = m.decode_bytes(batch=2, length=length, kept_blocks=10)
+    assert got["fa3"] == 2 * length * m.HKV * token
+    assert got["rtpurbo_window"] == 2 * (m.SINK + m.WINDOW) * m.HKV * token
+    assert got["rtpurbo_index"] == 2 * length * len(m.RETRIEVAL) * m.DI * 2
+    assert got["rtpurbo_kept"] == 10 * m.BS * token
+    assert got["rtpurbo"] == got["rtpurbo_window"] + got["rtpurbo_index"] + got["rtpurbo_kept"]
+    assert m.decode_bytes(1, 100, 0)["rtpurbo_window"] == 100 * m.HKV * token     # shorter than the window
+    row = m.add_bandwidth({"fa3_ms": 2.0, "rtpurbo_ms": 0.5, "bytes": {"fa3": 4e9, "rtpurbo": 1e9}}, 4e12)
+    assert row["fa3_tb_per_s"] == pytest.approx(2.0) and row["rtpurbo_tb_per_s"] == pytest.approx(2.0)
+    assert row["fa3_peak_share"] == pytest.approx(0.5) and row["rtpurbo_peak_share"] == pytest.approx(0.5)

@@ -1,22 +1,17 @@
-"""benchmarks/bench_serving.py on the CPU: the commands it builds (also through vLLM's own parsers), parsing
+"""The serving benchmark (``rtpurbo_vllm.bench.serving``) on the CPU: the commands it builds (also through vLLM's own parsers), parsing
 of vLLM's log lines and result files, the report, the server lifecycle against fake servers on 127.0.0.1,
 and the whole run against a fake ``vllm`` executable."""
 
 import importlib.util
 import json
 import sys
-import textwrap
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "bench_serving.py")
-bs = importlib.util.module_from_spec(_spec)
-sys.modules["bench_serving"] = bs          # dataclasses look their module up while the class is built
-_spec.loader.exec_module(bs)
+from rtpurbo_vllm.bench import serving as bs
+from rtpurbo_vllm.bench import server, serving_report
+from rtpurbo_vllm.bench.vllm_results import SERVE_FIELDS, parse_kv_capacity, parse_latency_result, parse_serve_result
 
 
 def _settings(tmp_path, *extra):
@@ -65,22 +60,22 @@ def test_server_commands_for_both_backends(tmp_path):
 
 
 def test_kv_layout_option(tmp_path):
-    """--kv-layout split reaches RTPURBO's additional-config (only RTPURBO's) and the comparable settings."""
-    s = _settings(tmp_path, "--kv-layout", "split")
+    """--kv-layout compact reaches RTPURBO's additional-config (only RTPURBO's) and the comparable settings."""
+    s = _settings(tmp_path, "--kv-layout", "compact")
     fa, rtp = (bs.serve_command(s, backend, 8123) for backend in bs.BACKENDS)
     assert "--additional-config" not in fa
     assert json.loads(_value(rtp, "--additional-config")) == {
-        "rtpurbo": {"artifact": str(s.artifact_dir), "kv_layout": "split"}}
-    assert s.comparable()["kv_layout"] == "split"
+        "rtpurbo": {"artifact": str(s.artifact_dir), "kv_layout": "compact"}}
+    assert s.comparable()["kv_layout"] == "compact"
     assert _settings(tmp_path).comparable()["kv_layout"] == "full"
     with pytest.raises(SystemExit):
-        _settings(tmp_path, "--kv-layout", "compact")
+        _settings(tmp_path, "--kv-layout", "split")
 
 
 def test_kv_heads_per_layer_option(tmp_path):
     """--kv-heads-per-layer reaches the synthetic artifact and the comparable settings; alone it takes every
     query head of the chosen KV groups (no default ratio), with --ratio the top share among them."""
-    s = _settings(tmp_path, "--kv-heads-per-layer", "1", "--kv-layout", "split")
+    s = _settings(tmp_path, "--kv-heads-per-layer", "1", "--kv-layout", "compact")
     assert (s.ratio, s.kv_heads_per_layer) == (None, 1)
     assert bs.selection(s) == {"ratio": None, "count": None, "by_kv_group": False, "kv_heads_per_layer": 1}
     assert s.comparable()["kv_heads_per_layer"] == 1 and s.comparable()["ratio"] is None
@@ -88,18 +83,18 @@ def test_kv_heads_per_layer_option(tmp_path):
     assert _settings(tmp_path, "--kv-heads-per-layer", "2", "--ratio", "0.1").ratio == 0.1
     with pytest.raises(ValueError, match="--kv-heads-per-layer must be >= 1"):
         _settings(tmp_path, "--kv-heads-per-layer", "0")
-    # The prediction is KVLayoutPlan.vllm_capacity_ratio of the artifact's layout with the served window.
-    from rtpurbo_vllm.kv_cache.layout import KVLayoutPlan
+    # The prediction is KVLayout.vllm_capacity_ratio of the artifact's layout (window, sinks, threshold).
+    from rtpurbo_vllm.kv_cache.layout import KVLayout
 
     pred = bs.predict_capacity(s)
-    assert (pred["full_kv_heads"], pred["kv_heads"], pred["index_slots"]) == (1, 8, 4)
+    assert (pred["full_kv_heads"], pred["kv_heads"], pred["full_units"]) == (32, 256, "32 x 1")
     assert pred["max_in_flight_tokens"] == 2 * 16384 and pred["context"] == s.max_model_len
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
 
-    layout = HeadLayout.from_lists(32, 8, [[0, 1, 2, 3]] * 32)            # R=1, n=4 in every layer, like the artifact
-    plan = KVLayoutPlan.build(layout, head_size=128, window=16383)
-    assert pred["split_vllm_capacity_ratio"] == round(plan.vllm_capacity_ratio(s.max_model_len, 32768), 3)
-    assert 1.5 < pred["split_vllm_capacity_ratio"] < pred["split_capacity_ratio"]
+    layout = HeadLayout.from_lists(32, 8, [[0, 1, 2, 3]] * 32)            # one KV head per layer, like the artifact
+    plan = KVLayout.build(layout, head_size=128, window=8192, sink_tokens=4, dense_threshold=16384)
+    assert pred["compact_vllm_capacity_ratio"] == round(plan.vllm_capacity_ratio(s.max_model_len, 32768), 3)
+    assert 1.5 < pred["compact_vllm_capacity_ratio"] < pred["compact_capacity_ratio"]
     assert bs.max_in_flight_tokens(_settings(tmp_path, "--engine-args=--no-async-scheduling")) == 16384
     assert bs.engine_block_size(_settings(tmp_path, "--engine-args=--block-size 32")) == 32
     # A results file from before the option merges with a run without it.
@@ -128,13 +123,13 @@ def test_shape_and_prefix_caching_options(tmp_path):
 
 
 def test_dry_run_shows_the_budget_and_the_prediction(tmp_path, capsys):
-    assert bs.main(["--out", str(tmp_path / "out"), "--dry-run", "--contexts", "128", "--kv-layout", "split",
+    assert bs.main(["--out", str(tmp_path / "out"), "--dry-run", "--contexts", "128", "--kv-layout", "compact",
                     "--kv-heads-per-layer", "1", "--backends", "RTPURBO", "--phases", "serve"]) == 0
     printed = capsys.readouterr().out
     assert "synthesize_artifact(ratio=None, by_kv_group=False, kv_heads_per_layer=1" in printed
-    assert "Predicted KV capacity of --kv-layout split vs FLASH_ATTN at 131,328 tokens" in printed
-    assert "R=1/8 full KV heads per layer" in printed and "KVLayoutPlan.vllm_capacity_ratio" in printed
-    assert '"kv_layout": "split"' in printed and not (tmp_path / "out").exists()
+    assert "Predicted KV capacity of --kv-layout compact vs FLASH_ATTN at 131,328 tokens" in printed
+    assert "32/256 full KV heads in 32 x 1 full units" in printed and "KVLayout.vllm_capacity_ratio" in printed
+    assert '"kv_layout": "compact"' in printed and not (tmp_path / "out").exists()
 
 
 def test_bench_commands(tmp_path):
@@ -164,11 +159,11 @@ def test_bench_commands(tmp_path):
 def test_child_environment(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "example.org")
     monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
-    env = bs.child_env()
+    env = server.child_env()
     assert env["NO_PROXY"] == env["no_proxy"] == "example.org,127.0.0.1,localhost"
     assert env["VLLM_LOGGING_COLOR"] == "0" and env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")                   # a caller's choice is kept
-    assert bs.child_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+    assert server.child_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -236,11 +231,11 @@ def test_log_formats_match_installed_vllm():
 
 
 def test_parse_kv_capacity():
-    got = bs.parse_kv_capacity(sample_log(1_234_560, 262_272, 4.7071))
+    got = parse_kv_capacity(sample_log(1_234_560, 262_272, 4.7071))
     assert got == {"kv_cache_tokens": 1_234_560, "max_concurrency": 4.71, "concurrency_request_tokens": 262_272}
-    assert bs.parse_kv_capacity(sample_log(999, 1000, 0.999)) == {
+    assert parse_kv_capacity(sample_log(999, 1000, 0.999)) == {
         "kv_cache_tokens": 999, "max_concurrency": 1.0, "concurrency_request_tokens": 1000}
-    assert bs.parse_kv_capacity("no such lines") == {"kv_cache_tokens": None, "max_concurrency": None,
+    assert parse_kv_capacity("no such lines") == {"kv_cache_tokens": None, "max_concurrency": None,
                                                      "concurrency_request_tokens": None}
 
 
@@ -257,10 +252,10 @@ def test_parse_server_metrics_names_installed_vllm_metrics():
         'vllm:num_requests_running{engine="0",model_name="m"} 0.0',
         "process_cpu_seconds_total 12.5",
     ])
-    assert bs.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
-    assert bs.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
-    assert bs.parse_server_metrics(text, {"vllm:num_requests_running": "running"}) == {"running": 0.0}
-    assert bs.parse_server_metrics("") == {}
+    assert server.parse_server_metrics(text) == {"preemptions": 5.0, "kv_cache_usage": 0.0}
+    assert server.parse_server_metrics("vllm:kv_cache_usage_perc 0.25\n") == {"kv_cache_usage": 0.25}
+    assert server.parse_server_metrics(text, {"vllm:num_requests_running": "running"}) == {"running": 0.0}
+    assert server.parse_server_metrics("") == {}
 
 
 def serve_result(backend, context, ttft, tpot, throughput):
@@ -288,7 +283,7 @@ def latency_result(avg):
 
 def test_result_field_names_match_installed_vllm():
     serve, latency = _vllm_source("benchmarks/serve.py"), _vllm_source("benchmarks/latency.py")
-    for field in bs.SERVE_FIELDS:
+    for field in SERVE_FIELDS:
         assert f'"{field}"' in serve
     assert 'f"mean_{metric_attribute_name}_ms"' in serve and 'f"p{p_word}_{metric_attribute_name}_ms"' in serve
     assert all(f'"{k}"' in latency for k in ("avg_latency", "latencies", "percentiles"))
@@ -297,12 +292,12 @@ def test_result_field_names_match_installed_vllm():
 def test_parse_bench_results(tmp_path):
     path = tmp_path / "serve.json"
     path.write_text(json.dumps(serve_result("RTPURBO", 32768, 150.0, 20.0, 40.0)))
-    row = bs.parse_serve_result(path)
+    row = parse_serve_result(path)
     assert row["completed"] == 4 and row["failed"] == 0 and row["output_throughput"] == 40.0
     assert row["median_ttft_ms"] == 150.0 and row["p99_tpot_ms"] == 20.0 and row["p90_itl_ms"] == 20.0
     assert "std_ttft_ms" not in row and "attention_backend" not in row
     path.write_text(json.dumps(latency_result(2.0)))
-    assert bs.parse_latency_result(path) == {"avg_latency_s": 2.0, "p50_latency_s": 2.0, "p90_latency_s": 2.2,
+    assert parse_latency_result(path) == {"avg_latency_s": 2.0, "p50_latency_s": 2.0, "p90_latency_s": 2.2,
                                              "iterations": 3}
 
 
@@ -359,7 +354,7 @@ def test_decode_step_needs_two_finished_output_lengths():
             for n, s in ((1, 1.0), (65, 1.64), (33, 9.9))]
     rows[2]["error"] = "exit code 1"                                    # a failed run is left out
     rows.append({"backend": "FLASH_ATTN", "context": 8, "batch": 4, "output_len": 1, "avg_latency_s": 2.0})
-    assert bs.decode_steps(rows) == {(8, 4, (1, 65)): {"RTPURBO": pytest.approx(10.0)}}
+    assert serving_report.decode_steps(rows) == {(8, 4, (1, 65)): {"RTPURBO": pytest.approx(10.0)}}
 
 
 def test_results_with_one_latency_output_length_are_read_and_merged(tmp_path):
@@ -410,80 +405,6 @@ def test_put_row_replaces_same_key():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Server lifecycle (fake servers on 127.0.0.1)
-# ---------------------------------------------------------------------------------------------------
-
-FAKE_SERVER = textwrap.dedent("""
-    import http.server, signal, subprocess, sys, time
-    mode, port, pidfile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    if mode == "exit":
-        sys.exit(3)
-    # A child that outlives a plain kill of the server, like vLLM's engine core process.
-    engine = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                               "signal.SIG_IGN); time.sleep(120)"])
-    open(pidfile, "w").write(str(engine.pid))
-    if mode == "ignore-term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if mode == "never-healthy":
-        time.sleep(120)
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-""")
-
-
-def _fake_server(tmp_path, mode):
-    port = bs.free_port()
-    script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
-    return [sys.executable, str(script), mode, str(port), str(tmp_path / "engine.pid")], port
-
-
-def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-@pytest.mark.parametrize("mode", ["healthy", "ignore-term"])
-def test_server_is_stopped_when_the_body_fails(tmp_path, mode):
-    argv, port = _fake_server(tmp_path, mode)
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="bench failed"):
-        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=20,
-                               stop_timeout=0.5) as server:
-            assert server.alive()
-            engine = int((tmp_path / "engine.pid").read_text())
-            raise RuntimeError("bench failed")
-    assert not server.alive() and _gone(engine)
-    assert time.monotonic() - start < 10
-
-
-@pytest.mark.parametrize("mode, error", [("exit", "exited with code 3"), ("never-healthy", "not healthy within")])
-def test_server_is_stopped_when_it_never_gets_healthy(tmp_path, monkeypatch, mode, error):
-    argv, port = _fake_server(tmp_path, mode)
-    started = []
-    monkeypatch.setattr(bs, "Child", lambda *args, _cls=bs.Child: started.append(_cls(*args)) or started[-1])
-    with pytest.raises((RuntimeError, TimeoutError), match=error):
-        with bs.running_server(argv, port, tmp_path / "server.log", tmp_path, startup_timeout=2, stop_timeout=0.5):
-            pytest.fail("the body must not run")
-    assert len(started) == 1 and not started[0].alive()
-    if mode == "never-healthy":
-        assert _gone(int((tmp_path / "engine.pid").read_text()))
-
-
-def test_command_timeout_stops_the_command(tmp_path):
-    rc = bs.run_command([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "c.log", tmp_path,
-                        timeout=0.5, stop_timeout=1)
-    assert rc == 124
-
-
-# ---------------------------------------------------------------------------------------------------
 # The whole run against a fake `vllm`
 # ---------------------------------------------------------------------------------------------------
 
@@ -495,7 +416,7 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     assert bs.main(common) == 0
     printed = capsys.readouterr().out
     assert "Kept-block share of the retrieval heads at decode: set through top-p, not measured" in printed
-    assert "Predicted KV capacity of --kv-layout split vs FLASH_ATTN" in printed
+    assert "Predicted KV capacity of --kv-layout compact vs FLASH_ATTN" in printed
     assert "KV capacity RTPURBO (full layout) / FLASH_ATTN: measured 1.00x (max concurrency 1.50 / 1.50); " \
            "predicted about 1x for the full layout" in printed
     results = json.loads((out / bs.RESULTS_JSON).read_text())
@@ -535,15 +456,15 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
 
 def test_capacity_phase_only_starts_the_servers(tmp_path, capsys, fake_vllm):
     out = tmp_path / "out"
-    assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "capacity", "--kv-layout", "split",
+    assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "capacity", "--kv-layout", "compact",
                     "--kv-heads-per-layer", "1", "--contexts", "1", "--startup-timeout", "20", "--stop-timeout", "1",
                     "--max-model-len", "4096"]) == 0
     results = json.loads((out / bs.RESULTS_JSON).read_text())
     assert [c.get("server", False) for c in results["commands"]] == [True, True]
     assert results["serve"] == [] and results["latency"] == []
     assert results["capacity"]["RTPURBO"]["kv_cache_tokens"] == 380_000
-    assert results["capacity"]["RTPURBO"]["kv_layout"] == "split"
-    assert "KV capacity RTPURBO (split layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
+    assert results["capacity"]["RTPURBO"]["kv_layout"] == "compact"
+    assert "KV capacity RTPURBO (compact layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
 
 
 def test_decode_only_primes_each_context_with_the_same_prompts(tmp_path, fake_vllm):

@@ -1,4 +1,4 @@
-"""benchmarks/bench_stability.py on the CPU: the prompt-length range against vLLM's own sampling code, the
+"""The stability benchmark (``rtpurbo_vllm.bench.stability``) on the CPU: the prompt-length range against vLLM's own sampling code, the
 commands (also through vLLM's own parsers), the identity prompts, and whole runs against the fake ``vllm``
 of ``fake_vllm.py``: a passing run, failed requests, KV blocks left in use, a prompt whose batched and
 one-at-a-time outputs differ, a server that does not start, and the dry run."""
@@ -14,12 +14,8 @@ import pytest
 
 from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_stability", ROOT / "benchmarks" / "bench_stability.py")
-bst = importlib.util.module_from_spec(_spec)
-sys.modules["bench_stability"] = bst       # dataclasses look their module up while the class is built
-_spec.loader.exec_module(bst)
-bs = bst.bs
+from rtpurbo_vllm.bench import serving as bs
+from rtpurbo_vllm.bench import stability as bst
 VLLM_SAMPLING = Path(importlib.util.find_spec("vllm").origin).parent / "benchmarks" / "datasets" / "utils.py"
 
 
@@ -124,7 +120,7 @@ def test_default_settings_and_commands(tmp_path):
     s = _settings(["--out", str(tmp_path / "out")])
     serving = s.serving
     assert s.phases == ("load", "identity") and s.input_range == (4096, 131072)
-    assert (serving.shape, serving.kv_layout, serving.kv_heads_per_layer) == ("llama3.2-1b", "split", 1)
+    assert (serving.shape, serving.kv_layout, serving.kv_heads_per_layer) == ("llama3.2-1b", "compact", 1)
     assert serving.prefix_caching and serving.num_prompts == 200 and serving.max_concurrency == (16,)
     assert serving.output_len == 32 and serving.num_warmups == 0 and serving.max_num_batched_tokens == 8192
     assert serving.engine_args == ("--no-async-scheduling",)
@@ -133,7 +129,7 @@ def test_default_settings_and_commands(tmp_path):
     config = bs.shape_config(serving)
     assert (config["hidden_size"], config["num_hidden_layers"], config["head_dim"]) == (2048, 16, 64)
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 8
-    plan = bst.load_plan(s, 8123)
+    plan = bst.load_run(s, 8123)
     argv = plan.run.argv
     assert (_value(argv, "--random-input-len"), _value(argv, "--num-prompts")) == ("67585", "200")
     assert json.loads(_value(argv, "--random-range-ratio")) == {"input": plan.range_ratio, "output": 0.0}
@@ -144,7 +140,7 @@ def test_default_settings_and_commands(tmp_path):
     identity = bst.identity_serve_command(s, 8123)
     assert _value(identity, "serve").endswith("rtpurbo_vllm/tiny/model")
     assert json.loads(_value(identity, "--additional-config")) == {
-        "rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()), "kv_layout": "split"}}
+        "rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()), "kv_layout": "compact"}}
     assert _value(identity, "--max-model-len") == "4096" and "--no-enable-prefix-caching" in identity
     assert "--load-format" not in identity                                # trained weights
 
@@ -172,7 +168,7 @@ def test_bad_settings_are_rejected(tmp_path, bad, message):
 def test_commands_parse_with_vllms_own_cli(tmp_path, parse_with_vllm):
     s = _settings(["--out", str(tmp_path / "out")])
     prefix = len(s.serving.vllm)
-    plan = bst.load_plan(s, 8011)
+    plan = bst.load_run(s, 8011)
     commands = [argv[prefix:] for argv in (bs.serve_command(s.serving, "RTPURBO", 8011), plan.run.argv,
                                            bst.identity_serve_command(s, 8011))]
     keys = ["model_tag", "attention_backend", "enable_prefix_caching", "async_scheduling", "max_model_len",
@@ -181,14 +177,14 @@ def test_commands_parse_with_vllms_own_cli(tmp_path, parse_with_vllm):
     load, client, identity = parse_with_vllm(commands, keys)
     assert load["enable_prefix_caching"] is True and load["async_scheduling"] is False
     assert (load["max_num_batched_tokens"], load["load_format"]) == (8192, "dummy")
-    assert load["additional_config"]["rtpurbo"]["kv_layout"] == "split"
+    assert load["additional_config"]["rtpurbo"]["kv_layout"] == "compact"
     assert (client["random_input_len"], client["num_prompts"], client["max_concurrency"]) == (67585, 200, 16)
     assert json.loads(client["random_range_ratio"]) == {"input": plan.range_ratio, "output": 0.0}
     assert client["random_output_len"] == 32 and client["save_detailed"] is True
     assert identity["enable_prefix_caching"] is False and identity["max_model_len"] == 4096
     assert identity["attention_backend"] == "RTPURBO" and identity["load_format"] != "dummy"
     assert identity["additional_config"] == {"rtpurbo": {"artifact": str(tiny_kv1_artifact_dir()),
-                                                         "kv_layout": "split"}}
+                                                         "kv_layout": "compact"}}
 
 
 def test_dry_run_prints_the_commands(tmp_path, capsys):
@@ -223,7 +219,7 @@ def test_full_run_passes_and_phases_merge(tmp_path, capsys, monkeypatch, fake_vl
     assert (out / "logs" / "server-load.log").is_file() and (out / "logs" / "server-identity.log").is_file()
     assert (out / "logs" / "stability-load.log").is_file() and (out / "llama3.2-1b-dummy" / "config.json").is_file()
     report = (out / bst.REPORT_MD).read_text()
-    assert report.startswith("# Stability under load (issue #5 item 4): PASSED")
+    assert report.startswith("# Stability under load: PASSED")
     assert "| load | requests | pass | 5 of 5 completed, 0 failed |" in report
     assert "4/4 prompts identical batched and one at a time" in report and "--save-detailed" in report
 
@@ -252,7 +248,7 @@ def test_full_run_passes_and_phases_merge(tmp_path, capsys, monkeypatch, fake_vl
     assert not identical["passed"] and identical["detail"].startswith("3/4 prompts identical")
     assert _criteria(results, "identity")["KV blocks back in the pool"]["passed"]
     report = (tmp_path / "out" / bst.REPORT_MD).read_text()
-    assert report.startswith("# Stability under load (issue #5 item 4): FAILED")
+    assert report.startswith("# Stability under load: FAILED")
     assert "| identity | identical greedy outputs | FAIL | 3/4 prompts identical" in report
 
 

@@ -7,9 +7,9 @@ blocks at the answer positions (measured by ``tests/tiny/test_rtpurbo_on_tiny.py
 reference on the same prompts). Checked here, each server a real ``vllm serve`` process:
 
 - completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's (with the
-  same KV-cache dtype) with the default compact KV layout, the opt-out full layout, the artifact
-  ``model/rtpurbo-kv1`` (one retrieval KV head per layer, so the other KV head keeps only sinks +
-  window) and that artifact on an fp8 KV cache;
+  same KV-cache dtype) with the default full KV layout, the compact layout, the compact layout with
+  the artifact ``model/rtpurbo-kv1`` (one retrieval KV head per layer, so the other KV head keeps only
+  sinks + window) and that on an fp8 KV cache;
 - a mixed batch (long and short prompts, shared prefixes) sent at once to a server with chunked
   prefill, prefix caching and a KV cache too small for all of it: vLLM preempts requests, reuses
   cached prefixes, and every answer equals the unconstrained server's (every layout);
@@ -24,18 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from rtpurbo_vllm.bench.server import HOST, free_port, post_all, running_server, server_metrics, vllm_command
 from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir, tiny_model_dir
 from rtpurbo_vllm.tiny.task import make_prompt, score
 
@@ -46,100 +40,35 @@ NUM_PROMPTS = 50                  # one prompt = 2 points
 MODEL = tiny_model_dir()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def _post(url: str, body: dict, timeout: float = 300.0) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 @contextlib.contextmanager
 def serve(name: str, backend: str, *args: str, env: dict | None = None, tp: int = 1):
-    """A ``vllm serve`` process of the tiny model; yields its base URL, stops it afterwards."""
+    """A ``vllm serve`` process of the tiny model (:func:`rtpurbo_vllm.bench.server.running_server`);
+    yields its port, stops it and every process it started afterwards."""
     logs = Path(os.environ.get("RTPURBO_E2E_LOGS", "/tmp/rtpurbo_e2e_logs"))
-    logs.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.cli.main", "serve", str(MODEL),
-           "--attention-backend", backend, "--port", str(port), "--host", "127.0.0.1",
-           "--max-model-len", "4096", "--gpu-memory-utilization", "0.15", "--seed", "0",
+    port = free_port()
+    cmd = [*vllm_command(), "serve", str(MODEL), "--attention-backend", backend, "--port", str(port),
+           "--host", HOST, "--max-model-len", "4096", "--gpu-memory-utilization", "0.15", "--seed", "0",
            "--tensor-parallel-size", str(tp), *args]
-    log = open(logs / f"{name}.log", "w")
-    log.write(" ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 420
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server {name} exited with {proc.returncode}; see {log.name}")
-            try:
-                if _get(url + "/health") is not None:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"server {name} not healthy after 420 s; see {log.name}")
-            time.sleep(2)
-        yield url
-    finally:
-        stop_process_group(proc)
-        log.close()
+    with running_server(cmd, port, logs / f"{name}.log", logs, startup_timeout=420, stop_timeout=60, env=env):
+        yield port
 
 
-def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Stops a server and everything it started (engine core, TP workers: its own session), so the
-    next server or test finds the GPU memory free: SIGTERM to the group, SIGKILL after ``timeout``
-    seconds, then SIGKILL to any member left once the server itself is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def completions(port: int, texts: list[str], max_tokens: int = 3) -> list[str]:
+    bodies = [{"model": str(MODEL), "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+              for text in texts]
+    return [reply["choices"][0]["text"] for reply in post_all(port, "/v1/completions", bodies, timeout=300)]
 
 
-def completions(url: str, texts: list[str], max_tokens: int = 3) -> list[str]:
-    def one(text: str) -> str:
-        out = _post(url + "/v1/completions", {"model": str(MODEL), "prompt": text, "max_tokens": max_tokens,
-                                              "temperature": 0.0, "ignore_eos": True})
-        return out["choices"][0]["text"]
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, texts))
+def chats(port: int, texts: list[str]) -> list[str]:
+    bodies = [{"model": str(MODEL), "max_tokens": 3, "temperature": 0.0, "messages": [{"role": "user", "content": text}]}
+              for text in texts]
+    return [reply["choices"][0]["message"]["content"]
+            for reply in post_all(port, "/v1/chat/completions", bodies, timeout=300)]
 
 
-def chats(url: str, texts: list[str]) -> list[str]:
-    def one(text: str) -> str:
-        out = _post(url + "/v1/chat/completions", {"model": str(MODEL), "max_tokens": 3, "temperature": 0.0,
-                                                   "messages": [{"role": "user", "content": text}]})
-        return out["choices"][0]["message"]["content"]
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, texts))
-
-
-def metric(url: str, name: str) -> float:
+def metric(port: int, name: str) -> float:
     """Sum of a Prometheus counter over its label sets."""
-    total = 0.0
-    for line in _get(url + "/metrics").splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return server_metrics(port, {name: "value"}).get("value", 0.0)
 
 
 def accuracy(prompts, answers: list[str]) -> float:
@@ -161,25 +90,26 @@ def mixed_batch():
     return long + short + shared
 
 
-# RTPURBO's KV layouts and cache dtypes: the default (compact units, the shipped artifact), the
-# opt-out full layout, the compact layout with the artifact calibrated under a KV budget of one
-# retrieval KV head per layer (window units hold most KV heads), and an fp8 KV cache (compared with
-# FLASH_ATTN on an fp8 cache too).
+# RTPURBO's KV layouts and cache dtypes: the default (full layout, the shipped artifact), the compact
+# layout, the compact layout with the artifact calibrated under a KV budget of one retrieval KV head
+# per layer (window units hold most KV heads), and that on an fp8 KV cache (compared with FLASH_ATTN on
+# an fp8 cache too).
 KV1 = str(tiny_kv1_artifact_dir())
+COMPACT_KV1 = json.dumps({"rtpurbo": {"artifact": KV1, "kv_layout": "compact"}})
 LAYOUTS = {
     "default": (),
-    "full": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "full"}})),
-    "kv1": ("--additional-config", json.dumps({"rtpurbo": {"artifact": KV1}})),
-    "fp8": ("--kv-cache-dtype", "fp8", "--additional-config", json.dumps({"rtpurbo": {"artifact": KV1}})),
+    "compact": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "compact"}})),
+    "kv1": ("--additional-config", COMPACT_KV1),
+    "fp8": ("--kv-cache-dtype", "fp8", "--additional-config", COMPACT_KV1),
 }
 
 
 def answers(name: str, backend: str, prompts, mixed_batch, *args: str) -> dict[str, list[str]]:
     """Greedy answers of a ``backend`` server: completions and chat on ``prompts``, and the mixed batch."""
-    with serve(name, backend, *args) as url:
-        return {"completions": completions(url, [p.text for p in prompts]),
-                "chat": chats(url, [p.text for p in prompts]),
-                "mixed": completions(url, mixed_batch)}
+    with serve(name, backend, *args) as port:
+        return {"completions": completions(port, [p.text for p in prompts]),
+                "chat": chats(port, [p.text for p in prompts]),
+                "mixed": completions(port, mixed_batch)}
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +160,7 @@ def preempt_pages(layout: str) -> int:
 
     artifact = load_artifact(KV1 if layout in ("kv1", "fp8") else MODEL / "rtpurbo")
     kv_dtype = torch.uint8 if layout == "fp8" else torch.bfloat16
-    plan = KVLayout.from_artifact(artifact, name="full" if layout == "full" else "compact", kv_dtype=kv_dtype,
+    plan = KVLayout.from_artifact(artifact, name="full" if layout == "default" else "compact", kv_dtype=kv_dtype,
                                   index_dtype=torch.bfloat16)
     per_block = plan.unit_count * sum(shape.page_size_bytes for shape in plan.units.values()) \
         if not plan.has("window") else plan.unit_count * plan.blocks.page_size_bytes
@@ -246,10 +176,10 @@ def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout
     with serve(f"rtpurbo_preempt_{layout}", "RTPURBO", "--enforce-eager", "--block-size", "16",
                "--max-model-len", "2304", "--num-gpu-blocks-override", str(preempt_pages(layout)),
                "--enable-prefix-caching", "--enable-chunked-prefill", "--max-num-batched-tokens", "512",
-               "--max-num-seqs", "32", *LAYOUTS[layout]) as url:
-        got = completions(url, mixed_batch, max_tokens=200)
-        preempted = metric(url, "vllm:num_preemptions_total")
-        hits = metric(url, "vllm:prefix_cache_hits_total")
+               "--max-num-seqs", "32", *LAYOUTS[layout]) as port:
+        got = completions(port, mixed_batch, max_tokens=200)
+        preempted = metric(port, "vllm:num_preemptions_total")
+        hits = metric(port, "vllm:prefix_cache_hits_total")
     same = sum(a.split()[:3] == b.split()[:3] for a, b in zip(got, served["mixed"]))
     print(f"RTPURBO {layout}: preemptions {preempted:.0f}, prefix-cache hit tokens {hits:.0f}, "
           f"{same}/{len(got)} answers equal to the unconstrained server's")
@@ -260,16 +190,16 @@ def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_2_gives_the_same_answers(prompts, rtpurbo):
-    with serve("rtpurbo_tp2", "RTPURBO", "--enforce-eager", tp=2) as url:
-        got = completions(url, [p.text for p in prompts])
+    with serve("rtpurbo_tp2", "RTPURBO", "--enforce-eager", tp=2) as port:
+        got = completions(port, [p.text for p in prompts])
     same = sum(a == b for a, b in zip(got, rtpurbo["completions"]))
     print(f"TP=2 answers equal to TP=1 on {same}/{len(prompts)} prompts; accuracy {accuracy(prompts, got):.2f}")
     assert same >= len(prompts) - 1
 
 
 def test_v1_model_runner_gives_the_same_answers(prompts, rtpurbo):
-    with serve("rtpurbo_v1_runner", "RTPURBO", env={"VLLM_USE_V2_MODEL_RUNNER": "0"}) as url:
-        got = completions(url, [p.text for p in prompts])
+    with serve("rtpurbo_v1_runner", "RTPURBO", env={"VLLM_USE_V2_MODEL_RUNNER": "0"}) as port:
+        got = completions(port, [p.text for p in prompts])
     same = sum(a == b for a, b in zip(got, rtpurbo["completions"]))
     print(f"V1 runner answers equal to V2 on {same}/{len(prompts)} prompts")
     assert same >= len(prompts) - 1

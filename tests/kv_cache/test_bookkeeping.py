@@ -8,7 +8,7 @@ units), scheduler block 32, hash block 16.
 
 import pytest
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import KVLayout
 
 WINDOW, SINK = 64, 4

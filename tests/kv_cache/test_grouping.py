@@ -70,7 +70,7 @@ def test_tensor_parallel_ranks_declare_identical_specs(make_config, kv):
 def test_without_window_units_everything_is_one_uniform_group(make_config, kv, name):
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
-    from rtpurbo_vllm.heads import HeadLayout
+    from rtpurbo_vllm.head_layout import HeadLayout
 
     layout = KVLayout.build(HeadLayout.from_lists(8, 2, [[0, 5], [1, 4, 7]]), name=name, head_size=128)
     assert not layout.has(WINDOW)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import FULL, INDEX, WINDOW, KVLayout, plan_block_sizes
 
 L, HQ, HKV, D = 32, 32, 8, 128

@@ -4,7 +4,7 @@ the engine groups them, and vLLM's MRv2 allocation binds caches of the documente
 import pytest
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import FULL, INDEX, WINDOW, KVLayout, RTPurboFullSpec, RTPurboIndexSpec, SinkWindowSpec
 from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
 from rtpurbo_vllm.kv_cache.side_layers import RTPurboCacheUnit, install_kv_layout

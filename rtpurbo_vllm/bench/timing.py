@@ -32,13 +32,3 @@ def time_eager(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> fl
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def environment() -> dict:
-    """The card, versions and clocks-as-found, recorded with every result."""
-    import vllm
-
-    props = torch.cuda.get_device_properties(0)
-    return {"device": props.name, "sm_count": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "vllm": vllm.__version__}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rtpurbo_vllm.heads import HeadLayout
+from rtpurbo_vllm.head_layout import HeadLayout
 
 
 def test_from_lists_sorts_and_maps_kv_heads():

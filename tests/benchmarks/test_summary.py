@@ -1,0 +1,89 @@
+"""``docs/results/summary.json`` (``rtpurbo_vllm.bench.summary``): well formed, every figure reproduced
+from the raw result file it came from, and the tables of README.md and docs/BENCHMARKS.md generated
+from it; entries from the benchmarks' result files; absent metrics leave no row."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rtpurbo_vllm.bench import summary as sm
+
+RESULTS = Path(sm.SUMMARY_JSON).parent
+# Where each recorded figure was measured (raw files of the runs); the extractors must give it again.
+SOURCES = {
+    "2026-11-28-h200-session4/bench_attention.json": ("prefill_layer_128k", "prefill_layer_512k", "prefill_layer_1m"),
+    "2026-11-28-h200-session5/layer_decode_b1_b32.json": ("decode_layer_128k_b1", "decode_layer_512k_b1"),
+    "2026-11-28-h200-session5/layer_decode_b4.json": ("decode_layer_128k_b4",),
+    "2026-11-28-h200-session5/ttft/bench_serving.json": ("ttft_128k",),
+    "2026-11-28-h200-session5/ttft256/bench_serving.json": ("ttft_256k",),
+    "2026-11-28-h200-session5/decode/bench_serving.json": ("decode_step_128k_b1",),
+    "2026-11-28-h200-session5/lat/bench_serving.json": ("decode_step_128k_b4",),
+}
+
+
+def test_summary_is_well_formed():
+    summary = sm.load()
+    assert summary["metrics"] and sm.problems(summary) == []
+    assert list(summary["metrics"]) == [n for n in sm.METRICS if n in summary["metrics"]]      # table order
+
+
+def test_readme_and_benchmarks_agree_with_the_summary():
+    assert sm.disagreements(sm.load()) == []
+
+
+@pytest.mark.parametrize("source, names", list(SOURCES.items()))
+def test_figures_come_from_their_raw_files(source, names):
+    summary = sm.load()["metrics"]
+    got = sm.from_results(RESULTS / source, date=summary[names[0]]["date"])
+    for name in names:
+        assert got[name] == summary[name], name
+
+
+def test_kv_capacity_figures_match_the_server_logs():
+    summary = sm.load()["metrics"]
+    dense = json.loads((RESULTS / "2026-11-28-h200-session4/capacity_kv2.json").read_text())["capacity"]["FLASH_ATTN"]
+    kv1 = json.loads((RESULTS / "2026-11-28-h200-session3/kvsplit_1.json").read_text())["capacity"]["RTPURBO"]
+    top15 = (RESULTS / "2026-11-28-h200-session4/capacity_top15.log").read_text()
+    assert summary["kv_capacity_128k_n1"]["rtpurbo"] == kv1["kv_cache_tokens"]
+    assert summary["kv_capacity_128k_n1"]["baseline"] == summary["kv_capacity_128k_global15"]["baseline"] \
+        == dense["kv_cache_tokens"]
+    assert f"'kv_cache_tokens': {summary['kv_capacity_128k_global15']['rtpurbo']}," in top15
+
+
+def test_problems_are_found():
+    good = sm.entry(rtpurbo=5.0, baseline=10.0, baseline_backend="FLASH_ATTN bf16", unit="s", card="NVIDIA H200",
+                    date="2026-12-01", command="python3 -P benchmarks/bench_serving.py")
+    assert good["ratio"] == 2.0 and sm.problems({"metrics": {"ttft_128k": good}}) == []
+    higher = {k: v for k, v in good.items() if k != "ratio"} | {"unit": "tok/s", "rtpurbo": 30.0}
+    assert sm.entry(**higher)["ratio"] == 3.0
+    bad = {"ttft_128k": {**good, "ratio": 3.0}, "ttft_1k": good, "ttft_256k": {**good, "date": "yesterday"},
+           "decode_step_128k_b1": {k: v for k, v in good.items() if k != "command"}}
+    found = "\n".join(sm.problems({"metrics": bad}))
+    assert "ttft_128k: ratio 3.0 but the values give 2.0" in found and "ttft_1k: not a known metric" in found
+    assert "date 'yesterday'" in found and "decode_step_128k_b1: missing command" in found
+
+
+def test_absent_metrics_leave_no_row():
+    one = {"metrics": {"ttft_128k": sm.load()["metrics"]["ttft_128k"]}}
+    table, status = sm.render_table(one), sm.render_status(one)
+    assert table.count("\n") == 2 and "`ttft_128k`" in table
+    assert "TTFT 128K 1.85x" in status and status.count("not measured yet") == len(sm.STATUS) - 1
+    assert sm.render_table({"metrics": {}}).count("\n") == 1
+
+
+def test_throughput_entries_from_a_results_file():
+    rows = [{"workload": "long-decodes", "backend": "FLASH_ATTN-fp8", "output_throughput": 100.0},
+            {"workload": "long-decodes", "backend": "RTPURBO", "output_throughput": 250.0},
+            {"workload": "long-prompts", "backend": "FLASH_ATTN-fp8", "output_throughput": 80.0},
+            {"workload": "long-prompts", "backend": "RTPURBO", "error": "server: exited"}]
+    results = {"environment": {"device": "NVIDIA H200, 143771 MiB, 580"}, "rows": rows,
+               "invocations": [{"argv": ["--workload", "long-decodes", "--backends", "RTPURBO", "--out", "/x"]}]}
+    got = sm.from_bench_throughput(results, "2026-12-05")
+    assert list(got) == ["throughput_long_decodes_vs_fp8"]
+    e = got["throughput_long_decodes_vs_fp8"]
+    assert e["ratio"] == 2.5 and e["baseline_backend"] == "FLASH_ATTN fp8" and e["card"] == "NVIDIA H200"
+    assert e["command"] == "python3 -P benchmarks/bench_throughput.py --workload long-decodes --backends RTPURBO"
+    summary = sm.record(sm.load(), got)
+    assert sm.problems(summary) == [] and "throughput_long_decodes_vs_fp8" in summary["metrics"]
+    assert "long decodes 2.50x" in sm.render_status(summary)
