@@ -26,24 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rtpurbo_vllm import outputs
+from rtpurbo_vllm.bench.serving import LLAMA3_8B
+from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
 SELECTIONS = {"global15": {"ratio": 0.15}, "kvgroup15": {"ratio": 0.15, "by_kv_group": True},
               "n1": {"kv_heads_per_layer": 1}}
-KV_CACHE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
-CONCURRENCY_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
 
 
@@ -154,10 +147,8 @@ def run_child(cfg: str, args) -> dict:
     text = log.read_text(errors="replace")
     rows = [json.loads(line[len("ROW "):]) for line in text.splitlines() if line.startswith("ROW ")]
     row = rows[-1] if rows else {"name": cfg, "error": f"exit {proc.returncode}, see {log.name}"}
-    if (m := KV_CACHE_RE.search(text)):
-        row["vllm_kv_tokens"] = int(m.group(1).replace(",", ""))
-    if (m := CONCURRENCY_RE.search(text)):
-        row["vllm_max_concurrency"] = float(m.group(2))
+    capacity = parse_kv_capacity(text)
+    row["vllm_kv_tokens"], row["vllm_max_concurrency"] = capacity["kv_cache_tokens"], capacity["max_concurrency"]
     return row
 
 
