@@ -240,6 +240,24 @@ def test_matches_reference(seed, case):
     assert min(shares) < 1.0, "nothing was dropped: the case does not test sparsity"
 
 
+@pytest.mark.parametrize("config", [
+    pytest.param(dict(tile_group=16, blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2),
+                 id="small-groups-sub16-chunk4-kvtile16"),
+    pytest.param(dict(kv_tile=128, select_chunk=8), id="kvtile128-chunk8"),
+])
+def test_launch_configs(seed, monkeypatch, config):
+    """Other launch knobs give the same result: several tile groups and score programs per head, blocks
+    scored in sub-chunks (online merge), rows longer than the selection's register chunk (re-read from
+    the workspace), KV tiles smaller than a block and KV tiles spanning several blocks."""
+    monkeypatch.setattr(_kernel_module, "CONFIG", {**_kernel_module.CONFIG, **config})
+    seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows: two tile groups
+    p = _problem(seqs, 8, 2, 64, [1, 6], 16, 48, 32)
+    out, lse, kept, num_kept = _run(p, 0.8, 4, 32, 16)
+    ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 16)
+    _check_selection(p, kept, num_kept, ref_keep, 0.8, 4, 32, 16)
+    _check_attention(p, out, lse, ref_out, ref_lse)
+
+
 @pytest.mark.parametrize("tile_q, block_size", [(16, 32), (64, 16)])
 def test_top_p_one_is_dense_causal(seed, tile_q, block_size):
     """top_p = 1 keeps every block: dense causal attention, against the layer reference on the logical K/V."""

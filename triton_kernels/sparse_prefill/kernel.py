@@ -22,13 +22,17 @@ to the host, and every scratch tensor comes from :class:`SparsePrefillWorkspace`
    ``top_p >= 1`` skips launches 1-2 and keeps every block.
 4. ``_attend_kernel``, grid ``(tiles, HR, B)``, last tiles first (they have the most keys): one program
    per (tile, retrieval head, sequence) holds its ``[TILE_Q, D]`` queries and walks its kept-block list
-   in ``[TILE_Q, D] x [D, KV_TILE]`` tiles (``KV_TILE = min(BS, 64)``, so a tile never spans two
-   blocks): K and V of each kept block are loaded once (per-token page lookups through the kind-0 block
-   table), online softmax in float32 (exp2), P in the K/V dtype for the second dot. The kept list is
-   ascending and ends with the diagonal blocks, so the loop runs in two parts: the blocks before the
-   diagonal with no mask at all, then the diagonal blocks with the causal mask ``key_pos <= row_pos``.
-   FP8 K/V are converted exactly to the query dtype; ``k_scale`` joins the softmax scale and
-   ``v_scale`` the output factor.
+   as a list of virtual tokens (token ``i % BS`` of block ``kept[i // BS]``) in ``[TILE_Q, D] x [D,
+   KV_TILE]`` tiles, so ``KV_TILE`` is free of BS: K and V of each kept block are loaded once (per-token
+   page lookups through the kind-0 block table), online softmax in float32 (exp2), P in the K/V dtype
+   for the second dot. The kept list is ascending and ends with the blocks holding the tile's own
+   positions, so the loop runs in two parts: the whole tiles before them with no mask at all, then the
+   rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are converted exactly to the query dtype; ``k_scale`` joins
+   the softmax scale and ``v_scale`` the output factor.
+
+Hopper: the attention tiles compile to wgmma with cp.async software pipelining (``CONFIG["stages"]``)
+of the gathered K/V rows; the paged gather rules out TMA. ``CONFIG`` holds the launch knobs a sweep on
+the GPU should settle (``kv_tile``, ``stages``, the score kernel's grouping).
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ import triton
 import triton.language as tl
 
 from ..paged_heads import PagedHeads, PageTable
-from .topp_search import MAX_CHUNK, keep_every_block, topp_select_row
+from .topp_search import keep_every_block, topp_select_row
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
-CONFIG = {"tile_group": 64, "blocks_per_prog": 16, "score_sub": 128, "kv_tile": 64, "stages": 3}
+CONFIG = {"tile_group": 64, "blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
+          "stages": 3}
 
 
 @dataclass(frozen=True)
@@ -126,29 +131,33 @@ def _tile_rows(seqlen_q, tile, TILE_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_blocks(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row, start, end,
-                   page_size, page_stride, token_stride, qk_scale,
-                   CAUSAL: tl.constexpr, BS: tl.constexpr, KV_TILE: tl.constexpr, D: tl.constexpr,
-                   D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
-    """Online softmax of ``q`` ``[TILE_Q, D_PAD]`` over kept-list entries ``[start, end)``, ``KV_TILE``
-    keys at a time. ``CAUSAL``: mask keys past each row's position ``pos`` (the diagonal blocks);
-    otherwise every key is visible to every row. Returns the updated ``acc``, ``l_i``, base-2 ``m_i``."""
+def _attend_tiles(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row, start, end,
+                  page_size, page_stride, token_stride, qk_scale,
+                  MASKED: tl.constexpr, BS: tl.constexpr, KV_TILE: tl.constexpr, D: tl.constexpr,
+                  D_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
+    """Online softmax of ``q`` ``[TILE_Q, D_PAD]`` over virtual tokens ``[start, end)`` of the kept
+    list (virtual token ``i`` is token ``i % BS`` of block ``kept_row[i // BS]``), ``KV_TILE`` at a
+    time (a tile may span several blocks, or a block several tiles). ``MASKED``: drop virtual tokens
+    ``>= end`` and keys past each row's position ``pos``; otherwise every key of every tile is visible
+    to every row. Returns the updated ``acc``, ``l_i`` and base-2 ``m_i``."""
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
     offs_t = tl.arange(0, KV_TILE)
-    for vi in range(start * BS, end * BS, KV_TILE):
-        blk = tl.load(kept_row + vi // BS)
-        tok = blk * BS + vi % BS + offs_t                                                 # [KV_TILE]
-        if CAUSAL:
-            # Only here can a tile reach past the last row (and the sequence's pages).
-            valid = tok <= last_pos
+    for vi0 in range(start, end, KV_TILE):
+        vi = vi0 + offs_t                                                                 # [KV_TILE]
+        if MASKED:
+            # Only here can a tile reach past the list, the last row (and the sequence's pages).
+            in_list = vi < end
+            tok = tl.load(kept_row + vi // BS, mask=in_list, other=0) * BS + vi % BS
+            valid = in_list & (tok <= last_pos)
             page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
         else:
+            tok = tl.load(kept_row + vi // BS) * BS + vi % BS
             valid = offs_t < KV_TILE
             page = tl.load(bt_row + tok // page_size).to(tl.int64)
         k_ptrs = kv_ptr + (kv_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride)[:, None] \
             + offs_d[None, :]                                                             # [KV_TILE, D_PAD]
-        if CAUSAL or D != D_PAD:
+        if MASKED or D != D_PAD:
             mask = valid[:, None] & mask_d[None, :]
             k = tl.load(k_ptrs, mask=mask, other=0.0)
             v = tl.load(k_ptrs + D, mask=mask, other=0.0)
@@ -164,8 +173,8 @@ def _attend_blocks(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept
         else:
             s = tl.dot(q, tl.trans(k))                                                    # [TILE_Q, KV_TILE]
         s = s * qk_scale
-        if CAUSAL:
-            s = tl.where(tok[None, :] <= pos[:, None], s, float("-inf"))
+        if MASKED:
+            s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
@@ -314,18 +323,20 @@ def _attend_kernel(q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, h
         bt_row = bt_ptr + b * s_bt
         kept_row = kept_ptr + b * s_kb + r * s_kh + tile * s_kt
         count = tl.load(nkept_ptr + b * s_nb + r * s_nh + tile)
-        # The diagonal blocks (all kept, the highest ids) end the ascending list.
-        n_diagonal = last_pos // BS - tl.maximum(first_pos - BS + 1, 0) // BS + 1
+        # The kept list is ascending and ends with the blocks holding the tile's own positions (forced
+        # diagonal blocks, the highest ids): the whole KV tiles before them need no mask; the rest (those
+        # blocks, and at most one tile that reaches into them) is masked.
+        n_own = last_pos // BS - first_pos // BS + 1
+        unmasked = tl.maximum(count - n_own, 0) * BS // KV_TILE * KV_TILE
         m_i = tl.full([TILE_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE_Q], tl.float32)
         acc = tl.zeros([TILE_Q, D_PAD], tl.float32)
-        n_before = tl.maximum(count - n_diagonal, 0)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row,
-                                       0, n_before, page_size, page_stride, token_stride, qk_scale,
-                                       False, BS, KV_TILE, D, D_PAD, UPCAST_DOT, FP8)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row,
-                                       n_before, count, page_size, page_stride, token_stride, qk_scale,
-                                       True, BS, KV_TILE, D, D_PAD, UPCAST_DOT, FP8)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row,
+                                      0, unmasked, page_size, page_stride, token_stride, qk_scale,
+                                      False, BS, KV_TILE, D, D_PAD, UPCAST_DOT, FP8)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_row,
+                                      unmasked, count * BS, page_size, page_stride, token_stride, qk_scale,
+                                      True, BS, KV_TILE, D, D_PAD, UPCAST_DOT, FP8)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc * (out_scale / l_safe)[:, None]
         tl.store(out_ptr + tok_rows[:, None] * s_ot + h * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -485,7 +496,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             TILE_Q=tile_q, TILE_GROUP=tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
             SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=di_pad, OFF_ALIGN=index.offset_align,
             num_warps=4)
-    chunk = min(triton.next_power_of_2(max_key_blocks), MAX_CHUNK)
+    chunk = min(triton.next_power_of_2(max_key_blocks), cfg["select_chunk"])
     _select_kernel[(num_tiles, num_ret, batch)](
         cu_seqlens_q, seqused_k, ws_max, ws_sum, workspace.kept, workspace.num_kept,
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks,
@@ -493,6 +504,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
         TILE_Q=tile_q, BS=block_size, KEEP_ALL=keep_all, CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
 
     table = kv_tables[0]
+    kv_tile = cfg["kv_tile"] if head_dim <= 128 else cfg["kv_tile"] // 2   # bound registers for wide heads
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
     scale_args = (k_scale, v_scale) if fp8 else (seqused_k, seqused_k)
@@ -501,7 +513,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
         workspace.num_kept, out, lse_arg, *scale_args, float(scale) * 1.4426950408889634, num_tiles,
         q.stride(0), q.stride(1), table.page_size, table.page_stride, table.token_stride, table.block_table.stride(0),
         *workspace.kept.stride()[:3], *workspace.num_kept.stride()[:2], out.stride(0), out.stride(1), *lse_strides,
-        G=num_heads // kv.num_heads, TILE_Q=tile_q, BS=block_size, KV_TILE=min(block_size, cfg["kv_tile"]),
+        G=num_heads // kv.num_heads, TILE_Q=tile_q, BS=block_size, KV_TILE=kv_tile,
         D=head_dim, D_PAD=triton.next_power_of_2(head_dim), OFF_ALIGN=kv.offset_align,
         HAS_LSE=lse is not None, UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, FP8=fp8,
         num_warps=8 if tile_q >= 128 else 4, num_stages=cfg["stages"])

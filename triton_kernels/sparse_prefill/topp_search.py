@@ -28,8 +28,6 @@ F32_INF_BITS = tl.constexpr(0x7F800000)
 """Bit pattern of +inf in float32: every finite non-negative mass has a smaller one."""
 SEARCH_STEPS = tl.constexpr(31)
 """ceil(log2(F32_INF_BITS + 1)): binary-search steps that shrink ``[-1, +inf bits]`` to adjacent values."""
-MAX_CHUNK = 4096
-"""Blocks one selection program holds in registers at once."""
 
 
 @triton.jit
