@@ -76,7 +76,7 @@ def _index_keys(seq_len, num_ret, block_size):
 
 
 def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_size, kv_dtype=bf16, q_dtype=bf16,
-             k_scale=None, v_scale=None, index_keys=_index_keys):
+             k_scale=None, v_scale=None):
     """Everything one call needs, with K/V over two units of kind 0 and the index keys over two units."""
     seq_lens = [c + n for c, n in seqs]
     num_ret = len(heads)
@@ -84,7 +84,7 @@ def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_s
                               k_scale=k_scale, v_scale=v_scale)
     index = PL.build(seq_lens, [0] * num_ret, DI, bf16, [KindSpec(index_page_size, 2, num_ret)], DEVICE)
     for b, n in enumerate(seq_lens):
-        keys = index_keys(n, num_ret, block_size).to(bf16)
+        keys = _index_keys(n, num_ret, block_size).to(bf16)
         for r in range(num_ret):
             index.fill(b, r, keys[:, r].to(DEVICE))
     num_tokens = sum(n for _, n in seqs)
@@ -132,25 +132,38 @@ def _reference(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0):
 
 
 def _cut_is_borderline(mass, forced, keep, top_p):
-    """Whether float error could change the reference's greedy cut of one tile (``mass`` ``[NB]``
-    float64): kept mass, or kept mass without its lightest optional block, within BORDER of top_p, or
-    the lightest kept and heaviest dropped optional blocks within BORDER of each other."""
-    optional = keep & ~forced
-    dropped = ~keep & ~forced
+    """Whether float error could change the reference's greedy cut ``keep`` of one tile (``mass`` ``[NB]``
+    float64): the kept mass, or the kept mass without its lightest optional block, within BORDER of
+    top_p, or the lightest kept and the heaviest dropped optional blocks within BORDER (relative)."""
+    optional, dropped = keep & ~forced, ~keep & ~forced
     kept_mass = float(mass[keep].sum())
-    if not dropped.any():
-        return kept_mass - top_p < BORDER if optional.any() or top_p < 1 else False
     if abs(kept_mass - top_p) < BORDER:
         return True
     if optional.any():
-        lightest, heaviest = float(mass[optional].min()), float(mass[dropped].max())
-        return abs(kept_mass - lightest - top_p) < BORDER or lightest - heaviest < BORDER * max(lightest, 1e-30)
+        lightest = float(mass[optional].min())
+        if abs(kept_mass - lightest - top_p) < BORDER:
+            return True
+        if dropped.any() and lightest - float(mass[dropped].max()) < BORDER * lightest:
+            return True
     return False
 
 
+def _check_contract(keep, mass, forced, top_p, where):
+    """A top-p set of one tile: forced blocks kept, mass reached, minimal, greedy by mass."""
+    assert keep[forced].all(), f"{where}: forced blocks dropped"
+    kept_mass = float(mass[keep].sum())
+    assert kept_mass >= top_p - 1e-5, f"{where}: kept mass {kept_mass} < top_p {top_p}"
+    optional, dropped = keep & ~forced, ~keep & ~forced
+    if optional.any():
+        lightest = float(mass[optional].min())
+        assert kept_mass - lightest < top_p + 1e-5, f"{where}: not minimal"
+        if dropped.any():
+            assert float(mass[dropped].max()) <= lightest * (1 + BORDER), f"{where}: not greedy"
+
+
 def _check_selection(p, kept, num_kept, ref_keep, top_p, sink_tokens, block_size, tile_q, dense_threshold=0):
-    """Kernel kept lists against the reference masks: exact where the cut is clear-cut, else the top-p
-    contract (forced kept, mass reached, minimal, greedy). Returns how many tiles were compared exactly."""
+    """Kernel kept lists against the reference masks: exact where the cut is clear-cut, else
+    :func:`_check_contract`. Returns how many tiles were compared exactly."""
     kept, num_kept = kept.cpu(), num_kept.cpu()
     cu = p["cu_seqlens_q"].tolist()
     exact = 0
@@ -183,9 +196,8 @@ def _check_selection(p, kept, num_kept, ref_keep, top_p, sink_tokens, block_size
                         f"{where}: kernel {ids.tolist()} != reference {ref.nonzero().flatten().tolist()}"
                     exact += 1
                     continue
-                own = keep[:mass.shape[1]]
-                assert own[forced].all() and not keep[mass.shape[1]:].any(), where
-                assert float(mass[r][own].sum()) >= top_p - 1e-5, where
+                assert not keep[mass.shape[1]:].any(), f"{where}: blocks past the tile kept"
+                _check_contract(keep[:mass.shape[1]], mass[r], forced, top_p, where)
     return exact
 
 

@@ -65,7 +65,8 @@ class SparsePrefillWorkspace:
         block_sum: same shape, ``sum exp(score - block_max)``.
         kept: ``[max_batch, HR, max_tiles, max_blocks]`` int32, kept block ids per tile, ascending.
         num_kept: ``[max_batch, HR, max_tiles]`` int32, kept blocks per tile.
-        tile_q: TILE_Q, query rows per tile (64 or 128 on a GPU; any power of two >= 16).
+        tile_q: TILE_Q, query rows per tile: the granularity of the selection and the attention's
+            query tile (64 or 128 on a GPU; any power of two >= 16).
     """
 
     pooled: torch.Tensor
@@ -74,10 +75,6 @@ class SparsePrefillWorkspace:
     kept: torch.Tensor
     num_kept: torch.Tensor
     tile_q: int
-
-    @property
-    def max_tiles(self) -> int:
-        return self.kept.shape[2]
 
     @property
     def max_blocks(self) -> int:
@@ -384,10 +381,10 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             The KV heads of the retrieval heads must be kind 0 (full); they are read through
             ``kv_tables[0]``.
         kv_tables: per kind the heads use, its :class:`PageTable` (``[B, max_pages]`` int32 block table).
-        index: the layer's index-key layout: ``HR`` heads of width DI (retrieval head ``r``'s index keys
-            in head ``r``), kind 0, bf16/fp16/fp32 units.
+        index: the layer's index-key layout: ``HR`` heads of width DI (a power of two >= 16; retrieval
+            head ``r``'s index keys in head ``r``), kind 0, bf16/fp16/fp32 units.
         index_table: its :class:`PageTable` for this batch (``[B, max_pages]`` int32).
-        q_idx: ``[T, HR, DI]`` bf16/fp16/fp32 (any strides), the rows' index queries (from
+        q_idx: ``[T', HR, DI]`` (``T' >= T``) bf16/fp16/fp32, any strides, the rows' index queries (from
             :func:`..index_keys.index_queries` on ``q`` and the rows' positions).
         cu_seqlens_q: ``[B+1]`` int32, row offsets of the sequences in ``q`` (``cu_seqlens_q[-1] <= T``).
         seqused_k: ``[B]`` int32, keys per sequence, history and chunk (``>= seqlen_q``).
@@ -448,9 +445,11 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     floats = (torch.bfloat16, torch.float16, torch.float32)
     _check(index.dtype in floats, f"index units must be bf16, fp16 or float32, got {index.dtype}")
     index_dim = index.width
+    _check_power_of_two("the index dim DI (index.width)", index_dim)
     _check(q_idx.dim() == 3 and q_idx.shape[1:] == (num_ret, index_dim) and q_idx.shape[0] >= num_tokens
            and q_idx.dtype in floats,
-           f"q_idx must be float [T={num_tokens}, HR={num_ret}, DI={index_dim}], got {tuple(q_idx.shape)} {q_idx.dtype}")
+           f"q_idx must be float [T={num_tokens}, HR={num_ret}, DI={index_dim}], got {tuple(q_idx.shape)} "
+           f"{q_idx.dtype}")
     _check(out.shape == q.shape and out.stride(-1) == 1 and q.stride(-1) == 1,
            f"out must be [T, HQ, D] {tuple(q.shape)} and q and out need a unit last stride")
     if lse is not None:
