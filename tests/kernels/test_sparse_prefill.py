@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from rtpurbo_vllm.reference import rtpurbo_prefill_ref  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PageTable, gather, to_float  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as _kernel_module  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_prefill import topp_search as _topp_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (chunk_tiles, paged_sparse_prefill_ref,  # noqa: E402
                                                         pool_index_queries, tile_block_mass_ref,
                                                         tile_forced_blocks)
@@ -49,7 +50,9 @@ KindSpec = PL.KindSpec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET and type(_kernel_module._attend_kernel).__name__ != "InterpretedFunction":
-    # Something imported the kernels before TRITON_INTERPRET was set: define them again for the interpreter.
+    # Something imported the kernels before TRITON_INTERPRET was set: define them again for the interpreter
+    # (the device functions of topp_search first, which the kernel module imports by name).
+    importlib.reload(_topp_module)
     importlib.reload(_kernel_module)
 make_sparse_prefill_workspace = _kernel_module.make_sparse_prefill_workspace
 sparse_prefill = _kernel_module.sparse_prefill
