@@ -1,0 +1,171 @@
+"""Sparse top-p prefill of retrieval heads in plain PyTorch: the ground truth for the sparse prefill kernels.
+
+Layout (vLLM varlen): sequence ``b``'s chunk of ``seqlen_q`` new query rows are the last rows of its
+``seqlen_k`` keys, so chunk row ``i`` sits at position ``seqlen_k - seqlen_q + i``. The chunk is cut
+into query tiles of ``tile_q`` consecutive rows from its first row (the last tile may be short). Per
+retrieval head ``r`` (query head ``heads[r]``, KV head ``heads[r] // G``) and tile:
+
+1. :func:`pool_index_queries` turns the tile's index queries into one vector; its float32 softmax over
+   the index scores ``pooled . k_idx[t]`` (no scale) of the keys ``t <= last_pos`` (causal for the
+   tile's last row) gives each BS-token block its mass (:func:`tile_block_mass_ref`).
+2. The tile keeps the sink blocks (those holding the first ``sink_tokens`` tokens), its diagonal blocks
+   (every block overlapping ``[first_pos - BS + 1, last_pos]``) and the fewest other blocks, taken by
+   decreasing mass with ties to the lower block id, that bring the kept mass to ``top_p``
+   (:func:`tile_topp_ref`); ``top_p >= 1`` keeps every block.
+3. Each row attends with an exact softmax to the keys of the kept blocks at positions ``<= its own``.
+
+Computed in float32; inputs are never modified; outputs live on the inputs' device.
+:func:`paged_sparse_prefill_ref` reads K/V and index keys from vLLM's paged unit tensors through
+:func:`..paged_heads.gather`, as the kernel does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..headwise_attention.reference import masked_attention
+from ..paged_heads import PagedHeads, PageTable, gather, to_float
+
+
+def pool_index_queries(q_idx: torch.Tensor) -> torch.Tensor:
+    """The one index query of a query tile: the mean of its rows' index queries.
+
+    A block's pooled logit is then the mean of the rows' logits, so a block every row wants ranks
+    first, and when the rows disagree the pooled vector shrinks, the softmax flattens and top-p keeps
+    more blocks. Its cost does not grow with the tile's row count.
+
+    Args:
+        q_idx: ``[n, HR, DI]`` any float dtype, ``n >= 1`` rows of the tile.
+
+    Returns:
+        ``[HR, DI]`` float32.
+    """
+    return q_idx.float().mean(dim=0)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One query tile of a chunk: chunk rows ``[row0, row1)`` at positions ``[first_pos, last_pos]``."""
+
+    row0: int
+    row1: int
+    first_pos: int
+    last_pos: int
+
+
+def chunk_tiles(seqlen_q: int, seqlen_k: int, tile_q: int) -> list[Tile]:
+    """The query tiles of a chunk of ``seqlen_q`` rows ending a sequence of ``seqlen_k`` keys
+    (``ceil(seqlen_q / tile_q)`` tiles; the kept share of a tile is its kept-block count over
+    ``ceil((last_pos + 1) / BS)``)."""
+    if not 0 <= seqlen_q <= seqlen_k or tile_q < 1:
+        raise ValueError(f"need 0 <= seqlen_q <= seqlen_k and tile_q >= 1, got {seqlen_q}, {seqlen_k}, {tile_q}")
+    start = seqlen_k - seqlen_q
+    return [Tile(r0, min(r0 + tile_q, seqlen_q), start + r0, start + min(r0 + tile_q, seqlen_q) - 1)
+            for r0 in range(0, seqlen_q, tile_q)]
+
+
+def tile_block_mass_ref(pooled: torch.Tensor, k_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block masses of one tile's pooled index queries over the keys it may see.
+
+    Args:
+        pooled: ``[HR, DI]`` any float dtype, from :func:`pool_index_queries`.
+        k_idx: ``[n, HR, DI]`` any float dtype, index keys of positions ``0 .. last_pos`` (``n >= 1``).
+        block_size: BS, tokens per block.
+
+    Returns:
+        ``[HR, ceil(n / BS)]`` float32: per block the softmax mass of its keys (each row sums to 1).
+    """
+    num_keys = k_idx.shape[0]
+    num_blocks = math.ceil(num_keys / block_size)
+    probs = torch.softmax(torch.einsum("hi,thi->ht", pooled.float(), k_idx.float()), dim=-1)   # [HR, n]
+    padded = torch.nn.functional.pad(probs, (0, num_blocks * block_size - num_keys))
+    return padded.view(probs.shape[0], num_blocks, block_size).sum(-1)
+
+
+def tile_forced_blocks(tile: Tile, block_size: int, sink_tokens: int) -> torch.Tensor:
+    """``[ceil((last_pos + 1) / BS)]`` bool: the tile's sink blocks and diagonal blocks (those
+    overlapping ``[first_pos - BS + 1, last_pos]``)."""
+    blocks = torch.arange(math.ceil((tile.last_pos + 1) / block_size))
+    first_diagonal = max(tile.first_pos - block_size + 1, 0) // block_size
+    return (blocks < math.ceil(sink_tokens / block_size)) | (blocks >= first_diagonal)
+
+
+def tile_topp_ref(mass: torch.Tensor, forced: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The forced blocks plus the fewest others, by decreasing mass (ties: lower id first), that bring
+    the kept mass to ``top_p``; every block when ``top_p >= 1`` (or when all of them fall short).
+
+    Args:
+        mass: ``[HR, NB]`` float32, non-negative.
+        forced: ``[NB]`` bool.
+        top_p: ``> 0``.
+
+    Returns:
+        ``[HR, NB]`` bool keep mask.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(mass, dtype=torch.bool)
+    forced = forced.to(mass.device).expand_as(mass)
+    # Forced blocks first, then decreasing mass; the stable sort keeps ties in id order.
+    order = torch.sort(torch.where(forced, torch.inf, mass), dim=-1, descending=True, stable=True).indices
+    sorted_mass = mass.gather(-1, order)
+    mass_before = torch.nn.functional.pad(sorted_mass.cumsum(-1)[:, :-1], (1, 0))      # exclusive prefix
+    keep = torch.zeros_like(forced).scatter(-1, order, mass_before < top_p)
+    return keep | forced
+
+
+def paged_sparse_prefill_ref(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTable], index: PagedHeads,
+                             index_table: PageTable, q_idx: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             seqused_k: torch.Tensor, heads: torch.Tensor | Sequence[int], top_p: float,
+                             sink_tokens: int, block_size: int, scale: float, tile_q: int,
+                             dense_threshold: int = 0, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`sparse_prefill`'s result, in float32 (arguments as the kernel's).
+
+    K/V of the retrieval heads' KV heads and the index keys are read through :func:`gather`; fp8
+    entries are dequantised as ``fp8 * scale``. A sequence with ``seqlen_k < dense_threshold`` keeps
+    every block.
+
+    Returns:
+        out ``[T, HR, D]`` float32 (the rows of query head ``heads[r]`` in column ``r``), lse
+        ``[T, HR]`` float32 (natural log), and per sequence ``keep [HR, num_tiles_b, NB_b]`` bool
+        (``NB_b = ceil(seqlen_k / BS)``; blocks past a tile's last position are False).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // kv.num_heads
+    heads = [int(h) for h in (heads.tolist() if isinstance(heads, torch.Tensor) else heads)]
+    cu_q, lens_k = cu_seqlens_q.tolist(), seqused_k.tolist()
+    out = torch.zeros(num_tokens, len(heads), head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.zeros(num_tokens, len(heads), dtype=torch.float32, device=q.device)
+    keeps = []
+    for b, (q0, q1, seqlen_k) in enumerate(zip(cu_q[:-1], cu_q[1:], lens_k)):
+        tiles = chunk_tiles(q1 - q0, seqlen_k, tile_q)
+        num_blocks = math.ceil(seqlen_k / block_size)
+        keep = torch.zeros(len(heads), len(tiles), num_blocks, dtype=torch.bool)
+        tokens = torch.arange(seqlen_k)
+        k_idx = torch.stack([gather(index, [index_table], b, r, tokens).float() for r in range(len(heads))], 1)
+        for i, tile in enumerate(tiles):
+            mass = tile_block_mass_ref(pool_index_queries(q_idx[q0 + tile.row0:q0 + tile.row1]),
+                                       k_idx[:tile.last_pos + 1].to(q_idx.device), block_size)
+            p = 1.0 if seqlen_k < dense_threshold else top_p
+            keep[:, i, :mass.shape[1]] = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens),
+                                                       p).cpu()
+        keeps.append(keep)
+        if not tiles:
+            continue
+        # Per row: the tokens of its tile's kept blocks, causal for the row.
+        row_tile = torch.arange(q1 - q0) // tile_q                                         # [Tq]
+        positions = torch.arange(seqlen_k - (q1 - q0), seqlen_k)                            # [Tq]
+        causal = tokens[None, :] <= positions[:, None]                                      # [Tq, Tk]
+        for r, h in enumerate(heads):
+            raw = gather(kv, kv_tables, b, h // group, tokens).to(q.device)
+            k = to_float(raw[:, :head_dim], k_scale)[:, None]                               # [Tk, 1, D]
+            v = to_float(raw[:, head_dim:], v_scale)[:, None]
+            visible = keep[r][row_tile][:, tokens // block_size] & causal                  # [Tq, Tk]
+            o, s = masked_attention(q[q0:q1, h:h + 1], k, v, visible[None].to(q.device), scale)
+            out[q0:q1, r], lse[q0:q1, r] = o[:, 0], s[:, 0]
+    return out, lse, keeps
