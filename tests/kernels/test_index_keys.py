@@ -292,6 +292,26 @@ def test_bad_arguments_raise():
         write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, cache, is_neox_style=1)
 
 
+@pytest.mark.parametrize("beyond", [0, 1, 1000], ids=["last-row+1", "last-row+2", "far"])
+def test_query_positions_beyond_the_table_are_refused(beyond):
+    """A table shorter than the positions would be clamped into (a wrong rotation): refused instead,
+    while a table covering them gives the reference."""
+    case = Case(7, 4, 4, (0, 1), 64, "neox", 16, torch.float32)
+    x = _inputs(case, device="cpu")
+    out = torch.empty(7, 2, DI)
+    short = rope_table(x.spec, "cpu", num_positions=int(x.positions.max()) - beyond)
+    with pytest.raises(ValueError, match=r"positions span \[\d+, \d+\] but the RoPE table has rows"):
+        index_queries(x.query, x.positions, short, x.heads, x.w_q, out, is_neox_style=True)
+    negative = x.positions.clone()
+    negative[3] = -1
+    with pytest.raises(ValueError, match=r"positions span \[-1, "):
+        index_queries(x.query, negative, _table(x.spec, "cpu"), x.heads, x.w_q, out, is_neox_style=True)
+    covering = rope_table(x.spec, "cpu", num_positions=int(x.positions.max()) + 1)
+    index_queries(x.query, x.positions, covering, x.heads, x.w_q, out, is_neox_style=True)
+    torch.testing.assert_close(out, index_queries_ref(x.query, x.positions, x.spec, x.heads, x.w_q),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU tests: realistic sizes (Qwen3-8B-like layer), int64 cache offsets, CUDA-graph replay.
 

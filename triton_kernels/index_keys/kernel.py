@@ -14,10 +14,11 @@ retrieval head ``r`` and
 4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index cache at
    ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored).
 
-Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, nothing is read back to the host, so both ops
-can be captured in a CUDA graph. Token, page and table offsets are computed in int64. Positions outside
-the table are clamped into it (memory safety for padding tokens whose positions are stale; such rows
-are garbage and, for keys, not stored when their slot is negative).
+Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so both ops can be captured in a CUDA graph.
+Token, page and table offsets are computed in int64. In the kernels, positions outside the table are
+clamped into it (memory safety for padding tokens whose positions are stale; such rows are garbage and,
+for keys, not stored when their slot is negative); :func:`index_queries` refuses them on the host
+outside CUDA-graph capture.
 
 The table is built once per model with :func:`rope_table` (float32 ``[num_positions, rotary_dim]``, row
 ``p`` = ``cos(p) | sin(p)`` exactly as :func:`rtpurbo_vllm.rope.rope_cos_sin` gives them — the layout of
@@ -213,6 +214,16 @@ def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: 
     return t, d, hr, di, rot
 
 
+def _check_positions(positions: torch.Tensor, num_positions: int) -> None:
+    """Every query position has a row in the ``cos | sin`` table (see :func:`index_queries`)."""
+    if positions.numel() == 0 or (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low, high = (int(v) for v in positions.aminmax())
+    if low < 0 or high >= num_positions:
+        raise ValueError(f"positions span [{low}, {high}] but the RoPE table has rows [0, {num_positions}); fix: "
+                         f"build it with rope_table(spec, num_positions=...) covering every position")
+
+
 def _tile(d: int, rot: int) -> dict[str, int]:
     """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot)."""
     block_half = max(16, triton.next_power_of_2(rot // 2))
@@ -236,8 +247,15 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
 
     Returns:
         ``out``.
+
+    Raises:
+        ValueError: a position outside ``[0, num_positions)`` (the kernel would clamp it into the
+            table and un-rotate with the wrong angle). Checked on the host, which reads ``positions``
+            back; skipped while a CUDA graph is captured, where the caller guarantees the bound (vLLM
+            keeps positions below ``max_model_len``, within the table of :func:`rope_table_length` rows).
     """
     t, d, hr, di, rot = _check_common("query", query, positions, cos_sin, heads, w_q, is_neox_style)
+    _check_positions(positions, cos_sin.shape[0])
     if out.shape != (t, hr, di) or not out.is_floating_point() or out.device != query.device:
         raise ValueError(f"out must be a float [{t}, {hr}, {di}] tensor on {query.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
