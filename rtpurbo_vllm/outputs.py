@@ -51,7 +51,7 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         what = "is a dangling link" if existing.is_symlink() else "is a file"
-        raise ValueError(f"output folder {path} cannot be created: {existing} {what}; fix: choose another "
+        raise ValueError(f"output folder {path} is not writable ({existing} {what}); fix: choose another "
                          f"output folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output folder {path} is not writable ({existing} is read-only); fix: choose a "

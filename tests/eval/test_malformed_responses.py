@@ -171,6 +171,6 @@ def test_cli_checks_the_output_folder_before_any_request(tokenizer_dir, tmp_path
         assert main(args) == 2
         assert server.requests == 0
     err = capsys.readouterr().err
-    assert f"rtpurbo-eval: error: output folder {tmp_path / 'file' / 'sub'} cannot be created" in err
+    assert f"rtpurbo-eval: error: output folder {tmp_path / 'file' / 'sub'} is not writable" in err
     assert "is a file" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
