@@ -261,9 +261,4 @@ def _completion_problem(body: Any, api: str) -> str | None:
 
 def _excerpt(body: Any, limit: int = 200) -> str:
     """A short printable excerpt of a response body (bytes or parsed JSON), for error messages."""
-    if isinstance(body, bytes):
-        return repr(body[:limit])
-    try:
-        return json.dumps(body)[:limit]
-    except ValueError:
-        return repr(body)[:limit]
+    return repr(body[:limit]) if isinstance(body, bytes) else json.dumps(body)[:limit]
