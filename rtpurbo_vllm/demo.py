@@ -1,4 +1,4 @@
-"""``rtpurbo-demo``: the RTPurbo method on the CPU, in well under a minute on two cores.
+"""``rtpurbo-demo``: the RTPurbo method on the CPU.
 
 With the trained and calibrated tiny model (:mod:`rtpurbo_vllm.tiny`, artifact in its folder), the
 demo answers the same long-context retrieval prompts twice — with the model's dense attention and
