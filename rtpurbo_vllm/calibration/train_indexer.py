@@ -185,6 +185,8 @@ def check_checkpoint(path: Path, state: dict[str, Any], tensors: dict[str, torch
     missing = [k for k in asdict(TrainConfig()) if k not in state["config"]]
     if missing:
         raise damaged(f"{STATE_JSON} config lacks {missing}")
+    if not all(isinstance(heads, list) for heads in state["retrieval_heads"]):
+        raise damaged(f"{STATE_JSON} retrieval_heads is not a list of per-layer lists")
     for layer, heads in enumerate(state["retrieval_heads"]):
         for which in ("w_q", "w_k"):
             name = f"layers.{layer}.{which}"
