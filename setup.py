@@ -3,6 +3,11 @@
 ``triton_kernels/`` is installed as ``rtpurbo_vllm.triton_kernels``, never as a top-level
 ``triton_kernels`` (vLLM probes that name for an unrelated PyPI package).
 
+The tiny model's folders hold only data (weights, tokenizer, artifacts). Setuptools wants every
+folder whose name could be imported listed as a package, so ``tiny/model`` and ``tiny/model/rtpurbo``
+are listed with their files as package data; ``rtpurbo-kv1`` is not an importable name and is data of
+``tiny/model``.
+
 The CUDA extension ``rtpurbo_vllm._C`` is built from ``csrc/`` only when nvcc and a CUDA build of
 torch are both present; otherwise the build says why it skipped it and the package uses its Triton
 kernels. ``RTPURBO_BUILD_CUDA=0`` skips the build, ``=1`` makes a missing toolchain an error.
@@ -19,8 +24,16 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# Data-only folders of the package -> their files.
+PACKAGE_DATA = {
+    "rtpurbo_vllm.tiny.model": ["*.json", "*.jinja", "*.safetensors", "rtpurbo-kv1/*.json",
+                                "rtpurbo-kv1/*.safetensors"],
+    "rtpurbo_vllm.tiny.model.rtpurbo": ["*.json", "*.safetensors"],
+}
+
+
 def _packages() -> tuple[list[str], dict[str, str]]:
-    packages = find_packages(include=["rtpurbo_vllm", "rtpurbo_vllm.*"])
+    packages = find_packages(include=["rtpurbo_vllm", "rtpurbo_vllm.*"]) + list(PACKAGE_DATA)
     kernel_pkgs = find_packages(where="triton_kernels")
     packages += ["rtpurbo_vllm.triton_kernels"]
     packages += [f"rtpurbo_vllm.triton_kernels.{p}" for p in kernel_pkgs]
@@ -67,4 +80,4 @@ if __name__ == "__main__":
     packages, package_dir = _packages()
     ext_modules, cmdclass = _cuda_extensions()
     setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
-          package_data={"rtpurbo_vllm.tiny": ["model/*", "model/rtpurbo/*", "model/rtpurbo-kv1/*"]})
+          package_data=PACKAGE_DATA)

@@ -1,4 +1,4 @@
-"""``rtpurbo-demo``: the RTPurbo method on the CPU, in a few minutes.
+"""``rtpurbo-demo``: the RTPurbo method on the CPU.
 
 With the trained and calibrated tiny model (:mod:`rtpurbo_vllm.tiny`, artifact in its folder), the
 demo answers the same long-context retrieval prompts twice — with the model's dense attention and
@@ -19,9 +19,11 @@ import time
 from typing import Sequence
 
 
-def run_demo(num_prompts: int = 20, context_len: int = 2048, seed: int = 0) -> dict:
-    """Dense vs RTPurbo accuracy on ``num_prompts`` tiny-task prompts of ``context_len`` tokens."""
+def run_demo(num_prompts: int = 12, context_len: int = 2048, seed: int = 0, progress: bool = True) -> dict:
+    """Dense vs RTPurbo accuracy on ``num_prompts`` tiny-task prompts of ``context_len`` tokens, with a
+    progress bar (running accuracies) unless ``progress`` is false."""
     import torch
+    from tqdm.auto import tqdm
 
     from rtpurbo_vllm.artifacts import find_artifact_dir, load_artifact
     from rtpurbo_vllm.hf_sparse import DecodeStats, rtpurbo_reference_attention
@@ -35,7 +37,8 @@ def run_demo(num_prompts: int = 20, context_len: int = 2048, seed: int = 0) -> d
     stats = DecodeStats()
     correct = {"dense": 0, "rtpurbo": 0}
     start = time.perf_counter()
-    for prompt in prompts:
+    bar = tqdm(prompts, desc="prompts", unit="prompt", disable=not progress)
+    for done, prompt in enumerate(bar, 1):
         ids = torch.tensor([prompt.ids])
         steps = len(prompt.answer)
         dense = model.generate(ids, max_new_tokens=steps, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -43,6 +46,8 @@ def run_demo(num_prompts: int = 20, context_len: int = 2048, seed: int = 0) -> d
             sparse = model.generate(ids, max_new_tokens=steps, do_sample=False)[0, ids.shape[1]:].tolist()
         correct["dense"] += score(prompt.answer, dense)
         correct["rtpurbo"] += score(prompt.answer, sparse)
+        bar.set_postfix(dense=f"{correct['dense'] / done:.0%}", rtpurbo=f"{correct['rtpurbo'] / done:.0%}")
+    bar.close()
     p = artifact.params
     return {
         "prompts": num_prompts, "context_tokens": context_len,
@@ -98,7 +103,7 @@ def run_pipeline_demo(workdir: str, steps: int = 60, seq_len: int = 1024) -> dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtpurbo-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", metavar="N", type=int, default=20, help="prompts to answer (default 20)")
+    parser.add_argument("--prompts", metavar="N", type=int, default=12, help="prompts to answer (default 12)")
     parser.add_argument("--context", metavar="TOKENS", type=int, default=2048,
                         help="prompt length in tokens (default 2048)")
     parser.add_argument("--seed", metavar="INT", type=int, default=0, help="first prompt seed (default 0)")

@@ -6,7 +6,9 @@ ablation studies. It plugs into transformers' attention-function registry, so it
 architecture whose attention calls ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen2, Qwen3).
 
 Supports batch size 1 without padding (positions ``0..T-1``), prefill and token-by-token decode with
-a KV cache. Prefill runs :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref`; each decode step runs
+a KV cache. Prefill computes what :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref` does with
+torch's fused attention (one causal call for the retrieval heads, one masked call for the local
+heads), so long prompts stay fast on the CPU; each decode step runs
 :func:`~rtpurbo_vllm.reference.rtpurbo_decode_ref`, recovering pre-RoPE q/k with
 :func:`~rtpurbo_vllm.rope.invert_rope` exactly as the vLLM backend does.
 """
@@ -19,13 +21,15 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from rtpurbo_vllm.artifacts import RTPurboArtifact
-from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref, rtpurbo_prefill_ref
+from rtpurbo_vllm.artifacts import RTPurboArtifact, SparsityParams
+from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref
 from rtpurbo_vllm.rope import RopeSpec, invert_rope
-from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
+from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask, headwise_attention_ref
 from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_varlen_ref
 
 ATTENTION_NAME = "rtpurbo_reference"
+_LOCAL_CHUNK = 256
+"""Queries of a local head's prefill per attention call."""
 
 
 @dataclass
@@ -86,15 +90,58 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         every_head = torch.ones(q.shape[1], dtype=torch.bool)
         out = headwise_attention_ref(q, k, v, cu_q, cu_k, every_head, 0, num_k, scale)[0]
     elif num_q > 1 or num_k < run.artifact.params.dense_threshold:
-        p = run.artifact.params
-        out = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, run.artifact.retrieval_heads[layer],
-                                  p.sink_tokens, p.window, p.dense_threshold, scale)
+        out = _prefill(q, k, v, run.artifact.retrieval_heads[layer], run.artifact.params, scale)
     else:
         out = _decode(run, layer, q, k, v, cu_k, scale)
     out = out.to(query.dtype)
     for head in run.ablated.get(layer, ()):
         out[:, head] = 0
     return out[None], None
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, retrieval_heads: Sequence[int],
+             params: SparsityParams, scale: float) -> torch.Tensor:
+    """Head-wise prefill of one sequence: :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref` for
+    ``B = 1``, through ``scaled_dot_product_attention``.
+
+    Retrieval heads (every head when ``Tk < dense_threshold``) run one causal call. Local heads run
+    per chunk of :data:`_LOCAL_CHUNK` queries against only the keys the chunk can see (the sinks and
+    the window before it), so their cost grows with ``Tq * (window + chunk)``, not ``Tq * Tk``.
+
+    Args:
+        q: ``[Tq, HQ, D]`` post-RoPE queries, the last ``Tq`` of the sequence's ``Tk`` tokens.
+        k, v: ``[Tk, HKV, D]`` post-RoPE keys and values.
+        retrieval_heads: the layer's retrieval query heads.
+        params: the artifact's sinks, window and dense threshold.
+        scale: softmax scale.
+
+    Returns:
+        ``[Tq, HQ, D]`` float32.
+    """
+    num_q, num_heads, num_k = q.shape[0], q.shape[1], k.shape[0]
+    group = num_heads // k.shape[1]
+    qh = q.transpose(0, 1).float()                                            # [HQ, Tq, D]
+    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)            # [HQ, Tk, D]
+    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+    dense = num_k < params.dense_threshold
+    causal = [h for h in range(num_heads) if dense or h in set(retrieval_heads)]
+    local = [h for h in range(num_heads) if h not in set(causal)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out = torch.empty_like(qh)
+    if causal:
+        out[causal] = sdpa(qh[causal], kh[causal], vh[causal], scale=scale,
+                           attn_mask=attention_mask(num_q, num_k, device=q.device))
+    first = num_k - num_q                                                     # position of query 0
+    for c0 in range(0, num_q if local else 0, _LOCAL_CHUNK):
+        c1 = min(c0 + _LOCAL_CHUNK, num_q)
+        lo = max(0, first + c0 - params.window + 1)                           # oldest window key
+        keys = torch.cat((torch.arange(min(params.sink_tokens, lo), device=q.device),
+                          torch.arange(lo, first + c1, device=q.device)))     # [K] key positions
+        qpos = torch.arange(first + c0, first + c1, device=q.device)[:, None]  # [C, 1]
+        visible = (keys <= qpos) & ((qpos - keys < params.window) | (keys < params.sink_tokens))
+        out[local, c0:c1] = sdpa(qh[local, c0:c1], kh[local][:, keys], vh[local][:, keys], scale=scale,
+                                 attn_mask=visible)
+    return out.transpose(0, 1)
 
 
 def _decode(run: _Run, layer: int, q, k, v, cu_k, scale) -> torch.Tensor:

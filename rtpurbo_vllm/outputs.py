@@ -37,6 +37,28 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Checks, without creating anything, that the folder ``path`` can be written: it is a writable
+    folder, or its nearest existing ancestor is one (so that it can be created). For the commands that
+    write only after a long run, so that a bad output path fails before the work.
+
+    Raises:
+        ValueError: ``path`` or an ancestor is a file (or a dangling link), or the folder is read-only.
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a dangling link" if existing.is_symlink() else "is a file"
+        raise ValueError(f"output folder {path} is not writable ({existing} {what}); fix: choose another "
+                         f"output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {path} is not writable ({existing} is read-only); fix: choose a "
+                         f"writable folder or fix its permissions")
+    return path
+
+
 def _hidden_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}")
 

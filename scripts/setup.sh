@@ -16,7 +16,13 @@ if ! .venv/bin/python -c "import vllm" 2>/dev/null; then
   fi
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q)
-"${PIP[@]}" install -U pip "setuptools>=70,<82" wheel
+echo "scripts/setup.sh: checking .venv (pip, setuptools, vllm==0.26.0; the first run downloads ~8 GB)"
+"${PIP[@]}" install -U pip "setuptools>=77,<82" wheel
 "${PIP[@]}" install "vllm==0.26.0"
+echo "scripts/setup.sh: installing rtpurbo-vllm (editable)"
 # --no-build-isolation: setup.py needs the installed torch to decide about the CUDA extension.
-"${PIP[@]}" install --no-build-isolation -e ".[test,calibrate,bench]"
+# setuptools always adds a 10-line notice to an editable install (folders named like the package may
+# shadow it); it is informational and says nothing about this project, so it is not shown.
+PYTHONWARNINGS="ignore:Editable installation" \
+  "${PIP[@]}" install --no-build-isolation -e ".[test,calibrate,bench]"
+echo "scripts/setup.sh: .venv is ready"

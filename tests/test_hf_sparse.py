@@ -63,6 +63,23 @@ def test_sparse_settings_change_attention_and_count_kept_blocks(seed):
     assert stats.context_tokens == 2 * 3 * (301 + 302)
 
 
+@pytest.mark.parametrize("num_q, num_k, sink, window, threshold", [
+    (700, 700, 4, 100, 0), (700, 700, 0, 1, 0), (300, 1000, 4, 256, 0), (1, 600, 4, 64, 0),
+    (700, 700, 4, 100, 701), (500, 500, 600, 50, 0), (500, 500, 4, 10_000, 0)],
+    ids=["prefill", "window-1-no-sinks", "chunk-after-history", "one-query", "below-dense-threshold",
+         "sinks-cover-all", "window-covers-all"])
+def test_prefill_equals_the_reference(seed, num_q, num_k, sink, window, threshold):
+    """The fused, chunked prefill of the runner computes rtpurbo_prefill_ref."""
+    from rtpurbo_vllm.hf_sparse import _prefill
+    from rtpurbo_vllm.reference import rtpurbo_prefill_ref
+
+    q, k, v = torch.randn(num_q, 8, 16), torch.randn(num_k, 2, 16), torch.randn(num_k, 2, 16)
+    params = SparsityParams(sink_tokens=sink, window=window, dense_threshold=threshold)
+    cu_q, cu_k = torch.tensor([0, num_q], dtype=torch.int32), torch.tensor([0, num_k], dtype=torch.int32)
+    want = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, [1, 6], sink, window, threshold, 0.25)
+    torch.testing.assert_close(_prefill(q, k, v, [1, 6], params, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
 def test_ablation_zeroes_only_the_named_heads(seed):
     model = small_model(seed)
     ids = torch.randint(1, 97, (1, 40))

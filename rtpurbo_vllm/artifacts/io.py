@@ -121,17 +121,19 @@ def save_artifact(artifact: RTPurboArtifact, directory: str | os.PathLike) -> Pa
     The files are written to a hidden sibling folder, flushed to disk, and only then renamed to
     ``directory``: a failed write removes that folder and leaves ``directory`` as it was. An existing
     artifact folder (one holding nothing but artifact files) is moved aside, replaced and deleted; a
-    folder holding anything else is refused. A process killed mid-write can leave a hidden
-    ``.<name>.partial-*`` folder next to ``directory``; it is never read and can be deleted.
+    folder holding anything else is refused. A symbolic link to a folder is written through: the
+    folder it points to is replaced and the link is kept. A process killed mid-write can leave a
+    hidden ``.<name>.partial-*`` folder next to the written folder; it is never read and can be deleted.
 
     Returns:
-        ``directory`` as an absolute path.
+        ``directory`` as an absolute path (a link stays a link).
 
     Raises:
         ArtifactError: the artifact is invalid, the folder cannot be replaced or is not writable.
     """
     validate_artifact(artifact)
-    target = Path(directory).absolute()
+    given = Path(directory).absolute()
+    target = given.resolve() if given.is_symlink() else given
     _check_replaceable(target)
     staging = _sibling(target, "partial")
     try:
@@ -150,7 +152,7 @@ def save_artifact(artifact: RTPurboArtifact, directory: str | os.PathLike) -> Pa
             raise ArtifactError(f"writing the RTPurbo artifact to {target} failed ({exc}); nothing was changed; "
                                 f"fix: check free disk space and permissions in {target.parent}") from exc
         raise
-    return target
+    return given
 
 
 def _check_replaceable(target: Path) -> None:

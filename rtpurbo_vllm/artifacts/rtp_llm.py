@@ -29,7 +29,7 @@ from rtpurbo_vllm.artifacts.schema import (
     RTPurboArtifact,
     SparsityParams,
 )
-from rtpurbo_vllm.artifacts.validate import validate_artifact
+from rtpurbo_vllm.artifacts.validate import check_fingerprint, param_problem, validate_artifact
 from rtpurbo_vllm.head_layout import HeadLayout
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 HEADWISE_KEY = "headwise_config"
 # RTP-LLM's settings and their defaults (HeadWiseRuntimeConfig in its cuda_headwise_impl/headwise.py).
 RTP_LLM_DEFAULTS = {"sink_token_num": 4, "swa_token_num": 8192, "seqlen_threshold": 16384}
+# RTP-LLM setting -> (the SparsityParams field it becomes, what is added to it).
+RTP_LLM_PARAMS = {"sink_token_num": ("sink_tokens", 0), "swa_token_num": ("window", 1),
+                  "seqlen_threshold": ("dense_threshold", 0)}
+# ModelFingerprint field -> its name in a transformers config.json.
+HF_CONFIG_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                   "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
 
 def import_rtp_llm_headwise(config_json_path_or_dict: str | os.PathLike | Mapping[str, Any],
@@ -54,9 +60,11 @@ def import_rtp_llm_headwise(config_json_path_or_dict: str | os.PathLike | Mappin
     ``top_p``, ``block_size`` and ``index_dim`` keep their defaults (they need an indexer).
 
     Raises:
-        ArtifactError: no ``headwise_config``; a setting that is not an integer; a layer list whose
-            length is not the model's query-head count or holding values other than 0/1; a layer key
-            beyond the model's layers; or a model config that cannot be read.
+        ArtifactError: no ``headwise_config``; a setting that is not an integer or that maps to a
+            value the kernels cannot run; a layer key that is not a string; a layer list whose length
+            is not the model's query-head count or holding values other than 0/1; a layer key beyond
+            the model's layers; or a model config that cannot be read or has impossible head counts.
+            Each message names the input and its field.
     """
     if isinstance(config_json_path_or_dict, Mapping):
         config, source = dict(config_json_path_or_dict), "the given config dict"
@@ -70,13 +78,14 @@ def import_rtp_llm_headwise(config_json_path_or_dict: str | os.PathLike | Mappin
         raise ArtifactError(f"{source} has no {HEADWISE_KEY!r} object; fix: pass the config.json of an RTP-LLM "
                             f"RTPurbo model (e.g. RTP-LLM/Qwen3-Coder-30B-A3B-Instruct-RTPurbo)")
     model = ModelFingerprint.from_hf_config(hf_config if hf_config is not None else _hf_config(config, source))
+    check_fingerprint(model, where=source, names=HF_CONFIG_NAMES)
     settings = {key: _int_setting(headwise, key, default, source) for key, default in RTP_LLM_DEFAULTS.items()}
     retrieval_heads, missing = _retrieval_heads(headwise, model, source)
+    params = {field: settings[key] + offset for key, (field, offset) in RTP_LLM_PARAMS.items()}
     artifact = RTPurboArtifact(
         model=model,
         retrieval_heads=retrieval_heads,
-        params=SparsityParams(sink_tokens=settings["sink_token_num"], window=settings["swa_token_num"] + 1,
-                              dense_threshold=settings["seqlen_threshold"]),
+        params=SparsityParams(**params),
         provenance=Provenance(data=source, tool="rtpurbo_vllm.artifacts.import_rtp_llm_headwise",
                               tool_version=__version__,
                               extra={"source_format": f"rtp-llm {HEADWISE_KEY}", **settings,
@@ -92,7 +101,7 @@ def _hf_config(config: Mapping[str, Any], source: str):
     fields = {k: v for k, v in config.items() if k != HEADWISE_KEY}
     try:
         return AutoConfig.for_model(fields.pop("model_type", None), **fields)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:   # transformers' config classes validate with many exception types
         raise ArtifactError(f"cannot build a transformers config from {source} ({exc}); fix: pass "
                             f"hf_config=AutoConfig.from_pretrained(<model_dir>)") from exc
 
@@ -102,6 +111,12 @@ def _int_setting(headwise: Mapping[str, Any], key: str, default: int, source: st
     if not isinstance(value, int) or isinstance(value, bool):
         raise ArtifactError(f"{source}: {HEADWISE_KEY}.{key} is {value!r}, expected an integer; "
                             f"fix: set it to an integer (RTP-LLM's default is {default})")
+    field, offset = RTP_LLM_PARAMS[key]
+    rule = param_problem(field, value + offset)
+    if rule is not None:
+        mapped = f"{key} + {offset}" if offset else key
+        raise ArtifactError(f"{source}: {HEADWISE_KEY}.{key} is {value!r}, but {field} = {mapped} {rule}; "
+                            f"fix: set a valid {key} (RTP-LLM's default is {default})")
     return value
 
 
@@ -109,6 +124,10 @@ def _retrieval_heads(headwise: Mapping[str, Any], model: ModelFingerprint,
                      source: str) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
     """Per layer the retrieval head ids, and the layers missing from ``headwise``."""
     layer_keys = [str(i) for i in range(model.num_layers)]
+    not_str = [k for k in headwise if not isinstance(k, str)]
+    if not_str:
+        raise ArtifactError(f"{source}: {HEADWISE_KEY} has keys {not_str} that are not strings; fix: name layers "
+                            f"by strings ('0', '1', ...), as config.json does")
     others = [k for k in headwise if k not in RTP_LLM_DEFAULTS and k not in layer_keys]
     beyond = [k for k in others if k.lstrip("-").isdigit()]
     if beyond:

@@ -65,7 +65,7 @@ class ModelFingerprint:
             rope = RopeSpec.from_hf_config(text)
             num_heads = int(text.num_attention_heads)
             num_layers = int(text.num_hidden_layers)
-        except (AttributeError, ValueError, TypeError) as exc:
+        except (AttributeError, ValueError, TypeError, ArithmeticError) as exc:
             raise ArtifactError(
                 f"cannot fingerprint the model from its config ({type(hf_config).__name__}): {exc}; "
                 "fix: RTPurbo supports decoder-only models with standard RoPE (see rtpurbo_vllm.rope)"

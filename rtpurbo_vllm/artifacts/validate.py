@@ -13,7 +13,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
@@ -159,32 +159,83 @@ def check_json_serialisable(config: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Values
 # ---------------------------------------------------------------------------------------------
-def check_fingerprint(model: ModelFingerprint) -> None:
-    """Sizes are positive and the query heads split evenly over the KV heads."""
-    for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-        if getattr(model, name) <= 0:
-            raise ArtifactError(f"{CONFIG_FILE}: model.{name} is {getattr(model, name)}, must be positive; "
-                                f"fix: {RECREATE} from the model's config")
+MAX_TOKENS = 2**31 - 1
+"""Largest token count (``sink_tokens``, ``window``, ``dense_threshold``): the kernels compare them
+with int32 sequence lengths."""
+MIN_INDEX_DIM, MAX_INDEX_DIM = 16, 256
+"""``index_dim`` bounds: ``tl.dot`` needs 16 or more, and the index kernels keep ``[32, DI]`` float32
+tiles in registers."""
+MAX_BLOCK_SIZE = 1024
+"""Largest ``block_size``: the block top-p kernel scores one ``[block_size, DI]`` tile of index keys in
+registers."""
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+# Field of SparsityParams -> (rule on its value, the rule in words). What the kernels can run: the
+# only place these limits are defined (the artifact validator, the calibration CLI and the RTP-LLM
+# import all use it; the backend loads artifacts through the validator).
+PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sink_tokens": (lambda v: 0 <= v <= MAX_TOKENS, f"must be in [0, {MAX_TOKENS}] (0 = no sink tokens)"),
+    "window": (lambda v: 1 <= v <= MAX_TOKENS, f"must be in [1, {MAX_TOKENS}]"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "block_size": (lambda v: _power_of_two(v) and v <= MAX_BLOCK_SIZE,
+                   f"must be a power of two in [1, {MAX_BLOCK_SIZE}] (the block top-p kernel's tiles)"),
+    "index_dim": (lambda v: _power_of_two(v) and MIN_INDEX_DIM <= v <= MAX_INDEX_DIM,
+                  f"must be a power of two in [{MIN_INDEX_DIM}, {MAX_INDEX_DIM}] (the index kernels' tiles)"),
+    "dense_threshold": (lambda v: 0 <= v <= MAX_TOKENS,
+                        f"must be in [0, {MAX_TOKENS}] (0 = sparse at every length)"),
+}
+
+
+def param_problem(name: str, value: Any) -> str | None:
+    """The rule of :data:`PARAM_RULES` that ``value`` breaks as the field ``name``, or ``None``."""
+    ok, rule = PARAM_RULES[name]
+    return None if ok(value) else rule
+
+
+def check_params(params: SparsityParams, where: str = CONFIG_FILE, names: Mapping[str, str] | None = None) -> None:
+    """Every field follows :data:`PARAM_RULES`.
+
+    Args:
+        where: the input named in messages (empty: none, e.g. for command-line options).
+        names: how that input names each field (e.g. ``{"window": "--window"}``); by default
+            ``params.<field>``, as in ``rtpurbo_config.json``.
+    """
+    for name in PARAM_RULES:
+        value = getattr(params, name)
+        rule = param_problem(name, value)
+        if rule is not None:
+            field_name = (names or {}).get(name, f"params.{name}")
+            raise ArtifactError(f"{_located(where, field_name)} is {value!r}, {rule}; fix: set a valid value "
+                                f"(default {getattr(SparsityParams, name)!r})")
+
+
+def check_fingerprint(model: ModelFingerprint, where: str = CONFIG_FILE,
+                      names: Mapping[str, str] | None = None) -> None:
+    """Sizes are positive and the query heads split evenly over the KV heads.
+
+    Args:
+        where: the input named in messages.
+        names: how that input names each field; by default ``model.<field>``, as in ``rtpurbo_config.json``.
+    """
+    def name(field_name: str) -> str:
+        return (names or {}).get(field_name, f"model.{field_name}")
+
+    fix = f"fix: {RECREATE} from the model's config" if where == CONFIG_FILE else "fix: correct the model's config"
+    for field_name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(model, field_name) <= 0:
+            raise ArtifactError(f"{_located(where, name(field_name))} is {getattr(model, field_name)}, must be "
+                                f"positive; {fix}")
     if model.num_heads % model.num_kv_heads:
-        raise ArtifactError(f"{CONFIG_FILE}: model.num_heads={model.num_heads} is not a multiple of "
-                            f"model.num_kv_heads={model.num_kv_heads}; fix: {RECREATE} from the model's config")
+        raise ArtifactError(f"{_located(where, name('num_heads'))}={model.num_heads} is not a multiple of "
+                            f"{name('num_kv_heads')}={model.num_kv_heads}; {fix}")
 
 
-def check_params(params: SparsityParams) -> None:
-    """``sink_tokens >= 0``; ``window``, ``block_size``, ``index_dim`` positive; ``top_p`` in (0, 1];
-    ``dense_threshold >= 0``."""
-    rules = (
-        ("sink_tokens", params.sink_tokens >= 0, "must be >= 0 (0 = no sink tokens)"),
-        ("window", params.window > 0, "must be positive"),
-        ("top_p", 0 < params.top_p <= 1, "must be in (0, 1]"),
-        ("block_size", params.block_size > 0, "must be positive"),
-        ("index_dim", params.index_dim > 0, "must be positive"),
-        ("dense_threshold", params.dense_threshold >= 0, "must be >= 0 (0 = sparse at every length)"),
-    )
-    for name, ok, rule in rules:
-        if not ok:
-            raise ArtifactError(f"{CONFIG_FILE}: params.{name} is {getattr(params, name)!r}, {rule}; "
-                                f"fix: set a valid params.{name} (default {getattr(SparsityParams, name)!r})")
+def _located(where: str, field_name: str) -> str:
+    return f"{where}: {field_name}" if where else field_name
 
 
 def check_layer_count(model: ModelFingerprint, retrieval_heads: tuple[tuple[int, ...], ...]) -> None:

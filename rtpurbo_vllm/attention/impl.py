@@ -44,7 +44,7 @@ from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
 from rtpurbo_vllm.kv_cache.side_layers import install_kv_layout
 from rtpurbo_vllm.rope import RopeSpec
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp
-from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
+from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, rope_table_length, write_index_keys
 from rtpurbo_vllm.triton_kernels.kv_write import kv_write
 from rtpurbo_vllm.triton_kernels.sparse_decode import headwise_sparse_decode
 
@@ -140,7 +140,8 @@ class RTPurboAttentionImpl(AttentionImpl):
             w_k=w_k.to(device=device, dtype=act_dtype).contiguous(),
             prefill=PrefillHeads.build(heads, self.num_heads, self.num_kv_heads, device),
         )
-        self.rope_table = _shared_rope_table(self.rope, torch.device(device))
+        self.rope_table = _shared_rope_table(self.rope, torch.device(device),
+                                             self.vllm_config.model_config.max_model_len)
 
     def bind_kv_cache(self) -> None:
         """Resolves the layer's unit tensors once vLLM has bound them (idempotent; never inside a
@@ -221,9 +222,11 @@ class RTPurboAttentionImpl(AttentionImpl):
                                dense_threshold=p.dense_threshold, k_scale=layer._k_scale, v_scale=layer._v_scale)
 
 
-def _shared_rope_table(spec: RopeSpec, device: torch.device) -> torch.Tensor:
-    """One cos|sin table per RoPE and device, shared by every layer of the process."""
-    key = (spec, device)
+def _shared_rope_table(spec: RopeSpec, device: torch.device, max_model_len: int) -> torch.Tensor:
+    """One cos|sin table per RoPE, device and length, shared by every layer of the process; it covers
+    every position vLLM can pass (below ``max_model_len``) and vLLM's own table length."""
+    num_positions = max(rope_table_length(spec), max_model_len)
+    key = (spec, device, num_positions)
     if key not in _ROPE_TABLES:
-        _ROPE_TABLES[key] = rope_table(spec, device)
+        _ROPE_TABLES[key] = rope_table(spec, device, num_positions=num_positions)
     return _ROPE_TABLES[key]

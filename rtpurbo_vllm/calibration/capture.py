@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -80,20 +81,45 @@ def default_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def load_config(model_dir: str | os.PathLike):
+    """The transformers config of the local model folder ``model_dir`` (nothing is downloaded: a
+    Hub id must be downloaded first).
+
+    Raises:
+        ValueError: ``model_dir`` is not a folder holding a readable ``config.json``.
+    """
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    fix = ("fix: pass the local folder of a transformers checkpoint (config.json, weights, tokenizer); models "
+           "are never downloaded, so fetch a Hub model first, e.g. with "
+           "huggingface_hub.snapshot_download('ORG/NAME', local_dir=DIR)")
+    if not path.is_dir():
+        raise ValueError(f"model folder {path} {'is not a folder' if path.exists() else 'does not exist'}; {fix}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {path} has no config.json; {fix}")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the model config {path / 'config.json'} ({exc}); {fix}") from exc
+
+
 def load_model(model_dir: str | os.PathLike, device: str | None = None) -> LoadedModel:
     """Loads a local model folder frozen, bf16 on CUDA and fp32 on the CPU.
 
     Raises:
-        ValueError: the architecture is not supported (checked before loading weights).
+        ValueError: not a local model folder (see :func:`load_config`), or the architecture is not
+            supported (checked before loading weights).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     check_supported(hf_config)
     dev = default_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return wrap_model(model.to(dev), AutoTokenizer.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                 local_files_only=True)
+    return wrap_model(model.to(dev), AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
 
 
 def resolve_model(model: str | os.PathLike | LoadedModel, device: str | None = None) -> LoadedModel:

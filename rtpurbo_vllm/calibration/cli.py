@@ -172,7 +172,9 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from rtpurbo_vllm.calibration.evaluate import evaluate_artifact, write_report
+    from rtpurbo_vllm.outputs import check_writable_dir
 
+    check_writable_dir(args.out)
     report = evaluate_artifact(args.model, args.artifact, data=args.data, num_seqs=args.num_seqs,
                                seq_len=args.seq_len, queries_per_seq=args.queries_per_seq, seed=args.seed,
                                device=args.device)
@@ -194,11 +196,22 @@ def _add_sparsity(p: argparse.ArgumentParser) -> None:
                     help="sequences shorter than this run dense; 0 = always sparse (default 16384)")
 
 
-def _sparsity(args: argparse.Namespace):
-    from rtpurbo_vllm.artifacts import SparsityParams
+SPARSITY_OPTIONS = {"sink_tokens": "--sink-tokens", "window": "--window", "top_p": "--top-p",
+                    "block_size": "--block-size", "dense_threshold": "--dense-threshold"}
 
-    return SparsityParams(sink_tokens=args.sink_tokens, window=args.window, top_p=args.top_p,
-                          block_size=args.block_size, dense_threshold=args.dense_threshold)
+
+def _sparsity(args: argparse.Namespace):
+    """The sparsity options as ``SparsityParams``, checked against the rules the kernels need.
+
+    Raises:
+        ArtifactError: a value the kernels cannot run, naming the option.
+    """
+    from rtpurbo_vllm.artifacts import SparsityParams
+    from rtpurbo_vllm.artifacts.validate import check_params
+
+    params = SparsityParams(**{name: getattr(args, name) for name in SPARSITY_OPTIONS})
+    check_params(params, where="", names=SPARSITY_OPTIONS)
+    return params
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:

@@ -82,13 +82,17 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
         num_seqs, seq_len, queries_per_seq: how much to measure.
 
     Raises:
-        ValueError: artifact missing, invalid, without indexer or made for another model.
+        ValueError: artifact missing, invalid, without indexer or retrieval heads, or made for another
+            model.
     """
     lm = resolve_model(model, device)
     if not isinstance(artifact, RTPurboArtifact):
         artifact = load_artifact(artifact, hf_config=lm.hf_config)
     if artifact.indexer is None:
         raise ValueError("the artifact has no indexer; fix: export one with `rtpurbo-calibrate export --indexer`")
+    if not any(artifact.retrieval_heads):
+        raise ValueError("the artifact has no retrieval heads (every head is local), so there is no routing to "
+                         "evaluate; fix: export an artifact whose heads file selects retrieval heads")
     if num_seqs < 1 or queries_per_seq < 1 or seq_len < 2:
         raise ValueError(f"need num_seqs >= 1, queries_per_seq >= 1, seq_len >= 2; got {num_seqs}, "
                          f"{queries_per_seq}, {seq_len}")

@@ -39,11 +39,9 @@ def export_artifact(model_dir: str | os.PathLike, heads: str | os.PathLike, inde
         ValueError: unsupported model, heads file or checkpoint of another model, invalid params, or
             an output folder that cannot be written (``ArtifactError``, a ``ValueError``).
     """
-    from transformers import AutoConfig
+    from rtpurbo_vllm.calibration.capture import check_supported, load_config
 
-    from rtpurbo_vllm.calibration.capture import check_supported
-
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     check_supported(hf_config)
     artifact = build_artifact(HeadsFile.load(heads, hf_config), indexer, params)
     target = save_artifact(artifact, Path(model_dir) / DEFAULT_DIRNAME if out is None else out)

@@ -348,7 +348,7 @@ def find_heads(model: str | os.PathLike | LoadedModel, out_dir: str | os.PathLik
         ValueError: bad selection settings, a probe shorter than needed, an unsupported model or an
             unwritable ``out_dir`` (all checked before the model runs).
     """
-    out_dir = outputs.ensure_writable_dir(out_dir)
+    out_dir = outputs.check_writable_dir(out_dir)
     lm = resolve_model(model, device)
     select_heads(torch.zeros(lm.num_layers, lm.num_heads), lm.num_kv_heads, ratio, count, by_kv_group,
                  kv_heads_per_layer)                                     # settings checked before the model runs

@@ -49,11 +49,9 @@ def synthetic_artifact(hf_config, *, ratio: float | None = DEFAULT_RATIO, count:
 
 def synthesize_artifact(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, **kwargs) -> Path:
     """The ``synthesize`` command: writes ``out`` (default ``<model_dir>/rtpurbo``) and loads it back."""
-    from transformers import AutoConfig
+    from rtpurbo_vllm.calibration.capture import check_supported, load_config
 
-    from rtpurbo_vllm.calibration.capture import check_supported
-
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     check_supported(hf_config)
     target = save_artifact(synthetic_artifact(hf_config, **kwargs),
                            Path(model_dir) / DEFAULT_DIRNAME if out is None else out)

@@ -23,6 +23,7 @@ atomically every ``checkpoint_every`` steps and at the end; only the newest is k
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from rtpurbo_vllm import outputs
+from rtpurbo_vllm.artifacts.validate import param_problem
 from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, capture_retrieval, resolve_model
 from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
 from rtpurbo_vllm.calibration.heads import HeadsFile
@@ -137,8 +139,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads a ``step-NNNNNN`` folder, or the newest one in a training output folder.
 
     Raises:
-        ValueError: no checkpoint there, or it is not readable.
+        ValueError: no checkpoint there, or it is not readable or incomplete (see :func:`check_checkpoint`).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -151,12 +154,50 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         tensors = load_file(path / STATE_TENSORS)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"the indexer checkpoint {path} is not readable ({exc}); fix: resume from or export "
                          f"another checkpoint") from exc
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an indexer checkpoint; fix: pass the --out folder of train-indexer")
+    check_checkpoint(path, state, tensors)
     return Checkpoint(path, state["step"], state, tensors)
+
+
+def check_checkpoint(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint is complete: ``state.json`` has its keys with the right types, one finite loss per
+    step done, the full training config; ``state.safetensors`` has ``layers.{i}.w_q``/``w_k`` for
+    every layer and both AdamW moments, of the same shape, for every layer with retrieval heads.
+
+    Raises:
+        ValueError: naming the first missing or damaged entry.
+    """
+    def damaged(problem: str) -> ValueError:
+        return ValueError(f"the indexer checkpoint {path} is damaged: {problem}; fix: resume from or export "
+                          f"another checkpoint, or delete {path} and train again")
+
+    types = {"step": int, "losses": list, "retrieval_heads": list, "model": dict, "config": dict, "data": str}
+    for key, typ in types.items():
+        if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
+            raise damaged(f"{STATE_JSON} has no {typ.__name__} {key!r}")
+    step, losses = state["step"], state["losses"]
+    if step < 1 or len(losses) != step or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses):
+        raise damaged(f"{STATE_JSON} holds {len(losses)} losses for step {step}; expected one finite loss per step")
+    missing = [k for k in asdict(TrainConfig()) if k not in state["config"]]
+    if missing:
+        raise damaged(f"{STATE_JSON} config lacks {missing}")
+    if not all(isinstance(heads, list) for heads in state["retrieval_heads"]):
+        raise damaged(f"{STATE_JSON} retrieval_heads is not a list of per-layer lists")
+    for layer, heads in enumerate(state["retrieval_heads"]):
+        for which in ("w_q", "w_k"):
+            name = f"layers.{layer}.{which}"
+            names = [name] + ([f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq"] if heads else [])
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                raise damaged(f"{STATE_TENSORS} lacks {absent}")
+            shapes = {tuple(tensors[n].shape) for n in names}
+            if len(shapes) != 1 or tensors[name].dim() != 3 or tensors[name].shape[0] != len(heads):
+                raise damaged(f"{STATE_TENSORS}: {name} and its AdamW moments have shapes {sorted(shapes)}, "
+                              f"expected [{len(heads)}, DI, D] each")
 
 
 def _save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
@@ -194,14 +235,18 @@ def train_indexer(model: str | os.PathLike | LoadedModel, heads: str | os.PathLi
         The final checkpoint.
 
     Raises:
-        ValueError: bad settings, a heads file of another model, an existing checkpoint without
-            ``resume`` (or a checkpoint of other settings with it), an unwritable ``out_dir``.
+        ValueError: bad settings, a missing model folder, a heads file of another model, an existing
+            checkpoint without ``resume`` (or a checkpoint of other settings with it), an unwritable
+            ``out_dir`` (nothing is created before the checks pass).
     """
     from tqdm.auto import tqdm
 
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
-    out_dir = outputs.ensure_writable_dir(out_dir)
+    rule = param_problem("index_dim", config.index_dim)
+    if rule is not None:
+        raise ValueError(f"--index-dim is {config.index_dim}, {rule}; fix: e.g. --index-dim 16")
+    out_dir = outputs.check_writable_dir(out_dir)
     lm = resolve_model(model, device)
     heads_file = heads if isinstance(heads, HeadsFile) else HeadsFile.load(heads, lm.hf_config)
     retrieval = heads_file.retrieval_heads

@@ -6,7 +6,10 @@ Connection errors, HTTP 429 and 5xx are retried up to ``retries`` times with exp
 (``backoff_s``, doubled each time; a numeric ``Retry-After`` of a 429 is honoured). Other HTTP
 errors (4xx) and timeouts are not retried: a 4xx will not change, and a timed-out long prompt
 would only time out again. Every failure comes back as a :class:`Completion` with ``error`` and
-``kind`` set, never as an exception, so that it can be counted and listed.
+``kind`` set, never as an exception, so that it can be counted and listed: that includes malformed
+answers (a reply that is not HTTP, a redirect loop, a body that is not UTF-8 JSON, a JSON body
+without the expected fields or with a ``usage`` that is not a count), which are ``bad_response``
+and are not retried.
 """
 
 from __future__ import annotations
@@ -115,11 +118,22 @@ def resolve_model(endpoint: Endpoint, config: ClientConfig) -> Endpoint:
             return await _call(session, "GET", endpoint.url + "/models", None, config)
 
     body, outcome = asyncio.run(fetch())
-    models = [m.get("id") for m in (body or {}).get("data", []) if isinstance(m, dict)]
+    models = _model_ids(body)
     if outcome.error is not None or not models:
+        problem = outcome.error or ("no model listed" if isinstance(models, list) else
+                                    f"not an OpenAI model list: {_excerpt(body)}")
         raise ValueError(f"cannot list the models of {endpoint.name} at {endpoint.url}/models "
-                         f"({outcome.error or 'empty list'}); fix: check that the server is up, or pass --model")
+                         f"({problem}); fix: check that the server is up, or pass --model")
     return replace(endpoint, model=models[0])
+
+
+def _model_ids(body: Any) -> list[str] | None:
+    """The ``id`` strings of a ``/v1/models`` body ``{"data": [{"id": ...}, ...]}``; ``None`` when the
+    body does not have that form."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
 
 
 def complete_all(endpoint: Endpoint, requests: Sequence[tuple[str, int]], config: ClientConfig,
@@ -182,15 +196,15 @@ async def _call(session, method: str, url: str, payload: dict | None,
         wait = config.backoff_s * 2 ** (attempt - 1)
         try:
             async with session.request(method, url, json=payload, timeout=timeout) as resp:
-                raw = await resp.text()
+                raw = await resp.read()
                 if 200 <= resp.status < 300:
                     try:
                         return json.loads(raw), Completion("", attempts=attempt,
                                                            latency_s=time.perf_counter() - start)
-                    except json.JSONDecodeError:
-                        error, kind = f"response is not JSON: {raw[:200]!r}", "bad_response"
+                    except (ValueError, RecursionError) as exc:      # not UTF-8, not JSON, nested too deep
+                        error, kind = f"response is not UTF-8 JSON ({exc}): {_excerpt(raw)}", "bad_response"
                         break
-                error, kind = f"HTTP {resp.status}: {raw[:300]}", "http"
+                error, kind = f"HTTP {resp.status}: {raw.decode('utf-8', 'replace')[:300]}", "http"
                 if resp.status != 429 and resp.status < 500:
                     break
                 retry_after = resp.headers.get("Retry-After", "")
@@ -201,6 +215,9 @@ async def _call(session, method: str, url: str, payload: dict | None,
             break
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             error, kind = f"{type(exc).__name__}: {exc}", "connection"
+        except aiohttp.ClientError as exc:         # not an HTTP reply, too many redirects, bad headers
+            error, kind = f"not a valid HTTP answer ({type(exc).__name__}: {exc})", "bad_response"
+            break
         if attempt <= config.retries:
             await asyncio.sleep(wait)
     else:
@@ -209,14 +226,39 @@ async def _call(session, method: str, url: str, payload: dict | None,
 
 
 def _parse(body: Any, outcome: Completion, api: str) -> Completion:
-    """``outcome`` with the generated text and usage of a successful response ``body``."""
-    try:
-        choice = body["choices"][0]
-        text = choice["text"] if api == "completions" else choice["message"].get("content") or ""
-        if not isinstance(text, str):
-            raise TypeError(f"text is {type(text).__name__}")
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        return replace(outcome, error=f"unexpected response ({exc!r}): {json.dumps(body)[:200]}",
-                       kind="bad_response")
-    usage = body.get("usage") or {}
+    """``outcome`` with the generated text and ``usage.prompt_tokens`` of a successful response's JSON
+    ``body``; a body of another form makes ``outcome`` a ``bad_response`` error naming the field."""
+    problem = _completion_problem(body, api)
+    if problem is not None:
+        return replace(outcome, error=f"unexpected response ({problem}): {_excerpt(body)}", kind="bad_response")
+    choice, usage = body["choices"][0], body.get("usage") or {}
+    text = choice["text"] if api == "completions" else choice["message"].get("content") or ""
     return replace(outcome, text=text, prompt_tokens=usage.get("prompt_tokens"))
+
+
+def _completion_problem(body: Any, api: str) -> str | None:
+    """What makes ``body`` not an OpenAI completion of ``api``, or ``None``."""
+    if not isinstance(body, dict):
+        return f"the body is a JSON {type(body).__name__}, not an object"
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "choices is not a non-empty list of objects"
+    if api == "completions":
+        if not isinstance(choices[0].get("text"), str):
+            return "choices[0].text is not a string"
+    else:
+        message = choices[0].get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("content"), (str, type(None))):
+            return "choices[0].message.content is not a string"
+    usage = body.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return f"usage is a {type(usage).__name__}, not an object"
+    tokens = (usage or {}).get("prompt_tokens")
+    if tokens is not None and (type(tokens) is not int or tokens < 0):
+        return f"usage.prompt_tokens is {tokens!r}, not a token count"
+    return None
+
+
+def _excerpt(body: Any, limit: int = 200) -> str:
+    """A short printable excerpt of a response body (bytes or parsed JSON), for error messages."""
+    return repr(body[:limit]) if isinstance(body, bytes) else json.dumps(body)[:limit]

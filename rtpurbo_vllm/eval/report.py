@@ -150,4 +150,4 @@ def write_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"eval-{stamp}-{names}")
     out = Path(out_dir)
     return {"json": write_json(out / f"{stem}.json", results),
-            "markdown": write_bytes(out / f"{stem}.md", render_markdown(results).encode())}
+            "markdown": write_bytes(out / f"{stem}.md", render_markdown(results).encode("utf-8", "backslashreplace"))}

@@ -16,6 +16,7 @@ from typing import Any
 
 from rtpurbo_vllm.eval.client import ClientConfig, Endpoint, complete_all, resolve_model
 from rtpurbo_vllm.eval.tasks import TASKS, TaskGenerator, load_tokenizer
+from rtpurbo_vllm.outputs import check_writable_dir
 
 DEFAULT_LENGTHS = (4096, 8192, 16384)
 
@@ -100,15 +101,17 @@ def _version(dist: str) -> str:
 def run_eval(config: EvalConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Runs the evaluation; returns the results dict and the written files (``json``, ``markdown``).
 
-    The endpoints are resolved first (a server that is down fails the run before any generation);
-    after that, failed requests are scored 0 and reported, never raised.
+    The output folder is checked and the endpoints are resolved first (an unwritable ``out_dir`` or a
+    server that is down fails the run before any request); after that, failed requests and malformed
+    responses are scored 0 and reported, never raised.
 
     Raises:
-        ValueError: an endpoint's model list cannot be fetched, the tokenizer cannot be loaded or
-            cannot encode the tasks, or a length is too short for a task.
+        ValueError: ``out_dir`` cannot be written, an endpoint's model list cannot be fetched, the
+            tokenizer cannot be loaded or cannot encode the tasks, or a length is too short for a task.
     """
     from rtpurbo_vllm.eval.report import build_results, write_results
 
+    check_writable_dir(config.out_dir)
     endpoints = [resolve_model(e, config.client) for e in config.endpoints]
     generator = TaskGenerator(load_tokenizer(config.tokenizer), vocab=config.vocab, template=config.template)
     tasks = config.tasks or generator.default_tasks()

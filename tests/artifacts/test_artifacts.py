@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -25,7 +26,7 @@ from rtpurbo_vllm.artifacts import (
     save_artifact,
 )
 
-NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INDEX_DIM = 4, 8, 2, 16, 4
+NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INDEX_DIM = 4, 8, 2, 16, 16
 
 
 def qwen3_config(**overrides):
@@ -166,11 +167,18 @@ CONFIG_FAILURES = [
     ("top-p-zero", _set("params", "top_p", 0), r"params.top_p is 0, must be in \(0, 1\]"),
     ("top-p-above-one", _set("params", "top_p", 1.5), r"params.top_p is 1.5, must be in \(0, 1\]"),
     ("top-p-nan", _set("params", "top_p", math.nan), r"params.top_p is nan, must be in \(0, 1\]"),
-    ("window-zero", _set("params", "window", 0), "params.window is 0, must be positive"),
-    ("block-size-negative", _set("params", "block_size", -64), "params.block_size is -64, must be positive"),
-    ("index-dim-zero", _set("params", "index_dim", 0), "params.index_dim is 0, must be positive"),
-    ("sink-negative", _set("params", "sink_tokens", -1), "params.sink_tokens is -1, must be >= 0"),
-    ("dense-threshold-negative", _set("params", "dense_threshold", -1), "params.dense_threshold is -1, must be >= 0"),
+    ("window-zero", _set("params", "window", 0), r"params.window is 0, must be in \[1, 2147483647\]"),
+    ("window-beyond-int64", _set("params", "window", 2**63), r"params.window is 9223372036854775808, must be in"),
+    ("block-size-negative", _set("params", "block_size", -64), "params.block_size is -64, must be a power of two"),
+    ("block-size-48", _set("params", "block_size", 48), r"params.block_size is 48, must be a power of two in \[1, 1024\]"),
+    ("block-size-huge", _set("params", "block_size", 2**40), "params.block_size is 1099511627776, must be a power"),
+    ("index-dim-zero", _set("params", "index_dim", 0), r"params.index_dim is 0, must be a power of two in \[16, 256\]"),
+    ("index-dim-8", _set("params", "index_dim", 8), "params.index_dim is 8, must be a power of two"),
+    ("index-dim-24", _set("params", "index_dim", 24), "params.index_dim is 24, must be a power of two"),
+    ("sink-negative", _set("params", "sink_tokens", -1), r"params.sink_tokens is -1, must be in \[0, 2147483647\]"),
+    ("sink-beyond-int64", _set("params", "sink_tokens", 2**63), "params.sink_tokens is 9223372036854775808"),
+    ("dense-threshold-negative", _set("params", "dense_threshold", -1), "params.dense_threshold is -1, must be in"),
+    ("dense-threshold-beyond-int64", _set("params", "dense_threshold", 2**64), "params.dense_threshold is 18446744073709551616"),
 ]
 
 
@@ -352,6 +360,29 @@ def test_replace_existing_artifact(saved):
     assert save_artifact(new, folder) == folder
     assert listing(folder.parent) == [DEFAULT_DIRNAME]
     assert load_artifact(folder) == new
+
+
+def test_a_linked_artifact_folder_is_written_through(saved, tmp_path):
+    """``model/rtpurbo -> ../store/v1``: the artifact in store/v1 is replaced, the link stays, nothing is
+    left next to either."""
+    _, real = saved
+    store = tmp_path / "store"
+    store.mkdir()
+    real.rename(store / "v1")
+    link = tmp_path / "model" / DEFAULT_DIRNAME
+    link.symlink_to(Path("..") / "store" / "v1", target_is_directory=True)
+    new = random_artifact(qwen3_config(), dtype=torch.bfloat16)
+    assert save_artifact(new, link) == link
+    assert link.is_symlink() and load_artifact(link) == new and load_artifact(store / "v1") == new
+    assert listing(tmp_path / "model") == [DEFAULT_DIRNAME] and listing(store) == ["v1"]
+
+
+def test_a_dangling_link_is_written_through(tmp_path, seed):
+    link = tmp_path / "rtpurbo"
+    link.symlink_to(tmp_path / "store" / "v2")
+    artifact = random_artifact(qwen3_config())
+    save_artifact(artifact, link)
+    assert link.is_symlink() and load_artifact(tmp_path / "store" / "v2") == artifact
 
 
 def test_headwise_only_replaces_artifact_with_indexer(saved):

@@ -125,12 +125,50 @@ def test_unknown_key_is_ignored_with_warning(seed, caplog):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(swa_token_num="8192"), "swa_token_num is '8192', expected an integer"),
-    (dict(sink_token_num=-1), "params.sink_tokens is -1, must be >= 0"),
-    (dict(seqlen_threshold=-5), "params.dense_threshold is -5"),
-], ids=["not-int", "negative-sink", "negative-threshold"])
+    (dict(sink_token_num=-1), r"headwise_config.sink_token_num is -1, but sink_tokens = sink_token_num must be in \[0, "),
+    (dict(seqlen_threshold=-5), "headwise_config.seqlen_threshold is -5, but dense_threshold = seqlen_threshold"),
+    (dict(swa_token_num=-1), r"headwise_config.swa_token_num is -1, but window = swa_token_num \+ 1 must be in \[1, "),
+    (dict(swa_token_num=10**30), "headwise_config.swa_token_num is 1000000000000000000000000000000, but window"),
+    (dict(sink_token_num=2**63), "headwise_config.sink_token_num is 9223372036854775808"),
+], ids=["not-int", "negative-sink", "negative-threshold", "negative-window", "huge-window", "sink-beyond-int64"])
 def test_bad_settings(seed, settings, message):
     with pytest.raises(ArtifactError, match=message):
         import_rtp_llm_headwise(rtp_config_json(random_masks(), **settings))
+
+
+def test_bad_settings_never_name_a_file_the_user_did_not_give(seed, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(rtp_config_json(random_masks(), swa_token_num=-1)))
+    with pytest.raises(ArtifactError) as info:
+        import_rtp_llm_headwise(path)
+    assert str(info.value).startswith(f"{path}: headwise_config.swa_token_num is -1")
+    assert "rtpurbo_config.json" not in str(info.value)
+
+
+def _with(key, value):
+    def edit(config):
+        config[key] = value
+    return edit
+
+
+def _int_layer_key(config):
+    config["headwise_config"][0] = config["headwise_config"].pop("0")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_with("num_attention_heads", 0), "num_attention_heads is 0, must be positive"),
+    (_with("num_attention_heads", "eight"), "cannot build a transformers config .*num_attention_heads"),
+    (_with("num_key_value_heads", 3), "num_attention_heads=8 is not a multiple of num_key_value_heads=3"),
+    (_with("num_hidden_layers", 0), "(?s)cannot build a transformers config .*num_hidden_layers"),
+    (_int_layer_key, r"headwise_config has keys \[0\] that are not strings"),
+], ids=["no-heads", "heads-a-string", "kv-not-dividing", "no-layers", "int-layer-key"])
+def test_bad_model_config_is_an_artifact_error_naming_the_field(seed, edit, message):
+    config = rtp_config_json(random_masks())
+    edit(config)
+    with pytest.raises(ArtifactError, match=message) as info:
+        import_rtp_llm_headwise(config)
+    assert str(info.value).startswith("the given config dict: ") or "cannot build" in str(info.value)
+    assert "fix:" in str(info.value)
 
 
 def test_no_headwise_config(seed):

@@ -42,7 +42,10 @@ from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
 
 D = cpu.D
 MAX_REQS = 8            # the runner's capacity (max_num_seqs of the emulated runner's buffers)
-STALE_POSITION = 10 ** 7  # padded tokens' positions are left over from earlier steps: far outside the RoPE table
+# Padded tokens' positions are left over from earlier steps: never a current position (max_model_len is
+# 1024), but inside the 2048-row RoPE table, as they were real positions once (index_queries refuses
+# positions outside its table).
+STALE_POSITION = 2047
 # Cached tokens per decode request (each step schedules one new token per request), and the capture size.
 STEP_A, STEP_B, PADDED = [36, 129, 19], [140, 0, 57, 88], 4
 

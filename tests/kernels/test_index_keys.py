@@ -332,6 +332,44 @@ def test_bad_arguments_raise():
         write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping, index, is_neox_style=1)
 
 
+@pytest.mark.parametrize("beyond", [0, 1, 1000], ids=["last-row+1", "last-row+2", "far"])
+def test_query_positions_beyond_the_table_are_refused(beyond):
+    """A table shorter than the positions would be clamped into (a wrong rotation): refused instead,
+    while a table covering them gives the reference."""
+    case = Case(7, 4, 4, (0, 1), 64, "neox", 16, torch.float32)
+    x = _inputs(case, device="cpu")
+    out = torch.empty(7, 2, DI)
+    short = rope_table(x.spec, "cpu", num_positions=int(x.positions.max()) - beyond)
+    with pytest.raises(ValueError, match=r"positions span \[\d+, \d+\] but the RoPE table has rows"):
+        index_queries(x.query, x.positions, short, x.heads, x.w_q, out, is_neox_style=True)
+    negative = x.positions.clone()
+    negative[3] = -1
+    with pytest.raises(ValueError, match=r"positions span \[-1, "):
+        index_queries(x.query, negative, _table(x.spec, "cpu"), x.heads, x.w_q, out, is_neox_style=True)
+    covering = rope_table(x.spec, "cpu", num_positions=int(x.positions.max()) + 1)
+    index_queries(x.query, x.positions, covering, x.heads, x.w_q, out, is_neox_style=True)
+    torch.testing.assert_close(out, index_queries_ref(x.query, x.positions, x.spec, x.heads, x.w_q),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_keys_beyond_the_table_come_out_nan(seed):
+    """On a device nothing is read back: a position without a table row gives a NaN key, never a key
+    rotated by a clamped angle; the others are exact."""
+    case = Case(7, 4, 4, (0, 1), 64, "neox", 16, torch.float32)
+    x = _inputs(case, device="cpu")
+    last = int(x.positions.max())
+    short = rope_table(x.spec, "cpu", num_positions=last)            # no row for the last position
+    index = _index_layout(x.num_pages, case.page, 2, torch.float32, "cpu")
+    expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, x.w_k, x.slot_mapping, index)
+    write_index_keys(x.key, x.positions, short, x.kv_heads, x.w_k, x.slot_mapping, index, is_neox_style=True)
+    beyond = (x.positions == last) & (x.slot_mapping >= 0)
+    got, want = _read_back(index, x.slot_mapping[beyond]), _read_back(expected, x.slot_mapping[beyond])
+    assert beyond.any() and got.isnan().all() and not want.isnan().any()
+    inside = (x.positions < last) & (x.slot_mapping >= 0)
+    torch.testing.assert_close(_read_back(index, x.slot_mapping[inside]), _read_back(expected, x.slot_mapping[inside]),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU tests: realistic sizes (Qwen3-8B-like layer), int64 cache offsets, CUDA-graph replay.
 

@@ -16,10 +16,12 @@ retrieval head ``r`` and
    addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at ``base + offsets[r]``
    (its unit tensor and slot) plus ``page * page_stride + offset * token_stride``.
 
-Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, nothing is read back to the host, so both ops
-can be captured in a CUDA graph. Token, page and table offsets are computed in int64. Positions outside
-the table are clamped into it (memory safety for padding tokens whose positions are stale; such rows
-are garbage and, for keys, not stored when their slot is negative).
+Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so both ops can be captured in a CUDA graph.
+Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle:
+its row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector
+(keys of padding tokens are not stored: their slot is negative). :func:`index_queries` also refuses
+such positions up front when they are on the host (no device sync); on a device the caller covers them
+(the attention impl builds its table for every position below ``max_model_len``).
 
 The table is built once per model with :func:`rope_table` (float32 ``[num_positions, rotary_dim]``, row
 ``p`` = ``cos(p) | sin(p)`` exactly as :func:`rtpurbo_vllm.rope.rope_cos_sin` gives them — the layout of
@@ -110,6 +112,7 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
     x2 = tl.load(row[:, None] + ch2[None, :], mask=m, other=0.0).to(tl.float32)
 
     pos = tl.load(pos_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    in_table = (pos >= 0) & (pos < num_positions)
     pos = tl.minimum(tl.maximum(pos, 0), num_positions - 1)
     cs_row = cs_ptr + pos * s_cs                                                       # [BLOCK_T]
     c = tl.load(cs_row[:, None] + offs_j[None, :], mask=m, other=1.0)
@@ -133,7 +136,7 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
                      other=0.0).to(tl.float32)                                          # [BLOCK_T, BLOCK_TAIL]
         wt = tl.load(w_row[:, None] + ROT + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
-    return acc
+    return tl.where(in_table[:, None], acc, float("nan"))
 
 
 @triton.jit
@@ -219,6 +222,17 @@ def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: 
     return t, d, hr, di, rot
 
 
+def _check_positions(positions: torch.Tensor, num_positions: int) -> None:
+    """Every query position has a row in the ``cos | sin`` table (host positions only: reading device
+    positions back would sync; see :func:`index_queries`)."""
+    if positions.numel() == 0 or positions.device.type != "cpu":
+        return
+    low, high = (int(v) for v in positions.aminmax())
+    if low < 0 or high >= num_positions:
+        raise ValueError(f"positions span [{low}, {high}] but the RoPE table has rows [0, {num_positions}); fix: "
+                         f"build it with rope_table(spec, num_positions=...) covering every position")
+
+
 def _tile(d: int, rot: int) -> dict[str, int]:
     """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot)."""
     block_half = max(16, triton.next_power_of_2(rot // 2))
@@ -242,8 +256,14 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
 
     Returns:
         ``out``.
+
+    Raises:
+        ValueError: ``positions`` on the host with one outside ``[0, num_positions)``. Device positions
+            are not read back (no sync): an out-of-table row of ``out`` is NaN instead, and the caller
+            covers every position it can pass (vLLM keeps positions below ``max_model_len``).
     """
     t, d, hr, di, rot = _check_common("query", query, positions, cos_sin, heads, w_q, is_neox_style)
+    _check_positions(positions, cos_sin.shape[0])
     if out.shape != (t, hr, di) or not out.is_floating_point() or out.device != query.device:
         raise ValueError(f"out must be a float [{t}, {hr}, {di}] tensor on {query.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
