@@ -114,8 +114,8 @@ def resolve_model(endpoint: Endpoint, config: ClientConfig) -> Endpoint:
         return endpoint
 
     async def fetch() -> tuple[dict | None, Completion]:
-        async with _session(config) as session:
-            return await _call(session, "GET", endpoint.url + "/models", None, config)
+        async with _http_client(config) as http:
+            return await _call(http, "GET", endpoint.url + "/models", None, config)
 
     body, outcome = asyncio.run(fetch())
     models = _model_ids(body)
@@ -154,7 +154,7 @@ async def _complete_all(endpoint: Endpoint, requests: Sequence[tuple[str, int]],
     bar = tqdm(total=len(requests), desc=endpoint.name, unit="req", disable=not progress)
     failed = 0
 
-    async def one(session, prompt: str, max_tokens: int) -> Completion:
+    async def one(http, prompt: str, max_tokens: int) -> Completion:
         nonlocal failed
         payload: dict[str, Any] = {"model": endpoint.model, "max_tokens": max_tokens, "temperature": 0.0}
         if config.api == "completions":
@@ -162,7 +162,7 @@ async def _complete_all(endpoint: Endpoint, requests: Sequence[tuple[str, int]],
         else:
             payload["messages"] = [{"role": "user", "content": prompt}]
         async with gate:
-            body, outcome = await _call(session, "POST", endpoint.url + path, payload, config)
+            body, outcome = await _call(http, "POST", endpoint.url + path, payload, config)
         if outcome.error is None:
             outcome = _parse(body, outcome, config.api)
         failed += outcome.error is not None
@@ -171,20 +171,20 @@ async def _complete_all(endpoint: Endpoint, requests: Sequence[tuple[str, int]],
         return outcome
 
     try:
-        async with _session(config) as session:
-            return list(await asyncio.gather(*(one(session, p, m) for p, m in requests)))
+        async with _http_client(config) as http:
+            return list(await asyncio.gather(*(one(http, p, m) for p, m in requests)))
     finally:
         bar.close()
 
 
-def _session(config: ClientConfig):
+def _http_client(config: ClientConfig):
     import aiohttp
 
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     return aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=config.concurrency))
 
 
-async def _call(session, method: str, url: str, payload: dict | None,
+async def _call(http, method: str, url: str, payload: dict | None,
                 config: ClientConfig) -> tuple[dict | None, Completion]:
     """One request with retries: ``(parsed JSON body or None, outcome)``; ``outcome.text`` is empty."""
     import aiohttp
@@ -195,7 +195,7 @@ async def _call(session, method: str, url: str, payload: dict | None,
     for attempt in range(1, config.retries + 2):
         wait = config.backoff_s * 2 ** (attempt - 1)
         try:
-            async with session.request(method, url, json=payload, timeout=timeout) as resp:
+            async with http.request(method, url, json=payload, timeout=timeout) as resp:
                 raw = await resp.read()
                 if 200 <= resp.status < 300:
                     try:

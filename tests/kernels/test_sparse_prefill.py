@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from rtpurbo_vllm.reference import rtpurbo_prefill_ref  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PageTable, gather, to_float  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as _kernel_module  # noqa: E402
-from rtpurbo_vllm.triton_kernels.sparse_prefill import topp_search as _topp_module  # noqa: E402
+from rtpurbo_vllm.triton_kernels import topp_search as _topp_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (chunk_tiles, paged_sparse_prefill_ref,  # noqa: E402
                                                         pool_index_queries, tile_block_mass_ref,
                                                         tile_forced_blocks)

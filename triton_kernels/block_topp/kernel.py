@@ -15,7 +15,8 @@ passed in.
    ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
    max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. Programs past the
    sequence's last block return at once.
-2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), combines the block stats into masses
+2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), :func:`..topp_search.topp_select_row`
+   (shared with the prefill selection) combines the block stats into masses
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
    the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
    order like their values, and a 31-step binary search over bit patterns finds the largest ``tau``
@@ -45,12 +46,9 @@ import triton
 import triton.language as tl
 
 from ..paged_heads import PagedHeads, PageTable
+from ..topp_search import topp_select_row
 
 # Bit pattern of +inf in float32: every finite non-negative mass has a smaller pattern.
-_F32_INF_BITS = 0x7F800000
-# ceil(log2(_F32_INF_BITS + 1)): binary-search steps that shrink [-1, +inf bits] to adjacent values.
-_SEARCH_STEPS = 31
-
 _SELECT_MAX_CHUNK = 4096     # blocks held in registers at once by one selection program
 _STATS_BLOCKS_PER_PROG = 16  # selection blocks scored by one stats program
 _STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats program
@@ -145,135 +143,25 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def _block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks, global_max, inv_total):
-    """Masses of ``blocks`` (0 past the end), and which of them are valid, forced and candidates."""
-    valid = blocks < num_blocks
-    b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
-    b_sum = tl.load(block_sum_ptr + blocks, mask=valid, other=0.0)
-    mass = tl.where(valid, b_sum * tl.exp(b_max - global_max) * inv_total, 0.0)
-    forced = valid & ((blocks < num_sink_blocks) | (blocks == num_blocks - 1))
-    candidate = valid & ~forced
-    return mass, valid, forced, candidate
-
-
-@triton.jit
-def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max,
-                             inv_total, bound_bits, STRICT: tl.constexpr, CHUNK: tl.constexpr):
-    """Sum of non-forced masses whose float32 bit pattern is >= ``bound_bits`` (> if ``STRICT``),
-    recomputed chunk by chunk from the workspace."""
-    total = 0.0
-    for start in range(0, num_blocks, CHUNK):
-        mass, _, _, candidate = _block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK),
-                                            num_blocks, num_sink_blocks, global_max, inv_total)
-        bits = mass.to(tl.int32, bitcast=True)
-        above = (bits > bound_bits) if STRICT else (bits >= bound_bits)
-        total += tl.sum(tl.where(candidate & above, mass, 0.0))
-    return total
-
-
-@triton.jit
-def _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max, inv_total,
-                      first_mass, first_candidate, forced_mass, top_p, in_registers,
-                      CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, INF_BITS: tl.constexpr):
-    """Bit pattern of tau, the largest value with ``forced_mass + sum(candidate mass >= tau) >= top_p``
-    (a candidate's mass), or -1 when even every block falls short.
-
-    Binary search over int32 bit patterns, which order non-negative floats like their values: the
-    invariant is reached(lo) and not reached(hi), from lo = -1 ("keep all") and hi = +inf. When
-    ``in_registers`` (``num_blocks <= CHUNK``, decided per sequence) every block sits in
-    ``first_mass``/``first_candidate``; otherwise each step re-reads the workspace chunk by chunk.
-    """
-    first_bits = first_mass.to(tl.int32, bitcast=True)
-    lo = tl.full((), -1, tl.int32)
-    hi = tl.full((), INF_BITS, tl.int32)
-    for _ in range(SEARCH_STEPS):
-        mid = lo + (hi - lo) // 2
-        if in_registers:
-            mass_at_least = tl.sum(tl.where(first_candidate & (first_bits >= mid), first_mass, 0.0))
-        else:
-            mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                                     global_max, inv_total, mid, False, CHUNK)
-        reached = forced_mass + mass_at_least >= top_p
-        lo = tl.where(reached, mid, lo)
-        hi = tl.where(reached, hi, mid)
-    return lo
-
-
-@triton.jit
 def _select_kernel(
     seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
     stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
     top_p, dense_threshold, num_sink_blocks, max_blocks,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, INF_BITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Grid ``(HR, B)``: the kept block ids of one (sequence, head), ``-1`` padded to ``max_blocks``."""
     head = tl.program_id(0).to(tl.int64)
     seq = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_blocks = tl.maximum(tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks), 0)
-    block_max_ptr += seq * stride_wb + head * stride_wh
-    block_sum_ptr += seq * stride_wb + head * stride_wh
     selected_ptr += seq * stride_sb + head * stride_sh
-    lanes = tl.arange(0, CHUNK)
-
-    # Softmax normaliser over all tokens from the per-block stats.
-    global_max = float("-inf")
-    for start in range(0, num_blocks, CHUNK):
-        blocks = start + lanes
-        b_max = tl.load(block_max_ptr + blocks, mask=blocks < num_blocks, other=float("-inf"))
-        global_max = tl.maximum(global_max, tl.max(b_max))
-    global_max = tl.where(num_blocks > 0, global_max, 0.0)  # empty rows: keep the arithmetic finite
-    total = 0.0
-    for start in range(0, num_blocks, CHUNK):
-        blocks = start + lanes
-        valid = blocks < num_blocks
-        b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
-        b_sum = tl.load(block_sum_ptr + blocks, mask=valid, other=0.0)
-        total += tl.sum(tl.where(valid, b_sum * tl.exp(b_max - global_max), 0.0))
-    inv_total = 1.0 / tl.maximum(total, 1.0)  # total >= 1 (the top block's own term) unless empty
-
-    # The first CHUNK blocks stay in registers: for a sequence of at most CHUNK blocks that is every block,
-    # whatever max_blocks (max_model_len) is.
-    in_registers = num_blocks <= CHUNK
-    first_mass, _, first_forced, first_candidate = _block_mass(block_max_ptr, block_sum_ptr, lanes, num_blocks,
-                                                               num_sink_blocks, global_max, inv_total)
-    forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
-    for start in range(CHUNK, num_blocks, CHUNK):
-        mass, _, forced, _ = _block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks,
-                                         num_sink_blocks, global_max, inv_total)
-        forced_mass += tl.sum(tl.where(forced, mass, 0.0))
-
-    # Greedy cut: every candidate above tau, then the ones tied at tau in id order while short of top_p.
-    tau_bits = _search_threshold(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, global_max,
-                                 inv_total, first_mass, first_candidate, forced_mass, top_p, in_registers,
-                                 CHUNK, SEARCH_STEPS, INF_BITS)
-    tau = tau_bits.to(tl.float32, bitcast=True)
-    keep_all = (top_p >= 1.0) | (tau_bits < 0) | (seq_len < dense_threshold)
-    if in_registers:
-        mass_above = tl.sum(tl.where(first_candidate & (first_mass.to(tl.int32, bitcast=True) > tau_bits),
-                                     first_mass, 0.0))
-    else:
-        mass_above = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                              global_max, inv_total, tau_bits, True, CHUNK)
-    mass_before_ties = forced_mass + mass_above
-
-    # Compaction in ascending block order.
-    count = tl.full((), 0, tl.int32)
-    ties_seen = tl.full((), 0, tl.int32)
-    for start in range(0, num_blocks, CHUNK):
-        blocks = start + lanes
-        mass, valid, forced, candidate = _block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks,
-                                                     num_sink_blocks, global_max, inv_total)
-        bits = mass.to(tl.int32, bitcast=True)
-        tie = (candidate & (bits == tau_bits)).to(tl.int32)
-        ties_before = ties_seen + tl.cumsum(tie, axis=0) - tie
-        tie_kept = (tie != 0) & (mass_before_ties + ties_before.to(tl.float32) * tau < top_p)
-        keep = valid & (keep_all | forced | (candidate & (bits > tau_bits)) | tie_kept)
-        keep_i = keep.to(tl.int32)
-        slot = count + tl.cumsum(keep_i, axis=0) - keep_i
-        tl.store(selected_ptr + slot, blocks.to(tl.int32), mask=keep)
-        count += tl.sum(keep_i)
-        ties_seen += tl.sum(tie)
+    # top_p 1 and dense sequences keep every block: a mass no row can reach.
+    row_top_p = tl.where((top_p >= 1.0) | (seq_len < dense_threshold), float("inf"), top_p)
+    count = topp_select_row(block_max_ptr + seq * stride_wb + head * stride_wh,
+                            block_sum_ptr + seq * stride_wb + head * stride_wh, selected_ptr, num_blocks,
+                            num_sink_blocks, num_blocks - 1, row_top_p, CHUNK)
     tl.store(num_selected_ptr + seq * stride_nb + head * stride_nh, count)
+    lanes = tl.arange(0, CHUNK)
     for start in range((count // CHUNK) * CHUNK, max_blocks, CHUNK):
         slots = start + lanes
         tl.store(selected_ptr + slots, tl.full((CHUNK,), -1, tl.int32),
@@ -390,7 +278,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
-        BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_STEPS=_SEARCH_STEPS, INF_BITS=_F32_INF_BITS,
+        BLOCK_SIZE=block_size, CHUNK=chunk,
         num_warps=4 if chunk <= 1024 else 8,
     )
     return selected, num_selected

@@ -38,12 +38,11 @@ from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
 
 from ..paged_heads import PagedHeads
 
-# Tuned on one H200 (T 8192, HQ 32, HKV 8, HR 5, bf16; CUDA-graph timings): D 128 ~14 us per op, D 256
-# ~47 us; an FMA ("ieee") dot took 33 us at D 128, BLOCK_T 16 or 4+ warps were slower, and a per-channel
-# gather formulation took 55-95 us.
+# Launch configuration (the fastest of a sweep over BLOCK_T, warps and dot precision on Hopper; the
+# history of that sweep is in docs/results/).
 _BLOCK_T = 32
 _NUM_WARPS = 2
-_DOT_PRECISION = "tf32x3"  # 3 TF32 MMAs: ~1e-6 relative to the float32 result, twice as fast as "ieee"
+_DOT_PRECISION = "tf32x3"  # 3 TF32 MMAs: ~1e-6 relative to the float32 result
 
 
 def rope_table_length(spec: RopeSpec) -> int:

@@ -505,7 +505,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     num_splits = workspace.splits_for_batch(batch)   # raises if the workspace is too small
 
     cfg = CONFIG
-    # 128-token tiles measured best at D=128 (H200); halve them for wider heads to bound registers.
+    # The configured tiles are for D <= 128; halve them for wider heads to bound registers.
     tile_local = cfg["tile_local"] if head_dim <= 128 else cfg["tile_local"] // 2
     tile_ret = cfg["tile_retrieval"] if head_dim <= 128 else cfg["tile_retrieval"] // 2
     group = num_heads // num_kv_heads

@@ -17,7 +17,7 @@ to the host, and every scratch tensor comes from :class:`SparsePrefillWorkspace`
    block) the max score and ``sum exp(score - max)`` over the keys the tile may see. Index keys are
    read ``cdiv(tiles, TILE_GROUP)`` times instead of once per tile; programs past the group's last
    causal key return at once.
-3. ``_select_kernel``, grid ``(tiles, HR, B)``: per tile, the sort-free top-p of :mod:`.topp_search`
+3. ``_select_kernel``, grid ``(tiles, HR, B)``: per tile, the sort-free top-p of :mod:`..topp_search`
    with the sink blocks and the diagonal blocks forced; writes the kept ids ascending and their count.
    ``top_p >= 1`` skips launches 1-2 and keeps every block.
 4. ``_attend_kernel``, grid ``(tiles, HR, B)``, last tiles first (they have the most keys): one program
@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..paged_heads import PagedHeads, PageTable
-from .topp_search import keep_every_block, topp_select_row
+from ..topp_search import keep_every_block, topp_select_row
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
 CONFIG = {"tile_group": 64, "blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,

@@ -14,9 +14,9 @@ the greedy order takes. Kept: forced blocks, blocks above ``tau``, and the block
 order while ``F + sum(mass > tau) + (ties before) * tau < top_p``. A row of at most ``CHUNK`` blocks
 keeps its masses in registers through the search; a longer one re-reads them at every step.
 
-This is ``block_topp``'s selection (``triton_kernels/block_topp/kernel.py``, whose forced set is the
-sink blocks and the last block, i.e. ``first_tail_block = num_blocks - 1``) with the forced tail
-widened to a range, copied rather than shared so that op stays untouched; it could call these.
+Shared by the decode selection (``block_topp``: the forced tail is the last block,
+``first_tail_block = num_blocks - 1``) and the prefill selection (``sparse_prefill``: the forced tail is
+a query tile's diagonal blocks). A caller that must keep every block passes ``top_p = inf``.
 """
 
 from __future__ import annotations
