@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 
 DEFAULT_SPLITS_PER_SEQ = 32
@@ -184,24 +185,8 @@ def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws,
         if FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-        if UPCAST_DOT:
-            # The interpreter's dot misreads bf16 (stored as uint16): round as the GPU does, dot in fp32.
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))                                                 # [ROWS, TILE]
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A retrieval tile may lie wholly past L (a selected block beyond the sequence).
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-        else:
-            pv = tl.dot(p.to(v.dtype), v)                                              # [ROWS, D_PAD]
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
     return acc, l_i, m_i
 
 
