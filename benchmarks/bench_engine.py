@@ -96,9 +96,7 @@ def held_sequences(llm, cfg: dict, context: int) -> float:
     kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
     layout = KVLayout.from_artifact(serving_artifact(vllm_config), name=cfg["layout"], kv_dtype=kv_dtype,
                                     index_dtype=torch.bfloat16, block_unit=vllm_config.cache_config.block_size)
-    per_block = layout.unit_count * (layout.blocks.page_size_bytes if layout.has("window")
-                                     else sum(s.page_size_bytes for s in layout.units.values()))
-    return num_blocks * per_block / layout.bytes_per_sequence(context)
+    return num_blocks * layout.bytes_per_block / layout.bytes_per_sequence(context)
 
 
 def run_one(args) -> dict:

@@ -78,7 +78,8 @@ class LayerKV:
         places = layout.places[layer]
         self.layout = layout
         self.layer = layer
-        self.kv_units = tuple(sorted({(p.kind, p.unit) for p in places.kv}, key=lambda ku: (KV_KINDS.index(ku[0]), ku[1])))
+        self.kv_units = tuple(sorted({(p.kind, p.unit) for p in places.kv},
+                                     key=lambda kind_unit: (KV_KINDS.index(kind_unit[0]), kind_unit[1])))
         self.index_units = tuple(sorted({p.unit for p in places.index}))
         self.kv_unit_names = tuple(unit_name(layer_names, kind, unit) for kind, unit in self.kv_units)
         self.index_unit_names = tuple(unit_name(layer_names, INDEX, unit) for unit in self.index_units)
@@ -102,11 +103,6 @@ class LayerKV:
         self.kv: PagedHeads | None = None
         self.index: PagedHeads | None = None
         self.part_heads: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
-
-
-    @property
-    def full_kv_heads(self) -> tuple[int, ...]:
-        return tuple(h for h, k in enumerate(self.head_kind) if KV_KINDS[k] == FULL)
 
     @property
     def is_bound(self) -> bool:

@@ -372,15 +372,6 @@ class KVLayout:
             return 0
         return -(-self.sink_tokens // self.units[WINDOW].block_size)
 
-    def full_kv_heads(self, layer: int) -> tuple[int, ...]:
-        """The layer's KV heads kept in full."""
-        return tuple(h for h, p in enumerate(self.places[layer].kv) if p.kind == FULL)
-
-    def units_of(self, layer: int) -> set[tuple[str, int]]:
-        """``(kind, unit)`` of every unit holding a head of ``layer``."""
-        p = self.places[layer]
-        return {(q.kind, q.unit) for q in (*p.kv, *p.index)}
-
     def unit_names(self, layer_names: tuple[str, ...], kind: str) -> tuple[str, ...]:
         """The cache-layer name of every unit of ``kind`` (see :func:`unit_name`)."""
         if len(layer_names) != self.num_layers:
@@ -393,6 +384,13 @@ class KVLayout:
                      if u % self.num_layers == layer and not (kind == FULL and u < self.num_layers))
 
     # ------------------------------------------------------------------ bytes
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of vLLM's KV pool per block id: one page in each of the ``g`` tensors that the kinds'
+        groups share; without window units (one group, a tensor per unit) one page of every unit."""
+        pages = (shape.page_size_bytes for shape in self.units.values())
+        return self.unit_count * (self.blocks.page_size_bytes if self.has(WINDOW) else sum(pages))
+
     def empty_slots(self) -> dict[str, int]:
         """Per kind, unit slots that hold no head on this rank."""
         used = {FULL: 0, WINDOW: 0, INDEX: 0}

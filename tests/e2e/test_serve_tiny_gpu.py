@@ -162,9 +162,7 @@ def preempt_pages(layout: str) -> int:
     kv_dtype = torch.uint8 if layout == "fp8" else torch.bfloat16
     plan = KVLayout.from_artifact(artifact, name="full" if layout == "default" else "compact", kv_dtype=kv_dtype,
                                   index_dtype=torch.bfloat16)
-    per_block = plan.unit_count * sum(shape.page_size_bytes for shape in plan.units.values()) \
-        if not plan.has("window") else plan.unit_count * plan.blocks.page_size_bytes
-    return int(1.1 * plan.bytes_per_sequence(2248) / per_block) + 1
+    return int(1.1 * plan.bytes_per_sequence(2248) / plan.bytes_per_block) + 1
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -133,3 +133,13 @@ def test_plugin_registers_specs_and_keeps_builtins_in_a_fresh_process():
     assert out["names"]["SlidingWindowSpec"] == "SlidingWindowManager"       # built-ins still registered
     assert out["names"]["FullAttentionSpec"] == "FullAttentionManager"
     assert not out["cuda"]
+
+
+@pytest.mark.parametrize("name, selection", [("compact", "kvgroup15"), ("full", "global15")])
+def test_bytes_per_block_is_vllms_pool_per_block(make_config, kv, name, selection):
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+
+    layout = KVLayout.build(layout_cases.llama8b_heads(selection), name=name, head_size=128, window=8192)
+    config = get_kv_cache_configs(make_config(32768), [kv.model_specs(layout)], [8 * GIB])[0]
+    pool = sum(t.size for t in config.kv_cache_tensors)
+    assert pool == config.num_blocks * layout.bytes_per_block
