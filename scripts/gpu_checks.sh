@@ -19,11 +19,13 @@
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
 #   bash scripts/gpu_checks.sh stability-control   # the identity check on FLASH_ATTN (the control)
 #   bash scripts/gpu_checks.sh throughput WORKLOAD BACKENDS [args]  # bench_throughput.py, e.g. long-decodes RTPURBO
+#   bash scripts/gpu_checks.sh engine capacity|step CONFIG...  # bench_engine.py: vllm.LLM KV pool or decode step,
+#                                         # e.g. engine step RTPURBO:auto:global15:full RTPURBO:auto:global15:compact
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | throughput}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | throughput | engine}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -117,6 +119,13 @@ case "$stage" in
     timeout 300 python3 -P benchmarks/bench_stability.py --out "$OUT/stability_flash_attn" --stop-timeout 20 \
       --phases identity --identity-backend FLASH_ATTN "$@" 2>&1 | tee "$OUT/bench_stability_flash_attn.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -20 ;;
+  engine)
+    phase=${1:?engine needs a phase: capacity or step}
+    shift
+    keep="$HOME/rtpurbo_engine"      # rows merge across calls
+    timeout 590 python3 -P benchmarks/bench_engine.py "$phase" --out "$keep" --configs "$@" 2>&1 \
+      | tee "$OUT/bench_engine_$phase.log" | tail -20
+    cp "$keep"/bench_engine.* "$OUT/" ;;
   throughput)
     # benchmarks/bench_throughput.py: one workload, the given backends (comma-separated) one after the other;
     # rows merge into $HOME/rtpurbo_throughput across calls, so call once per backend to stay under 10 minutes.
