@@ -1,18 +1,28 @@
 """Shared test setup: the ``gpu`` marker is skipped where no CUDA device exists (CI); on such machines
 the Triton kernel launches of the whole session are recorded (``triton_launches.py``) so that the
-last test can compile them for a GPU target."""
+last test can compile them for a GPU target. The kernel tests' paged-layout builders
+(``kernels/paged_layouts.py``) are importable as ``rtpurbo_paged_layouts`` (with
+``--import-mode=importlib`` sibling test modules are not importable by name)."""
 
 import importlib.util
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("rtpurbo_triton_launches",
-                                               pathlib.Path(__file__).with_name("triton_launches.py"))
-triton_launches = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(triton_launches)
+
+def _load(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+triton_launches = _load("rtpurbo_triton_launches", pathlib.Path(__file__).with_name("triton_launches.py"))
+_load("rtpurbo_paged_layouts", pathlib.Path(__file__).parent / "kernels" / "paged_layouts.py")
 LAST = "test_recorded_launches_compile_for_hopper"
 _RECORDER = triton_launches.LaunchRecorder()
 

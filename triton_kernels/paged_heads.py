@@ -213,6 +213,21 @@ class PagedHeads:
             raise ValueError(f"no head of this layout has kind {kind}")
         return self.geometry[kind]
 
+    def check_attention_dtypes(self, q_dtype: torch.dtype, k_scale: torch.Tensor | None,
+                               v_scale: torch.Tensor | None) -> bool:
+        """K|V units the attention kernels read with ``q_dtype`` queries: ``q_dtype`` itself, or fp8 with
+        1-element float32 ``k_scale`` / ``v_scale``. Returns whether they are fp8; raises ValueError."""
+        if not self.is_fp8:
+            if self.dtype != q_dtype:
+                raise ValueError(f"K/V units are {self.dtype}; expected q's {q_dtype} or fp8 (uint8 / "
+                                 f"float8_e4m3fn)")
+            return False
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is None or s.numel() != 1 or s.dtype != torch.float32:
+                raise ValueError(f"fp8 K/V need {name} as a 1-element float32 tensor, got "
+                                 f"{None if s is None else (tuple(s.shape), s.dtype)}")
+        return True
+
     def check_tables(self, tables: Sequence[PageTable], batch: int, what: str = "tables") -> None:
         """Raises ValueError unless ``tables[k]`` fits every kind ``k`` the heads use, for ``batch`` rows."""
         if len(tables) < self.num_kinds:

@@ -74,7 +74,20 @@ class UnitMetadataBuilder(AttentionMetadataBuilder[UnitMetadata]):
         return UnitMetadata(block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, seq_lens=m.seq_lens)
 
 
-class RTPurboKVUnitBackend(FlashAttentionBackend):
+class _UnitBackend:
+    """What every unit backend shares: no impl (the RTPURBO attention impl writes and reads units)
+    and the :class:`UnitMetadataBuilder`."""
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("RTPurbo cache units are written and read by the RTPURBO attention impl")
+
+    @staticmethod
+    def get_builder_cls() -> type[UnitMetadataBuilder]:
+        return UnitMetadataBuilder
+
+
+class RTPurboKVUnitBackend(_UnitBackend, FlashAttentionBackend):
     """FlashAttention's paged K/V layout (so FA3 and the Triton kernels read it unchanged):
     ``[B, slots, P, 2D]`` logical, ``[B, P, slots, 2D]`` physical (NHD)."""
 
@@ -82,29 +95,13 @@ class RTPurboKVUnitBackend(FlashAttentionBackend):
     def get_name() -> str:
         return "RTPURBO_KV_UNIT"
 
-    @staticmethod
-    def get_impl_cls():
-        raise NotImplementedError("RTPurbo cache units are written and read by the RTPURBO attention impl")
 
-    @staticmethod
-    def get_builder_cls() -> type[UnitMetadataBuilder]:
-        return UnitMetadataBuilder
-
-
-class RTPurboIndexUnitBackend(AttentionBackend):
+class RTPurboIndexUnitBackend(_UnitBackend, AttentionBackend):
     """The index unit's layout: ``[B, P, slots * DI]`` (the model's activation dtype)."""
 
     @staticmethod
     def get_name() -> str:
         return "RTPURBO_INDEX_UNIT"
-
-    @staticmethod
-    def get_impl_cls():
-        raise NotImplementedError("RTPurbo cache units are written and read by the RTPURBO attention impl")
-
-    @staticmethod
-    def get_builder_cls() -> type[UnitMetadataBuilder]:
-        return UnitMetadataBuilder
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:

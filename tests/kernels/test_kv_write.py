@@ -12,9 +12,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,18 +22,7 @@ from rtpurbo_vllm.triton_kernels.kv_write import kv_write_ref  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads, quantize_fp8  # noqa: E402
 
 
-def _load_layouts():
-    """tests/kernels/paged_layouts.py, once per session (sibling modules are not importable by name)."""
-    if "rtpurbo_paged_layouts" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("rtpurbo_paged_layouts",
-                                                      pathlib.Path(__file__).with_name("paged_layouts.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["rtpurbo_paged_layouts"]
-
-
-PL = _load_layouts()
+import rtpurbo_paged_layouts as PL  # noqa: E402  (registered by tests/conftest.py)
 KindSpec = PL.KindSpec
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET and type(_kernel_module._kv_write_kernel).__name__ != "InterpretedFunction":

@@ -447,14 +447,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     _check(kv.num_kinds <= 2, f"K/V heads use kinds 0 (full) and 1 (window), got {kv.num_kinds} kinds")
     kv.check_tables(kv_tables, batch, "kv_tables")
     _check(q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16 or fp16, got {q.dtype}")
-    fp8 = kv.is_fp8
-    _check(fp8 or kv.dtype == q.dtype, f"K/V units are {kv.dtype}; expected q's {q.dtype} or fp8 (uint8 / "
-           f"float8_e4m3fn)")
-    if fp8:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
-                   f"fp8 K/V need {name} as a 1-element float32 tensor, got "
-                   f"{None if s is None else (tuple(s.shape), s.dtype)}")
+    fp8 = kv.check_attention_dtypes(q.dtype, k_scale, v_scale)
     _check(out.shape == q.shape, f"out has shape {tuple(out.shape)}, expected {tuple(q.shape)}")
     for name, t in (("q", q), ("out", out)):
         _check(t.stride(-1) == 1, f"{name} needs a unit stride in its last dimension")

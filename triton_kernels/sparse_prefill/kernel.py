@@ -416,14 +416,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     _check(seqused_k.shape == (batch,) and seqused_k.dtype == torch.int32,
            f"seqused_k must be [B={batch}] int32, got {tuple(seqused_k.shape)} {seqused_k.dtype}")
     kv.check_tables(kv_tables, batch, "kv_tables")
-    fp8 = kv.is_fp8
-    _check(fp8 or kv.dtype == q.dtype, f"K/V units are {kv.dtype}; expected q's {q.dtype} or fp8 (uint8 / "
-           f"float8_e4m3fn)")
-    if fp8:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            _check(s is not None and s.numel() == 1 and s.dtype == torch.float32,
-                   f"fp8 K/V need {name} as a 1-element float32 tensor, got "
-                   f"{None if s is None else (tuple(s.shape), s.dtype)}")
+    fp8 = kv.check_attention_dtypes(q.dtype, k_scale, v_scale)
     _check(index.num_heads == num_ret and index.num_kinds == 1,
            f"index must hold the {num_ret} retrieval heads' index keys in kind 0, got {index.num_heads} heads of "
            f"{index.num_kinds} kinds")
