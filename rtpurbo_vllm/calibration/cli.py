@@ -90,8 +90,8 @@ def _add_heads_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="DIR", required=True,
                      help="folder for heads.json, head_scores.json/.csv and head_heatmap.png")
     out.add_argument("--report-context", metavar="TOKENS", type=int, default=None,
-                     help="context length at which the predicted KV capacity of the split layout is printed "
-                          "(default: the model's max_position_embeddings, else 131072)")
+                     help="context length at which the predicted KV capacity of the compact KV layout is "
+                          "printed (default: the model's max_position_embeddings, else 131072)")
     _add_runtime(out, seed=0)
 
 
@@ -239,19 +239,30 @@ def _add_synthesize_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="DIR", default=None,
                      help="artifact folder (default MODEL/rtpurbo); written atomically, then validated")
     out.add_argument("--seed", metavar="INT", type=int, default=0, help="random seed (default 0)")
+    out.add_argument("--report-context", metavar="TOKENS", type=int, default=None,
+                     help="context length at which the predicted KV capacity of the compact KV layout is "
+                          "printed (default: the model's max_position_embeddings, else 131072)")
     _add_sparsity(p)
 
 
 def _run_synthesize(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
     from rtpurbo_vllm.artifacts import load_artifact
+    from rtpurbo_vllm.calibration.heads import default_report_context, predict_kv_capacity
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
 
     path = synthesize_artifact(args.model, args.out, **_selection(args), seed=args.seed, params=_sparsity(args))
-    layout = load_artifact(path).layout
-    full = max(len(layout.retrieval_kv_heads(layer)) for layer in range(layout.num_layers))
+    artifact = load_artifact(path)
+    layout, model = artifact.layout, artifact.model
+    context = args.report_context or default_report_context(AutoConfig.from_pretrained(args.model, local_files_only=True))
+    capacity = predict_kv_capacity(layout.retrieval_heads, model.num_heads, model.num_kv_heads, model.head_dim,
+                                   context, artifact.params)
     print(f"synthetic artifact (random heads and indexer; dummy-weight benchmarks only): {path}\n"
-          f"  {layout.num_retrieval_heads} retrieval query heads; the split KV layout keeps R={full} of "
-          f"{layout.num_kv_heads} KV heads per layer in full")
+          f"  {layout.num_retrieval_heads} retrieval query heads; the compact KV layout keeps "
+          f"{capacity['full_kv_heads']} of {capacity['kv_heads']} KV heads in full "
+          f"({capacity['full_units']} full units): predicted KV capacity at {context} tokens vs FLASH_ATTN "
+          f"{capacity['capacity_ratio']:.2f}x (bf16 KV), {capacity['fp8_capacity_ratio']:.2f}x (fp8 KV)")
 
 
 # name -> (help, add arguments, run)

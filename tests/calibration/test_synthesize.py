@@ -41,8 +41,10 @@ def test_synthesize_is_repeatable(model_dir, tmp_path):
 def test_synthesize_with_a_per_layer_kv_budget(model_dir, tmp_path, capsys):
     """--kv-heads-per-layer N: retrieval heads only in N KV groups of each layer (all of their query heads
     alone, the top ratio among them with --ratio); recorded in the provenance."""
-    assert main(["synthesize", str(model_dir), "--out", str(tmp_path / "a"), "--kv-heads-per-layer", "1"]) == 0
-    assert "R=1 of 2 KV heads per layer" in capsys.readouterr().out
+    assert main(["synthesize", str(model_dir), "--out", str(tmp_path / "a"), "--kv-heads-per-layer", "1",
+                 "--report-context", "4096"]) == 0
+    printed = capsys.readouterr().out
+    assert "keeps 4 of 8 KV heads in full" in printed and "predicted KV capacity at 4096 tokens" in printed
     artifact = load_artifact(tmp_path / "a")
     assert artifact.layout.num_retrieval_heads == 4 * 4                      # 4 layers x one group of 4
     assert all(len(artifact.layout.retrieval_kv_heads(layer)) == 1 for layer in range(4))
