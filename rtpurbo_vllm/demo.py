@@ -23,6 +23,14 @@ def run_demo(num_prompts: int = 12, context_len: int = 2048, seed: int = 0, prog
     """Dense vs RTPurbo accuracy on ``num_prompts`` tiny-task prompts of ``context_len`` tokens, with a
     progress bar (running accuracies) unless ``progress`` is false."""
     import torch
+
+    with torch.no_grad():
+        return _compare(num_prompts, context_len, seed, progress)
+
+
+def _compare(num_prompts: int, context_len: int, seed: int, progress: bool) -> dict:
+    """:func:`run_demo`'s work, without autograd."""
+    import torch
     from tqdm.auto import tqdm
 
     from rtpurbo_vllm.artifacts import find_artifact_dir, load_artifact
@@ -30,7 +38,6 @@ def run_demo(num_prompts: int = 12, context_len: int = 2048, seed: int = 0, prog
     from rtpurbo_vllm.tiny import load_tiny_model, tiny_model_dir
     from rtpurbo_vllm.tiny.task import make_prompt, score
 
-    torch.set_grad_enabled(False)
     model, _ = load_tiny_model()
     artifact = load_artifact(find_artifact_dir(tiny_model_dir()), hf_config=model.config)
     prompts = [make_prompt(seed + i, context_len) for i in range(num_prompts)]

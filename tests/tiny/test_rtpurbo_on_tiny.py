@@ -29,11 +29,17 @@ NUM_PROMPTS = 50          # one prompt = 2 points
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_grad_enabled(False)
     model, _ = load_tiny_model()
     artifact = load_artifact(find_artifact_dir(tiny_model_dir()), hf_config=model.config)
     prompts = [make_prompt(10_000 + i, CONTEXT) for i in range(NUM_PROMPTS)]
     return model, artifact, prompts
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only, and autograd as it was for the tests after these."""
+    with torch.no_grad():
+        yield
 
 
 def accuracy(model, prompts, context=None) -> float:
