@@ -170,9 +170,8 @@ class RTPurboAttentionImpl(AttentionImpl):
             return output.fill_(0)
         md, heads, p, kv = attn_metadata, self.heads, self.params, self.kv
         if not kv.is_bound:
-            if query.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"{self.layer_name}: KV units not bound before a CUDA-graph capture")
-            self.bind_kv_cache()
+            raise RuntimeError(f"{self.layer_name}: the KV units are not bound; the RTPURBO metadata builder "
+                               "binds them at its first build, before any forward")
         n, nd = md.num_actual_tokens, md.num_decode_tokens
         groups = get_forward_context().attn_metadata
         window = groups[kv.window_group] if kv.window_group is not None else None

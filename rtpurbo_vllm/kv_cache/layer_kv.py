@@ -77,7 +77,6 @@ class LayerKV:
     def __init__(self, layout: KVLayout, layer: int, layer_names: tuple[str, ...]) -> None:
         places = layout.places[layer]
         self.layout = layout
-        self.layer = layer
         self.kv_units = tuple(sorted({(p.kind, p.unit) for p in places.kv},
                                      key=lambda kind_unit: (KV_KINDS.index(kind_unit[0]), kind_unit[1])))
         self.index_units = tuple(sorted({p.unit for p in places.index}))

@@ -311,8 +311,8 @@ class KVLayout:
                 return [list(range(hkv))] * num_layers
             return [list(rank_layout.retrieval_kv_heads(l)) for l in range(num_layers)]
 
-        most_full = max(sum(map(len, full_heads_of(r))) for r in ranks)
-        most_window = max(num_layers * hkv - sum(map(len, full_heads_of(r))) for r in ranks)
+        full_counts = [sum(map(len, full_heads_of(r))) for r in ranks]
+        most_full, most_window = max(full_counts), max(num_layers * hkv - n for n in full_counts)
         most_index = max(r.num_retrieval_heads for r in ranks)
         if name == "full" or most_window == 0:
             count, full_slots, window_slots = num_layers, -(-most_full // num_layers), 0
