@@ -7,8 +7,11 @@ architecture whose attention calls ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, 
 
 Supports batch size 1 without padding (positions ``0..T-1``), prefill and token-by-token decode with
 a KV cache. Prefill computes what :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref` does with
-torch's fused attention (one causal call for the retrieval heads, one masked call for the local
-heads), so long prompts stay fast on the CPU; each decode step runs
+torch's fused attention (causal calls for the retrieval heads, masked calls for the local heads), so
+long prompts stay fast on the CPU; with ``prefill_top_p < 1`` the retrieval heads see the keys
+:func:`~rtpurbo_vllm.triton_kernels.sparse_prefill.sparse_prefill_visible_ref` keeps (query tiles of
+:data:`~rtpurbo_vllm.triton_kernels.sparse_prefill.TILE_Q` rows, as the vLLM backend cuts them). Each
+decode step runs
 :func:`~rtpurbo_vllm.reference.rtpurbo_decode_ref`, recovering pre-RoPE q/k with
 :func:`~rtpurbo_vllm.rope.invert_rope` exactly as the vLLM backend does.
 """
@@ -21,15 +24,19 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from rtpurbo_vllm.artifacts import RTPurboArtifact, SparsityParams
+from rtpurbo_vllm.artifacts import RTPurboArtifact
 from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref
 from rtpurbo_vllm.rope import RopeSpec, invert_rope
 from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask, headwise_attention_ref
+from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
 from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_varlen_ref
+from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, sparse_prefill_visible_ref
 
 ATTENTION_NAME = "rtpurbo_reference"
 _LOCAL_CHUNK = 256
 """Queries of a local head's prefill per attention call."""
+_SPARSE_CHUNK = 8 * TILE_Q
+"""Queries of the retrieval heads' sparse prefill per attention call (whole query tiles)."""
 
 
 @dataclass
@@ -90,7 +97,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         every_head = torch.ones(q.shape[1], dtype=torch.bool)
         out = headwise_attention_ref(q, k, v, cu_q, cu_k, every_head, 0, num_k, scale)[0]
     elif num_q > 1 or num_k < run.artifact.params.dense_threshold:
-        out = _prefill(q, k, v, run.artifact.retrieval_heads[layer], run.artifact.params, scale)
+        out = _prefill(run, layer, q, k, v, scale)
     else:
         out = _decode(run, layer, q, k, v, cu_k, scale)
     out = out.to(query.dtype)
@@ -99,25 +106,26 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out[None], None
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, retrieval_heads: Sequence[int],
-             params: SparsityParams, scale: float) -> torch.Tensor:
-    """Head-wise prefill of one sequence: :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref` for
-    ``B = 1``, through ``scaled_dot_product_attention``.
+def _prefill(run: _Run, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-wise prefill of one sequence through ``scaled_dot_product_attention``:
+    :func:`~rtpurbo_vllm.reference.rtpurbo_prefill_ref` for ``B = 1``, the retrieval heads sparse
+    when ``prefill_top_p < 1`` (:func:`_sparse_retrieval`).
 
     Retrieval heads (every head when ``Tk < dense_threshold``) run one causal call. Local heads run
     per chunk of :data:`_LOCAL_CHUNK` queries against only the keys the chunk can see (the sinks and
     the window before it), so their cost grows with ``Tq * (window + chunk)``, not ``Tq * Tk``.
 
     Args:
+        run: the artifact (retrieval heads, sinks, window, dense threshold, indexer) and RoPE.
+        layer: the layer's index.
         q: ``[Tq, HQ, D]`` post-RoPE queries, the last ``Tq`` of the sequence's ``Tk`` tokens.
         k, v: ``[Tk, HKV, D]`` post-RoPE keys and values.
-        retrieval_heads: the layer's retrieval query heads.
-        params: the artifact's sinks, window and dense threshold.
         scale: softmax scale.
 
     Returns:
         ``[Tq, HQ, D]`` float32.
     """
+    params, retrieval_heads = run.artifact.params, run.artifact.retrieval_heads[layer]
     num_q, num_heads, num_k = q.shape[0], q.shape[1], k.shape[0]
     group = num_heads // k.shape[1]
     qh = q.transpose(0, 1).float()                                            # [HQ, Tq, D]
@@ -128,6 +136,10 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, retrieval_heads:
     local = [h for h in range(num_heads) if h not in set(causal)]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     out = torch.empty_like(qh)
+    if retrieval_heads and not dense and params.prefill_top_p < 1:
+        heads = list(retrieval_heads)
+        out[heads] = _sparse_retrieval(run, layer, q, k, qh[heads], kh[heads], vh[heads], scale)
+        causal = [h for h in causal if h not in set(heads)]
     if causal:
         out[causal] = sdpa(qh[causal], kh[causal], vh[causal], scale=scale,
                            attn_mask=attention_mask(num_q, num_k, device=q.device))
@@ -142,6 +154,37 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, retrieval_heads:
         out[local, c0:c1] = sdpa(qh[local, c0:c1], kh[local][:, keys], vh[local][:, keys], scale=scale,
                                  attn_mask=visible)
     return out.transpose(0, 1)
+
+
+def _sparse_retrieval(run: _Run, layer: int, q: torch.Tensor, k: torch.Tensor, qh: torch.Tensor, kh: torch.Tensor,
+                      vh: torch.Tensor, scale: float) -> torch.Tensor:
+    """The retrieval heads' sparse top-p prefill, :data:`_SPARSE_CHUNK` query rows per call.
+
+    Args:
+        q: ``[Tq, HQ, D]`` and k: ``[Tk, HKV, D]`` post-RoPE (for the index queries and keys).
+        qh: ``[HR, Tq, D]``, kh, vh: ``[HR, Tk, D]`` float32, the retrieval heads' queries and their KV
+            heads' keys and values.
+
+    Returns:
+        ``[HR, Tq, D]`` float32.
+    """
+    p, heads = run.artifact.params, list(run.artifact.retrieval_heads[layer])
+    w_q, w_k = run.artifact.indexer[layer]
+    num_q, num_k = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    positions = torch.arange(num_k, device=q.device)
+    q_idx = index_project_ref(invert_rope(q[:, heads], positions[num_k - num_q:], run.rope), w_q)   # [Tq, HR, DI]
+    k_idx = index_project_ref(invert_rope(k, positions, run.rope)[:, [h // group for h in heads]], w_k)
+    out = torch.empty_like(qh)
+    first = num_k - num_q
+    for c0 in range(0, num_q, _SPARSE_CHUNK):
+        c1 = min(c0 + _SPARSE_CHUNK, num_q)
+        # The rows [c0, c1) cut into the same tiles as the whole chunk (c0 is a multiple of TILE_Q).
+        _, visible = sparse_prefill_visible_ref(q_idx[c0:c1], k_idx[:first + c1], p.prefill_top_p, p.sink_tokens,
+                                                p.block_size, TILE_Q)                          # [HR, C, K]
+        out[:, c0:c1] = torch.nn.functional.scaled_dot_product_attention(
+            qh[:, c0:c1], kh[:, :first + c1], vh[:, :first + c1], scale=scale, attn_mask=visible.to(q.device))
+    return out
 
 
 def _decode(run: _Run, layer: int, q, k, v, cu_k, scale) -> torch.Tensor:

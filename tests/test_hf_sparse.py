@@ -74,10 +74,54 @@ def test_prefill_equals_the_reference(seed, num_q, num_k, sink, window, threshol
     from rtpurbo_vllm.reference import rtpurbo_prefill_ref
 
     q, k, v = torch.randn(num_q, 8, 16), torch.randn(num_k, 2, 16), torch.randn(num_k, 2, 16)
-    params = SparsityParams(sink_tokens=sink, window=window, dense_threshold=threshold)
+    run = one_layer_run(sink_tokens=sink, window=window, dense_threshold=threshold)
     cu_q, cu_k = torch.tensor([0, num_q], dtype=torch.int32), torch.tensor([0, num_k], dtype=torch.int32)
     want = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, [1, 6], sink, window, threshold, 0.25)
-    torch.testing.assert_close(_prefill(q, k, v, [1, 6], params, 0.25), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_prefill(run, 0, q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+def one_layer_run(**params):
+    """What the runner holds for a one-layer model of 8 query / 2 KV heads of 16 channels, retrieval
+    heads 1 and 6."""
+    from rtpurbo_vllm.hf_sparse import _Run
+    from rtpurbo_vllm.rope import RopeSpec
+
+    rope = RopeSpec(head_size=16, rotary_dim=16, max_position=4096, base=10000.0, is_neox_style=True, scaling=None)
+    model = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=1, num_heads=8, num_kv_heads=2,
+                             head_dim=16, rope=rope)
+    artifact = RTPurboArtifact(model=model, retrieval_heads=((1, 6),), params=SparsityParams(**params),
+                               indexer=((torch.randn(2, 16, 16), torch.randn(2, 16, 16)),))
+    return _Run(artifact, rope, None)
+
+
+@pytest.mark.parametrize("num_q, num_k", [(1300, 1300), (700, 1500)], ids=["prefill", "chunk-after-history"])
+def test_sparse_prefill_equals_the_reference(seed, num_q, num_k):
+    """prefill_top_p < 1: the retrieval heads see the keys sparse_prefill_visible_ref keeps for the
+    whole chunk (tiles of TILE_Q rows, though the runner computes them in slices); the local heads are
+    unchanged. At 1.0 the prefill is the dense one."""
+    from rtpurbo_vllm.hf_sparse import _prefill
+    from rtpurbo_vllm.rope import invert_rope
+    from rtpurbo_vllm.triton_kernels.headwise_attention import masked_attention
+    from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
+    from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, sparse_prefill_visible_ref
+
+    q, k, v = torch.randn(num_q, 8, 16), torch.randn(num_k, 2, 16), torch.randn(num_k, 2, 16)
+    settings = dict(sink_tokens=4, window=100, block_size=64, dense_threshold=0)
+    run = one_layer_run(prefill_top_p=0.7, **settings)
+    w_q, w_k = run.artifact.indexer[0]
+    positions = torch.arange(num_k)
+    q_idx = index_project_ref(invert_rope(q[:, [1, 6]], positions[num_k - num_q:], run.rope), w_q)
+    k_idx = index_project_ref(invert_rope(k, positions, run.rope)[:, [0, 1]], w_k)
+    _, visible = sparse_prefill_visible_ref(q_idx, k_idx, 0.7, 4, 64, TILE_Q)
+    causal_keys = (positions[num_k - num_q:] + 1).sum()
+    assert visible.sum() < 0.8 * 2 * causal_keys, "too little dropped to test the sparse prefill"
+    want, _ = masked_attention(q[:, [1, 6]], k[:, [0, 1]], v[:, [0, 1]], visible, 0.25)
+    got = _prefill(run, 0, q, k, v, 0.25)
+    torch.testing.assert_close(got[:, [1, 6]], want, rtol=1e-4, atol=1e-4)
+    dense = _prefill(one_layer_run(prefill_top_p=1.0, **settings), 0, q, k, v, 0.25)
+    local = [0, 2, 3, 4, 5, 7]
+    torch.testing.assert_close(got[:, local], dense[:, local])
+    assert (got[:, [1, 6]] - dense[:, [1, 6]]).abs().max() > 1e-2
 
 
 def test_ablation_zeroes_only_the_named_heads(seed):

@@ -1,9 +1,11 @@
 """``RTPurboMetadataBuilder``: turns vLLM's per-step batch state into :class:`RTPurboMetadata`.
 
 This is the "plan" half of the backend: it runs once per step for all RTPURBO layers of a KV-cache
-group, splits the batch into its decode and prefill parts, and hands out the decode kernels'
-scratch, which it allocates once (sized by ``max_num_seqs`` and ``max_model_len``) so that the
-impl's ``forward`` only launches kernels.
+group, splits the batch into its decode and prefill parts, lays the prefill chunks' query tiles out
+for the sparse prefill (``prefill_top_p < 1``: :func:`~rtpurbo_vllm.triton_kernels.sparse_prefill.
+plan_sparse_prefill`, from host-side lengths, one small copy to the device) and hands out the
+kernels' scratch, which it allocates once (sized by ``max_num_seqs``, ``max_num_batched_tokens`` and
+``max_model_len``) so that the impl's ``forward`` only launches kernels.
 
 CUDA graphs (``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``): vLLM captures the whole forward,
 attention included, of pure-decode batches padded to a capture size (FULL_AND_PIECEWISE /
@@ -38,11 +40,16 @@ from rtpurbo_vllm.attention.metadata import (
     RTPurboDecodeWorkspace,
     RTPurboMetadata,
     RTPurboPrefillMetadata,
+    RTPurboSparsePrefill,
 )
 from rtpurbo_vllm.attention.serving_config import serving_artifact
 from rtpurbo_vllm.attention.tp import rank_layout
 from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace
+from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_GROUP, TILE_Q, make_sparse_prefill_workspace, plan_sparse_prefill
+
+SPARE_PREFILL_TILES = TILE_GROUP
+"""Tiles of a sparse prefill wave beyond a full chunk's: room for the tiles of other short chunks."""
 
 
 class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
@@ -74,6 +81,15 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
             attention=allocate_sparse_decode_workspace(max_decodes, layout.num_heads, head_size,
                                                        device=device),
         )
+        # The sparse prefill's scratch (None: the retrieval heads prefill densely).
+        self.prefill_index_queries = self.prefill_workspace = None
+        if params.prefill_top_p < 1.0 and retrieval_counts:
+            max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+            self.prefill_index_queries = torch.empty(max_tokens, max_retrieval, params.index_dim,
+                                                     dtype=vllm_config.model_config.dtype, device=device)
+            self.prefill_workspace = make_sparse_prefill_workspace(
+                -(-max_tokens // TILE_Q) + SPARE_PREFILL_TILES, max_retrieval, vllm_config.model_config.max_model_len,
+                params.block_size, params.index_dim, TILE_Q, device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> RTPurboMetadata:
         """Metadata of a capture batch: exactly what :meth:`build` gives at replay (the same views of
@@ -115,7 +131,24 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
                 block_table=cm.block_table_tensor[num_decodes:cm.num_reqs],
                 max_query_len=cm.max_query_len,
                 max_seq_len=cm.max_seq_len,
+                sparse=self._sparse_prefill(cm, num_decodes),
             )
         return RTPurboMetadata(num_actual_tokens=num_tokens, slot_mapping=cm.slot_mapping[:num_tokens],
                                positions=cm.positions[:num_tokens], num_decode_tokens=num_decode_tokens,
                                decode=decode, prefill=prefill)
+
+    def _sparse_prefill(self, cm: CommonAttentionMetadata, num_decodes: int) -> RTPurboSparsePrefill | None:
+        """The prefill requests' query tiles (host lengths: ``query_start_loc_cpu`` and vLLM's upper
+        bound of the sequence lengths, exact for prefill rows), with the builder's scratch."""
+        if self.prefill_workspace is None:
+            return None
+        rows = slice(num_decodes, cm.num_reqs)
+        query_lens = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1].diff().tolist()
+        if cm.seq_lens_cpu_upper_bound is not None:
+            seq_lens = cm.seq_lens_cpu_upper_bound[rows].tolist()
+        else:
+            seq_lens = [cm.max_seq_len] * len(query_lens)
+        plan = plan_sparse_prefill(query_lens, seq_lens, self.prefill_workspace.wave_tiles, TILE_Q, TILE_GROUP,
+                                   self.device)
+        return RTPurboSparsePrefill(plan=plan, index_queries=self.prefill_index_queries,
+                                    workspace=self.prefill_workspace)

@@ -7,7 +7,8 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
 2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the index units;
 3. decode tokens: index queries -> block top-p per retrieval head -> head-wise sparse decode
    (retrieval heads over their kept blocks, local heads over sinks + window);
-4. prefill tokens: head-wise prefill (retrieval heads dense causal, local heads sinks + window).
+4. prefill tokens: head-wise prefill (local heads sinks + window; retrieval heads dense causal, or,
+   with ``prefill_top_p < 1``, index queries -> per query tile the sink, diagonal and top-p blocks).
 
 Where every head lives is the layer's :class:`~rtpurbo_vllm.kv_cache.layer_kv.LayerKV`, the one
 seam between the KV layout and the kernels: ``--additional-config '{"rtpurbo": {"kv_layout": ...}}'``
@@ -37,7 +38,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from rtpurbo_vllm.attention.metadata import RTPurboMetadata
-from rtpurbo_vllm.attention.prefill import PrefillHeads, headwise_prefill, headwise_prefill_torch
+from rtpurbo_vllm.attention.prefill import PrefillHeads, SparseRetrieval, headwise_prefill, headwise_prefill_torch
 from rtpurbo_vllm.attention.serving_config import kv_layout_for, serving_artifact, serving_kv_layout
 from rtpurbo_vllm.attention.tp import rank_indexer, rank_layout
 from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
@@ -195,12 +196,27 @@ class RTPurboAttentionImpl(AttentionImpl):
             pf = md.prefill
             rows = slice(nd, nd + pf.seq_lens.shape[0])          # decode requests have one token each
             tables = {"full": pf.block_table, "window": None if window is None else window.block_table[rows]}
+            sparse = None
+            if pf.sparse is not None and index is not None:
+                sparse = self._sparse_retrieval(query[nd:n], md.positions[nd:n], kv.kv_tables(tables),
+                                                index.block_table[rows], pf.sparse)
             run_prefill = headwise_prefill if query.is_cuda else headwise_prefill_torch
             run_prefill(query[nd:n], kv.kv_parts(tables), pf.cu_seqlens_q, pf.seq_lens, pf.max_query_len,
                         pf.max_seq_len, heads.prefill, p.sink_tokens, p.window, self.scale, output[nd:n],
                         dense_threshold=p.dense_threshold, k_scale=layer._k_scale, v_scale=layer._v_scale,
-                        q_scale=layer._q_scale)
+                        q_scale=layer._q_scale, sparse=sparse)
         return output
+
+    def _sparse_retrieval(self, query, positions, kv_tables, index_table, step) -> SparseRetrieval:
+        """The prefill rows' index queries, and what the retrieval heads' sparse prefill reads."""
+        heads, kv = self.heads, self.kv
+        index_queries_out = step.index_queries[:query.shape[0], :heads.retrieval_heads.shape[0]]
+        index_queries(query, positions, self.rope_table, heads.retrieval_heads, heads.w_q, index_queries_out,
+                      is_neox_style=self.rope.is_neox_style)
+        return SparseRetrieval(kv=kv.kv, kv_tables=kv_tables, index=kv.index, index_table=kv.index.table(0, index_table),
+                               index_queries=index_queries_out, heads=heads.retrieval_heads, plan=step.plan,
+                               workspace=step.workspace, top_p=self.params.prefill_top_p,
+                               block_size=self.params.block_size)
 
     def _decode(self, layer, query, kv_tables, index_table, md: RTPurboMetadata, out) -> None:
         """Decode part: index queries, block top-p and the head-wise sparse decode into ``out``."""

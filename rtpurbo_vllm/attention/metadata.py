@@ -20,6 +20,7 @@ from vllm.v1.attention.backend import AttentionMetadata
 
 from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace
 from rtpurbo_vllm.triton_kernels.sparse_decode import SparseDecodeWorkspace
+from rtpurbo_vllm.triton_kernels.sparse_prefill import SparsePrefillPlan, SparsePrefillWorkspace
 
 
 @dataclass
@@ -59,6 +60,22 @@ class RTPurboDecodeMetadata:
 
 
 @dataclass
+class RTPurboSparsePrefill:
+    """The retrieval heads' sparse top-p prefill of this step (only when ``prefill_top_p < 1``).
+
+    Attributes:
+        plan: the prefill chunks' query tiles, in waves (built once per step on the host).
+        index_queries: ``[max_num_batched_tokens, HR_max, DI]`` in the model dtype, scratch for the
+            prefill rows' index queries (a layer uses ``[:T, :HR]``).
+        workspace: the sparse prefill kernels' scratch, allocated once by the builder.
+    """
+
+    plan: SparsePrefillPlan
+    index_queries: torch.Tensor
+    workspace: SparsePrefillWorkspace
+
+
+@dataclass
 class RTPurboPrefillMetadata:
     """The prefill requests (a chunk of ``query_len > 1`` new tokens each).
 
@@ -68,6 +85,7 @@ class RTPurboPrefillMetadata:
         block_table: ``[NP, max_pages]`` int32.
         max_query_len: longest chunk.
         max_seq_len: longest sequence (an upper bound).
+        sparse: the retrieval heads' sparse prefill, or None (they run dense).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -75,6 +93,7 @@ class RTPurboPrefillMetadata:
     block_table: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    sparse: RTPurboSparsePrefill | None = None
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Head-wise prefill of one layer over its cache units (:class:`~rtpurbo_vllm.kv_cache.layer_kv.LayerKV`).
 
-Retrieval query heads attend densely and causally; local query heads see the ``sink_tokens`` first keys
-plus a sliding ``window`` (the query itself included); a sequence with fewer than ``dense_threshold``
-keys runs dense on every head. Semantics: :func:`rtpurbo_vllm.reference.rtpurbo_prefill_ref`.
+Retrieval query heads attend causally, densely or, given a :class:`SparseRetrieval` (``prefill_top_p
+< 1``), to the sink, diagonal and top-p blocks of each query tile; local query heads see the
+``sink_tokens`` first keys plus a sliding ``window`` (the query itself included); a sequence with fewer
+than ``dense_threshold`` keys runs dense on every head. Semantics:
+:func:`rtpurbo_vllm.reference.rtpurbo_prefill_ref`, and for the sparse retrieval heads
+:mod:`rtpurbo_vllm.triton_kernels.sparse_prefill.reference`.
 
 The layer's KV heads come in *parts* (:class:`~rtpurbo_vllm.kv_cache.layer_kv.KVPart`, from
 ``LayerKV.kv_parts``): runs of consecutive slots of one unit, each a paged FlashAttention-layout view
@@ -15,13 +18,14 @@ KV head, in order); the compact layout one per unit the layer touches. :func:`he
    ``window_size=(window - 1, 0)``, written together with its LSE; then the sink keys that lie outside a
    query's window are merged in by log-sum-exp (one Triton pass, :mod:`rtpurbo_vllm.triton_kernels.sink_merge`);
 2. retrieval heads: one dense causal FA3 call per KV head ``g`` that serves retrieval heads, on the
-   one-head view of ``g``'s slot (no copy); the results overwrite those heads in ``out``;
+   one-head view of ``g``'s slot (no copy); or, sparse, one :func:`~rtpurbo_vllm.triton_kernels.
+   sparse_prefill.sparse_prefill` call for all of them; the results overwrite those heads in ``out``;
 3. dense sequences: per part, one dense causal FA3 call; its rows replace theirs.
 
 Sequences are taken out of a call by passing it ``seqused_k = 0`` for them (FA3 then reads none of
 their keys), so no call needs host-side knowledge of which sequences are dense. A one-part batch whose
 ``max_seqlen_k`` is at most ``window`` or below ``dense_threshold`` is dense on every head: one FA3
-call. FP8 caches: the queries are quantised with the layer's ``q_scale`` and FA3 descales Q, K and V
+call (not when the retrieval heads run sparse). FP8 caches: the queries are quantised with the layer's ``q_scale`` and FA3 descales Q, K and V
 (as vLLM's FLASH_ATTN does). :func:`headwise_prefill_torch` is the CPU fallback with the same signature.
 
 FA3 facts this relies on (``vllm/vllm_flash_attn/flash_attn_interface.py`` and FA3's ``mha_fwd``):
@@ -42,8 +46,10 @@ import torch
 from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref
-from rtpurbo_vllm.triton_kernels.paged_heads import FP8_MAX, to_float
+from rtpurbo_vllm.triton_kernels.paged_heads import FP8_MAX, PagedHeads, PageTable, to_float
 from rtpurbo_vllm.triton_kernels.sink_merge import merge_sinks
+from rtpurbo_vllm.triton_kernels.sparse_prefill import (SparsePrefillPlan, SparsePrefillWorkspace,
+                                                        paged_sparse_prefill_ref)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +88,35 @@ class PrefillHeads:
         return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, retrieval_groups=tuple(groups),
                    local_heads=tuple(h for h in range(num_heads) if h not in heads),
                    retrieval_mask=layout.retrieval_mask(0).to(device))
+
+
+@dataclass(frozen=True)
+class SparseRetrieval:
+    """What the retrieval heads' sparse top-p prefill of one layer reads (one step).
+
+    Attributes:
+        kv: the layer's K|V heads (``LayerKV.kv``); retrieval heads read kind 0 (full).
+        kv_tables: per kind, its :class:`PageTable` for the prefill sequences (``LayerKV.kv_tables``).
+        index: the layer's index keys (``LayerKV.index``), one head per retrieval head.
+        index_table: their :class:`PageTable` for the prefill sequences.
+        index_queries: ``[T, HR, DI]``, the prefill rows' index queries.
+        heads: ``[HR]`` int32, the retrieval query heads.
+        plan: the step's query tiles.
+        workspace: the kernels' scratch.
+        top_p: ``prefill_top_p`` (``< 1``).
+        block_size: tokens per selection block.
+    """
+
+    kv: PagedHeads
+    kv_tables: list[PageTable | None]
+    index: PagedHeads
+    index_table: PageTable
+    index_queries: torch.Tensor
+    heads: torch.Tensor
+    plan: SparsePrefillPlan
+    workspace: SparsePrefillWorkspace
+    top_p: float
+    block_size: int
 
 
 def _check_args(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
@@ -124,7 +159,8 @@ def _token_seqs(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
 def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, heads: PrefillHeads, sink_tokens: int, window: int, scale: float,
                      out: torch.Tensor, dense_threshold: int = 0, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None) -> None:
+                     v_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+                     sparse: SparseRetrieval | None = None) -> None:
     """Head-wise prefill (or chunked prefill) of one layer with FlashAttention-3; writes ``out``.
 
     Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
@@ -149,6 +185,7 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
         out: ``[T, HQ, D]`` dtype of ``query``, last dimension contiguous; fully overwritten.
         dense_threshold: sequences with ``seqused_k < dense_threshold`` run dense on every head (0: none).
         k_scale, v_scale, q_scale: 1-element float32 device tensors, the layer's scales (fp8 units only).
+        sparse: the retrieval heads' sparse prefill (None: dense causal).
     """
     _check_args(query, parts, cu_seqlens_q, seqused_k, heads, sink_tokens, window, out)
     from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
@@ -169,7 +206,8 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
                                       seqused_k=used, max_seqlen_k=max_seqlen_k, block_table=table,
                                       softmax_scale=scale, causal=True, fa_version=3, **kwargs)
 
-    if len(parts) == 1 and parts[0].kv_heads is None and (max_seqlen_k <= window or max_seqlen_k < dense_threshold):
+    all_dense = max_seqlen_k < dense_threshold or (max_seqlen_k <= window and sparse is None)
+    if len(parts) == 1 and parts[0].kv_heads is None and all_dense:
         only = parts[0]
         fa3(query, only.key_cache, only.value_cache, only.block_table, seqused_k, out=out)
         return
@@ -191,7 +229,13 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
                             token_seqs, sink_tokens, window, scale, o, lse, *sink_scales)
             if part.query_heads is not None:
                 out.index_copy_(1, part.query_heads, o)
-    for kv_head, group_heads in heads.retrieval_groups:
+    if sparse is not None:
+        from rtpurbo_vllm.triton_kernels.sparse_prefill import sparse_prefill
+        sparse_prefill(query, sparse.kv, sparse.kv_tables, sparse.index, sparse.index_table, sparse.index_queries,
+                       cu_seqlens_q, seqused_k, sparse.heads, sparse.plan, sparse.top_p, sink_tokens,
+                       sparse.block_size, scale, sparse.workspace, out, dense_threshold=dense_threshold,
+                       k_scale=k_scale, v_scale=v_scale)
+    for kv_head, group_heads in heads.retrieval_groups if sparse is None else ():
         part = next(p for p in parts if kv_head in p.kv_head_ids)
         pos = part.kv_head_ids.index(kv_head)
         k = canonicalize_singleton_dim_strides(part.key_cache[:, :, pos:pos + 1])           # [N, P, 1, D]
@@ -213,7 +257,8 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
 def headwise_prefill_torch(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,
                            max_seqlen_k: int, heads: PrefillHeads, sink_tokens: int, window: int, scale: float,
                            out: torch.Tensor, dense_threshold: int = 0, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None) -> None:
+                           v_scale: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+                           sparse: SparseRetrieval | None = None) -> None:
     """:func:`headwise_prefill` in plain PyTorch (CPU, CI): gathers the pages, runs the reference.
 
     Same arguments and result, any float dtype and device; computed in float32 (fp8 keys and values
@@ -247,4 +292,10 @@ def headwise_prefill_torch(query: torch.Tensor, parts: Sequence[KVPart], cu_seql
         dense, _ = headwise_attention_ref(*args, all_heads, sink_tokens, window, scale)
         dense_rows = (seqused_k < dense_threshold).repeat_interleave(cu_seqlens_q.diff().long())
         result = torch.where(dense_rows.to(query.device)[:, None, None], dense, result)
+    if sparse is not None:
+        retrieval, _, _ = paged_sparse_prefill_ref(
+            query, sparse.kv, sparse.kv_tables, sparse.index, sparse.index_table, sparse.index_queries,
+            cu_seqlens_q, seqused_k, sparse.heads, sparse.top_p, sink_tokens, sparse.block_size, scale,
+            sparse.plan.tile_q, dense_threshold, k_scale, v_scale)
+        result[:, sparse.heads.long()] = retrieval[:query.shape[0]]
     out.copy_(result)

@@ -29,7 +29,9 @@ from rtpurbo_vllm.rope import RopeSpec, apply_rope  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import expand_block_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import index_keys_ref  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import gather, quantize_fp8, scatter, to_float  # noqa: E402
+from rtpurbo_vllm.triton_kernels.headwise_attention import masked_attention  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_ref  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_prefill import sparse_prefill_visible_ref  # noqa: E402
 
 D, PAGE = 64, 16
 # (HQ, HKV, retrieval heads per layer). Compact layout: "hkv2" keeps both KV heads in full (no window
@@ -52,7 +54,7 @@ def case(request):
     return CASES[request.param]
 
 
-def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto"):
+def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto", prefill_top_p=1.0):
     """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
 
@@ -64,7 +66,7 @@ def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtyp
                                       architectures=["LlamaForCausalLM"])
     config.save_pretrained(tmp_path)
     indexer = tuple((torch.randn(len(h), 16, D) / 4, torch.randn(len(h), 16, D) / 4) for h in RETRIEVAL)
-    params = dataclasses.replace(PARAMS, dense_threshold=dense_threshold)
+    params = dataclasses.replace(PARAMS, dense_threshold=dense_threshold, prefill_top_p=prefill_top_p)
     save_artifact(RTPurboArtifact(model=ModelFingerprint.from_hf_config(config), retrieval_heads=RETRIEVAL,
                                   params=params, indexer=indexer), tmp_path / "rtpurbo")
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)
@@ -235,21 +237,26 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
     return sparse_decode_ref(q, k, v, keep, scale)[0]
 
 
-@pytest.mark.parametrize("kv_layout, blocks, kv_cache_dtype", [
-    ("full", "hand", "auto"), ("compact", "hand", "auto"), ("compact", "manager", "auto"),
-    ("compact", "hand", "fp8"), ("full", "hand", "fp8_e4m3")])
-def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_threshold, kv_layout, blocks,
-                                kv_cache_dtype):
+@pytest.mark.parametrize("kv_layout, blocks, kv_cache_dtype, prefill_top_p", [
+    ("full", "hand", "auto", 1.0), ("compact", "hand", "auto", 1.0), ("compact", "manager", "auto", 1.0),
+    ("compact", "hand", "fp8", 1.0), ("full", "hand", "fp8_e4m3", 1.0),
+    ("full", "hand", "auto", 0.5), ("compact", "hand", "fp8", 0.5)])
+def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case, dense_threshold, kv_layout, blocks,
+                                kv_cache_dtype, prefill_top_p):
     """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (compact layout with
     three groups only: with every KV head full there is one group). FP8 caches: the reference reads
-    K/V quantised as the cache stores them."""
+    K/V quantised as the cache stores them. ``prefill_top_p < 1``: the retrieval heads' prefill rows
+    see, per query tile of 16 rows, the sink, diagonal and top-p blocks of the tile's index queries
+    (the selection's inputs as the step computed and stored them)."""
     from vllm.forward_context import set_forward_context
 
+    from rtpurbo_vllm.attention import builder as builder_module
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
     from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
 
     HQ, HKV, RETRIEVAL = case
-    engine = make_engine(tmp_path, case, dense_threshold, kv_layout, kv_cache_dtype)
+    monkeypatch.setattr(builder_module, "TILE_Q", 16)       # several tiles per chunk
+    engine = make_engine(tmp_path, case, dense_threshold, kv_layout, kv_cache_dtype, prefill_top_p)
     layers = make_layers(engine, case)
     names = tuple(layer.layer_name for layer in layers)
     layout = layers[0].impl.kv.layout
@@ -349,6 +356,11 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
         output = torch.full_like(query, float("nan"))
         with set_forward_context(attn_metadata, engine):
             impl.forward(layer, query, key, value, layer.kv_cache, md, output)
+        if md.prefill.sparse is not None and kv.index is not None:
+            assert md.prefill.sparse.plan.tile_q == 16
+            # The prefill rows' index queries as the step left them (rows 2.. of the batch).
+            prefill_index_queries = md.prefill.sparse.index_queries[:query.shape[0] - 2, :len(RETRIEVAL[layer_idx])]
+            prefill_index_queries = prefill_index_queries.clone()
 
         # Caches: every (held) token of every sequence is now in place.
         for b, (_, _, k_pre, k, v) in enumerate(seqs):
@@ -369,7 +381,7 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
         # over K/V as the cache stores them.
         p = impl.params
         ws = md.decode.workspace
-        row = 0
+        row = dropped = 0
         for b, ((cached, new), (q_pre, q, k_pre, k, v)) in enumerate(zip(BATCH, seqs)):
             n = cached + new
             k_seen, v_seen = stored(k, scales[0]), stored(v, scales[1])
@@ -383,9 +395,22 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, case, dense_thresh
                 want = rtpurbo_prefill_ref(q[cached:], k_seen, v_seen, torch.tensor([0, new], dtype=torch.int32),
                                            cu_k, RETRIEVAL[layer_idx], p.sink_tokens, p.window, p.dense_threshold,
                                            impl.scale)
+                if p.prefill_top_p < 1 and RETRIEVAL[layer_idx]:
+                    heads = list(RETRIEVAL[layer_idx])
+                    k_idx = torch.stack([gather(kv.index, [index_table], b, r, torch.arange(n)).float()
+                                         for r in range(len(heads))], 1)
+                    q_idx = prefill_index_queries[row - 2:row - 2 + new]
+                    _, visible = sparse_prefill_visible_ref(q_idx, k_idx, p.prefill_top_p, p.sink_tokens,
+                                                            p.block_size, 16, p.dense_threshold)
+                    dropped += len(heads) * int((torch.arange(cached, n) + 1).sum()) - int(visible.sum())
+                    kv_of = [h // (HQ // HKV) for h in heads]
+                    want[:, heads], _ = masked_attention(q[cached:, heads], k_seen[:, kv_of], v_seen[:, kv_of],
+                                                         visible, impl.scale)
             got = output[row:row + new].float()
             torch.testing.assert_close(got, want, atol=0.03, rtol=0.03, msg=f"layer {layer_idx} request {b}")
             row += new
+        if p.prefill_top_p < 1 and RETRIEVAL[layer_idx] and not dense_threshold:
+            assert dropped, "the sparse prefill kept every key: the case does not test it"
 
 
 def test_kv_layout_option(tmp_path, cpu_platform, seed):

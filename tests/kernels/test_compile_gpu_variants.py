@@ -1,7 +1,8 @@
 """The GPU-only variants of the paged kernels compile for Hopper (sm_90), on the CPU.
 
 Under ``TRITON_INTERPRET=1`` some launches take interpreter-only branches (kv_write's bit-level fp8
-encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's float32 dots for bf16),
+encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's and sparse prefill's
+float32 dots for bf16),
 so the recorded launches that ``test_compile_for_gpu.py`` compiles never contain the GPU variant of
 those branches. Here the launchers run with the interpreter check patched to False and the kernels
 replaced by a recorder, and the recorded GPU launches are compiled down to the cubin
@@ -23,6 +24,8 @@ import torch  # noqa: E402
 from rtpurbo_vllm.triton_kernels.kv_write import kernel as kv_write_kernel  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_decode import kernel as decode_kernel  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as prefill_kernel  # noqa: E402
+from rtpurbo_vllm.triton_kernels.sparse_prefill import make_sparse_prefill_workspace, plan_sparse_prefill  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU check (a GPU machine runs these variants for real)")
@@ -60,6 +63,10 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
     monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
     monkeypatch.setattr(decode_kernel, "_split_kernel", dec_rec)
     monkeypatch.setattr(decode_kernel, "_combine_kernel", _Recorder("", "", tl_launches.describe))
+    pf_rec = _Recorder("rtpurbo_vllm.triton_kernels.sparse_prefill.kernel", "_attend_kernel", tl_launches.describe)
+    monkeypatch.setattr(prefill_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(prefill_kernel, "_attend_kernel", pf_rec)
+    monkeypatch.setattr(prefill_kernel, "_select_kernel", _Recorder("", "", tl_launches.describe))
 
     d, hkv, hq, p = 128, 2, 8, 16
     for dtype in (torch.uint8, torch.bfloat16):
@@ -75,10 +82,20 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
             q, kv, tables, torch.ones(2, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
             torch.zeros(2, 1, 3, dtype=torch.int32), torch.ones(2, 1, dtype=torch.int32), 64, 4, 16,
             d ** -0.5, ws, torch.empty_like(q), k_scale=scales[0], v_scale=scales[1])
+        index = PagedHeads.from_units([torch.zeros(4, p, 1, 16, dtype=torch.bfloat16)], [0], [0], [0])
+        rows = torch.zeros(20, hq, d, dtype=torch.bfloat16)
+        prefill_kernel.sparse_prefill(
+            rows, kv, [kv.table(k, torch.zeros(1, 4, dtype=torch.int32)) for k in (0, 1)], index, index.table(0, torch.zeros(1, 4, dtype=torch.int32)),
+            torch.zeros(20, 1, 16), torch.tensor([0, 20], dtype=torch.int32), torch.tensor([30], dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32), plan_sparse_prefill([20], [30], 16, 16, 16), 1.0, 4, 16,
+            d ** -0.5, make_sparse_prefill_workspace(16, 1, 64, 16, 16, 16), torch.empty_like(rows),
+            k_scale=scales[0], v_scale=scales[1])
     assert [lw["kwargs"]["MANUAL_FP8"] for lw in kv_rec.launches] == [False, False]
     assert [lw["kwargs"]["FP8"] for lw in kv_rec.launches] == [True, False]
     assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in dec_rec.launches] == [(False, True),
                                                                                            (False, False)]
-    failures = tl_launches.compile_launches(kv_rec.launches + dec_rec.launches, arch=90)
+    assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in pf_rec.launches] == [(False, True),
+                                                                                          (False, False)]
+    failures = tl_launches.compile_launches(kv_rec.launches + dec_rec.launches + pf_rec.launches, arch=90)
     assert not failures, "GPU variants that do not compile for sm_90:\n" + "\n\n".join(
         f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)

@@ -27,8 +27,9 @@ from rtpurbo_vllm.triton_kernels.paged_heads import PageTable, gather, to_float 
 from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as _kernel_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels import topp_search as _topp_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (chunk_tiles, paged_sparse_prefill_ref,  # noqa: E402
-                                                        pool_index_queries, tile_block_mass_ref,
-                                                        tile_forced_blocks)
+                                                        plan_sparse_prefill, pool_index_queries,
+                                                        tile_block_mass_ref, tile_forced_blocks)
+from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX, TILE_SEQ  # noqa: E402
 
 
 import rtpurbo_paged_layouts as PL  # noqa: E402  (registered by tests/conftest.py)
@@ -40,7 +41,7 @@ if INTERPRET and type(_kernel_module._attend_kernel).__name__ != "InterpretedFun
     # (the device functions of topp_search first, which the kernel module imports by name).
     importlib.reload(_topp_module)
     importlib.reload(_kernel_module)
-make_sparse_prefill_workspace = _kernel_module.make_sparse_prefill_workspace
+from rtpurbo_vllm.triton_kernels.sparse_prefill import make_sparse_prefill_workspace  # noqa: E402
 sparse_prefill = _kernel_module.sparse_prefill
 DEVICE = "cpu" if INTERPRET else "cuda"
 # The interpreter converts size-1 arrays to Python ints (NumPy >= 1.25 warns, once per loop bound).
@@ -87,13 +88,14 @@ def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_s
         k_scale=k_scale, v_scale=v_scale, stored=stored)
 
 
-def _run(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0, lse_layout="rows"):
+def _run(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0, lse_layout="rows", wave_tiles=64,
+         tile_group=16):
     """Calls the kernel on NaN-filled ``out``/``lse`` (``lse_layout`` "heads": a ``[HQ, T]`` buffer
-    passed transposed, as FA3 returns its LSE); returns (out, lse [T, HQ], kept, num_kept)."""
+    passed transposed, as FA3 returns its LSE); returns (out, lse [T, HQ], kept, num_kept, plan)."""
     seqs_q = p["cu_seqlens_q"].diff().tolist()
-    max_q, max_k = max(seqs_q), int(p["seqused_k"].max())
-    ws = make_sparse_prefill_workspace(len(seqs_q) + 1, len(p["heads"]), max_q + 5, max_k + 70, block_size, DI,
-                                       tile_q, DEVICE)
+    plan = plan_sparse_prefill(seqs_q, p["seqused_k"].tolist(), wave_tiles, tile_q, tile_group, DEVICE)
+    ws = make_sparse_prefill_workspace(wave_tiles + 3, len(p["heads"]) + 1, int(p["seqused_k"].max()) + 70,
+                                       block_size, DI, tile_q, DEVICE)
     for t in (ws.pooled, ws.block_max, ws.block_sum):
         t.fill_(float("nan"))
     ws.kept.fill_(-7)
@@ -103,11 +105,11 @@ def _run(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0, lse_layou
     lse_buf = torch.full((num_tokens, hq) if lse_layout == "rows" else (hq, num_tokens), float("nan"), device=DEVICE)
     lse = lse_buf if lse_layout == "rows" else lse_buf.t()
     result = sparse_prefill(p["q"], p["kv"], p["kv_tables"], p["index"], p["index_table"], p["q_idx"],
-                            p["cu_seqlens_q"], p["seqused_k"], p["heads"], max_q, max_k, top_p, sink_tokens,
+                            p["cu_seqlens_q"], p["seqused_k"], p["heads"], plan, top_p, sink_tokens,
                             block_size, p["q"].shape[2] ** -0.5, ws, out, lse, dense_threshold=dense_threshold,
                             k_scale=p["k_scale"], v_scale=p["v_scale"])
     assert result[0] is out
-    return out, lse, result[1], result[2]
+    return out, lse, result[1], result[2], plan
 
 
 def _reference(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0):
@@ -150,43 +152,43 @@ def _check_contract(keep, mass, forced, top_p, where):
             assert float(mass[dropped].max()) <= lightest * (1 + BORDER), f"{where}: not greedy"
 
 
-def _check_selection(p, kept, num_kept, ref_keep, top_p, sink_tokens, block_size, tile_q, dense_threshold=0):
-    """Kernel kept lists against the reference masks: exact where the cut is clear-cut, else
-    :func:`_check_contract`. Returns how many tiles were compared exactly."""
+def _check_selection(p, kept, num_kept, plan, ref_keep, top_p, sink_tokens, block_size, tile_q, dense_threshold=0):
+    """Kernel kept lists (the plan's only wave) against the reference masks: exact where the cut is
+    clear-cut, else :func:`_check_contract`. Returns how many tiles were compared exactly."""
+    assert len(plan.waves) == 1, "compare the selection of single-wave plans"
     kept, num_kept = kept.cpu(), num_kept.cpu()
+    tile_seqs, tile_indices = plan.tiles[0, TILE_SEQ].tolist(), plan.tiles[0, TILE_INDEX].tolist()
     cu = p["cu_seqlens_q"].tolist()
+    expected = [(b, i) for b in range(len(cu) - 1) for i in range(math.ceil((cu[b + 1] - cu[b]) / tile_q))]
+    assert list(zip(tile_seqs, tile_indices))[:plan.waves[0].num_tiles] == expected
     exact = 0
-    for b, keep_b in enumerate(ref_keep):
+    for t, (b, i) in enumerate(expected):
         seqlen_k = int(p["seqused_k"][b])
-        tiles = chunk_tiles(cu[b + 1] - cu[b], seqlen_k, tile_q)
-        assert (num_kept[b, :, len(tiles):] == 0).all(), "tiles past the chunk must keep nothing"
-        if not tiles:
-            continue
+        tile = chunk_tiles(cu[b + 1] - cu[b], seqlen_k, tile_q)[i]
         k_idx = torch.stack([_index_keys_of(p, b, r, seqlen_k) for r in range(len(p["heads"]))], 1)
-        for i, tile in enumerate(tiles):
-            pooled = pool_index_queries(p["q_idx"][cu[b] + tile.row0:cu[b] + tile.row1].double().cpu())
-            mass = tile_block_mass_ref(pooled.double(), k_idx[:tile.last_pos + 1].double(), block_size).double()
-            forced = tile_forced_blocks(tile, block_size, sink_tokens)
-            for r in range(len(p["heads"])):
-                where = f"seq {b} tile {i} head {r}"
-                n = int(num_kept[b, r, i])
-                ids = kept[b, r, i, :n]
-                assert n >= int(forced.sum()) and (ids[1:] > ids[:-1]).all(), f"{where}: {ids.tolist()}"
-                keep = torch.zeros(keep_b.shape[2], dtype=torch.bool)
-                keep[ids.long()] = True
-                ref = keep_b[r, i]
-                if top_p >= 1 or seqlen_k < dense_threshold:
-                    assert keep[:mass.shape[1]].all() and not keep[mass.shape[1]:].any(), where
-                    exact += 1
-                    continue
-                ref_nb = ref[:mass.shape[1]]
-                if not _cut_is_borderline(mass[r], forced, ref_nb, top_p):
-                    assert torch.equal(keep, ref), \
-                        f"{where}: kernel {ids.tolist()} != reference {ref.nonzero().flatten().tolist()}"
-                    exact += 1
-                    continue
-                assert not keep[mass.shape[1]:].any(), f"{where}: blocks past the tile kept"
-                _check_contract(keep[:mass.shape[1]], mass[r], forced, top_p, where)
+        pooled = pool_index_queries(p["q_idx"][cu[b] + tile.row0:cu[b] + tile.row1].double().cpu())
+        mass = tile_block_mass_ref(pooled.double(), k_idx[:tile.last_pos + 1].double(), block_size).double()
+        forced = tile_forced_blocks(tile, block_size, sink_tokens)
+        for r in range(len(p["heads"])):
+            where = f"seq {b} tile {i} head {r}"
+            n = int(num_kept[t, r])
+            ids = kept[t, r, :n]
+            assert n >= int(forced.sum()) and (ids[1:] > ids[:-1]).all(), f"{where}: {ids.tolist()}"
+            keep = torch.zeros(ref_keep[b].shape[2], dtype=torch.bool)
+            keep[ids.long()] = True
+            ref = ref_keep[b][r, i]
+            if top_p >= 1 or seqlen_k < dense_threshold:
+                assert keep[:mass.shape[1]].all() and not keep[mass.shape[1]:].any(), where
+                exact += 1
+                continue
+            ref_nb = ref[:mass.shape[1]]
+            if not _cut_is_borderline(mass[r], forced, ref_nb, top_p):
+                assert torch.equal(keep, ref), \
+                    f"{where}: kernel {ids.tolist()} != reference {ref.nonzero().flatten().tolist()}"
+                exact += 1
+                continue
+            assert not keep[mass.shape[1]:].any(), f"{where}: blocks past the tile kept"
+            _check_contract(keep[:mass.shape[1]], mass[r], forced, top_p, where)
     return exact
 
 
@@ -229,33 +231,34 @@ CASES = [
 def test_matches_reference(seed, case):
     hq, hkv, d, heads, page, index_page, bs, tile_q, sink, top_p, dense, kv_dtype, q_dtype, lse_layout = case
     p = _problem(SEQS, hq, hkv, d, heads, page, index_page, bs, kv_dtype, q_dtype)
-    out, lse, kept, num_kept = _run(p, top_p, sink, bs, tile_q, dense, lse_layout)
+    out, lse, kept, num_kept, plan = _run(p, top_p, sink, bs, tile_q, dense, lse_layout)
     ref_out, ref_lse, ref_keep = _reference(p, top_p, sink, bs, tile_q, dense)
-    exact = _check_selection(p, kept, num_kept, ref_keep, top_p, sink, bs, tile_q, dense)
+    exact = _check_selection(p, kept, num_kept, plan, ref_keep, top_p, sink, bs, tile_q, dense)
     tiles = sum(len(chunk_tiles(n, c + n, tile_q)) for c, n in SEQS) * len(heads)
     assert exact >= 0.9 * tiles, f"only {exact} of {tiles} tiles compared exactly"
     _check_attention(p, out, lse, ref_out, ref_lse)
-    shares = [float(num_kept[b, r, i]) / math.ceil((t.last_pos + 1) / bs)
-              for b, (c, n) in enumerate(SEQS) for i, t in enumerate(chunk_tiles(n, c + n, tile_q))
+    tiles = [t for c, n in SEQS for t in chunk_tiles(n, c + n, tile_q)]
+    shares = [float(num_kept[i, r]) / math.ceil((t.last_pos + 1) / bs) for i, t in enumerate(tiles)
               for r in range(len(heads))]
     assert min(shares) < 1.0, "nothing was dropped: the case does not test sparsity"
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(dict(tile_group=16, blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2),
-                 id="small-groups-sub16-chunk4-kvtile16"),
+    pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2),
+                 id="sub16-chunk4-kvtile16"),
     pytest.param(dict(kv_tile=128, select_chunk=8), id="kvtile128-chunk8"),
 ])
 def test_launch_configs(seed, monkeypatch, config):
-    """Other launch knobs give the same result: several tile groups and score programs per head, blocks
-    scored in sub-chunks (online merge), rows longer than the selection's register chunk (re-read from
-    the workspace), KV tiles smaller than a block and KV tiles spanning several blocks."""
+    """Other launch knobs give the same result: several score programs per head, blocks scored in
+    sub-chunks (online merge), rows longer than the selection's register chunk (re-read from the
+    workspace), KV tiles smaller than a block and KV tiles spanning several blocks."""
     monkeypatch.setattr(_kernel_module, "CONFIG", {**_kernel_module.CONFIG, **config})
-    seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows: two tile groups
+    seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows: two score groups in the first sequence
     p = _problem(seqs, 8, 2, 64, [1, 6], 16, 48, 32)
-    out, lse, kept, num_kept = _run(p, 0.8, 4, 32, 16)
+    out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 16)
+    assert plan.waves[0].num_groups == 4
     ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 16)
-    _check_selection(p, kept, num_kept, ref_keep, 0.8, 4, 32, 16)
+    _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
 
 
@@ -264,7 +267,7 @@ def test_top_p_one_is_dense_causal(seed, tile_q, block_size):
     """top_p = 1 keeps every block: dense causal attention, against the layer reference on the logical K/V."""
     hq, hkv, d, heads = 8, 2, 64, [0, 7]
     p = _problem(SEQS, hq, hkv, d, heads, 16, 16, block_size)
-    out, lse, kept, num_kept = _run(p, 1.0, 4, block_size, tile_q)
+    out, lse, kept, num_kept, plan = _run(p, 1.0, 4, block_size, tile_q)
     k = torch.cat([s[0] for s in p["stored"]]).to(DEVICE)
     v = torch.cat([s[1] for s in p["stored"]]).to(DEVICE)
     cu_k = torch.tensor([0] + p["seqused_k"].tolist()).cumsum(0).int()
@@ -272,7 +275,7 @@ def test_top_p_one_is_dense_causal(seed, tile_q, block_size):
     torch.testing.assert_close(out[:, heads].float(), dense[:, heads], atol=2e-2, rtol=2e-2)
     ref_out, ref_lse, ref_keep = _reference(p, 1.0, 4, block_size, tile_q)
     _check_attention(p, out, lse, ref_out, ref_lse)
-    _check_selection(p, kept, num_kept, ref_keep, 1.0, 4, block_size, tile_q)
+    _check_selection(p, kept, num_kept, plan, ref_keep, 1.0, 4, block_size, tile_q)
 
 
 @pytest.mark.parametrize("kv_dtype", [u8, f8])
@@ -281,11 +284,21 @@ def test_fp8_units(seed, kv_dtype):
     that dequantises ``fp8 * scale``."""
     k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.011], device=DEVICE)
     p = _problem(SEQS[1:4], 8, 2, 64, [2, 5], 16, 48, 32, kv_dtype, bf16, k_scale, v_scale)
-    out, lse, kept, num_kept = _run(p, 0.8, 4, 32, 32)
+    out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 32)
     ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 32)
-    _check_selection(p, kept, num_kept, ref_keep, 0.8, 4, 32, 32)
+    _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 32)
     _check_attention(p, out, lse, ref_out, ref_lse)
     assert all(to_float(k, k_scale).abs().max() <= 448 * 0.02 + 1e-6 for k, _ in p["stored"])
+
+
+def test_several_waves(seed):
+    """A batch of more tiles than the workspace holds runs in waves (22 tiles of 16 rows in waves of at
+    most 16, score groups of at most 16 tiles never split): the output equals the reference."""
+    p = _problem(SEQS, 8, 2, 64, [1, 6], 16, 48, 32)
+    out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 16, wave_tiles=16)
+    assert [w.num_tiles for w in plan.waves] == [15, 7]
+    ref_out, ref_lse, _ = _reference(p, 0.8, 4, 32, 16)
+    _check_attention(p, out, lse, ref_out, ref_lse)
 
 
 def test_exact_ties_go_to_lower_block_ids(seed):
@@ -293,32 +306,32 @@ def test_exact_ties_go_to_lower_block_ids(seed):
     takes them in id order. Sequence: 200 cached + 64 new rows, BS 32, tiles of 32 rows, no sinks."""
     p = _problem([(200, 64)], 4, 1, 64, [1], 16, 16, 32)
     p["q_idx"].zero_()
-    out, lse, kept, num_kept = _run(p, 0.5, 0, 32, 32)
+    out, lse, kept, num_kept, plan = _run(p, 0.5, 0, 32, 32)
     # Tile 0: rows at 200..231, 232 keys (blocks 0-6 of 32 keys, block 7 of 8); the diagonal blocks 5-7
     # (from position 169) hold 72/232, and each of blocks 0-4 32/232: two more reach 136/232 >= 0.5.
     # Tile 1: rows at 232..263, 264 keys; diagonal blocks 6-8 hold 72/264; two more reach 136/264 >= 0.5.
     expected = [[0, 1, 5, 6, 7], [0, 1, 6, 7, 8]]
-    assert [kept[0, 0, i, :int(num_kept[0, 0, i])].tolist() for i in range(2)] == expected
+    assert [kept[i, 0, :int(num_kept[i, 0])].tolist() for i in range(2)] == expected
     ref_out, ref_lse, ref_keep = _reference(p, 0.5, 0, 32, 32)
     assert [ref_keep[0][0, i].nonzero().flatten().tolist() for i in range(2)] == expected
     _check_attention(p, out, lse, ref_out, ref_lse)
 
 
 def test_empty_batch_and_no_rows(seed):
-    """B = 0 launches nothing; a sequence with no new rows keeps nothing and writes nothing."""
+    """B = 0 launches nothing; a sequence with no new rows has no tile and writes nothing."""
     p = _problem([(40, 0), (10, 20)], 4, 1, 64, [2], 16, 16, 16)
-    out, lse, kept, num_kept = _run(p, 0.9, 4, 16, 16)
-    assert (num_kept[0] == 0).all() and (num_kept[1, 0, :2] > 0).all()
+    out, lse, kept, num_kept, plan = _run(p, 0.9, 4, 16, 16)
+    assert plan.tiles[0, TILE_SEQ, :2].tolist() == [1, 1] and (num_kept[:2] > 0).all()
     ref_out, ref_lse, _ = _reference(p, 0.9, 4, 16, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
     empty = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    ws = make_sparse_prefill_workspace(1, 1, 16, 64, 16, DI, 16, DEVICE)
+    ws = make_sparse_prefill_workspace(16, 1, 64, 16, DI, 16, DEVICE)
     q = p["q"][:0]
     result = sparse_prefill(q, p["kv"], [PageTable(p["kv_tables"][0].block_table[:0], *_geometry(p["kv_tables"][0]))],
                             p["index"], PageTable(p["index_table"].block_table[:0], *_geometry(p["index_table"])),
-                            p["q_idx"][:0], empty, empty[:0], p["heads"], 0, 0, 0.9, 4, 16, 0.125, ws,
-                            torch.empty_like(q))
-    assert result[1].shape == (0, 1, 0, 4) and result[2].shape == (0, 1, 0)
+                            p["q_idx"][:0], empty, empty[:0], p["heads"], plan_sparse_prefill([], [], 16, 16, 16, DEVICE),
+                            0.9, 4, 16, 0.125, ws, torch.empty_like(q))
+    assert result[1].shape == (0, 1, 4) and result[2].shape == (0, 1)
 
 
 def _geometry(table):
@@ -327,19 +340,22 @@ def _geometry(table):
 
 def test_bad_arguments(seed):
     p = _problem([(10, 20)], 4, 1, 64, [2], 16, 16, 16)
-    ws = make_sparse_prefill_workspace(1, 1, 20, 30, 16, DI, 16, DEVICE)
+    ws = make_sparse_prefill_workspace(16, 1, 30, 16, DI, 16, DEVICE)
     out = torch.empty_like(p["q"])
+    plan = plan_sparse_prefill([20], [30], 16, 16, 16, DEVICE)
     args = [p["q"], p["kv"], p["kv_tables"], p["index"], p["index_table"], p["q_idx"], p["cu_seqlens_q"],
-            p["seqused_k"], p["heads"], 20, 30, 0.9, 4, 16, 0.125, ws, out]
+            p["seqused_k"], p["heads"], plan, 0.9, 4, 16, 0.125, ws, out]
     sparse_prefill(*args)   # valid as given
-    small = make_sparse_prefill_workspace(1, 1, 20, 16, 16, DI, 16, DEVICE)    # too few blocks
+    small = make_sparse_prefill_workspace(16, 1, 16, 16, DI, 16, DEVICE)       # too few blocks
+    other_tiles = plan_sparse_prefill([20], [30], 16, 32, 16, DEVICE)          # tiles of 32 rows
+    wide = plan_sparse_prefill([20], [30], 32, 16, 16, DEVICE)                 # waves wider than the workspace
     for i, bad in [(0, p["q"].float()), (2, []), (5, p["q_idx"][:, :, :8]), (6, p["cu_seqlens_q"].long()),
-                   (7, p["seqused_k"][:0]), (8, p["heads"].long()), (11, 0.0), (13, 48), (13, 8), (15, small),
-                   (16, out[:, :2]), (3, p["kv"])]:
+                   (7, p["seqused_k"][:0]), (8, p["heads"].long()), (9, other_tiles), (9, wide), (9, None),
+                   (10, 0.0), (12, 48), (12, 8), (14, small), (15, out[:, :2]), (3, p["kv"])]:
         with pytest.raises(ValueError):
             sparse_prefill(*args[:i], bad, *args[i + 1:])
     with pytest.raises(ValueError, match="power of two"):
-        make_sparse_prefill_workspace(1, 1, 20, 30, 16, DI, 24, DEVICE)
+        make_sparse_prefill_workspace(16, 1, 30, 16, DI, 24, DEVICE)
     with pytest.raises(ValueError, match="k_scale"):
         fp8 = _problem([(10, 20)], 4, 1, 64, [2], 16, 16, 16, u8, bf16, torch.tensor([0.1]), torch.tensor([0.1]))
         sparse_prefill(fp8["q"], fp8["kv"], fp8["kv_tables"], *args[3:])
@@ -358,7 +374,7 @@ def test_gpu_realistic(seed, tile_q, kv_dtype):
     scales = (torch.tensor([0.02], device=DEVICE), torch.tensor([0.011], device=DEVICE)) if kv_dtype == u8 \
         else (None, None)
     p = _problem(seqs, 32, 8, 128, [3, 17, 30], 16, 16, 64, kv_dtype, bf16, *scales)
-    out, lse, kept, num_kept = _run(p, 0.9, 4, 64, tile_q)
+    out, lse, kept, num_kept, plan = _run(p, 0.9, 4, 64, tile_q, wave_tiles=128, tile_group=64)
     ref_out, ref_lse, ref_keep = _reference(p, 0.9, 4, 64, tile_q)
-    _check_selection(p, kept, num_kept, ref_keep, 0.9, 4, 64, tile_q)
+    _check_selection(p, kept, num_kept, plan, ref_keep, 0.9, 4, 64, tile_q)
     _check_attention(p, out, lse, ref_out, ref_lse)

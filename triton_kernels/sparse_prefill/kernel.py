@@ -1,38 +1,40 @@
 """Sparse top-p prefill of retrieval heads over vLLM's paged caches, in Triton.
 
-Semantics: :mod:`.reference` (query tiles of ``TILE_Q`` chunk rows; per (sequence, retrieval head,
+Semantics: :mod:`.reference` (query tiles of ``tile_q`` chunk rows; per (sequence, retrieval head,
 tile) the sink blocks, the diagonal blocks and the top-p blocks of the tile's pooled index query;
 exact causal attention of each row over its tile's kept blocks).
 
-Four launches; grids depend on ``B``, ``HR``, ``cdiv(max_seqlen_q, TILE_Q)`` and
-``cdiv(max_seqlen_k, BS)`` (host values the caller passes; prefill runs eagerly), nothing is read back
-to the host, and every scratch tensor comes from :class:`SparsePrefillWorkspace`:
+The tiles come from the step's :class:`.plan.SparsePrefillPlan`: a flat list per wave, so scratch
+follows the number of tiles, not the batch size times the longest chunk. Four launches per wave;
+grids depend on the wave's tile and group counts, ``HR`` and ``cdiv(max_seqlen_k, BS)`` (host values
+of the plan; prefill runs eagerly), nothing is read back to the host, and every scratch tensor comes
+from :class:`SparsePrefillWorkspace`:
 
-1. ``_pool_kernel``, grid ``(tiles, HR, B)``: each tile's pooled index query (:func:`pool_tile_queries`,
-   the mean of its rows), ``[B, HR, tiles, DI]`` float32.
-2. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), cdiv(tiles, TILE_GROUP), B * HR)``: one
-   program takes ``BLOCKS_PER_PROG`` key blocks and ``TILE_GROUP`` tiles of one (sequence, head): it
-   loads each index key once and scores it against all the group's pooled queries with one
-   ``[TILE_GROUP, DI] x [DI, SUB]`` dot (tf32x3, about float32 accuracy), then writes per (tile,
-   block) the max score and ``sum exp(score - max)`` over the keys the tile may see. Index keys are
-   read ``cdiv(tiles, TILE_GROUP)`` times instead of once per tile; programs past the group's last
-   causal key return at once.
-3. ``_select_kernel``, grid ``(tiles, HR, B)``: per tile, the sort-free top-p of :mod:`..topp_search`
+1. ``_pool_kernel``, grid ``(tiles, HR)``: each tile's pooled index query (:func:`pool_tile_queries`,
+   the mean of its rows), ``[tiles, HR, DI]`` float32.
+2. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), groups, HR)``: one program takes
+   ``BLOCKS_PER_PROG`` key blocks and one score group (up to ``TILE_GROUP`` consecutive tiles of one
+   sequence) of one head: it loads each index key once and scores it against all the group's pooled
+   queries with one ``[TILE_GROUP, DI] x [DI, SUB]`` dot (tf32x3, about float32 accuracy), then writes
+   per (tile, block) the max score and ``sum exp(score - max)`` over the keys the tile may see. Index
+   keys are read once per group instead of once per tile; programs past the group's last causal key
+   return at once.
+3. ``_select_kernel``, grid ``(tiles, HR)``: per tile, the sort-free top-p of :mod:`..topp_search`
    with the sink blocks and the diagonal blocks forced; writes the kept ids ascending and their count.
    ``top_p >= 1`` skips launches 1-2 and keeps every block.
-4. ``_attend_kernel``, grid ``(tiles, HR, B)``, last tiles first (they have the most keys): one program
-   per (tile, retrieval head, sequence) holds its ``[TILE_Q, D]`` queries and walks its kept-block list
-   as a list of virtual tokens (token ``i % BS`` of block ``kept[i // BS]``) in ``[TILE_Q, D] x [D,
-   KV_TILE]`` tiles, so ``KV_TILE`` is free of BS: K and V of each kept block are loaded once (per-token
-   page lookups through the kind-0 block table), online softmax in float32 (exp2), P in the K/V dtype
-   for the second dot. The kept list is ascending and ends with the blocks holding the tile's own
-   positions, so the loop runs in two parts: the whole tiles before them with no mask at all, then the
-   rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are converted exactly to the query dtype; ``k_scale`` joins
-   the softmax scale and ``v_scale`` the output factor.
+4. ``_attend_kernel``, grid ``(tiles, HR)``, in the plan's attention order (the tiles with the most keys
+   first): one program per (tile, retrieval head) holds its ``[TILE_Q, D]`` queries and walks its
+   kept-block list as a list of virtual tokens (token ``i % BS`` of block ``kept[i // BS]``) in
+   ``[TILE_Q, D] x [D, KV_TILE]`` tiles, so ``KV_TILE`` is free of BS: K and V of each kept block are
+   loaded once (per-token page lookups through the kind-0 block table), online softmax in float32
+   (exp2), P in the K/V dtype for the second dot. The kept list is ascending and ends with the blocks
+   holding the tile's own positions, so the loop runs in two parts: the whole tiles before them with no
+   mask at all, then the rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are converted
+   exactly to the query dtype; ``k_scale`` joins the softmax scale and ``v_scale`` the output factor.
 
 Hopper: the attention tiles compile to wgmma with cp.async software pipelining (``CONFIG["stages"]``)
 of the gathered K/V rows; the paged gather rules out TMA. ``CONFIG`` holds the launch knobs a sweep on
-the GPU should settle (``kv_tile``, ``stages``, the score kernel's grouping).
+the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,66 +50,16 @@ import triton.language as tl
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import keep_every_block, topp_select_row
+from .plan import (ATTEND_ORDER, GROUP_FIRST_TILE, GROUP_TILES, TILE_INDEX, TILE_SEQ, SparsePrefillPlan,
+                   SparsePrefillWorkspace, check_power_of_two)
+
+# The plan's rows, as the kernels read them.
+_TILE_SEQ, _TILE_INDEX, _ATTEND_ORDER = tl.constexpr(TILE_SEQ), tl.constexpr(TILE_INDEX), tl.constexpr(ATTEND_ORDER)
+_GROUP_FIRST_TILE, _GROUP_TILES = tl.constexpr(GROUP_FIRST_TILE), tl.constexpr(GROUP_TILES)
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
-CONFIG = {"tile_group": 64, "blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
+CONFIG = {"blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
           "stages": 3}
-
-
-@dataclass(frozen=True)
-class SparsePrefillWorkspace:
-    """Scratch and outputs of :func:`sparse_prefill`; allocate once (:func:`make_sparse_prefill_workspace`)
-    and share between layers.
-
-    Attributes:
-        pooled: ``[max_batch, HR, max_tiles, DI]`` float32, pooled index queries per tile.
-        block_max: ``[max_batch, HR, max_tiles, max_blocks]`` float32, per (tile, block) max index score.
-        block_sum: same shape, ``sum exp(score - block_max)``.
-        kept: ``[max_batch, HR, max_tiles, max_blocks]`` int32, kept block ids per tile, ascending.
-        num_kept: ``[max_batch, HR, max_tiles]`` int32, kept blocks per tile.
-        tile_q: TILE_Q, query rows per tile: the granularity of the selection and the attention's
-            query tile (64 or 128 on a GPU; any power of two >= 16).
-    """
-
-    pooled: torch.Tensor
-    block_max: torch.Tensor
-    block_sum: torch.Tensor
-    kept: torch.Tensor
-    num_kept: torch.Tensor
-    tile_q: int
-
-    @property
-    def max_blocks(self) -> int:
-        return self.kept.shape[3]
-
-
-def make_sparse_prefill_workspace(max_batch: int, num_heads: int, max_seqlen_q: int, max_seqlen_k: int,
-                                  block_size: int, index_dim: int = 16, tile_q: int = 128,
-                                  device: torch.device | str | None = None) -> SparsePrefillWorkspace:
-    """Scratch for prefill batches of up to ``max_batch`` sequences with chunks of up to
-    ``max_seqlen_q`` rows (vLLM's ``max_num_batched_tokens``) and ``max_seqlen_k`` keys
-    (``max_model_len``), for ``num_heads`` retrieval heads (HR).
-
-    Size: ``max_batch * HR * max_tiles * (12 * max_blocks + 4 * DI + 4)`` bytes with
-    ``max_tiles = cdiv(max_seqlen_q, tile_q)`` and ``max_blocks = cdiv(max_seqlen_k, block_size)``
-    (about 50 MB for 4 sequences, HR 8, 8192-row chunks of 128-row tiles, 128K keys in 64-token blocks).
-    Uninitialised: every entry read is written first in the same call.
-    """
-    if min(max_batch, num_heads, max_seqlen_q, max_seqlen_k) < 1:
-        raise ValueError(f"need positive sizes, got max_batch={max_batch}, num_heads={num_heads}, "
-                         f"max_seqlen_q={max_seqlen_q}, max_seqlen_k={max_seqlen_k}")
-    _check_power_of_two("tile_q", tile_q)
-    _check_power_of_two("block_size", block_size)
-    _check_power_of_two("index_dim", index_dim)
-    tiles, blocks = math.ceil(max_seqlen_q / tile_q), math.ceil(max_seqlen_k / block_size)
-    shape = (max_batch, num_heads, tiles, blocks)
-    return SparsePrefillWorkspace(
-        pooled=torch.empty(max_batch, num_heads, tiles, index_dim, dtype=torch.float32, device=device),
-        block_max=torch.empty(shape, dtype=torch.float32, device=device),
-        block_sum=torch.empty(shape, dtype=torch.float32, device=device),
-        kept=torch.empty(shape, dtype=torch.int32, device=device),
-        num_kept=torch.empty(shape[:3], dtype=torch.int32, device=device),
-        tile_q=tile_q)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,50 +128,59 @@ def _attend_tiles(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_
 
 
 @triton.jit
-def _pool_kernel(q_idx_ptr, cu_q_ptr, pooled_ptr, s_it, s_ih, s_id, s_pb, s_ph, s_pt,
-                 TILE_Q: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr):
-    """Grid ``(tiles, HR, B)``: ``pooled[b, r, tile]`` from the tile's rows of ``q_idx``."""
-    tile = tl.program_id(0)
-    r = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q0 = tl.load(cu_q_ptr + b)
-    n_rows = _tile_rows(tl.load(cu_q_ptr + b + 1) - q0, tile, TILE_Q)
-    if n_rows > 0:
-        rows = tl.arange(0, TILE_Q)
-        dims = tl.arange(0, DI_PAD)
-        src = q_idx_ptr + (q0 + tile * TILE_Q + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id
-        x = tl.load(src, mask=(rows < n_rows)[:, None] & (dims < DI)[None, :], other=0.0).to(tl.float32)
-        tl.store(pooled_ptr + b * s_pb + r * s_ph + tile * s_pt + dims, pool_tile_queries(x, n_rows), mask=dims < DI)
+def _plan_tile(plan_ptr, s_row, t):
+    """Sequence and chunk tile index of the wave's tile ``t``."""
+    return tl.load(plan_ptr + _TILE_SEQ * s_row + t).to(tl.int64), tl.load(plan_ptr + _TILE_INDEX * s_row + t)
 
 
 @triton.jit
-def _score_kernel(pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr,
-                  num_tiles, max_blocks, HR, page_size, page_stride, token_stride, s_bt,
-                  s_pb, s_ph, s_pt, s_wb, s_wh, s_wt,
+def _pool_kernel(plan_ptr, q_idx_ptr, cu_q_ptr, pooled_ptr, s_row, s_it, s_ih, s_id, s_pt, s_ph,
+                 TILE_Q: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr):
+    """Grid ``(tiles, HR)``: ``pooled[t, r]`` from the rows of the wave's tile ``t``."""
+    t = tl.program_id(0)
+    r = tl.program_id(1)
+    b, tile = _plan_tile(plan_ptr, s_row, t)
+    q0 = tl.load(cu_q_ptr + b)
+    n_rows = _tile_rows(tl.load(cu_q_ptr + b + 1) - q0, tile, TILE_Q)
+    rows = tl.arange(0, TILE_Q)
+    dims = tl.arange(0, DI_PAD)
+    src = q_idx_ptr + (q0 + tile * TILE_Q + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id
+    x = tl.load(src, mask=(rows < n_rows)[:, None] & (dims < DI)[None, :], other=0.0).to(tl.float32)
+    tl.store(pooled_ptr + t * s_pt + r * s_ph + dims, pool_tile_queries(x, n_rows), mask=dims < DI)
+
+
+@triton.jit
+def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr,
+                  max_blocks, s_row, page_size, page_stride, token_stride, s_bt, s_pt, s_ph, s_wt, s_wh,
                   TILE_Q: tl.constexpr, TILE_GROUP: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
                   BS: tl.constexpr, SUB: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
                   OFF_ALIGN: tl.constexpr):
-    """Grid ``(cdiv(blocks, BLOCKS_PER_PROG), cdiv(tiles, TILE_GROUP), B * HR)``: per-(tile, block)
-    index-score stats of ``TILE_GROUP`` tiles over ``BLOCKS_PER_PROG`` key blocks of one head."""
-    b = (tl.program_id(2) // HR).to(tl.int64)
-    r = tl.program_id(2) % HR
-    tiles = tl.program_id(1) * TILE_GROUP + tl.arange(0, TILE_GROUP)                     # [TG]
+    """Grid ``(cdiv(blocks, BLOCKS_PER_PROG), groups, HR)``: per-(tile, block) index-score stats of one
+    score group's tiles over ``BLOCKS_PER_PROG`` key blocks of one head."""
+    g = tl.program_id(1)
+    r = tl.program_id(2)
+    first_tile = tl.load(plan_ptr + _GROUP_FIRST_TILE * s_row + g)
+    group_tiles = tl.load(plan_ptr + _GROUP_TILES * s_row + g)
+    b, tile0 = _plan_tile(plan_ptr, s_row, first_tile)
+    lanes = tl.arange(0, TILE_GROUP)                                                     # [TG]
+    tiles = tile0 + lanes
     q0 = tl.load(cu_q_ptr + b)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - q0
     seqlen_k = tl.load(seqused_k_ptr + b)
     n_rows = _tile_rows(seqlen_q, tiles, TILE_Q)
-    live = (n_rows > 0) & (tiles < num_tiles)
+    live = lanes < group_tiles
     n_keys = tl.where(live, seqlen_k - seqlen_q + tiles * TILE_Q + n_rows, 0)             # last_pos + 1
     first_block = tl.program_id(0) * BLOCKS_PER_PROG
     end_block = tl.minimum(first_block + BLOCKS_PER_PROG, tl.minimum(tl.cdiv(tl.max(n_keys), BS), max_blocks))
     if first_block < end_block:
         dims = tl.arange(0, DI_PAD)
-        pooled = tl.load(pooled_ptr + b * s_pb + r * s_ph + tiles[:, None].to(tl.int64) * s_pt + dims[None, :],
+        flat = (first_tile + lanes).to(tl.int64)                                          # [TG] wave tiles
+        pooled = tl.load(pooled_ptr + flat[:, None] * s_pt + r * s_ph + dims[None, :],
                          mask=live[:, None] & (dims < DI)[None, :], other=0.0)           # [TG, DI_PAD]
         idx_off = tl.multiple_of(tl.load(idx_off_ptr + r), OFF_ALIGN)
         bt_row = bt_ptr + b * s_bt
         key_limit = tl.max(n_keys)
-        ws = b * s_wb + r * s_wh + tiles.to(tl.int64) * s_wt                              # [TG]
+        ws = flat * s_wt + r * s_wh                                                       # [TG]
         offs_t = tl.arange(0, SUB)
         for blk in range(first_block, end_block):
             m_i = tl.full([TILE_GROUP], float("-inf"), tl.float32)
@@ -244,44 +204,43 @@ def _score_kernel(pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_
 
 
 @triton.jit
-def _select_kernel(cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr, nkept_ptr,
-                   top_p, dense_threshold, num_sink_blocks, max_blocks,
-                   s_wb, s_wh, s_wt, s_kb, s_kh, s_kt, s_nb, s_nh,
+def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr, nkept_ptr,
+                   top_p, dense_threshold, num_sink_blocks, max_blocks, s_row, s_wt, s_wh, s_kt, s_kh, s_nt, s_nh,
                    TILE_Q: tl.constexpr, BS: tl.constexpr, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
-    """Grid ``(tiles, HR, B)``: the kept blocks of one tile (count 0 for a tile past the chunk)."""
-    tile = tl.program_id(0)
+    """Grid ``(tiles, HR)``: the kept blocks of the wave's tile ``t``."""
+    t = tl.program_id(0)
     r = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b, tile = _plan_tile(plan_ptr, s_row, t)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - tl.load(cu_q_ptr + b)
     seqlen_k = tl.load(seqused_k_ptr + b)
     n_rows = _tile_rows(seqlen_q, tile, TILE_Q)
     first_pos = seqlen_k - seqlen_q + tile * TILE_Q
-    num_blocks = tl.where(n_rows > 0, tl.minimum(tl.cdiv(first_pos + n_rows, BS), max_blocks), 0)
-    kept_row = kept_ptr + b * s_kb + r * s_kh + tile * s_kt
+    num_blocks = tl.minimum(tl.cdiv(first_pos + n_rows, BS), max_blocks)
+    kept_row = kept_ptr + t * s_kt + r * s_kh
     if KEEP_ALL:
         count = keep_every_block(kept_row, num_blocks, CHUNK)
     elif seqlen_k < dense_threshold:
         count = keep_every_block(kept_row, num_blocks, CHUNK)
     else:
         first_diagonal = tl.maximum(first_pos - BS + 1, 0) // BS
-        ws = b * s_wb + r * s_wh + tile * s_wt
+        ws = t * s_wt + r * s_wh
         count = topp_select_row(max_ptr + ws, sum_ptr + ws, kept_row, num_blocks, num_sink_blocks, first_diagonal,
                                 top_p, CHUNK)
-    tl.store(nkept_ptr + b * s_nb + r * s_nh + tile, count)
+    tl.store(nkept_ptr + t * s_nt + r * s_nh, count)
 
 
 @triton.jit
-def _attend_kernel(q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, heads_ptr, kept_ptr, nkept_ptr,
-                   out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_tiles,
-                   s_qt, s_qh, page_size, page_stride, token_stride, s_bt, s_kb, s_kh, s_kt, s_nb, s_nh,
+def _attend_kernel(plan_ptr, q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, heads_ptr, kept_ptr,
+                   nkept_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                   s_row, s_qt, s_qh, page_size, page_stride, token_stride, s_bt, s_kt, s_kh, s_nt, s_nh,
                    s_ot, s_oh, s_lt, s_lh,
                    G: tl.constexpr, TILE_Q: tl.constexpr, BS: tl.constexpr, KV_TILE: tl.constexpr,
                    D: tl.constexpr, D_PAD: tl.constexpr, OFF_ALIGN: tl.constexpr, HAS_LSE: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
-    """Grid ``(tiles, HR, B)``, last tiles first: attention of one tile's rows of one retrieval head."""
-    tile = num_tiles - 1 - tl.program_id(0)
+    """Grid ``(tiles, HR)``, the plan's attention order (longest first): one tile's rows of one retrieval head."""
+    t = tl.load(plan_ptr + _ATTEND_ORDER * s_row + tl.program_id(0))
     r = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b, tile = _plan_tile(plan_ptr, s_row, t)
     q0 = tl.load(cu_q_ptr + b)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - q0
     n_rows = _tile_rows(seqlen_q, tile, TILE_Q)
@@ -304,8 +263,8 @@ def _attend_kernel(q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, h
             out_scale = tl.load(v_scale_ptr)
         kv_off = tl.multiple_of(tl.load(kv_off_ptr + h // G), OFF_ALIGN)
         bt_row = bt_ptr + b * s_bt
-        kept_row = kept_ptr + b * s_kb + r * s_kh + tile * s_kt
-        count = tl.load(nkept_ptr + b * s_nb + r * s_nh + tile)
+        kept_row = kept_ptr + t * s_kt + r * s_kh
+        count = tl.load(nkept_ptr + t * s_nt + r * s_nh)
         # The kept list is ascending and ends with the blocks holding the tile's own positions (forced
         # diagonal blocks, the highest ids): the whole KV tiles before them need no mask; the rest (those
         # blocks, and at most one tile that reaches into them) is masked.
@@ -342,13 +301,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_power_of_two(name: str, value: int, least: int = 16) -> None:
-    _check(value >= least and value & (value - 1) == 0, f"{name} must be a power of two >= {least}, got {value}")
-
-
 def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTable], index: PagedHeads,
                    index_table: PageTable, q_idx: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                   seqused_k: torch.Tensor, heads: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                   seqused_k: torch.Tensor, heads: torch.Tensor, plan: SparsePrefillPlan,
                    top_p: float, sink_tokens: int, block_size: int, scale: float,
                    workspace: SparsePrefillWorkspace, out: torch.Tensor, lse: torch.Tensor | None = None,
                    dense_threshold: int = 0, k_scale: torch.Tensor | None = None,
@@ -357,8 +312,8 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
 
     Each sequence's ``seqlen_q`` new query rows are the last rows of its ``seqused_k`` keys, whose K/V
     and index keys are already in the caches. Semantics: :mod:`.reference`; the tiles have
-    ``workspace.tile_q`` rows. Only shapes, dtypes and devices are checked (no host sync); values are
-    trusted. Not for CUDA graphs (the grids follow ``max_seqlen_q`` / ``max_seqlen_k``).
+    ``plan.tile_q`` rows. Only shapes, dtypes and devices are checked (no host sync); values are
+    trusted. Not for CUDA graphs (the grids follow the plan's waves).
 
     Args:
         q: ``[T, HQ, D]`` bf16/fp16 (unit last stride), post-RoPE queries of the prefill rows.
@@ -375,14 +330,15 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
         cu_seqlens_q: ``[B+1]`` int32, row offsets of the sequences in ``q`` (``cu_seqlens_q[-1] <= T``).
         seqused_k: ``[B]`` int32, keys per sequence, history and chunk (``>= seqlen_q``).
         heads: ``[HR]`` int32, the query head of each retrieval head (unique, in ``[0, HQ)``).
-        max_seqlen_q: longest chunk (an upper bound is fine; it sets the tile grid).
-        max_seqlen_k: longest ``seqused_k`` (an upper bound is fine; it sets the score grid).
+        plan: the batch's tiles (:func:`.plan.plan_sparse_prefill` of the same chunk and sequence
+            lengths), on ``q``'s device.
         top_p: ``> 0``; ``>= 1`` keeps every block (dense causal attention).
         sink_tokens: leading tokens whose blocks every tile keeps (``>= 0``).
         block_size: BS, tokens per selection block, a power of two ``>= 16``.
         scale: softmax scale.
-        workspace: from :func:`make_sparse_prefill_workspace` with ``max_batch >= B``, ``HR`` heads of
-            index dim DI, ``max_tiles >= cdiv(max_seqlen_q, tile_q)``, ``max_blocks >= cdiv(max_seqlen_k, BS)``.
+        workspace: from :func:`make_sparse_prefill_workspace` with ``tile_q == plan.tile_q``,
+            ``wave_tiles >= plan.wave_tiles``, ``HR_max >= HR``, DI and ``max_blocks`` covering every
+            sequence's ``cdiv(seqused_k, BS)``.
         out: ``[T, HQ, D]`` (unit last stride); the rows of the retrieval heads are written in its dtype,
             every other entry is left untouched.
         lse: optional ``[T, HQ]`` float32 (any strides: a transposed view of FA3's ``[HQ, T]`` works);
@@ -392,10 +348,9 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             ``fp8 * scale``.
 
     Returns:
-        ``out``; ``kept`` ``[B, HR, tiles, max_blocks]`` int32, each tile's kept block ids ascending (entries
-        past the count are unspecified); ``num_kept`` ``[B, HR, tiles]`` int32, kept blocks per tile (0 for
-        tiles past a chunk); ``tiles = cdiv(max_seqlen_q, tile_q)``. Both are views of the workspace, valid
-        until its next use.
+        ``out``, and the last wave's selection (views of the workspace, valid until its next use):
+        ``kept`` ``[tiles, HR, max_blocks]`` int32, each tile's kept block ids ascending (entries past the
+        count unspecified), and ``num_kept`` ``[tiles, HR]`` int32, in the wave's tile order.
     """
     _check(q.dim() == 3, f"q must be [T, HQ, D], got shape {tuple(q.shape)}")
     num_tokens, num_heads, head_dim = q.shape
@@ -424,7 +379,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     floats = (torch.bfloat16, torch.float16, torch.float32)
     _check(index.dtype in floats, f"index units must be bf16, fp16 or float32, got {index.dtype}")
     index_dim = index.width
-    _check_power_of_two("the index dim DI (index.width)", index_dim)
+    check_power_of_two("the index dim DI (index.width)", index_dim)
     _check(q_idx.dim() == 3 and q_idx.shape[1:] == (num_ret, index_dim) and q_idx.shape[0] >= num_tokens
            and q_idx.dtype in floats,
            f"q_idx must be float [T={num_tokens}, HR={num_ret}, DI={index_dim}], got {tuple(q_idx.shape)} "
@@ -436,63 +391,65 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
                f"lse must be [T={num_tokens}, HQ={num_heads}] float32, got {tuple(lse.shape)} {lse.dtype}")
     _check(top_p > 0.0, f"top_p must be > 0, got {top_p}")
     _check(sink_tokens >= 0, f"sink_tokens must be >= 0, got {sink_tokens}")
-    _check_power_of_two("block_size", block_size)
-    tile_q = workspace.tile_q
-    num_tiles = triton.cdiv(max(max_seqlen_q, 0), tile_q)
-    max_key_blocks = triton.cdiv(max(max_seqlen_k, 0), block_size)
-    ws_shape = tuple(workspace.kept.shape)
-    _check(ws_shape[0] >= batch and ws_shape[1] == num_ret and ws_shape[2] >= num_tiles
-           and ws_shape[3] >= max_key_blocks and workspace.pooled.shape[3] == index_dim,
-           f"workspace {ws_shape} (DI {workspace.pooled.shape[3]}) does not serve B={batch}, HR={num_ret}, "
-           f"{num_tiles} tiles of {tile_q} rows, {max_key_blocks} blocks, DI={index_dim}: allocate it with "
-           f"make_sparse_prefill_workspace")
-    tensors = (q, kv.base, index.base, q_idx, cu_seqlens_q, seqused_k, heads, out, workspace.kept,
+    check_power_of_two("block_size", block_size)
+    _check(isinstance(plan, SparsePrefillPlan), f"plan must be a SparsePrefillPlan, got {type(plan).__name__}")
+    max_key_blocks = triton.cdiv(max((wave.max_seqlen_k for wave in plan.waves), default=0), block_size)
+    _check(workspace.tile_q == plan.tile_q and workspace.wave_tiles >= plan.wave_tiles
+           and workspace.kept.shape[1] >= num_ret and workspace.max_blocks >= max_key_blocks
+           and workspace.pooled.shape[2] == index_dim,
+           f"workspace (tiles of {workspace.tile_q} rows, {tuple(workspace.kept.shape)}, DI "
+           f"{workspace.pooled.shape[2]}) does not serve waves of {plan.wave_tiles} tiles of {plan.tile_q} rows, "
+           f"HR={num_ret}, {max_key_blocks} blocks, DI={index_dim}: allocate it with make_sparse_prefill_workspace")
+    tensors = (q, kv.base, index.base, q_idx, cu_seqlens_q, seqused_k, heads, out, workspace.kept, plan.tiles,
                *((lse,) if lse is not None else ()), *((k_scale, v_scale) if fp8 else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
-    kept = workspace.kept[:batch, :, :num_tiles]
-    num_kept = workspace.num_kept[:batch, :, :num_tiles]
-    if batch == 0 or num_tiles == 0:
-        return out, kept, num_kept
+    ws_max, ws_sum = workspace.block_max[:, :num_ret], workspace.block_sum[:, :num_ret]
+    pooled, kept, num_kept = workspace.pooled[:, :num_ret], workspace.kept[:, :num_ret], workspace.num_kept[:, :num_ret]
+    last = plan.waves[-1].num_tiles if plan.waves else 0
+    if batch == 0:
+        return out, kept[:0], num_kept[:0]
 
     cfg = CONFIG
     keep_all = top_p >= 1.0
-    ws_max, ws_sum, pooled = workspace.block_max, workspace.block_sum, workspace.pooled
-    ws_strides = ws_max.stride()[:3]
     di_pad = triton.next_power_of_2(index_dim)
-    if not keep_all:
-        _pool_kernel[(num_tiles, num_ret, batch)](
-            q_idx, cu_seqlens_q, pooled, *q_idx.stride(), *pooled.stride()[:3],
-            TILE_Q=tile_q, DI=index_dim, DI_PAD=di_pad, num_warps=4)
-        tile_group = max(16, min(cfg["tile_group"], triton.next_power_of_2(num_tiles)))
-        blocks_per_prog = cfg["blocks_per_prog"]
-        _score_kernel[(triton.cdiv(max_key_blocks, blocks_per_prog), triton.cdiv(num_tiles, tile_group),
-                       batch * num_ret)](
-            pooled, index.kernel_base(), index.offsets, index_table.block_table, cu_seqlens_q, seqused_k,
-            ws_max, ws_sum, num_tiles, workspace.max_blocks, num_ret,
-            index_table.page_size, index_table.page_stride, index_table.token_stride, index_table.block_table.stride(0),
-            *pooled.stride()[:3], *ws_strides,
-            TILE_Q=tile_q, TILE_GROUP=tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
-            SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=di_pad, OFF_ALIGN=index.offset_align,
-            num_warps=4)
-    chunk = min(triton.next_power_of_2(max_key_blocks), cfg["select_chunk"])
-    _select_kernel[(num_tiles, num_ret, batch)](
-        cu_seqlens_q, seqused_k, ws_max, ws_sum, workspace.kept, workspace.num_kept,
-        float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks,
-        *ws_strides, *workspace.kept.stride()[:3], *workspace.num_kept.stride()[:2],
-        TILE_Q=tile_q, BS=block_size, KEEP_ALL=keep_all, CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
-
     table = kv_tables[0]
     kv_tile = cfg["kv_tile"] if head_dim <= 128 else cfg["kv_tile"] // 2   # bound registers for wide heads
     lse_arg = lse if lse is not None else out
     lse_strides = lse.stride() if lse is not None else (0, 0)
     scale_args = (k_scale, v_scale) if fp8 else (seqused_k, seqused_k)
-    _attend_kernel[(num_tiles, num_ret, batch)](
-        q, kv.kernel_base(), kv.offsets, table.block_table, cu_seqlens_q, seqused_k, heads, workspace.kept,
-        workspace.num_kept, out, lse_arg, *scale_args, float(scale) * 1.4426950408889634, num_tiles,
-        q.stride(0), q.stride(1), table.page_size, table.page_stride, table.token_stride, table.block_table.stride(0),
-        *workspace.kept.stride()[:3], *workspace.num_kept.stride()[:2], out.stride(0), out.stride(1), *lse_strides,
-        G=num_heads // kv.num_heads, TILE_Q=tile_q, BS=block_size, KV_TILE=kv_tile,
-        D=head_dim, D_PAD=triton.next_power_of_2(head_dim), OFF_ALIGN=kv.offset_align,
-        HAS_LSE=lse is not None, UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, FP8=fp8,
-        num_warps=8 if tile_q >= 128 else 4, num_stages=cfg["stages"])
-    return out, kept, num_kept
+    s_row = plan.tiles.stride(1)
+    for wave, wave_plan in zip(plan.waves, plan.tiles):
+        if wave.num_tiles == 0:
+            continue
+        num_blocks = triton.cdiv(wave.max_seqlen_k, block_size)
+        if not keep_all:
+            _pool_kernel[(wave.num_tiles, num_ret)](
+                wave_plan, q_idx, cu_seqlens_q, pooled, s_row, *q_idx.stride(), *pooled.stride()[:2],
+                TILE_Q=plan.tile_q, DI=index_dim, DI_PAD=di_pad, num_warps=4)
+            tile_group = max(16, triton.next_power_of_2(wave.max_group_tiles))
+            blocks_per_prog = cfg["blocks_per_prog"]
+            _score_kernel[(triton.cdiv(num_blocks, blocks_per_prog), wave.num_groups, num_ret)](
+                wave_plan, pooled, index.kernel_base(), index.offsets, index_table.block_table, cu_seqlens_q,
+                seqused_k, ws_max, ws_sum, workspace.max_blocks, s_row,
+                index_table.page_size, index_table.page_stride, index_table.token_stride,
+                index_table.block_table.stride(0), *pooled.stride()[:2], *ws_max.stride()[:2],
+                TILE_Q=plan.tile_q, TILE_GROUP=tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
+                SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=di_pad, OFF_ALIGN=index.offset_align,
+                num_warps=4)
+        chunk = min(triton.next_power_of_2(num_blocks), cfg["select_chunk"])
+        _select_kernel[(wave.num_tiles, num_ret)](
+            wave_plan, cu_seqlens_q, seqused_k, ws_max, ws_sum, kept, num_kept,
+            float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks, s_row,
+            *ws_max.stride()[:2], *kept.stride()[:2], *num_kept.stride(),
+            TILE_Q=plan.tile_q, BS=block_size, KEEP_ALL=keep_all, CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
+        _attend_kernel[(wave.num_tiles, num_ret)](
+            wave_plan, q, kv.kernel_base(), kv.offsets, table.block_table, cu_seqlens_q, seqused_k, heads, kept,
+            num_kept, out, lse_arg, *scale_args, float(scale) * 1.4426950408889634,
+            s_row, q.stride(0), q.stride(1), table.page_size, table.page_stride, table.token_stride,
+            table.block_table.stride(0), *kept.stride()[:2], *num_kept.stride(), out.stride(0), out.stride(1),
+            *lse_strides,
+            G=num_heads // kv.num_heads, TILE_Q=plan.tile_q, BS=block_size, KV_TILE=kv_tile,
+            D=head_dim, D_PAD=triton.next_power_of_2(head_dim), OFF_ALIGN=kv.offset_align,
+            HAS_LSE=lse is not None, UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, FP8=fp8,
+            num_warps=8 if plan.tile_q >= 128 else 4, num_stages=cfg["stages"])
+    return out, kept[:last], num_kept[:last]

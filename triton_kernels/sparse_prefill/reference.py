@@ -117,6 +117,37 @@ def tile_topp_ref(mass: torch.Tensor, forced: torch.Tensor, top_p: float) -> tor
     return keep | forced
 
 
+def sparse_prefill_visible_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, top_p: float, sink_tokens: int,
+                               block_size: int, tile_q: int, dense_threshold: int = 0
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys each new row of one sequence's chunk sees, per retrieval head.
+
+    Args:
+        q_idx: ``[Tq, HR, DI]`` any float dtype, the chunk rows' index queries (the chunk ends the sequence).
+        k_idx: ``[Tk, HR, DI]`` any float dtype, the index keys of all ``Tk >= Tq`` positions.
+        top_p, sink_tokens, block_size, tile_q, dense_threshold: as :func:`paged_sparse_prefill_ref`.
+
+    Returns:
+        keep ``[HR, num_tiles, ceil(Tk / BS)]`` bool, the kept blocks per tile (blocks past a tile's
+        last position False), and visible ``[HR, Tq, Tk]`` bool, the kept keys at positions ``<=`` the
+        row's own.
+    """
+    seqlen_q, seqlen_k, num_ret = q_idx.shape[0], k_idx.shape[0], k_idx.shape[1]
+    tiles = chunk_tiles(seqlen_q, seqlen_k, tile_q)
+    keep = torch.zeros(num_ret, len(tiles), math.ceil(seqlen_k / block_size), dtype=torch.bool)
+    p = 1.0 if seqlen_k < dense_threshold else top_p
+    for i, tile in enumerate(tiles):
+        mass = tile_block_mass_ref(pool_index_queries(q_idx[tile.row0:tile.row1]),
+                                   k_idx[:tile.last_pos + 1].to(q_idx.device), block_size)
+        keep[:, i, :mass.shape[1]] = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens), p).cpu()
+    tokens = torch.arange(seqlen_k)
+    positions = torch.arange(seqlen_k - seqlen_q, seqlen_k)                                    # [Tq]
+    causal = tokens[None, :] <= positions[:, None]                                             # [Tq, Tk]
+    row_tile = torch.arange(seqlen_q) // tile_q                                                # [Tq]
+    visible = keep[:, row_tile][:, :, tokens // block_size] & causal                           # [HR, Tq, Tk]
+    return keep, visible
+
+
 def paged_sparse_prefill_ref(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTable], index: PagedHeads,
                              index_table: PageTable, q_idx: torch.Tensor, cu_seqlens_q: torch.Tensor,
                              seqused_k: torch.Tensor, heads: torch.Tensor | Sequence[int], top_p: float,
@@ -124,11 +155,11 @@ def paged_sparse_prefill_ref(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequenc
                              dense_threshold: int = 0, k_scale: torch.Tensor | None = None,
                              v_scale: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """:func:`sparse_prefill`'s result, in float32 (arguments as the kernel's).
+    """:func:`sparse_prefill`'s result, in float32 (arguments as the kernel's, ``tile_q`` the plan's).
 
     K/V of the retrieval heads' KV heads and the index keys are read through :func:`gather`; fp8
     entries are dequantised as ``fp8 * scale``. A sequence with ``seqlen_k < dense_threshold`` keeps
-    every block.
+    every block. The keys each row sees: :func:`sparse_prefill_visible_ref`.
 
     Returns:
         out ``[T, HR, D]`` float32 (the rows of query head ``heads[r]`` in column ``r``), lse
@@ -143,29 +174,17 @@ def paged_sparse_prefill_ref(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequenc
     lse = torch.zeros(num_tokens, len(heads), dtype=torch.float32, device=q.device)
     keeps = []
     for b, (q0, q1, seqlen_k) in enumerate(zip(cu_q[:-1], cu_q[1:], lens_k)):
-        tiles = chunk_tiles(q1 - q0, seqlen_k, tile_q)
-        num_blocks = math.ceil(seqlen_k / block_size)
-        keep = torch.zeros(len(heads), len(tiles), num_blocks, dtype=torch.bool)
         tokens = torch.arange(seqlen_k)
         k_idx = torch.stack([gather(index, [index_table], b, r, tokens).float() for r in range(len(heads))], 1)
-        for i, tile in enumerate(tiles):
-            mass = tile_block_mass_ref(pool_index_queries(q_idx[q0 + tile.row0:q0 + tile.row1]),
-                                       k_idx[:tile.last_pos + 1].to(q_idx.device), block_size)
-            p = 1.0 if seqlen_k < dense_threshold else top_p
-            keep[:, i, :mass.shape[1]] = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens),
-                                                       p).cpu()
+        keep, visible = sparse_prefill_visible_ref(q_idx[q0:q1], k_idx, top_p, sink_tokens, block_size, tile_q,
+                                                   dense_threshold)
         keeps.append(keep)
-        if not tiles:
+        if q1 == q0:
             continue
-        # Per row: the tokens of its tile's kept blocks, causal for the row.
-        row_tile = torch.arange(q1 - q0) // tile_q                                         # [Tq]
-        positions = torch.arange(seqlen_k - (q1 - q0), seqlen_k)                            # [Tq]
-        causal = tokens[None, :] <= positions[:, None]                                      # [Tq, Tk]
         for r, h in enumerate(heads):
             raw = gather(kv, kv_tables, b, h // group, tokens).to(q.device)
             k = to_float(raw[:, :head_dim], k_scale)[:, None]                               # [Tk, 1, D]
             v = to_float(raw[:, head_dim:], v_scale)[:, None]
-            visible = keep[r][row_tile][:, tokens // block_size] & causal                  # [Tq, Tk]
-            o, s = masked_attention(q[q0:q1, h:h + 1], k, v, visible[None].to(q.device), scale)
+            o, s = masked_attention(q[q0:q1, h:h + 1], k, v, visible[r:r + 1].to(q.device), scale)
             out[q0:q1, r], lse[q0:q1, r] = o[:, 0], s[:, 0]
     return out, lse, keeps
