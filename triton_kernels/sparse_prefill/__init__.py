@@ -6,12 +6,12 @@ Triton kernels: ``TRITON_INTERPRET`` is read when a kernel is defined, and a tes
 able to do so after another module imported this folder for its reference.
 """
 
-from .reference import (Tile, chunk_tiles, paged_sparse_prefill_ref, pool_index_queries, tile_block_mass_ref,
-                        tile_forced_blocks, tile_topp_ref)
+from .reference import (TILE_Q, Tile, chunk_tiles, paged_sparse_prefill_ref, pool_index_queries,
+                        tile_block_mass_ref, tile_forced_blocks, tile_topp_ref)
 
 _KERNEL_NAMES = ("SparsePrefillWorkspace", "make_sparse_prefill_workspace", "sparse_prefill")
 
-__all__ = [*_KERNEL_NAMES, "Tile", "chunk_tiles", "paged_sparse_prefill_ref", "pool_index_queries",
+__all__ = [*_KERNEL_NAMES, "TILE_Q", "Tile", "chunk_tiles", "paged_sparse_prefill_ref", "pool_index_queries",
            "tile_block_mass_ref", "tile_forced_blocks", "tile_topp_ref"]
 
 

@@ -49,6 +49,7 @@ import triton.language as tl
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import keep_every_block, topp_select_row
+from .reference import TILE_Q
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
 CONFIG = {"tile_group": 64, "blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
@@ -83,7 +84,7 @@ class SparsePrefillWorkspace:
 
 
 def make_sparse_prefill_workspace(max_batch: int, num_heads: int, max_seqlen_q: int, max_seqlen_k: int,
-                                  block_size: int, index_dim: int = 16, tile_q: int = 128,
+                                  block_size: int, index_dim: int = 16, tile_q: int = TILE_Q,
                                   device: torch.device | str | None = None) -> SparsePrefillWorkspace:
     """Scratch for prefill batches of up to ``max_batch`` sequences with chunks of up to
     ``max_seqlen_q`` rows (vLLM's ``max_num_batched_tokens``) and ``max_seqlen_k`` keys

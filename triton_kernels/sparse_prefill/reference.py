@@ -30,6 +30,10 @@ import torch
 from ..headwise_attention.reference import masked_attention
 from ..paged_heads import PagedHeads, PageTable, gather, to_float
 
+TILE_Q = 128
+"""Query rows per tile of the serving prefill (the workspace's default) and of ``rtpurbo-calibrate
+evaluate``'s prefill measurement."""
+
 
 def pool_index_queries(q_idx: torch.Tensor) -> torch.Tensor:
     """The one index query of a query tile: the mean of its rows' index queries.
