@@ -103,7 +103,12 @@ class SparsityParams:
         window: a local head sees the last ``window`` tokens, the current one included.
         top_p: a retrieval head keeps, at each decode step, the fewest selection blocks whose
             indexer-softmax mass reaches ``top_p``; in (0, 1].
-        block_size: tokens per selection block of the top-p decode.
+        prefill_top_p: a retrieval head's prefill keeps, per query tile, the sink blocks, the tile's
+            diagonal blocks and the fewest other blocks whose softmax mass under the tile's mean-pooled
+            index query reaches ``prefill_top_p`` (``rtpurbo_vllm.triton_kernels.sparse_prefill``);
+            in (0, 1]. 1.0 keeps every block: the dense causal retrieval prefill, the exact fallback.
+            The default stays 1.0 until measured accuracy on a long-context model supports a lower one.
+        block_size: tokens per selection block of the top-p decode and prefill.
         index_dim: rows of each indexer projection (r).
         dense_threshold: sequences shorter than this run every head dense; 0 = always sparse.
     """
@@ -111,6 +116,7 @@ class SparsityParams:
     sink_tokens: int = 4
     window: int = 8192
     top_p: float = 0.9
+    prefill_top_p: float = 1.0
     block_size: int = 64
     index_dim: int = 16
     dense_threshold: int = 16384

@@ -44,6 +44,9 @@ _CONFIG_SCHEMA: dict[str, Any] = {
     "provenance": Provenance,
 }
 _SECTIONS = (ModelFingerprint, SparsityParams, Provenance)
+# Per section, the fields added after format_version 1 was fixed: a file written before them lacks the
+# key and loads with the field's default. Every other key is required; unknown keys are errors.
+ADDED_AFTER_FORMAT_1: dict[type, frozenset[str]] = {SparsityParams: frozenset({"prefill_top_p"})}
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
                type(None): "null"}
 
@@ -103,8 +106,9 @@ def check_value_type(value: Any, hint: Any, path: str) -> None:
 
 
 def check_config_dict(config: Any) -> None:
-    """The parsed ``rtpurbo_config.json`` has the known version and exactly the documented keys, each
-    with a value of the documented JSON type. Values are checked by :func:`validate_artifact`."""
+    """The parsed ``rtpurbo_config.json`` has the known version and exactly the documented keys (those of
+    :data:`ADDED_AFTER_FORMAT_1` may be missing), each with a value of the documented JSON type. Values
+    are checked by :func:`validate_artifact`."""
     if not isinstance(config, dict):
         raise ArtifactError(f"{CONFIG_FILE} must hold a JSON object, not {type(config).__name__}; "
                             f"fix: {RECREATE}")
@@ -114,15 +118,18 @@ def check_config_dict(config: Any) -> None:
         check_value_type(heads, list, f"retrieval_heads[{layer}]")
 
 
-def _check_section(section: Any, schema: Mapping[str, Any], where: str) -> None:
+def _check_section(section: Any, schema: Mapping[str, Any], where: str, optional: Collection[str] = ()) -> None:
+    """``section`` holds every key of ``schema`` but the ``optional`` ones, no other key, each of its type."""
     name = where or "the top level"
     check_value_type(section, dict, name)
-    check_missing_keys(section, schema, name)
+    check_missing_keys(section, [k for k in schema if k not in optional], name)
     check_unknown_keys(section, schema, name)
     for key, hint in schema.items():
         path = f"{where}.{key}" if where else key
+        if key not in section:
+            continue
         if hint in _SECTIONS:
-            _check_section(section[key], typing.get_type_hints(hint), path)
+            _check_section(section[key], typing.get_type_hints(hint), path, ADDED_AFTER_FORMAT_1.get(hint, ()))
         else:
             check_value_type(section[key], hint, path)
 
@@ -175,12 +182,13 @@ def _power_of_two(n: int) -> bool:
 
 
 # Field of SparsityParams -> (rule on its value, the rule in words). What the kernels can run: the
-# only place these limits are defined (the artifact validator, the calibration CLI and the RTP-LLM
-# import all use it; the backend loads artifacts through the validator).
+# only place these limits are defined (the artifact validator, the calibration CLI, the RTP-LLM
+# import and the serve-time overrides all use it; the backend loads artifacts through the validator).
 PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sink_tokens": (lambda v: 0 <= v <= MAX_TOKENS, f"must be in [0, {MAX_TOKENS}] (0 = no sink tokens)"),
     "window": (lambda v: 1 <= v <= MAX_TOKENS, f"must be in [1, {MAX_TOKENS}]"),
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "prefill_top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 = dense retrieval prefill)"),
     "block_size": (lambda v: _power_of_two(v) and v <= MAX_BLOCK_SIZE,
                    f"must be a power of two in [1, {MAX_BLOCK_SIZE}] (the block top-p kernel's tiles)"),
     "index_dim": (lambda v: _power_of_two(v) and MIN_INDEX_DIM <= v <= MAX_INDEX_DIM,

@@ -42,7 +42,7 @@ from rtpurbo_vllm.attention.metadata import (
     RTPurboPrefillMetadata,
     RTPurboSparsePrefill,
 )
-from rtpurbo_vllm.attention.serving_config import serving_artifact
+from rtpurbo_vllm.attention.serving_config import serving_artifact, serving_params
 from rtpurbo_vllm.attention.tp import rank_layout
 from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace
@@ -64,7 +64,7 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         self._kv_bound = False
         artifact = serving_artifact(vllm_config)
         layout = rank_layout(artifact.layout)
-        params = artifact.params
+        params = serving_params(vllm_config)
         self.max_blocks = -(-vllm_config.model_config.max_model_len // params.block_size)
         max_decodes = self.max_decodes = vllm_config.scheduler_config.max_num_seqs
         retrieval_counts = {len(h) for h in layout.retrieval_heads} - {0}

@@ -39,7 +39,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from rtpurbo_vllm.attention.metadata import RTPurboMetadata
 from rtpurbo_vllm.attention.prefill import PrefillHeads, SparseRetrieval, headwise_prefill, headwise_prefill_torch
-from rtpurbo_vllm.attention.serving_config import kv_layout_for, serving_artifact, serving_kv_layout
+from rtpurbo_vllm.attention.serving_config import kv_layout_for, serving_artifact, serving_kv_layout, serving_params
 from rtpurbo_vllm.attention.tp import rank_indexer, rank_layout
 from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
 from rtpurbo_vllm.kv_cache.side_layers import install_kv_layout
@@ -98,7 +98,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.vllm_config = get_current_vllm_config()
         self.artifact = serving_artifact(self.vllm_config)   # fails early, naming what is missing
-        self.params = self.artifact.params
+        self.params = serving_params(self.vllm_config)
         self.rope = self.artifact.model.rope
         self.kv_layout = kv_layout_for(self.vllm_config)
         self.layer_name: str | None = None

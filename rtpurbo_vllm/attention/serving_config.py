@@ -1,4 +1,5 @@
-"""Where a serving process finds the model's RTPurbo artifact, and the one loaded copy per process.
+"""What a serving process serves with: the model's RTPurbo artifact (one loaded copy per process), its
+sparsity settings after the serve-time overrides, and the KV layout.
 
 The artifact folder is ``<model_dir>/rtpurbo`` unless ``--additional-config '{"rtpurbo": {"artifact":
 "/path"}}'`` names another. A model without a valid artifact refuses to start with a message that
@@ -9,21 +10,29 @@ full K/V only for the KV heads of retrieval heads, sink + window K/V for the oth
 ``"full"`` keeps every KV head for every token (the compact layout becomes the default once its decode
 step is measured within 5 % of the full layout's). :func:`serving_kv_layout` plans the layout once per
 process (every layer installs its share of the same layout).
+
+``{"rtpurbo": {"top_p": 0.85, "prefill_top_p": 0.95}}`` overrides the artifact's decode and prefill
+top-p at serve time (:data:`PARAM_OVERRIDES`; each checked by the artifact's rules, ``PARAM_RULES``);
+:func:`serving_params` gives the settings the backend runs with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, find_artifact_dir, load_artifact
+from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, SparsityParams, find_artifact_dir, load_artifact
+from rtpurbo_vllm.artifacts.validate import check_params
 from rtpurbo_vllm.kv_cache.layout import KV_LAYOUTS, KVLayout
 
 ADDITIONAL_CONFIG_KEY = "rtpurbo"
 DEFAULT_KV_LAYOUT = "full"
-_KNOWN_KEYS = {"artifact", "kv_layout"}
+# Sparsity settings a serving process may override: each is a number, taken instead of the artifact's.
+PARAM_OVERRIDES = ("top_p", "prefill_top_p")
+_KNOWN_KEYS = {"artifact", "kv_layout", *PARAM_OVERRIDES}
 _LOADED: dict[Path, RTPurboArtifact] = {}
 _KV_LAYOUTS: dict[tuple, KVLayout] = {}
 
@@ -65,6 +74,27 @@ def serving_artifact(vllm_config) -> RTPurboArtifact:
         _LOADED[directory] = load_artifact(directory, hf_config=vllm_config.model_config.hf_text_config,
                                            require_indexer=True)
     return _LOADED[directory]
+
+
+def serving_params(vllm_config) -> SparsityParams:
+    """The sparsity settings this engine serves with: the artifact's, with the :data:`PARAM_OVERRIDES`
+    of ``--additional-config`` applied.
+
+    Raises:
+        ArtifactError: an override that is not a number or breaks its rule (``PARAM_RULES``), naming
+            ``--additional-config 'rtpurbo.<key>'``.
+    """
+    options = _options(vllm_config)
+    names = {key: f"--additional-config '{ADDITIONAL_CONFIG_KEY}.{key}'" for key in PARAM_OVERRIDES}
+    overrides = {key: options[key] for key in PARAM_OVERRIDES if key in options}
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ArtifactError(f"{names[key]} is {value!r}, must be a number; fix: pass a JSON number, "
+                                f"e.g. {{\"{ADDITIONAL_CONFIG_KEY}\": {{\"{key}\": 0.9}}}}")
+    params = dataclasses.replace(serving_artifact(vllm_config).params,
+                                 **{key: float(value) for key, value in overrides.items()})
+    check_params(params, where="", names=names)
+    return params
 
 
 def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtype: torch.dtype,

@@ -4,7 +4,8 @@ Pipeline (each step a library function and an ``rtpurbo-calibrate`` subcommand, 
 
 - :func:`rtpurbo_vllm.calibration.heads.find_heads` (``heads``): needle-copy head scores, retrieval-head selection.
 - :func:`rtpurbo_vllm.calibration.train_indexer.train_indexer` (``train-indexer``): stage-1 indexer training.
-- :func:`rtpurbo_vllm.calibration.evaluate.evaluate_artifact` (``evaluate``): attention-mass recall of top-p.
+- :func:`rtpurbo_vllm.calibration.evaluate.evaluate_artifact` (``evaluate``): attention-mass recall of top-p
+  (decode and prefill).
 - :func:`rtpurbo_vllm.calibration.export.export_artifact` (``export``): the validated artifact folder.
 
 Supporting modules: ``capture`` (pre-RoPE q/k and real attention rows), ``data`` (token sources),

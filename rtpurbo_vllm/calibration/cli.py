@@ -180,8 +180,11 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                                device=args.device)
     paths = write_report(report, args.out)
     s = report["summary"]
-    print(f"recall {s['recall']['mean']:.3f} (min {s['recall']['min']:.3f}), blocks kept "
-          f"{s['blocks_kept']['mean']:.3f} over {s['num_retrieval_heads']} heads; {paths['markdown']}")
+    print(f"decode (top_p {report['params']['top_p']}): recall {s['recall']['mean']:.3f} "
+          f"(min {s['recall']['min']:.3f}), blocks kept {s['blocks_kept']['mean']:.3f}; prefill (prefill_top_p "
+          f"{report['params']['prefill_top_p']}): recall {s['prefill_recall']['mean']:.3f} (tile p10, worst head "
+          f"{s['prefill_recall_p10']['min']:.3f}), blocks kept {s['prefill_blocks_kept']['mean']:.3f}; over "
+          f"{s['num_retrieval_heads']} heads; {paths['markdown']}")
 
 
 def _add_sparsity(p: argparse.ArgumentParser) -> None:
@@ -191,13 +194,17 @@ def _add_sparsity(p: argparse.ArgumentParser) -> None:
                     help="sliding window of local heads, current token included (default 8192)")
     sp.add_argument("--top-p", metavar="P", type=float, default=0.9,
                     help="indexer mass retrieval heads keep at decode, in (0, 1] (default 0.9)")
+    sp.add_argument("--prefill-top-p", metavar="P", type=float, default=1.0,
+                    help="indexer mass each query tile of a retrieval head keeps at prefill, besides its sink "
+                         "and diagonal blocks, in (0, 1]; 1 = dense retrieval prefill (default 1.0)")
     sp.add_argument("--block-size", metavar="N", type=int, default=64, help="tokens per selection block (default 64)")
     sp.add_argument("--dense-threshold", metavar="N", type=int, default=16384,
                     help="sequences shorter than this run dense; 0 = always sparse (default 16384)")
 
 
 SPARSITY_OPTIONS = {"sink_tokens": "--sink-tokens", "window": "--window", "top_p": "--top-p",
-                    "block_size": "--block-size", "dense_threshold": "--dense-threshold"}
+                    "prefill_top_p": "--prefill-top-p", "block_size": "--block-size",
+                    "dense_threshold": "--dense-threshold"}
 
 
 def _sparsity(args: argparse.Namespace):

@@ -1,11 +1,21 @@
 """How well an artifact's indexer routes: per retrieval head, on held-out text, the share of the real
-attention mass inside the indexer's top-p block set, and the share of blocks kept.
+attention mass inside the blocks the indexer's top-p keeps, and the share of blocks kept, for the
+decode and for the prefill.
 
-For each sampled query (decode-like positions in the second half of each sequence) and retrieval
-head, the indexer scores all past tokens, :func:`block_topp_ref` picks blocks with the artifact's
-``top_p``, ``block_size`` and ``sink_tokens`` (sink blocks and the query's own block forced), and
-the real attention row (post-RoPE, causal) is summed over the kept tokens (*recall*). For scale,
-*oracle blocks kept* is the share an oracle needs: block top-p on the real attention itself.
+Decode: for each sampled query (decode-like positions in the second half of each sequence) and
+retrieval head, the indexer scores all past tokens, :func:`block_topp_ref` picks blocks with the
+artifact's ``top_p``, ``block_size`` and ``sink_tokens`` (sink blocks and the query's own block
+forced), and the real attention row (post-RoPE, causal) is summed over the kept tokens (*recall*).
+For scale, *oracle blocks kept* is the share an oracle needs: block top-p on the real attention itself.
+
+Prefill: each sequence is prefilled as one chunk, cut into query tiles of
+:data:`~rtpurbo_vllm.triton_kernels.sparse_prefill.TILE_Q` rows; per tile and retrieval head the
+sparse prefill's selection (:mod:`rtpurbo_vllm.triton_kernels.sparse_prefill`: sink and diagonal
+blocks plus the top-p blocks of the tile's mean-pooled index query, at the artifact's
+``prefill_top_p``) is applied to the real attention rows of the tile: the mass each row keeps,
+averaged over the tile's rows, is the tile's *prefill recall*. ``dense_threshold`` is not applied
+(both measure the routing itself). The same captured q/k serve both.
+
 The results dict is the single source of the JSON and the markdown report.
 """
 
@@ -26,9 +36,14 @@ from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, captur
 from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp_ref, expand_block_mask, index_scores_ref
 from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
+from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_Q, chunk_tiles, pool_index_queries, tile_block_mass_ref,
+                                                        tile_forced_blocks, tile_topp_ref)
 
 REPORT_JSON, REPORT_MD = "evaluate.json", "evaluate.md"
-METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
+DECODE_METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
+PREFILL_METRICS = ("prefill_recall", "prefill_recall_p10", "prefill_blocks_kept")
+METRICS = DECODE_METRICS + PREFILL_METRICS
+TILE_METRICS = ("tile_recall", "tile_kept", "tile_visible")
 
 
 def _stats(values: torch.Tensor) -> dict[str, float]:
@@ -50,14 +65,12 @@ def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre:
         top_p, block_size, sink_tokens: the artifact's selection settings.
 
     Returns:
-        :data:`METRICS` -> ``[HR, Q]`` float32 (CPU): attention mass inside the kept blocks, share of
-        blocks kept, share of blocks the oracle keeps.
+        :data:`DECODE_METRICS` -> ``[HR, Q]`` float32 (CPU): attention mass inside the kept blocks,
+        share of blocks kept, share of blocks the oracle keeps.
     """
-    kv_of = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
     teacher = attention_rows(q_pre, k_pre, query_pos, torch.tensor(heads), lm)              # [HR, Q, T]
-    q_idx = index_project_ref(q_pre, w_q.to(q_pre.device))                                  # [Q, HR, DI]
-    k_idx = index_project_ref(k_pre[:, kv_of.to(k_pre.device)], w_k.to(k_pre.device))      # [T, HR, DI]
-    out = {m: torch.empty(len(heads), len(query_pos)) for m in METRICS}
+    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k)             # [Q, HR, DI], [T, HR, DI]
+    out = {m: torch.empty(len(heads), len(query_pos)) for m in DECODE_METRICS}
     for i, pos in enumerate(query_pos.tolist()):
         n = pos + 1
         real = teacher[:, i, :n]                                                            # [HR, n]
@@ -67,6 +80,62 @@ def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre:
         out["blocks_kept"][:, i] = keep.float().mean(-1).cpu()
         out["oracle_blocks_kept"][:, i] = oracle.float().mean(-1).cpu()
     return out
+
+
+def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
+                          w_q: torch.Tensor, w_k: torch.Tensor, top_p: float, block_size: int,
+                          sink_tokens: int) -> dict[str, torch.Tensor]:
+    """Sparse-prefill routing of one layer's retrieval heads on one sequence prefilled as one chunk.
+
+    Args:
+        heads: the layer's HR retrieval query heads.
+        q_pre: ``[T, HR, D]`` pre-RoPE queries of those heads at every position.
+        k_pre: ``[T, HKV, D]`` pre-RoPE keys.
+        w_q, w_k: ``[HR, DI, D]`` indexer projections.
+        top_p, block_size, sink_tokens: the artifact's ``prefill_top_p`` and selection settings.
+
+    Returns:
+        :data:`TILE_METRICS` -> ``[HR, NT]`` float32 (CPU), per query tile of :data:`TILE_Q` rows:
+        ``tile_recall``, the real attention mass of each of the tile's rows on its kept blocks,
+        averaged over the rows; ``tile_kept``, its kept blocks; ``tile_visible``, the blocks it may
+        see (``ceil((last_pos + 1) / block_size)``, the same for every head).
+    """
+    num_tokens, head_ids = k_pre.shape[0], torch.tensor(heads)
+    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k)                       # [T, HR, DI]
+    tiles = chunk_tiles(num_tokens, num_tokens, TILE_Q)
+    out = {m: torch.empty(len(heads), len(tiles)) for m in TILE_METRICS}
+    for i, tile in enumerate(tiles):
+        n = tile.last_pos + 1
+        mass = tile_block_mass_ref(pool_index_queries(q_idx[tile.row0:tile.row1]), k_idx[:n], block_size)
+        keep = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens), top_p)  # [HR, NB]
+        positions = torch.arange(tile.first_pos, n)                  # one chunk: chunk rows are positions
+        real = attention_rows(q_pre[tile.row0:tile.row1], k_pre[:n], positions, head_ids, lm)  # [HR, rows, n]
+        kept_tokens = expand_block_mask(keep, n, block_size)[:, None]                           # [HR, 1, n]
+        out["tile_recall"][:, i] = (real * kept_tokens).sum(-1).mean(-1).cpu()
+        out["tile_kept"][:, i] = keep.sum(-1).cpu()
+        out["tile_visible"][:, i] = keep.shape[1]
+    return out
+
+
+def _index_vectors(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
+                   w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index queries ``[Q, HR, DI]`` of ``q_pre`` ``[Q, HR, D]`` and index keys ``[T, HR, DI]`` of
+    ``k_pre`` ``[T, HKV, D]`` (each head reading its KV head), float32 on ``q_pre``'s device."""
+    kv_of = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
+    q_idx = index_project_ref(q_pre, w_q.to(q_pre.device))
+    k_idx = index_project_ref(k_pre[:, kv_of.to(k_pre.device)], w_k.to(k_pre.device))
+    return q_idx, k_idx
+
+
+def _head_row(measured: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """:data:`METRICS` of one head from its :func:`layer_routing` and :func:`layer_prefill_routing`
+    rows over all sequences: decode metrics averaged over the queries; the prefill recall's mean and
+    p10 over the tiles, and the kept share of the visible blocks summed over the tiles."""
+    v = {m: torch.cat(rows) for m, rows in measured.items()}
+    return {**{m: float(v[m].mean()) for m in DECODE_METRICS},
+            "prefill_recall": float(v["tile_recall"].mean()),
+            "prefill_recall_p10": float(torch.quantile(v["tile_recall"], 0.1)),
+            "prefill_blocks_kept": float(v["tile_kept"].sum() / v["tile_visible"].sum())}
 
 
 def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os.PathLike | RTPurboArtifact, *,
@@ -103,18 +172,20 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
     per_head: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
     for index in range(num_seqs):
         ids, query_pos = sample_sequence(source, seq_len, queries_per_seq, seed, index)
-        captured = capture_retrieval(lm, retrieval, ids, query_pos)
+        captured = capture_retrieval(lm, retrieval, ids, torch.arange(len(ids)))   # every row: the prefill's
         for layer, heads in enumerate(retrieval):
             if not heads:
                 continue
             w_q, w_k = artifact.indexer[layer]
-            res = layer_routing(lm, heads, captured.q_pre[layer], captured.k_pre[layer], query_pos,
-                                w_q, w_k, p.top_p, p.block_size, p.sink_tokens)
+            q_pre, k_pre = captured.q_pre[layer], captured.k_pre[layer]
+            decode = layer_routing(lm, heads, q_pre[query_pos.to(q_pre.device)], k_pre, query_pos, w_q, w_k,
+                                   p.top_p, p.block_size, p.sink_tokens)
+            prefill = layer_prefill_routing(lm, heads, q_pre, k_pre, w_q, w_k, p.prefill_top_p, p.block_size,
+                                            p.sink_tokens)
             for j, head in enumerate(heads):
-                for m in METRICS:
-                    per_head.setdefault((layer, head), {k: [] for k in METRICS})[m].append(res[m][j])
-    rows = [{"layer": layer, "head": head, "kv_head": head // (lm.num_heads // lm.num_kv_heads),
-             **{m: float(torch.cat(v[m]).mean()) for m in METRICS}}
+                for m, values in {**decode, **prefill}.items():
+                    per_head.setdefault((layer, head), {}).setdefault(m, []).append(values[j])
+    rows = [{"layer": layer, "head": head, "kv_head": head // (lm.num_heads // lm.num_kv_heads), **_head_row(v)}
             for (layer, head), v in sorted(per_head.items())]
     name = getattr(lm.hf_config, "_name_or_path", "") or lm.hf_config.architectures[0]
     return {
@@ -124,6 +195,7 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
         "num_sequences": num_seqs,
         "seq_len": seq_len,
         "queries_per_seq": queries_per_seq,
+        "prefill_tile_q": TILE_Q,
         "seed": seed,
         "summary": {"num_retrieval_heads": len(rows), "num_query_heads": lm.num_layers * lm.num_heads,
                     **{m: _stats(torch.tensor([r[m] for r in rows])) for m in METRICS}},
@@ -140,12 +212,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     summary = [{"metric": m, **s[m]} for m in METRICS]
     return (f"# RTPurbo indexer evaluation: {report['model']}\n\n"
             f"{s['num_retrieval_heads']} retrieval heads of {s['num_query_heads']} query heads; "
-            f"top_p {p['top_p']}, block {p['block_size']}, sink {p['sink_tokens']}; "
-            f"{report['num_sequences']} held-out sequences x {report['seq_len']} tokens, "
-            f"{report['queries_per_seq']} queries each (second half); data: {report['data']}.\n\n"
-            "- **recall**: share of the real attention mass inside the indexer's top-p blocks\n"
+            f"top_p {p['top_p']}, prefill_top_p {p['prefill_top_p']}, block {p['block_size']}, "
+            f"sink {p['sink_tokens']}; {report['num_sequences']} held-out sequences x {report['seq_len']} tokens, "
+            f"{report['queries_per_seq']} decode queries each (second half), each sequence prefilled as one "
+            f"chunk in tiles of {report['prefill_tile_q']} rows; data: {report['data']}.\n\n"
+            "- **recall**: share of the real attention mass inside the indexer's top-p blocks (decode)\n"
             "- **blocks_kept**: share of blocks the indexer keeps (sink and own block included)\n"
-            "- **oracle_blocks_kept**: share an oracle keeps (block top-p on the real attention)\n\n"
+            "- **oracle_blocks_kept**: share an oracle keeps (block top-p on the real attention)\n"
+            "- **prefill_recall**: per query tile, the real attention mass its rows keep on the tile's sink, "
+            "diagonal and top-p blocks (averaged over its rows); mean over tiles\n"
+            "- **prefill_recall_p10**: the same, 10th percentile over tiles\n"
+            "- **prefill_blocks_kept**: kept blocks over causally visible blocks, summed over tiles (the "
+            "prefill's attention work relative to dense)\n\n"
             "## Summary over heads\n\n" + outputs.markdown_table(summary) +
             "\n## Per head\n\n" + outputs.markdown_table(report["heads"]) +
             "\n_" + ", ".join(f"{k} {v}" for k, v in report["environment"].items()) + "_\n")

@@ -53,8 +53,8 @@ def random_artifact(hf_config, dtype=torch.float32, with_indexer=True) -> RTPurb
                      torch.randn(len(h), INDEX_DIM, model.head_dim).to(dtype)) for h in heads)
     return RTPurboArtifact(
         model=model, retrieval_heads=heads,
-        params=SparsityParams(sink_tokens=4, window=512, top_p=0.85, block_size=64, index_dim=INDEX_DIM,
-                              dense_threshold=1024),
+        params=SparsityParams(sink_tokens=4, window=512, top_p=0.85, prefill_top_p=0.95, block_size=64,
+                              index_dim=INDEX_DIM, dense_threshold=1024),
         provenance=Provenance(data="fineweb-sample", steps=600, seed=int(torch.randint(0, 2**31, ())),
                               tool="test", tool_version="0", extra={"lr": 1e-3, "scores": [0.5, 0.25]}),
         indexer=indexer if with_indexer else None)
@@ -121,10 +121,28 @@ def test_config_json_is_readable(saved):
 
 
 @pytest.mark.parametrize("params", [SparsityParams(sink_tokens=0), SparsityParams(dense_threshold=0),
-                                    SparsityParams(top_p=1.0)], ids=["no-sinks", "always-sparse", "top_p=1"])
+                                    SparsityParams(top_p=1.0), SparsityParams(prefill_top_p=0.01)],
+                         ids=["no-sinks", "always-sparse", "top_p=1", "prefill_top_p=0.01"])
 def test_boundary_params_are_accepted(tmp_path, seed, params):
     artifact = RTPurboArtifact(ModelFingerprint.from_hf_config(qwen3_config()), [()] * NUM_LAYERS, params)
     assert load_artifact(save_artifact(artifact, tmp_path / "a"), require_indexer=False).params == params
+
+
+def test_an_artifact_written_before_prefill_top_p_loads_with_its_default(saved):
+    """Keys added after format 1 (``ADDED_AFTER_FORMAT_1``) may be missing; the field keeps its default."""
+    artifact, folder = saved
+    edit_config(folder, _del("params", "prefill_top_p"))
+    loaded = load_artifact(folder)
+    assert loaded.params.prefill_top_p == SparsityParams.prefill_top_p == 1.0
+    assert loaded == replace(artifact, params=replace(artifact.params, prefill_top_p=1.0))
+
+
+def test_the_committed_tiny_artifacts_carry_prefill_top_p():
+    from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir, tiny_model_dir
+
+    for folder in (tiny_model_dir() / DEFAULT_DIRNAME, tiny_kv1_artifact_dir()):
+        assert json.loads((folder / CONFIG_FILE).read_text())["params"]["prefill_top_p"] == 1.0
+        assert load_artifact(folder).params.prefill_top_p == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +166,7 @@ CONFIG_FAILURES = [
     ("missing-top-level-key", _del(None, "params"), r"the top level lacks the keys \['params'\]"),
     ("missing-model-key", _del("model", "head_dim"), r"model lacks the keys \['head_dim'\]"),
     ("missing-provenance-key", _del("provenance", "seed"), r"provenance lacks the keys \['seed'\]"),
+    ("missing-params-key", _del("params", "top_p"), r"params lacks the keys \['top_p'\]"),
     ("unknown-top-level-key", _set(None, "heads", []), r"the top level has unknown keys \['heads'\]"),
     ("unknown-params-key", _set("params", "top_k", 4), r"params has unknown keys \['top_k'\]"),
     ("wrong-type-int", _set("params", "window", "8192"), "params.window is '8192' .*expected an integer"),
@@ -167,6 +186,10 @@ CONFIG_FAILURES = [
     ("top-p-zero", _set("params", "top_p", 0), r"params.top_p is 0, must be in \(0, 1\]"),
     ("top-p-above-one", _set("params", "top_p", 1.5), r"params.top_p is 1.5, must be in \(0, 1\]"),
     ("top-p-nan", _set("params", "top_p", math.nan), r"params.top_p is nan, must be in \(0, 1\]"),
+    ("prefill-top-p-zero", _set("params", "prefill_top_p", 0), r"params.prefill_top_p is 0, must be in \(0, 1\]"),
+    ("prefill-top-p-above-one", _set("params", "prefill_top_p", 1.01), r"params.prefill_top_p is 1.01, must be in"),
+    ("prefill-top-p-string", _set("params", "prefill_top_p", "0.9"),
+     "params.prefill_top_p is '0.9' .*expected a number"),
     ("window-zero", _set("params", "window", 0), r"params.window is 0, must be in \[1, 2147483647\]"),
     ("window-beyond-int64", _set("params", "window", 2**63), r"params.window is 9223372036854775808, must be in"),
     ("block-size-negative", _set("params", "block_size", -64), "params.block_size is -64, must be a power of two"),

@@ -424,3 +424,25 @@ def test_kv_layout_option(tmp_path, cpu_platform, seed):
     engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="split")
     with pytest.raises(ArtifactError, match=r"kv_layout' must be one of \['compact', 'full'\], got 'split'"):
         kv_layout_for(engine)
+
+
+def test_sparsity_overrides(tmp_path, cpu_platform, seed):
+    """``--additional-config '{"rtpurbo": {"top_p": ..., "prefill_top_p": ...}}'`` replaces the artifact's
+    values for every layer; a value the artifact rules refuse names the option and the rule."""
+    from rtpurbo_vllm.artifacts import ArtifactError
+    from rtpurbo_vllm.attention.serving_config import serving_params
+
+    engine = make_engine(tmp_path, CASES["hkv2"], 0)
+    assert serving_params(engine) == PARAMS
+    engine.additional_config = {"rtpurbo": {"top_p": 0.5, "prefill_top_p": 0.95}}
+    assert serving_params(engine) == dataclasses.replace(PARAMS, top_p=0.5, prefill_top_p=0.95)
+    assert all(layer.impl.params == serving_params(engine) for layer in make_layers(engine, CASES["hkv2"]))
+    option = r"--additional-config 'rtpurbo.prefill_top_p' is"
+    for value, message in ((0, rf"{option} 0.0, must be in \(0, 1\]"), (1.5, rf"{option} 1.5, must be in \(0, 1\]"),
+                           ("0.9", rf"{option} '0.9', must be a number"), (True, rf"{option} True, must be a number")):
+        engine.additional_config = {"rtpurbo": {"prefill_top_p": value}}
+        with pytest.raises(ArtifactError, match=message):
+            serving_params(engine)
+    engine.additional_config = {"rtpurbo": {"decode_top_p": 0.9}}
+    with pytest.raises(ArtifactError, match=r"keys \['artifact', 'kv_layout', 'prefill_top_p', 'top_p'\]"):
+        serving_params(engine)

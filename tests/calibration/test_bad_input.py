@@ -50,7 +50,10 @@ def test_a_model_that_is_not_a_local_folder(tmp_path, capsys, monkeypatch, model
     ("--sink-tokens", str(2**63), "--sink-tokens is 9223372036854775808, must be in [0, 2147483647]"),
     ("--dense-threshold", "-1", "--dense-threshold is -1, must be in [0, 2147483647]"),
     ("--top-p", "nan", "--top-p is nan, must be in (0, 1]"),
-], ids=["block-48", "block-huge", "window-beyond-int64", "sink-beyond-int64", "threshold-negative", "top-p-nan"])
+    ("--prefill-top-p", "0", "--prefill-top-p is 0.0, must be in (0, 1] (1 = dense retrieval prefill); fix:"),
+    ("--prefill-top-p", "1.5", "--prefill-top-p is 1.5, must be in (0, 1]"),
+], ids=["block-48", "block-huge", "window-beyond-int64", "sink-beyond-int64", "threshold-negative", "top-p-nan",
+        "prefill-top-p-zero", "prefill-top-p-above-one"])
 def test_export_refuses_parameters_the_kernels_cannot_run(tmp_path, capsys, option, value, message):
     """Refused before the model, heads or checkpoint are even read."""
     args = [str(tmp_path / "no-model"), "--heads", "no-heads", "--indexer", "no-ckpt", option, value]

@@ -37,15 +37,19 @@ def test_pipeline_end_to_end(tmp_path, capsys):
                  "--checkpoint-every", "2", "--no-progress", "--seed", "3"]) == 0
     assert [p.name for p in (out / "indexer").iterdir()] == ["step-000004"]
     assert main(["export", model, "--heads", str(out), "--indexer", str(out / "indexer"), "--sink-tokens", "4",
-                 "--window", "64", "--block-size", "32", "--top-p", "0.8", "--dense-threshold", "0"]) == 0
+                 "--window", "64", "--block-size", "32", "--top-p", "0.8", "--prefill-top-p", "0.9",
+                 "--dense-threshold", "0"]) == 0
     artifact = load_artifact(tmp_path / "qwen3" / "rtpurbo")                       # the default location
     assert artifact.params.window == 64 and artifact.params.top_p == 0.8 and artifact.provenance.seed == 3
+    assert artifact.params.prefill_top_p == 0.9
     assert main(["evaluate", model, "--artifact", str(tmp_path / "qwen3" / "rtpurbo"), "--out", str(out / "eval"),
                  "--num-seqs", "1", "--seq-len", "160", "--queries-per-seq", "4"]) == 0
     report = json.loads((out / "eval" / "evaluate.json").read_text())
     assert report["summary"]["num_retrieval_heads"] == 2 and report["params"]["block_size"] == 32
+    assert all(0 < row["prefill_blocks_kept"] <= 1 for row in report["heads"])
     printed = capsys.readouterr().out
-    assert "2 retrieval heads" in printed and "artifact written and validated" in printed and "recall" in printed
+    assert "2 retrieval heads" in printed and "artifact written and validated" in printed
+    assert "decode (top_p 0.8): recall" in printed and "prefill (prefill_top_p 0.9): recall" in printed
 
 
 def test_heads_with_a_per_layer_kv_budget(tmp_path, capsys):

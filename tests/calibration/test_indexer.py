@@ -118,11 +118,54 @@ def test_export_round_trip_and_evaluate_report(model_dir, lm, heads_dir, tmp_pat
     assert report["summary"]["num_retrieval_heads"] == 4 and len(report["heads"]) == 4
     for m in METRICS:
         assert set(report["summary"][m]) == {"mean", "min", "p10", "p50"}
-        assert all(0 < row[m] <= 1 for row in report["heads"])
+        assert all(0 < row[m] <= 1 + 1e-6 for row in report["heads"])
     assert all(row["recall"] >= 0.0 for row in report["heads"]) and report["params"] == params.to_dict()
+    # prefill_top_p 1.0 (the default): every visible block of every tile is kept, all of the mass.
+    assert all(row["prefill_blocks_kept"] == 1 and row["prefill_recall_p10"] == pytest.approx(1)
+               for row in report["heads"])
+    assert report["prefill_tile_q"] == 128
     paths = write_report(report, tmp_path / "eval")
     assert json.loads(paths["json"].read_text()) == report
-    assert "| recall |" in render_markdown(report) and paths["markdown"].read_text() == render_markdown(report)
+    markdown = render_markdown(report)
+    assert "| recall |" in markdown and "| prefill_recall |" in markdown and "prefill_top_p 1.0" in markdown
+    assert paths["markdown"].read_text() == markdown
+
+
+def test_evaluate_measures_the_sparse_prefill_selection(lm):
+    """Per query tile, the prefill metrics apply the sparse prefill's selection (the tile's pooled index
+    query over its KV head's index keys, causal for its last row; sink and diagonal blocks forced) to the
+    real attention rows of the tile; at prefill_top_p 1.0 every visible block and all of the mass is kept."""
+    from rtpurbo_vllm.calibration.capture import attention_rows, capture_retrieval
+    from rtpurbo_vllm.calibration.evaluate import layer_prefill_routing
+    from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, tile_topp_ref
+
+    torch.manual_seed(0)
+    heads, num_tokens, block_size = [1, 4, 6], 300, 16
+    w_q, w_k = torch.randn(2, len(heads), 16, lm.head_dim).unbind(0)
+    captured = capture_retrieval(lm, [[], heads], torch.randint(3, len(TOK), (num_tokens,)).tolist(),
+                                 torch.arange(num_tokens))
+    q_pre, k_pre = captured.q_pre[1], captured.k_pre[1]
+    dense = layer_prefill_routing(lm, heads, q_pre, k_pre, w_q, w_k, 1.0, block_size, 4)
+    assert dense["tile_recall"].shape == (len(heads), 3)                     # tiles of 128, 128, 44 rows
+    torch.testing.assert_close(dense["tile_recall"], torch.ones(len(heads), 3))
+    assert torch.equal(dense["tile_kept"], dense["tile_visible"])
+    assert dense["tile_visible"][0].tolist() == [8, 16, 19]                  # ceil((last_pos + 1) / 16)
+    sparse = layer_prefill_routing(lm, heads, q_pre, k_pre, w_q, w_k, 0.5, block_size, 4)
+    assert (sparse["tile_kept"] < sparse["tile_visible"])[:, 1:].all()
+    # The last tile by hand: rows 256..299 pool their index queries; each head reads its KV head.
+    rows = torch.arange(2 * TILE_Q, num_tokens)
+    kv = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
+    pooled = torch.einsum("thd,hid->hi", q_pre[rows].float(), w_q) / len(rows)
+    probs = torch.einsum("hi,thd,hid->ht", pooled, k_pre[:, kv].float(), w_k).softmax(-1)    # [HR, 300]
+    mass = torch.nn.functional.pad(probs, (0, 4)).view(len(heads), 19, block_size).sum(-1)
+    forced = torch.zeros(19, dtype=torch.bool)
+    forced[[0, 15, 16, 17, 18]] = True                                       # sink block; blocks over [241, 299]
+    keep = tile_topp_ref(mass, forced, 0.5)
+    real = attention_rows(q_pre[rows], k_pre, rows, torch.tensor(heads), lm)                 # [HR, 44, 300]
+    torch.testing.assert_close(sparse["tile_kept"][:, 2], keep.sum(-1).float())
+    kept_mass = (real * keep.repeat_interleave(block_size, -1)[:, None, :num_tokens]).sum(-1).mean(-1)
+    torch.testing.assert_close(sparse["tile_recall"][:, 2], kept_mass)
+    assert (kept_mass < 1).all()
 
 
 def test_export_refuses_bad_inputs(model_dir, lm, heads_dir, tmp_path):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 TILE_Q = 128
-"""Query rows per tile on the GPU: the granularity of the selection and the attention's query tile."""
+"""Query rows per tile of the serving prefill and of ``rtpurbo-calibrate evaluate``'s prefill measurement:
+the granularity of the selection and the attention's query tile."""
 TILE_GROUP = 64
 """Most tiles one score program scores together."""
 

@@ -30,7 +30,6 @@ import torch
 from ..headwise_attention.reference import masked_attention
 from ..paged_heads import PagedHeads, PageTable, gather, to_float
 
-
 def pool_index_queries(q_idx: torch.Tensor) -> torch.Tensor:
     """The one index query of a query tile: the mean of its rows' index queries.
 
