@@ -18,6 +18,8 @@
 #                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs (ties aside)
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
 #   bash scripts/gpu_checks.sh stability-control   # the identity check on FLASH_ATTN (the control)
+#   bash scripts/gpu_checks.sh firstreq [extra bench_first_requests args]  # first requests on a fresh server
+#                                         # (fresh Triton cache) vs steady state, RTPURBO and FLASH_ATTN
 #   bash scripts/gpu_checks.sh throughput WORKLOAD BACKENDS [args]  # bench_throughput.py, e.g. long-decodes RTPURBO
 #   bash scripts/gpu_checks.sh engine capacity|step CONFIG...  # bench_engine.py: vllm.LLM KV pool or decode step,
 #                                         # e.g. engine step RTPURBO:auto:global15:full RTPURBO:auto:global15:compact
@@ -25,7 +27,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | throughput | engine}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | firstreq | throughput | engine}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -119,6 +121,14 @@ case "$stage" in
     timeout 300 python3 -P benchmarks/bench_stability.py --out "$OUT/stability_flash_attn" --stop-timeout 20 \
       --phases identity --identity-backend FLASH_ATTN "$@" 2>&1 | tee "$OUT/bench_stability_flash_attn.log" \
       | grep -vE "^(INFO|DEBUG|WARNING|\(EngineCore)" | tail -20 ;;
+  firstreq)
+    # Tiny model, one fresh server per backend with an empty Triton cache (~4 min): 3 rounds of 120 short
+    # prompts sent at once; round 1 (the first requests) against the later rounds, start-up and RTPURBO
+    # warm-up seconds. The compiled kernels stay on the machine, the report and server logs come back.
+    keep="$HOME/rtpurbo_first_requests"
+    timeout 570 python3 -P benchmarks/bench_first_requests.py --out "$keep" --stop-timeout 20 "$@" 2>&1 \
+      | tee "$OUT/bench_first_requests.log" | grep -vE "^(INFO|DEBUG|WARNING|\((APIServer|EngineCore))" | tail -30
+    mkdir -p "$OUT/first_requests"; cp -r "$keep"/bench_first_requests.* "$keep/logs" "$OUT/first_requests/" ;;
   engine)
     phase=${1:?engine needs a phase: capacity or step}
     shift

@@ -3,28 +3,35 @@
 Under ``TRITON_INTERPRET=1`` every ``@triton.jit`` kernel runs in Triton's interpreter, which skips the
 GPU compiler (MLIR passes, LLVM, ptxas): a kernel can pass every interpreter test and still fail to
 compile on the GPU. :class:`LaunchRecorder` wraps the interpreter's launch entry point and keeps one
-description per distinct specialisation (kernel, argument dtypes, which ints equal 1 or are multiples
-of 16, constexpr values); :func:`compile_launches` replays them with ``JITFunction.warmup`` in a
-process without the interpreter and a stand-in driver whose current target is the given GPU (default
-Hopper, sm_90), so Triton's real compiler runs down to the cubin exactly as a launch on that GPU
-would, without a GPU.
+description per distinct :class:`Variant`, the key Triton compiles a kernel for (:func:`variant`:
+Triton's own binder on the launch's arguments, honouring the kernel's ``do_not_specialize`` and
+``do_not_specialize_on_alignment``); :func:`compile_launches` replays them with ``JITFunction.warmup``
+in a process without the interpreter and a stand-in driver whose current target is the given GPU
+(default Hopper, sm_90), so Triton's real compiler runs down to the cubin exactly as a launch on that
+GPU would, without a GPU. :meth:`LaunchRecorder.variants` collects the variants launched inside a
+block (the warm-up test compares those of real steps with the warm-up's).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
 def describe(value):
-    """A JSON-able stand-in for one launch argument: tensors by dtype (alignment 16 assumed, as for
-    PyTorch's CUDA allocations), everything else by value."""
+    """A JSON-able stand-in for one launch argument: tensors by dtype (and ``"aligned": False`` when the
+    data pointer is not a multiple of 16 bytes, which Triton specialises on), everything else by value."""
     if isinstance(value, torch.Tensor):
-        return {"tensor": str(value.dtype).removeprefix("torch.")}
+        found = {"tensor": str(value.dtype).removeprefix("torch.")}
+        return found if value.data_ptr() % 16 == 0 else {**found, "aligned": False}
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if isinstance(value, torch.dtype):
@@ -32,19 +39,61 @@ def describe(value):
     raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
 
 
-def _shape_key(value):
-    """What Triton specialises a launch on for one described argument."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return json.dumps(value, sort_keys=True)
-    return f"int:{value == 1}:{value % 16 == 0}:{-2**31 <= value < 2**31}"
+@dataclass(frozen=True)
+class Variant:
+    """What Triton compiles one kernel for: per parameter, in order, ``(name, type:specialisation)``
+    (``"i32:D"`` an int divisible by 16, ``"i32:None"`` an int not specialised on, ``"constexpr:1"`` an
+    int equal to 1 or a constexpr's value, ``"*bf16:D"`` a 16-byte aligned pointer, ...), and the launch
+    options (``num_warps``, ...). Two launches with equal variants run one compiled kernel."""
+
+    kernel: str
+    parameters: tuple[tuple[str, str], ...]
+    options: tuple[tuple[str, str], ...]
+
+    def differences(self, other: "Variant") -> list[str]:
+        """``name: mine != other's`` for each parameter or option that differs."""
+        return [f"{name}: {a} != {b}" for (name, a), (_, b) in zip(self.parameters + self.options,
+                                                                   other.parameters + other.options) if a != b]
+
+
+@functools.cache
+def _binder(fn, do_not_specialize: tuple, do_not_specialize_on_alignment: tuple):
+    """Triton's own argument binder of ``fn`` (``JITFunction.run`` derives its cache key from what it
+    returns), with CUDA's integer and pointer specialisation (the base backend's, which CUDA keeps)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import KernelParam, create_function_from_signature
+
+    signature = inspect.signature(fn)
+    params = [KernelParam(i, p, i in do_not_specialize or p.name in do_not_specialize,
+                          i in do_not_specialize_on_alignment or p.name in do_not_specialize_on_alignment)
+              for i, p in enumerate(signature.parameters.values())]
+    return create_function_from_signature(signature, params, BaseBackend), tuple(signature.parameters)
+
+
+def variant(kernel, args, kwargs, annotations: bool = True) -> Variant:
+    """The :class:`Variant` a launch of ``kernel`` (an interpreted ``@triton.jit`` function) with these
+    arguments compiles on a GPU; ``annotations=False`` ignores the kernel's ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment`` (what it would be without them)."""
+    own = getattr(kernel, "kwargs", {}) if annotations else {}
+    binder, names = _binder(kernel.fn, tuple(own.get("do_not_specialize") or ()),
+                            tuple(own.get("do_not_specialize_on_alignment") or ()))
+    _, specialization, options = binder(*args, **kwargs)
+    return Variant(f"{kernel.fn.__module__}.{kernel.fn.__name__}",
+                   tuple((name, f"{kind}:{value}") for name, (kind, value) in zip(names, specialization)),
+                   tuple(sorted((k, str(v)) for k, v in options.items())))
 
 
 class LaunchRecorder:
     """Wraps ``InterpretedFunction.run`` (every interpreted kernel launch) while installed."""
 
     def __init__(self):
-        self.launches: dict[str, dict] = {}
+        self.launches: dict[Variant, dict] = {}
+        self._scopes: list[list[tuple[Variant, Variant]]] = []
         self._original = None
+
+    @property
+    def installed(self) -> bool:
+        return self._original is not None
 
     def install(self) -> None:
         from triton.runtime.interpreter import InterpretedFunction
@@ -53,7 +102,7 @@ class LaunchRecorder:
         recorder = self
 
         def run(fn_self, *args, grid, warmup, **kwargs):
-            recorder.record(fn_self.fn, args, kwargs)
+            recorder.record(fn_self, args, kwargs)
             return original(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
 
         InterpretedFunction.run = run
@@ -65,14 +114,30 @@ class LaunchRecorder:
             InterpretedFunction.run = self._original
             self._original = None
 
-    def record(self, fn, args, kwargs) -> None:
-        if not fn.__module__.startswith("rtpurbo_vllm."):
+    def record(self, kernel, args, kwargs) -> None:
+        if not kernel.fn.__module__.startswith("rtpurbo_vllm."):
             return
-        launch = {"module": fn.__module__, "name": fn.__name__, "args": [describe(a) for a in args],
-                  "kwargs": {k: describe(v) for k, v in kwargs.items()}}
-        key = json.dumps([launch["module"], launch["name"], [_shape_key(a) for a in launch["args"]],
-                          {k: _shape_key(v) for k, v in launch["kwargs"].items()}], sort_keys=True)
-        self.launches.setdefault(key, launch)
+        key = variant(kernel, args, kwargs)
+        for scope in self._scopes:
+            scope.append((key, variant(kernel, args, kwargs, annotations=False)))
+        if key not in self.launches:
+            self.launches[key] = {"module": kernel.fn.__module__, "name": kernel.fn.__name__,
+                                  "args": [describe(a) for a in args],
+                                  "kwargs": {k: describe(v) for k, v in kwargs.items()}}
+
+    @contextlib.contextmanager
+    def variants(self):
+        """Yields a list that collects, for every launch in the body, ``(variant, variant without the
+        kernel's specialisation annotations)`` (:func:`variant`)."""
+        if not self.installed:
+            raise RuntimeError("the launch recorder is not installed (it records under TRITON_INTERPRET=1 "
+                               "on a machine without a GPU)")
+        scope: list[tuple[Variant, Variant]] = []
+        self._scopes.append(scope)
+        try:
+            yield scope
+        finally:
+            self._scopes.remove(scope)
 
     def compile_all(self, arch: int = 90) -> list[dict]:
         """:func:`compile_launches` of every recorded launch."""
@@ -96,10 +161,17 @@ class TargetOnlyDriver:
 
 driver.set_active(TargetOnlyDriver())
 
+class UnalignedMockTensor(MockTensor):
+    """A tensor argument whose data pointer is not 16-byte aligned."""
+    @staticmethod
+    def data_ptr(): return 8
+
 def value(v):
     if isinstance(v, dict):
         dtype = getattr(torch, v.get("tensor", v.get("dtype")))
-        return MockTensor(dtype) if "tensor" in v else dtype
+        if "tensor" not in v:
+            return dtype
+        return MockTensor(dtype) if v.get("aligned", True) else UnalignedMockTensor(dtype)
     return v
 
 failures = []

@@ -44,6 +44,7 @@ from rtpurbo_vllm.attention.metadata import (
 )
 from rtpurbo_vllm.attention.serving_config import serving_artifact, serving_params
 from rtpurbo_vllm.attention.tp import rank_layout
+from rtpurbo_vllm.attention.warmup import warm_up
 from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace
 from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_GROUP, TILE_Q, make_sparse_prefill_workspace, plan_sparse_prefill
@@ -104,11 +105,14 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
               fast_build: bool = False) -> RTPurboMetadata:
         if not self._kv_bound:
             # vLLM binds the caches after creating the builders; the first step's build (never inside
-            # a CUDA-graph capture) resolves every layer's unit tensors.
+            # a CUDA-graph capture) resolves every layer's unit tensors, then, on a GPU, compiles every
+            # kernel variant the layers can launch (rtpurbo_vllm.attention.warmup; it builds again).
             context = self.vllm_config.compilation_config.static_forward_context
             for name in self.layer_names:
                 context[name].impl.bind_kv_cache()
             self._kv_bound = True
+            if self.device.type == "cuda":
+                warm_up(self)
         cm = common_attn_metadata
         if cm.positions is None:
             raise RuntimeError("RTPURBO needs token positions in the attention metadata (to undo RoPE); "

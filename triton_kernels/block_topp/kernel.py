@@ -9,7 +9,7 @@ summation order.
 
 Two launches, both with grids fixed by ``(B, HR, max_blocks)`` so they can be captured in a CUDA
 graph; nothing is read back to the host and nothing is allocated when a workspace and outputs are
-passed in.
+passed in. The block table's row stride (its width, set by whoever allocates it) is not specialised on.
 
 1. ``_block_stats_kernel``, grid ``(HR, cdiv(max_blocks, BLOCKS_PER_PROG), B)``: each program scores
    ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
@@ -96,7 +96,7 @@ def make_block_topp_workspace(max_batch: int, num_heads: int, max_blocks: int,
 # Kernel 1: per-block max score and exp-sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def _block_stats_kernel(
     q_ptr, cache_ptr, offsets_ptr, block_table_ptr, seq_lens_ptr, block_max_ptr, block_sum_ptr,
     stride_qb, stride_qh, stride_qd,

@@ -17,6 +17,7 @@ retrieval head ``r`` and
    (its unit tensor and slot) plus ``page * page_stride + offset * token_stride``.
 
 Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so both ops can be captured in a CUDA graph.
+``T`` is not specialised on (``do_not_specialize``): one compiled variant serves every step.
 Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle:
 its row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector
 (keys of padding tokens are not stored: their slot is negative). :func:`index_queries` also refuses
@@ -138,7 +139,7 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
     return tl.where(in_table[:, None], acc, float("nan"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _index_queries_kernel(
     q_ptr, pos_ptr, cs_ptr, heads_ptr, w_ptr, out_ptr,
     T, num_positions,
@@ -158,7 +159,7 @@ def _index_queries_kernel(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _write_index_keys_kernel(
     k_ptr, pos_ptr, cs_ptr, kv_heads_ptr, w_ptr, slot_ptr, cache_ptr, offsets_ptr,
     T, num_positions,

@@ -8,7 +8,8 @@ mapping (``[T]`` int64, vLLM's ``page * P + offset``, negative = skip) and page 
 
 Grid ``(cdiv(T, BLOCK_T), HKV)``: one program per block of tokens and KV head; it reads its head's kind
 and offset on the device, so launch shapes depend only on ``T`` and ``HKV`` (CUDA-graph safe, no host
-sync). Page and slot offsets are int64.
+sync). Page and slot offsets are int64. ``T`` changes every step and is not specialised on
+(``do_not_specialize``), so one compiled variant serves every step (``rtpurbo_vllm.attention.warmup``).
 
 FP8 units (uint8 bytes of float8_e4m3fn, as vLLM stores ``kv_cache_dtype="fp8"``) get vLLM's
 ``reshape_and_cache_flash`` quantisation: ``x / scale`` (IEEE division) in float32, saturated to
@@ -59,7 +60,7 @@ def _quantize(x, scale, MANUAL_FP8: tl.constexpr):
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _kv_write_kernel(
     key_ptr, value_ptr, cache_ptr, offsets_ptr, kinds_ptr, sm0_ptr, sm1_ptr, k_scale_ptr, v_scale_ptr,
     T, page0, page_stride0, token_stride0, page1, page_stride1, token_stride1,

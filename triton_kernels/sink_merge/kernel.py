@@ -6,7 +6,9 @@ update in float32, and writes the rows that gained a sink. Each row's sequence, 
 pages come from ``token_seqs``, ``cu_seqlens_q``, ``seqused_k`` and the block table on the device: no
 host sync, one read of ``query``/``out``/``lse`` and one write of ``out`` (the PyTorch version it
 replaces made about fifteen float32 passes over ``[T, HQ, D]``). Equals :func:`.reference.merge_sinks_ref`
-up to float32 summation order.
+up to float32 summation order. One compiled variant per layer part serves every step: the token count
+(also the LSE's head stride) and the block table's row stride are not specialised on, nor the
+alignment of the per-sequence index arrays (views of vLLM's buffers offset by the decode count).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import triton.language as tl
 BLOCK_T = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "sbt_b", "sl_h"],
+            do_not_specialize_on_alignment=["cu_ptr", "used_ptr", "seq_ptr", "bt_ptr"])
 def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, out_ptr, lse_ptr,
                         num_tokens, page_size, window, scale, k_scale, v_scale,
                         sq_t, sq_h, sk_n, sk_p, sk_h, sv_n, sv_p, sv_h, sbt_b, so_t, so_h, sl_h, sl_t,

@@ -17,7 +17,8 @@ Parallelisation (flash-decoding). Each head's kept tokens form a *virtual* token
 ``chunk = roundup(cdiv(n, S), TILE)`` tokens, computed on the device from ``seq_lens`` /
 ``num_selected``. S depends only on the batch size and the workspace (:meth:`SparseDecodeWorkspace.
 splits_for_batch`: small batches get more splits per sequence from the same workspace), so launch
-grids depend only on shapes: the op is CUDA-graph safe and never syncs with the host. Two launches:
+grids depend only on shapes: the op is CUDA-graph safe and never syncs with the host. Its compiled
+variants differ only in S (the block tables' row strides are not specialised on). Two launches:
 
 1. ``_split_kernel``, grid ``(B, HR + HKV, S)``, one program per (sequence, head unit, split):
    - a retrieval unit ``r < HR`` follows its own block list (a tile may span several blocks; each
@@ -285,7 +286,7 @@ def _retrieval_split(
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt0", "s_bt1"])
 def _split_kernel(
     q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
     po_ptr, pl_ptr, k_scale_ptr, v_scale_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
