@@ -54,7 +54,7 @@ def case(request):
     return CASES[request.param]
 
 
-def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto", prefill_top_p=1.0):
+def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto", prefill_top_p=None):
     """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
 
@@ -66,7 +66,8 @@ def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtyp
                                       architectures=["LlamaForCausalLM"])
     config.save_pretrained(tmp_path)
     indexer = tuple((torch.randn(len(h), 16, D) / 4, torch.randn(len(h), 16, D) / 4) for h in RETRIEVAL)
-    params = dataclasses.replace(PARAMS, dense_threshold=dense_threshold, prefill_top_p=prefill_top_p)
+    params = dataclasses.replace(PARAMS, dense_threshold=dense_threshold,
+                                 prefill_top_p=PARAMS.prefill_top_p if prefill_top_p is None else prefill_top_p)
     save_artifact(RTPurboArtifact(model=ModelFingerprint.from_hf_config(config), retrieval_heads=RETRIEVAL,
                                   params=params, indexer=indexer), tmp_path / "rtpurbo")
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)

@@ -45,6 +45,7 @@ MAX_REQS = 8                    # max_num_seqs: split counts 4 (1-4 decodes) and
 NUM_PAGES = 96
 SERVING_KERNELS = {"_kv_write_kernel", "_write_index_keys_kernel", "_index_queries_kernel", "_block_stats_kernel",
                    "_select_kernel", "_split_kernel", "_combine_kernel", "_merge_sinks_kernel"}
+SPARSE_PREFILL_KERNELS = {"_pool_kernel", "_score_kernel", "_attend_kernel"}   # and its own _select_kernel
 # Real steps, (cached, new) tokens per request, decodes first, of many request, token and decode counts:
 # pure decodes of both split counts, mixed steps, prefills under and over the window (24 tokens; 4
 # sinks, 16-token pages, max_model_len 1024), token counts divisible by 16 and not.
@@ -207,9 +208,11 @@ def test_warm_up_runs_every_kernel_and_writes_no_cache(tmp_path, cpu_platform, m
     served.step(REAL_STEPS[3])
 
 
-@pytest.mark.parametrize("kv_layout", ["full", "compact"])
-def test_real_steps_launch_only_variants_the_warm_up_compiled(tmp_path, cpu_platform, seed, small_splits,
-                                                               gpu_prefill, recorder, kv_layout):
+@pytest.mark.parametrize("kv_layout, prefill_top_p", [("full", 1.0), ("compact", 1.0), ("compact", 0.5)])
+def test_real_steps_launch_only_variants_the_warm_up_compiled(tmp_path, cpu_platform, monkeypatch, seed, small_splits,
+                                                               gpu_prefill, recorder, kv_layout, prefill_top_p):
+    """``prefill_top_p < 1``: the retrieval heads' sparse prefill kernels too."""
+    monkeypatch.setattr(cpu, "PARAMS", dataclasses.replace(cpu.PARAMS, prefill_top_p=prefill_top_p))
     served = Served(tmp_path, kv_layout)
     with recorder.variants() as launched:
         warm_up(served.builder)
@@ -218,7 +221,7 @@ def test_real_steps_launch_only_variants_the_warm_up_compiled(tmp_path, cpu_plat
         for batch in REAL_STEPS:
             served.step(batch)
     real, real_plain = {v for v, _ in launched}, {p for _, p in launched}
-    assert kernels(launched) == SERVING_KERNELS
+    assert kernels(launched) == SERVING_KERNELS | (SPARSE_PREFILL_KERNELS if prefill_top_p < 1 else set())
 
     def explain(variant):
         same_kernel = [w for w in warmed if w.kernel == variant.kernel]

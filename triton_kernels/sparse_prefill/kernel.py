@@ -32,6 +32,11 @@ from :class:`SparsePrefillWorkspace`:
    mask at all, then the rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are converted
    exactly to the query dtype; ``k_scale`` joins the softmax scale and ``v_scale`` the output factor.
 
+Variants: the constexprs and specialised arguments follow the model, the layer, the dtypes and the
+workspace, never the step (block-table row strides and the per-sequence arrays' alignment, views of
+vLLM's buffers offset by the decode count, are not specialised on), so the start-up warm-up
+(:mod:`rtpurbo_vllm.attention.warmup`) compiles every variant a step can launch.
+
 Hopper: the attention tiles compile to wgmma with cp.async software pipelining (``CONFIG["stages"]``)
 of the gathered K/V rows; the paged gather rules out TMA. ``CONFIG`` holds the launch knobs a sweep on
 the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program).
@@ -149,7 +154,7 @@ def _pool_kernel(plan_ptr, q_idx_ptr, cu_q_ptr, pooled_ptr, s_row, s_it, s_ih, s
     tl.store(pooled_ptr + t * s_pt + r * s_ph + dims, pool_tile_queries(x, n_rows), mask=dims < DI)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"], do_not_specialize_on_alignment=["bt_ptr", "seqused_k_ptr"])
 def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr,
                   max_blocks, s_row, page_size, page_stride, token_stride, s_bt, s_pt, s_ph, s_wt, s_wh,
                   TILE_Q: tl.constexpr, TILE_GROUP: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
@@ -203,7 +208,7 @@ def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, 
             tl.store(sum_ptr + ws + blk, l_i, mask=store)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["seqused_k_ptr"])
 def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr, nkept_ptr,
                    top_p, dense_threshold, num_sink_blocks, max_blocks, s_row, s_wt, s_wh, s_kt, s_kh, s_nt, s_nh,
                    TILE_Q: tl.constexpr, BS: tl.constexpr, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
@@ -229,7 +234,7 @@ def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr
     tl.store(nkept_ptr + t * s_nt + r * s_nh, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"], do_not_specialize_on_alignment=["bt_ptr", "seqused_k_ptr"])
 def _attend_kernel(plan_ptr, q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, heads_ptr, kept_ptr,
                    nkept_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
                    s_row, s_qt, s_qh, page_size, page_stride, token_stride, s_bt, s_kt, s_kh, s_nt, s_nh,
@@ -418,6 +423,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     lse_strides = lse.stride() if lse is not None else (0, 0)
     scale_args = (k_scale, v_scale) if fp8 else (seqused_k, seqused_k)
     s_row = plan.tiles.stride(1)
+    chunk = min(triton.next_power_of_2(workspace.max_blocks), cfg["select_chunk"])
     for wave, wave_plan in zip(plan.waves, plan.tiles):
         if wave.num_tiles == 0:
             continue
@@ -426,17 +432,15 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             _pool_kernel[(wave.num_tiles, num_ret)](
                 wave_plan, q_idx, cu_seqlens_q, pooled, s_row, *q_idx.stride(), *pooled.stride()[:2],
                 TILE_Q=plan.tile_q, DI=index_dim, DI_PAD=di_pad, num_warps=4)
-            tile_group = max(16, triton.next_power_of_2(wave.max_group_tiles))
             blocks_per_prog = cfg["blocks_per_prog"]
             _score_kernel[(triton.cdiv(num_blocks, blocks_per_prog), wave.num_groups, num_ret)](
                 wave_plan, pooled, index.kernel_base(), index.offsets, index_table.block_table, cu_seqlens_q,
                 seqused_k, ws_max, ws_sum, workspace.max_blocks, s_row,
                 index_table.page_size, index_table.page_stride, index_table.token_stride,
                 index_table.block_table.stride(0), *pooled.stride()[:2], *ws_max.stride()[:2],
-                TILE_Q=plan.tile_q, TILE_GROUP=tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
+                TILE_Q=plan.tile_q, TILE_GROUP=plan.tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
                 SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=di_pad, OFF_ALIGN=index.offset_align,
                 num_warps=4)
-        chunk = min(triton.next_power_of_2(num_blocks), cfg["select_chunk"])
         _select_kernel[(wave.num_tiles, num_ret)](
             wave_plan, cu_seqlens_q, seqused_k, ws_max, ws_sum, kept, num_kept,
             float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks, s_row,

@@ -36,12 +36,11 @@ TILE_SEQ, TILE_INDEX, ATTEND_ORDER, GROUP_FIRST_TILE, GROUP_TILES = range(5)
 @dataclass(frozen=True)
 class Wave:
     """One pass of the kernels: ``num_tiles`` tiles in ``num_groups`` score groups, whose sequences have
-    at most ``max_seqlen_k`` keys and whose groups at most ``max_group_tiles`` tiles."""
+    at most ``max_seqlen_k`` keys."""
 
     num_tiles: int
     num_groups: int
     max_seqlen_k: int
-    max_group_tiles: int
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,7 @@ def plan_sparse_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], wave
                             (GROUP_FIRST_TILE, first_tiles), (GROUP_TILES, [n for _, _, n in groups])):
             table[w, row, :len(values)] = torch.tensor(values, dtype=torch.int32)
         summaries.append(Wave(num_tiles=len(seqs), num_groups=len(groups),
-                              max_seqlen_k=max((seq_lens[s] for s, _, _ in groups), default=0),
-                              max_group_tiles=max((n for _, _, n in groups), default=0)))
+                              max_seqlen_k=max((seq_lens[s] for s, _, _ in groups), default=0)))
     return SparsePrefillPlan(tiles=table.to(device), waves=tuple(summaries), tile_q=tile_q, tile_group=tile_group)
 
 
