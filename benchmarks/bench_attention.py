@@ -4,7 +4,10 @@ Shape: 32 query heads, 8 KV heads, head dim 128, bf16, paged cache (64-token pag
 heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks + 8192 tokens.
 
 - Prefill of one sequence at each length: FA3 dense causal vs the head-wise prefill
-  (retrieval heads dense per KV group, local heads windowed + sink pass), plus the index-key write.
+  (retrieval heads dense per KV group, local heads windowed + sink pass), plus the index-key write;
+  and the same with the retrieval heads' sparse top-p prefill (``--prefill-top-p``, index queries
+  included). As for decode, ``--keep`` of the blocks are planted as the indexer's hot blocks (every
+  query of a retrieval head points the same way), and the share each tile really kept is printed.
 - Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs index queries + block top-p
   + head-wise sparse decode. Random weights have no real sparsity, so the kept-block share is set
   explicitly: ``--keep`` of each sequence's blocks are planted as the indexer's hot blocks (the
@@ -28,16 +31,18 @@ from pathlib import Path
 
 import torch
 
-from rtpurbo_vllm.attention.prefill import PrefillHeads, headwise_prefill
+from rtpurbo_vllm.attention.prefill import PrefillHeads, SparseRetrieval, headwise_prefill
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.outputs import write_figure, write_json
-from rtpurbo_vllm.rope import RopeSpec
+from rtpurbo_vllm.rope import RopeSpec, apply_rope
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace, headwise_sparse_decode
+from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
+                                                        plan_sparse_prefill)
 
 HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
 RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
@@ -45,6 +50,7 @@ SINK, WINDOW, TOP_P = 4, 8192, 0.9
 DTYPE = torch.bfloat16
 ELEMENT_BYTES = 2                       # bf16 K, V and index keys
 H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
+PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (one layer's call, not a server's chunk)
 ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
 
 
@@ -66,21 +72,37 @@ def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
     return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
 
-def bench_prefill(length: int, device, repeats: int) -> dict:
-    key_cache, value_cache, block_table, _, _ = paged_cache(length, 1, device)
+def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_P, keep: float = 0.03) -> dict:
+    key_cache, value_cache, block_table, _, kv = paged_cache(length, 1, device)
+    positions = torch.arange(length, device=device)
     q = torch.randn(length, HQ, D, dtype=DTYPE, device=device)
+    # Every retrieval query points one way per head (its pre-RoPE vector is constant), so the planted
+    # hot blocks hold each tile's index mass.
+    q[:, list(RETRIEVAL)] = apply_rope(torch.randn(1, len(RETRIEVAL), D, device=device).expand(length, -1, -1),
+                                       positions, ROPE).to(DTYPE)
     k_new = torch.randn(length, HKV, D, dtype=DTYPE, device=device)
     cu_q = torch.tensor([0, length], dtype=torch.int32, device=device)
     seqused = torch.tensor([length], dtype=torch.int32, device=device)
     out = torch.empty_like(q)
     heads = PrefillHeads.build(RETRIEVAL, HQ, HKV, device)
     parts = [KVPart(key_cache, value_cache, block_table, tuple(range(HKV)))]
+    retrieval = torch.tensor(RETRIEVAL, dtype=torch.int32, device=device)
     kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
+    w_q = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
     w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
     index = PagedHeads.single(torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device))
-    positions = torch.arange(length, device=device)
     slots = (block_table[0, positions // PAGE].long() * PAGE + positions % PAGE)
     table = rope_table(ROPE, device, num_positions=length)
+    q_idx = torch.empty(length, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    index_queries(q, positions, table, retrieval, w_q, q_idx, is_neox_style=True)
+    planted = torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
+    plant_hot_blocks(q_idx[:1], planted, block_table, length, keep, torch.Generator().manual_seed(0))
+    planted_index = PagedHeads.single(planted)
+    plan = plan_sparse_prefill([length], [length], PREFILL_WAVE_TILES, TILE_Q, TILE_GROUP, device)
+    workspace = make_sparse_prefill_workspace(PREFILL_WAVE_TILES, len(RETRIEVAL), length, BS, DI, TILE_Q, device)
+    sparse = SparseRetrieval(kv=kv, kv_tables=[kv.table(0, block_table)], index=planted_index,
+                             index_table=planted_index.table(0, block_table), index_queries=q_idx, heads=retrieval,
+                             plan=plan, workspace=workspace, top_p=prefill_top_p, block_size=BS)
 
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seqused, length, length, block_table, out)
@@ -89,11 +111,23 @@ def bench_prefill(length: int, device, repeats: int) -> dict:
         write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True)
         headwise_prefill(q, parts, cu_q, seqused, length, length, heads, SINK, WINDOW, D ** -0.5, out)
 
+    def rtpurbo_sparse():
+        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True)
+        index_queries(q, positions, table, retrieval, w_q, q_idx, is_neox_style=True)
+        headwise_prefill(q, parts, cu_q, seqused, length, length, heads, SINK, WINDOW, D ** -0.5, out, sparse=sparse)
+
     reps = max(2, repeats // max(1, length // 131072))
-    t_dense, t_rtp = time_eager(dense, reps, 1), time_eager(rtpurbo, reps, 1)
+    t_dense, t_rtp, t_sparse = (time_eager(fn, reps, 1) for fn in (dense, rtpurbo, rtpurbo_sparse))
+    # Kept share of the last wave's tiles (the longest), against the blocks each tile may see.
+    last = plan.waves[-1]
+    tile_index = plan.tiles[-1, 1, :last.num_tiles].long()
+    keys = ((tile_index + 1) * TILE_Q).clamp(max=length)                  # a fresh prefill: row i is position i
+    visible = torch.div(keys + BS - 1, BS, rounding_mode="floor")
+    kept = workspace.num_kept[:last.num_tiles, :len(RETRIEVAL)].float().sum() / (visible.sum() * len(RETRIEVAL))
     flops = 4 * length * length / 2 * HQ * D
     return {"phase": "prefill", "batch": 1, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
-            "speedup": t_dense / t_rtp, "fa3_tflops": flops / t_dense / 1e9}
+            "speedup": t_dense / t_rtp, "rtpurbo_sparse_ms": t_sparse, "sparse_speedup": t_dense / t_sparse,
+            "prefill_top_p": prefill_top_p, "kept_block_share": float(kept), "fa3_tflops": flops / t_dense / 1e9}
 
 
 def plant_hot_blocks(q_idx, index_cache, block_table, length, keep, generator):
@@ -241,6 +275,8 @@ def main(argv=None) -> int:
                              "--max-model-len does (default: each context itself)")
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
+    parser.add_argument("--prefill-top-p", metavar="P", type=float, default=TOP_P,
+                        help="prefill: the retrieval heads' sparse prefill top-p (default %(default)s)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
     parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float, default=H200_PEAK_BYTES_PER_S,
                         help="the card's peak memory bandwidth, for the decode bandwidth table "
@@ -251,7 +287,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     for k in args.prefill:
-        rows.append(bench_prefill(k * 1024, device, args.repeats))
+        rows.append(bench_prefill(k * 1024, device, args.repeats, args.prefill_top_p, args.keep))
         print(rows[-1], flush=True)
         torch.cuda.empty_cache()
     for batch in args.batch:
@@ -275,11 +311,12 @@ def main(argv=None) -> int:
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
-    print(f"{'phase':8} {'batch':>5} {'context':>8} {'FA3':>10} {'RTPURBO':>10} {'speedup':>8} {'kept':>6}")
+    print(f"{'phase':8} {'batch':>5} {'context':>8} {'FA3':>10} {'RTPURBO':>10} {'speedup':>8} {'kept':>6} "
+          f"{'sparse pf':>10} {'speedup':>8}")
     for r in rows:
-        kept = f"{r['kept_block_share']:.3f}" if "kept_block_share" in r else ""
+        sparse = f"{r['rtpurbo_sparse_ms']:10.3f} {r['sparse_speedup']:7.2f}x" if "rtpurbo_sparse_ms" in r else ""
         print(f"{r['phase']:8} {r['batch']:5d} {r['context'] // 1024:7d}K {r['fa3_ms']:10.3f} "
-              f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {kept:>6}")
+              f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {r['kept_block_share']:6.3f} {sparse}")
     print("\nRTPURBO decode, each launch group replayed alone (ms; each includes its own graph launch, so they "
           "add up to more than the step)")
     decode_rows = [r for r in rows if "rtpurbo_parts_ms" in r]

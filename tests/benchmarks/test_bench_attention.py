@@ -68,3 +68,25 @@ def test_decode_bytes_and_bandwidth(bench_attention):
     row = m.add_bandwidth({"fa3_ms": 2.0, "rtpurbo_ms": 0.5, "bytes": {"fa3": 4e9, "rtpurbo": 1e9}}, 4e12)
     assert row["fa3_tb_per_s"] == pytest.approx(2.0) and row["rtpurbo_tb_per_s"] == pytest.approx(2.0)
     assert row["fa3_peak_share"] == pytest.approx(0.5) and row["rtpurbo_peak_share"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_prefill_row_has_the_sparse_prefill(bench_attention, monkeypatch):
+    """The prefill point runs the head-wise prefill dense and sparse (FA3 stubbed, the sparse prefill's
+    Triton kernels under the interpreter): planted hot blocks make the tiles keep a share below 1."""
+    import types
+
+    def flash_attn_varlen_func(q, k, v, *args, out=None, return_softmax_lse=False, **kwargs):
+        out = torch.zeros(q.shape, dtype=q.dtype) if out is None else out.zero_()
+        return (out, torch.zeros(q.shape[1], q.shape[0])) if return_softmax_lse else out
+
+    fa = types.ModuleType("vllm.vllm_flash_attn")
+    fa.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fa)
+    times = iter([3.0, 1.0, 0.5])
+    monkeypatch.setattr(bench_attention, "time_eager", lambda fn, repeats, warmup: (fn(), next(times))[1])
+    length = 5 * bench_attention.TILE_Q + 37                          # 6 tiles, the last one partial
+    row = bench_attention.bench_prefill(length, torch.device("cpu"), repeats=1, prefill_top_p=0.9, keep=0.2)
+    assert row["phase"] == "prefill" and row["context"] == length and row["prefill_top_p"] == 0.9
+    assert row["speedup"] == 3.0 and row["sparse_speedup"] == 6.0
+    assert 0.0 < row["kept_block_share"] < 1.0

@@ -9,7 +9,8 @@ reference on the same prompts). Checked here, each server a real ``vllm serve`` 
 - completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's (with the
   same KV-cache dtype) with the default full KV layout, the compact layout, the compact layout with
   the artifact ``model/rtpurbo-kv1`` (one retrieval KV head per layer, so the other KV head keeps only
-  sinks + window) and that on an fp8 KV cache;
+  sinks + window), that on an fp8 KV cache, and the compact layout with the retrieval heads' sparse
+  prefill (``prefill_top_p`` 0.95 through ``--additional-config``);
 - a mixed batch (long and short prompts, shared prefixes) sent at once to a server with chunked
   prefill, prefix caching and a KV cache too small for all of it: vLLM preempts requests, reuses
   cached prefixes, and every answer equals the unconstrained server's (every layout);
@@ -92,8 +93,8 @@ def mixed_batch():
 
 # RTPURBO's KV layouts and cache dtypes: the default (full layout, the shipped artifact), the compact
 # layout, the compact layout with the artifact calibrated under a KV budget of one retrieval KV head
-# per layer (window units hold most KV heads), and that on an fp8 KV cache (compared with FLASH_ATTN on
-# an fp8 cache too).
+# per layer (window units hold most KV heads), that on an fp8 KV cache (compared with FLASH_ATTN on
+# an fp8 cache too), and the compact layout with the retrieval heads' sparse prefill (prefill_top_p 0.95).
 KV1 = str(tiny_kv1_artifact_dir())
 COMPACT_KV1 = json.dumps({"rtpurbo": {"artifact": KV1, "kv_layout": "compact"}})
 LAYOUTS = {
@@ -101,6 +102,7 @@ LAYOUTS = {
     "compact": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "compact"}})),
     "kv1": ("--additional-config", COMPACT_KV1),
     "fp8": ("--kv-cache-dtype", "fp8", "--additional-config", COMPACT_KV1),
+    "sparse_prefill": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "compact", "prefill_top_p": 0.95}})),
 }
 
 
