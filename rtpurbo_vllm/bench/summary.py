@@ -71,6 +71,7 @@ SHORT = {
 STATUS = (
     ("Head-wise prefill", "works",
      ("prefill_layer_128k", "prefill_layer_512k", "prefill_layer_1m", "ttft_128k", "ttft_256k")),
+    ("Sparse top-p prefill of retrieval heads", "opt-in (`prefill_top_p` < 1), tested on the CPU", ()),
     ("Sparse decode (block top-p)", "works, full CUDA graphs",
      ("decode_layer_128k_b1", "decode_layer_512k_b1", "decode_layer_128k_b4", "decode_step_128k_b1",
       "decode_step_128k_b4", "decode_step_128k_b4_vs_fp8")),
