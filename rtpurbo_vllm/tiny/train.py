@@ -1,7 +1,7 @@
 """Trains the tiny Llama retrieval model from scratch on the CPU.
 
     python -m rtpurbo_vllm.tiny.train --out DIR [--steps N --seed S --final-len T]
-        [--rope-theta B --max-position P --threads K]
+        [--rope-theta B --max-position P --threads K --init-from MODEL_DIR --first-len T0]
 
 A curriculum of growing context lengths (32 tokens up to ``--final-len``) over the key-value task
 of :mod:`rtpurbo_vllm.tiny.task`. The loss is on the tokens that looking back predicts exactly
