@@ -3,10 +3,10 @@
 ``triton_kernels/`` is installed as ``rtpurbo_vllm.triton_kernels``, never as a top-level
 ``triton_kernels`` (vLLM probes that name for an unrelated PyPI package).
 
-The tiny model's folders hold only data (weights, tokenizer, artifacts). Setuptools wants every
-folder whose name could be imported listed as a package, so ``tiny/model`` and ``tiny/model/rtpurbo``
-are listed with their files as package data; ``rtpurbo-kv1`` is not an importable name and is data of
-``tiny/model``.
+The tiny models' folders hold only data (weights, tokenizer, artifacts). Setuptools wants every
+folder whose name could be imported listed as a package, so ``tiny/model``, ``tiny/model/rtpurbo``,
+``tiny/long_model`` and ``tiny/long_model/rtpurbo`` are listed with their files as package data;
+``rtpurbo-kv1`` is not an importable name and is data of ``tiny/model``.
 
 The CUDA extension ``rtpurbo_vllm._C`` is built from ``csrc/`` only when nvcc and a CUDA build of
 torch are both present; otherwise the build says why it skipped it and the package uses its Triton
@@ -29,6 +29,8 @@ PACKAGE_DATA = {
     "rtpurbo_vllm.tiny.model": ["*.json", "*.jinja", "*.safetensors", "rtpurbo-kv1/*.json",
                                 "rtpurbo-kv1/*.safetensors"],
     "rtpurbo_vllm.tiny.model.rtpurbo": ["*.json", "*.safetensors"],
+    "rtpurbo_vllm.tiny.long_model": ["*.json", "*.jinja", "*.safetensors"],
+    "rtpurbo_vllm.tiny.long_model.rtpurbo": ["*.json", "*.safetensors"],
 }
 
 

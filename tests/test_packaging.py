@@ -65,11 +65,12 @@ def test_wheel_holds_kernels_tiny_model_and_entry_points(tmp_path, monkeypatch):
         assert f"rtpurbo_vllm/triton_kernels/{op}/reference.py" in names, op
         assert f"rtpurbo_vllm/triton_kernels/{op}/__init__.py" in names, op
     assert not any(n.startswith("triton_kernels/") for n in names)
-    for artifact in ("rtpurbo", "rtpurbo-kv1"):
-        assert f"rtpurbo_vllm/tiny/model/{artifact}/indexer.safetensors" in names
-        assert f"rtpurbo_vllm/tiny/model/{artifact}/rtpurbo_config.json" in names
-    assert {"rtpurbo_vllm/tiny/model/model.safetensors", "rtpurbo_vllm/tiny/model/config.json",
-            "rtpurbo_vllm/tiny/model/tokenizer.json"} <= names
+    for artifact in ("model/rtpurbo", "model/rtpurbo-kv1", "long_model/rtpurbo"):
+        assert f"rtpurbo_vllm/tiny/{artifact}/indexer.safetensors" in names
+        assert f"rtpurbo_vllm/tiny/{artifact}/rtpurbo_config.json" in names
+    for model in ("model", "long_model"):
+        assert {f"rtpurbo_vllm/tiny/{model}/model.safetensors", f"rtpurbo_vllm/tiny/{model}/config.json",
+                f"rtpurbo_vllm/tiny/{model}/tokenizer.json"} <= names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".pickle", ".bin"))]
     assert entry_points["vllm.general_plugins"]["rtpurbo"] == "rtpurbo_vllm.plugin:register"
     assert set(entry_points["console_scripts"]) == {"rtpurbo-calibrate", "rtpurbo-eval", "rtpurbo-demo"}

@@ -52,8 +52,10 @@ CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content
 sends the same ids as the completions endpoint for a one-message chat."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The fast tokenizer over :data:`VOCAB` (``len(VOCAB)`` ids); ``encode`` prepends ``<s>``."""
+def build_tokenizer(max_length: int = 8192) -> PreTrainedTokenizerFast:
+    """The fast tokenizer over :data:`VOCAB` (``len(VOCAB)`` ids); ``encode`` prepends ``<s>``.
+
+    ``max_length`` is its ``model_max_length`` (the model's ``max_position_embeddings``)."""
     tok = Tokenizer(models.WordLevel(vocab=TOKEN_ID, unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -66,11 +68,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        clean_up_tokenization_spaces=False, model_max_length=8192, chat_template=CHAT_TEMPLATE)
+        clean_up_tokenization_spaces=False, model_max_length=max_length, chat_template=CHAT_TEMPLATE)
 
 
-def save_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
+def save_tokenizer(out_dir: str | Path, max_length: int = 8192) -> PreTrainedTokenizerFast:
     """Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` to ``out_dir``."""
-    tok = build_tokenizer()
+    tok = build_tokenizer(max_length)
     tok.save_pretrained(str(out_dir))
     return tok

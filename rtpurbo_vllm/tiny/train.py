@@ -1,6 +1,7 @@
 """Trains the tiny Llama retrieval model from scratch on the CPU.
 
     python -m rtpurbo_vllm.tiny.train --out DIR [--steps N --seed S --final-len T]
+        [--rope-theta B --max-position P --threads K --init-from MODEL_DIR --first-len T0]
 
 A curriculum of growing context lengths (32 tokens up to ``--final-len``) over the key-value task
 of :mod:`rtpurbo_vllm.tiny.task`. The loss is on the tokens that looking back predicts exactly
@@ -37,12 +38,17 @@ ECHO_LEN = (4, 12)       # min, max tokens of an echo span
 LOSS_WEIGHTS = {TARGET_ANSWER: 3.0, TARGET_ECHO: 1.0, TARGET_FILLER: 0.3}   # other tokens: 0
 
 
-def tiny_config() -> LlamaConfig:
-    """4 layers x 8 query heads (2 KV heads, head_dim 64) over a 128-wide residual stream."""
+def tiny_config(rope_theta: float = 10000.0, max_position: int = 8192) -> LlamaConfig:
+    """4 layers x 8 query heads (2 KV heads, head_dim 64) over a 128-wide residual stream.
+
+    ``rope_theta`` is RoPE's base, ``max_position`` the ``max_position_embeddings``; the defaults
+    are the tiny model's, the long model has ``1e7`` and ``32768``.
+    """
     return LlamaConfig(
         vocab_size=len(VOCAB), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=max_position, rope_theta=rope_theta, rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
@@ -57,16 +63,20 @@ class Stage:
 
 # Induction forms first on 32-token echo-only documents (after ~850 steps), then pairs and queries
 # come in and the context grows to the final length. Shortening the 64-256 stages (tried: 0.06,
-# 0.10, 0.10) left the key-value lookup unlearned.
+# 0.10, 0.10) left the key-value lookup unlearned. The long model (rope_theta 1e7) is the tiny
+# model fine-tuned over the stages from 256 to 8192 tokens (``--init-from``, ``--first-len 256``):
+# trained from scratch with rope_theta 1e6 or 1e7, the lookup was still unlearned after the 256 stage.
 CURRICULUM = (Stage(32, 32, 0.33), Stage(64, 32, 0.08), Stage(128, 16, 0.17), Stage(256, 8, 0.17),
-              Stage(512, 4, 0.10), Stage(1024, 2, 0.07), Stage(2048, 1, 0.05), Stage(4096, 1, 0.03))
+              Stage(512, 4, 0.10), Stage(1024, 2, 0.07), Stage(2048, 1, 0.05), Stage(4096, 1, 0.03),
+              Stage(8192, 1, 0.02))
 
 
-def curriculum(final_len: int) -> list[Stage]:
-    """:data:`CURRICULUM` up to ``final_len`` tokens, fractions renormalised to sum to 1."""
-    stages = [s for s in CURRICULUM if s.seq_len <= final_len]
+def curriculum(final_len: int, first_len: int = 32) -> list[Stage]:
+    """The stages of :data:`CURRICULUM` from ``first_len`` up to ``final_len`` tokens, fractions
+    renormalised to sum to 1."""
+    stages = [s for s in CURRICULUM if first_len <= s.seq_len <= final_len]
     if not stages:
-        raise ValueError(f"final_len={final_len} is below the shortest stage")
+        raise ValueError(f"no curriculum stage lies in [{first_len}, {final_len}] tokens")
     total = sum(s.fraction for s in stages)
     return [Stage(s.seq_len, s.batch, s.fraction / total) for s in stages]
 
@@ -110,19 +120,27 @@ def _loss(model: LlamaForCausalLM, ids: torch.Tensor,
 
 def train(out_dir: str | Path, steps: int = 3000, seed: int = 0, final_len: int = 2048,
           lr: float = 3e-3, eval_prompts: int = 32, retrieval_heads: int = 5,
-          headwise_from: int = 512) -> LlamaForCausalLM:
-    """Trains a fresh model with the curriculum up to ``final_len`` and saves it to ``out_dir``.
+          headwise_from: int = 512, rope_theta: float = 10000.0, max_position: int = 8192,
+          threads: int = 2, init_from: str | Path | None = None,
+          first_len: int = 32) -> LlamaForCausalLM:
+    """Trains a model with the curriculum from ``first_len`` up to ``final_len`` tokens and saves it
+    to ``out_dir``: a fresh one, or with ``init_from`` the weights of that model folder (same shapes;
+    the config is still :func:`tiny_config`'s, so ``rope_theta`` may differ from the folder's).
 
     Dense attention trains the stages below ``headwise_from`` tokens. Then, as RTPurbo does, the
     needle-copy probe (:func:`probe_scores`) picks the ``retrieval_heads`` best-scoring query heads
     and the remaining stages train head-wise: the picked heads full, every other head on 4 sinks
     plus a 256-token window (:func:`attention_mode`), so that retrieval lives in the picked heads
     and the others stay local. The picked heads are saved as ``training_heads.json``.
+    ``rope_theta`` and ``max_position`` go to :func:`tiny_config`; ``threads`` is torch's CPU
+    thread count.
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = LlamaForCausalLM(tiny_config())
+    config = tiny_config(rope_theta, max_position)
+    model = (LlamaForCausalLM(config) if init_from is None else
+             LlamaForCausalLM.from_pretrained(str(init_from), config=config, dtype=torch.float32))
     model.config._attn_implementation = "sdpa"
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -132,7 +150,7 @@ def train(out_dir: str | Path, steps: int = 3000, seed: int = 0, final_len: int 
     warmup, decay_from = max(1, steps // 50), int(0.85 * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         1.0 - 0.9 * max(0, s - decay_from) / max(1, steps - decay_from)))
-    stages = curriculum(final_len)
+    stages = curriculum(final_len, first_len)
     bounds = [round(steps * sum(s.fraction for s in stages[:k + 1])) for k in range(len(stages))]
     start, tokens, picked = time.time(), 0, None
     headwise = ExitStack()
@@ -184,7 +202,7 @@ def save_model(model: LlamaForCausalLM, out_dir: str | Path) -> None:
                                                pad_token_id=PAD_ID, do_sample=False)
     model.to(torch.bfloat16).save_pretrained(str(out))
     model.float()
-    tok = save_tokenizer(out)
+    tok = save_tokenizer(out, model.config.max_position_embeddings)
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
          "unk_token": tok.unk_token}, indent=2) + "\n")
@@ -369,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--final-len", type=int, default=2048, help="longest curriculum stage")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base")
+    parser.add_argument("--max-position", type=int, default=8192, help="max_position_embeddings")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--init-from", help="model folder whose weights training starts from")
+    parser.add_argument("--first-len", type=int, default=32, help="shortest curriculum stage")
     parser.add_argument("--retrieval-heads", type=int, default=5,
                         help="query heads kept full in head-wise training and the final check")
     parser.add_argument("--eval-lens", type=lambda s: [int(x) for x in s.split(",")],
@@ -376,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.time()
     model = train(args.out, args.steps, args.seed, args.final_len, args.lr, args.eval_prompts,
-                  args.retrieval_heads)
+                  args.retrieval_heads, rope_theta=args.rope_theta, max_position=args.max_position,
+                  threads=args.threads, init_from=args.init_from, first_len=args.first_len)
     print(f"trained in {time.time() - start:.0f}s; saved to {args.out}")
     scores = probe_scores(model, length=min(2048, max(args.eval_lens)))
     retrieval = top_heads(scores, args.retrieval_heads)
