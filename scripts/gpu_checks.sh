@@ -13,7 +13,8 @@
 #   (decode step at batch 4, engine only, and other two-GPU runs: scripts/gpu_pair.sh, one backend per GPU)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, compact KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, compact layout with 2 KV heads/layer, global top 15 %
-#   bash scripts/gpu_checks.sh eval       # rtpurbo-eval --compare on the tiny model: RTPURBO vs FLASH_ATTN servers
+#   bash scripts/gpu_checks.sh eval [tiny|long] [RTPURBO server args]  # rtpurbo-eval --compare, RTPURBO vs
+#                                         # FLASH_ATTN servers: tiny model at 1K/2K, or the long-context model at 4K/8K/16K
 #   bash scripts/gpu_checks.sh stability [extra bench_stability args]  # 200 x 4K-128K requests (1B dummy): no
 #                                         # errors, blocks freed; tiny model: batched = one-at-a-time greedy outputs (ties aside)
 #                                         # (phases merge: after a timeout, `stability --phases identity` finishes)
@@ -91,21 +92,28 @@ case "$stage" in
       --backends RTPURBO --ratio 0.15 "${common[@]}" 2>&1 | tee "$OUT/capacity_top15.log" | tail -5
     cp -r "$HOME/rtpurbo_capacity_kv2" "$OUT/capacity_kv2"; cp -r "$HOME/rtpurbo_capacity_top15" "$OUT/capacity_top15" ;;
   eval)
-    model=rtpurbo_vllm/tiny/model
+    which=${1:-tiny}; shift $(( $# > 0 ? 1 : 0 ))
+    case "$which" in
+      tiny) model=rtpurbo_vllm/tiny/model max_len=4096 lengths=1k,2k ;;
+      long) model=rtpurbo_vllm/tiny/long_model max_len=17408 lengths=4k,8k,16k ;;
+      *) echo "eval: the model is tiny or long, got $which" >&2; exit 2 ;;
+    esac
+    rtpurbo_args=("$@")     # e.g. --additional-config '{"rtpurbo": {"prefill_top_p": 0.95}}'
     # One after the other (a server profiling its memory while another starts on the same GPU misreads
     # it); on a 2-GPU machine each server gets its own GPU.
     gpus=$(nvidia-smi -L | wc -l) servers=()
     for spec in RTPURBO:8000:0 FLASH_ATTN:8001:$((gpus > 1 ? 1 : 0)); do
       IFS=: read -r backend port gpu <<< "$spec"
+      extra=(); [ "$backend" = RTPURBO ] && extra=("${rtpurbo_args[@]}")
       CUDA_VISIBLE_DEVICES=$gpu setsid python3 -P -m vllm.entrypoints.cli.main serve "$model" \
-        --attention-backend "$backend" --port "$port" --max-model-len 4096 --gpu-memory-utilization 0.15 --seed 0 \
-        > "$OUT/server_$backend.log" 2>&1 &
+        --attention-backend "$backend" --port "$port" --max-model-len "$max_len" --gpu-memory-utilization 0.15 \
+        --seed 0 "${extra[@]}" > "$OUT/server_$backend.log" 2>&1 &
       servers+=($!)
       timeout 300 bash -c "until curl -sf http://127.0.0.1:$port/health > /dev/null; do sleep 2; done"
     done
     timeout 400 python3 -P -m rtpurbo_vllm.eval.cli --compare rtpurbo=http://127.0.0.1:8000 \
-      flash=http://127.0.0.1:8001 --tokenizer "$model" --lengths 1k,2k --samples 50 --out "$OUT/eval" \
-      --no-progress --metadata model=tiny 2>&1 | tee "$OUT/eval.log" | tail -30
+      flash=http://127.0.0.1:8001 --tokenizer "$model" --lengths "$lengths" --samples 50 --out "$OUT/eval" \
+      --no-progress --metadata "model=$which" 2>&1 | tee "$OUT/eval.log" | tail -30
     # Each server with its engine processes (own session via setsid), so the next stage finds the GPUs free.
     for pid in "${servers[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
     for _ in $(seq 60); do kill -0 "${servers[@]}" 2>/dev/null || break; sleep 1; done
