@@ -43,6 +43,7 @@ from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace, headwise_sparse_decode
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
                                                         plan_sparse_prefill)
+from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 
 HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
 RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
@@ -120,7 +121,7 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
     t_dense, t_rtp, t_sparse = (time_eager(fn, reps, 1) for fn in (dense, rtpurbo, rtpurbo_sparse))
     # Kept share of the last wave's tiles (the longest), against the blocks each tile may see.
     last = plan.waves[-1]
-    tile_index = plan.tiles[-1, 1, :last.num_tiles].long()
+    tile_index = plan.tiles[-1, TILE_INDEX, :last.num_tiles].long()
     keys = ((tile_index + 1) * TILE_Q).clamp(max=length)                  # a fresh prefill: row i is position i
     visible = torch.div(keys + BS - 1, BS, rounding_mode="floor")
     kept = workspace.num_kept[:last.num_tiles, :len(RETRIEVAL)].float().sum() / (visible.sum() * len(RETRIEVAL))

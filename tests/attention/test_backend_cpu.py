@@ -359,8 +359,9 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
             impl.forward(layer, query, key, value, layer.kv_cache, md, output)
         if md.prefill.sparse is not None and kv.index is not None:
             assert md.prefill.sparse.plan.tile_q == 16
-            # The prefill rows' index queries as the step left them (rows 2.. of the batch).
-            prefill_index_queries = md.prefill.sparse.index_queries[:query.shape[0] - 2, :len(RETRIEVAL[layer_idx])]
+            # The prefill rows' index queries as the step left them (the rows after the decodes).
+            prefill_index_queries = md.prefill.sparse.index_queries[:query.shape[0] - md.num_decode_tokens,
+                                                                    :len(RETRIEVAL[layer_idx])]
             prefill_index_queries = prefill_index_queries.clone()
 
         # Caches: every (held) token of every sequence is now in place.
@@ -400,7 +401,8 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
                     heads = list(RETRIEVAL[layer_idx])
                     k_idx = torch.stack([gather(kv.index, [index_table], b, r, torch.arange(n)).float()
                                          for r in range(len(heads))], 1)
-                    q_idx = prefill_index_queries[row - 2:row - 2 + new]
+                    first = row - md.num_decode_tokens
+                    q_idx = prefill_index_queries[first:first + new]
                     _, visible = sparse_prefill_visible_ref(q_idx, k_idx, p.prefill_top_p, p.sink_tokens,
                                                             p.block_size, 16, p.dense_threshold)
                     dropped += len(heads) * int((torch.arange(cached, n) + 1).sum()) - int(visible.sum())
