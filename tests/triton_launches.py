@@ -152,6 +152,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import MockTensor
 
 arch, launches = int(sys.argv[1]), json.load(sys.stdin)
+SHARED_BYTES_PER_BLOCK = 232448   # sm_90's opt-in maximum of dynamic shared memory per block (227 KB)
 
 class TargetOnlyDriver:
     """Enough of a Triton driver for JITFunction.warmup: a current device, stream and target."""
@@ -178,17 +179,25 @@ failures = []
 for launch in launches:
     kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
     try:
-        kernel.warmup(*map(value, launch["args"]), grid=(1,), **{k: value(v) for k, v in launch["kwargs"].items()})
+        compiled = kernel.warmup(*map(value, launch["args"]), grid=(1,),
+                                 **{k: value(v) for k, v in launch["kwargs"].items()})
+        error = None
+        if compiled.metadata.shared > SHARED_BYTES_PER_BLOCK:
+            error = (f"needs {compiled.metadata.shared} bytes of shared memory per program, more than the "
+                     f"{SHARED_BYTES_PER_BLOCK} a Hopper SM gives one block: fewer stages or smaller tiles")
     except Exception as exc:
+        error = "".join(traceback.format_exception_only(exc))[-4000:]
+    if error:
         failures.append({"kernel": f"{launch['module']}.{launch['name']}", "args": launch["args"],
-                         "kwargs": launch["kwargs"], "error": "".join(traceback.format_exception_only(exc))[-4000:]})
+                         "kwargs": launch["kwargs"], "error": error})
 print("\nRTPURBO-COMPILE-RESULT " + json.dumps(failures))
 '''
 
 
 def compile_launches(launches: list[dict], arch: int = 90, timeout: float = 1800) -> list[dict]:
     """Compiles every launch for ``cuda:arch`` in a fresh process without the interpreter; returns the
-    failures (kernel, arguments, the compiler's error), an empty list when all compiled."""
+    failures (kernel, arguments, the compiler's error, or a shared-memory need over the SM's per-block
+    limit, which a GPU would refuse at launch), an empty list when all compiled within it."""
     import os
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
