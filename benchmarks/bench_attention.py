@@ -32,11 +32,14 @@ from pathlib import Path
 import torch
 
 from rtpurbo_vllm.attention.prefill import PrefillHeads, SparseRetrieval, headwise_prefill
+from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIEVAL, SINK, TOP_P, WINDOW,
+                                                decode_index_inputs, dtype, plant_hot_blocks, random_block_table,
+                                                rope_spec)
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.outputs import write_figure, write_json
-from rtpurbo_vllm.rope import RopeSpec, apply_rope
+from rtpurbo_vllm.rope import apply_rope
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
@@ -45,14 +48,11 @@ from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make
                                                         plan_sparse_prefill)
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 
-HQ, HKV, D, DI, PAGE, BS = 32, 8, 128, 16, 64, 64
-RETRIEVAL = (3, 9, 14, 22, 27)          # 5 of 32 (15%), on KV heads 0, 2, 3, 5, 6
-SINK, WINDOW, TOP_P = 4, 8192, 0.9
-DTYPE = torch.bfloat16
+DTYPE = dtype()
 ELEMENT_BYTES = 2                       # bf16 K, V and index keys
 H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
 PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (one layer's call, not a server's chunk)
-ROPE = RopeSpec(head_size=D, rotary_dim=D, max_position=1 << 21, base=500000.0, is_neox_style=True, scaling=None)
+ROPE = rope_spec()
 
 
 def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None):
@@ -65,11 +65,10 @@ def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, wi
 
 def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
     """K|V cache in vLLM's packed layout, random contents; distinct pages per sequence."""
-    pages_per_seq = math.ceil(num_tokens_per_seq / PAGE)
-    num_pages = pages_per_seq * num_seqs
+    num_pages = math.ceil(num_tokens_per_seq / PAGE) * num_seqs
     kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device)
     key_cache, value_cache = kv.split(D, dim=-1)
-    block_table = torch.randperm(num_pages, device=device, dtype=torch.int32).view(num_seqs, pages_per_seq)
+    block_table, _ = random_block_table(num_tokens_per_seq, num_seqs, device)
     return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
 
@@ -131,43 +130,23 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
             "prefill_top_p": prefill_top_p, "kept_block_share": float(kept), "fa3_tflops": flops / t_dense / 1e9}
 
 
-def plant_hot_blocks(q_idx, index_cache, block_table, length, keep, generator):
-    """Makes ``keep`` of each sequence's blocks (plus the forced ones) hold the indexer's mass."""
-    num_blocks = math.ceil(length / BS)
-    hot = max(1, round(keep * num_blocks))
-    index_cache.normal_(0, 0.05)
-    for b in range(q_idx.shape[0]):
-        blocks = torch.randperm(num_blocks, generator=generator, device="cpu")[:hot]
-        tokens = (blocks[:, None] * BS + torch.arange(BS)).flatten()
-        tokens = tokens[tokens < length].to(q_idx.device)
-        pages, offs = block_table[b, tokens // PAGE].long(), tokens % PAGE
-        index_cache[pages, offs] = (4.0 * q_idx[b] / q_idx[b].norm(dim=-1, keepdim=True)).to(index_cache.dtype)
-
-
 def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None) -> dict:
     """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
     serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``."""
     key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device)
-    q = torch.randn(batch, HQ, D, dtype=DTYPE, device=device)
-    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device)
+    q, positions, table, heads, w_q, q_idx = (inputs.q, inputs.positions, inputs.rope_table, inputs.heads,
+                                              inputs.w_q, inputs.q_idx)
+    seq_lens, index, index_table = inputs.seq_lens, inputs.index, inputs.index_table
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    heads = torch.tensor(RETRIEVAL, dtype=torch.int32, device=device)
-    w_q = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
-    positions = torch.full((batch,), length - 1, device=device)
-    table = rope_table(ROPE, device, num_positions=length)
     max_model_len = max(max_model_len or length, length)
     max_blocks = math.ceil(max_model_len / BS)
-    q_idx = torch.empty(batch, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
-    index_cache = torch.empty(num_pages, PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
     selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
     num_selected = torch.empty(batch, len(RETRIEVAL), dtype=torch.int32, device=device)
     topp_ws = make_block_topp_workspace(batch, len(RETRIEVAL), max_blocks, device)
     attn_ws = allocate_sparse_decode_workspace(batch, HQ, D, device=device)
-    index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
-    plant_hot_blocks(q_idx, index_cache, block_table, length, keep, torch.Generator().manual_seed(0))
-    index = PagedHeads.single(index_cache)
-    index_table, kv_tables = index.table(0, block_table), [kv.table(0, block_table)]
+    kv_tables = [kv.table(0, block_table)]
 
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)

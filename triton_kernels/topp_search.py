@@ -8,11 +8,37 @@ greedy prefix of the other blocks by decreasing mass, ties to the lower id, unti
 reaches ``top_p``; every block if even all of them fall short.
 
 Without sorting: masses are non-negative floats, so their int32 bit patterns order like their values,
-and a 31-step binary search over bit patterns finds ``tau``, the largest mass with
+and a search over bit patterns finds ``tau``, the largest mass with
 ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass): the mass of the last block
 the greedy order takes. Kept: forced blocks, blocks above ``tau``, and the blocks tied at ``tau`` in id
-order while ``F + sum(mass > tau) + (ties before) * tau < top_p``. A row of at most ``CHUNK`` blocks
-keeps its masses in registers through the search; a longer one re-reads them at every step.
+order while ``F + sum(mass > tau) + (ties before) * tau < top_p``.
+
+The search is k-ary, ``SEARCH_BITS`` bits per step (a constexpr; 1 is the binary search): it keeps a
+bracket ``[lo, hi)`` of bit patterns with ``lo`` reached (``-1``, "keep all", counts as reached) and
+``hi`` not, from ``[-1, +inf bits)``. Each step evaluates the ``K = 2**SEARCH_BITS - 1`` interior
+thresholds ``t_k = lo + floor(k * (hi - lo) / 2**SEARCH_BITS)`` with one reduction of a
+``[2**SEARCH_BITS, CHUNK]`` where-tensor over its block axis (the candidate mass ``>= t_k`` for every
+``k`` at once; the last lane, ``t_{K+1} = hi``, pads it to a power of two, and ``SEARCH_BITS = 1``
+has the one lane ``lo + floor((hi - lo) / 2)``, the binary search's midpoint), and narrows the bracket
+to ``[t_n, t_{n+1})`` with ``n`` the largest reached ``k`` (``t_0 = lo``). A threshold that a narrow
+bracket puts on ``lo`` counts as reached, so the bracket never empties; every step divides its width
+by ``2**SEARCH_BITS`` (rounded up), and ``ceil(31 / SEARCH_BITS)`` steps shrink the initial
+``2**31 - 2**23 + 1`` to 1, leaving ``tau = lo``. The thresholds are split with int32 arithmetic that
+cannot overflow (:func:`_split_point`). Whatever the width, ``tau`` is the one bit pattern where
+``F + S(t) >= top_p`` flips (``S(t)``, the candidate mass ``>= t``, does not grow with ``t``: a float
+sum in a fixed order is monotone in its terms), so every ``SEARCH_BITS`` keeps the same blocks as long
+as the reductions add the blocks in the same order (they do where the blocks sit on the same threads;
+another order could only move ``tau`` where ``F + S(t)`` is within rounding of ``top_p``).
+
+The threshold axis is the leading one so that the compiler spreads the blocks over the threads as in
+the row's own 1-D tensors and keeps a block's ``2**SEARCH_BITS`` comparisons in one thread: no
+shared-memory exchange of the row per step, and the row stays in registers (``2**SEARCH_BITS *
+CHUNK / threads`` where-values per thread per step, fused into the reduction; 4 bits at ``CHUNK`` 4096
+and 8 warps compile for sm_90 without spills). A row of at most ``CHUNK`` blocks keeps its masses in
+registers through the search; a longer one re-reads them from memory once per step
+(``ceil(31 / SEARCH_BITS)`` passes), evaluating all thresholds in the same pass. More bits per step
+mean fewer serial block-wide reductions (the latency of a lone program at batch 1) for ``2**SEARCH_BITS``
+times the arithmetic per step; the launchers take the value from a tunable setting.
 
 Shared by the decode selection (``block_topp``: the forced tail is the last block,
 ``first_tail_block = num_blocks - 1``) and the prefill selection (``sparse_prefill``: the forced tail is
@@ -26,8 +52,11 @@ import triton.language as tl
 
 F32_INF_BITS = tl.constexpr(0x7F800000)
 """Bit pattern of +inf in float32: every finite non-negative mass has a smaller one."""
-SEARCH_STEPS = tl.constexpr(31)
-"""ceil(log2(F32_INF_BITS + 1)): binary-search steps that shrink ``[-1, +inf bits]`` to adjacent values."""
+SEARCH_WIDTH_BITS = tl.constexpr(31)
+"""ceil(log2(F32_INF_BITS + 1)): bits of the initial bracket ``[-1, +inf bits)``; a search of ``B`` bits
+per step takes ``ceil(31 / B)`` steps."""
+NOT_CANDIDATE_BITS = tl.constexpr(-2)
+"""Stands in for the bit pattern of a block that is not a candidate: below every threshold (``>= -1``)."""
 
 
 @triton.jit
@@ -43,28 +72,42 @@ def block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks
 
 
 @triton.jit
+def _mass_at_least(bits, mass, bounds):
+    """``[K]`` sums of ``mass`` ``[N]`` over the entries whose ``bits`` are ``>= bounds[k]``: one reduction
+    of a ``[K, N]`` where-tensor over its second axis."""
+    return tl.sum(tl.where(bits[None, :] >= bounds[:, None], mass[None, :], 0.0), axis=1)
+
+
+@triton.jit
 def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
-                             global_max, inv_total, bound_bits, STRICT: tl.constexpr, CHUNK: tl.constexpr):
-    """Sum of non-forced masses whose bit pattern is ``>= bound_bits`` (``>`` if ``STRICT``), re-read
-    chunk by chunk."""
-    total = 0.0
+                             global_max, inv_total, bounds, CHUNK: tl.constexpr):
+    """``[K]`` sums of the non-forced masses whose bit pattern is ``>= bounds[k]``, re-read chunk by chunk
+    (one pass over the row for all ``K`` bounds)."""
+    total = tl.zeros(bounds.shape, tl.float32)
     for start in range(0, num_blocks, CHUNK):
         mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK), num_blocks,
                                            num_sink_blocks, first_tail_block, global_max, inv_total)
-        bits = mass.to(tl.int32, bitcast=True)
-        above = (bits > bound_bits) if STRICT else (bits >= bound_bits)
-        total += tl.sum(tl.where(candidate & above, mass, 0.0))
+        bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS)
+        total += _mass_at_least(bits, mass, bounds)
     return total
 
 
 @triton.jit
+def _split_point(lo, step, rest, k, SEARCH_BITS: tl.constexpr):
+    """``lo + floor(k * width / 2**SEARCH_BITS)`` for ``width = step * 2**SEARCH_BITS + rest``
+    (``0 <= rest < 2**SEARCH_BITS``, ``0 <= k <= 2**SEARCH_BITS``), without int32 overflow."""
+    return lo + step * k + ((rest * k) >> SEARCH_BITS)
+
+
+@triton.jit
 def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink_blocks, first_tail_block, top_p,
-                    CHUNK: tl.constexpr):
+                    CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr):
     """Writes the kept block ids of one row, ascending, to ``kept_ptr[0 : count]``; returns ``count``.
 
     ``block_max_ptr`` / ``block_sum_ptr`` point at the row's block 0 (unit stride). Entries past
-    ``count`` are not written.
+    ``count`` are not written. ``SEARCH_BITS`` (1 to 8): bits of ``tau`` found per search step.
     """
+    tl.static_assert((SEARCH_BITS >= 1) & (SEARCH_BITS <= 8), "SEARCH_BITS must be in [1, 8]")
     lanes = tl.arange(0, CHUNK)
     # Softmax normaliser of the row from its block stats.
     global_max = float("-inf")
@@ -92,28 +135,36 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
                                         first_tail_block, global_max, inv_total)
         forced_mass += tl.sum(tl.where(forced, mass, 0.0))
 
-    # tau: invariant reached(lo), not reached(hi), from lo = -1 ("keep all") and hi = +inf.
+    # tau: invariant reached(lo), not reached(hi), from lo = -1 ("keep all") and hi = +inf. Lane j of a
+    # step is the threshold t_{j+1}; with K_PAD = 2**SEARCH_BITS lanes (SEARCH_BITS > 1) the last lane is
+    # t_{K+1} = hi, never reached.
+    K_PAD: tl.constexpr = (1 << SEARCH_BITS) - (SEARCH_BITS == 1)
+    splits = tl.arange(0, K_PAD) + 1                                  # k of each lane
     first_bits = first_mass.to(tl.int32, bitcast=True)
+    candidate_bits = tl.where(first_candidate, first_bits, NOT_CANDIDATE_BITS)
     lo = tl.full((), -1, tl.int32)
     hi = tl.full((), F32_INF_BITS, tl.int32)
-    for _ in range(SEARCH_STEPS):
-        mid = lo + (hi - lo) // 2
+    for _ in range((SEARCH_WIDTH_BITS + SEARCH_BITS - 1) // SEARCH_BITS):
+        step = (hi - lo) >> SEARCH_BITS
+        rest = (hi - lo) & ((1 << SEARCH_BITS) - 1)
+        bounds = _split_point(lo, step, rest, splits, SEARCH_BITS)    # [K_PAD], lo <= bounds <= hi
         if in_registers:
-            mass_at_least = tl.sum(tl.where(first_candidate & (first_bits >= mid), first_mass, 0.0))
+            mass_at_least = _mass_at_least(candidate_bits, first_mass, bounds)
         else:
             mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                                     first_tail_block, global_max, inv_total, mid, False, CHUNK)
-        reached = forced_mass + mass_at_least >= top_p
-        lo = tl.where(reached, mid, lo)
-        hi = tl.where(reached, hi, mid)
+                                                     first_tail_block, global_max, inv_total, bounds, CHUNK)
+        reached = (bounds == lo) | ((bounds < hi) & (forced_mass + mass_at_least >= top_p))
+        n = tl.max(tl.where(reached, splits, 0))                      # largest reached k (0: none)
+        lo, hi = _split_point(lo, step, rest, n, SEARCH_BITS), _split_point(lo, step, rest, n + 1, SEARCH_BITS)
     tau_bits = lo
     tau = tau_bits.to(tl.float32, bitcast=True)
     keep_all = tau_bits < 0
     if in_registers:
         mass_above = tl.sum(tl.where(first_candidate & (first_bits > tau_bits), first_mass, 0.0))
     else:
-        mass_above = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                              first_tail_block, global_max, inv_total, tau_bits, True, CHUNK)
+        mass_above = tl.sum(_candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                                                     first_tail_block, global_max, inv_total,
+                                                     tl.full((1,), 1, tl.int32) + tau_bits, CHUNK))
     mass_before_ties = forced_mass + mass_above
 
     # Compaction in ascending block order.

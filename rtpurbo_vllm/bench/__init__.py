@@ -5,6 +5,8 @@
 - :mod:`.vllm_results`: what is read from vLLM's logs and ``vllm bench`` result files.
 - :mod:`.environment`: the card, versions and commit recorded with every result.
 - :mod:`.timing`: CUDA-graph and eager timing of one attention layer.
+- :mod:`.attention_layer`: the layer shape and decode inputs of the kernel benchmarks
+  (``bench_attention.py``, ``bench_block_topp.py``).
 - :mod:`.serving` (its report: :mod:`.serving_report`), :mod:`.stability`, :mod:`.throughput`: the
   end-to-end benchmarks.
 - :mod:`.summary`: ``docs/results/summary.json``, the latest value of every headline figure.

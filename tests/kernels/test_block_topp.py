@@ -43,6 +43,15 @@ GAP_RTOL = 1e-4         # ... and the block masses either side of its cut differ
 POISON = -7             # outputs are prefilled with this; no entry may keep it
 
 SMALL_LENS = [1, 63, 64, 65, 200, 515]
+SEARCH_BITS = [1, 2, 4]  # bits per step of the selection's threshold search (1: binary search)
+
+
+@pytest.fixture(params=SEARCH_BITS, ids=lambda bits: f"bits{bits}")
+def search_bits(request, monkeypatch):
+    """Runs the test with the selection's k-ary search at ``search_bits`` bits per step."""
+    kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
+    monkeypatch.setattr(kernel, "CONFIG", {**kernel.CONFIG, "search_bits": request.param})
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +284,13 @@ def test_block_topp_small(seed, hr, page_size, block_size, sink_tokens, top_p, p
 
 
 @runs_here
-def test_block_topp_uniform_exact_ties(seed):
+def test_block_topp_search_bits(seed, search_bits):
+    """Every search width selects as the reference does (blocks with tied masses)."""
+    run_case(SMALL_LENS, 2, 16, 16, 64, 4, 0.5, "ties", fp32, DEVICE)
+
+
+@runs_here
+def test_block_topp_uniform_exact_ties(seed, search_bits):
     """q = 0 makes every score 0: all full blocks tie exactly and 1/8 + 3/8 hits top_p = 0.5 exactly."""
     q_idx, index, table, lens, keys = make_batch([512, 515], 2, 16, 16, 64, fp32, "random", DEVICE)
     q_idx.zero_()
@@ -288,7 +303,7 @@ def test_block_topp_uniform_exact_ties(seed):
 
 
 @runs_here
-def test_block_topp_underflowing_blocks(seed):
+def test_block_topp_underflowing_blocks(seed, search_bits):
     """Blocks whose mass underflows to 0 are kept at top_p = 1 and dropped below it."""
     seq_lens = [515]
     k = torch.zeros(515, 1, 16)
@@ -329,15 +344,93 @@ def test_block_topp_float32_queries_bf16_cache(seed):
 
 
 @runs_here
-@pytest.mark.parametrize("top_p, pattern", [(0.9, "peaked"), (0.5, "ties"), (0.9, "random"), (1.0, "flat")])
-def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, top_p, pattern):
+@pytest.mark.parametrize("bits, top_p, pattern", [(1, 0.9, "peaked"), (2, 0.9, "random"), (2, 0.5, "ties"),
+                                                  (4, 0.5, "ties"), (4, 1.0, "flat")])
+def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, bits, top_p, pattern):
     """The selection keeps a row's masses in registers when it has at most CHUNK blocks and re-reads the
     workspace chunk by chunk otherwise, decided per row (max_blocks, i.e. max_model_len, does not push a
-    short row onto the slow path). A 4-block chunk puts both kinds of row in one small batch."""
+    short row onto the slow path). A 4-block chunk puts both kinds of row in one small batch; the search
+    takes ``bits`` bits per step."""
     kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
     monkeypatch.setattr(kernel, "_SELECT_MAX_CHUNK", 4)
+    monkeypatch.setattr(kernel, "CONFIG", {**kernel.CONFIG, "search_bits": bits})
     # 2, 4 and 5 blocks (<= and > CHUNK), 9 blocks (several chunks, ragged), an empty row; max_blocks 10.
     run_case([100, 256, 257, 515, 0], 3, 16, 16, 64, 4, top_p, pattern, fp32, DEVICE)
+
+
+def greedy_topp(mass, forced, top_p):
+    """``[NB]`` bool: the forced blocks plus the greedy prefix (mass descending, ties by id) reaching
+    ``top_p``, every block if even all fall short; ``mass`` float64."""
+    keep = forced.clone()
+    total = float(mass[forced].sum())
+    order = sorted((~forced).nonzero().flatten().tolist(), key=lambda j: (-float(mass[j]), j))
+    for j in order:
+        if total >= top_p:
+            break
+        keep[j] = True
+        total += float(mass[j])
+    return keep if total >= top_p else torch.ones_like(keep)
+
+
+def crafted_block_stats():
+    """Per-block stats ``(block_max, block_sum)`` of rows that stress the threshold search (BS = 1).
+
+    0: masses ``block_sum / 64`` exact in float32, with ties (several blocks of 8/64) and every partial
+    sum exact, so the kept set is known exactly, also where ``F + S`` hits ``top_p`` exactly.
+    1: masses around 1/11 that differ by one or two ulps (and some tie): the search ends on adjacent
+    bit patterns. 2: masses over many binades, down to subnormals and zeros (underflow).
+    """
+    exact = ([0.0] * 11, [4, 8, 8, 2, 8, 1, 8, 4, 2, 3, 16])
+    ulps = ([0.0] * 11, [1.0 + c * 2.0**-23 for c in (3, 0, 5, 5, 1, 2, 9, 4, 5, 0, 7)])
+    wide = ([0.0, -3.0, -20.0, -50.0, -87.0, -100.0, -103.9, -150.0, -200.0, -1.0, -5.0],
+            [1.0, 1.5, 2.0, 1.25, 3.0, 1.0, 1.0, 2.0, 1.0, 1.75, 1.0])
+    return [exact, ulps, wide]
+
+
+@runs_here
+@pytest.mark.parametrize("chunk, top_ps", [(16, (0.5, 0.6875, 0.999999, 1.0)), (4, (0.6875, 1.0))],
+                         ids=["registers", "reread"])
+def test_select_search_bits_agree(chunk, top_ps):
+    """The selection kernel on crafted block stats: every search width keeps exactly the blocks of the
+    binary search, which (on row 0's exact masses) are the greedy reference's; rows of 11 blocks stay in
+    registers (chunk 16) or are re-read chunk by chunk (chunk 4). Widths of 4 and 8 bits (16 and 256
+    thresholds) are wider than the last steps' brackets."""
+    kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
+    rows = crafted_block_stats()
+    batch, max_blocks, sink = len(rows), 12, 1
+    ws = make_block_topp_workspace(batch, 1, max_blocks, DEVICE)
+    ws.block_max.zero_()
+    ws.block_sum.zero_()
+    for b, (b_max, b_sum) in enumerate(rows):
+        ws.block_max[b, 0, :len(b_max)] = torch.tensor(b_max)
+        ws.block_sum[b, 0, :len(b_sum)] = torch.tensor(b_sum)
+    lens = torch.tensor([len(r[0]) for r in rows], dtype=torch.int32, device=DEVICE)
+    for top_p in top_ps:
+        results = {}
+        for bits in (1, 2, 4, 8):
+            selected, num_selected = poisoned_outputs(batch, 1, max_blocks, DEVICE)
+            kernel._select_kernel[(1, batch)](
+                lens, ws.block_max, ws.block_sum, selected, num_selected, *ws.block_max.stride()[:2],
+                *selected.stride()[:2], *num_selected.stride(), top_p, 0, sink, max_blocks,
+                BLOCK_SIZE=1, CHUNK=chunk, SEARCH_BITS=bits, num_warps=4)
+            results[bits] = (selected.cpu(), num_selected.cpu())
+        for bits in (2, 4, 8):
+            assert torch.equal(results[bits][0], results[1][0]) and torch.equal(results[bits][1], results[1][1]), \
+                f"top_p {top_p}: {bits} bits per step keep {results[bits][0][:, 0].tolist()}, the binary search " \
+                f"{results[1][0][:, 0].tolist()}"
+        selected, num_selected = results[1]
+        for b, (b_max, b_sum) in enumerate(rows):
+            nb = len(b_max)
+            b_max, b_sum = torch.tensor(b_max, dtype=torch.float64), torch.tensor(b_sum, dtype=torch.float64)
+            mass = b_sum * torch.exp(b_max - b_max.max())
+            mass /= mass.sum()
+            forced = (torch.arange(nb) < sink) | (torch.arange(nb) == nb - 1)
+            want = greedy_topp(mass, forced, top_p)
+            if b == 0:
+                got = selected[b, 0, :int(num_selected[b, 0])].tolist()
+                assert got == want.nonzero().flatten().tolist(), f"top_p {top_p}: kept {got}"
+            assert_selection_valid(selected[b, 0], int(num_selected[b, 0]), mass, want, forced, top_p,
+                                   where=f"top_p {top_p} row {b}")
 
 
 @runs_here

@@ -244,14 +244,15 @@ def test_matches_reference(seed, case):
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2),
-                 id="sub16-chunk4-kvtile16"),
-    pytest.param(dict(kv_tile=128, select_chunk=8), id="kvtile128-chunk8"),
+    pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2, search_bits=4),
+                 id="sub16-chunk4-kvtile16-bits4"),
+    pytest.param(dict(kv_tile=128, select_chunk=8, search_bits=2), id="kvtile128-chunk8-bits2"),
 ])
 def test_launch_configs(seed, monkeypatch, config):
     """Other launch knobs give the same result: several score programs per head, blocks scored in
     sub-chunks (online merge), rows longer than the selection's register chunk (re-read from the
-    workspace), KV tiles smaller than a block and KV tiles spanning several blocks."""
+    workspace), KV tiles smaller than a block and KV tiles spanning several blocks, and a k-ary
+    threshold search of 4 and 2 bits per step."""
     monkeypatch.setattr(_kernel_module, "CONFIG", {**_kernel_module.CONFIG, **config})
     seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows: two score groups in the first sequence
     p = _problem(seqs, 8, 2, 64, [1, 6], 16, 48, 32)

@@ -19,21 +19,26 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    (shared with the prefill selection) combines the block stats into masses
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
    the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
-   order like their values, and a 31-step binary search over bit patterns finds the largest ``tau``
-   with ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is the
-   mass of the last block the greedy order takes. The kept set is the forced blocks, every
+   order like their values, and a k-ary search over bit patterns (``SEARCH_BITS`` bits per step, one
+   ``[2**SEARCH_BITS, CHUNK]`` reduction per step; 1 is a binary search, 31 steps) finds the largest
+   ``tau`` with ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is
+   the mass of the last block the greedy order takes. The kept set is the forced blocks, every
    non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
    ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
-   workspace at every step. The choice is made per row, so a long ``max_model_len`` (which sets
+   workspace once per search step. The choice is made per row, so a long ``max_model_len`` (which sets
    ``max_blocks``) does not put short rows on the slow path.
 
 Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
 ``base + offsets[r]`` (its unit tensor and slot) plus ``page * page_stride + (t % P) * token_stride``,
-the page from the index kind's block table. A binary search over bit patterns is used rather than
-a radix search (several bounds per step), which was slower.
+the page from the index kind's block table.
+
+Tuning: one selection program per (sequence, head) means a handful of programs at batch 1, so the
+selection is latency-bound on its serial search steps; ``CONFIG["search_bits"]`` trades steps
+(``ceil(31 / bits)``) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
+blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ from ..topp_search import topp_select_row
 _SELECT_MAX_CHUNK = 4096     # blocks held in registers at once by one selection program
 _STATS_BLOCKS_PER_PROG = 16  # selection blocks scored by one stats program
 _STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats program
+
+# Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
+# found per step of the selection's k-ary search (1: a binary search of 31 steps; 3: 11 steps of 7
+# thresholds each). The [2**bits, CHUNK] comparison of a step lives in registers (2**bits per block per
+# thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
+CONFIG = {"search_bits": 3}
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ def _select_kernel(
     seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
     stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
     top_p, dense_threshold, num_sink_blocks, max_blocks,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr,
 ):
     """Grid ``(HR, B)``: the kept block ids of one (sequence, head), ``-1`` padded to ``max_blocks``."""
     head = tl.program_id(0).to(tl.int64)
@@ -159,7 +170,7 @@ def _select_kernel(
     row_top_p = tl.where((top_p >= 1.0) | (seq_len < dense_threshold), float("inf"), top_p)
     count = topp_select_row(block_max_ptr + seq * stride_wb + head * stride_wh,
                             block_sum_ptr + seq * stride_wb + head * stride_wh, selected_ptr, num_blocks,
-                            num_sink_blocks, num_blocks - 1, row_top_p, CHUNK)
+                            num_sink_blocks, num_blocks - 1, row_top_p, CHUNK, SEARCH_BITS)
     tl.store(num_selected_ptr + seq * stride_nb + head * stride_nh, count)
     lanes = tl.arange(0, CHUNK)
     for start in range((count // CHUNK) * CHUNK, max_blocks, CHUNK):
@@ -278,7 +289,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
-        BLOCK_SIZE=block_size, CHUNK=chunk,
+        BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_BITS=CONFIG["search_bits"],
         num_warps=4 if chunk <= 1024 else 8,
     )
     return selected, num_selected

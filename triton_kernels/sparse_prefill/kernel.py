@@ -39,7 +39,8 @@ vLLM's buffers offset by the decode count, are not specialised on), so the start
 
 Hopper: the attention tiles compile to wgmma with cp.async software pipelining (``CONFIG["stages"]``)
 of the gathered K/V rows; the paged gather rules out TMA. ``CONFIG`` holds the launch knobs a sweep on
-the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program).
+the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program, the selection's
+``search_bits``).
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ _TILE_SEQ, _TILE_INDEX, _ATTEND_ORDER = tl.constexpr(TILE_SEQ), tl.constexpr(TIL
 _GROUP_FIRST_TILE, _GROUP_TILES = tl.constexpr(GROUP_FIRST_TILE), tl.constexpr(GROUP_TILES)
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
+# search_bits: bits per step of the selection's k-ary threshold search (:mod:`..topp_search`); the
+# prefill launches many selection programs at once, so the binary search (1), the least arithmetic in
+# all, is the default, unlike the latency-bound decode selection (``block_topp.kernel.CONFIG``).
 CONFIG = {"blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
-          "stages": 3}
+          "stages": 3, "search_bits": 1}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,7 +215,8 @@ def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, 
 @triton.jit(do_not_specialize_on_alignment=["seqused_k_ptr"])
 def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr, nkept_ptr,
                    top_p, dense_threshold, num_sink_blocks, max_blocks, s_row, s_wt, s_wh, s_kt, s_kh, s_nt, s_nh,
-                   TILE_Q: tl.constexpr, BS: tl.constexpr, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
+                   TILE_Q: tl.constexpr, BS: tl.constexpr, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr,
+                   SEARCH_BITS: tl.constexpr):
     """Grid ``(tiles, HR)``: the kept blocks of the wave's tile ``t``."""
     t = tl.program_id(0)
     r = tl.program_id(1)
@@ -230,7 +235,7 @@ def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr
         first_diagonal = tl.maximum(first_pos - BS + 1, 0) // BS
         ws = t * s_wt + r * s_wh
         count = topp_select_row(max_ptr + ws, sum_ptr + ws, kept_row, num_blocks, num_sink_blocks, first_diagonal,
-                                top_p, CHUNK)
+                                top_p, CHUNK, SEARCH_BITS)
     tl.store(nkept_ptr + t * s_nt + r * s_nh, count)
 
 
@@ -445,7 +450,8 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             wave_plan, cu_seqlens_q, seqused_k, ws_max, ws_sum, kept, num_kept,
             float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks, s_row,
             *ws_max.stride()[:2], *kept.stride()[:2], *num_kept.stride(),
-            TILE_Q=plan.tile_q, BS=block_size, KEEP_ALL=keep_all, CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
+            TILE_Q=plan.tile_q, BS=block_size, KEEP_ALL=keep_all, CHUNK=chunk, SEARCH_BITS=cfg["search_bits"],
+            num_warps=4 if chunk <= 1024 else 8)
         _attend_kernel[(wave.num_tiles, num_ret)](
             wave_plan, q, kv.kernel_base(), kv.offsets, table.block_table, cu_seqlens_q, seqused_k, heads, kept,
             num_kept, out, lse_arg, *scale_args, float(scale) * 1.4426950408889634,

@@ -1,0 +1,39 @@
+"""benchmarks/bench_block_topp.py on the CPU: without CUDA it exits with 2; a point's launches run (Triton
+under the interpreter) with the CUDA-graph timer replaced, one row per search width, all selecting
+what the binary search selects."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_block_topp", ROOT / "benchmarks" / "bench_block_topp.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_block_topp", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_without_cuda_exits_2(bench, capsys):
+    assert bench.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_point_rows(bench, monkeypatch):
+    monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, repeats: (fn(), 0.25)[1])
+    default = dict(bench.topp_kernel.CONFIG)
+    length = 5 * bench.BS + 17
+    rows = bench.bench_point(2, length, [4, 2], keep=0.25, device=torch.device("cpu"), repeats=1)
+    assert [r["search_bits"] for r in rows] == [1, 4, 2]
+    assert all(r["same_as_binary"] and r["ms"] == 0.25 and r["blocks"] == 6 for r in rows)
+    assert 0.0 < rows[0]["kept_block_share"] < 1.0
+    assert bench.topp_kernel.CONFIG == default
