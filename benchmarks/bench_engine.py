@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("ROW " + json.dumps(run_one(args)), flush=True)
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / RESULTS_JSON
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     for cfg in configs:

@@ -11,7 +11,9 @@ never initialises CUDA. It
    before their plugins load;
 3. registers the KV-cache specs and managers of the memory-saving layout
    (:func:`rtpurbo_vllm.kv_cache.register_kv_cache_specs`; CPU-only imports of vLLM's KV-cache
-   manager modules) in every process that builds KV-cache configs or managers.
+   manager modules) in every process that builds KV-cache configs or managers;
+4. sends the package's log lines where vLLM's go: vLLM configures only its ``vllm`` logger, so the
+   ``rtpurbo_vllm`` logger takes its handlers and level (``VLLM_LOGGING_LEVEL`` applies to both).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def register() -> None:
     nothing."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    _log_like_vllm()
     _register_kv_cache_specs()
     custom = AttentionBackendEnum.CUSTOM
     already = (AttentionBackendEnum._member_map_.get(BACKEND_NAME) is custom
@@ -46,6 +49,16 @@ def register() -> None:
     AttentionBackendEnum._member_map_[BACKEND_NAME] = custom
     logger.info("rtpurbo-vllm: attention backend %s registered as CUSTOM (%s)",
                 BACKEND_NAME, BACKEND_CLASS_PATH)
+
+
+def _log_like_vllm() -> None:
+    package, vllm_logger = logging.getLogger("rtpurbo_vllm"), logging.getLogger("vllm")
+    if package.handlers or not vllm_logger.handlers:    # done already, or vLLM's logging is off
+        return
+    for handler in vllm_logger.handlers:
+        package.addHandler(handler)
+    package.setLevel(vllm_logger.level)
+    package.propagate = False
 
 
 def _register_kv_cache_specs() -> None:

@@ -25,6 +25,7 @@ capture and at replay, and the kernels' launch grids depend only on them and on 
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar
 
 import torch
@@ -63,6 +64,11 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self._kv_bound = False
+        # The layers reach :meth:`prepare` from metadata-less forwards too (vLLM's dummy runs after the
+        # caches exist), for model runners that build no metadata before the first request.
+        context = vllm_config.compilation_config.static_forward_context
+        for name in layer_names:
+            context[name].impl.prepare_caches = weakref.WeakMethod(self.prepare)
         artifact = serving_artifact(vllm_config)
         layout = rank_layout(artifact.layout)
         params = serving_params(vllm_config)
@@ -101,18 +107,24 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         <rtpurbo_vllm.attention.impl.RTPurboAttentionImpl.forward>` refuses to run inside a capture."""
         return self.build(common_prefix_len=0, common_attn_metadata=common_attn_metadata)
 
+    def prepare(self) -> None:
+        """Once the caches exist (vLLM binds them after creating the builders): resolves every layer's
+        unit tensors, then, on a GPU, compiles every kernel variant the layers can launch
+        (:func:`~rtpurbo_vllm.attention.warmup.warm_up`; it builds again). Idempotent; never inside a
+        CUDA-graph capture. Called by the first :meth:`build` and by the layers' first metadata-less
+        forward after the caches exist, whichever comes first."""
+        if self._kv_bound:
+            return
+        context = self.vllm_config.compilation_config.static_forward_context
+        for name in self.layer_names:
+            context[name].impl.bind_kv_cache()
+        self._kv_bound = True
+        if self.device.type == "cuda":
+            warm_up(self)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> RTPurboMetadata:
-        if not self._kv_bound:
-            # vLLM binds the caches after creating the builders; the first step's build (never inside
-            # a CUDA-graph capture) resolves every layer's unit tensors, then, on a GPU, compiles every
-            # kernel variant the layers can launch (rtpurbo_vllm.attention.warmup; it builds again).
-            context = self.vllm_config.compilation_config.static_forward_context
-            for name in self.layer_names:
-                context[name].impl.bind_kv_cache()
-            self._kv_bound = True
-            if self.device.type == "cuda":
-                warm_up(self)
+        self.prepare()
         cm = common_attn_metadata
         if cm.positions is None:
             raise RuntimeError("RTPURBO needs token positions in the attention metadata (to undo RoPE); "

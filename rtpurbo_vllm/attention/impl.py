@@ -29,6 +29,7 @@ has bound them (:meth:`RTPurboAttentionImpl.bind_kv_cache`, from the metadata bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,8 @@ class RTPurboAttentionImpl(AttentionImpl):
         self.layer_name: str | None = None
         self.heads: _LayerHeads | None = None
         self.kv: LayerKV | None = None
+        # Set by the metadata builder: a weak reference to its ``prepare`` (caches bound, warmed up).
+        self.prepare_caches: Callable[[], Callable[[], None] | None] = lambda: None
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         """Finds this impl's layer, slices the artifact for this rank, installs the layer's share of
@@ -168,6 +171,12 @@ class RTPurboAttentionImpl(AttentionImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("RTPURBO does not fuse output quantisation")
         if attn_metadata is None:
+            # vLLM's dummy runs: the memory-profiling run (no caches yet) and, once the caches exist,
+            # warm-up and piecewise-capture runs, where the builder gets ready if no build has yet.
+            prepare = self.prepare_caches()
+            if prepare is not None and kv_cache.numel() and not (query.is_cuda
+                                                                 and torch.cuda.is_current_stream_capturing()):
+                prepare()
             return output.fill_(0)
         md, heads, p, kv = attn_metadata, self.heads, self.params, self.kv
         if not kv.is_bound:

@@ -27,13 +27,14 @@ Nothing is written to a cache: every dummy token has slot -1 in every kind's slo
 skip it, as they skip CUDA-graph padding), and every block-table entry is vLLM's null block 0, which is
 only read. Outputs go to dummy tensors; the decode workspace is scratch.
 
-When: ``RTPurboMetadataBuilder`` calls :func:`warm_up` at its first build on a GPU, right after
-binding its layers' caches (off the GPU nothing is compiled: the CPU tests run Triton's interpreter).
-The first build is never inside a CUDA-graph capture and, with vLLM's defaults, happens during
-start-up: for the first full CUDA graph (both model runners build its metadata before the capture
-starts), or in model runner V2's own warm-up steps. Only the V1 model runner without full CUDA graphs
-(``--enforce-eager``, or ``cudagraph_mode`` PIECEWISE or NONE) builds first for the first real step,
-which then pays the warm-up, once. The log line ``RTPURBO warm-up: ...`` gives its duration.
+When: :meth:`RTPurboMetadataBuilder.prepare` calls :func:`warm_up` on a GPU, right after binding
+its layers' caches (off the GPU nothing is compiled: the CPU tests run Triton's interpreter), once,
+at whichever comes first of its first build and a layer's first metadata-less forward after the
+caches exist; never inside a CUDA-graph capture. Both come during vLLM's start-up: the first build
+for the first full CUDA graph (both model runners build its metadata before the capture starts) or
+in model runner V2's own warm-up steps; the metadata-less forward in the V1 model runner's dummy runs
+after the caches are allocated (compile warm-up sizes, piecewise capture, and the sampler warm-up
+that even ``--enforce-eager`` runs). The log line ``RTPURBO warm-up: ...`` gives its duration.
 """
 
 from __future__ import annotations

@@ -250,6 +250,25 @@ def test_first_build_warms_up_once_on_a_gpu(tmp_path, cpu_platform, monkeypatch)
     assert warmed == [other]
 
 
+def test_metadata_less_forward_warms_up_once_the_caches_exist(tmp_path, cpu_platform, monkeypatch):
+    """The V1 model runner without full CUDA graphs builds no metadata before the first request; its
+    dummy runs after the caches are allocated warm up instead (the profiling run, before, does not)."""
+    served = Served(tmp_path, "full")
+    warmed = []
+    monkeypatch.setattr(builder_module, "warm_up", warmed.append)
+    served.builder.device = torch.device("cuda")                          # what prepare looks at
+    layer, (hq, hkv, _) = served.layers[0], CASE
+    q, k = torch.zeros(3, hq, D, dtype=torch.bfloat16), torch.zeros(3, hkv, D, dtype=torch.bfloat16)
+    out = torch.ones_like(q)
+    layer.impl.forward(layer, q, k, k, torch.tensor([]), None, out)         # the profiling run: no caches yet
+    assert warmed == [] and not out.any()
+    for _ in range(2):
+        layer.impl.forward(layer, q, k, k, layer.kv_cache, None, out)
+    assert warmed == [served.builder] and served.layers[-1].impl.kv.is_bound
+    served.builder.build(0, step_metadata(WarmupStep(1), served.layout.units[FULL].block_size, torch.device("cpu")))
+    assert warmed == [served.builder]                                      # the first build: already prepared
+
+
 def test_warmup_steps_cover_every_split_count():
     workspace = allocate_sparse_decode_workspace(256, 4, 64)
     steps = warmup_steps(256, workspace.splits_for_batch, 40960)

@@ -249,7 +249,7 @@ def run_case(seq_lens, hr, di, page_size, block_size, sink_tokens, top_p, patter
     assert out[0] is selected and out[1] is num_selected
     # The paged reference reads back exactly the keys stored (gather through units, slots, block table).
     for b, t in enumerate(seq_lens):
-        assert torch.equal(paged_index_keys_ref(index, table, b, t), keys[b].float().cpu())
+        assert torch.equal(paged_index_keys_ref(index, table, b, t).cpu(), keys[b].float().cpu())
     if len(seq_lens) <= 8 and top_p == 1.0:
         for b, keep in enumerate(paged_block_topp_ref(q_idx, index, table, seq_lens, top_p, sink_tokens, block_size)):
             assert keep is None or keep.all()

@@ -1,6 +1,7 @@
 """The plugin registers RTPURBO with the real vLLM 0.26.0, in fresh processes as vLLM starts them."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -51,6 +52,25 @@ def test_load_general_plugins_resolves_rtpurbo_without_cuda():
     assert not out["backend_loaded_early"], "register() must not import the backend module"
     assert not out["cuda_initialized"]
     assert "RTPURBO" not in out["listed_names"], "the alias must not add an enum member"
+
+
+def test_package_logs_print_where_vllms_do():
+    """vLLM configures only its own logger; after the plugin loads, the package's INFO lines (the
+    start-up warm-up's, say) go to vLLM's handler, once, even if the plugin loads twice."""
+    out = run_fresh("""
+        import json, logging
+        from vllm.plugins import load_general_plugins
+        from rtpurbo_vllm.plugin import register
+        load_general_plugins()
+        register()
+        package, vllm_logger = logging.getLogger("rtpurbo_vllm"), logging.getLogger("vllm")
+        child = logging.getLogger("rtpurbo_vllm.attention.warmup")
+        print(json.dumps({"same_handlers": package.handlers == vllm_logger.handlers,
+                          "level": package.level, "vllm_level": vllm_logger.level,
+                          "child_handlers": len(child.handlers), "propagate": package.propagate}))
+    """)
+    assert out == {"same_handlers": True, "level": out["vllm_level"], "vllm_level": logging.WARNING,
+                   "child_handlers": 0, "propagate": False}
 
 
 def test_register_twice_is_harmless():
