@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts' tests: the fake ``vllm`` command (``fake_vllm.py``) and a parse of
 commands by the installed vLLM's own command line."""
 
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -52,3 +53,18 @@ def parse_with_vllm(tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     return parse
+
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """``load_benchmark(NAME)``: ``benchmarks/NAME.py`` imported as module ``NAME`` (in ``sys.modules`` for
+    the test)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
+                                                      / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+    return load

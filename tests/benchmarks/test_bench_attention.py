@@ -2,22 +2,15 @@
 interpreter) and fill the row, with FA3 and the CUDA-graph timer replaced (neither exists on a CPU);
 the decode step's byte and bandwidth accounting."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def bench_attention(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_attention", module)
-    spec.loader.exec_module(module)
+def bench_attention(monkeypatch, load_benchmark):
+    module = load_benchmark("bench_attention")
     calls = []
 
     def run_once(fn, repeats):          # stands in for time_cuda_graph: one eager call, a fixed "time"
