@@ -18,7 +18,8 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
 
-Results: ``DIR/bench_engine.json`` (rows merged across invocations) and ``DIR/bench_engine.md``.
+Results: ``DIR/bench_engine.json`` (rows merged across invocations, with the last invocation's environment:
+card, versions, commit, ``VLLM_*`` settings) and ``DIR/bench_engine.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 from rtpurbo_vllm import outputs
+from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.serving import LLAMA3_8B
 from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / RESULTS_JSON
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
+    results["environment"] = environment()        # the card, versions, commit and VLLM_* settings
     for cfg in configs:
         row = {"phase": args.phase, **run_child(cfg["name"], args)}
         results["rows"] = [r for r in results["rows"] if (r["phase"], r["name"]) != (args.phase, cfg["name"])] + [row]

@@ -1,6 +1,7 @@
 """bench_engine on the CPU: configuration parsing, bad input, the report (the engines run on a GPU)."""
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -34,3 +35,17 @@ def test_model_folder_and_report(tmp_path):
             {"phase": "step", "name": "FLASH_ATTN:fp8", "decode_step_ms": {"1": 8.1, "4": 16.4}}]
     text = bench.render({"rows": rows})
     assert "| capacity | RTPURBO:auto:kvgroup15 | 10 |  | 3.5 |" in text and "b1: 8.1, b4: 16.4" in text
+
+
+def test_rows_merge_into_a_new_out_folder_with_the_environment(tmp_path, monkeypatch):
+    """The parent side: ``--out`` is created, each configuration's row (from its child process, stubbed
+    here) merges into the JSON beside where it ran (card, versions, VLLM_* settings)."""
+    monkeypatch.setattr(bench, "run_child", lambda name, args: {"name": name, "decode_step_ms": {"1": 1.0}})
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    out = tmp_path / "new" / "engine"
+    for configs in (["FLASH_ATTN:auto", "RTPURBO:auto"], ["FLASH_ATTN:auto"]):
+        assert bench.main(["step", "--out", str(out), "--configs", *configs]) == 0
+    results = json.loads((out / "bench_engine.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["RTPURBO:auto", "FLASH_ATTN:auto"]
+    assert results["environment"]["env"]["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert (out / "bench_engine.md").exists()
