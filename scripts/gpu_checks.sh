@@ -8,7 +8,7 @@
 #   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
 #   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
-#   bash scripts/gpu_checks.sh ttft [K...]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
+#   bash scripts/gpu_checks.sh ttft [K...] [flags]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
 #   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1, FLASH_ATTN and RTPURBO (primed)
 #   (decode step at batch 4, engine only, and other two-GPU runs: scripts/gpu_pair.sh, one backend per GPU)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, compact KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
@@ -67,10 +67,12 @@ case "$stage" in
   ttft)
     # TTFT (fresh prefill) at concurrency 1, both backends, contexts in K (default 32 128; ~5 min), 2 prompts
     # per point. Each set of contexts gets its own folder: max_model_len follows the longest.
-    contexts=("$@"); [ ${#contexts[@]} -eq 0 ] && contexts=(32 128)
+    # Flags after the contexts go to bench_serving.py (e.g. --prefill-top-p 0.03 --backends RTPURBO).
+    contexts=(); while [ $# -gt 0 ] && [[ $1 != -* ]]; do contexts+=("$1"); shift; done
+    [ ${#contexts[@]} -eq 0 ] && contexts=(32 128)
     keep="$HOME/rtpurbo_ttft_$(IFS=-; echo "${contexts[*]}")"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --contexts "${contexts[@]}" \
-      --max-concurrency 1 --num-prompts 2 2>&1 | tee "$OUT/bench_$(basename "$keep").log" | tail -30
+      --max-concurrency 1 --num-prompts 2 "$@" 2>&1 | tee "$OUT/bench_$(basename "$keep").log" | tail -30
     cp -r "$keep" "$OUT/$(basename "$keep")" ;;
   kvsplit)
     n=${1:?kvsplit needs N, the retrieval KV heads per layer}

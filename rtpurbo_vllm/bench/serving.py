@@ -38,8 +38,10 @@ So the share is controlled through the artifact's ``top_p`` (``--keep``, default
 > 97% decode sparsity at 512K), and the script prints the share that top-p keeps on flat scores at each
 context (``block_topp_ref``, sink and current block included). The serving path does not report the
 share it actually kept, so it is not measured here. Which blocks are kept (the flat tie-break keeps the
-first ones) does not matter for timing. Prefill (TTFT) does not depend on top-p: retrieval heads run
-dense, local heads see sinks + window.
+first ones) does not matter for timing. Prefill (TTFT) depends on ``--prefill-top-p``: at 1 (the
+default, as in a calibrated artifact) retrieval heads run dense; below 1 each query tile of a retrieval
+head keeps its sinks, its diagonal blocks and about that share of the blocks before it. Local heads see
+sinks + window either way.
 
 Results go to ``--out``: ``bench_serving.json`` (one dict: environment, settings, artifact, KV capacity,
 rows, every command with its log), ``bench_serving.md`` (tables and ratios) and ``bench_serving.png``.
@@ -114,8 +116,8 @@ LLAMA32_1B = {**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_
               "tie_word_embeddings": True}
 SHAPES = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}     # --shape: config.json of the dummy model
 # Settings that change the numbers: results made with other values are never merged into one file.
-COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "ratio", "by_kv_group", "kv_heads_per_layer", "seed",
-              "kv_layout", "prefix_caching", "decode_only",
+COMPARABLE = ("model", "tokenizer", "max_model_len", "top_p", "prefill_top_p", "ratio", "by_kv_group",
+              "kv_heads_per_layer", "seed", "kv_layout", "prefix_caching", "decode_only",
               "gpu_memory_utilization", "max_num_batched_tokens", "engine_args", "output_len", "num_prompts",
               "num_warmups", "latency_output_len", "latency_iters", "latency_warmup")
 
@@ -138,6 +140,7 @@ class Settings:
     by_kv_group: bool
     kv_heads_per_layer: int | None
     top_p: float
+    prefill_top_p: float
     seed: int
     kv_layout: str
     prefix_caching: bool
@@ -167,6 +170,12 @@ class Settings:
     report_only: bool
     merge: tuple[Path, ...]
 
+    def sparsity_params(self):
+        """The synthetic artifact's ``SparsityParams``: ``top_p`` and ``prefill_top_p`` from the command line."""
+        from rtpurbo_vllm.artifacts import SparsityParams
+
+        return SparsityParams(top_p=self.top_p, prefill_top_p=self.prefill_top_p)
+
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Settings:
         """Checks the parsed flags; a bad value raises ValueError naming the flag."""
@@ -184,6 +193,7 @@ class Settings:
             (min(contexts) > 0, "--contexts must be positive"),
             (latency_context > 0, "--latency-context must be positive"),
             (0.0 < top_p <= 1.0, "--keep / --top-p must be in (0, 1]"),
+            (0.0 < args.prefill_top_p <= 1.0, "--prefill-top-p must be in (0, 1]"),
             (ratio is None or 0.0 < ratio <= 1.0, "--ratio must be in (0, 1]"),
             (args.kv_heads_per_layer is None or args.kv_heads_per_layer >= 1, "--kv-heads-per-layer must be >= 1"),
             (min(args.output_len, args.num_prompts, *args.latency_output_len, args.latency_iters) >= 1,
@@ -204,7 +214,8 @@ class Settings:
             out=Path(args.out).resolve(), model=Path(args.model).resolve() if args.model else None, shape=args.shape,
             tokenizer=Path(args.tokenizer).resolve() if args.tokenizer else None,
             vllm=tuple(shlex.split(args.vllm)), ratio=ratio,
-            by_kv_group=args.by_kv_group, kv_heads_per_layer=args.kv_heads_per_layer, top_p=top_p, seed=args.seed,
+            by_kv_group=args.by_kv_group, kv_heads_per_layer=args.kv_heads_per_layer, top_p=top_p,
+            prefill_top_p=args.prefill_top_p, seed=args.seed,
             kv_layout=args.kv_layout, prefix_caching=args.prefix_caching or args.decode_only,
             decode_only=args.decode_only,
             backends=tuple(args.backends),
@@ -270,12 +281,11 @@ def write_model_dir(settings: Settings) -> None:
 def write_artifact(settings: Settings) -> dict[str, Any]:
     """Writes the synthetic artifact for ``settings.model_dir`` and describes it, with the kept-block
     share that top-p selects on flat indexer scores at each context (see the module docstring)."""
-    from rtpurbo_vllm.artifacts import SparsityParams
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
 
     from rtpurbo_vllm.artifacts import load_artifact
 
-    params = SparsityParams(top_p=settings.top_p)
+    params = settings.sparsity_params()
     path = synthesize_artifact(settings.model_dir, settings.artifact_dir, **selection(settings), seed=settings.seed,
                                params=params)
     config = json.loads((path / "rtpurbo_config.json").read_text())
@@ -333,11 +343,10 @@ def predict_capacity(settings: Settings, artifact=None) -> dict[str, Any]:
     from rtpurbo_vllm.kv_cache.layout import FULL, KVLayout
 
     if artifact is None:
-        from rtpurbo_vllm.artifacts import SparsityParams
         from rtpurbo_vllm.calibration.synthesize import synthetic_artifact
 
         artifact = synthetic_artifact(model_hf_config(settings), **selection(settings), seed=settings.seed,
-                                      params=SparsityParams(top_p=settings.top_p))
+                                      params=settings.sparsity_params())
     p, in_flight = artifact.params, max_in_flight_tokens(settings)
     plan = KVLayout.from_artifact(artifact, kv_dtype=torch.bfloat16, block_unit=engine_block_size(settings))
     full = plan.units[FULL]
@@ -667,6 +676,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> list[str]:
                                "default %(default)s)"),
         keep.add_argument("--top-p", metavar="P", type=float, default=None,
                           help="the artifact's block top-p, passed through as given (instead of --keep)"),
+        art.add_argument("--prefill-top-p", metavar="P", type=float, default=1.0,
+                         help="the artifact's prefill_top_p: 1 runs retrieval heads dense in prefill; below 1 a "
+                              "query tile keeps about this share of the blocks before it on flat (dummy-weight) "
+                              "scores, as --keep does at decode (default %(default)s)"),
         art.add_argument("--seed", metavar="INT", type=int, default=0,
                          help="seed of the artifact, the engines and the prompts (default %(default)s)"),
         srv.add_argument("--port", metavar="PORT", type=int, default=0,
@@ -744,14 +757,12 @@ def print_dry_run(settings: Settings, port: int) -> None:
     print(f"# model folder: {settings.model_dir}" + ("" if settings.model else " (config.json written here)"))
     print(f"# tokenizer: {settings.tokenizer_dir}")
     if "RTPURBO" in settings.backends:
-        from rtpurbo_vllm.artifacts import SparsityParams
-
-        params = SparsityParams(top_p=settings.top_p)
+        params = settings.sparsity_params()
         shares = ", ".join(f"{t // 1024}K {kept_share_on_flat_scores(t, params):.3f}"
                            for t in sorted({*settings.contexts, settings.latency_context}))
         print(f"# synthetic artifact -> {settings.artifact_dir}: synthesize_artifact(ratio={settings.ratio}, "
               f"by_kv_group={settings.by_kv_group}, kv_heads_per_layer={settings.kv_heads_per_layer}, "
-              f"seed={settings.seed}, top_p={settings.top_p})")
+              f"seed={settings.seed}, top_p={settings.top_p}, prefill_top_p={settings.prefill_top_p})")
         print(f"# kept-block share on flat (dummy-weight) indexer scores: {shares}; not measured by serving")
         print(f"# {describe_prediction(predict_capacity(settings))}")
     for backend in settings.backends:

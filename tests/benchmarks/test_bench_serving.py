@@ -394,6 +394,10 @@ def test_parallel_runs_merge_into_one_report(tmp_path, capsys):
     bs.save(other, fake_results(other))
     with pytest.raises(ValueError, match="other settings \\(top_p\\)"):
         bs.main(["--out", str(fa), "--merge", str(other.out)])
+    sparse_prefill = _settings(tmp_path / "sparse_prefill", "--prefill-top-p", "0.03")
+    bs.save(sparse_prefill, fake_results(sparse_prefill))
+    with pytest.raises(ValueError, match="other settings \\(prefill_top_p\\)"):
+        bs.main(["--out", str(fa), "--merge", str(sparse_prefill.out)])
 
 
 def test_put_row_replaces_same_key():
@@ -425,6 +429,7 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     assert results["capacity"]["RTPURBO"]["after_runs"] == {"preemptions": 0.0, "kv_cache_usage": 0.0}
     assert len(results["serve"]) == 4 and len(results["latency"]) == 8
     assert results["artifact"]["params"]["top_p"] == 0.03
+    assert results["artifact"]["params"]["prefill_top_p"] == 1.0        # dense retrieval prefill by default
     assert results["artifact"]["kv_heads_per_layer"] is None and results["artifact"]["ratio"] == 0.15
     assert results["artifact"]["predicted_capacity"]["kv_layout"] == "full"
     assert "KV capacity RTPURBO (full layout) / FLASH_ATTN: measured 1.00x" in (out / bs.REPORT_MD).read_text()
