@@ -1,14 +1,16 @@
-"""Decode block top-p per search width: CUDA-graph replay times of ``block_topp`` for each SEARCH_BITS.
+"""Decode block top-p per launch setting: CUDA-graph replay times of ``block_topp`` for each search width
+and register chunk.
 
 The selection's threshold search takes ``search_bits`` bits per step (``block_topp.kernel.CONFIG``;
-1 is the binary search of 31 steps). Inputs as ``bench_attention.py``'s decode points
+1 is the binary search of 31 steps), and one selection program holds up to ``select_chunk`` blocks in
+registers (a longer row re-reads the workspace once per step). Inputs as ``bench_attention.py``'s decode points
 (:mod:`rtpurbo_vllm.bench.attention_layer`: 5 retrieval heads, 16-dim index keys, 64-token pages and
 blocks, ``--keep`` of the blocks planted hot, top-p 0.9). Per context and batch, ``block_topp`` (block
-stats and selection) is timed at every width, and every width must select exactly what the binary
-search selects; the script exits with 1 if one does not.
+stats and selection) is timed at every (width, chunk), and every setting must select exactly what the
+binary search at the default chunk selects; the script exits with 1 if one does not.
 
 Run on a GPU from the repo root:
-    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4]
+    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4] [--chunks 4096 8192]
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_w
 from rtpurbo_vllm.triton_kernels.block_topp import kernel as topp_kernel
 
 
-def bench_point(batch: int, length: int, bits_list: list[int], keep: float, device, repeats: int) -> list[dict]:
-    """One row per search width: ``block_topp`` milliseconds and whether it selects what 1 bit does."""
+def bench_point(batch: int, length: int, settings: list[tuple[int, int]], keep: float, device,
+                repeats: int) -> list[dict]:
+    """One row per ``(search_bits, select_chunk)``: ``block_topp`` milliseconds and whether it selects what
+    the first setting does."""
     block_table, num_pages = random_block_table(length, batch, device)
     inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device)
     max_blocks = math.ceil(length / BS)
@@ -41,8 +45,8 @@ def bench_point(batch: int, length: int, bits_list: list[int], keep: float, devi
 
     saved, rows, binary = dict(topp_kernel.CONFIG), [], None
     try:
-        for bits in [1] + [b for b in bits_list if b != 1]:
-            topp_kernel.CONFIG["search_bits"] = bits          # read at launch, so before the capture
+        for bits, chunk in settings:
+            topp_kernel.CONFIG.update(search_bits=bits, select_chunk=chunk)   # read at launch: before the capture
             selected.fill_(-7)
             num_selected.fill_(-7)
             run()
@@ -51,7 +55,7 @@ def bench_point(batch: int, length: int, bits_list: list[int], keep: float, devi
                 binary = result
             same = torch.equal(result[0], binary[0]) and torch.equal(result[1], binary[1])
             rows.append({"batch": batch, "context": length, "blocks": max_blocks, "search_bits": bits,
-                         "ms": time_cuda_graph(run, repeats), "same_as_binary": same,
+                         "select_chunk": chunk, "ms": time_cuda_graph(run, repeats), "same_as_binary": same,
                          "kept_block_share": num_selected.float().mean().item() / max_blocks})
     finally:
         topp_kernel.CONFIG.clear()
@@ -66,32 +70,41 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", metavar="B", type=int, nargs="*", default=[1, 4], help="batch sizes (default 1 4)")
     parser.add_argument("--bits", metavar="N", type=int, nargs="*", default=[1, 2, 3, 4],
                         help="search bits per step to time (default 1 2 3 4; 1 always runs, as the reference)")
+    parser.add_argument("--chunks", metavar="N", type=int, nargs="*", default=[4096],
+                        help="select_chunk values to time, powers of two (default 4096)")
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=50, help="timed replays (median)")
     args = parser.parse_args(argv)
+    if any(c < 1 or c & (c - 1) for c in args.chunks) or any(not 1 <= b <= 8 for b in args.bits):
+        print("--chunks must be powers of two and --bits in 1..8", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_block_topp.py needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    default_chunk = topp_kernel.CONFIG["select_chunk"]
+    settings = [(1, default_chunk)] + [(b, c) for b in args.bits for c in args.chunks if (b, c) != (1, default_chunk)]
     rows = []
     for batch in args.batch:
         for k in args.contexts:
-            rows += bench_point(batch, k * 1024, args.bits, args.keep, torch.device("cuda"), args.repeats)
+            rows += bench_point(batch, k * 1024, settings, args.keep, torch.device("cuda"), args.repeats)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: block_topp (stats + selection), CUDA-graph replay, median of "
           f"{args.repeats}; HR={len(RETRIEVAL)}, BS={BS}, top_p={TOP_P}, default search_bits="
-          f"{topp_kernel.CONFIG['search_bits']}")
-    print(f"{'batch':>5} {'context':>8} {'blocks':>7} {'bits':>4} {'ms':>9} {'vs 1 bit':>9} {'kept':>6} {'same':>5}")
+          f"{topp_kernel.CONFIG['search_bits']}, default select_chunk={default_chunk}")
+    print(f"{'batch':>5} {'context':>8} {'blocks':>7} {'bits':>4} {'chunk':>6} {'ms':>9} {'vs 1 bit':>9} {'kept':>6} "
+          f"{'same':>5}")
     base = {}
     for r in rows:
         base.setdefault((r["batch"], r["context"]), r["ms"])
-        print(f"{r['batch']:5d} {r['context'] // 1024:7d}K {r['blocks']:7d} {r['search_bits']:4d} {r['ms']:9.4f} "
+        print(f"{r['batch']:5d} {r['context'] // 1024:7d}K {r['blocks']:7d} {r['search_bits']:4d} "
+              f"{r['select_chunk']:6d} {r['ms']:9.4f} "
               f"{r['ms'] / base[(r['batch'], r['context'])]:8.3f}x {r['kept_block_share']:6.3f} "
               f"{'yes' if r['same_as_binary'] else 'NO':>5}")
     differ = [r for r in rows if not r["same_as_binary"]]
     if differ:
-        print(f"\n{len(differ)} width(s) selected other blocks than the binary search", file=sys.stderr)
+        print(f"\n{len(differ)} setting(s) selected other blocks than the binary search", file=sys.stderr)
         return 1
     return 0
 

@@ -352,8 +352,7 @@ def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, bits, to
     short row onto the slow path). A 4-block chunk puts both kinds of row in one small batch; the search
     takes ``bits`` bits per step."""
     kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
-    monkeypatch.setattr(kernel, "_SELECT_MAX_CHUNK", 4)
-    monkeypatch.setattr(kernel, "CONFIG", {**kernel.CONFIG, "search_bits": bits})
+    monkeypatch.setattr(kernel, "CONFIG", {**kernel.CONFIG, "search_bits": bits, "select_chunk": 4})
     # 2, 4 and 5 blocks (<= and > CHUNK), 9 blocks (several chunks, ragged), an empty row; max_blocks 10.
     run_case([100, 256, 257, 515, 0], 3, 16, 16, 64, 4, top_p, pattern, fp32, DEVICE)
 

@@ -27,8 +27,8 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
-   (4096) blocks keeps its masses in registers through the search; a longer row re-reads them from the
-   workspace once per search step. The choice is made per row, so a long ``max_model_len`` (which sets
+   (``CONFIG["select_chunk"]``) blocks keeps its masses in registers through the search; a longer row
+   re-reads them from the workspace once per search step. The choice is made per row, so a long ``max_model_len`` (which sets
    ``max_blocks``) does not put short rows on the slow path.
 
 Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
@@ -53,16 +53,16 @@ import triton.language as tl
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import topp_select_row
 
-# Bit pattern of +inf in float32: every finite non-negative mass has a smaller pattern.
-_SELECT_MAX_CHUNK = 4096     # blocks held in registers at once by one selection program
 _STATS_BLOCKS_PER_PROG = 16  # selection blocks scored by one stats program
 _STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats program
 
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
 # found per step of the selection's k-ary search (1: a binary search of 31 steps; 3: 11 steps of 7
-# thresholds each). The [2**bits, CHUNK] comparison of a step lives in registers (2**bits per block per
-# thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
-CONFIG = {"search_bits": 3}
+# thresholds each). select_chunk: the most blocks one selection program holds in registers (a power of
+# two; longer rows re-read the workspace once per search step); the program has 4 warps up to 1024
+# blocks, 8 up to 4096, 16 above. The [2**bits, CHUNK] comparison of a step lives in registers
+# (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
+CONFIG = {"search_bits": 3, "select_chunk": 4096}
 
 
 @dataclass(frozen=True)
@@ -283,13 +283,13 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
         OFF_ALIGN=index.offset_align, num_warps=4,
     )
-    chunk = min(triton.next_power_of_2(max_blocks), _SELECT_MAX_CHUNK)
+    chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
     _select_kernel[(num_heads, batch)](
         seq_lens, workspace.block_max, workspace.block_sum, selected, num_selected,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
         BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_BITS=CONFIG["search_bits"],
-        num_warps=4 if chunk <= 1024 else 8,
+        num_warps=4 if chunk <= 1024 else 8 if chunk <= 4096 else 16,
     )
     return selected, num_selected
