@@ -10,7 +10,7 @@ stats and selection) is timed at every (width, chunk), and every setting must se
 binary search at the default chunk selects; the script exits with 1 if one does not.
 
 Run on a GPU from the repo root:
-    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4] [--chunks 4096 8192]
+    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4] [--chunks 4096 8192 16384]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", metavar="B", type=int, nargs="*", default=[1, 4], help="batch sizes (default 1 4)")
     parser.add_argument("--bits", metavar="N", type=int, nargs="*", default=[1, 2, 3, 4],
                         help="search bits per step to time (default 1 2 3 4; 1 always runs, as the reference)")
-    parser.add_argument("--chunks", metavar="N", type=int, nargs="*", default=[4096],
-                        help="select_chunk values to time, powers of two (default 4096)")
+    parser.add_argument("--chunks", metavar="N", type=int, nargs="*", default=[topp_kernel.CONFIG["select_chunk"]],
+                        help="select_chunk values to time, powers of two (default: the kernel's, %(default)s)")
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=50, help="timed replays (median)")

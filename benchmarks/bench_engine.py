@@ -12,8 +12,14 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
   :meth:`KVLayout.bytes_per_sequence`, the whole blocks a decoding sequence holds; FLASH_ATTN: tokens
   over the context).
 * ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
-  then generated again with 1 and with ``1 + --steps`` output tokens; the decode step is the
-  difference over ``--steps`` (every request decodes from the first step: the prompts hit the cache).
+  then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
+  decode step is the median difference over ``--steps`` (every request decodes from the first step:
+  the prompts hit the cache), with the smallest and largest beside it.
+
+The ``capacity`` engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the pool's
+block count can be read from it; the ``step`` engine runs as vLLM runs it by default, its engine core
+in a process of its own, so the scheduler and output processing overlap the GPU's steps as in a server
+(in-process, they run between the steps and lengthen them).
 
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
@@ -116,7 +122,7 @@ def run_one(args) -> dict:
         return row
     import random
 
-    steps = {}
+    steps, spread = {}, {}
     for batch in args.batch:
         rng = random.Random(batch)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.context)])
@@ -129,9 +135,10 @@ def run_one(args) -> dict:
             return time.perf_counter() - start
 
         timed(1)                                     # prefill into the prefix cache
-        short, long = timed(1), timed(1 + args.steps)
-        steps[str(batch)] = round((long - short) / args.steps * 1000, 3)
-    row["decode_step_ms"] = steps
+        pairs = sorted((timed(1 + args.steps) - timed(1)) / args.steps * 1000 for _ in range(args.repeats))
+        steps[str(batch)] = round(pairs[len(pairs) // 2], 3)
+        spread[str(batch)] = [round(pairs[0], 3), round(pairs[-1], 3)]
+    row["decode_step_ms"], row["decode_step_range_ms"] = steps, spread
     return row
 
 
@@ -140,8 +147,8 @@ def run_child(cfg: str, args) -> dict:
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
             str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--batch", *map(str, args.batch)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            "--repeats", str(args.repeats), "--batch", *map(str, args.batch)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if args.phase == "capacity" else dict(os.environ)
     with open(log, "w") as f:
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
     text = log.read_text(errors="replace")
@@ -156,7 +163,9 @@ def render(results: dict) -> str:
     lines = ["| phase | configuration | vLLM KV tokens | vLLM max concurrency | held sequences | decode step (ms) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in results["rows"]:
-        step = ", ".join(f"b{b}: {ms}" for b, ms in row.get("decode_step_ms", {}).items())
+        ranges = row.get("decode_step_range_ms", {})
+        step = ", ".join(f"b{b}: {ms}" + (" ({} - {})".format(*ranges[b]) if b in ranges else "")
+                         for b, ms in row.get("decode_step_ms", {}).items())
         lines.append(f"| {row['phase']} | {row['name']} | {row.get('vllm_kv_tokens', '')} | "
                      f"{row.get('vllm_max_concurrency', '')} | {row.get('held_sequences', '')} | "
                      f"{step or row.get('error', '')} |")
@@ -172,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="(1, 1 + steps) pairs per batch; the median counts")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=560)
     args = parser.parse_args(argv)
     try:
         configs = [parse_config(c) for c in args.configs]
+        if min(args.repeats, args.steps, *args.batch) < 1:
+            raise ValueError("--repeats, --steps and --batch must be >= 1")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

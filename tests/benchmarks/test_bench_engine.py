@@ -1,17 +1,16 @@
 """bench_engine on the CPU: configuration parsing, bad input, the report (the engines run on a GPU)."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_path = pathlib.Path(__file__).parents[2] / "benchmarks" / "bench_engine.py"
-bench = importlib.util.module_from_spec(importlib.util.spec_from_file_location("bench_engine", _path))
-bench.__spec__.loader.exec_module(bench)
+
+@pytest.fixture
+def bench(load_benchmark):
+    return load_benchmark("bench_engine")
 
 
-def test_configurations():
+def test_configurations(bench):
     assert bench.parse_config("FLASH_ATTN:fp8") == {"name": "FLASH_ATTN:fp8", "backend": "FLASH_ATTN",
                                                      "kv_dtype": "fp8", "selection": None, "layout": None}
     cfg = bench.parse_config("RTPURBO:auto:n1:full")
@@ -22,22 +21,51 @@ def test_configurations():
             bench.parse_config(bad)
 
 
-def test_bad_configuration_exits_2_without_writing(tmp_path, capsys):
+def test_bad_configuration_exits_2_without_writing(bench, tmp_path, capsys):
     assert bench.main(["capacity", "--out", str(tmp_path / "out"), "--configs", "RTPURBO:auto:top9"]) == 2
     assert "error: bad configuration" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_model_folder_and_report(tmp_path):
+@pytest.mark.parametrize("flag", ["--repeats", "--steps", "--batch"])
+def test_counts_below_one_exit_2(bench, tmp_path, capsys, flag):
+    assert bench.main(["step", "--out", str(tmp_path / "out"), "--configs", "FLASH_ATTN:auto", flag, "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_step_engines_run_as_vllm_runs_them(bench, tmp_path, monkeypatch):
+    """``step`` children keep vLLM's separate engine-core process (its scheduler overlaps the GPU);
+    ``capacity`` children run the engine in-process to read its block count."""
+    seen, real_run = {}, bench.subprocess.run
+
+    def fake_run(argv, **kwargs):
+        if "--one" not in argv:                  # e.g. git, for the environment
+            return real_run(argv, **kwargs)
+        seen[argv[argv.index("--one") - 1]] = (kwargs["env"].get("VLLM_ENABLE_V1_MULTIPROCESSING"), argv)
+        kwargs["stdout"].write('ROW {"name": "x"}\n')
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "parse_kv_capacity", lambda text: {"kv_cache_tokens": 1, "max_concurrency": 1.0})
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    for phase in ("step", "capacity"):
+        assert bench.main([phase, "--out", str(tmp_path), "--configs", "FLASH_ATTN:auto", "--repeats", "5"]) == 0
+    assert seen["step"][0] is None and seen["capacity"][0] == "0"
+    assert seen["step"][1][seen["step"][1].index("--repeats") + 1] == "5"
+
+
+def test_model_folder_and_report(bench, tmp_path):
     path = bench.model_dir(tmp_path, 4096, "kvgroup15")
     assert (path / "config.json").exists() and (path / "rtpurbo-kvgroup15" / "rtpurbo_config.json").exists()
     rows = [{"phase": "capacity", "name": "RTPURBO:auto:kvgroup15", "vllm_kv_tokens": 10, "held_sequences": 3.5},
-            {"phase": "step", "name": "FLASH_ATTN:fp8", "decode_step_ms": {"1": 8.1, "4": 16.4}}]
+            {"phase": "step", "name": "FLASH_ATTN:fp8", "decode_step_ms": {"1": 8.1, "4": 16.4},
+             "decode_step_range_ms": {"1": [8.0, 8.3], "4": [16.2, 16.9]}}]
     text = bench.render({"rows": rows})
-    assert "| capacity | RTPURBO:auto:kvgroup15 | 10 |  | 3.5 |" in text and "b1: 8.1, b4: 16.4" in text
+    assert "| capacity | RTPURBO:auto:kvgroup15 | 10 |  | 3.5 |" in text
+    assert "b1: 8.1 (8.0 - 8.3), b4: 16.4 (16.2 - 16.9)" in text
 
 
-def test_rows_merge_into_a_new_out_folder_with_the_environment(tmp_path, monkeypatch):
+def test_rows_merge_into_a_new_out_folder_with_the_environment(bench, tmp_path, monkeypatch):
     """The parent side: ``--out`` is created, each configuration's row (from its child process, stubbed
     here) merges into the JSON beside where it ran (card, versions, VLLM_* settings)."""
     monkeypatch.setattr(bench, "run_child", lambda name, args: {"name": name, "decode_step_ms": {"1": 1.0}})

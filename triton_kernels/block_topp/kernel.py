@@ -62,7 +62,7 @@ _STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats prog
 # two; longer rows re-read the workspace once per search step); the program has 4 warps up to 1024
 # blocks, 8 up to 4096, 16 above. The [2**bits, CHUNK] comparison of a step lives in registers
 # (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
-CONFIG = {"search_bits": 3, "select_chunk": 4096}
+CONFIG = {"search_bits": 3, "select_chunk": 8192}
 
 
 @dataclass(frozen=True)
