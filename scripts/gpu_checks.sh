@@ -10,6 +10,7 @@
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
 #   bash scripts/gpu_checks.sh ttft [K...] [flags]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
 #   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1, FLASH_ATTN and RTPURBO (primed)
+#   bash scripts/gpu_checks.sh latency BACKEND [flags]  # decode step, 128K batch 4, engine only (`vllm bench latency`)
 #   (decode step at batch 4, engine only, and other two-GPU runs: scripts/gpu_pair.sh, one backend per GPU)
 #   bash scripts/gpu_checks.sh kvsplit N  # RTPURBO, compact KV layout, N retrieval KV heads per layer: capacity, 8 x 128K
 #   bash scripts/gpu_checks.sh capacity   # KV capacity: FLASH_ATTN, compact layout with 2 KV heads/layer, global top 15 %
@@ -28,7 +29,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | kvsplit | capacity | eval | stability | stability-control | firstreq | throughput | engine}
+stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | latency | kvsplit | capacity | eval | stability | stability-control | firstreq | throughput | engine}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -59,11 +60,22 @@ case "$stage" in
     # TPOT/ITL of decode alone, both backends at 128K, one request at a time (~6 min): the prompts primed into
     # the prefix cache first. Not concurrency 4: at 128K-token prompts the API server's per-request work
     # staggers concurrent requests by seconds (never more than 2 decoding together); the batch-4
-    # decode step comes from `vllm bench latency` at two output lengths (scripts/gpu_pair.sh step ...).
+    # decode step comes from `vllm bench latency` at two output lengths (the latency stage).
     keep="$HOME/rtpurbo_decode"
     timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --phases serve --decode-only --contexts 128 \
       --max-concurrency 1 --output-len 512 "$@" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
     cp -r "$keep" "$OUT/decode" ;;
+  latency)
+    # The batch-4 decode step from `vllm bench latency` (vLLM's own engine process), one backend per call
+    # (~5 min; rows merge across calls): 4 x 128K random token ids, 1 and 257 output tokens, a fresh engine
+    # for each. Flags go to bench_serving.py (e.g. --engine-args="--kv-cache-dtype fp8"). Beside `engine step`.
+    backend=${1:?latency needs a backend: FLASH_ATTN or RTPURBO}
+    shift
+    keep="$HOME/rtpurbo_latency"
+    timeout 570 python3 -P benchmarks/bench_serving.py --out "$keep" --backends "$backend" --phases latency \
+      --latency-context 128 --latency-batch 4 --latency-output-len 1 257 --latency-iters 1 "$@" 2>&1 \
+      | tee "$OUT/bench_latency_$backend.log" | tail -30
+    mkdir -p "$OUT/latency"; cp "$keep"/bench_serving.* "$OUT/latency/"; tar czf "$OUT/latency/logs.tgz" -C "$keep" logs raw ;;
   ttft)
     # TTFT (fresh prefill) at concurrency 1, both backends, contexts in K (default 32 128; ~5 min), 2 prompts
     # per point. Each set of contexts gets its own folder: max_model_len follows the longest.

@@ -212,8 +212,9 @@ def from_bench_serving(results: dict[str, Any], date: str) -> dict[str, dict[str
     from rtpurbo_vllm.bench.serving_report import decode_steps
 
     for (context, batch, _), steps in decode_steps(results["latency"]).items():
-        if (context, batch) == (128 * 1024, 4):
-            put("decode_step_128k_b4", steps.get("RTPURBO"), steps.get("FLASH_ATTN"), "ms")
+        if (context, batch) == (128 * 1024, 4):      # both engines on an FP8 KV cache: the _vs_fp8 figure
+            name = "decode_step_128k_b4_vs_fp8" if dense == "FLASH_ATTN fp8" else "decode_step_128k_b4"
+            put(name, steps.get("RTPURBO"), steps.get("FLASH_ATTN"), "ms")
     capacity, artifact = results.get("capacity", {}), results.get("artifact") or {}
     rtp, fa = capacity.get("RTPURBO", {}), capacity.get("FLASH_ATTN", {})
     from rtpurbo_vllm.bench.serving_report import FULL_LAYOUT

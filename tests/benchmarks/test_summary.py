@@ -38,6 +38,18 @@ def test_figures_come_from_their_raw_files(source, names):
         assert got[name] == summary[name], name
 
 
+def test_fp8_latency_run_gives_the_vs_fp8_decode_step():
+    """Both engines on an FP8 KV cache (``--engine-args=--kv-cache-dtype fp8``): the batch-4 step is the
+    ``_vs_fp8`` figure, against FLASH_ATTN fp8."""
+    results = json.loads((RESULTS / "2026-11-28-h200-session5/lat/bench_serving.json").read_text())
+    results["settings"]["engine_args"] = ["--kv-cache-dtype", "fp8"]
+    got = sm.from_bench_serving(results, date="2026-12-05")
+    bf16 = sm.from_bench_serving(json.loads((RESULTS / "2026-11-28-h200-session5/lat/bench_serving.json")
+                                            .read_text()), date="2026-12-05")["decode_step_128k_b4"]
+    assert set(got) == {"decode_step_128k_b4_vs_fp8"}
+    assert got["decode_step_128k_b4_vs_fp8"] == {**bf16, "baseline_backend": "FLASH_ATTN fp8"}
+
+
 def test_kv_capacity_figures_match_the_server_logs():
     summary = sm.load()["metrics"]
     dense = json.loads((RESULTS / "2026-11-28-h200-session4/capacity_kv2.json").read_text())["capacity"]["FLASH_ATTN"]
