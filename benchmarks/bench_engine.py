@@ -24,8 +24,9 @@ in a process of its own, so the scheduler and output processing overlap the GPU'
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
 
-Results: ``DIR/bench_engine.json`` (rows merged across invocations, with the last invocation's environment:
-card, versions, commit, ``VLLM_*`` settings) and ``DIR/bench_engine.md``.
+Results: ``DIR/bench_engine.json`` (rows merged across invocations, every invocation's arguments, the last
+invocation's environment: card, versions, commit, ``VLLM_*`` settings) and ``DIR/bench_engine.md``;
+``python -m rtpurbo_vllm.bench.summary record DIR/bench_engine.json`` takes its headline figures.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.out / RESULTS_JSON
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     results["environment"] = environment()        # the card, versions, commit and VLLM_* settings
+    results.setdefault("invocations", []).append({"argv": list(sys.argv[1:] if argv is None else argv)})
     for cfg in configs:
         row = {"phase": args.phase, **run_child(cfg["name"], args)}
         results["rows"] = [r for r in results["rows"] if (r["phase"], r["name"]) != (args.phase, cfg["name"])] + [row]

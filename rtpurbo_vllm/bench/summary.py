@@ -7,8 +7,8 @@ RTPURBO time (``ms``, ``s``), RTPURBO over baseline (``tokens``, ``tok/s``); for
 is the points RTPURBO loses, lower is better. A metric never measured is absent.
 
 The benchmarks' result files are turned into entries by :func:`from_bench_attention`,
-:func:`from_bench_serving` and :func:`from_bench_throughput`; the command line records them and
-rewrites the generated tables (between ``<!-- summary:NAME -->`` and ``<!-- /summary:NAME -->``):
+:func:`from_bench_serving`, :func:`from_bench_throughput` and :func:`from_bench_engine`; the command line
+records them and rewrites the generated tables (between ``<!-- summary:NAME -->`` and ``<!-- /summary:NAME -->``):
 
     python -m rtpurbo_vllm.bench.summary record OUT/bench_throughput.json --date 2026-12-05
     python -m rtpurbo_vllm.bench.summary write      # the tables from the JSON
@@ -249,17 +249,54 @@ def from_bench_throughput(results: dict[str, Any], date: str) -> dict[str, dict[
     return found
 
 
+def from_bench_engine(results: dict[str, Any], date: str) -> dict[str, dict[str, Any]]:
+    """From a ``bench_engine.json`` at 128K: ``decode_step_128k_{b1,b4}`` (RTPURBO with the global top 15 %
+    in the backend's default layout against FLASH_ATTN, bf16), ``decode_step_128k_b4_vs_fp8`` (both on an
+    FP8 KV cache) and ``kv_capacity_128k[_fp8]_*`` (vLLM's logged KV tokens of the memory-saving layout
+    against FLASH_ATTN with the same KV dtype, from capacity rows first, else step rows)."""
+    from rtpurbo_vllm.attention.serving_config import DEFAULT_KV_LAYOUT
+    from rtpurbo_vllm.bench.serving_report import MEMORY_SAVING_LAYOUT
+
+    card, command = card_of(results.get("environment") or {}), _commands(results, "bench_engine.py")
+    rows = [r for r in results["rows"] if "error" not in r and r.get("context") == 128 * 1024]
+    found = {}
+
+    def value(phases: tuple[str, ...], name: str, get) -> float | None:
+        """From the first of ``phases`` (in order) with a row of ``name`` that has the value."""
+        return next((get(r) for phase in phases for r in rows if (r["phase"], r["name"]) == (phase, name) and get(r)),
+                    None)
+
+    def put(metric: str, phases: tuple[str, ...], rtp: str, base: str, get, unit: str) -> None:
+        r, b = value(phases, rtp, get), value(phases, base, get)
+        if r and b:
+            backend = "FLASH_ATTN fp8" if base.endswith(":fp8") else "FLASH_ATTN bf16"
+            found[metric] = entry(rtpurbo=r, baseline=b, baseline_backend=backend, unit=unit, card=card, date=date,
+                                  command=command)
+
+    for batch in ("1", "4"):
+        put(f"decode_step_128k_b{batch}", ("step",), f"RTPURBO:auto:global15:{DEFAULT_KV_LAYOUT}", "FLASH_ATTN:auto",
+            lambda r, b=batch: r.get("decode_step_ms", {}).get(b), "ms")
+    put("decode_step_128k_b4_vs_fp8", ("step",), f"RTPURBO:fp8:global15:{DEFAULT_KV_LAYOUT}", "FLASH_ATTN:fp8",
+        lambda r: r.get("decode_step_ms", {}).get("4"), "ms")
+    for dtype, prefix, selections in (("auto", "kv_capacity_128k", ("kvgroup15", "global15", "n1")),
+                                      ("fp8", "kv_capacity_128k_fp8", ("kvgroup15", "n1"))):
+        for selection in selections:
+            put(f"{prefix}_{selection}", ("capacity", "step"), f"RTPURBO:{dtype}:{selection}:{MEMORY_SAVING_LAYOUT}",
+                f"FLASH_ATTN:{dtype}", lambda r: r.get("vllm_kv_tokens"), "tokens")
+    return found
+
+
 def from_results(path: Path, date: str) -> dict[str, dict[str, Any]]:
-    """The entries of one result file, by its name (``bench_attention.json``, ``bench_serving.json`` or
-    ``bench_throughput.json``, possibly with a prefix)."""
+    """The entries of one result file, by its name (``bench_attention.json``, ``bench_serving.json``,
+    ``bench_throughput.json`` or ``bench_engine.json``, possibly with a prefix)."""
     results = json.loads(Path(path).read_text())
     for kind, extract in (("bench_attention", from_bench_attention), ("bench_serving", from_bench_serving),
-                          ("bench_throughput", from_bench_throughput)):
+                          ("bench_throughput", from_bench_throughput), ("bench_engine", from_bench_engine)):
         if kind in Path(path).name:
             return extract(results, date)
     if "rows" in results and "command" in results:           # a bench_attention file under another name
         return from_bench_attention(results, date)
-    raise ValueError(f"{path}: not a bench_attention, bench_serving or bench_throughput result file")
+    raise ValueError(f"{path}: not a bench_attention, bench_serving, bench_throughput or bench_engine result file")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     rec = sub.add_parser("record", help="put the entries of result files into summary.json, rewrite the tables")
-    rec.add_argument("results", nargs="+", type=Path, help="bench_attention / bench_serving / bench_throughput JSON")
+    rec.add_argument("results", nargs="+", type=Path,
+                     help="bench_attention / bench_serving / bench_throughput / bench_engine JSON")
     rec.add_argument("--date", required=True, help="the day of the measurement, YYYY-MM-DD")
     sub.add_parser("write", help="rewrite the tables of README.md and BENCHMARKS.md from summary.json")
     sub.add_parser("check", help="exit 1 when summary.json or a table is inconsistent")

@@ -75,5 +75,6 @@ def test_rows_merge_into_a_new_out_folder_with_the_environment(bench, tmp_path, 
         assert bench.main(["step", "--out", str(out), "--configs", *configs]) == 0
     results = json.loads((out / "bench_engine.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["RTPURBO:auto", "FLASH_ATTN:auto"]
+    assert [i["argv"][-1] for i in results["invocations"]] == ["RTPURBO:auto", "FLASH_ATTN:auto"]
     assert results["environment"]["env"]["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     assert (out / "bench_engine.md").exists()

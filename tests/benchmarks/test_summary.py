@@ -50,6 +50,31 @@ def test_fp8_latency_run_gives_the_vs_fp8_decode_step():
     assert got["decode_step_128k_b4_vs_fp8"] == {**bf16, "baseline_backend": "FLASH_ATTN fp8"}
 
 
+def test_engine_entries_from_a_results_file():
+    """bench_engine.json: decode steps of the default layout (bf16 and fp8) and the memory-saving layout's
+    KV tokens, each against FLASH_ATTN with the same KV dtype; rows of other contexts or with errors and
+    the full layout's tokens give nothing."""
+    results = json.loads((RESULTS / "2026-12-05-h200-session2/bench_engine.json").read_text())
+    results["invocations"] = [{"argv": ["step", "--out", "/x", "--configs", "FLASH_ATTN:auto", "RTPURBO:auto"]}]
+    capacity = {"phase": "capacity", "context": 131072}
+    results["rows"] += [{**capacity, "name": "FLASH_ATTN:auto", "vllm_kv_tokens": 1000},
+                        {**capacity, "name": "RTPURBO:auto:n1:compact", "vllm_kv_tokens": 4000},
+                        {**capacity, "name": "RTPURBO:fp8:n1:compact", "vllm_kv_tokens": 9000},
+                        {**capacity, "name": "RTPURBO:auto:kvgroup15:compact", "error": "exit 1"},
+                        {**capacity, "name": "RTPURBO:auto:global15:compact", "vllm_kv_tokens": 5, "context": 4096}]
+    got = sm.from_bench_engine(results, date="2026-12-05")
+    assert set(got) == {"decode_step_128k_b1", "decode_step_128k_b4", "decode_step_128k_b4_vs_fp8",
+                        "kv_capacity_128k_n1", "kv_capacity_128k_fp8_n1"}
+    assert (got["decode_step_128k_b1"]["rtpurbo"], got["decode_step_128k_b1"]["baseline"]) == (9.62, 9.707)
+    vs_fp8 = got["decode_step_128k_b4_vs_fp8"]
+    assert (vs_fp8["rtpurbo"], vs_fp8["baseline"], vs_fp8["baseline_backend"]) == (30.38, 25.82, "FLASH_ATTN fp8")
+    assert got["kv_capacity_128k_n1"]["ratio"] == 4.0
+    assert (got["kv_capacity_128k_fp8_n1"]["baseline"], got["kv_capacity_128k_fp8_n1"]["ratio"]) == (1782160, 0.01)
+    assert got["decode_step_128k_b1"]["command"] == ("python3 -P benchmarks/bench_engine.py step --configs "
+                                                     "FLASH_ATTN:auto RTPURBO:auto")
+    assert sm.problems({"metrics": got}) == []
+
+
 def test_kv_capacity_figures_match_the_server_logs():
     summary = sm.load()["metrics"]
     dense = json.loads((RESULTS / "2026-11-28-h200-session4/capacity_kv2.json").read_text())["capacity"]["FLASH_ATTN"]
