@@ -18,8 +18,10 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
 
 The ``capacity`` engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the pool's
 block count can be read from it; the ``step`` engine runs as vLLM runs it by default, its engine core
-in a process of its own, so the scheduler and output processing overlap the GPU's steps as in a server
-(in-process, they run between the steps and lengthen them).
+in a process of its own, so the scheduler and output processing overlap the GPU's steps as in a server.
+``step --profile`` runs the engine in-process instead and adds, per batch, one more ``1 + --steps`` run
+under ``torch.profiler``: its wall time per step beside the GPU kernel time per step (where the two
+part, the step waits on the host) and the kernels that take the most time per step.
 
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
@@ -123,7 +125,7 @@ def run_one(args) -> dict:
         return row
     import random
 
-    steps, spread = {}, {}
+    steps, spread, profiles = {}, {}, {}
     for batch in args.batch:
         rng = random.Random(batch)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.context)])
@@ -139,8 +141,35 @@ def run_one(args) -> dict:
         pairs = sorted((timed(1 + args.steps) - timed(1)) / args.steps * 1000 for _ in range(args.repeats))
         steps[str(batch)] = round(pairs[len(pairs) // 2], 3)
         spread[str(batch)] = [round(pairs[0], 3), round(pairs[-1], 3)]
+        if args.profile:
+            profiles[str(batch)] = profiled(lambda: timed(1 + args.steps), args.steps)
     row["decode_step_ms"], row["decode_step_range_ms"] = steps, spread
+    if args.profile:
+        row["profile"] = profiles
     return row
+
+
+def profiled(run, steps: int) -> dict:
+    """``run()`` (one generate of ``1 + steps`` tokens, returning its seconds) under ``torch.profiler``:
+    :func:`kernel_table` of the CUDA kernels it launched."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        seconds = run()
+    kernels = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return kernel_table(kernels, seconds, steps)
+
+
+def kernel_table(kernels: list[tuple[str, float, int]], seconds: float, steps: int, top: int = 12) -> dict:
+    """Per decode step: the run's wall milliseconds, the kernels' summed GPU milliseconds, and the ``top``
+    kernels by time (name cut to 100 characters, milliseconds and launches per step). ``kernels``:
+    ``(name, total microseconds, launches)``; the run's one prefill step is spread over the steps too."""
+    ranked = sorted(kernels, key=lambda k: -k[1])
+    return {"wall_ms_per_step": round(seconds * 1000 / steps, 3),
+            "gpu_ms_per_step": round(sum(k[1] for k in kernels) / 1000 / steps, 3),
+            "kernels": [{"name": name[:100], "ms_per_step": round(us / 1000 / steps, 4),
+                         "launches_per_step": round(count / steps, 2)} for name, us, count in ranked[:top]]}
 
 
 def run_child(cfg: str, args) -> dict:
@@ -148,8 +177,9 @@ def run_child(cfg: str, args) -> dict:
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
             str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--repeats", str(args.repeats), "--batch", *map(str, args.batch)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if args.phase == "capacity" else dict(os.environ)
+            "--repeats", str(args.repeats), "--batch", *map(str, args.batch), *(["--profile"] if args.profile else [])]
+    in_process = args.phase == "capacity" or args.profile      # the pool's block count / the profiler's view
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else dict(os.environ)
     with open(log, "w") as f:
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
     text = log.read_text(errors="replace")
@@ -170,6 +200,13 @@ def render(results: dict) -> str:
         lines.append(f"| {row['phase']} | {row['name']} | {row.get('vllm_kv_tokens', '')} | "
                      f"{row.get('vllm_max_concurrency', '')} | {row.get('held_sequences', '')} | "
                      f"{step or row.get('error', '')} |")
+    profiled_rows = [(row["name"], b, p) for row in results["rows"] for b, p in row.get("profile", {}).items()]
+    if profiled_rows:
+        lines += ["", "| configuration | batch | wall ms / step | GPU kernels ms / step | top kernels (ms / step) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, batch, p in profiled_rows:
+            top = "; ".join(f"{k['name'][:40]} {k['ms_per_step']}" for k in p["kernels"][:4])
+            lines.append(f"| {name} | {batch} | {p['wall_ms_per_step']} | {p['gpu_ms_per_step']} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="(1, 1 + steps) pairs per batch; the median counts")
+    parser.add_argument("--profile", action="store_true",
+                        help="step: in-process engine, one more run per batch under torch.profiler")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=560)
     args = parser.parse_args(argv)
