@@ -16,6 +16,7 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
 
 Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
+    python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
 It prints a table of times and ratios, RTPURBO's decode step split into its launch groups (each
 timed alone), and per decode point the bytes the step must read (:func:`decode_bytes`) with the
 achieved TB/s of both sides and their share of the card's peak (``--peak-bandwidth``, default an
@@ -36,6 +37,7 @@ from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIE
                                                 decode_index_inputs, dtype, plant_hot_blocks, random_block_table,
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
+from rtpurbo_vllm.bench.kernel_config import apply_overrides, parse_overrides
 from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.outputs import write_figure, write_json
@@ -261,8 +263,17 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float, default=H200_PEAK_BYTES_PER_S,
                         help="the card's peak memory bandwidth, for the decode bandwidth table "
                              "(default %(default)g: H200)")
+    parser.add_argument("--config", metavar="KERNEL.KEY=VALUE", nargs="*", default=[],
+                        help="launch settings of the Triton kernels for this run (rtpurbo_vllm.bench.kernel_config), "
+                             "e.g. sparse_decode.warps=8 block_topp.search_bits=2")
     parser.add_argument("--out", metavar="DIR", default="results", help="folder for the JSON and the PNG")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kernel_config = apply_overrides(overrides)
     device = torch.device("cuda")
     torch.manual_seed(0)
     rows = []
@@ -286,11 +297,15 @@ def main(argv=None) -> int:
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
                         "top_p": TOP_P},
-              "peak_bandwidth": args.peak_bandwidth, "command": " ".join(sys.argv), "rows": rows}
+              "peak_bandwidth": args.peak_bandwidth, "kernel_config": kernel_config, "command": " ".join(sys.argv),
+              "rows": rows}
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
+    if overrides:
+        print("kernel settings set for this run: " + ", ".join(f"{k}.{key}={v}" for k, values in overrides.items()
+                                                               for key, v in values.items()))
     print(f"{'phase':8} {'batch':>5} {'context':>8} {'FA3':>10} {'RTPURBO':>10} {'speedup':>8} {'kept':>6} "
           f"{'sparse pf':>10} {'speedup':>8}")
     for r in rows:

@@ -83,3 +83,10 @@ def test_prefill_row_has_the_sparse_prefill(bench_attention, monkeypatch):
     assert row["phase"] == "prefill" and row["context"] == length and row["prefill_top_p"] == 0.9
     assert row["speedup"] == 3.0 and row["sparse_speedup"] == 6.0
     assert 0.0 < row["kept_block_share"] < 1.0
+
+
+def test_bad_kernel_setting_exits_2_before_any_work(load_benchmark, capsys, tmp_path):
+    bench = load_benchmark("bench_attention")
+    assert bench.main(["--prefill", "--decode", "--config", "sparse_decode.wraps=8", "--out", str(tmp_path)]) == 2
+    assert "error: --config 'sparse_decode.wraps=8': sparse_decode has no setting" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

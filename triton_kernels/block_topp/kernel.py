@@ -53,8 +53,6 @@ import triton.language as tl
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import topp_select_row
 
-_STATS_BLOCKS_PER_PROG = 16  # selection blocks scored by one stats program
-_STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats program
 
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
 # found per step of the selection's k-ary search (1: a binary search of 31 steps; 3: 11 steps of 7
@@ -62,7 +60,9 @@ _STATS_TOKENS_PER_ITER = 256  # tokens scored per loop iteration of a stats prog
 # two; longer rows re-read the workspace once per search step); the program has 4 warps up to 1024
 # blocks, 8 up to 4096, 16 above. The [2**bits, CHUNK] comparison of a step lives in registers
 # (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
-CONFIG = {"search_bits": 3, "select_chunk": 8192}
+# stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
+# per iteration of its loop.
+CONFIG = {"search_bits": 3, "select_chunk": 8192, "stats_blocks_per_prog": 16, "stats_tokens_per_iter": 256}
 
 
 @dataclass(frozen=True)
@@ -272,8 +272,8 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
     if batch == 0:
         return selected, num_selected
 
-    blocks_per_iter = max(1, min(_STATS_BLOCKS_PER_PROG, _STATS_TOKENS_PER_ITER // block_size))
-    blocks_per_prog = max(_STATS_BLOCKS_PER_PROG, blocks_per_iter)
+    blocks_per_iter = max(1, min(CONFIG["stats_blocks_per_prog"], CONFIG["stats_tokens_per_iter"] // block_size))
+    blocks_per_prog = max(CONFIG["stats_blocks_per_prog"], blocks_per_iter)
     _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
         q_idx, index.kernel_base(), index.offsets, block_table, seq_lens, workspace.block_max, workspace.block_sum,
         *q_idx.stride(), index_table.page_stride, index_table.token_stride, *block_table.stride(),

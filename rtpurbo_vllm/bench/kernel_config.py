@@ -1,0 +1,49 @@
+"""The Triton kernels' launch settings (each kernel module's ``CONFIG``, read at every launch), set from a
+benchmark's command line as ``KERNEL.KEY=VALUE`` so that one GPU call can time several settings.
+
+    python3 -P benchmarks/bench_attention.py --decode 128 512 --batch 1 4 --config sparse_decode.warps=8
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+KERNELS = ("block_topp", "sparse_decode", "sparse_prefill")
+"""Kernel packages under ``rtpurbo_vllm.triton_kernels`` whose ``kernel.CONFIG`` can be set."""
+
+
+def kernel_configs() -> dict[str, dict[str, Any]]:
+    """``{kernel: its CONFIG}``, the live dicts (changing one changes the next launch)."""
+    return {name: importlib.import_module(f"rtpurbo_vllm.triton_kernels.{name}.kernel").CONFIG for name in KERNELS}
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
+    """``["KERNEL.KEY=VALUE", ...]`` (VALUE a positive integer) as ``{KERNEL: {KEY: VALUE}}``; raises
+    ``ValueError`` naming the first bad item and what is allowed."""
+    configs, overrides = kernel_configs(), {}
+    for item in items:
+        target, sep, text = item.partition("=")
+        kernel, dot, key = target.partition(".")
+        if not sep or not dot or kernel not in configs:
+            raise ValueError(f"--config {item!r}: expected KERNEL.KEY=VALUE with KERNEL one of {', '.join(KERNELS)}")
+        if key not in configs[kernel]:
+            raise ValueError(f"--config {item!r}: {kernel} has no setting {key!r}; its settings are "
+                             f"{', '.join(sorted(configs[kernel]))}")
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"--config {item!r}: the value must be a positive integer")
+        overrides.setdefault(kernel, {})[key] = value
+    return overrides
+
+
+def apply_overrides(overrides: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Sets ``overrides`` (from :func:`parse_overrides`) for the rest of the process; returns a copy of
+    every kernel's settings as they now are."""
+    configs = kernel_configs()
+    for kernel, values in overrides.items():
+        configs[kernel].update(values)
+    return {name: dict(config) for name, config in configs.items()}

@@ -1,0 +1,41 @@
+"""rtpurbo_vllm.bench.kernel_config: KERNEL.KEY=VALUE launch settings from a benchmark's command line."""
+
+import importlib
+
+import pytest
+
+from rtpurbo_vllm.bench import kernel_config as kc
+
+
+@pytest.fixture
+def fresh_configs(monkeypatch):
+    """Each kernel's CONFIG replaced by a copy for the test (apply_overrides changes them in place)."""
+    for name in kc.KERNELS:
+        module = importlib.import_module(f"rtpurbo_vllm.triton_kernels.{name}.kernel")
+        monkeypatch.setattr(module, "CONFIG", dict(module.CONFIG))
+    return kc.kernel_configs()
+
+
+def test_overrides_are_parsed_and_applied(fresh_configs):
+    overrides = kc.parse_overrides(["block_topp.search_bits=2", "sparse_decode.warps=8", "block_topp.search_bits=4"])
+    assert overrides == {"block_topp": {"search_bits": 4}, "sparse_decode": {"warps": 8}}
+    before = {name: dict(config) for name, config in fresh_configs.items()}
+    now = kc.apply_overrides(overrides)
+    assert now["block_topp"] == {**before["block_topp"], "search_bits": 4}
+    assert now["sparse_decode"]["warps"] == 8 and now["sparse_prefill"] == before["sparse_prefill"]
+    assert kc.kernel_configs()["sparse_decode"]["warps"] == 8          # the live settings the launches read
+    assert kc.apply_overrides({}) == now
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill"),
+    ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
+    ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
+    ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are stages, tile_local"),
+    ("sparse_decode.warps=eight", "the value must be a positive integer"),
+    ("sparse_decode.warps=0", "the value must be a positive integer"),
+])
+def test_bad_overrides_are_named(item, message):
+    with pytest.raises(ValueError, match="--config") as error:
+        kc.parse_overrides(["block_topp.search_bits=2", item])
+    assert item in str(error.value) and message in str(error.value)
