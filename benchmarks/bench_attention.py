@@ -67,10 +67,9 @@ def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, wi
 
 def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
     """K|V cache in vLLM's packed layout, random contents; distinct pages per sequence."""
-    num_pages = math.ceil(num_tokens_per_seq / PAGE) * num_seqs
+    block_table, num_pages = random_block_table(num_tokens_per_seq, num_seqs, device)
     kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device)
     key_cache, value_cache = kv.split(D, dim=-1)
-    block_table, _ = random_block_table(num_tokens_per_seq, num_seqs, device)
     return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
 
