@@ -6,7 +6,9 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
    kind's slot mapping; fp8 caches quantised with the layer's scales);
 2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the index units;
 3. decode tokens: index queries -> block top-p per retrieval head -> head-wise sparse decode
-   (retrieval heads over their kept blocks, local heads over sinks + window);
+   (retrieval heads over their kept blocks, local heads over sinks + window); on a GPU the local
+   heads' part runs on a side stream while the selection runs (one stream per device, shared by
+   the layers; the layer joins it before combining);
 4. prefill tokens: head-wise prefill (local heads sinks + window; retrieval heads dense causal, or,
    with ``prefill_top_p < 1``, index queries -> per query tile the sink, diagonal and top-p blocks).
 
@@ -52,6 +54,7 @@ from rtpurbo_vllm.triton_kernels.sparse_decode import headwise_sparse_decode
 
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")
 _ROPE_TABLES: dict[tuple[RopeSpec, torch.device], torch.Tensor] = {}
+_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
 
 
 @dataclass
@@ -105,6 +108,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         self.layer_name: str | None = None
         self.heads: _LayerHeads | None = None
         self.kv: LayerKV | None = None
+        self.side_stream: torch.cuda.Stream | None = None      # set with the weights (CUDA only)
         # Set by the metadata builder: a weak reference to its ``prepare`` (caches bound, warmed up).
         self.prepare_caches: Callable[[], Callable[[], None] | None] = lambda: None
 
@@ -146,6 +150,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         )
         self.rope_table = _shared_rope_table(self.rope, torch.device(device),
                                              self.vllm_config.model_config.max_model_len)
+        self.side_stream = _shared_side_stream(torch.device(device))
 
     def bind_kv_cache(self) -> None:
         """Resolves the layer's unit tensors once vLLM has bound them (idempotent; never inside a
@@ -228,22 +233,37 @@ class RTPurboAttentionImpl(AttentionImpl):
                                block_size=self.params.block_size)
 
     def _decode(self, layer, query, kv_tables, index_table, md: RTPurboMetadata, out) -> None:
-        """Decode part: index queries, block top-p and the head-wise sparse decode into ``out``."""
+        """Decode part: the head-wise sparse decode into ``out``, its select step the index queries and the
+        block top-p (beside the local heads' splits, on the side stream on a GPU)."""
         dec, heads, p, kv = md.decode, self.heads, self.params, self.kv
         ws = dec.workspace
         num_decodes, num_retrieval = query.shape[0], heads.retrieval_heads.shape[0]
         selected = ws.selected[:num_decodes, :num_retrieval]
         num_selected = ws.num_selected[:num_decodes, :num_retrieval]
-        if num_retrieval:
+        def select() -> None:
             q_idx = ws.index_queries[:num_decodes, :num_retrieval]
             index_queries(query, md.positions[:num_decodes], self.rope_table, heads.retrieval_heads, heads.w_q,
                           q_idx, is_neox_style=self.rope.is_neox_style)
             block_topp(q_idx, kv.index, kv.index.table(0, index_table), dec.seq_lens, p.top_p, p.sink_tokens,
                        p.block_size, selected.shape[-1], ws.topp[num_retrieval], selected, num_selected,
                        dense_threshold=p.dense_threshold)
+
         headwise_sparse_decode(query, kv.kv, kv_tables, dec.seq_lens, heads.retrieval_heads, selected,
                                num_selected, p.block_size, p.sink_tokens, p.window, self.scale, ws.attention, out,
-                               dense_threshold=p.dense_threshold, k_scale=layer._k_scale, v_scale=layer._v_scale)
+                               dense_threshold=p.dense_threshold, k_scale=layer._k_scale, v_scale=layer._v_scale,
+                               select=select if num_retrieval else None, side_stream=self.side_stream)
+
+
+def _shared_side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream the local heads' decode splits run on beside the block top-p: one per CUDA device for
+    every layer of the process (made here, at weight loading, never during a graph capture); None off
+    CUDA, where the decode runs in order on one stream."""
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[key]
 
 
 def _shared_rope_table(spec: RopeSpec, device: torch.device, max_model_len: int) -> torch.Tensor:

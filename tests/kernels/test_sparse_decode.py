@@ -343,6 +343,45 @@ def test_reuse_same_tensors_new_values(seed):
         _check(q, kv, tables, lens, [0, 6], selected, num_selected, bs, sink, window, out, lse)
 
 
+@pytest.mark.parametrize("ret", [[0, 6], [], list(range(8))], ids=["two", "none", "all"])
+def test_select_step_between_the_launches(seed, ret):
+    """With a ``select`` step the KV-group units launch first, then ``select`` fills the selection, then
+    the retrieval units launch: the output is the one-launch op's on the filled selection, bit for bit
+    (scattered layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
+    hq, head_kind, d, bs, sink, window = 8, [0, 1, 1, 0], 64, 64, 4, 50
+    if len(ret) == hq:
+        head_kind = [0] * 4
+    kinds = [KindSpec(16, 2, 2), KindSpec(32, 2, 2)]
+    lens = [400, 1, 130, 65]
+    lay, _ = PL.paged_kv(lens, head_kind, d, bf16, kinds, DEVICE, [None, PL.kept_window(lens, sink, window)])
+    max_blocks = math.ceil(max(lens) / bs)
+    q = torch.randn(len(lens), hq, d, dtype=bf16, device=DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ret_t = torch.tensor(ret, dtype=torch.int32, device=DEVICE)
+    sel, nsel, _ = _selection(lens, len(ret), bs, sink, max_blocks)
+    sel, nsel = sel.to(DEVICE), nsel.to(DEVICE)
+    outs = []
+    for staged in (False, True):
+        selected = torch.full_like(sel, -7) if staged else sel.clone()
+        num_selected = torch.full_like(nsel, -7) if staged else nsel.clone()
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((len(lens), hq), float("nan"), device=DEVICE)
+        calls = []
+
+        def select():
+            calls.append(1)
+            selected.copy_(sel)
+            num_selected.copy_(nsel)
+
+        headwise_sparse_decode(q, lay.paged, lay.tables, seq_lens, ret_t, selected, num_selected, bs, sink, window,
+                               d ** -0.5, _workspace(len(lens), hq, d, 4, DEVICE), out, lse,
+                               select=select if staged else None)
+        assert calls == ([1] if staged else [])
+        _check(q, lay.paged, lay.tables, lens, ret, selected, num_selected, bs, sink, window, out, lse)
+        outs.append((out, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_splits_for_batch():
     ws = allocate_sparse_decode_workspace(8, 2, 16, splits_per_seq=4, max_splits=64)
     assert [ws.splits_for_batch(b) for b in (1, 2, 3, 5, 8)] == [32, 16, 8, 4, 4]
@@ -473,8 +512,11 @@ def test_gpu_int64_page_offsets(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-def test_gpu_cuda_graph_replay(seed, kv_dtype):
-    """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay."""
+@pytest.mark.parametrize("side_stream", [False, True], ids=["one-stream", "side-stream"])
+def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream):
+    """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay.
+    With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
+    step (a copy of the staged selection) and the retrieval units run on the capture stream."""
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
     max_len = 20_000
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]
@@ -495,9 +537,17 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype):
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, device="cuda")
 
+    staged = (selected.clone(), num_selected.clone())
+    stream = torch.cuda.Stream() if side_stream else None
+
+    def select():
+        selected.copy_(staged[0])
+        num_selected.copy_(staged[1])
+
     def call():
-        _call(q, kv, tables, seq_lens, ret, selected, num_selected, bs, sink, window, ws, out, lse, 0, k_scale,
-              v_scale)
+        headwise_sparse_decode(q, kv, tables, seq_lens, ret, selected, num_selected, bs, sink, window, d ** -0.5, ws,
+                               out, lse, k_scale=k_scale, v_scale=v_scale, select=select if side_stream else None,
+                               side_stream=stream)
 
     graph = capture(call)
     for lens in ([1, 64, 65, 2047, 2048, 2049, 19_999, 20_000], [max_len - i * 999 for i in range(batch)]):
@@ -507,8 +557,8 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype):
         q.copy_(torch.randn_like(q))
         seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         sel, nsel, _ = _selection(lens, len(GPU_RETRIEVAL), bs, sink, max_blocks)
-        selected.copy_(sel)
-        num_selected.copy_(nsel)
+        (staged[0] if side_stream else selected).copy_(sel)
+        (staged[1] if side_stream else num_selected).copy_(nsel)
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
         graph.replay()

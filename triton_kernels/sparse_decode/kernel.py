@@ -20,14 +20,20 @@ splits_for_batch`: small batches get more splits per sequence from the same work
 grids depend only on shapes: the op is CUDA-graph safe and never syncs with the host. Its compiled
 variants differ only in S (the block tables' row strides are not specialised on). Two launches:
 
-1. ``_split_kernel``, grid ``(B, HR + HKV, S)``, one program per (sequence, head unit, split):
+1. ``_split_kernel``, grid ``(B, units, S)``, one program per (sequence, head unit, split), units
+   ``HR + HKV`` in all (retrieval units first):
    - a retrieval unit ``r < HR`` follows its own block list (a tile may span several blocks; each
      token's page comes from the block table); its single query row is padded to the 16-row minimum
      of ``tl.dot``;
    - a KV-group unit takes the G query heads of the group together (one ``[G, D] x [D, TILE]`` dot
      per tile, so K/V are loaded once for the group); rows of retrieval heads are computed but not
      stored, and a group without local heads does nothing.
-   Both kinds share one launch so that they overlap (back to back, batch 1 leaves the GPU idle).
+   Without a ``select`` step, one launch covers every unit, so both kinds share the machine (back to
+   back, batch 1 leaves it idle). With one (the caller's block top-p, which fills ``selected``), the
+   KV-group units launch first, on ``side_stream`` when given, and run while ``select`` and then the
+   retrieval units run on the current stream: the local heads' window, most of the bytes a step reads,
+   no longer waits for the latency-bound selection. The current stream waits for the side stream
+   before the combine (a fork and join that CUDA-graph capture records as parallel branches).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
 K/V addressing (:mod:`..paged_heads`): the layer's KV heads are a :class:`PagedHeads` of width
@@ -50,8 +56,9 @@ Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page of
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -286,10 +293,11 @@ def _retrieval_split(
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
-@triton.jit(do_not_specialize=["s_bt0", "s_bt1"])
+@triton.jit(do_not_specialize=["s_bt0", "s_bt1", "first_unit"])
 def _split_kernel(
     q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
     po_ptr, pl_ptr, k_scale_ptr, v_scale_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
+    first_unit,
     s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1, s_bt1,
     s_sb, s_sr, s_nb, s_nr, s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
@@ -297,13 +305,10 @@ def _split_kernel(
     TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, OFF_ALIGN: tl.constexpr,
     UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Grid ``(B, HR + HKV, S)``: retrieval heads first (their splits run longest), then KV groups.
-
-    One launch for both kinds of head, so their programs share the machine instead of running
-    back to back (which at batch 1 leaves most of it idle).
-    """
+    """Grid ``(B, units, S)``: units ``first_unit ..`` of the ``HR`` retrieval units (their splits run
+    longest) followed by the ``HKV`` KV-group units."""
     b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    head = tl.program_id(1) + first_unit
     split = tl.program_id(2)
     out_scale = 1.0
     if FP8:
@@ -394,8 +399,9 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
                            num_selected: torch.Tensor, block_size: int, sink_tokens: int, window: int,
                            scale: float, workspace: SparseDecodeWorkspace, out: torch.Tensor,
                            lse: torch.Tensor | None = None, dense_threshold: int = 0,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           select: Callable[[], object] | None = None,
+                           side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """Head-wise sparse decode attention of one layer for B decode sequences (one new token each).
 
     Only shapes, dtypes and devices are checked (no host sync); values are trusted. Launch shapes
@@ -434,6 +440,12 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             sequence). 0: no sequence is dense.
         k_scale, v_scale: fp8 units only: 1-element float32 device tensors (vLLM's ``layer._k_scale``
             / ``_v_scale``); a stored value means ``fp8 * scale``. Ignored for bf16/fp16 units.
+        select: optional step that fills ``selected`` and ``num_selected`` (the retrieval heads'
+            block top-p), launched on the current stream after the KV-group units' splits and before
+            the retrieval units' (see the module docstring); ``None``: they are filled already.
+        side_stream: with ``select``, the CUDA stream the KV-group units' splits run on, after the
+            work queued so far on the current stream; the current stream waits for it before the
+            combine. ``None``: everything runs on the current stream, in the same order.
 
     Returns:
         ``out``.
@@ -480,6 +492,8 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
                *((k_scale, v_scale) if fp8 else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
     if batch == 0:
+        if select is not None:
+            select()
         return out
     num_splits = workspace.splits_for_batch(batch)   # raises if the workspace is too small
 
@@ -506,16 +520,33 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     sel_arg = selected if has_ret else seq_lens
     sel_strides = selected.stride()[:2] if has_ret else (0, 0)
     scale_args = (k_scale, v_scale) if fp8 else (pl, pl)
-    _split_kernel[(batch, num_ret + num_kv_heads, num_splits)](
-        q, kv.kernel_base(), kv.offsets, kv.kinds, tables[0].block_table, tables[1].block_table, seq_lens, ret_arg,
-        sel_arg, nsel_arg, po, pl, *scale_args,
-        sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret,
-        q.stride(0), q.stride(1), *table_args, *sel_strides, *nsel_strides, *part_strides,
-        G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
-        HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
-        TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
-        UPCAST_DOT=upcast, FP8=fp8, num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )
+
+    def launch_splits(first_unit: int, num_units: int) -> None:
+        if num_units == 0:
+            return
+        _split_kernel[(batch, num_units, num_splits)](
+            q, kv.kernel_base(), kv.offsets, kv.kinds, tables[0].block_table, tables[1].block_table, seq_lens,
+            ret_arg, sel_arg, nsel_arg, po, pl, *scale_args,
+            sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret, first_unit,
+            q.stride(0), q.stride(1), *table_args, *sel_strides, *nsel_strides, *part_strides,
+            G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
+            HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
+            TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
+            UPCAST_DOT=upcast, FP8=fp8, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        )
+
+    if select is None:
+        launch_splits(0, num_ret + num_kv_heads)
+    else:
+        main_stream = torch.cuda.current_stream(q.device) if side_stream is not None else None
+        if side_stream is not None:
+            side_stream.wait_stream(main_stream)          # the decode token's K/V is written
+        with torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext():
+            launch_splits(num_ret, num_kv_heads)
+        select()
+        launch_splits(0, num_ret)
+        if side_stream is not None:
+            main_stream.wait_stream(side_stream)
     lse_arg = lse if lse is not None else pl
     lse_strides = lse.stride() if lse is not None else (0, 0)
     d_block = min(d_pad, 32)
