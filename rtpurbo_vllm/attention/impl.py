@@ -7,8 +7,8 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
 2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the index units;
 3. decode tokens: index queries -> block top-p per retrieval head -> head-wise sparse decode
    (retrieval heads over their kept blocks, local heads over sinks + window); on a GPU the local
-   heads' part runs on a side stream while the selection runs (one stream per device, shared by
-   the layers; the layer joins it before combining);
+   heads' part runs on vLLM's auxiliary stream while the selection runs (the layer joins it before
+   combining);
 4. prefill tokens: head-wise prefill (local heads sinks + window; retrieval heads dense causal, or,
    with ``prefill_top_p < 1``, index queries -> per query tile the sink, diagonal and top-p blocks).
 
@@ -38,6 +38,7 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.torch_utils import aux_stream
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from rtpurbo_vllm.attention.metadata import RTPurboMetadata
@@ -54,7 +55,6 @@ from rtpurbo_vllm.triton_kernels.sparse_decode import headwise_sparse_decode
 
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")
 _ROPE_TABLES: dict[tuple[RopeSpec, torch.device], torch.Tensor] = {}
-_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
 
 
 @dataclass
@@ -150,7 +150,8 @@ class RTPurboAttentionImpl(AttentionImpl):
         )
         self.rope_table = _shared_rope_table(self.rope, torch.device(device),
                                              self.vllm_config.model_config.max_model_len)
-        self.side_stream = _shared_side_stream(torch.device(device))
+        # vLLM's auxiliary stream (one per process, made here, never during a graph capture); None off CUDA.
+        self.side_stream = aux_stream() if torch.device(device).type == "cuda" else None
 
     def bind_kv_cache(self) -> None:
         """Resolves the layer's unit tensors once vLLM has bound them (idempotent; never inside a
@@ -252,18 +253,6 @@ class RTPurboAttentionImpl(AttentionImpl):
                                num_selected, p.block_size, p.sink_tokens, p.window, self.scale, ws.attention, out,
                                dense_threshold=p.dense_threshold, k_scale=layer._k_scale, v_scale=layer._v_scale,
                                select=select if num_retrieval else None, side_stream=self.side_stream)
-
-
-def _shared_side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream the local heads' decode splits run on beside the block top-p: one per CUDA device for
-    every layer of the process (made here, at weight loading, never during a graph capture); None off
-    CUDA, where the decode runs in order on one stream."""
-    if device.type != "cuda":
-        return None
-    key = str(device)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[key]
 
 
 def _shared_rope_table(spec: RopeSpec, device: torch.device, max_model_len: int) -> torch.Tensor:
