@@ -241,6 +241,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         num_decodes, num_retrieval = query.shape[0], heads.retrieval_heads.shape[0]
         selected = ws.selected[:num_decodes, :num_retrieval]
         num_selected = ws.num_selected[:num_decodes, :num_retrieval]
+
         def select() -> None:
             q_idx = ws.index_queries[:num_decodes, :num_retrieval]
             index_queries(query, md.positions[:num_decodes], self.rope_table, heads.retrieval_heads, heads.w_q,
