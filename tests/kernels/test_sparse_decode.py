@@ -466,6 +466,9 @@ def test_bad_arguments():
     window_only = PagedHeads.from_units([cache], [0, 0], [0, 1], [1, 1])   # retrieval heads need kind 0
     with pytest.raises(ValueError, match="kind-0"):
         headwise_sparse_decode(q, window_only, [None, window_only.table(1, bt)], *args[3:])
+    if not q.is_cuda:
+        with pytest.raises(ValueError, match="side_stream runs CUDA tensors only"):
+            headwise_sparse_decode(*args, select=lambda: None, side_stream=object())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -491,6 +491,8 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     tensors = (q, kv.base, seq_lens, retrieval_heads, selected, num_selected, po, pl, out,
                *((k_scale, v_scale) if fp8 else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
+    _check(side_stream is None or q.is_cuda, f"side_stream runs CUDA tensors only; these are on {q.device} "
+                                              "(pass side_stream=None)")
     if batch == 0:
         if select is not None:
             select()
