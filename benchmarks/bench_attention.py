@@ -9,8 +9,8 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   included). As for decode, ``--keep`` of the blocks are planted as the indexer's hot blocks (every
   query of a retrieval head points the same way), and the share each tile really kept is printed.
 - Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs index queries + block top-p
-  + head-wise sparse decode, the local heads' part on a side stream beside the first two (as served). Random weights have no real sparsity, so the kept-block share is set
-  explicitly: ``--keep`` of each sequence's blocks are planted as the indexer's hot blocks (the
+  + head-wise sparse decode, the local heads' part on a side stream beside the first two (as served).
+  Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each sequence's blocks are planted as the indexer's hot blocks (the
   paper measures > 97% decode sparsity at 512K, i.e. about 3% kept); the share top-p really kept
   is printed. Both sides are timed as CUDA-graph replays (median of repeats).
 

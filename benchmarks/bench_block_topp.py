@@ -10,7 +10,8 @@ stats and selection) is timed at every (width, chunk), and every setting must se
 binary search at the default chunk selects; the script exits with 1 if one does not.
 
 Run on a GPU from the repo root:
-    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4] [--chunks 4096 8192 16384]
+    python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--bits 1 2 3 4]
+    python3 -P benchmarks/bench_block_topp.py --bits 3 --chunks 4096 8192 16384
 """
 
 from __future__ import annotations

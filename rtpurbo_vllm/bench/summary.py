@@ -8,7 +8,8 @@ is the points RTPURBO loses, lower is better. A metric never measured is absent.
 
 The benchmarks' result files are turned into entries by :func:`from_bench_attention`,
 :func:`from_bench_serving`, :func:`from_bench_throughput` and :func:`from_bench_engine`; the command line
-records them and rewrites the generated tables (between ``<!-- summary:NAME -->`` and ``<!-- /summary:NAME -->``):
+records them and rewrites the generated tables (between ``<!-- summary:NAME -->`` and
+``<!-- /summary:NAME -->``):
 
     python -m rtpurbo_vllm.bench.summary record OUT/bench_throughput.json --date 2026-12-05
     python -m rtpurbo_vllm.bench.summary write      # the tables from the JSON

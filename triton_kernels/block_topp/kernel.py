@@ -28,8 +28,8 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (``CONFIG["select_chunk"]``) blocks keeps its masses in registers through the search; a longer row
-   re-reads them from the workspace once per search step. The choice is made per row, so a long ``max_model_len`` (which sets
-   ``max_blocks``) does not put short rows on the slow path.
+   re-reads them from the workspace once per search step. The choice is made per row, so a long
+   ``max_model_len`` (which sets ``max_blocks``) does not put short rows on the slow path.
 
 Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
 ``base + offsets[r]`` (its unit tensor and slot) plus ``page * page_stride + (t % P) * token_stride``,

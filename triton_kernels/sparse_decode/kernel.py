@@ -56,7 +56,6 @@ Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page of
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -540,15 +539,15 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     if select is None:
         launch_splits(0, num_ret + num_kv_heads)
     else:
-        main_stream = torch.cuda.current_stream(q.device) if side_stream is not None else None
-        if side_stream is not None:
-            side_stream.wait_stream(main_stream)          # the decode token's K/V is written
-        with torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext():
+        fork = side_stream is not None
+        if fork:
+            side_stream.wait_stream(torch.cuda.current_stream(q.device))   # the decode token's K/V is written
+        with torch.cuda.stream(side_stream):         # a no-op for None: the current stream, in order
             launch_splits(num_ret, num_kv_heads)
         select()
         launch_splits(0, num_ret)
-        if side_stream is not None:
-            main_stream.wait_stream(side_stream)
+        if fork:
+            torch.cuda.current_stream(q.device).wait_stream(side_stream)
     lse_arg = lse if lse is not None else pl
     lse_strides = lse.stride() if lse is not None else (0, 0)
     d_block = min(d_pad, 32)
