@@ -17,8 +17,8 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
 Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
-It prints a table of times and ratios, RTPURBO's decode step split into its launch groups (each
-timed alone), and per decode point the bytes the step must read (:func:`decode_bytes`) with the
+It prints a table of times and ratios, RTPURBO's decode step as the GPU runs it (each kernel's start and
+duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must read (:func:`decode_bytes`) with the
 achieved TB/s of both sides and their share of the card's peak (``--peak-bandwidth``, default an
 H200's 4.8 TB/s); it writes ``bench_attention.json`` and ``bench_attention.png``.
 """
@@ -38,7 +38,8 @@ from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIE
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.kernel_config import apply_overrides, parse_overrides
-from rtpurbo_vllm.bench.timing import time_cuda_graph, time_eager
+from rtpurbo_vllm.bench.timing import (format_timeline, profile_cuda_graph, replay_timeline, time_cuda_graph,
+                                      time_eager)
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.outputs import write_figure, write_json
 from rtpurbo_vllm.rope import apply_rope
@@ -152,22 +153,11 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     def dense():
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
 
-    # RTPURBO's decode step, its launch groups: index queries (un-RoPE + W_q), block top-p (block scores +
-    # selection), head-wise sparse decode (split-KV + combine; in the step its local heads' splits run on a
-    # side stream beside the first two). Each is also timed alone: where the time goes at batch 1.
-    parts = {
-        "index_query": lambda: index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True),
-        "block_topp": lambda: block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks,
-                                         topp_ws, selected, num_selected),
-        "sparse_decode": lambda: headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected,
-                                                        BS, SINK, WINDOW, D ** -0.5, attn_ws, out),
-    }
-
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def select():
-        parts["index_query"]()
-        parts["block_topp"]()
+    def select():           # index queries (un-RoPE + W_q), then block top-p (block scores + selection)
+        index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
+        block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected, num_selected)
 
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection
         headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected, BS, SINK, WINDOW,
@@ -175,10 +165,10 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
 
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
-    parts_ms = {name: time_cuda_graph(part, repeats) for name, part in parts.items()}
+    timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
             "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
-            "bytes": decode_bytes(batch, length, int(num_selected.sum().item())), "rtpurbo_parts_ms": parts_ms}
+            "bytes": decode_bytes(batch, length, int(num_selected.sum().item())), "rtpurbo_kernels": timeline}
 
 
 def decode_bytes(batch: int, length: int, kept_blocks: int) -> dict[str, int]:
@@ -317,14 +307,13 @@ def main(argv=None) -> int:
         sparse = f"{r['rtpurbo_sparse_ms']:10.3f} {r['sparse_speedup']:7.2f}x" if "rtpurbo_sparse_ms" in r else ""
         print(f"{r['phase']:8} {r['batch']:5d} {r['context'] // 1024:7d}K {r['fa3_ms']:10.3f} "
               f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {r['kept_block_share']:6.3f} {sparse}")
-    print("\nRTPURBO decode, each launch group replayed alone (ms; each includes its own graph launch, so they "
-          "add up to more than the step)")
-    decode_rows = [r for r in rows if "rtpurbo_parts_ms" in r]
+    decode_rows = [r for r in rows if "rtpurbo_kernels" in r]
     if decode_rows:
-        print(f"{'batch':>5} {'context':>8} " + " ".join(f"{name:>14}" for name in decode_rows[0]["rtpurbo_parts_ms"]))
+        print(f"\nRTPURBO decode step on the GPU: its CUDA graph replayed {args.repeats} times under torch.profiler "
+              "(medians; kernels of the side stream overlap the others)")
     for r in decode_rows:
-        print(f"{r['batch']:5d} {r['context'] // 1024:7d}K "
-              + " ".join(f"{ms:14.4f}" for ms in r["rtpurbo_parts_ms"].values()))
+        print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events)")
+        print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
         print_bandwidth(decode_rows, args.peak_bandwidth)
     return 0

@@ -6,7 +6,8 @@
 #   bash scripts/gpu_checks.sh tests [kernels]  # GPU kernel/prefill tests (+ vllm.LLM engine tests)
 #   bash scripts/gpu_checks.sh cudagraph  # full CUDA graphs of decode steps: FULL vs PIECEWISE vs eager tokens
 #   bash scripts/gpu_checks.sh serve [pytest args]   # vllm serve, tiny model: accuracy, preemption, TP=2, V1
-#   bash scripts/gpu_checks.sh layer      # benchmarks/bench_attention.py (one layer vs FA3)
+#   bash scripts/gpu_checks.sh layer [args]  # benchmarks/bench_attention.py (one layer vs FA3)
+#   bash scripts/gpu_checks.sh topp [KEY=V1,V2 ...]  # benchmarks/bench_block_topp.py: decode block top-p per setting
 #   bash scripts/gpu_checks.sh serving BACKEND [extra bench_serving args]   # vllm bench serve, 8B dummy
 #   bash scripts/gpu_checks.sh ttft [K...] [flags]  # TTFT at concurrency 1, FLASH_ATTN and RTPURBO (default 32K, 128K)
 #   bash scripts/gpu_checks.sh decode     # TPOT/ITL of decode alone at 128K, c1, FLASH_ATTN and RTPURBO (primed)
@@ -29,7 +30,7 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
-stage=${1:?stage: tests | cudagraph | serve | layer | serving | ttft | decode | latency | kvsplit | capacity | eval | stability | stability-control | firstreq | throughput | engine}
+stage=${1:?stage: tests | cudagraph | serve | layer | topp | serving | ttft | decode | latency | kvsplit | capacity | eval | stability | stability-control | firstreq | throughput | engine}
 shift
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
@@ -49,6 +50,12 @@ case "$stage" in
   layer)
     timeout 560 python3 -P benchmarks/bench_attention.py --prefill 32 128 512 1024 --decode 32 128 512 \
       --batch 1 32 --repeats 5 --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_attention.log" ;;
+  topp)
+    # Every combination of the given block_topp settings (default: the stats kernel's), stats and select
+    # kernels timed apart, at 128K and 512K, batch 1 and 4 (~1 min per 10 settings).
+    [ $# -eq 0 ] && set -- stats_blocks_per_prog=8,16,32 stats_tokens_per_iter=256,1024
+    timeout 560 python3 -P benchmarks/bench_block_topp.py --contexts 128 512 --batch 1 4 --sweep "$@" 2>&1 \
+      | tee "$OUT/bench_block_topp.log" | tail -40 ;;
   serving)
     backend=${1:?serving needs a backend: FLASH_ATTN or RTPURBO}
     shift

@@ -60,15 +60,23 @@ NOT_CANDIDATE_BITS = tl.constexpr(-2)
 
 
 @triton.jit
+def _chunk_mass(b_max, b_sum, blocks, num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total):
+    """:func:`block_mass` of stats already loaded (``b_max`` / ``b_sum`` of ``blocks``; lanes past the row are
+    masked, whatever they hold)."""
+    valid = blocks < num_blocks
+    mass = tl.where(valid, b_sum * tl.exp(b_max - global_max) * inv_total, 0.0)
+    forced = valid & ((blocks < num_sink_blocks) | (blocks >= first_tail_block))
+    return mass, valid, forced, valid & ~forced
+
+
+@triton.jit
 def block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks, first_tail_block,
                global_max, inv_total):
     """Masses of ``blocks`` (0 past the row), and which of them are valid, forced and candidates."""
     valid = blocks < num_blocks
     b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
     b_sum = tl.load(block_sum_ptr + blocks, mask=valid, other=0.0)
-    mass = tl.where(valid, b_sum * tl.exp(b_max - global_max) * inv_total, 0.0)
-    forced = valid & ((blocks < num_sink_blocks) | (blocks >= first_tail_block))
-    return mass, valid, forced, valid & ~forced
+    return _chunk_mass(b_max, b_sum, blocks, num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
 
 
 @triton.jit
@@ -100,24 +108,44 @@ def _split_point(lo, step, rest, k, SEARCH_BITS: tl.constexpr):
 
 
 @triton.jit
+def _compact_chunk(kept_ptr, count, ties_seen, blocks, mass, valid, forced, candidate, tau_bits, tau, keep_all,
+                   mass_before_ties, top_p):
+    """Appends the kept ``blocks`` of one chunk to ``kept_ptr[count:]`` in ascending order; returns the new
+    ``count`` and ``ties_seen`` (candidates tied at ``tau`` so far, in id order)."""
+    bits = mass.to(tl.int32, bitcast=True)
+    tie = (candidate & (bits == tau_bits)).to(tl.int32)
+    ties_before = ties_seen + tl.cumsum(tie, axis=0) - tie
+    tie_kept = (tie != 0) & (mass_before_ties + ties_before.to(tl.float32) * tau < top_p)
+    keep = valid & (keep_all | forced | (candidate & (bits > tau_bits)) | tie_kept)
+    keep_i = keep.to(tl.int32)
+    tl.store(kept_ptr + count + tl.cumsum(keep_i, axis=0) - keep_i, blocks.to(tl.int32), mask=keep)
+    return count + tl.sum(keep_i), ties_seen + tl.sum(tie)
+
+
+@triton.jit
 def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink_blocks, first_tail_block, top_p,
                     CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr):
     """Writes the kept block ids of one row, ascending, to ``kept_ptr[0 : count]``; returns ``count``.
 
     ``block_max_ptr`` / ``block_sum_ptr`` point at the row's block 0 (unit stride). Entries past
-    ``count`` are not written. ``SEARCH_BITS`` (1 to 8): bits of ``tau`` found per search step.
+    ``count`` are not written. ``SEARCH_BITS`` (1 to 8): bits of ``tau`` found per search step. The
+    row's first ``CHUNK`` blocks are loaded once and stay in registers (a row of at most ``CHUNK``
+    blocks is read once); the rest is re-read chunk by chunk where each pass needs it.
     """
     tl.static_assert((SEARCH_BITS >= 1) & (SEARCH_BITS <= 8), "SEARCH_BITS must be in [1, 8]")
     lanes = tl.arange(0, CHUNK)
+    first_valid = lanes < num_blocks
+    first_max = tl.load(block_max_ptr + lanes, mask=first_valid, other=float("-inf"))
+    first_sum = tl.load(block_sum_ptr + lanes, mask=first_valid, other=0.0)
     # Softmax normaliser of the row from its block stats.
-    global_max = float("-inf")
-    for start in range(0, num_blocks, CHUNK):
+    global_max = tl.max(first_max)
+    for start in range(CHUNK, num_blocks, CHUNK):
         blocks = start + lanes
         b_max = tl.load(block_max_ptr + blocks, mask=blocks < num_blocks, other=float("-inf"))
         global_max = tl.maximum(global_max, tl.max(b_max))
     global_max = tl.where(num_blocks > 0, global_max, 0.0)    # empty rows: keep the arithmetic finite
-    total = 0.0
-    for start in range(0, num_blocks, CHUNK):
+    total = tl.sum(tl.where(first_valid, first_sum * tl.exp(first_max - global_max), 0.0))
+    for start in range(CHUNK, num_blocks, CHUNK):
         blocks = start + lanes
         valid = blocks < num_blocks
         b_max = tl.load(block_max_ptr + blocks, mask=valid, other=0.0)
@@ -126,9 +154,8 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     inv_total = 1.0 / tl.maximum(total, 1.0)    # total >= 1 (the top block's own term) unless empty
 
     in_registers = num_blocks <= CHUNK
-    first_mass, _, first_forced, first_candidate = block_mass(block_max_ptr, block_sum_ptr, lanes, num_blocks,
-                                                              num_sink_blocks, first_tail_block, global_max,
-                                                              inv_total)
+    first_mass, first_valid, first_forced, first_candidate = _chunk_mass(
+        first_max, first_sum, lanes, num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
     forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
     for start in range(CHUNK, num_blocks, CHUNK):
         mass, _, forced, _ = block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks, num_sink_blocks,
@@ -168,21 +195,15 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     mass_before_ties = forced_mass + mass_above
 
     # Compaction in ascending block order.
-    count = tl.full((), 0, tl.int32)
-    ties_seen = tl.full((), 0, tl.int32)
-    for start in range(0, num_blocks, CHUNK):
+    count, ties_seen = _compact_chunk(kept_ptr, tl.full((), 0, tl.int32), tl.full((), 0, tl.int32), lanes,
+                                      first_mass, first_valid, first_forced, first_candidate, tau_bits, tau,
+                                      keep_all, mass_before_ties, top_p)
+    for start in range(CHUNK, num_blocks, CHUNK):
         blocks = start + lanes
         mass, valid, forced, candidate = block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks,
                                                     num_sink_blocks, first_tail_block, global_max, inv_total)
-        bits = mass.to(tl.int32, bitcast=True)
-        tie = (candidate & (bits == tau_bits)).to(tl.int32)
-        ties_before = ties_seen + tl.cumsum(tie, axis=0) - tie
-        tie_kept = (tie != 0) & (mass_before_ties + ties_before.to(tl.float32) * tau < top_p)
-        keep = valid & (keep_all | forced | (candidate & (bits > tau_bits)) | tie_kept)
-        keep_i = keep.to(tl.int32)
-        tl.store(kept_ptr + count + tl.cumsum(keep_i, axis=0) - keep_i, blocks.to(tl.int32), mask=keep)
-        count += tl.sum(keep_i)
-        ties_seen += tl.sum(tie)
+        count, ties_seen = _compact_chunk(kept_ptr, count, ties_seen, blocks, mass, valid, forced, candidate,
+                                          tau_bits, tau, keep_all, mass_before_ties, top_p)
     return count
 
 

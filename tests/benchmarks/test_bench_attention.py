@@ -1,11 +1,13 @@
 """benchmarks/bench_attention.py on the CPU: the decode benchmark's launches run (Triton under the
-interpreter) and fill the row, with FA3 and the CUDA-graph timer replaced (neither exists on a CPU);
+interpreter) and fill the row, with FA3, the CUDA-graph timer and the profiler replaced (none exists on a CPU);
 the decode step's byte and bandwidth accounting."""
 
 import sys
 
 import pytest
 import torch
+
+from rtpurbo_vllm.bench.timing import KernelRun
 
 
 @pytest.fixture
@@ -19,18 +21,25 @@ def bench_attention(monkeypatch, load_benchmark):
         return 2.0 if len(calls) == 1 else 0.5
 
     monkeypatch.setattr(module, "time_cuda_graph", run_once)
+
+    def profile_once(fn, repeats):     # stands in for the profiler: one eager call, two kernels per replay
+        fn()
+        return [KernelRun(name, 50.0 * i + 3.0 * k, 50.0 * i + 3.0 * k + 2.0) for i in range(repeats)
+                for k, name in enumerate(("_split_kernel", "_combine_kernel"))]
+
+    monkeypatch.setattr(module, "profile_cuda_graph", profile_once)
     monkeypatch.setattr(module, "fa3", lambda *args, **kwargs: None)
     return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
-def test_decode_row_has_the_step_and_its_parts(bench_attention):
+def test_decode_row_has_the_step_and_its_kernels(bench_attention):
     length = 3 * bench_attention.BS + 17                              # a partial last block
     row = bench_attention.bench_decode(2, length, keep=0.25, device=torch.device("cpu"), repeats=1)
     assert row["phase"] == "decode" and row["batch"] == 2 and row["context"] == length
     assert row["fa3_ms"] == 2.0 and row["rtpurbo_ms"] == 0.5 and row["speedup"] == 4.0
-    assert list(row["rtpurbo_parts_ms"]) == ["index_query", "block_topp", "sparse_decode"]
-    assert all(t == 0.5 for t in row["rtpurbo_parts_ms"].values())
+    timeline = row["rtpurbo_kernels"]
+    assert timeline["span_us"] == 5.0 and [k["name"] for k in timeline["kernels"]] == ["_split_kernel", "_combine_kernel"]
     assert 0.0 < row["kept_block_share"] <= 1.0                       # block top-p really ran
 
 

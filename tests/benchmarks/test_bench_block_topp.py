@@ -1,9 +1,11 @@
 """benchmarks/bench_block_topp.py on the CPU: without CUDA it exits with 2; a point's launches run (Triton
-under the interpreter) with the CUDA-graph timer replaced, one row per (search width, register chunk),
-all selecting what the binary search selects; bad settings exit with 2."""
+under the interpreter) with the CUDA-graph timer and the profiler replaced, one row per setting, all
+selecting what the binary search selects; sweeps combine settings; bad settings exit with 2."""
 
 import pytest
 import torch
+
+from rtpurbo_vllm.bench.timing import KernelRun
 
 
 @pytest.fixture
@@ -20,17 +22,39 @@ def test_without_cuda_exits_2(bench, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
 def test_point_rows(bench, monkeypatch):
     monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, repeats: (fn(), 0.25)[1])
+    monkeypatch.setattr(bench, "profile_cuda_graph", lambda fn, repeats: [
+        KernelRun(name, 10.0 * i + k, 10.0 * i + k + 1.0 + k) for i in range(repeats)
+        for k, name in enumerate(("_block_stats_kernel", "_select_kernel"))])
     default = dict(bench.topp_kernel.CONFIG)
     length = 5 * bench.BS + 17
-    settings = [(1, 4096), (4, 4096), (2, 4)]      # chunk 4: the 6-block rows take the re-read path
-    rows = bench.bench_point(2, length, settings, keep=0.25, device=torch.device("cpu"), repeats=1)
-    assert [(r["search_bits"], r["select_chunk"]) for r in rows] == settings
-    assert all(r["same_as_binary"] and r["ms"] == 0.25 and r["blocks"] == 6 for r in rows)
+    settings = [{"search_bits": 1}, {"search_bits": 4}, {"search_bits": 2, "select_chunk": 4},
+                {"stats_blocks_per_prog": 2, "stats_tokens_per_iter": 64}]   # chunk 4: the 6-block rows re-read
+    rows = bench.bench_point(2, length, settings, keep=0.25, device=torch.device("cpu"), repeats=3)
+    assert [r["settings"] for r in rows] == settings
+    assert all(r["same_as_reference"] and r["ms"] == 0.25 and r["blocks"] == 6 for r in rows)
+    assert all(r["kernel_us"] == {"stats": 1.0, "select": 2.0} for r in rows)
     assert 0.0 < rows[0]["kept_block_share"] < 1.0
     assert bench.topp_kernel.CONFIG == default
 
 
-@pytest.mark.parametrize("flags", [["--chunks", "3000"], ["--bits", "9"]])
-def test_bad_settings_exit_2(bench, capsys, flags):
+def test_sweeps_combine_after_the_reference(bench):
+    sweep = bench.parse_sweep(["search_bits=1,3", "stats_tokens_per_iter=256,1024"])
+    assert sweep == {"search_bits": [1, 3], "stats_tokens_per_iter": [256, 1024]}
+    default_tokens = bench.topp_kernel.CONFIG["stats_tokens_per_iter"]
+    settings = bench.sweep_settings(sweep)
+    assert settings[0] == {"search_bits": 1}
+    expected = [{"search_bits": b, "stats_tokens_per_iter": t} for b in (1, 3) for t in (256, 1024)
+                if (b, t) != (1, default_tokens)]
+    assert settings[1:] == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sweep", "select_chunk=3000"], "search_bits takes 1..8, the other settings powers of two"),
+    (["--sweep", "search_bits=9"], "search_bits takes 1..8"),
+    (["--sweep", "search_bits=x"], "search_bits takes 1..8"),
+    (["--sweep", "serch_bits=3"], "expected KEY=V1,V2,... with KEY one of"),
+])
+def test_bad_settings_exit_2(bench, capsys, flags, message):
     assert bench.main(flags) == 2
-    assert "--chunks must be powers of two and --bits in 1..8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --sweep") and message in err
