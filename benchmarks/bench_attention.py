@@ -18,9 +18,10 @@ Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
 It prints a table of times and ratios, RTPURBO's decode step as the GPU runs it (each kernel's start and
-duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must read (:func:`decode_bytes`) with the
-achieved TB/s of both sides and their share of the card's peak (``--peak-bandwidth``, default an
-H200's 4.8 TB/s); it writes ``bench_attention.json`` and ``bench_attention.png``.
+duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must
+read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
+(``--peak-bandwidth``, default an H200's 4.8 TB/s); it writes ``bench_attention.json`` and
+``bench_attention.png``.
 """
 
 from __future__ import annotations

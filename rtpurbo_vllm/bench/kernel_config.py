@@ -2,6 +2,7 @@
 benchmark's command line as ``KERNEL.KEY=VALUE`` so that one GPU call can time several settings.
 
     python3 -P benchmarks/bench_attention.py --decode 128 512 --batch 1 4 --config sparse_decode.warps=8
+    python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config launch.pdl=1
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-KERNELS = ("block_topp", "sparse_decode", "sparse_prefill")
-"""Kernel packages under ``rtpurbo_vllm.triton_kernels`` whose ``kernel.CONFIG`` can be set."""
+KERNELS = {"block_topp": "block_topp.kernel", "sparse_decode": "sparse_decode.kernel",
+           "sparse_prefill": "sparse_prefill.kernel", "launch": "launch"}
+"""Name on the command line -> module under ``rtpurbo_vllm.triton_kernels`` whose ``CONFIG`` can be set
+(``launch``: programmatic dependent launch of the decode chain, ``launch.pdl=1``)."""
+
+
+def kernel_module(name: str):
+    """The module that holds ``name``'s ``CONFIG``."""
+    return importlib.import_module(f"rtpurbo_vllm.triton_kernels.{KERNELS[name]}")
 
 
 def kernel_configs() -> dict[str, dict[str, Any]]:
     """``{kernel: its CONFIG}``, the live dicts (changing one changes the next launch)."""
-    return {name: importlib.import_module(f"rtpurbo_vllm.triton_kernels.{name}.kernel").CONFIG for name in KERNELS}
+    return {name: kernel_module(name).CONFIG for name in KERNELS}
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:

@@ -1,6 +1,5 @@
 """rtpurbo_vllm.bench.kernel_config: KERNEL.KEY=VALUE launch settings from a benchmark's command line."""
 
-import importlib
 
 import pytest
 
@@ -11,7 +10,7 @@ from rtpurbo_vllm.bench import kernel_config as kc
 def fresh_configs(monkeypatch):
     """Each kernel's CONFIG replaced by a copy for the test (apply_overrides changes them in place)."""
     for name in kc.KERNELS:
-        module = importlib.import_module(f"rtpurbo_vllm.triton_kernels.{name}.kernel")
+        module = kc.kernel_module(name)
         monkeypatch.setattr(module, "CONFIG", dict(module.CONFIG))
     return kc.kernel_configs()
 
@@ -28,7 +27,7 @@ def test_overrides_are_parsed_and_applied(fresh_configs):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill"),
+    ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill, launch"),
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are stages, tile_local"),

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
+from rtpurbo_vllm.triton_kernels import launch as launch_settings  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, index_scores_ref,  # noqa: E402
                                                     make_block_topp_workspace, paged_block_topp_ref,
                                                     paged_index_keys_ref)
@@ -510,8 +511,11 @@ def test_block_topp_gpu_int64_offsets(seed):
 
 @pytest.mark.gpu
 @compiled_only
-def test_block_topp_gpu_cuda_graph_replay(seed):
-    """Capture once; new seq_lens, queries, cache contents and block tables; replay; compare."""
+@pytest.mark.parametrize("pdl", [0, 1], ids=["plain", "pdl"])
+def test_block_topp_gpu_cuda_graph_replay(seed, pdl, monkeypatch):
+    """Capture once; new seq_lens, queries, cache contents and block tables; replay; compare (with ``pdl``
+    the two kernels launch with programmatic dependent launch)."""
+    monkeypatch.setitem(launch_settings.CONFIG, "pdl", pdl)
     hr, di, page_size, block_size, sink, top_p = 8, 16, 16, 64, 4, 0.9
     max_len = 65536
     max_blocks = max_len // block_size

@@ -99,3 +99,48 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
     failures = tl_launches.compile_launches(kv_rec.launches + dec_rec.launches + pf_rec.launches, arch=90)
     assert not failures, "GPU variants that do not compile for sm_90:\n" + "\n\n".join(
         f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)
+
+
+def test_pdl_variants_compile_for_hopper(monkeypatch):
+    """With ``launch.pdl`` on, the decode chain's kernels (index queries, block stats and selection, splits,
+    combine) launch with programmatic dependent launch: a ``PDL`` variant that waits for the kernel before
+    it, and ``launch_pdl``. Both compile for sm_90; off CUDA, PDL stays off whatever the setting."""
+    from rtpurbo_vllm.triton_kernels import launch
+    from rtpurbo_vllm.triton_kernels.block_topp import kernel as topp_kernel
+    from rtpurbo_vllm.triton_kernels.index_keys import kernel as index_kernel
+
+    monkeypatch.setitem(launch.CONFIG, "pdl", 1)
+    assert not launch.pdl_launch(torch.device("cpu"))
+    tl_launches = _launches_module()
+    recorders = []
+    for module, names in ((index_kernel, ["_index_queries_kernel"]),
+                          (topp_kernel, ["_block_stats_kernel", "_select_kernel"]),
+                          (decode_kernel, ["_split_kernel", "_combine_kernel"])):
+        monkeypatch.setattr(module, "pdl_launch", lambda device: True)
+        for name in names:
+            recorders.append(_Recorder(module.__name__, name, tl_launches.describe))
+            monkeypatch.setattr(module, name, recorders[-1])
+    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+
+    d, hq, hkv, p, di, bs = 128, 8, 2, 16, 16, 64
+    q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
+    heads = torch.tensor([1], dtype=torch.int32)
+    q_idx = torch.zeros(2, 1, di, dtype=torch.bfloat16)
+    index_kernel.index_queries(q, torch.zeros(2, dtype=torch.long), torch.zeros(8, d), heads,
+                               torch.zeros(1, di, d), q_idx, is_neox_style=True)
+    index = PagedHeads.from_units([torch.zeros(4, p, 1, di, dtype=torch.bfloat16)], [0], [0], [0])
+    table = torch.zeros(2, 4, dtype=torch.int32)
+    seq_lens = torch.ones(2, dtype=torch.int32)
+    topp_kernel.block_topp(q_idx, index, index.table(0, table), seq_lens, 0.9, 4, bs, 3,
+                           topp_kernel.make_block_topp_workspace(2, 1, 3, "cpu"))
+    kv = PagedHeads.from_units([torch.zeros(4, p, hkv, 2 * d, dtype=torch.bfloat16)], [0, 0], [0, 1], [0, 0])
+    decode_kernel.headwise_sparse_decode(
+        q, kv, [kv.table(0, table)], seq_lens, heads, torch.zeros(2, 1, 3, dtype=torch.int32),
+        torch.ones(2, 1, dtype=torch.int32), bs, 4, 16, d ** -0.5,
+        decode_kernel.allocate_sparse_decode_workspace(2, hq, d, 4), torch.empty_like(q))
+    launches = [lw for rec in recorders for lw in rec.launches]
+    assert sorted({lw["name"] for lw in launches}) == sorted(rec.name for rec in recorders)
+    assert all(lw["kwargs"]["PDL"] is True and lw["kwargs"]["launch_pdl"] is True for lw in launches)
+    failures = tl_launches.compile_launches(launches, arch=90)
+    assert not failures, "PDL variants that do not compile for sm_90:\n" + "\n\n".join(
+        f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)

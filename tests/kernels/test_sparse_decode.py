@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
+from rtpurbo_vllm.triton_kernels import launch  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import expand_block_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads, PageTable, to_float  # noqa: E402
@@ -515,11 +516,14 @@ def test_gpu_int64_page_offsets(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-@pytest.mark.parametrize("side_stream", [False, True], ids=["one-stream", "side-stream"])
-def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream):
+@pytest.mark.parametrize("side_stream, pdl", [(False, 0), (True, 0), (True, 1)],
+                         ids=["one-stream", "side-stream", "side-stream-pdl"])
+def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, monkeypatch):
     """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay.
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
-    step (a copy of the staged selection) and the retrieval units run on the capture stream."""
+    step (a copy of the staged selection) and the retrieval units run on the capture stream; with
+    ``pdl`` the kernels launch with programmatic dependent launch (the combine after both branches)."""
+    monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
     max_len = 20_000
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]

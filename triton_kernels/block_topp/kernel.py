@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import pdl_launch, wait_for_previous_kernel
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import topp_select_row
 
@@ -116,8 +117,9 @@ def _block_stats_kernel(
     stride_wb, stride_wh,
     max_blocks,
     DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, OFF_ALIGN: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, OFF_ALIGN: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     head = tl.program_id(0)
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
     seq = tl.program_id(2).to(tl.int64)
@@ -158,9 +160,10 @@ def _select_kernel(
     seq_lens_ptr, block_max_ptr, block_sum_ptr, selected_ptr, num_selected_ptr,
     stride_wb, stride_wh, stride_sb, stride_sh, stride_nb, stride_nh,
     top_p, dense_threshold, num_sink_blocks, max_blocks,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(HR, B)``: the kept block ids of one (sequence, head), ``-1`` padded to ``max_blocks``."""
+    wait_for_previous_kernel(PDL)
     head = tl.program_id(0).to(tl.int64)
     seq = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -274,6 +277,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
 
     blocks_per_iter = max(1, min(CONFIG["stats_blocks_per_prog"], CONFIG["stats_tokens_per_iter"] // block_size))
     blocks_per_prog = max(CONFIG["stats_blocks_per_prog"], blocks_per_iter)
+    pdl = pdl_launch(device)
     _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
         q_idx, index.kernel_base(), index.offsets, block_table, seq_lens, workspace.block_max, workspace.block_sum,
         *q_idx.stride(), index_table.page_stride, index_table.token_stride, *block_table.stride(),
@@ -281,7 +285,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         max_blocks,
         DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=index_table.page_size,
         BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
-        OFF_ALIGN=index.offset_align, num_warps=4,
+        OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
     _select_kernel[(num_heads, batch)](
@@ -289,7 +293,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
-        BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_BITS=CONFIG["search_bits"],
-        num_warps=4 if chunk <= 1024 else 8 if chunk <= 4096 else 16,
+        BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_BITS=CONFIG["search_bits"], PDL=pdl,
+        num_warps=4 if chunk <= 1024 else 8 if chunk <= 4096 else 16, launch_pdl=pdl,
     )
     return selected, num_selected

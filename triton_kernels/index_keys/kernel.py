@@ -37,6 +37,7 @@ import triton.language as tl
 
 from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
 
+from ..launch import pdl_launch, wait_for_previous_kernel
 from ..paged_heads import PagedHeads
 
 # Launch configuration (the fastest of a sweep over BLOCK_T, warps and dot precision on Hopper; the
@@ -146,7 +147,9 @@ def _index_queries_kernel(
     s_qt, s_qh, s_cs, s_wh, s_wi, s_ot, s_oh, s_oi,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     r = tl.program_id(1)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -271,13 +274,14 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
         return out
     tile = _tile(d, rot)
     grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
+    pdl = pdl_launch(query.device)
     _index_queries_kernel[grid](
         query, positions, cos_sin, heads, w_q, out,
         t, cos_sin.shape[0],
         query.stride(0), query.stride(1), cos_sin.stride(0), w_q.stride(0), w_q.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile, PRECISION=_DOT_PRECISION,
-        num_warps=_NUM_WARPS,
+        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile, PRECISION=_DOT_PRECISION, PDL=pdl,
+        num_warps=_NUM_WARPS, launch_pdl=pdl,
     )
     return out
 

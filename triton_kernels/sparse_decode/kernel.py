@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 
@@ -302,10 +303,11 @@ def _split_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, OFF_ALIGN: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, units, S)``: units ``first_unit ..`` of the ``HR`` retrieval units (their splits run
     longest) followed by the ``HKV`` KV-group units."""
+    wait_for_previous_kernel(PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) + first_unit
     split = tl.program_id(2)
@@ -334,9 +336,10 @@ def _combine_kernel(
     s_pos, s_poh, s_pls, s_plh, s_ob, s_oh, s_lb, s_lh, s_nb, s_nr,
     BS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr, HAS_LSE: tl.constexpr,
     D: tl.constexpr, D_BLOCK: tl.constexpr, TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, HQ, cdiv(D, D_BLOCK))``: merges one head's splits over a slice of D."""
+    wait_for_previous_kernel(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d0 = tl.program_id(2) * D_BLOCK
@@ -521,6 +524,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     sel_arg = selected if has_ret else seq_lens
     sel_strides = selected.stride()[:2] if has_ret else (0, 0)
     scale_args = (k_scale, v_scale) if fp8 else (pl, pl)
+    pdl = pdl_launch(q.device)
 
     def launch_splits(first_unit: int, num_units: int) -> None:
         if num_units == 0:
@@ -533,7 +537,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
             TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
-            UPCAST_DOT=upcast, FP8=fp8, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            UPCAST_DOT=upcast, FP8=fp8, PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
         )
 
     if select is None:
@@ -557,6 +561,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
         *part_strides, out.stride(0), out.stride(1), *lse_strides, *nsel_strides,
         BS=block_size, HR_PAD=hr_pad, HAS_RET=has_ret, HAS_LSE=lse is not None,
         D=head_dim, D_BLOCK=d_block, TILE_LOCAL=tile_local, TILE_RET=tile_ret,
-        NUM_SPLITS=num_splits, SPLIT_BLOCK=min(num_splits, 32), num_warps=cfg["warps_combine"],
+        NUM_SPLITS=num_splits, SPLIT_BLOCK=min(num_splits, 32), PDL=pdl, num_warps=cfg["warps_combine"],
+        launch_pdl=pdl,
     )
     return out
