@@ -3,9 +3,9 @@ of the swept settings, split into its two kernels (block stats, selection) as th
 
 The settings are ``block_topp.kernel.CONFIG``'s: ``search_bits`` (bits of the threshold found per
 selection step; 1 is the binary search of 31 steps), ``select_chunk`` (blocks one selection program
-holds in registers; a longer row re-reads the workspace once per step), ``stats_blocks_per_prog`` and
-``stats_tokens_per_iter`` (selection blocks one stats program scores, tokens per iteration of its
-loop). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
+holds in registers; a longer row re-reads the workspace once per step), ``stats_blocks_per_prog``,
+``stats_tokens_per_iter`` and ``stats_stages`` (selection blocks one stats program scores, tokens per
+iteration of its loop, that loop's pipelining depth). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
 retrieval heads, 16-dim index keys, 64-token pages and blocks, ``--keep`` of the blocks planted hot,
 top-p 0.9). Per context and batch, every setting must select exactly what the binary search at the
 kernel's other defaults selects (the reference, timed first); the script exits with 1 if one does not.
@@ -74,7 +74,7 @@ def bench_point(batch: int, length: int, settings: list[dict[str, int]], keep: f
 
 def parse_sweep(items: list[str]) -> dict[str, list[int]]:
     """``["KEY=V1,V2", ...]`` as ``{KEY: [V1, V2]}``; raises ``ValueError`` naming the bad item: KEY must be a
-    block_topp setting, ``search_bits`` values in 1..8, the others powers of two."""
+    block_topp setting, ``search_bits`` and ``stats_stages`` values in 1..8, the others powers of two."""
     sweep = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -85,10 +85,11 @@ def parse_sweep(items: list[str]) -> dict[str, list[int]]:
             values = [int(v) for v in text.split(",")]
         except ValueError:
             values = [0]
-        ok = all(1 <= v <= 8 for v in values) if key == "search_bits" else all(v > 0 and not v & (v - 1)
-                                                                                for v in values)
+        ok = (all(1 <= v <= 8 for v in values) if key in ("search_bits", "stats_stages")
+              else all(v > 0 and not v & (v - 1) for v in values))
         if not ok:
-            raise ValueError(f"--sweep {item!r}: search_bits takes 1..8, the other settings powers of two")
+            raise ValueError(f"--sweep {item!r}: search_bits and stats_stages take 1..8, the other settings "
+                             "powers of two")
         sweep[key] = values
     return sweep
 

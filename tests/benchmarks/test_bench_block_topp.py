@@ -49,9 +49,10 @@ def test_sweeps_combine_after_the_reference(bench):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sweep", "select_chunk=3000"], "search_bits takes 1..8, the other settings powers of two"),
-    (["--sweep", "search_bits=9"], "search_bits takes 1..8"),
-    (["--sweep", "search_bits=x"], "search_bits takes 1..8"),
+    (["--sweep", "select_chunk=3000"], "search_bits and stats_stages take 1..8, the other settings powers of two"),
+    (["--sweep", "search_bits=9"], "search_bits and stats_stages take 1..8"),
+    (["--sweep", "stats_stages=0"], "search_bits and stats_stages take 1..8"),
+    (["--sweep", "search_bits=x"], "search_bits and stats_stages take 1..8"),
     (["--sweep", "serch_bits=3"], "expected KEY=V1,V2,... with KEY one of"),
 ])
 def test_bad_settings_exit_2(bench, capsys, flags, message):

@@ -358,6 +358,18 @@ def test_block_topp_long_and_short_rows_of_one_batch(seed, monkeypatch, bits, to
     run_case([100, 256, 257, 515, 0], 3, 16, 16, 64, 4, top_p, pattern, fp32, DEVICE)
 
 
+@runs_here
+@pytest.mark.parametrize("blocks_per_prog, tokens_per_iter, stages", [(4, 128, 3), (2, 64, 2), (8, 512, 4)])
+def test_block_topp_stats_loop_settings(seed, monkeypatch, blocks_per_prog, tokens_per_iter, stages):
+    """The stats kernel's launch settings (blocks per program, tokens per loop iteration, its pipelining
+    depth) change how the scoring is cut, never the stats: the selection matches the reference, with
+    sequences that end inside a program's blocks and inside an iteration."""
+    kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
+    monkeypatch.setattr(kernel, "CONFIG", {**kernel.CONFIG, "stats_blocks_per_prog": blocks_per_prog,
+                                           "stats_tokens_per_iter": tokens_per_iter, "stats_stages": stages})
+    run_case([100, 515, 1100, 1], 3, 16, 16, 64, 4, 0.9, "peaked", fp32, DEVICE)
+
+
 def greedy_topp(mass, forced, top_p):
     """``[NB]`` bool: the forced blocks plus the greedy prefix (mass descending, ties by id) reaching
     ``top_p``, every block if even all fall short; ``mass`` float64."""
@@ -412,7 +424,7 @@ def test_select_search_bits_agree(chunk, top_ps):
             kernel._select_kernel[(1, batch)](
                 lens, ws.block_max, ws.block_sum, selected, num_selected, *ws.block_max.stride()[:2],
                 *selected.stride()[:2], *num_selected.stride(), top_p, 0, sink, max_blocks,
-                BLOCK_SIZE=1, CHUNK=chunk, SEARCH_BITS=bits, num_warps=4)
+                BLOCK_SIZE=1, CHUNK=chunk, SEARCH_BITS=bits, PDL=False, num_warps=4)
             results[bits] = (selected.cpu(), num_selected.cpu())
         for bits in (2, 4, 8):
             assert torch.equal(results[bits][0], results[1][0]) and torch.equal(results[bits][1], results[1][1]), \

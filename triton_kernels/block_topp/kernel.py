@@ -62,8 +62,10 @@ from ..topp_search import topp_select_row
 # blocks, 8 up to 4096, 16 above. The [2**bits, CHUNK] comparison of a step lives in registers
 # (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
 # stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
-# per iteration of its loop.
-CONFIG = {"search_bits": 3, "select_chunk": 8192, "stats_blocks_per_prog": 16, "stats_tokens_per_iter": 256}
+# per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
+# next iterations' page-table and key loads in flight, through shared memory).
+CONFIG = {"search_bits": 3, "select_chunk": 8192, "stats_blocks_per_prog": 16, "stats_tokens_per_iter": 256,
+          "stats_stages": 1}
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ def _block_stats_kernel(
     stride_wb, stride_wh,
     max_blocks,
     DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, OFF_ALIGN: tl.constexpr, PDL: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, STAGES: tl.constexpr, OFF_ALIGN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     head = tl.program_id(0)
@@ -133,7 +136,7 @@ def _block_stats_kernel(
     table_row = block_table_ptr + seq * stride_tb
     head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
     ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
-    for block0 in range(first_block, end_block, BLOCKS_PER_ITER):
+    for block0 in tl.range(first_block, end_block, BLOCKS_PER_ITER, num_stages=STAGES):
         blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
         tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
         valid = tokens < seq_len
@@ -285,6 +288,7 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         max_blocks,
         DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=index_table.page_size,
         BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
+        STAGES=CONFIG["stats_stages"],
         OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
