@@ -11,19 +11,27 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
   sequences of ``--context`` tokens the pool holds while they decode (RTPURBO: the pool's bytes over
   :meth:`KVLayout.bytes_per_sequence`, the whole blocks a decoding sequence holds; FLASH_ATTN: tokens
   over the context).
+* ``load``: what the pool really holds under load: more requests of ``--context`` distinct random tokens
+  than the arithmetic above says fit (``ceil(1.2 * held) + 2``, at most ``--max-seqs``) are sent at
+  once, each to generate ``--load-tokens`` tokens; the engine steps until every admitted request
+  decodes and the rest wait for ``--stable-steps`` steps. Reported: the requests running then (vLLM's
+  ``num_requests_running``: it admits a request only when its whole sequence fits), preemptions, and
+  whether every request was admitted (then the count is a lower bound).
 * ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
   then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
   decode step is the median difference over ``--steps`` (every request decodes from the first step:
   the prompts hit the cache), with the smallest and largest beside it.
 
-The ``capacity`` engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the pool's
-block count can be read from it; the ``step`` engine runs as vLLM runs it by default, its engine core
+The ``capacity`` and ``load`` engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that
+the pool's block count and the scheduler's queues can be read from it (``load`` stops after
+``--load-seconds``); the ``step`` engine runs as vLLM runs it by default, its engine core
 in a process of its own, so the scheduler and output processing overlap the GPU's steps as in a server.
 ``step --profile`` runs the engine in-process instead and adds, per batch, one more ``1 + --steps`` run
 under ``torch.profiler``: its wall time per step beside the GPU kernel time per step (where the two
 part, the step waits on the host) and the kernels that take the most time per step.
 
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
+    python3 -P benchmarks/bench_engine.py load --out DIR --configs RTPURBO:auto:n1
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
 
 Results: ``DIR/bench_engine.json`` (rows merged across invocations, every invocation's arguments, the last
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,7 +61,8 @@ RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
 
 
 def parse_config(text: str) -> dict:
-    """``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]`` as a dict; raises ``ValueError`` naming the problem."""
+    """``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]`` as a dict, its ``name`` with the defaults spelled out; raises
+    ``ValueError`` naming the problem."""
     parts = text.split(":")
     backend, kv_dtype = (parts + ["auto"])[:2]
     if backend not in ("FLASH_ATTN", "RTPURBO") or kv_dtype not in ("auto", "fp8"):
@@ -61,7 +71,8 @@ def parse_config(text: str) -> dict:
     layout = parts[3] if len(parts) > 3 else ("compact" if backend == "RTPURBO" else None)
     if backend == "RTPURBO" and (selection not in SELECTIONS or layout not in ("compact", "full")):
         raise ValueError(f"bad configuration {text!r}: selection one of {sorted(SELECTIONS)}, layout compact|full")
-    return {"name": text, "backend": backend, "kv_dtype": kv_dtype, "selection": selection, "layout": layout}
+    name = ":".join(p for p in (backend, kv_dtype, selection, layout) if p)     # every default spelled out
+    return {"name": name, "backend": backend, "kv_dtype": kv_dtype, "selection": selection, "layout": layout}
 
 
 def model_dir(out: Path, context: int, selection: str | None) -> Path:
@@ -110,26 +121,70 @@ def held_sequences(llm, cfg: dict, context: int) -> float:
     return num_blocks * layout.bytes_per_block / layout.bytes_per_sequence(context)
 
 
+def load_requests(held: float, max_seqs: int) -> int:
+    """Requests the ``load`` phase sends: more than ``held`` (the arithmetic) says fit, at most ``max_seqs``."""
+    return min(max_seqs, math.ceil(1.2 * held) + 2)
+
+
+def fill_until_full(llm_engine, scheduler, prompts: list, params, stable_steps: int, time_limit: float) -> dict:
+    """Adds every prompt at once, then steps ``llm_engine`` until the scheduler's state is settled: no
+    running request still prefilling and, for ``stable_steps`` steps in a row, the same number running
+    with requests left waiting (or none left waiting: all admitted). Returns ``held_requests`` (running
+    then), ``all_admitted``, ``preemptions`` (summed over the requests), ``steps`` and ``seconds``; on
+    ``time_limit`` seconds, the state then and ``timed_out``."""
+    for i, prompt in enumerate(prompts):
+        llm_engine.add_request(f"load-{i}", prompt, params)
+    requests = dict(scheduler.requests)                   # every request, whatever queue it moves to
+    start, steps, settled, last = time.perf_counter(), 0, 0, None
+    timed_out = False
+    while True:
+        llm_engine.step()
+        steps += 1
+        running, waiting = len(scheduler.running), len(scheduler.waiting)
+        prefilling = any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+        settled = settled + 1 if not prefilling and running == last else 0
+        last = running
+        if (settled >= stable_steps and waiting) or (not prefilling and not waiting):
+            break
+        if time.perf_counter() - start > time_limit:
+            timed_out = True
+            break
+    return {"held_requests": running, "all_admitted": not waiting, "num_requests": len(prompts),
+            "preemptions": sum(r.num_preemptions for r in requests.values()), "steps": steps,
+            "seconds": round(time.perf_counter() - start, 1), "timed_out": timed_out}
+
+
 def run_one(args) -> dict:
     """One configuration in this process (the child side); returns its row."""
+    import random
+
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    def random_prompts(count: int, seed: int) -> list:
+        rng = random.Random(seed)
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.context)])
+                for _ in range(count)]
+
     cfg = parse_config(args.one)
     path = model_dir(args.out, args.context, cfg["selection"])
-    llm = engine(cfg, path, args.context, max(args.batch + [8]), args.gpu_memory_utilization)
-    row = {**cfg, "context": args.context}
+    max_seqs = args.max_seqs if args.phase == "load" else max(args.batch + [8])
+    llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization)
+    row = {**cfg, "context": args.context, "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
+           "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     if args.phase == "capacity":
-        row["held_sequences"] = round(held_sequences(llm, cfg, args.context), 2)
-        row["num_gpu_blocks"] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         return row
-    import random
+    if args.phase == "load":
+        prompts = random_prompts(load_requests(row["held_sequences"], max_seqs), seed=0)
+        params = SamplingParams(max_tokens=args.load_tokens, min_tokens=args.load_tokens, ignore_eos=True,
+                                temperature=0)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler      # in-process engine core
+        return {**row, **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps,
+                                         args.load_seconds)}
 
     steps, spread, profiles = {}, {}, {}
     for batch in args.batch:
-        rng = random.Random(batch)
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 30000) for _ in range(args.context)])
-                   for _ in range(batch)]
+        prompts = random_prompts(batch, seed=batch)
 
         def timed(max_tokens):
             params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
@@ -177,8 +232,11 @@ def run_child(cfg: str, args) -> dict:
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
             str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--repeats", str(args.repeats), "--batch", *map(str, args.batch), *(["--profile"] if args.profile else [])]
-    in_process = args.phase == "capacity" or args.profile      # the pool's block count / the profiler's view
+            "--repeats", str(args.repeats), "--batch", *map(str, args.batch), "--max-seqs", str(args.max_seqs),
+            "--load-tokens", str(args.load_tokens), "--stable-steps", str(args.stable_steps),
+            "--load-seconds", str(args.load_seconds), *(["--profile"] if args.profile else [])]
+    # The pool's block count and the scheduler's queues / the profiler's view need the engine in this process.
+    in_process = args.phase in ("capacity", "load") or args.profile
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else dict(os.environ)
     with open(log, "w") as f:
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
@@ -191,14 +249,18 @@ def run_child(cfg: str, args) -> dict:
 
 
 def render(results: dict) -> str:
-    lines = ["| phase | configuration | vLLM KV tokens | vLLM max concurrency | held sequences | decode step (ms) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| phase | configuration | vLLM KV tokens | vLLM max concurrency | held sequences | held under load "
+             "| decode step (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in results["rows"]:
         ranges = row.get("decode_step_range_ms", {})
         step = ", ".join(f"b{b}: {ms}" + (" ({} - {})".format(*ranges[b]) if b in ranges else "")
                          for b, ms in row.get("decode_step_ms", {}).items())
+        load = ""
+        if "held_requests" in row:
+            load = (f"{'>= ' if row['all_admitted'] else ''}{row['held_requests']} of {row['num_requests']}, "
+                    f"{row['preemptions']} preemptions" + (", timed out" if row["timed_out"] else ""))
         lines.append(f"| {row['phase']} | {row['name']} | {row.get('vllm_kv_tokens', '')} | "
-                     f"{row.get('vllm_max_concurrency', '')} | {row.get('held_sequences', '')} | "
+                     f"{row.get('vllm_max_concurrency', '')} | {row.get('held_sequences', '')} | {load} | "
                      f"{step or row.get('error', '')} |")
     profiled_rows = [(row["name"], b, p) for row in results["rows"] for b, p in row.get("profile", {}).items()]
     if profiled_rows:
@@ -212,7 +274,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("capacity", "step"))
+    parser.add_argument("phase", choices=("capacity", "load", "step"))
     parser.add_argument("--configs", nargs="+", default=[])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
@@ -222,13 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="(1, 1 + steps) pairs per batch; the median counts")
     parser.add_argument("--profile", action="store_true",
                         help="step: in-process engine, one more run per batch under torch.profiler")
+    parser.add_argument("--max-seqs", type=int, default=64, help="load: max_num_seqs, the most requests sent")
+    parser.add_argument("--load-tokens", type=int, default=1024, help="load: output tokens of each request")
+    parser.add_argument("--stable-steps", type=int, default=16,
+                        help="load: steps the running count must hold with requests waiting")
+    parser.add_argument("--load-seconds", type=float, default=360,
+                        help="load: stop stepping after this long (then the row says timed out)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=560)
     args = parser.parse_args(argv)
     try:
         configs = [parse_config(c) for c in args.configs]
-        if min(args.repeats, args.steps, *args.batch) < 1:
-            raise ValueError("--repeats, --steps and --batch must be >= 1")
+        if min(args.repeats, args.steps, args.max_seqs, args.load_tokens, args.stable_steps, *args.batch) < 1:
+            raise ValueError("--repeats, --steps, --batch, --max-seqs, --load-tokens and --stable-steps must be >= 1")
+        if args.load_tokens > 2048:
+            raise ValueError("--load-tokens must be <= 2048 (the engines' max_model_len is --context + 2048)")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

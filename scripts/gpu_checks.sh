@@ -24,7 +24,8 @@
 #   bash scripts/gpu_checks.sh firstreq [extra bench_first_requests args]  # first requests on a fresh server
 #                                         # (fresh Triton cache) vs steady state, RTPURBO and FLASH_ATTN
 #   bash scripts/gpu_checks.sh throughput WORKLOAD BACKENDS [args]  # bench_throughput.py, e.g. long-decodes RTPURBO
-#   bash scripts/gpu_checks.sh engine capacity|step CONFIG...  # bench_engine.py: vllm.LLM KV pool or decode step,
+#   bash scripts/gpu_checks.sh engine capacity|load|step CONFIG...  # bench_engine.py: vllm.LLM KV pool, requests
+#                                         # held under load (one config per call), or decode step,
 #                                         # e.g. engine step RTPURBO:auto:global15:full RTPURBO:auto:global15:compact
 set -uo pipefail
 OUT=${OUT:-results}
@@ -159,7 +160,7 @@ case "$stage" in
       | tee "$OUT/bench_first_requests.log" | grep -vE "^(INFO|DEBUG|WARNING|\((APIServer|EngineCore))" | tail -30
     mkdir -p "$OUT/first_requests"; cp -r "$keep"/bench_first_requests.* "$keep/logs" "$OUT/first_requests/" ;;
   engine)
-    phase=${1:?engine needs a phase: capacity or step}
+    phase=${1:?engine needs a phase: capacity, load or step}
     shift
     keep="$HOME/rtpurbo_engine"      # rows merge across calls
     timeout 590 python3 -P benchmarks/bench_engine.py "$phase" --out "$keep" --configs "$@" 2>&1 \

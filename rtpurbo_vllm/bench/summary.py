@@ -48,11 +48,11 @@ METRICS = {
     "decode_step_128k_b4_vs_fp8": "decode step, 128K, batch 4, against an FP8 KV cache",
     "ttft_128k": "time to first token, 128K",
     "ttft_256k": "time to first token, 256K",
-    "kv_capacity_128k_kvgroup15": "KV tokens at 128K, 15 % retrieval heads in whole KV groups",
-    "kv_capacity_128k_global15": "KV tokens at 128K, global top 15 % retrieval heads",
-    "kv_capacity_128k_n1": "KV tokens at 128K, 1 retrieval KV head per layer",
-    "kv_capacity_128k_fp8_kvgroup15": "KV tokens at 128K, FP8, 15 % retrieval heads in whole KV groups",
-    "kv_capacity_128k_fp8_n1": "KV tokens at 128K, FP8, 1 retrieval KV head per layer",
+    "kv_capacity_128k_kvgroup15": "KV capacity at 128K, 15 % retrieval heads in whole KV groups",
+    "kv_capacity_128k_global15": "KV capacity at 128K, global top 15 % retrieval heads",
+    "kv_capacity_128k_n1": "KV capacity at 128K, 1 retrieval KV head per layer",
+    "kv_capacity_128k_fp8_kvgroup15": "KV capacity at 128K, FP8, 15 % retrieval heads in whole KV groups",
+    "kv_capacity_128k_fp8_n1": "KV capacity at 128K, FP8, 1 retrieval KV head per layer",
     "throughput_long_decodes_vs_fp8": "output tokens/s, long decodes, against an FP8 KV cache",
     "throughput_long_prompts_vs_fp8": "output tokens/s, long prompts, against an FP8 KV cache",
     "accuracy_16k_max_drop": "accuracy at 16K, largest drop over the tasks",
@@ -253,8 +253,9 @@ def from_bench_throughput(results: dict[str, Any], date: str) -> dict[str, dict[
 def from_bench_engine(results: dict[str, Any], date: str) -> dict[str, dict[str, Any]]:
     """From a ``bench_engine.json`` at 128K: ``decode_step_128k_{b1,b4}`` (RTPURBO with the global top 15 %
     in the backend's default layout against FLASH_ATTN, bf16), ``decode_step_128k_b4_vs_fp8`` (both on an
-    FP8 KV cache) and ``kv_capacity_128k[_fp8]_*`` (vLLM's logged KV tokens of the memory-saving layout
-    against FLASH_ATTN with the same KV dtype, from capacity rows first, else step rows)."""
+    FP8 KV cache) and ``kv_capacity_128k[_fp8]_*``, the memory-saving layout against FLASH_ATTN with the
+    same KV dtype: the tokens of the requests held decoding under load (``load`` rows of both, each count
+    exact), else vLLM's logged KV tokens (capacity rows first, else step rows)."""
     from rtpurbo_vllm.attention.serving_config import DEFAULT_KV_LAYOUT
     from rtpurbo_vllm.bench.serving_report import MEMORY_SAVING_LAYOUT
 
@@ -279,11 +280,18 @@ def from_bench_engine(results: dict[str, Any], date: str) -> dict[str, dict[str,
             lambda r, b=batch: r.get("decode_step_ms", {}).get(b), "ms")
     put("decode_step_128k_b4_vs_fp8", ("step",), f"RTPURBO:fp8:global15:{DEFAULT_KV_LAYOUT}", "FLASH_ATTN:fp8",
         lambda r: r.get("decode_step_ms", {}).get("4"), "ms")
+    def held_tokens(r: dict) -> int | None:
+        """Tokens of the requests a ``load`` row held decoding, when that count is exact (requests were left
+        waiting, none was preempted, the run settled)."""
+        exact = not (r.get("all_admitted", True) or r.get("preemptions") or r.get("timed_out", True))
+        return r["held_requests"] * r["context"] if exact else None
+
     for dtype, prefix, selections in (("auto", "kv_capacity_128k", ("kvgroup15", "global15", "n1")),
                                       ("fp8", "kv_capacity_128k_fp8", ("kvgroup15", "n1"))):
         for selection in selections:
-            put(f"{prefix}_{selection}", ("capacity", "step"), f"RTPURBO:{dtype}:{selection}:{MEMORY_SAVING_LAYOUT}",
-                f"FLASH_ATTN:{dtype}", lambda r: r.get("vllm_kv_tokens"), "tokens")
+            rtp, base = f"RTPURBO:{dtype}:{selection}:{MEMORY_SAVING_LAYOUT}", f"FLASH_ATTN:{dtype}"
+            put(f"{prefix}_{selection}", ("capacity", "step"), rtp, base, lambda r: r.get("vllm_kv_tokens"), "tokens")
+            put(f"{prefix}_{selection}", ("load",), rtp, base, held_tokens, "tokens")     # measured: it wins
     return found
 
 

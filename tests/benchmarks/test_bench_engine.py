@@ -15,7 +15,7 @@ def test_configurations(bench):
                                                      "kv_dtype": "fp8", "selection": None, "layout": None}
     cfg = bench.parse_config("RTPURBO:auto:n1:full")
     assert (cfg["selection"], cfg["layout"]) == ("n1", "full")
-    assert bench.parse_config("RTPURBO:auto")["selection"] == "global15"
+    assert bench.parse_config("RTPURBO:auto")["name"] == "RTPURBO:auto:global15:compact"
     for bad in ("TRITON_ATTN:auto", "RTPURBO:int8", "RTPURBO:auto:top9", "RTPURBO:auto:n1:split"):
         with pytest.raises(ValueError, match="bad configuration"):
             bench.parse_config(bad)
@@ -27,7 +27,7 @@ def test_bad_configuration_exits_2_without_writing(bench, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--repeats", "--steps", "--batch"])
+@pytest.mark.parametrize("flag", ["--repeats", "--steps", "--batch", "--max-seqs", "--load-tokens", "--stable-steps"])
 def test_counts_below_one_exit_2(bench, tmp_path, capsys, flag):
     assert bench.main(["step", "--out", str(tmp_path / "out"), "--configs", "FLASH_ATTN:auto", flag, "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -87,7 +87,65 @@ def test_rows_merge_into_a_new_out_folder_with_the_environment(bench, tmp_path, 
     for configs in (["FLASH_ATTN:auto", "RTPURBO:auto"], ["FLASH_ATTN:auto"]):
         assert bench.main(["step", "--out", str(out), "--configs", *configs]) == 0
     results = json.loads((out / "bench_engine.json").read_text())
-    assert [r["name"] for r in results["rows"]] == ["RTPURBO:auto", "FLASH_ATTN:auto"]
+    assert [r["name"] for r in results["rows"]] == ["RTPURBO:auto:global15:compact", "FLASH_ATTN:auto"]
     assert [i["argv"][-1] for i in results["invocations"]] == ["RTPURBO:auto", "FLASH_ATTN:auto"]
     assert results["environment"]["env"]["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
     assert (out / "bench_engine.md").exists()
+
+
+class FakeRequest:
+    def __init__(self, prompt_tokens):
+        self.num_prompt_tokens, self.num_computed_tokens, self.num_preemptions = prompt_tokens, 0, 0
+
+
+class FakeEngine:
+    """A scheduler that admits a request while ``capacity`` allows and prefills ``chunk`` tokens a step."""
+
+    def __init__(self, capacity: int, chunk: int):
+        self.capacity, self.chunk = capacity, chunk
+        self.requests, self.running, self.waiting = {}, [], []
+
+    def add_request(self, request_id, prompt, params):
+        self.requests[request_id] = FakeRequest(prompt)
+        self.waiting.append(self.requests[request_id])
+
+    def step(self):
+        while self.waiting and len(self.running) < self.capacity:
+            self.running.append(self.waiting.pop(0))
+        budget = self.chunk
+        for r in self.running:
+            take = min(budget, r.num_prompt_tokens - r.num_computed_tokens)
+            r.num_computed_tokens += take
+            budget -= take
+
+
+@pytest.mark.parametrize("capacity, sent, held, all_admitted", [(3, 6, 3, False), (8, 6, 6, True)])
+def test_load_fills_the_pool_until_it_settles(bench, capacity, sent, held, all_admitted):
+    fake = FakeEngine(capacity, chunk=100)
+    result = bench.fill_until_full(fake, fake, [250] * sent, params=None, stable_steps=4, time_limit=60)
+    assert result["held_requests"] == held and result["all_admitted"] is all_admitted
+    assert result["num_requests"] == sent and result["preemptions"] == 0 and not result["timed_out"]
+    assert all(r.num_computed_tokens == 250 for r in fake.running)         # it stopped after the prefills
+    assert bench.load_requests(6.8, 64) == 11 and bench.load_requests(60.0, 64) == 64
+
+
+def test_load_stops_at_its_time_limit(bench):
+    fake = FakeEngine(2, chunk=1)                    # the prefills would take 500 steps
+    result = bench.fill_until_full(fake, fake, [250, 250, 250], params=None, stable_steps=4, time_limit=0.0)
+    assert result["timed_out"] and result["steps"] == 1
+
+
+def test_load_report(bench):
+    rows = [{"phase": "load", "name": "RTPURBO:auto:n1", "held_sequences": 31.5, "held_requests": 30,
+             "num_requests": 40, "all_admitted": False, "preemptions": 0, "timed_out": False},
+            {"phase": "load", "name": "FLASH_ATTN:auto", "held_sequences": 6.8, "held_requests": 11,
+             "num_requests": 11, "all_admitted": True, "preemptions": 2, "timed_out": True}]
+    text = bench.render({"rows": rows})
+    assert "| load | RTPURBO:auto:n1 |  |  | 31.5 | 30 of 40, 0 preemptions |  |" in text
+    assert "| load | FLASH_ATTN:auto |  |  | 6.8 | >= 11 of 11, 2 preemptions, timed out |  |" in text
+
+
+def test_load_tokens_past_the_engines_room_exit_2(bench, tmp_path, capsys):
+    assert bench.main(["load", "--out", str(tmp_path / "out"), "--configs", "FLASH_ATTN:auto",
+                       "--load-tokens", "4096"]) == 2
+    assert "--load-tokens must be <= 2048" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -75,6 +75,23 @@ def test_engine_entries_from_a_results_file():
     assert sm.problems({"metrics": got}) == []
 
 
+def test_engine_capacity_under_load_wins_over_logged_tokens():
+    """``load`` rows of both sides give the capacity (requests held decoding x context) when each count is
+    exact; a row whose every request was admitted, or with preemptions, leaves the logged KV tokens."""
+    load = {"phase": "load", "context": 131072, "all_admitted": False, "preemptions": 0, "timed_out": False}
+    capacity = {"phase": "capacity", "context": 131072}
+    results = {"environment": {}, "invocations": [{"argv": ["load", "--configs", "RTPURBO:auto:n1"]}], "rows": [
+        {**capacity, "name": "FLASH_ATTN:auto", "vllm_kv_tokens": 1000},
+        {**capacity, "name": "RTPURBO:auto:n1:compact", "vllm_kv_tokens": 2000},
+        {**capacity, "name": "RTPURBO:auto:kvgroup15:compact", "vllm_kv_tokens": 3000},
+        {**load, "name": "FLASH_ATTN:auto", "held_requests": 7},
+        {**load, "name": "RTPURBO:auto:n1:compact", "held_requests": 30},
+        {**load, "name": "RTPURBO:auto:kvgroup15:compact", "held_requests": 28, "all_admitted": True}]}
+    got = sm.from_bench_engine(results, date="2026-12-05")
+    assert (got["kv_capacity_128k_n1"]["rtpurbo"], got["kv_capacity_128k_n1"]["baseline"]) == (30 * 131072, 7 * 131072)
+    assert got["kv_capacity_128k_kvgroup15"]["ratio"] == 3.0          # a lower bound only: the logged tokens
+
+
 def test_kv_capacity_figures_match_the_server_logs():
     summary = sm.load()["metrics"]
     dense = json.loads((RESULTS / "2026-11-28-h200-session4/capacity_kv2.json").read_text())["capacity"]["FLASH_ATTN"]
