@@ -167,6 +167,11 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--seq-len", metavar="N", type=int, default=4096, help="tokens per sequence (default 4096)")
     ev.add_argument("--queries-per-seq", metavar="N", type=int, default=32,
                     help="decode-like query positions per sequence, from its second half (default 32)")
+    ev.add_argument("--index-key-dtype", metavar="DTYPE", choices=("float32", "bfloat16", "fp8_e4m3", "fp8_e5m2"),
+                    default="float32",
+                    help="float32, bfloat16, fp8_e4m3 or fp8_e5m2: round the index keys to this storage dtype "
+                         "(no scale) before routing, to measure "
+                         "what storing them so costs (default float32: as computed)")
     _add_runtime(ev, seed=1234)
 
 
@@ -177,7 +182,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     check_writable_dir(args.out)
     report = evaluate_artifact(args.model, args.artifact, data=args.data, num_seqs=args.num_seqs,
                                seq_len=args.seq_len, queries_per_seq=args.queries_per_seq, seed=args.seed,
-                               device=args.device)
+                               device=args.device, index_key_dtype=args.index_key_dtype)
     paths = write_report(report, args.out)
     s = report["summary"]
     print(f"decode (top_p {report['params']['top_p']}): recall {s['recall']['mean']:.3f} "

@@ -16,6 +16,9 @@ blocks plus the top-p blocks of the tile's mean-pooled index query, at the artif
 averaged over the tile's rows, is the tile's *prefill recall*. ``dense_threshold`` is not applied
 (both measure the routing itself). The same captured q/k serve both.
 
+``index_key_dtype`` rounds the index keys as a cache of that dtype would store them (no scale): it
+measures what a storage dtype costs the routing (``float32``, the default, leaves them as computed).
+
 The results dict is the single source of the JSON and the markdown report.
 """
 
@@ -44,6 +47,9 @@ DECODE_METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
 PREFILL_METRICS = ("prefill_recall", "prefill_recall_p10", "prefill_blocks_kept")
 METRICS = DECODE_METRICS + PREFILL_METRICS
 TILE_METRICS = ("tile_recall", "tile_kept", "tile_visible")
+INDEX_KEY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+                    "fp8_e5m2": torch.float8_e5m2}
+"""``index_key_dtype`` name -> the dtype the index keys are rounded to (and read back as float32)."""
 
 
 def _stats(values: torch.Tensor) -> dict[str, float]:
@@ -54,7 +60,7 @@ def _stats(values: torch.Tensor) -> dict[str, float]:
 
 def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
                   query_pos: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, top_p: float,
-                  block_size: int, sink_tokens: int) -> dict[str, torch.Tensor]:
+                  block_size: int, sink_tokens: int, key_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Routing quality of one layer's retrieval heads on one sequence.
 
     Args:
@@ -63,13 +69,14 @@ def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre:
         k_pre: ``[T, HKV, D]`` pre-RoPE keys.
         w_q, w_k: ``[HR, DI, D]`` indexer projections.
         top_p, block_size, sink_tokens: the artifact's selection settings.
+        key_dtype: the index keys' storage dtype (:data:`INDEX_KEY_DTYPES`).
 
     Returns:
         :data:`DECODE_METRICS` -> ``[HR, Q]`` float32 (CPU): attention mass inside the kept blocks,
         share of blocks kept, share of blocks the oracle keeps.
     """
     teacher = attention_rows(q_pre, k_pre, query_pos, torch.tensor(heads), lm)              # [HR, Q, T]
-    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k)             # [Q, HR, DI], [T, HR, DI]
+    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k, key_dtype)  # [Q, HR, DI], [T, HR, DI]
     out = {m: torch.empty(len(heads), len(query_pos)) for m in DECODE_METRICS}
     for i, pos in enumerate(query_pos.tolist()):
         n = pos + 1
@@ -84,7 +91,7 @@ def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre:
 
 def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
                           w_q: torch.Tensor, w_k: torch.Tensor, top_p: float, block_size: int,
-                          sink_tokens: int) -> dict[str, torch.Tensor]:
+                          sink_tokens: int, key_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Sparse-prefill routing of one layer's retrieval heads on one sequence prefilled as one chunk.
 
     Args:
@@ -93,6 +100,7 @@ def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor
         k_pre: ``[T, HKV, D]`` pre-RoPE keys.
         w_q, w_k: ``[HR, DI, D]`` indexer projections.
         top_p, block_size, sink_tokens: the artifact's ``prefill_top_p`` and selection settings.
+        key_dtype: the index keys' storage dtype (:data:`INDEX_KEY_DTYPES`).
 
     Returns:
         :data:`TILE_METRICS` -> ``[HR, NT]`` float32 (CPU), per query tile of :data:`TILE_Q` rows:
@@ -101,7 +109,7 @@ def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor
         see (``ceil((last_pos + 1) / block_size)``, the same for every head).
     """
     num_tokens, head_ids = k_pre.shape[0], torch.tensor(heads)
-    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k)                       # [T, HR, DI]
+    q_idx, k_idx = _index_vectors(lm, heads, q_pre, k_pre, w_q, w_k, key_dtype)            # [T, HR, DI]
     tiles = chunk_tiles(num_tokens, num_tokens, TILE_Q)
     out = {m: torch.empty(len(heads), len(tiles)) for m in TILE_METRICS}
     for i, tile in enumerate(tiles):
@@ -118,13 +126,15 @@ def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor
 
 
 def _index_vectors(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre: torch.Tensor,
-                   w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   w_q: torch.Tensor, w_k: torch.Tensor,
+                   key_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Index queries ``[Q, HR, DI]`` of ``q_pre`` ``[Q, HR, D]`` and index keys ``[T, HR, DI]`` of
-    ``k_pre`` ``[T, HKV, D]`` (each head reading its KV head), float32 on ``q_pre``'s device."""
+    ``k_pre`` ``[T, HKV, D]`` (each head reading its KV head, rounded to ``key_dtype``), float32 on
+    ``q_pre``'s device."""
     kv_of = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
     q_idx = index_project_ref(q_pre, w_q.to(q_pre.device))
     k_idx = index_project_ref(k_pre[:, kv_of.to(k_pre.device)], w_k.to(k_pre.device))
-    return q_idx, k_idx
+    return q_idx, k_idx.to(key_dtype).float()
 
 
 def _head_row(measured: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -140,7 +150,8 @@ def _head_row(measured: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 
 def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os.PathLike | RTPurboArtifact, *,
                       data: str | os.PathLike | None = None, num_seqs: int = 4, seq_len: int = 4096,
-                      queries_per_seq: int = 32, seed: int = 1234, device: str | None = None) -> dict[str, Any]:
+                      queries_per_seq: int = 32, seed: int = 1234, device: str | None = None,
+                      index_key_dtype: str = "float32") -> dict[str, Any]:
     """The ``evaluate`` command's measurement; returns the results dict (see :func:`write_report`).
 
     Args:
@@ -149,11 +160,15 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
         data: held-out text: the held-out split (last 10 %) of this file/folder; None = synthetic text
             from a seed stream the training does not use (``seed``).
         num_seqs, seq_len, queries_per_seq: how much to measure.
+        index_key_dtype: a name of :data:`INDEX_KEY_DTYPES`: the index keys are rounded to it.
 
     Raises:
         ValueError: artifact missing, invalid, without indexer or retrieval heads, or made for another
-            model.
+            model; an unknown ``index_key_dtype``.
     """
+    if index_key_dtype not in INDEX_KEY_DTYPES:
+        raise ValueError(f"unknown index key dtype {index_key_dtype!r}; choose one of {', '.join(INDEX_KEY_DTYPES)}")
+    key_dtype = INDEX_KEY_DTYPES[index_key_dtype]
     lm = resolve_model(model, device)
     if not isinstance(artifact, RTPurboArtifact):
         artifact = load_artifact(artifact, hf_config=lm.hf_config)
@@ -179,9 +194,9 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
             w_q, w_k = artifact.indexer[layer]
             q_pre, k_pre = captured.q_pre[layer], captured.k_pre[layer]
             decode = layer_routing(lm, heads, q_pre[query_pos.to(q_pre.device)], k_pre, query_pos, w_q, w_k,
-                                   p.top_p, p.block_size, p.sink_tokens)
+                                   p.top_p, p.block_size, p.sink_tokens, key_dtype)
             prefill = layer_prefill_routing(lm, heads, q_pre, k_pre, w_q, w_k, p.prefill_top_p, p.block_size,
-                                            p.sink_tokens)
+                                            p.sink_tokens, key_dtype)
             for j, head in enumerate(heads):
                 for m, values in {**decode, **prefill}.items():
                     per_head.setdefault((layer, head), {}).setdefault(m, []).append(values[j])
@@ -196,6 +211,7 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
         "seq_len": seq_len,
         "queries_per_seq": queries_per_seq,
         "prefill_tile_q": TILE_Q,
+        "index_key_dtype": index_key_dtype,
         "seed": seed,
         "summary": {"num_retrieval_heads": len(rows), "num_query_heads": lm.num_layers * lm.num_heads,
                     **{m: _stats(torch.tensor([r[m] for r in rows])) for m in METRICS}},
@@ -213,7 +229,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return (f"# RTPurbo indexer evaluation: {report['model']}\n\n"
             f"{s['num_retrieval_heads']} retrieval heads of {s['num_query_heads']} query heads; "
             f"top_p {p['top_p']}, prefill_top_p {p['prefill_top_p']}, block {p['block_size']}, "
-            f"sink {p['sink_tokens']}; {report['num_sequences']} held-out sequences x {report['seq_len']} tokens, "
+            f"sink {p['sink_tokens']}; index keys in {report.get('index_key_dtype', 'float32')}; "
+            f"{report['num_sequences']} held-out sequences x {report['seq_len']} tokens, "
             f"{report['queries_per_seq']} decode queries each (second half), each sequence prefilled as one "
             f"chunk in tiles of {report['prefill_tile_q']} rows; data: {report['data']}.\n\n"
             "- **recall**: share of the real attention mass inside the indexer's top-p blocks (decode)\n"

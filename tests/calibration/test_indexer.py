@@ -129,6 +129,13 @@ def test_export_round_trip_and_evaluate_report(model_dir, lm, heads_dir, tmp_pat
     markdown = render_markdown(report)
     assert "| recall |" in markdown and "| prefill_recall |" in markdown and "prefill_top_p 1.0" in markdown
     assert paths["markdown"].read_text() == markdown
+    # Index keys stored as fp8 e4m3 (no scale): the same routing measured on the rounded keys.
+    fp8 = evaluate_artifact(lm, out, num_seqs=2, seq_len=200, queries_per_seq=8, index_key_dtype="fp8_e4m3")
+    assert report["index_key_dtype"] == "float32" and fp8["index_key_dtype"] == "fp8_e4m3"
+    assert "index keys in fp8_e4m3" in render_markdown(fp8)
+    assert fp8["summary"]["recall"]["mean"] == pytest.approx(report["summary"]["recall"]["mean"], abs=0.05)
+    with pytest.raises(ValueError, match="unknown index key dtype 'int8'; choose one of float32, bfloat16"):
+        evaluate_artifact(lm, out, num_seqs=1, seq_len=200, queries_per_seq=8, index_key_dtype="int8")
 
 
 def test_evaluate_measures_the_sparse_prefill_selection(lm):
