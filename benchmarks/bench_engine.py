@@ -17,6 +17,10 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
   decodes and the rest wait for ``--stable-steps`` steps. Reported: the requests running then (vLLM's
   ``num_requests_running``: it admits a request only when its whole sequence fits), preemptions, and
   whether every request was admitted (then the count is a lower bound).
+* ``replay`` (CPU, no engine): the same count replayed through vLLM's own scheduler and KV-cache manager
+  (:mod:`rtpurbo_vllm.bench.capacity_replay`) for a pool of ``--kv-memory-gib`` (what the GPU run
+  profiled), with ``vllm serve``'s scheduler settings on an H100/H200 (``--max-num-batched-tokens``
+  8192, async scheduling); it also gives vLLM's logged KV tokens for that pool, to check against the GPU's.
 * ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
   then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
   decode step is the median difference over ``--steps`` (every request decodes from the first step:
@@ -32,6 +36,7 @@ part, the step waits on the host) and the kernels that take the most time per st
 
     python3 -P benchmarks/bench_engine.py capacity --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:kvgroup15
     python3 -P benchmarks/bench_engine.py load --out DIR --configs RTPURBO:auto:n1
+    python3 -P benchmarks/bench_engine.py replay --out DIR --configs FLASH_ATTN:auto RTPURBO:auto:n1   # CPU
     python3 -P benchmarks/bench_engine.py step --out DIR --batch 1 4 --configs RTPURBO:auto:global15:full ...
 
 Results: ``DIR/bench_engine.json`` (rows merged across invocations, every invocation's arguments, the last
@@ -56,7 +61,7 @@ from rtpurbo_vllm.bench.serving import LLAMA3_8B
 from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity
 
 SELECTIONS = {"global15": {"ratio": 0.15}, "kvgroup15": {"ratio": 0.15, "by_kv_group": True},
-              "n1": {"kv_heads_per_layer": 1}}
+              "n1": {"ratio": None, "kv_heads_per_layer": 1}}
 RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
 
 
@@ -152,6 +157,33 @@ def fill_until_full(llm_engine, scheduler, prompts: list, params, stable_steps: 
     return {"held_requests": running, "all_admitted": not waiting, "num_requests": len(prompts),
             "preemptions": sum(r.num_preemptions for r in requests.values()), "steps": steps,
             "seconds": round(time.perf_counter() - start, 1), "timed_out": timed_out}
+
+
+def replay_row(cfg: dict, args) -> dict:
+    """The ``replay`` phase's row of one configuration, in this process."""
+    import torch
+
+    from rtpurbo_vllm.artifacts import load_artifact
+    from rtpurbo_vllm.bench.capacity_replay import ReplaySettings, dense_specs, replay_held, replay_vllm_config
+    from rtpurbo_vllm.kv_cache import KVLayout
+    from rtpurbo_vllm.kv_cache.side_layers import collected_specs
+
+    path = model_dir(args.out, args.context, cfg["selection"])
+    settings = ReplaySettings(context=args.context, kv_memory_bytes=round(args.kv_memory_gib * 2**30),
+                              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=cfg["kv_dtype"])
+    config = replay_vllm_config(path, settings)
+    if cfg["backend"] == "FLASH_ATTN":
+        specs = dense_specs(config)
+    else:
+        artifact = load_artifact(path / f"rtpurbo-{cfg['selection']}")
+        layout = KVLayout.from_artifact(artifact, name=cfg["layout"], index_dtype=torch.bfloat16,
+                                        kv_dtype=torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16)
+        names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layout.num_layers))
+        specs = collected_specs(layout, names, cfg["kv_dtype"], config)
+    replayed = replay_held(config, specs, settings)
+    return {**cfg, "context": args.context, "kv_memory_gib": args.kv_memory_gib,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "vllm_kv_tokens": replayed.pop("kv_cache_tokens"),
+            "vllm_max_concurrency": replayed.pop("max_concurrency"), "timed_out": False, **replayed}
 
 
 def run_one(args) -> dict:
@@ -274,7 +306,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("capacity", "load", "step"))
+    parser.add_argument("phase", choices=("capacity", "load", "replay", "step"))
     parser.add_argument("--configs", nargs="+", default=[])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
@@ -290,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="load: steps the running count must hold with requests waiting")
     parser.add_argument("--load-seconds", type=float, default=360,
                         help="load: stop stepping after this long (then the row says timed out)")
+    parser.add_argument("--kv-memory-gib", type=float, default=108.74,
+                        help="replay: the KV pool's memory (default: the H200 runs' 108.74 GiB at utilization 0.9)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="replay: the scheduler's token budget (default 8192, vllm serve's on H100/H200)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=560)
     args = parser.parse_args(argv)
@@ -311,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     results["environment"] = environment()        # the card, versions, commit and VLLM_* settings
     results.setdefault("invocations", []).append({"argv": list(sys.argv[1:] if argv is None else argv)})
     for cfg in configs:
-        row = {"phase": args.phase, **run_child(cfg["name"], args)}
+        row = {"phase": args.phase, **(replay_row(cfg, args) if args.phase == "replay" else run_child(cfg["name"], args))}
         results["rows"] = [r for r in results["rows"] if (r["phase"], r["name"]) != (args.phase, cfg["name"])] + [row]
         outputs.write_json(results_path, results)
         print(json.dumps(row), flush=True)

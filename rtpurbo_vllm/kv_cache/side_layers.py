@@ -20,7 +20,7 @@ group) carries the group's tables; the impl reads it with
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -158,6 +158,39 @@ def unit_tensor(kv_cache: torch.Tensor, kind: str, width: int) -> torch.Tensor:
     return kv_cache.transpose(1, 2)
 
 
+def layer_unit_specs(layout: KVLayout, layer_names: tuple[str, ...], layer: int, kv_cache_dtype: str,
+                     head_size_v: int) -> dict[str, tuple[str, KVCacheSpec]]:
+    """``{name: (kind, spec)}`` of what layer ``layer`` (of ``layer_names``, model order) declares: its own
+    full unit under its own name, then the side units homed at it; K/V specs in ``kv_cache_dtype``
+    (vLLM's ``--kv-cache-dtype``), index specs in the layout's index dtype."""
+    kv_kwargs = dict(kv_quant_mode=get_kv_quant_mode(kv_cache_dtype), head_size_v=head_size_v)
+    specs = {layer_names[layer]: (FULL, unit_spec(layout.units[FULL], layout, **kv_kwargs))}
+    for kind, unit in layout.side_units(layer):
+        shape = layout.units[kind]
+        specs[unit_name(layer_names, kind, unit)] = (kind, unit_spec(shape, layout) if kind == INDEX
+                                                     else unit_spec(shape, layout, **kv_kwargs))
+    return specs
+
+
+def collected_specs(layout: KVLayout, layer_names: tuple[str, ...], kv_cache_dtype: str,
+                    vllm_config: VllmConfig) -> dict[str, KVCacheSpec]:
+    """The specs vLLM's workers collect from a model whose layers installed ``layout``: the attention
+    layers' in model order, then the side units' (registered after them), each stamped with its
+    backend's block-stride flag as the model runner stamps it."""
+    from vllm.config import set_current_vllm_config
+
+    declared = [layer_unit_specs(layout, layer_names, i, kv_cache_dtype, layout.head_size)
+                for i in range(layout.num_layers)]
+    ordered = [(name, kind, spec) for specs in declared for name, (kind, spec) in specs.items()
+               if name in layer_names]
+    ordered += [(name, kind, spec) for specs in declared for name, (kind, spec) in specs.items()
+                if name not in layer_names]
+    with set_current_vllm_config(vllm_config):
+        stride = {kind: (RTPurboIndexUnitBackend if kind == INDEX else RTPurboKVUnitBackend).indexes_kv_by_block_stride()
+                  for kind in {kind for _, kind, _ in ordered}}
+    return {name: replace(spec, indexes_kv_by_block_stride=stride[kind]) for name, kind, spec in ordered}
+
+
 def install_kv_layout(attn_layer: nn.Module, layout: KVLayout, layer_names: tuple[str, ...],
                       vllm_config: VllmConfig) -> None:
     """Makes ``attn_layer`` (a vLLM ``Attention``, one of ``layer_names`` in model order) full unit
@@ -170,12 +203,9 @@ def install_kv_layout(attn_layer: nn.Module, layout: KVLayout, layer_names: tupl
                          f"the layer has {attn_layer.num_kv_heads} of size {attn_layer.head_size}")
     if getattr(attn_layer, "_rtpurbo_kv_layout", None) is not None:
         raise RuntimeError(f"{name}: the RTPurbo KV layout is already installed")
-    kv_kwargs = dict(kv_quant_mode=get_kv_quant_mode(attn_layer.kv_cache_dtype))
-    own_spec = unit_spec(layout.units[FULL], layout, head_size_v=attn_layer.head_size_v, **kv_kwargs)
+    specs = layer_unit_specs(layout, layer_names, layer, attn_layer.kv_cache_dtype, attn_layer.head_size_v)
+    _, own_spec = specs.pop(name)
     attn_layer.get_kv_cache_spec = types.MethodType(lambda self, vllm_config: own_spec, attn_layer)
-    for kind, unit in layout.side_units(layer):
-        shape = layout.units[kind]
-        spec = unit_spec(shape, layout) if kind == INDEX else unit_spec(
-            shape, layout, head_size_v=attn_layer.head_size_v, **kv_kwargs)
-        RTPurboCacheUnit(unit_name(layer_names, kind, unit), spec, kind, vllm_config)
+    for unit, (kind, spec) in specs.items():
+        RTPurboCacheUnit(unit, spec, kind, vllm_config)
     attn_layer._rtpurbo_kv_layout = layout

@@ -149,3 +149,14 @@ def test_load_tokens_past_the_engines_room_exit_2(bench, tmp_path, capsys):
     assert bench.main(["load", "--out", str(tmp_path / "out"), "--configs", "FLASH_ATTN:auto",
                        "--load-tokens", "4096"]) == 2
     assert "--load-tokens must be <= 2048" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_replay_rows_on_the_cpu(bench, tmp_path):
+    """``replay`` runs in this process, no engine: vLLM's scheduler over the pool a GPU run would size."""
+    out = tmp_path / "replay"
+    assert bench.main(["replay", "--out", str(out), "--configs", "FLASH_ATTN:auto", "RTPURBO:auto:n1",
+                       "--context", "4096", "--kv-memory-gib", "5"]) == 0
+    rows = json.loads((out / "bench_engine.json").read_text())["rows"]
+    assert [(r["phase"], r["name"]) for r in rows] == [("replay", "FLASH_ATTN:auto"), ("replay", "RTPURBO:auto:n1:compact")]
+    assert all(r["held_requests"] >= 1 and r["preemptions"] == 0 and r["vllm_kv_tokens"] > 0 for r in rows)
+    assert "| replay | FLASH_ATTN:auto | 40960 | 6.67 |" in (out / "bench_engine.md").read_text()

@@ -7,7 +7,7 @@ import torch
 from rtpurbo_vllm.head_layout import HeadLayout
 from rtpurbo_vllm.kv_cache import FULL, INDEX, WINDOW, KVLayout, RTPurboFullSpec, RTPurboIndexSpec, SinkWindowSpec
 from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
-from rtpurbo_vllm.kv_cache.side_layers import RTPurboCacheUnit, install_kv_layout
+from rtpurbo_vllm.kv_cache.side_layers import RTPurboCacheUnit, collected_specs, install_kv_layout
 
 HQ, HKV, D, B = 8, 4, 64, 200
 
@@ -52,6 +52,9 @@ def test_install_collect_group_bind_and_address(make_config, kv, cpu_platform, k
 
     g = layout.unit_count
     assert len(specs) == 3 * g and all(isinstance(specs[n], RTPurboFullSpec) for n in names)
+    # What a model with this layout declares, without building the model (the capacity replay's specs).
+    declared = collected_specs(layout, names, kv_cache_dtype, config)
+    assert list(declared.items()) == list(specs.items())
     assert type(layers[1]).get_kv_cache_spec is Attention.get_kv_cache_spec    # the class is untouched
     context = config.compilation_config.static_forward_context
     side = [n for n in specs if n not in names]
