@@ -132,29 +132,25 @@ def load_requests(held: float, max_seqs: int) -> int:
 
 
 def fill_until_full(llm_engine, scheduler, prompts: list, params, stable_steps: int, time_limit: float) -> dict:
-    """Adds every prompt at once, then steps ``llm_engine`` until the scheduler's state is settled: no
-    running request still prefilling and, for ``stable_steps`` steps in a row, the same number running
-    with requests left waiting (or none left waiting: all admitted). Returns ``held_requests`` (running
-    then), ``all_admitted``, ``preemptions`` (summed over the requests), ``steps`` and ``seconds``; on
+    """Adds every prompt at once, then steps ``llm_engine`` until the scheduler's queues settle
+    (:class:`~rtpurbo_vllm.bench.capacity_replay.Settling`). Returns ``held_requests`` (running then),
+    ``all_admitted``, ``preemptions`` (summed over the requests), ``steps`` and ``seconds``; on
     ``time_limit`` seconds, the state then and ``timed_out``."""
+    from rtpurbo_vllm.bench.capacity_replay import Settling
+
     for i, prompt in enumerate(prompts):
         llm_engine.add_request(f"load-{i}", prompt, params)
     requests = dict(scheduler.requests)                   # every request, whatever queue it moves to
-    start, steps, settled, last = time.perf_counter(), 0, 0, None
-    timed_out = False
+    start, steps, watch, timed_out = time.perf_counter(), 0, Settling(stable_steps), False
     while True:
         llm_engine.step()
         steps += 1
-        running, waiting = len(scheduler.running), len(scheduler.waiting)
-        prefilling = any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
-        settled = settled + 1 if not prefilling and running == last else 0
-        last = running
-        if (settled >= stable_steps and waiting) or (not prefilling and not waiting):
+        if watch.settled(scheduler):
             break
         if time.perf_counter() - start > time_limit:
             timed_out = True
             break
-    return {"held_requests": running, "all_admitted": not waiting, "num_requests": len(prompts),
+    return {**watch.state(scheduler), "num_requests": len(prompts),
             "preemptions": sum(r.num_preemptions for r in requests.values()), "steps": steps,
             "seconds": round(time.perf_counter() - start, 1), "timed_out": timed_out}
 

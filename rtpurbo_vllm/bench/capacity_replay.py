@@ -146,13 +146,34 @@ def _request(i: int, settings: ReplaySettings, hasher):
     return Request(f"replay-{i}", tokens, params, None, block_hasher=hasher)
 
 
-def _step_until_settled(scheduler, batches_in_flight: int, max_steps: int, stable_steps: int = 16) -> dict[str, Any]:
+class Settling:
+    """Watches a vLLM scheduler under load for the moment its queues settle: no running request still
+    prefilling and, for ``stable_steps`` steps in a row, the same number running with requests waiting
+    (or none waiting: every request admitted). Call :meth:`settled` after each step."""
+
+    def __init__(self, stable_steps: int = 16):
+        self.stable_steps, self.stable, self.last = stable_steps, 0, None
+
+    def settled(self, scheduler) -> bool:
+        running, waiting = len(scheduler.running), len(scheduler.waiting)
+        prefilling = any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+        self.stable = self.stable + 1 if not prefilling and running == self.last else 0
+        self.last = running
+        return not prefilling and (not waiting or self.stable >= self.stable_steps)
+
+    @staticmethod
+    def state(scheduler) -> dict[str, Any]:
+        """``held_requests`` (running now) and ``all_admitted`` (none waiting)."""
+        return {"held_requests": len(scheduler.running), "all_admitted": not scheduler.waiting}
+
+
+def _step_until_settled(scheduler, batches_in_flight: int, max_steps: int) -> dict[str, Any]:
     """Schedules and completes batches as the engine core's batch queue does (``batches_in_flight``
-    scheduled before the oldest completes) until the state settles; see :func:`replay_held`."""
+    scheduled before the oldest completes) until :class:`Settling` says so; see :func:`replay_held`."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     in_flight: collections.deque = collections.deque()
-    steps, settled, last = 0, 0, None
+    steps, watch = 0, Settling()
     while steps < max_steps:
         output = scheduler.schedule()
         if output.total_num_scheduled_tokens:
@@ -167,11 +188,7 @@ def _step_until_settled(scheduler, batches_in_flight: int, max_steps: int, stabl
                 req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
                 sampled_token_ids=[[STAND_IN_TOKEN] if rid in sampling else [] for rid in ids]))
         steps += 1
-        running, waiting = len(scheduler.running), len(scheduler.waiting)
-        prefilling = any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
-        settled = settled + 1 if not prefilling and running == last else 0
-        last = running
-        if not prefilling and (not waiting or settled >= stable_steps):
-            return {"held_requests": running, "all_admitted": not waiting, "steps": steps}
+        if watch.settled(scheduler):
+            return {**watch.state(scheduler), "steps": steps}
     raise RuntimeError(f"the replay did not settle in {max_steps} steps ({len(scheduler.running)} running, "
                        f"{len(scheduler.waiting)} waiting)")
