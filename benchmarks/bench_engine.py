@@ -11,7 +11,8 @@ retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTP
   sequences of ``--context`` tokens the pool holds while they decode (RTPURBO: the pool's bytes over
   :meth:`KVLayout.bytes_per_sequence`, the whole blocks a decoding sequence holds; FLASH_ATTN: tokens
   over the context).
-* ``load``: what the pool really holds under load: more requests of ``--context`` distinct random tokens
+* ``load``: what the pool really holds under load, with ``vllm serve``'s token budget on an H100/H200
+  (``--max-num-batched-tokens`` 8192): more requests of ``--context`` distinct random tokens
   than the arithmetic above says fit (``ceil(1.2 * held) + 2``, at most ``--max-seqs``) are sent at
   once, each to generate ``--load-tokens`` tokens; the engine steps until every admitted request
   decodes and the rest wait for ``--stable-steps`` steps. Reported: the requests running then (vLLM's
@@ -95,12 +96,14 @@ def model_dir(out: Path, context: int, selection: str | None) -> Path:
     return path
 
 
-def engine(cfg: dict, path: Path, context: int, max_num_seqs: int, gpu_memory_utilization: float):
+def engine(cfg: dict, path: Path, context: int, max_num_seqs: int, gpu_memory_utilization: float,
+           max_num_batched_tokens: int | None = None):
+    """A ``vllm.LLM`` of ``cfg``; ``max_num_batched_tokens`` None leaves vLLM's default (``vllm.LLM``'s)."""
     from vllm import LLM
 
     kwargs = dict(model=str(path), load_format="dummy", attention_backend=cfg["backend"], max_model_len=context + 2048,
                   max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization, seed=0,
-                  enable_prefix_caching=True)
+                  enable_prefix_caching=True, max_num_batched_tokens=max_num_batched_tokens)
     if cfg["kv_dtype"] == "fp8":
         kwargs["kv_cache_dtype"] = "fp8"
     if cfg["backend"] == "RTPURBO":
@@ -196,19 +199,21 @@ def run_one(args) -> dict:
 
     cfg = parse_config(args.one)
     path = model_dir(args.out, args.context, cfg["selection"])
-    max_seqs = args.max_seqs if args.phase == "load" else max(args.batch + [8])
-    llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization)
+    load = args.phase == "load"
+    max_seqs = args.max_seqs if load else max(args.batch + [8])
+    llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization,
+                 args.max_num_batched_tokens if load else None)
     row = {**cfg, "context": args.context, "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     if args.phase == "capacity":
         return row
-    if args.phase == "load":
+    if load:
         prompts = random_prompts(load_requests(row["held_sequences"], max_seqs), seed=0)
         params = SamplingParams(max_tokens=args.load_tokens, min_tokens=args.load_tokens, ignore_eos=True,
                                 temperature=0)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler      # in-process engine core
-        return {**row, **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps,
-                                         args.load_seconds)}
+        return {**row, "max_num_batched_tokens": args.max_num_batched_tokens,
+                **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps, args.load_seconds)}
 
     steps, spread, profiles = {}, {}, {}
     for batch in args.batch:
@@ -262,7 +267,8 @@ def run_child(cfg: str, args) -> dict:
             str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--repeats", str(args.repeats), "--batch", *map(str, args.batch), "--max-seqs", str(args.max_seqs),
             "--load-tokens", str(args.load_tokens), "--stable-steps", str(args.stable_steps),
-            "--load-seconds", str(args.load_seconds), *(["--profile"] if args.profile else [])]
+            "--load-seconds", str(args.load_seconds), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            *(["--profile"] if args.profile else [])]
     # The pool's block count and the scheduler's queues / the profiler's view need the engine in this process.
     in_process = args.phase in ("capacity", "load") or args.profile
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else dict(os.environ)
@@ -321,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-memory-gib", type=float, default=108.74,
                         help="replay: the KV pool's memory (default: the H200 runs' 108.74 GiB at utilization 0.9)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                        help="replay: the scheduler's token budget (default 8192, vllm serve's on H100/H200)")
+                        help="load, replay: the scheduler's token budget (default 8192, vllm serve's on H100/H200; "
+                             "capacity and step keep vllm.LLM's)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=560)
     args = parser.parse_args(argv)
