@@ -10,13 +10,16 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   query of a retrieval head points the same way), and the share each tile really kept is printed.
 - Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs index queries + block top-p
   + head-wise sparse decode, the local heads' part on a side stream beside the first two (as served).
-  Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each sequence's blocks are planted as the indexer's hot blocks (the
-  paper measures > 97% decode sparsity at 512K, i.e. about 3% kept); the share top-p really kept
-  is printed. Both sides are timed as CUDA-graph replays (median of repeats).
+  Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each
+  sequence's blocks are planted as the indexer's hot blocks (the paper measures > 97% decode sparsity
+  at 512K, i.e. about 3% kept); the share top-p really kept is printed. Both sides are timed as
+  CUDA-graph replays (median of repeats). ``--variants`` times RTPURBO's step again with other launch
+  settings (e.g. ``launch.pdl=1``) in the same process, beside this run's.
 
 Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
+    python3 -P benchmarks/bench_attention.py --prefill --decode 128 512 --batch 1 4 --variants launch.pdl=1
 It prints a table of times and ratios, RTPURBO's decode step as the GPU runs it (each kernel's start and
 duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must
 read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
@@ -38,7 +41,7 @@ from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIE
                                                 decode_index_inputs, dtype, plant_hot_blocks, random_block_table,
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
-from rtpurbo_vllm.bench.kernel_config import apply_overrides, parse_overrides
+from rtpurbo_vllm.bench.kernel_config import applied, apply_overrides, parse_overrides
 from rtpurbo_vllm.bench.timing import (format_timeline, profile_cuda_graph, replay_timeline, time_cuda_graph,
                                       time_eager)
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
@@ -240,6 +243,23 @@ def plot(rows: list[dict], path: Path) -> None:
     write_figure(path, fig)
 
 
+def time_variants(variants: dict[str, dict], decode_rows: list[dict], run) -> list[dict]:
+    """RTPURBO's decode step at every point of ``decode_rows`` again under each of ``variants``
+    (``{text: overrides}``, :func:`rtpurbo_vllm.bench.kernel_config.applied`), by ``run(batch, length)``
+    (a :func:`bench_decode` row); one row per (variant, point) with its time beside the point's own."""
+    out = []
+    for text, variant in variants.items():
+        with applied(variant):
+            for base in decode_rows:
+                row = run(base["batch"], base["context"])
+                out.append({"variant": text, "batch": base["batch"], "context": base["context"],
+                            "rtpurbo_ms": row["rtpurbo_ms"], "base_ms": base["rtpurbo_ms"],
+                            "speedup_vs_base": base["rtpurbo_ms"] / row["rtpurbo_ms"],
+                            "rtpurbo_kernels": row["rtpurbo_kernels"]})
+                print(out[-1], flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill", metavar="K", type=int, nargs="*", default=[32, 128, 512, 1024],
@@ -262,16 +282,21 @@ def main(argv=None) -> int:
     parser.add_argument("--config", metavar="KERNEL.KEY=VALUE", nargs="*", default=[],
                         help="launch settings of the Triton kernels for this run (rtpurbo_vllm.bench.kernel_config), "
                              "e.g. sparse_decode.warps=8 block_topp.search_bits=2")
+    parser.add_argument("--variants", metavar="KERNEL.KEY=VALUE[,...]", nargs="*", default=[],
+                        help="decode: time RTPURBO's step again at every point with each of these settings (on top "
+                             "of --config), e.g. launch.pdl=1 block_topp.stats_stages=3,launch.pdl=1")
     parser.add_argument("--out", metavar="DIR", default="results", help="folder for the JSON and the PNG")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.config)
+        variants = {text: parse_overrides(text.split(",")) for text in args.variants}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kernel_config = apply_overrides(overrides)
     device = torch.device("cuda")
     torch.manual_seed(0)
+    max_model_len = args.max_model_len and args.max_model_len * 1024
     rows = []
     for k in args.prefill:
         rows.append(bench_prefill(k * 1024, device, args.repeats, args.prefill_top_p, args.keep))
@@ -285,16 +310,18 @@ def main(argv=None) -> int:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
             rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
-                                                   args.max_model_len and args.max_model_len * 1024),
-                                      args.peak_bandwidth))
+                                                   max_model_len), args.peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
+    variant_rows = time_variants(variants, [r for r in rows if r["phase"] == "decode"],
+                                 lambda batch, length: bench_decode(batch, length, args.keep, device, args.repeats,
+                                                                    max_model_len))
     out = Path(args.out)
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
                         "top_p": TOP_P},
               "peak_bandwidth": args.peak_bandwidth, "kernel_config": kernel_config, "command": " ".join(sys.argv),
-              "rows": rows}
+              "rows": rows, "variants": variant_rows}
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median"
@@ -317,6 +344,12 @@ def main(argv=None) -> int:
         print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
         print_bandwidth(decode_rows, args.peak_bandwidth)
+    if variant_rows:
+        print("\nRTPURBO decode step with other settings (ms; > 1: faster than this run's settings)")
+        print(f"{'batch':>5} {'context':>8} {'base':>9} {'variant':>9} {'speedup':>8}  settings")
+        for v in variant_rows:
+            print(f"{v['batch']:5d} {v['context'] // 1024:7d}K {v['base_ms']:9.4f} {v['rtpurbo_ms']:9.4f} "
+                  f"{v['speedup_vs_base']:7.3f}x  {v['variant']}")
     return 0
 
 

@@ -7,7 +7,9 @@ benchmark's command line as ``KERNEL.KEY=VALUE`` so that one GPU call can time s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 KERNELS = {"block_topp": "block_topp.kernel", "sparse_decode": "sparse_decode.kernel",
@@ -55,3 +57,15 @@ def apply_overrides(overrides: dict[str, dict[str, int]]) -> dict[str, dict[str,
     for kernel, values in overrides.items():
         configs[kernel].update(values)
     return {name: dict(config) for name, config in configs.items()}
+
+
+@contextlib.contextmanager
+def applied(overrides: dict[str, dict[str, int]]) -> Iterator[dict[str, dict[str, Any]]]:
+    """:func:`apply_overrides` for the body only: every kernel's settings are as before afterwards."""
+    saved = {name: dict(config) for name, config in kernel_configs().items()}
+    try:
+        yield apply_overrides(overrides)
+    finally:
+        for name, config in kernel_configs().items():
+            config.clear()
+            config.update(saved[name])

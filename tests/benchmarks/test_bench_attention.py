@@ -100,3 +100,30 @@ def test_bad_kernel_setting_exits_2_before_any_work(load_benchmark, capsys, tmp_
     assert bench.main(["--prefill", "--decode", "--config", "sparse_decode.wraps=8", "--out", str(tmp_path)]) == 2
     assert "error: --config 'sparse_decode.wraps=8': sparse_decode has no setting" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_variant_exits_2_before_any_work(load_benchmark, capsys, tmp_path):
+    bench = load_benchmark("bench_attention")
+    assert bench.main(["--prefill", "--decode", "--variants", "launch.pdl=1,launch.pld=1", "--out", str(tmp_path)]) == 2
+    assert "error: --config 'launch.pld=1': launch has no setting 'pld'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_variants_time_every_point_again_under_their_settings(load_benchmark):
+    """Each variant's settings hold while its points run (and only then); rows pair each point's time with
+    this run's."""
+    from rtpurbo_vllm.bench import kernel_config
+
+    bench = load_benchmark("bench_attention")
+    seen = []
+
+    def run(batch, length):
+        pdl = kernel_config.kernel_configs()["launch"]["pdl"]
+        seen.append((batch, length, pdl))
+        return {"rtpurbo_ms": 0.5 if pdl else 1.0, "rtpurbo_kernels": {"span_us": None, "kernels": []}}
+
+    points = [{"batch": 1, "context": 128, "rtpurbo_ms": 1.0}, {"batch": 4, "context": 256, "rtpurbo_ms": 2.0}]
+    rows = bench.time_variants({"launch.pdl=1": {"launch": {"pdl": 1}}}, points, run)
+    assert seen == [(1, 128, 1), (4, 256, 1)] and kernel_config.kernel_configs()["launch"]["pdl"] == 0
+    assert [(r["variant"], r["batch"], r["base_ms"], r["speedup_vs_base"]) for r in rows] == [
+        ("launch.pdl=1", 1, 1.0, 2.0), ("launch.pdl=1", 4, 2.0, 4.0)]

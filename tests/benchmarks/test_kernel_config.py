@@ -38,3 +38,10 @@ def test_bad_overrides_are_named(item, message):
     with pytest.raises(ValueError, match="--config") as error:
         kc.parse_overrides(["block_topp.search_bits=2", item])
     assert item in str(error.value) and message in str(error.value)
+
+
+def test_applied_settings_last_for_the_body_only(fresh_configs):
+    before = {name: dict(config) for name, config in fresh_configs.items()}
+    with kc.applied({"launch": {"pdl": 1}, "block_topp": {"stats_stages": 3}}) as now:
+        assert now["launch"]["pdl"] == 1 and kc.kernel_configs()["block_topp"]["stats_stages"] == 3
+    assert {name: dict(config) for name, config in kc.kernel_configs().items()} == before
