@@ -1,10 +1,11 @@
 """KV capacity and decode step of whole engines (``vllm.LLM``, dummy weights), one configuration per process.
 
-Each configuration is ``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]``: ``FLASH_ATTN:auto``, ``FLASH_ATTN:fp8``,
-``RTPURBO:auto:kvgroup15``, ``RTPURBO:fp8:n1:compact``... ``SELECTION`` is the synthetic artifact's head
-selection (``global15``: the global top 15 % of query heads, ``kvgroup15``: 15 % of KV groups, ``n1``: one
-retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTPURBO's KV layout
-(default ``compact``).
+Each configuration is ``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT[:INDEX]]]``: ``FLASH_ATTN:auto``,
+``FLASH_ATTN:fp8``, ``RTPURBO:auto:kvgroup15``, ``RTPURBO:fp8:n1:compact``... ``SELECTION`` is the synthetic
+artifact's head selection (``global15``: the global top 15 % of query heads, ``kvgroup15``: 15 % of KV
+groups, ``n1``: one retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTPURBO's
+KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, the default, or
+``fp8_e4m3``: ``--additional-config`` ``index_key_dtype``).
 
 * ``capacity``: the engine starts and reports its KV pool: vLLM's logged KV tokens and maximum
   concurrency (start-up arithmetic, which reserves a chunked prefill's in-flight window), and the
@@ -67,18 +68,25 @@ RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
 
 
 def parse_config(text: str) -> dict:
-    """``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT]]`` as a dict, its ``name`` with the defaults spelled out; raises
-    ``ValueError`` naming the problem."""
+    """``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT[:INDEX]]]`` as a dict, its ``name`` with the defaults spelled out
+    (``INDEX`` only when not ``auto``); raises ``ValueError`` naming the problem."""
+    from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES
+
     parts = text.split(":")
     backend, kv_dtype = (parts + ["auto"])[:2]
     if backend not in ("FLASH_ATTN", "RTPURBO") or kv_dtype not in ("auto", "fp8"):
         raise ValueError(f"bad configuration {text!r}: expected FLASH_ATTN|RTPURBO:auto|fp8[:selection[:layout]]")
     selection = parts[2] if len(parts) > 2 else ("global15" if backend == "RTPURBO" else None)
     layout = parts[3] if len(parts) > 3 else ("compact" if backend == "RTPURBO" else None)
-    if backend == "RTPURBO" and (selection not in SELECTIONS or layout not in ("compact", "full")):
-        raise ValueError(f"bad configuration {text!r}: selection one of {sorted(SELECTIONS)}, layout compact|full")
-    name = ":".join(p for p in (backend, kv_dtype, selection, layout) if p)     # every default spelled out
-    return {"name": name, "backend": backend, "kv_dtype": kv_dtype, "selection": selection, "layout": layout}
+    index = parts[4] if len(parts) > 4 else ("auto" if backend == "RTPURBO" else None)
+    if backend == "RTPURBO" and (selection not in SELECTIONS or layout not in ("compact", "full")
+                                 or index not in INDEX_KEY_DTYPES):
+        raise ValueError(f"bad configuration {text!r}: selection one of {sorted(SELECTIONS)}, layout compact|full, "
+                         f"index keys one of {'|'.join(INDEX_KEY_DTYPES)}")
+    fields = [backend, kv_dtype, selection, layout] + ([index] if index not in (None, "auto") else [])
+    name = ":".join(p for p in fields if p)
+    return {"name": name, "backend": backend, "kv_dtype": kv_dtype, "selection": selection, "layout": layout,
+            "index_key_dtype": index}
 
 
 def model_dir(out: Path, context: int, selection: str | None) -> Path:
@@ -108,7 +116,8 @@ def engine(cfg: dict, path: Path, context: int, max_num_seqs: int, gpu_memory_ut
         kwargs["kv_cache_dtype"] = "fp8"
     if cfg["backend"] == "RTPURBO":
         kwargs["additional_config"] = {"rtpurbo": {"artifact": str(path / f"rtpurbo-{cfg['selection']}"),
-                                                   "kv_layout": cfg["layout"]}}
+                                                   "kv_layout": cfg["layout"],
+                                                   "index_key_dtype": cfg["index_key_dtype"]}}
     return LLM(**kwargs)
 
 
@@ -121,11 +130,12 @@ def held_sequences(llm, cfg: dict, context: int) -> float:
     if cfg["backend"] == "FLASH_ATTN":
         return num_blocks * vllm_config.cache_config.block_size / context
     from rtpurbo_vllm.attention.serving_config import serving_artifact
-    from rtpurbo_vllm.kv_cache import KVLayout
+    from rtpurbo_vllm.kv_cache import KVLayout, index_key_dtype
 
     kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
     layout = KVLayout.from_artifact(serving_artifact(vllm_config), name=cfg["layout"], kv_dtype=kv_dtype,
-                                    index_dtype=torch.bfloat16, block_unit=vllm_config.cache_config.block_size)
+                                    index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16),
+                                    block_unit=vllm_config.cache_config.block_size)
     return num_blocks * layout.bytes_per_block / layout.bytes_per_sequence(context)
 
 
@@ -164,7 +174,7 @@ def replay_row(cfg: dict, args) -> dict:
 
     from rtpurbo_vllm.artifacts import load_artifact
     from rtpurbo_vllm.bench.capacity_replay import ReplaySettings, dense_specs, replay_held, replay_vllm_config
-    from rtpurbo_vllm.kv_cache import KVLayout
+    from rtpurbo_vllm.kv_cache import KVLayout, index_key_dtype
     from rtpurbo_vllm.kv_cache.side_layers import collected_specs
 
     path = model_dir(args.out, args.context, cfg["selection"])
@@ -175,8 +185,9 @@ def replay_row(cfg: dict, args) -> dict:
         specs = dense_specs(config)
     else:
         artifact = load_artifact(path / f"rtpurbo-{cfg['selection']}")
-        layout = KVLayout.from_artifact(artifact, name=cfg["layout"], index_dtype=torch.bfloat16,
-                                        kv_dtype=torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16)
+        kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
+        layout = KVLayout.from_artifact(artifact, name=cfg["layout"], kv_dtype=kv_dtype,
+                                        index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16))
         names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layout.num_layers))
         specs = collected_specs(layout, names, cfg["kv_dtype"], config)
     replayed = replay_held(config, specs, settings)
@@ -350,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     results["environment"] = environment()        # the card, versions, commit and VLLM_* settings
     results.setdefault("invocations", []).append({"argv": list(sys.argv[1:] if argv is None else argv)})
     for cfg in configs:
-        row = {"phase": args.phase, **(replay_row(cfg, args) if args.phase == "replay" else run_child(cfg["name"], args))}
+        measured = replay_row(cfg, args) if args.phase == "replay" else run_child(cfg["name"], args)
+        row = {"phase": args.phase, **measured}
         results["rows"] = [r for r in results["rows"] if (r["phase"], r["name"]) != (args.phase, cfg["name"])] + [row]
         outputs.write_json(results_path, results)
         print(json.dumps(row), flush=True)

@@ -11,6 +11,10 @@ full K/V only for the KV heads of retrieval heads, sink + window K/V for the oth
 step is measured within 5 % of the full layout's). :func:`serving_kv_layout` plans the layout once per
 process (every layer installs its share of the same layout).
 
+``{"rtpurbo": {"index_key_dtype": "fp8_e4m3"}}`` stores the index keys in one byte per value instead of
+the model's dtype (:func:`~rtpurbo_vllm.kv_cache.index_key_dtype`; opt-in: measure the routing with
+``rtpurbo-calibrate evaluate --index-key-dtype fp8_e4m3`` first).
+
 ``{"rtpurbo": {"top_p": 0.85, "prefill_top_p": 0.95}}`` overrides the artifact's decode and prefill
 top-p at serve time (:data:`PARAM_OVERRIDES`; each checked by the artifact's rules, ``PARAM_RULES``);
 :func:`serving_params` gives the settings the backend runs with.
@@ -26,13 +30,13 @@ import torch
 
 from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, SparsityParams, find_artifact_dir, load_artifact
 from rtpurbo_vllm.artifacts.validate import check_params
-from rtpurbo_vllm.kv_cache.layout import KV_LAYOUTS, KVLayout
+from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, KV_LAYOUTS, KVLayout, index_key_dtype
 
 ADDITIONAL_CONFIG_KEY = "rtpurbo"
 DEFAULT_KV_LAYOUT = "full"
 # Sparsity settings a serving process may override: each is a number, taken instead of the artifact's.
 PARAM_OVERRIDES = ("top_p", "prefill_top_p")
-_KNOWN_KEYS = {"artifact", "kv_layout", *PARAM_OVERRIDES}
+_KNOWN_KEYS = {"artifact", "kv_layout", "index_key_dtype", *PARAM_OVERRIDES}
 _LOADED: dict[Path, RTPurboArtifact] = {}
 _KV_LAYOUTS: dict[tuple, KVLayout] = {}
 
@@ -52,6 +56,15 @@ def kv_layout_for(vllm_config) -> str:
         raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.kv_layout' must be one of "
                             f"{list(KV_LAYOUTS)}, got {layout!r}")
     return layout
+
+
+def index_key_dtype_for(vllm_config) -> str:
+    """How this engine stores the index keys: ``"auto"`` (default, the model's dtype) or ``"fp8_e4m3"``."""
+    setting = _options(vllm_config).get("index_key_dtype", "auto")
+    if setting not in INDEX_KEY_DTYPES:
+        raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.index_key_dtype' must be one of "
+                            f"{list(INDEX_KEY_DTYPES)}, got {setting!r}")
+    return setting
 
 
 def artifact_dir_for(vllm_config) -> Path:
@@ -98,7 +111,7 @@ def serving_params(vllm_config) -> SparsityParams:
 
 
 def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtype: torch.dtype,
-                      index_dtype: torch.dtype) -> KVLayout:
+                      model_dtype: torch.dtype) -> KVLayout:
     """This rank's KV layout of ``artifact``'s model, planned once per process and configuration.
 
     Args:
@@ -106,12 +119,14 @@ def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtyp
         artifact: the serving artifact.
         name: ``"compact"`` or ``"full"``.
         kv_dtype: the K/V cache's torch dtype (``torch.uint8`` for fp8 caches).
-        index_dtype: the index keys' dtype (the model's activation dtype).
+        model_dtype: the model's activation dtype (the index keys', unless :func:`index_key_dtype_for`
+            says fp8).
     """
     from rtpurbo_vllm.attention.tp import tp_rank_and_size
 
     rank, size = tp_rank_and_size()
     block_unit = vllm_config.cache_config.block_size
+    index_dtype = index_key_dtype(index_key_dtype_for(vllm_config), model_dtype)
     key = (id(artifact), name, kv_dtype, index_dtype, rank, size, block_unit)
     if key not in _KV_LAYOUTS:
         _KV_LAYOUTS[key] = KVLayout.from_artifact(artifact, name=name, kv_dtype=kv_dtype, index_dtype=index_dtype,

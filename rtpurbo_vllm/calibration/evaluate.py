@@ -47,7 +47,7 @@ DECODE_METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
 PREFILL_METRICS = ("prefill_recall", "prefill_recall_p10", "prefill_blocks_kept")
 METRICS = DECODE_METRICS + PREFILL_METRICS
 TILE_METRICS = ("tile_recall", "tile_kept", "tile_visible")
-INDEX_KEY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+EVALUATED_KEY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
                     "fp8_e5m2": torch.float8_e5m2}
 """``index_key_dtype`` name -> the dtype the index keys are rounded to (and read back as float32)."""
 
@@ -69,7 +69,7 @@ def layer_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor, k_pre:
         k_pre: ``[T, HKV, D]`` pre-RoPE keys.
         w_q, w_k: ``[HR, DI, D]`` indexer projections.
         top_p, block_size, sink_tokens: the artifact's selection settings.
-        key_dtype: the index keys' storage dtype (:data:`INDEX_KEY_DTYPES`).
+        key_dtype: the index keys' storage dtype (:data:`EVALUATED_KEY_DTYPES`).
 
     Returns:
         :data:`DECODE_METRICS` -> ``[HR, Q]`` float32 (CPU): attention mass inside the kept blocks,
@@ -100,7 +100,7 @@ def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor
         k_pre: ``[T, HKV, D]`` pre-RoPE keys.
         w_q, w_k: ``[HR, DI, D]`` indexer projections.
         top_p, block_size, sink_tokens: the artifact's ``prefill_top_p`` and selection settings.
-        key_dtype: the index keys' storage dtype (:data:`INDEX_KEY_DTYPES`).
+        key_dtype: the index keys' storage dtype (:data:`EVALUATED_KEY_DTYPES`).
 
     Returns:
         :data:`TILE_METRICS` -> ``[HR, NT]`` float32 (CPU), per query tile of :data:`TILE_Q` rows:
@@ -160,15 +160,16 @@ def evaluate_artifact(model: str | os.PathLike | LoadedModel, artifact: str | os
         data: held-out text: the held-out split (last 10 %) of this file/folder; None = synthetic text
             from a seed stream the training does not use (``seed``).
         num_seqs, seq_len, queries_per_seq: how much to measure.
-        index_key_dtype: a name of :data:`INDEX_KEY_DTYPES`: the index keys are rounded to it.
+        index_key_dtype: a name of :data:`EVALUATED_KEY_DTYPES`: the index keys are rounded to it.
 
     Raises:
         ValueError: artifact missing, invalid, without indexer or retrieval heads, or made for another
             model; an unknown ``index_key_dtype``.
     """
-    if index_key_dtype not in INDEX_KEY_DTYPES:
-        raise ValueError(f"unknown index key dtype {index_key_dtype!r}; choose one of {', '.join(INDEX_KEY_DTYPES)}")
-    key_dtype = INDEX_KEY_DTYPES[index_key_dtype]
+    if index_key_dtype not in EVALUATED_KEY_DTYPES:
+        raise ValueError(f"unknown index key dtype {index_key_dtype!r}; choose one of "
+                         f"{', '.join(EVALUATED_KEY_DTYPES)}")
+    key_dtype = EVALUATED_KEY_DTYPES[index_key_dtype]
     lm = resolve_model(model, device)
     if not isinstance(artifact, RTPurboArtifact):
         artifact = load_artifact(artifact, hf_config=lm.hf_config)

@@ -9,6 +9,7 @@ sink-keeping manager, and a process that unpickles one imports this package firs
 from rtpurbo_vllm.kv_cache.layout import (
     FULL,
     INDEX,
+    INDEX_KEY_DTYPES,
     KV_LAYOUTS,
     WINDOW,
     BlockPlan,
@@ -16,6 +17,7 @@ from rtpurbo_vllm.kv_cache.layout import (
     KVLayout,
     LayerPlaces,
     UnitShape,
+    index_key_dtype,
     plan_block_sizes,
 )
 from rtpurbo_vllm.kv_cache.manager import FullPrefixManager, SinkWindowManager, register_kv_cache_specs
@@ -24,7 +26,7 @@ from rtpurbo_vllm.kv_cache.specs import RTPurboFullSpec, RTPurboIndexSpec, SinkW
 register_kv_cache_specs()
 
 __all__ = [
-    "FULL", "INDEX", "KV_LAYOUTS", "WINDOW", "BlockPlan", "FullPrefixManager", "HeadPlace", "KVLayout",
+    "FULL", "INDEX", "INDEX_KEY_DTYPES", "KV_LAYOUTS", "WINDOW", "BlockPlan", "FullPrefixManager", "HeadPlace", "KVLayout",
     "LayerPlaces", "RTPurboFullSpec", "RTPurboIndexSpec", "SinkWindowManager", "SinkWindowSpec", "UnitShape",
-    "plan_block_sizes", "register_kv_cache_specs", "unit_spec",
+    "index_key_dtype", "plan_block_sizes", "register_kv_cache_specs", "unit_spec",
 ]

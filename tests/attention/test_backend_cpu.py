@@ -54,7 +54,8 @@ def case(request):
     return CASES[request.param]
 
 
-def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto", prefill_top_p=None):
+def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtype="auto", prefill_top_p=None,
+                index_key_dtype="auto"):
     """A real VllmConfig for a small Llama whose folder holds a random RTPurbo artifact."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
 
@@ -73,7 +74,7 @@ def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtyp
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)
     return VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
                       cache_config=CacheConfig(block_size=PAGE, cache_dtype=kv_cache_dtype),
-                      additional_config={"rtpurbo": {"kv_layout": kv_layout}})
+                      additional_config={"rtpurbo": {"kv_layout": kv_layout, "index_key_dtype": index_key_dtype}})
 
 
 @pytest.fixture
@@ -102,9 +103,9 @@ def bind_units(vllm_config, layout, names, pages: dict):
     context = vllm_config.compilation_config.static_forward_context
     for kind, shape in layout.units.items():
         for name in layout.unit_names(tuple(names), kind):
-            if kind == "index":
-                cache = torch.full((pages[kind], shape.block_size, shape.slots * shape.width), float("nan"),
-                                   dtype=shape.dtype)
+            if kind == "index":          # NaN: 0x7F bytes for fp8 index units
+                cache = torch.full((pages[kind], shape.block_size, shape.slots * shape.width),
+                                   0x7F if shape.dtype == torch.uint8 else float("nan"), dtype=shape.dtype)
             else:
                 cache = nan_cache(pages[kind], shape.block_size, shape.slots, shape.dtype)
             context[name].kv_cache = cache
@@ -206,11 +207,14 @@ def nan_cache(num_pages, page_size, num_kv_heads, dtype=torch.bfloat16):
     return cache.permute(0, 2, 1, 3)
 
 
-def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.03):
+def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_blocks, near_tie=0.03,
+                     index_scores=None):
     """``[HQ, D]`` float32: the reference decode of one sequence (``q`` ``[HQ, D]``, ``k``/``v`` its keys).
 
     Block top-p runs on bf16 index keys in the kernel and on exact ones here, so a retrieval head may
-    pick another block set when two blocks' masses tie within rounding. Where ``kernel_blocks[r]``
+    pick another block set when two blocks' masses tie within rounding. ``index_scores`` (per retrieval
+    head ``[n]``): judge the kernel's blocks on these scores instead of exact ones (fp8 index keys, whose
+    rounding moves masses by more than a tie). Where ``kernel_blocks[r]``
     (the kernel's kept blocks of head ``r``) differs from the reference's, it is accepted if it is a
     top-p set of the exact masses up to ``near_tie`` (holds the forced blocks, reaches ``top_p`` and
     would fall below it without its lightest optional block), and the reference attends over it.
@@ -225,7 +229,8 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
         ref_blocks = sorted(set((keep[h].nonzero().flatten() // p.block_size).tolist()))
         if kernel_blocks[r] == ref_blocks:
             continue
-        scores = (w_k[r].float() @ k_pre[:, h // group].float().t()).t() @ (w_q[r].float() @ q_pre[h].float())
+        scores = (w_k[r].float() @ k_pre[:, h // group].float().t()).t() @ (w_q[r].float() @ q_pre[h].float()) \
+            if index_scores is None else index_scores[r]
         mass = torch.zeros(num_blocks).index_add_(0, torch.arange(n) // p.block_size, torch.softmax(scores, 0))
         forced = set(range(-(-p.sink_tokens // p.block_size))) | {num_blocks - 1}
         chosen = mass[kernel_blocks[r]].sum()
@@ -238,17 +243,20 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
     return sparse_decode_ref(q, k, v, keep, scale)[0]
 
 
-@pytest.mark.parametrize("kv_layout, blocks, kv_cache_dtype, prefill_top_p", [
-    ("full", "hand", "auto", 1.0), ("compact", "hand", "auto", 1.0), ("compact", "manager", "auto", 1.0),
-    ("compact", "hand", "fp8", 1.0), ("full", "hand", "fp8_e4m3", 1.0),
-    ("full", "hand", "auto", 0.5), ("compact", "hand", "fp8", 0.5)])
+@pytest.mark.parametrize("kv_layout, blocks, kv_cache_dtype, prefill_top_p, index_key_dtype", [
+    ("full", "hand", "auto", 1.0, "auto"), ("compact", "hand", "auto", 1.0, "auto"),
+    ("compact", "manager", "auto", 1.0, "auto"), ("compact", "hand", "fp8", 1.0, "auto"),
+    ("full", "hand", "fp8_e4m3", 1.0, "auto"), ("full", "hand", "auto", 0.5, "auto"),
+    ("compact", "hand", "fp8", 0.5, "auto"), ("compact", "hand", "fp8", 0.5, "fp8_e4m3"),
+    ("full", "hand", "auto", 1.0, "fp8_e4m3")])
 def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case, dense_threshold, kv_layout, blocks,
-                                kv_cache_dtype, prefill_top_p):
+                                kv_cache_dtype, prefill_top_p, index_key_dtype):
     """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (compact layout with
     three groups only: with every KV head full there is one group). FP8 caches: the reference reads
     K/V quantised as the cache stores them. ``prefill_top_p < 1``: the retrieval heads' prefill rows
     see, per query tile of 16 rows, the sink, diagonal and top-p blocks of the tile's index queries
-    (the selection's inputs as the step computed and stored them)."""
+    (the selection's inputs as the step computed and stored them). ``index_key_dtype`` fp8_e4m3: the
+    index keys in one byte per value, the decode's blocks judged on the scores of the stored keys."""
     from vllm.forward_context import set_forward_context
 
     from rtpurbo_vllm.attention import builder as builder_module
@@ -257,12 +265,12 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
 
     HQ, HKV, RETRIEVAL = case
     monkeypatch.setattr(builder_module, "TILE_Q", 16)       # several tiles per chunk
-    engine = make_engine(tmp_path, case, dense_threshold, kv_layout, kv_cache_dtype, prefill_top_p)
+    engine = make_engine(tmp_path, case, dense_threshold, kv_layout, kv_cache_dtype, prefill_top_p, index_key_dtype)
     layers = make_layers(engine, case)
     names = tuple(layer.layer_name for layer in layers)
     layout = layers[0].impl.kv.layout
     spec = RopeSpec.from_hf_config(engine.model_config.hf_text_config)
-    fp8 = kv_cache_dtype != "auto"
+    fp8, fp8_index = kv_cache_dtype != "auto", index_key_dtype == "fp8_e4m3"
     if blocks == "manager" and not layout.has("window"):
         pytest.skip("every KV head is full: one KV-cache group, covered with hand-built tables")
     managed, managed_pages = manager_block_tables(engine) if blocks == "manager" else (None, None)
@@ -332,6 +340,10 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
             """What the cache holds for ``x`` (fp8: quantised), read back as the kernels read it."""
             return to_float(quantize_fp8(x, scale), scale) if fp8 else x.float()
 
+        def stored_index_keys(x):
+            """Index keys as the index units hold them: fp8 (unscaled) or bf16."""
+            return quantize_fp8(x, 1.0) if fp8_index else x.to(torch.bfloat16)
+
         def slots_for(kind, b, t):
             page_size = layout.units[kind].block_size
             return tables[kind][b, t // page_size].long() * page_size + t % page_size
@@ -348,7 +360,7 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
                     packed = torch.cat([quantize_fp8(k[:cached, h], scales[0]), quantize_fp8(v[:cached, h], scales[1])], -1)
                 scatter(kv.kv, mappings, h, packed)
             if kv.index is not None:
-                keys = index_keys_ref(k[:cached], t, spec, kv_heads, w_k).to(torch.bfloat16)
+                keys = stored_index_keys(index_keys_ref(k[:cached], t, spec, kv_heads, w_k))
                 for r in range(len(RETRIEVAL[layer_idx])):
                     scatter(kv.index, [slots_for("index", b, t)], r, keys[:, r])
         query = torch.cat([q[c:] for (c, _), (_, q, _, _, _) in zip(BATCH, seqs)])
@@ -375,9 +387,10 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
                 torch.testing.assert_close(to_float(got[:, D:], scales[1]), stored(v[keep, h], scales[1]))
             if kv.index is not None:
                 want = index_keys_ref(k, t, spec, kv_heads, w_k)
+                assert kv.index.is_fp8 == fp8_index
                 for r in range(len(RETRIEVAL[layer_idx])):
-                    torch.testing.assert_close(gather(kv.index, [index_table], b, r, t).float(), want[:, r],
-                                               atol=0.05, rtol=0.02)
+                    torch.testing.assert_close(to_float(gather(kv.index, [index_table], b, r, t)), want[:, r],
+                                               atol=0.05, rtol=0.07 if fp8_index else 0.02)
 
         # Attention output against the reference on whole sequences (decodes first, as in BATCH),
         # over K/V as the cache stores them.
@@ -391,15 +404,18 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
             if new == 1:
                 kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist()
                                  for r in range(len(RETRIEVAL[layer_idx]))]
+                scores = None if not fp8_index else [
+                    to_float(gather(kv.index, [index_table], b, r, torch.arange(n))) @ ws.index_queries[b, r].float()
+                    for r in range(len(RETRIEVAL[layer_idx]))]
                 want = decode_reference(q[-1], k_seen, v_seen, q_pre[-1], k_pre, RETRIEVAL[layer_idx], w_q, w_k, p,
-                                        impl.scale, kernel_blocks)[None]
+                                        impl.scale, kernel_blocks, index_scores=scores)[None]
             else:
                 want = rtpurbo_prefill_ref(q[cached:], k_seen, v_seen, torch.tensor([0, new], dtype=torch.int32),
                                            cu_k, RETRIEVAL[layer_idx], p.sink_tokens, p.window, p.dense_threshold,
                                            impl.scale)
                 if p.prefill_top_p < 1 and RETRIEVAL[layer_idx]:
                     heads = list(RETRIEVAL[layer_idx])
-                    k_idx = torch.stack([gather(kv.index, [index_table], b, r, torch.arange(n)).float()
+                    k_idx = torch.stack([to_float(gather(kv.index, [index_table], b, r, torch.arange(n)))
                                          for r in range(len(heads))], 1)
                     first = row - md.num_decode_tokens
                     q_idx = prefill_index_queries[first:first + new]
@@ -429,6 +445,26 @@ def test_kv_layout_option(tmp_path, cpu_platform, seed):
         kv_layout_for(engine)
 
 
+def test_index_key_dtype_option(tmp_path, cpu_platform, seed):
+    """``index_key_dtype``: "auto" (the model's dtype, the default) or "fp8_e4m3" (one byte per value, the
+    index units uint8); anything else is refused naming the option and its values."""
+    from rtpurbo_vllm.artifacts import ArtifactError
+    from rtpurbo_vllm.attention.serving_config import index_key_dtype_for, serving_kv_layout, serving_artifact
+    from rtpurbo_vllm.kv_cache import INDEX
+
+    engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="compact", index_key_dtype="fp8_e4m3")
+    assert index_key_dtype_for(engine) == "fp8_e4m3"
+    layout = serving_kv_layout(engine, serving_artifact(engine), "compact", torch.bfloat16, torch.bfloat16)
+    assert layout.units[INDEX].dtype == torch.uint8
+    engine.additional_config = {"rtpurbo": {}}
+    assert index_key_dtype_for(engine) == "auto"
+    assert serving_kv_layout(engine, serving_artifact(engine), "compact", torch.uint8,
+                             torch.bfloat16).units[INDEX].dtype == torch.bfloat16       # fp8 K/V alone: bf16 keys
+    engine.additional_config = {"rtpurbo": {"index_key_dtype": "fp8"}}
+    with pytest.raises(ArtifactError, match=r"index_key_dtype' must be one of \['auto', 'fp8_e4m3'\], got 'fp8'"):
+        index_key_dtype_for(engine)
+
+
 def test_sparsity_overrides(tmp_path, cpu_platform, seed):
     """``--additional-config '{"rtpurbo": {"top_p": ..., "prefill_top_p": ...}}'`` replaces the artifact's
     values for every layer; a value the artifact rules refuse names the option and the rule."""
@@ -447,5 +483,6 @@ def test_sparsity_overrides(tmp_path, cpu_platform, seed):
         with pytest.raises(ArtifactError, match=message):
             serving_params(engine)
     engine.additional_config = {"rtpurbo": {"decode_top_p": 0.9}}
-    with pytest.raises(ArtifactError, match=r"keys \['artifact', 'kv_layout', 'prefill_top_p', 'top_p'\]"):
+    with pytest.raises(ArtifactError, match=r"keys \['artifact', 'index_key_dtype', 'kv_layout', "
+                                                       r"'prefill_top_p', 'top_p'\]"):
         serving_params(engine)

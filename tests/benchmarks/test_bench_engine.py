@@ -12,11 +12,16 @@ def bench(load_benchmark):
 
 def test_configurations(bench):
     assert bench.parse_config("FLASH_ATTN:fp8") == {"name": "FLASH_ATTN:fp8", "backend": "FLASH_ATTN",
-                                                     "kv_dtype": "fp8", "selection": None, "layout": None}
+                                                     "kv_dtype": "fp8", "selection": None, "layout": None,
+                                                     "index_key_dtype": None}
     cfg = bench.parse_config("RTPURBO:auto:n1:full")
-    assert (cfg["selection"], cfg["layout"]) == ("n1", "full")
+    assert (cfg["selection"], cfg["layout"], cfg["index_key_dtype"]) == ("n1", "full", "auto")
     assert bench.parse_config("RTPURBO:auto")["name"] == "RTPURBO:auto:global15:compact"
-    for bad in ("TRITON_ATTN:auto", "RTPURBO:int8", "RTPURBO:auto:top9", "RTPURBO:auto:n1:split"):
+    assert bench.parse_config("RTPURBO:fp8:n1:compact:auto")["name"] == "RTPURBO:fp8:n1:compact"
+    cfg = bench.parse_config("RTPURBO:fp8:n1:compact:fp8_e4m3")
+    assert (cfg["name"], cfg["index_key_dtype"]) == ("RTPURBO:fp8:n1:compact:fp8_e4m3", "fp8_e4m3")
+    for bad in ("TRITON_ATTN:auto", "RTPURBO:int8", "RTPURBO:auto:top9", "RTPURBO:auto:n1:split",
+                "RTPURBO:auto:n1:compact:fp8"):
         with pytest.raises(ValueError, match="bad configuration"):
             bench.parse_config(bad)
 

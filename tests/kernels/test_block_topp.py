@@ -25,7 +25,7 @@ from rtpurbo_vllm.triton_kernels import launch as launch_settings  # noqa: E402
 from rtpurbo_vllm.triton_kernels.block_topp import (block_topp, block_topp_ref, index_scores_ref,  # noqa: E402
                                                     make_block_topp_workspace, paged_block_topp_ref,
                                                     paged_index_keys_ref)
-from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
+from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads, to_float  # noqa: E402
 
 
 import rtpurbo_paged_layouts as PL  # noqa: E402  (registered by tests/conftest.py)
@@ -98,9 +98,12 @@ def make_batch(seq_lens, hr, di, page_size, block_size, dtype, pattern, device, 
     ``page_offset`` shifts every used page id up (a large pool exercises int64 offsets). ``keys``: the
     keys to store instead of :func:`make_keys`'s; ``layout_out``: a list that receives the test Layout.
 
+    ``dtype`` is the units' (uint8: fp8 bytes, keys stored unscaled as ``write_index_keys`` stores them;
+    the queries then bf16).
+
     Returns:
         q_idx ``[B, HR, DI]``, index (PagedHeads), index_table (PageTable), seq_lens ``[B]`` int32,
-        keys (list of ``[T, HR, DI]`` in ``dtype``).
+        keys (list of ``[T, HR, DI]`` float32: the stored values).
     """
     num_units = num_units or min(3, hr)
     slots = hr if num_units == 1 else -(-hr // num_units) + 1
@@ -109,13 +112,15 @@ def make_batch(seq_lens, hr, di, page_size, block_size, dtype, pattern, device, 
     q_idx = torch.randn(len(seq_lens), hr, di, device=device)
     given, keys = keys, []
     for b, t in enumerate(seq_lens):
-        k = (make_keys(pattern, q_idx[b], t, block_size) if given is None else given[b]).to(device=device, dtype=dtype)
+        k = PL.store_values(make_keys(pattern, q_idx[b], t, block_size) if given is None else given[b], dtype,
+                            1.0).to(device)
         for r in range(hr):
             lay.fill(b, r, k[:, r])
-        keys.append(k)
+        keys.append(to_float(k))
     if layout_out is not None:
         layout_out.append(lay)
-    return (q_idx.to(dtype), lay.paged, lay.tables[0], torch.tensor(seq_lens, dtype=torch.int32, device=device),
+    q_dtype = torch.bfloat16 if dtype in PL.FP8 else dtype
+    return (q_idx.to(q_dtype), lay.paged, lay.tables[0], torch.tensor(seq_lens, dtype=torch.int32, device=device),
             keys)
 
 
@@ -250,7 +255,7 @@ def run_case(seq_lens, hr, di, page_size, block_size, sink_tokens, top_p, patter
     assert out[0] is selected and out[1] is num_selected
     # The paged reference reads back exactly the keys stored (gather through units, slots, block table).
     for b, t in enumerate(seq_lens):
-        assert torch.equal(paged_index_keys_ref(index, table, b, t).cpu(), keys[b].float().cpu())
+        assert torch.equal(paged_index_keys_ref(index, table, b, t).cpu(), keys[b].cpu())
     if len(seq_lens) <= 8 and top_p == 1.0:
         for b, keep in enumerate(paged_block_topp_ref(q_idx, index, table, seq_lens, top_p, sink_tokens, block_size)):
             assert keep is None or keep.all()
@@ -260,7 +265,7 @@ def run_case(seq_lens, hr, di, page_size, block_size, sink_tokens, top_p, patter
 # ---------------------------------------------------------------------------------------------------
 # Small cases (interpreter on CPU, compiled on GPU)
 
-bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+bf16, fp16, fp32, u8 = torch.bfloat16, torch.float16, torch.float32, torch.uint8    # u8: fp8 index keys
 
 # (HR, P, BS, sink_tokens, top_p, pattern, dtype)
 SMALL_CASES = [
@@ -275,6 +280,8 @@ SMALL_CASES = [
     pytest.param(1, 64, 64, 70, 0.9, "peaked", fp32, id="HR1-P64-sink70(2 blocks)-p0.9-peaked-fp32"),
     pytest.param(3, 16, 32, 4, 0.9, "random", bf16, id="HR3-P16-BS32-sink4-p0.9-random-bf16"),
     pytest.param(3, 64, 16, 4, 0.5, "peaked", bf16, id="HR3-P64-BS16(P>BS)-sink4-p0.5-peaked-bf16"),
+    pytest.param(3, 16, 64, 4, 0.9, "random", u8, id="HR3-P16-sink4-p0.9-random-fp8"),
+    pytest.param(5, 64, 64, 4, 0.5, "peaked", u8, id="HR5-P64-sink4-p0.5-peaked-fp8"),
 ]
 
 

@@ -1,10 +1,9 @@
 """The GPU-only variants of the paged kernels compile for Hopper (sm_90), on the CPU.
 
-Under ``TRITON_INTERPRET=1`` some launches take interpreter-only branches (kv_write's bit-level fp8
-encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's and sparse prefill's
-float32 dots for bf16),
-so the recorded launches that ``test_compile_for_gpu.py`` compiles never contain the GPU variant of
-those branches. Here the launchers run with the interpreter check patched to False and the kernels
+Under ``TRITON_INTERPRET=1`` some launches take interpreter-only branches (kv_write's and the index-key
+write's bit-level fp8 encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's
+and sparse prefill's float32 dots for bf16), so the recorded launches that ``test_compile_for_gpu.py``
+compiles never contain the GPU variant of those branches. Here the launchers run with the interpreter check patched to False and the kernels
 replaced by a recorder, and the recorded GPU launches are compiled down to the cubin
 (``tests/triton_launches.py``).
 """
@@ -90,13 +89,26 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
             torch.tensor([1], dtype=torch.int32), plan_sparse_prefill([20], [30], 16, 16, 16), 1.0, 4, 16,
             d ** -0.5, make_sparse_prefill_workspace(16, 1, 64, 16, 16, 16), torch.empty_like(rows),
             k_scale=scales[0], v_scale=scales[1])
+    # fp8 index keys: the index-key write's native fp32 -> fp8e4nv store.
+    from rtpurbo_vllm.triton_kernels.index_keys import kernel as index_kernel
+
+    idx_rec = _Recorder("rtpurbo_vllm.triton_kernels.index_keys.kernel", "_write_index_keys_kernel",
+                        tl_launches.describe)
+    monkeypatch.setattr(index_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(index_kernel, "_write_index_keys_kernel", idx_rec)
+    index = PagedHeads.from_units([torch.zeros(4, p, 2, 16, dtype=torch.uint8)], [0, 0], [0, 1], [0, 0])
+    index_kernel.write_index_keys(torch.zeros(3, hkv, d, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long),
+                                  torch.zeros(8, d), torch.tensor([0, 1], dtype=torch.int32), torch.zeros(2, 16, d),
+                                  torch.zeros(3, dtype=torch.long), index, is_neox_style=True)
+    assert [(lw["kwargs"]["FP8"], lw["kwargs"]["MANUAL_FP8"]) for lw in idx_rec.launches] == [(True, False)]
     assert [lw["kwargs"]["MANUAL_FP8"] for lw in kv_rec.launches] == [False, False]
     assert [lw["kwargs"]["FP8"] for lw in kv_rec.launches] == [True, False]
     assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in dec_rec.launches] == [(False, True),
                                                                                            (False, False)]
     assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in pf_rec.launches] == [(False, True),
                                                                                           (False, False)]
-    failures = tl_launches.compile_launches(kv_rec.launches + dec_rec.launches + pf_rec.launches, arch=90)
+    failures = tl_launches.compile_launches(kv_rec.launches + idx_rec.launches + dec_rec.launches + pf_rec.launches,
+                                            arch=90)
     assert not failures, "GPU variants that do not compile for sm_90:\n" + "\n\n".join(
         f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)
 

@@ -262,6 +262,32 @@ def test_write_index_keys_all_padding_writes_nothing(seed):
     assert all(u.isnan().all() for u in index.units)
 
 
+@pytest.mark.parametrize("case", [pytest.param(CASES[i], id=CASES[i].id) for i in (0, 3, 7)])
+def test_write_index_keys_fp8(seed, case):
+    """fp8 index units (uint8 bytes of float8_e4m3fn, vLLM's fp8 storage): keys stored unscaled, rounded
+    to nearest even like :func:`quantize_fp8` (within one fp8 step where the float32 dot sits on a
+    rounding boundary), saturated at +-448 instead of overflowing; untouched entries keep their bytes."""
+    from rtpurbo_vllm.triton_kernels.paged_heads import to_float
+
+    x = _inputs(case)
+    hr = len(case.heads)
+    unscaled = _index_layout(x.num_pages, case.page, hr, torch.float32, DEVICE)
+    index = PagedHeads.from_units([torch.full(u.shape, 0xFF, dtype=torch.uint8, device=DEVICE)
+                                   for u in unscaled.units], unscaled.head_unit, unscaled.head_slot)
+    for w_k in (x.w_k, x.w_k * 1000.0):                        # the second overflows e4m3's range
+        expected = write_index_keys_ref(x.key, x.positions, x.spec, x.kv_heads, w_k, x.slot_mapping, index)
+        write_index_keys(x.key, x.positions, _table(x.spec, DEVICE), x.kv_heads, w_k, x.slot_mapping, index,
+                         is_neox_style=x.spec.is_neox_style)
+        for got, want, written in zip(index.units, expected.units, _written_mask(index, x.slot_mapping)):
+            assert (got[~written] == 0xFF).all(), "an entry no token maps to was written"
+            if not written.any():                                  # a unit of spare slots only
+                continue
+            g, w = to_float(got[written]), to_float(want[written])
+            assert g.isfinite().all() and g.abs().max() <= 448
+            torch.testing.assert_close(g, w, rtol=0.125, atol=2.0 ** -9)
+            assert (g == w).float().mean() > 0.95
+
+
 def test_fp32_cache_and_int64_head_ids(seed):
     """Cache dtype and head-id dtype are free: fp32 cache, int64 ids, fp32 W against bf16 keys."""
     case = Case(65, 8, 2, (2, 3, 7), 128, "yarn", 16, torch.bfloat16)
@@ -319,7 +345,7 @@ def test_bad_arguments_raise():
                          is_neox_style=True)
     with pytest.raises(ValueError, match="index must hold"):
         write_index_keys(x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping,
-                         PagedHeads.single(torch.zeros(x.num_pages, 16, 2, DI, dtype=torch.uint8)),
+                         PagedHeads.single(torch.zeros(x.num_pages, 16, 2, DI, dtype=torch.int32)),
                          is_neox_style=True)
     with pytest.raises(ValueError, match="one cache kind"):
         two = torch.empty(x.num_pages, 16, 1, DI, dtype=torch.bfloat16)

@@ -66,15 +66,16 @@ def _index_keys(seq_len, num_ret, block_size):
 
 
 def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_size, kv_dtype=bf16, q_dtype=bf16,
-             k_scale=None, v_scale=None):
-    """Everything one call needs, with K/V over two units of kind 0 and the index keys over two units."""
+             k_scale=None, v_scale=None, index_dtype=bf16):
+    """Everything one call needs, with K/V over two units of kind 0 and the index keys over two units
+    (``index_dtype`` u8: fp8 bytes, stored unscaled)."""
     seq_lens = [c + n for c, n in seqs]
     num_ret = len(heads)
     lay, stored = PL.paged_kv(seq_lens, [0] * hkv, head_dim, kv_dtype, [KindSpec(page_size, 2, hkv)], DEVICE,
                               k_scale=k_scale, v_scale=v_scale)
-    index = PL.build(seq_lens, [0] * num_ret, DI, bf16, [KindSpec(index_page_size, 2, num_ret)], DEVICE)
+    index = PL.build(seq_lens, [0] * num_ret, DI, index_dtype, [KindSpec(index_page_size, 2, num_ret)], DEVICE)
     for b, n in enumerate(seq_lens):
-        keys = _index_keys(n, num_ret, block_size).to(bf16)
+        keys = PL.store_values(_index_keys(n, num_ret, block_size), index_dtype, 1.0)
         for r in range(num_ret):
             index.fill(b, r, keys[:, r].to(DEVICE))
     num_tokens = sum(n for _, n in seqs)
@@ -194,7 +195,7 @@ def _check_selection(p, kept, num_kept, plan, ref_keep, top_p, sink_tokens, bloc
 
 def _index_keys_of(p, b, r, seqlen_k):
     """``[L, DI]`` float32: retrieval head ``r``'s stored index keys of sequence ``b``."""
-    return gather(p["index"], [p["index_table"]], b, r, torch.arange(seqlen_k)).float().cpu()
+    return to_float(gather(p["index"], [p["index_table"]], b, r, torch.arange(seqlen_k))).cpu()
 
 
 def _check_attention(p, out, lse, ref_out, ref_lse, atol=2e-2, rtol=2e-2):
@@ -290,6 +291,16 @@ def test_fp8_units(seed, kv_dtype):
     _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 32)
     _check_attention(p, out, lse, ref_out, ref_lse)
     assert all(to_float(k, k_scale).abs().max() <= 448 * 0.02 + 1e-6 for k, _ in p["stored"])
+
+
+def test_fp8_index_keys(seed):
+    """Index keys in fp8 units (as ``write_index_keys`` stores them with an fp8 KV cache): the tiles select
+    what the reference selects on the stored values, and attend the same."""
+    p = _problem(SEQS[1:4], 8, 2, 64, [2, 5], 16, 48, 32, index_dtype=u8)
+    out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 32)
+    ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 32)
+    _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 32)
+    _check_attention(p, out, lse, ref_out, ref_lse)
 
 
 def test_several_waves(seed):

@@ -206,8 +206,9 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
     Args:
         q_idx: ``[B, HR, DI]`` bf16/fp16/fp32, the decode queries' index vectors.
         index: the layer's index-key layout: ``HR`` heads (head ``r`` = retrieval head ``r``) of width
-            ``DI``, one kind, in bf16/fp16/fp32 units (usually ``q_idx``'s dtype; both are read as
-            float32); the decode token's own key is already written.
+            ``DI``, one kind, in bf16/fp16/fp32 units (usually ``q_idx``'s dtype) or fp8 units (unscaled
+            float8_e4m3fn, as :func:`..index_keys.write_index_keys` stores them); both are read as
+            float32; the decode token's own key is already written.
         index_table: the index kind's :class:`PageTable` for this batch (``[B, max_pages]`` int32 page
             ids per sequence; entries past a sequence's last page are never read).
         seq_lens: ``[B]`` int32, tokens per sequence, the decode token included. ``0`` gives an empty
@@ -240,9 +241,9 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
     if index.num_kinds != 1:
         raise ValueError(f"index keys live in one cache kind (0), got heads of {index.num_kinds} kinds")
     floats = (torch.bfloat16, torch.float16, torch.float32)
-    if q_idx.dtype not in floats or index.dtype not in floats:
-        raise TypeError(f"q_idx and the index units must be bf16, fp16 or float32, got {q_idx.dtype} and "
-                        f"{index.dtype}")
+    if q_idx.dtype not in floats or not (index.dtype in floats or index.is_fp8):
+        raise TypeError(f"q_idx must be bf16, fp16 or float32 and the index units that or fp8, got {q_idx.dtype} "
+                        f"and {index.dtype}")
     block_table = index_table.block_table
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise TypeError(f"block_table and seq_lens must be int32, got {block_table.dtype} and {seq_lens.dtype}")

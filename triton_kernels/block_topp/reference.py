@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..paged_heads import PagedHeads, PageTable, gather
+from ..paged_heads import PagedHeads, PageTable, gather, to_float
 
 
 def index_scores_ref(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ def paged_index_keys_ref(index: PagedHeads, index_table: PageTable, b: int, seq_
     """``[T, HR, DI]`` float32: the index keys of sequence ``b``'s ``T = seq_len`` tokens, read through
     :func:`..paged_heads.gather` (head ``r``'s unit and slot, the index kind's block table)."""
     tokens = torch.arange(seq_len)
-    return torch.stack([gather(index, [index_table], b, r, tokens).float() for r in range(index.num_heads)], dim=1)
+    return torch.stack([to_float(gather(index, [index_table], b, r, tokens)) for r in range(index.num_heads)], dim=1)
 
 
 def paged_block_topp_ref(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,

@@ -31,12 +31,15 @@ vLLM's ``cos_sin_cache``, but float32).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
 
+from ..fp8 import quantize_e4m3
 from ..launch import pdl_launch, wait_for_previous_kernel
 from ..paged_heads import PagedHeads
 
@@ -169,7 +172,7 @@ def _write_index_keys_kernel(
     s_kt, s_kh, s_cs, s_wh, s_wi, s_cp, s_co,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    OFF_ALIGN: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, FP8: tl.constexpr, MANUAL_FP8: tl.constexpr,
 ):
     r = tl.program_id(1)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -186,11 +189,18 @@ def _write_index_keys_kernel(
     head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
     offs_i = tl.arange(0, DI)
     dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
-    tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
+    if FP8:
+        tl.store(dst, quantize_e4m3(acc, 1.0, MANUAL_FP8), mask=keep[:, None])
+    else:
+        tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers.
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -299,9 +309,10 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
         w_k: ``[HR, DI, D]`` any float dtype (device), ``W^K_h``; last dimension contiguous.
         slot_mapping: ``[T]`` int64 (device), vLLM's ``page_id * P + offset``; negative = padding, skipped.
         index: the layer's index-key layout: ``HR`` heads (head ``r`` = retrieval head ``r``) of width
-            ``DI``, one kind, bf16/fp16/fp32 units (device); **written in place** at the tokens' slots
-            (``w_k[r] @ unrope(key[t, kv_heads[r]])`` rounded to the units' dtype) of head ``r``'s unit
-            and slot; nothing else is touched.
+            ``DI``, one kind, bf16/fp16/fp32 or fp8 units (device); **written in place** at the tokens'
+            slots (``w_k[r] @ unrope(key[t, kv_heads[r]])`` rounded to the units' dtype; fp8: saturated to
+            +-448, unscaled, :func:`..fp8.quantize_e4m3`) of head ``r``'s unit and slot; nothing else is
+            touched.
         is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
 
     Returns:
@@ -310,8 +321,8 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
     t, d, hr, di, rot = _check_common("key", key, positions, cos_sin, kv_heads, w_k, is_neox_style)
     if not isinstance(index, PagedHeads):
         raise TypeError(f"index must be a PagedHeads, got {type(index).__name__}")
-    if (index.num_heads, index.width) != (hr, di) or not index.base.is_floating_point() or index.is_fp8:
-        raise ValueError(f"index must hold HR={hr} heads of width DI={di} in bf16/fp16/fp32 units, got "
+    if (index.num_heads, index.width) != (hr, di) or not (index.base.is_floating_point() or index.is_fp8):
+        raise ValueError(f"index must hold HR={hr} heads of width DI={di} in bf16/fp16/fp32 or fp8 units, got "
                          f"{index.num_heads} heads of width {index.width} in {index.dtype}")
     if index.num_kinds != 1:
         raise ValueError(f"index keys live in one cache kind (0), got heads of {index.num_kinds} kinds")
@@ -330,7 +341,7 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
         key.stride(0), key.stride(1), cos_sin.stride(0), w_k.stride(0), w_k.stride(1),
         page_stride, token_stride,
         D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile,
-        PAGE=page_size, PRECISION=_DOT_PRECISION, OFF_ALIGN=index.offset_align,
-        num_warps=_NUM_WARPS,
+        PAGE=page_size, PRECISION=_DOT_PRECISION, OFF_ALIGN=index.offset_align, FP8=index.is_fp8,
+        MANUAL_FP8=index.is_fp8 and _interpreting(), num_warps=_NUM_WARPS,
     )
     return index

@@ -13,7 +13,7 @@ import torch
 
 from rtpurbo_vllm.rope import RopeSpec, invert_rope
 
-from ..paged_heads import PagedHeads, scatter
+from ..paged_heads import PagedHeads, quantize_fp8, scatter
 
 
 def index_project_ref(x_pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,13 @@ def write_index_keys_ref(key: torch.Tensor, positions: torch.Tensor, spec: RopeS
 
     Returns:
         ``index.clone()`` with head ``r``'s entry of each non-padding token's slot set to
-        ``w_k[r] @ unrope(key[t, kv_heads[r]])`` (float32 rounded to the units' dtype), written through
-        :func:`..paged_heads.scatter`.
+        ``w_k[r] @ unrope(key[t, kv_heads[r]])`` (float32 rounded to the units' dtype; fp8 units:
+        :func:`..paged_heads.quantize_fp8` with scale 1), written through :func:`..paged_heads.scatter`.
     """
     keys = index_keys_ref(key, positions, spec, kv_heads, w_k)                     # [T, HR, DI] float32
     assert keys.shape[1:] == (index.num_heads, index.width), (keys.shape, index.num_heads, index.width)
     out = index.clone()
     for r in range(index.num_heads):
-        scatter(out, [slot_mapping], r, keys[:, r].to(index.dtype))
+        stored = quantize_fp8(keys[:, r], 1.0, index.dtype) if index.is_fp8 else keys[:, r].to(index.dtype)
+        scatter(out, [slot_mapping], r, stored)
     return out

@@ -13,9 +13,7 @@ sync). Page and slot offsets are int64. ``T`` changes every step and is not spec
 
 FP8 units (uint8 bytes of float8_e4m3fn, as vLLM stores ``kv_cache_dtype="fp8"``) get vLLM's
 ``reshape_and_cache_flash`` quantisation: ``x / scale`` (IEEE division) in float32, saturated to
-+-448, rounded to nearest even. On the GPU the rounding is Triton's native fp32 -> fp8e4nv
-conversion (round to nearest even); under ``TRITON_INTERPRET=1``, whose fp8 downcast does not round
-correctly, an exact bit-level encoder (:func:`_fp8e4m3_rne_bits`) does the same rounding.
++-448, rounded to nearest even (:func:`..fp8.quantize_e4m3`).
 """
 
 from __future__ import annotations
@@ -27,37 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import quantize_e4m3
 from ..paged_heads import PagedHeads
 
 _BLOCK_T = 16
 _NUM_WARPS = 4
-
-
-@triton.jit
-def _fp8e4m3_rne_bits(x):
-    """float8_e4m3fn codes (uint8) of float32 ``x`` already within +-448, rounded to nearest even."""
-    bits = x.to(tl.int32, bitcast=True)
-    sign = ((bits >> 31) & 1) << 7
-    mag = bits & 0x7FFFFFFF
-    # Normal results (|x| >= 2^-6): round the 23-bit mantissa to 3 bits, carrying into the exponent.
-    rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
-    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
-    # Subnormal results: multiples of 2^-9, rounded to nearest even by the 1.5 * 2^23 trick (8 = 2^-6).
-    a = mag.to(tl.float32, bitcast=True)
-    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
-    code = tl.where(a < 0.015625, sub, normal) | sign
-    return code.to(tl.uint8)
-
-
-@triton.jit
-def _quantize(x, scale, MANUAL_FP8: tl.constexpr):
-    """fp8e4nv values of ``x / scale`` saturated to +-448 (float32 in)."""
-    y = tl.math.div_rn(x, scale)
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    if MANUAL_FP8:
-        return _fp8e4m3_rne_bits(y).to(tl.float8e4nv, bitcast=True)
-    else:
-        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -90,8 +62,8 @@ def _kv_write_kernel(
     k = tl.load(key_ptr + (offs_t * s_kt + h * s_kh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + (offs_t * s_vt + h * s_vh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
-        k_out = _quantize(k.to(tl.float32), tl.load(k_scale_ptr), MANUAL_FP8)
-        v_out = _quantize(v.to(tl.float32), tl.load(v_scale_ptr), MANUAL_FP8)
+        k_out = quantize_e4m3(k.to(tl.float32), tl.load(k_scale_ptr), MANUAL_FP8)
+        v_out = quantize_e4m3(v.to(tl.float32), tl.load(v_scale_ptr), MANUAL_FP8)
     else:
         k_out = k.to(cache_ptr.dtype.element_ty)
         v_out = v.to(cache_ptr.dtype.element_ty)

@@ -333,7 +333,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             ``kv_tables[0]``.
         kv_tables: per kind the heads use, its :class:`PageTable` (``[B, max_pages]`` int32 block table).
         index: the layer's index-key layout: ``HR`` heads of width DI (a power of two >= 16; retrieval
-            head ``r``'s index keys in head ``r``), kind 0, bf16/fp16/fp32 units.
+            head ``r``'s index keys in head ``r``), kind 0, bf16/fp16/fp32 units or fp8 units (unscaled).
         index_table: its :class:`PageTable` for this batch (``[B, max_pages]`` int32).
         q_idx: ``[T', HR, DI]`` (``T' >= T``) bf16/fp16/fp32, any strides, the rows' index queries (from
             :func:`..index_keys.index_queries` on ``q`` and the rows' positions).
@@ -387,7 +387,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
            f"{index.num_kinds} kinds")
     index.check_tables([index_table], batch, "index_table")
     floats = (torch.bfloat16, torch.float16, torch.float32)
-    _check(index.dtype in floats, f"index units must be bf16, fp16 or float32, got {index.dtype}")
+    _check(index.dtype in floats or index.is_fp8, f"index units must be bf16, fp16, float32 or fp8, got {index.dtype}")
     index_dim = index.width
     check_power_of_two("the index dim DI (index.width)", index_dim)
     _check(q_idx.dim() == 3 and q_idx.shape[1:] == (num_ret, index_dim) and q_idx.shape[0] >= num_tokens

@@ -174,7 +174,7 @@ def paged_sparse_prefill_ref(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequenc
     keeps = []
     for b, (q0, q1, seqlen_k) in enumerate(zip(cu_q[:-1], cu_q[1:], lens_k)):
         tokens = torch.arange(seqlen_k)
-        k_idx = torch.stack([gather(index, [index_table], b, r, tokens).float() for r in range(len(heads))], 1)
+        k_idx = torch.stack([to_float(gather(index, [index_table], b, r, tokens)) for r in range(len(heads))], 1)
         keep, visible = sparse_prefill_visible_ref(q_idx[q0:q1], k_idx, top_p, sink_tokens, block_size, tile_q,
                                                    dense_threshold)
         keeps.append(keep)

@@ -1,0 +1,40 @@
+"""Storing float32 values as float8_e4m3fn in the kernels (Triton device functions, no launcher).
+
+:func:`quantize_e4m3` is vLLM's ``reshape_and_cache_flash`` fp8 store: ``x / scale`` (IEEE division)
+in float32, saturated to +-448, rounded to nearest even. On the GPU the rounding is Triton's native
+fp32 -> fp8e4nv conversion (round to nearest even); under ``TRITON_INTERPRET=1``, whose fp8 downcast
+does not round correctly, an exact bit-level encoder (:func:`fp8e4m3_rne_bits`) does the same rounding
+(``MANUAL`` True). The plain-PyTorch twin is :func:`..paged_heads.quantize_fp8`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp8e4m3_rne_bits(x):
+    """float8_e4m3fn codes (uint8) of float32 ``x`` already within +-448, rounded to nearest even."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = ((bits >> 31) & 1) << 7
+    mag = bits & 0x7FFFFFFF
+    # Normal results (|x| >= 2^-6): round the 23-bit mantissa to 3 bits, carrying into the exponent.
+    rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+    # Subnormal results: multiples of 2^-9, rounded to nearest even by the 1.5 * 2^23 trick (8 = 2^-6).
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal) | sign
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def quantize_e4m3(x, scale, MANUAL: tl.constexpr):
+    """fp8e4nv values of ``x / scale`` saturated to +-448 (float32 in); ``MANUAL``: the bit-level encoder."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if MANUAL:
+        return fp8e4m3_rne_bits(y).to(tl.float8e4nv, bitcast=True)
+    else:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
