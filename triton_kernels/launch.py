@@ -29,9 +29,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 CONFIG = {"pdl": 0}
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): launchers then take the
+    interpreter's branches (a bit-level fp8 encoder, float32 dots for bf16) and never PDL."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def pdl_launch(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` now use PDL (``CONFIG["pdl"]`` and a device that has it)."""
-    return (bool(CONFIG["pdl"]) and device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return (bool(CONFIG["pdl"]) and device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 

@@ -57,13 +57,13 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
     tl_launches = _launches_module()
     kv_rec = _Recorder("rtpurbo_vllm.triton_kernels.kv_write.kernel", "_kv_write_kernel", tl_launches.describe)
     dec_rec = _Recorder("rtpurbo_vllm.triton_kernels.sparse_decode.kernel", "_split_kernel", tl_launches.describe)
-    monkeypatch.setattr(kv_write_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(kv_write_kernel, "interpreting", lambda: False)
     monkeypatch.setattr(kv_write_kernel, "_kv_write_kernel", kv_rec)
-    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode_kernel, "interpreting", lambda: False)
     monkeypatch.setattr(decode_kernel, "_split_kernel", dec_rec)
     monkeypatch.setattr(decode_kernel, "_combine_kernel", _Recorder("", "", tl_launches.describe))
     pf_rec = _Recorder("rtpurbo_vllm.triton_kernels.sparse_prefill.kernel", "_attend_kernel", tl_launches.describe)
-    monkeypatch.setattr(prefill_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(prefill_kernel, "interpreting", lambda: False)
     monkeypatch.setattr(prefill_kernel, "_attend_kernel", pf_rec)
     monkeypatch.setattr(prefill_kernel, "_select_kernel", _Recorder("", "", tl_launches.describe))
 
@@ -94,7 +94,7 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
 
     idx_rec = _Recorder("rtpurbo_vllm.triton_kernels.index_keys.kernel", "_write_index_keys_kernel",
                         tl_launches.describe)
-    monkeypatch.setattr(index_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(index_kernel, "interpreting", lambda: False)
     monkeypatch.setattr(index_kernel, "_write_index_keys_kernel", idx_rec)
     index = PagedHeads.from_units([torch.zeros(4, p, 2, 16, dtype=torch.uint8)], [0, 0], [0, 1], [0, 0])
     index_kernel.write_index_keys(torch.zeros(3, hkv, d, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long),
@@ -132,7 +132,7 @@ def test_pdl_variants_compile_for_hopper(monkeypatch):
         for name in names:
             recorders.append(_Recorder(module.__name__, name, tl_launches.describe))
             monkeypatch.setattr(module, name, recorders[-1])
-    monkeypatch.setattr(decode_kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode_kernel, "interpreting", lambda: False)
 
     d, hq, hkv, p, di, bs = 128, 8, 2, 16, 16, 64
     q = torch.zeros(2, hq, d, dtype=torch.bfloat16)

@@ -31,7 +31,6 @@ vLLM's ``cos_sin_cache``, but float32).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -40,7 +39,7 @@ import triton.language as tl
 from rtpurbo_vllm.rope import RopeSpec, rope_cos_sin
 
 from ..fp8 import quantize_e4m3
-from ..launch import pdl_launch, wait_for_previous_kernel
+from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..paged_heads import PagedHeads
 
 # Launch configuration (the fastest of a sweep over BLOCK_T, warps and dot precision on Hopper; the
@@ -199,10 +198,6 @@ def _write_index_keys_kernel(
 # Launchers.
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_common(name: str, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                   head_ids: torch.Tensor, w: torch.Tensor, is_neox_style: bool) -> tuple[int, int, int, int, int]:
     """Shape/dtype checks shared by both launchers (metadata only, no device sync); returns T, D, HR, DI, rot."""
@@ -342,6 +337,6 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
         page_stride, token_stride,
         D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile,
         PAGE=page_size, PRECISION=_DOT_PRECISION, OFF_ALIGN=index.offset_align, FP8=index.is_fp8,
-        MANUAL_FP8=index.is_fp8 and _interpreting(), num_warps=_NUM_WARPS,
+        MANUAL_FP8=index.is_fp8 and interpreting(), num_warps=_NUM_WARPS,
     )
     return index

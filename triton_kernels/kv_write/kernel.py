@@ -18,7 +18,6 @@ FP8 units (uint8 bytes of float8_e4m3fn, as vLLM stores ``kv_cache_dtype="fp8"``
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..fp8 import quantize_e4m3
+from ..launch import interpreting
 from ..paged_heads import PagedHeads
 
 _BLOCK_T = 16
@@ -70,10 +70,6 @@ def _kv_write_kernel(
     dst = cache_ptr + row[:, None] + offs_d[None, :]
     tl.store(dst, k_out, mask=mask)
     tl.store(dst + D, v_out, mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def kv_write(key: torch.Tensor, value: torch.Tensor, kv: PagedHeads,
@@ -143,6 +139,6 @@ def kv_write(key: torch.Tensor, value: torch.Tensor, kv: PagedHeads,
         key, value, kv.kernel_base(), kv.offsets, kv.kinds, sms[0], sms[1], k_arg, v_arg,
         t, *geo[0], *geo[1], key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         D=d, D_PAD=triton.next_power_of_2(d), BLOCK_T=_BLOCK_T, OFF_ALIGN=kv.offset_align,
-        FP8=fp8, MANUAL_FP8=fp8 and _interpreting(), num_warps=_NUM_WARPS,
+        FP8=fp8, MANUAL_FP8=fp8 and interpreting(), num_warps=_NUM_WARPS,
     )
 

@@ -56,7 +56,6 @@ Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page of
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import pdl_launch, wait_for_previous_kernel
+from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 
@@ -387,10 +386,6 @@ def _combine_kernel(
 # Launcher.
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -511,7 +506,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     has_ret = num_ret > 0
     qk_scale = float(scale) * 1.4426950408889634   # exp2 domain
     max_blocks = selected.shape[2]
-    upcast = _interpreting() and q.dtype == torch.bfloat16
+    upcast = interpreting() and q.dtype == torch.bfloat16
     # With HR == 0 these pointers are passed but never dereferenced.
     ret_arg = retrieval_heads if has_ret else seq_lens
     nsel_arg = num_selected if has_ret else seq_lens

@@ -46,13 +46,13 @@ the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per pr
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ..launch import interpreting
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import keep_every_block, topp_select_row
@@ -302,10 +302,6 @@ def _attend_kernel(plan_ptr, q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, sequse
 # Launcher.
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -460,6 +456,6 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             *lse_strides,
             G=num_heads // kv.num_heads, TILE_Q=plan.tile_q, BS=block_size, KV_TILE=kv_tile,
             D=head_dim, D_PAD=triton.next_power_of_2(head_dim), OFF_ALIGN=kv.offset_align,
-            HAS_LSE=lse is not None, UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, FP8=fp8,
+            HAS_LSE=lse is not None, UPCAST_DOT=interpreting() and q.dtype == torch.bfloat16, FP8=fp8,
             num_warps=8 if plan.tile_q >= 128 else 4, num_stages=cfg["stages"])
     return out, kept[:last], num_kept[:last]
