@@ -178,8 +178,9 @@ def replay_row(cfg: dict, args) -> dict:
     from rtpurbo_vllm.kv_cache.side_layers import collected_specs
 
     path = model_dir(args.out, args.context, cfg["selection"])
-    settings = ReplaySettings(context=args.context, kv_memory_bytes=round(args.kv_memory_gib * 2**30),
-                              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=cfg["kv_dtype"])
+    pool = {} if args.kv_memory_gib is None else {"kv_memory_bytes": round(args.kv_memory_gib * 2**30)}
+    settings = ReplaySettings(context=args.context, max_num_batched_tokens=args.max_num_batched_tokens,
+                              kv_cache_dtype=cfg["kv_dtype"], **pool)
     config = replay_vllm_config(path, settings)
     if cfg["backend"] == "FLASH_ATTN":
         specs = dense_specs(config)
@@ -191,7 +192,7 @@ def replay_row(cfg: dict, args) -> dict:
         names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layout.num_layers))
         specs = collected_specs(layout, names, cfg["kv_dtype"], config)
     replayed = replay_held(config, specs, settings)
-    return {**cfg, "context": args.context, "kv_memory_gib": args.kv_memory_gib,
+    return {**cfg, "context": args.context, "kv_memory_gib": round(settings.kv_memory_bytes / 2**30, 2),
             "max_num_batched_tokens": args.max_num_batched_tokens, "vllm_kv_tokens": replayed.pop("kv_cache_tokens"),
             "vllm_max_concurrency": replayed.pop("max_concurrency"), "timed_out": False, **replayed}
 
@@ -335,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load: steps the running count must hold with requests waiting")
     parser.add_argument("--load-seconds", type=float, default=360,
                         help="load: stop stepping after this long (then the row says timed out)")
-    parser.add_argument("--kv-memory-gib", type=float, default=108.74,
-                        help="replay: the KV pool's memory (default: the H200 runs' 108.74 GiB at utilization 0.9)")
+    parser.add_argument("--kv-memory-gib", type=float, default=None,
+                        help="replay: the KV pool's memory in GiB (default: capacity_replay.ReplaySettings', the "
+                             "H200 runs' pool at utilization 0.9)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="load, replay: the scheduler's token budget (default 8192, vllm serve's on H100/H200; "
                              "capacity and step keep vllm.LLM's)")
