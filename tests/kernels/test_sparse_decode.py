@@ -344,11 +344,13 @@ def test_reuse_same_tensors_new_values(seed):
         _check(q, kv, tables, lens, [0, 6], selected, num_selected, bs, sink, window, out, lse)
 
 
+@pytest.mark.parametrize("side_first", [1, 0])
 @pytest.mark.parametrize("ret", [[0, 6], [], list(range(8))], ids=["two", "none", "all"])
-def test_select_step_between_the_launches(seed, ret):
-    """With a ``select`` step the KV-group units launch first, then ``select`` fills the selection, then
-    the retrieval units launch: the output is the one-launch op's on the filled selection, bit for bit
+def test_select_step_between_the_launches(seed, ret, side_first, monkeypatch):
+    """With a ``select`` step the KV-group units launch before or after it (``side_first``), then the
+    retrieval units launch: the output is the one-launch op's on the filled selection, bit for bit
     (scattered layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
     hq, head_kind, d, bs, sink, window = 8, [0, 1, 1, 0], 64, 64, 4, 50
     if len(ret) == hq:
         head_kind = [0] * 4
@@ -516,14 +518,16 @@ def test_gpu_int64_page_offsets(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-@pytest.mark.parametrize("side_stream, pdl", [(False, 0), (True, 0), (True, 1)],
-                         ids=["one-stream", "side-stream", "side-stream-pdl"])
-def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, monkeypatch):
+@pytest.mark.parametrize("side_stream, pdl, side_first", [(False, 0, 1), (True, 0, 1), (True, 1, 1), (True, 0, 0)],
+                         ids=["one-stream", "side-stream", "side-stream-pdl", "side-stream-select-first"])
+def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_first, monkeypatch):
     """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay.
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
-    step (a copy of the staged selection) and the retrieval units run on the capture stream; with
-    ``pdl`` the kernels launch with programmatic dependent launch (the combine after both branches)."""
+    step (a copy of the staged selection) and the retrieval units run on the capture stream, the side
+    stream's launch before or after the select step (``side_first``); with ``pdl`` the kernels launch
+    with programmatic dependent launch (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
+    monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
     max_len = 20_000
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]

@@ -30,10 +30,11 @@ variants differ only in S (the block tables' row strides are not specialised on)
      stored, and a group without local heads does nothing.
    Without a ``select`` step, one launch covers every unit, so both kinds share the machine (back to
    back, batch 1 leaves it idle). With one (the caller's block top-p, which fills ``selected``), the
-   KV-group units launch first, on ``side_stream`` when given, and run while ``select`` and then the
-   retrieval units run on the current stream: the local heads' window, most of the bytes a step reads,
-   no longer waits for the latency-bound selection. The current stream waits for the side stream
-   before the combine (a fork and join that CUDA-graph capture records as parallel branches).
+   KV-group units run on ``side_stream`` when given while ``select`` and then the retrieval units run
+   on the current stream: the local heads' window, most of the bytes a step reads, no longer waits for
+   the latency-bound selection. ``CONFIG["side_first"]`` says which of the two launches first. The
+   current stream waits for the side stream before the combine (a fork and join that CUDA-graph
+   capture records as parallel branches).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
 K/V addressing (:mod:`..paged_heads`): the layer's KV heads are a :class:`PagedHeads` of width
@@ -73,7 +74,10 @@ DEFAULT_MAX_SPLITS = 64
 """Default cap on ``S`` when a small batch could use more of the workspace."""
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
-CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2}
+# side_first: with a ``select`` step, 1 launches the KV-group units' splits before it, 0 after it (both
+# forks run in parallel; the GPU hands out blocks of equal-priority grids in launch order, so the
+# grid launched first fills the machine first).
+CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 1}
 
 
 @dataclass(frozen=True)
@@ -541,9 +545,13 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
         fork = side_stream is not None
         if fork:
             side_stream.wait_stream(torch.cuda.current_stream(q.device))   # the decode token's K/V is written
+        side_first = cfg["side_first"]
+        if not side_first:
+            select()
         with torch.cuda.stream(side_stream):         # a no-op for None: the current stream, in order
             launch_splits(num_ret, num_kv_heads)
-        select()
+        if side_first:
+            select()
         launch_splits(0, num_ret)
         if fork:
             torch.cuda.current_stream(q.device).wait_stream(side_stream)
