@@ -8,8 +8,9 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   and the same with the retrieval heads' sparse top-p prefill (``--prefill-top-p``, index queries
   included). As for decode, ``--keep`` of the blocks are planted as the indexer's hot blocks (every
   query of a retrieval head points the same way), and the share each tile really kept is printed.
-- Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs index queries + block top-p
-  + head-wise sparse decode, the local heads' part on a side stream beside the first two (as served).
+- Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs the decode tokens' index keys
+  and index queries (one launch) + block top-p + head-wise sparse decode, the local heads' part on a
+  side stream beside block top-p (as served).
   Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each
   sequence's blocks are planted as the indexer's hot blocks (the paper measures > 97% decode sparsity
   at 512K, i.e. about 3% kept); the share top-p really kept is printed. Both sides are timed as
@@ -48,7 +49,7 @@ from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.outputs import write_figure, write_json
 from rtpurbo_vllm.rope import apply_rope
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
-from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, write_index_keys
+from rtpurbo_vllm.triton_kernels.index_keys import IndexQueries, index_queries, rope_table, write_index_keys
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace, headwise_sparse_decode
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
@@ -158,12 +159,18 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
         fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
 
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
+    k_new = torch.randn(batch, HKV, D, dtype=DTYPE, device=device)
+    kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
+    w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+    slots = block_table[:, (length - 1) // PAGE].long() * PAGE + (length - 1) % PAGE
+    queries = IndexQueries(q, heads, w_q, q_idx)
 
-    def select():           # index queries (un-RoPE + W_q), then block top-p (block scores + selection)
-        index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
+    def select():           # block top-p (block scores + selection)
         block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected, num_selected)
 
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection
+        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True, queries=queries)
         headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected, BS, SINK, WINDOW,
                                D ** -0.5, attn_ws, out, select=select, side_stream=side_stream)
 

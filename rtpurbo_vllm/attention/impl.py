@@ -4,8 +4,9 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
 
 1. the new tokens' K/V go into the layer's cache units (one launch for every KV head, each with its
    kind's slot mapping; fp8 caches quantised with the layer's scales);
-2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the index units;
-3. decode tokens: index queries -> block top-p per retrieval head -> head-wise sparse decode
+2. their 16-dim index keys (RoPE undone, projected per retrieval head) go into the index units, and
+   in the same launch the decode tokens' index queries into the decode workspace;
+3. decode tokens: block top-p per retrieval head -> head-wise sparse decode
    (retrieval heads over their kept blocks, local heads over sinks + window); on a GPU the local
    heads' part runs on vLLM's auxiliary stream while the selection runs (the layer joins it before
    combining);
@@ -49,7 +50,8 @@ from rtpurbo_vllm.kv_cache.layer_kv import LayerKV
 from rtpurbo_vllm.kv_cache.side_layers import install_kv_layout
 from rtpurbo_vllm.rope import RopeSpec
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp
-from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table, rope_table_length, write_index_keys
+from rtpurbo_vllm.triton_kernels.index_keys import (IndexQueries, index_queries, rope_table, rope_table_length,
+                                                    write_index_keys)
 from rtpurbo_vllm.triton_kernels.kv_write import kv_write
 from rtpurbo_vllm.triton_kernels.sparse_decode import headwise_sparse_decode
 
@@ -195,8 +197,13 @@ class RTPurboAttentionImpl(AttentionImpl):
         slot_mappings = [md.slot_mapping, None if window is None else window.slot_mapping[:n]]
         kv_write(key[:n], value[:n], kv.kv, slot_mappings, layer._k_scale, layer._v_scale)
         if index is not None:
+            # The decode tokens' index queries in the same launch: the decode chain starts at block top-p.
+            queries = None if md.decode is None else IndexQueries(
+                query[:nd], heads.retrieval_heads, heads.w_q,
+                md.decode.workspace.index_queries[:nd, :heads.retrieval_heads.shape[0]])
             write_index_keys(key[:n], md.positions, self.rope_table, heads.kv_heads, heads.w_k,
-                             index.slot_mapping[:n], kv.index, is_neox_style=self.rope.is_neox_style)
+                             index.slot_mapping[:n], kv.index, is_neox_style=self.rope.is_neox_style,
+                             queries=queries)
         if md.decode is not None:
             rows = slice(0, md.decode.seq_lens.shape[0])
             tables = {"full": md.decode.block_table,
@@ -234,8 +241,9 @@ class RTPurboAttentionImpl(AttentionImpl):
                                block_size=self.params.block_size)
 
     def _decode(self, layer, query, kv_tables, index_table, md: RTPurboMetadata, out) -> None:
-        """Decode part: the head-wise sparse decode into ``out``, its select step the index queries and the
-        block top-p (beside the local heads' splits, on the side stream on a GPU)."""
+        """Decode part: the head-wise sparse decode into ``out``, its select step the block top-p of the
+        index queries written with the index keys (beside the local heads' splits, on the side stream on a
+        GPU)."""
         dec, heads, p, kv = md.decode, self.heads, self.params, self.kv
         ws = dec.workspace
         num_decodes, num_retrieval = query.shape[0], heads.retrieval_heads.shape[0]
@@ -243,12 +251,9 @@ class RTPurboAttentionImpl(AttentionImpl):
         num_selected = ws.num_selected[:num_decodes, :num_retrieval]
 
         def select() -> None:
-            q_idx = ws.index_queries[:num_decodes, :num_retrieval]
-            index_queries(query, md.positions[:num_decodes], self.rope_table, heads.retrieval_heads, heads.w_q,
-                          q_idx, is_neox_style=self.rope.is_neox_style)
-            block_topp(q_idx, kv.index, kv.index.table(0, index_table), dec.seq_lens, p.top_p, p.sink_tokens,
-                       p.block_size, selected.shape[-1], ws.topp[num_retrieval], selected, num_selected,
-                       dense_threshold=p.dense_threshold)
+            block_topp(ws.index_queries[:num_decodes, :num_retrieval], kv.index, kv.index.table(0, index_table),
+                       dec.seq_lens, p.top_p, p.sink_tokens, p.block_size, selected.shape[-1], ws.topp[num_retrieval],
+                       selected, num_selected, dense_threshold=p.dense_threshold)
 
         headwise_sparse_decode(query, kv.kv, kv_tables, dec.seq_lens, heads.retrieval_heads, selected,
                                num_selected, p.block_size, p.sink_tokens, p.window, self.scale, ws.attention, out,

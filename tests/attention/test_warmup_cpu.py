@@ -43,7 +43,7 @@ D = cpu.D
 CASE = cpu.CASES["hkv4"]        # 8 query / 4 KV heads; 1, 2 and 3 retrieval heads in 3 layers
 MAX_REQS = 8                    # max_num_seqs: split counts 4 (1-4 decodes) and 2 (5-8 decodes)
 NUM_PAGES = 96
-SERVING_KERNELS = {"_kv_write_kernel", "_write_index_keys_kernel", "_index_queries_kernel", "_block_stats_kernel",
+SERVING_KERNELS = {"_kv_write_kernel", "_index_vectors_kernel", "_block_stats_kernel",
                    "_select_kernel", "_split_kernel", "_combine_kernel", "_merge_sinks_kernel"}
 SPARSE_PREFILL_KERNELS = {"_pool_kernel", "_score_kernel", "_attend_kernel"}   # and its own _select_kernel
 # Real steps, (cached, new) tokens per request, decodes first, of many request, token and decode counts:

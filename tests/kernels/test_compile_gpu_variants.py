@@ -89,18 +89,22 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
             torch.tensor([1], dtype=torch.int32), plan_sparse_prefill([20], [30], 16, 16, 16), 1.0, 4, 16,
             d ** -0.5, make_sparse_prefill_workspace(16, 1, 64, 16, 16, 16), torch.empty_like(rows),
             k_scale=scales[0], v_scale=scales[1])
-    # fp8 index keys: the index-key write's native fp32 -> fp8e4nv store.
+    # fp8 index keys: the index-key write's native fp32 -> fp8e4nv store (with a decode step's queries).
     from rtpurbo_vllm.triton_kernels.index_keys import kernel as index_kernel
 
-    idx_rec = _Recorder("rtpurbo_vllm.triton_kernels.index_keys.kernel", "_write_index_keys_kernel",
+    idx_rec = _Recorder("rtpurbo_vllm.triton_kernels.index_keys.kernel", "_index_vectors_kernel",
                         tl_launches.describe)
     monkeypatch.setattr(index_kernel, "interpreting", lambda: False)
-    monkeypatch.setattr(index_kernel, "_write_index_keys_kernel", idx_rec)
+    monkeypatch.setattr(index_kernel, "_index_vectors_kernel", idx_rec)
     index = PagedHeads.from_units([torch.zeros(4, p, 2, 16, dtype=torch.uint8)], [0, 0], [0, 1], [0, 0])
+    queries = index_kernel.IndexQueries(torch.zeros(3, 2 * hkv, d, dtype=torch.bfloat16),
+                                        torch.tensor([0, 2], dtype=torch.int32), torch.zeros(2, 16, d),
+                                        torch.zeros(3, 2, 16, dtype=torch.bfloat16))
     index_kernel.write_index_keys(torch.zeros(3, hkv, d, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long),
                                   torch.zeros(8, d), torch.tensor([0, 1], dtype=torch.int32), torch.zeros(2, 16, d),
-                                  torch.zeros(3, dtype=torch.long), index, is_neox_style=True)
-    assert [(lw["kwargs"]["FP8"], lw["kwargs"]["MANUAL_FP8"]) for lw in idx_rec.launches] == [(True, False)]
+                                  torch.zeros(3, dtype=torch.long), index, is_neox_style=True, queries=queries)
+    assert [(lw["kwargs"]["FP8"], lw["kwargs"]["MANUAL_FP8"], lw["kwargs"]["QUERIES"])
+            for lw in idx_rec.launches] == [(True, False, True)]
     assert [lw["kwargs"]["MANUAL_FP8"] for lw in kv_rec.launches] == [False, False]
     assert [lw["kwargs"]["FP8"] for lw in kv_rec.launches] == [True, False]
     assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in dec_rec.launches] == [(False, True),
@@ -114,8 +118,8 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
 
 
 def test_pdl_variants_compile_for_hopper(monkeypatch):
-    """With ``launch.pdl`` on, the decode chain's kernels (index queries, block stats and selection, splits,
-    combine) launch with programmatic dependent launch: a ``PDL`` variant that waits for the kernel before
+    """With ``launch.pdl`` on, the decode chain's kernels (index keys with the index queries, block stats and
+    selection, splits, combine) launch with programmatic dependent launch: a ``PDL`` variant that waits for the kernel before
     it, and ``launch_pdl``. Both compile for sm_90; off CUDA, PDL stays off whatever the setting."""
     from rtpurbo_vllm.triton_kernels import launch
     from rtpurbo_vllm.triton_kernels.block_topp import kernel as topp_kernel
@@ -125,7 +129,7 @@ def test_pdl_variants_compile_for_hopper(monkeypatch):
     assert not launch.pdl_launch(torch.device("cpu"))
     tl_launches = _launches_module()
     recorders = []
-    for module, names in ((index_kernel, ["_index_queries_kernel"]),
+    for module, names in ((index_kernel, ["_index_vectors_kernel"]),
                           (topp_kernel, ["_block_stats_kernel", "_select_kernel"]),
                           (decode_kernel, ["_split_kernel", "_combine_kernel"])):
         monkeypatch.setattr(module, "pdl_launch", lambda device: True)
@@ -138,9 +142,11 @@ def test_pdl_variants_compile_for_hopper(monkeypatch):
     q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
     heads = torch.tensor([1], dtype=torch.int32)
     q_idx = torch.zeros(2, 1, di, dtype=torch.bfloat16)
-    index_kernel.index_queries(q, torch.zeros(2, dtype=torch.long), torch.zeros(8, d), heads,
-                               torch.zeros(1, di, d), q_idx, is_neox_style=True)
     index = PagedHeads.from_units([torch.zeros(4, p, 1, di, dtype=torch.bfloat16)], [0], [0], [0])
+    index_kernel.write_index_keys(torch.zeros(2, hkv, d, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long),
+                                  torch.zeros(8, d), torch.tensor([0], dtype=torch.int32), torch.zeros(1, di, d),
+                                  torch.zeros(2, dtype=torch.long), index, is_neox_style=True,
+                                  queries=index_kernel.IndexQueries(q, heads, torch.zeros(1, di, d), q_idx))
     table = torch.zeros(2, 4, dtype=torch.int32)
     seq_lens = torch.ones(2, dtype=torch.int32)
     topp_kernel.block_topp(q_idx, index, index.table(0, table), seq_lens, 0.9, 4, bs, 3,

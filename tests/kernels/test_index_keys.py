@@ -26,6 +26,7 @@ from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope, rope_cos_sin  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import (  # noqa: E402
+    IndexQueries,
     index_keys_ref, index_queries, index_queries_ref, rope_table, rope_table_length, write_index_keys,
     write_index_keys_ref)
 
@@ -251,6 +252,49 @@ def test_write_index_keys(seed, case):
     valid = x.slot_mapping >= 0
     got = _read_back(index, x.slot_mapping[valid])
     _assert_recovered(got, x.k_pre[valid][:, x.kv_heads.long()], x.w_k, case.dtype)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES[:4]])
+@pytest.mark.parametrize("decodes", [0, 1, "all"])
+def test_write_index_keys_with_queries(seed, case, decodes):
+    """Keys and the first TQ tokens' queries in one launch: the same bits as the two launches apart
+    (queries into a buffer of their own dtype, bf16 here; rows past TQ untouched)."""
+    x = _inputs(case)
+    table = _table(x.spec, DEVICE)
+    hr = len(case.heads)
+    tq = case.t if decodes == "all" else min(decodes, case.t)
+    index_apart = _index_layout(x.num_pages, case.page, hr, case.dtype, DEVICE, num_units=2)
+    index_together = PagedHeads.from_units([u.clone() for u in index_apart.units], index_apart.head_unit,
+                                           index_apart.head_slot)
+    keys = [x.key, x.positions, table, x.kv_heads, x.w_k, x.slot_mapping]
+    apart = torch.full((tq, hr, DI), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    write_index_keys(*keys, index_apart, is_neox_style=x.spec.is_neox_style)
+    index_queries(x.query[:tq], x.positions[:tq], table, x.heads, x.w_q, apart, is_neox_style=x.spec.is_neox_style)
+    together = torch.full((tq + 1, hr, DI), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    write_index_keys(*keys, index_together, is_neox_style=x.spec.is_neox_style,
+                     queries=IndexQueries(x.query[:tq], x.heads, x.w_q, together[:tq]))
+    assert torch.equal(together[:tq], apart) and together[tq:].isnan().all()
+    for a, b in zip(index_apart.units, index_together.units):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_write_index_keys_queries_checked(seed):
+    """Queries of more tokens than the keys', or of other shapes, are refused before any launch."""
+    case = CASES[1]
+    x = _inputs(case)
+    table = _table(x.spec, DEVICE)
+    hr = len(case.heads)
+    index = _index_layout(x.num_pages, case.page, hr, case.dtype, DEVICE)
+    keys = [x.key[:3], x.positions[:3], table, x.kv_heads, x.w_k, x.slot_mapping[:3]]
+    out = torch.empty(4, hr, DI, device=DEVICE)
+    with pytest.raises(ValueError, match="first TQ <= T=3 tokens"):
+        write_index_keys(*keys, index, is_neox_style=False, queries=IndexQueries(x.query[:4], x.heads, x.w_q, out))
+    with pytest.raises(ValueError, match="out must be a float"):
+        write_index_keys(*keys, index, is_neox_style=False,
+                         queries=IndexQueries(x.query[:2], x.heads, x.w_q, out[:2, :1]))
+    with pytest.raises(ValueError, match="match the keys"):
+        write_index_keys(*keys, index, is_neox_style=False,
+                         queries=IndexQueries(x.query[:2], x.heads[:1], x.w_q[:1], out[:2, :1]))
 
 
 def test_write_index_keys_all_padding_writes_nothing(seed):

@@ -1,8 +1,9 @@
 """Fused un-RoPE + 16-dim indexer projection (Triton), for keys into the paged index-key units and for queries.
 
 vLLM hands the attention backend post-RoPE ``q [T, HQ, D]`` / ``k [T, HKV, D]`` and the token
-``positions [T]``; the indexer needs the pre-RoPE vectors. Each program takes ``BLOCK_T`` tokens of one
-retrieval head ``r`` and
+``positions [T]``; the indexer needs the pre-RoPE vectors. One kernel, ``_index_vectors_kernel``, does
+both projections; each program takes ``BLOCK_T`` tokens of one retrieval head ``r`` and, for the keys
+(of all ``T`` tokens) and the queries (of the first ``TQ`` tokens) it is launched with,
 
 1. loads the tokens' rows of the head it reads (query head ``heads[r]`` or KV head ``kv_heads[r]``) as the
    two rotary halves (NeoX: channels ``j`` and ``rotary_dim/2 + j``; GPT-J: ``2j`` and ``2j + 1``) plus the
@@ -16,13 +17,18 @@ retrieval head ``r`` and
    addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at ``base + offsets[r]``
    (its unit tensor and slot) plus ``page * page_stride + offset * token_stride``.
 
-Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so both ops can be captured in a CUDA graph.
-``T`` is not specialised on (``do_not_specialize``): one compiled variant serves every step.
-Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle:
-its row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector
-(keys of padding tokens are not stored: their slot is negative). :func:`index_queries` also refuses
-such positions up front when they are on the host (no device sync); on a device the caller covers them
-(the attention impl builds its table for every position below ``max_model_len``).
+:func:`write_index_keys` launches it for the keys, and with ``queries`` also for the index queries of a
+step's decode tokens (the first tokens of vLLM's batch), so the decode chain starts at block top-p;
+:func:`index_queries` launches it for queries alone.
+
+Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so every launch can be captured in a CUDA
+graph. ``T`` and ``TQ`` are not specialised on (``do_not_specialize``): one compiled variant per kind of
+launch serves every step. Token, page and table offsets are computed in int64. A position outside the
+table has no RoPE angle: its row reads a clamped table row (memory safety) and comes out NaN, never a
+plausible wrong vector (keys of padding tokens are not stored: their slot is negative).
+:func:`index_queries` also refuses such positions up front when they are on the host (no device sync);
+on a device the caller covers them (the attention impl builds its table for every position below
+``max_model_len``).
 
 The table is built once per model with :func:`rope_table` (float32 ``[num_positions, rotary_dim]``, row
 ``p`` = ``cos(p) | sin(p)`` exactly as :func:`rtpurbo_vllm.rope.rope_cos_sin` gives them — the layout of
@@ -31,6 +37,7 @@ vLLM's ``cos_sin_cache``, but float32).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -142,56 +149,49 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
     return tl.where(in_table[:, None], acc, float("nan"))
 
 
-@triton.jit(do_not_specialize=["T"])
-def _index_queries_kernel(
-    q_ptr, pos_ptr, cs_ptr, heads_ptr, w_ptr, out_ptr,
-    T, num_positions,
-    s_qt, s_qh, s_cs, s_wh, s_wi, s_ot, s_oh, s_oi,
-    D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    wait_for_previous_kernel(PDL)
-    r = tl.program_id(1)
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    head = tl.load(heads_ptr + r)
-    acc = _unrope_project(q_ptr, s_qt, s_qh, head, pos_ptr, cs_ptr, s_cs, num_positions,
-                          w_ptr, s_wh, s_wi, r, offs_t, mask_t, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
-                          PRECISION)
-    offs_i = tl.arange(0, DI)
-    dst = out_ptr + (offs_t * s_ot + r.to(tl.int64) * s_oh)[:, None] + offs_i[None, :] * s_oi
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None])
-
-
-@triton.jit(do_not_specialize=["T"])
-def _write_index_keys_kernel(
-    k_ptr, pos_ptr, cs_ptr, kv_heads_ptr, w_ptr, slot_ptr, cache_ptr, offsets_ptr,
-    T, num_positions,
-    s_kt, s_kh, s_cs, s_wh, s_wi, s_cp, s_co,
+@triton.jit(do_not_specialize=["T", "TQ"])
+def _index_vectors_kernel(
+    k_ptr, q_ptr, pos_ptr, cs_ptr, kv_heads_ptr, heads_ptr, w_k_ptr, w_q_ptr, slot_ptr, cache_ptr, offsets_ptr,
+    out_ptr,
+    T, TQ, num_positions,
+    s_kt, s_kh, s_qt, s_qh, s_cs, s_wkh, s_wki, s_wqh, s_wqi, s_cp, s_co, s_ot, s_oh, s_oi,
     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr, DI: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-    OFF_ALIGN: tl.constexpr, FP8: tl.constexpr, MANUAL_FP8: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, FP8: tl.constexpr, MANUAL_FP8: tl.constexpr, KEYS: tl.constexpr,
+    QUERIES: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Grid ``(cdiv(T, BLOCK_T), HR)``: with ``KEYS`` the index keys of tokens ``[0, T)`` into the units,
+    with ``QUERIES`` the index queries of tokens ``[0, TQ)`` (``TQ <= T``) into ``out``."""
+    wait_for_previous_kernel(PDL)
     r = tl.program_id(1)
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
-    keep = slot >= 0
-    kv_head = tl.load(kv_heads_ptr + r)
-    acc = _unrope_project(k_ptr, s_kt, s_kh, kv_head, pos_ptr, cs_ptr, s_cs, num_positions,
-                          w_ptr, s_wh, s_wi, r, offs_t, keep, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
-                          PRECISION)
-    slot = tl.where(keep, slot, 0)
-    page = slot // PAGE
-    offset = slot % PAGE
-    head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
+    first = tl.program_id(0).to(tl.int64) * BLOCK_T
+    offs_t = first + tl.arange(0, BLOCK_T)
     offs_i = tl.arange(0, DI)
-    dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
-    if FP8:
-        tl.store(dst, quantize_e4m3(acc, 1.0, MANUAL_FP8), mask=keep[:, None])
-    else:
-        tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
+    if QUERIES:
+        if first < TQ:
+            mask_q = offs_t < TQ
+            head = tl.load(heads_ptr + r)
+            acc = _unrope_project(q_ptr, s_qt, s_qh, head, pos_ptr, cs_ptr, s_cs, num_positions,
+                                  w_q_ptr, s_wqh, s_wqi, r, offs_t, mask_q, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL,
+                                  DI, PRECISION)
+            dst = out_ptr + (offs_t * s_ot + r.to(tl.int64) * s_oh)[:, None] + offs_i[None, :] * s_oi
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_q[:, None])
+    if KEYS:
+        slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
+        keep = slot >= 0
+        kv_head = tl.load(kv_heads_ptr + r)
+        acc = _unrope_project(k_ptr, s_kt, s_kh, kv_head, pos_ptr, cs_ptr, s_cs, num_positions,
+                              w_k_ptr, s_wkh, s_wki, r, offs_t, keep, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
+                              PRECISION)
+        slot = tl.where(keep, slot, 0)
+        page = slot // PAGE
+        offset = slot % PAGE
+        head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
+        dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
+        if FP8:
+            tl.store(dst, quantize_e4m3(acc, 1.0, MANUAL_FP8), mask=keep[:, None])
+        else:
+            tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +248,76 @@ def _tile(d: int, rot: int) -> dict[str, int]:
     return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=_BLOCK_T)
 
 
+@dataclass(frozen=True)
+class IndexQueries:
+    """The index queries :func:`write_index_keys` also computes in its launch: those of the batch's first
+    ``TQ`` tokens (their positions are the first ``TQ`` of the keys').
+
+    Attributes:
+        query: ``[TQ, HQ, D]`` bf16/fp16/fp32 (device), post-RoPE; last dimension contiguous.
+        heads: ``[HR]`` int32 (or int64) (device), the query head of each retrieval head.
+        w_q: ``[HR, DI, D]`` any float dtype (device), ``W^Q_h``; last dimension contiguous.
+        out: ``[TQ, HR, DI]`` any float dtype (device; computed in float32, rounded to ``out``'s dtype),
+            **written in place**: ``w_q[r] @ unrope(query[t, heads[r]])``.
+    """
+
+    query: torch.Tensor
+    heads: torch.Tensor
+    w_q: torch.Tensor
+    out: torch.Tensor
+
+
+def _check_queries(queries: IndexQueries, positions: torch.Tensor, cos_sin: torch.Tensor,
+                   is_neox_style: bool) -> tuple[int, int, int, int, int]:
+    """:func:`_check_common` of the queries and their output buffer; returns TQ, D, HR, DI, rot."""
+    t, d, hr, di, rot = _check_common("query", queries.query, positions, cos_sin, queries.heads, queries.w_q,
+                                      is_neox_style)
+    out = queries.out
+    if out.shape != (t, hr, di) or not out.is_floating_point() or out.device != queries.query.device:
+        raise ValueError(f"out must be a float [{t}, {hr}, {di}] tensor on {queries.query.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return t, d, hr, di, rot
+
+
+def _launch(t: int, positions: torch.Tensor, cos_sin: torch.Tensor, is_neox_style: bool, d: int, rot: int, hr: int,
+            keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PagedHeads] | None,
+            queries: IndexQueries | None) -> None:
+    """One :func:`_index_vectors_kernel` launch over ``t`` tokens: the index keys (``keys``: ``key,
+    kv_heads, w_k, slot_mapping, index``) and/or the index ``queries``. The absent side's pointers are
+    the present side's tensors, never dereferenced (its ``KEYS`` / ``QUERIES`` is off)."""
+    if t == 0 or hr == 0:
+        return
+    if keys is not None:
+        key, kv_heads, w_k, slot_mapping, index = keys
+        page_size, page_stride, token_stride = index.geometry[0]
+        key_args = (key, kv_heads, w_k, slot_mapping, index.kernel_base(), index.offsets)
+        key_strides = (key.stride(0), key.stride(1), w_k.stride(0), w_k.stride(1), page_stride, token_stride)
+        fp8, off_align = index.is_fp8, index.offset_align
+    if queries is not None:
+        query, heads, w_q, out = queries.query, queries.heads, queries.w_q, queries.out
+        query_args = (query, heads, w_q, out)
+        query_strides = (query.stride(0), query.stride(1), w_q.stride(0), w_q.stride(1), *out.stride())
+    if keys is None:
+        key_args, key_strides = (query, heads, w_q, positions, out, heads), (0,) * 6
+        page_size, fp8, off_align = 1, False, 1
+    if queries is None:
+        query_args, query_strides = key_args[:3] + key_args[4:5], (0,) * 7
+    key, kv_heads, w_k, slot_mapping, cache, offsets = key_args
+    query, heads, w_q, out = query_args
+    s_kt, s_kh, s_wkh, s_wki, s_cp, s_co = key_strides
+    s_qt, s_qh, s_wqh, s_wqi, s_ot, s_oh, s_oi = query_strides
+    tile = _tile(d, rot)
+    pdl = pdl_launch(positions.device)
+    _index_vectors_kernel[(triton.cdiv(t, tile["BLOCK_T"]), hr)](
+        key, query, positions, cos_sin, kv_heads, heads, w_k, w_q, slot_mapping, cache, offsets, out,
+        t, 0 if queries is None else query.shape[0], cos_sin.shape[0],
+        s_kt, s_kh, s_qt, s_qh, cos_sin.stride(0), s_wkh, s_wki, s_wqh, s_wqi, s_cp, s_co, s_ot, s_oh, s_oi,
+        D=d, ROT=rot, NEOX=is_neox_style, DI=w_k.shape[1], **tile, PAGE=page_size, PRECISION=_DOT_PRECISION,
+        OFF_ALIGN=off_align, FP8=fp8, MANUAL_FP8=fp8 and interpreting(), KEYS=keys is not None,
+        QUERIES=queries is not None, PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl,
+    )
+
+
 def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, heads: torch.Tensor,
                   w_q: torch.Tensor, out: torch.Tensor, *, is_neox_style: bool) -> torch.Tensor:
     """Index queries of the retrieval heads from vLLM's post-RoPE queries.
@@ -270,31 +340,18 @@ def index_queries(query: torch.Tensor, positions: torch.Tensor, cos_sin: torch.T
             are not read back (no sync): an out-of-table row of ``out`` is NaN instead, and the caller
             covers every position it can pass (vLLM keeps positions below ``max_model_len``).
     """
-    t, d, hr, di, rot = _check_common("query", query, positions, cos_sin, heads, w_q, is_neox_style)
+    queries = IndexQueries(query, heads, w_q, out)
+    t, d, hr, _, rot = _check_queries(queries, positions, cos_sin, is_neox_style)
     _check_positions(positions, cos_sin.shape[0])
-    if out.shape != (t, hr, di) or not out.is_floating_point() or out.device != query.device:
-        raise ValueError(f"out must be a float [{t}, {hr}, {di}] tensor on {query.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    if t == 0 or hr == 0:
-        return out
-    tile = _tile(d, rot)
-    grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
-    pdl = pdl_launch(query.device)
-    _index_queries_kernel[grid](
-        query, positions, cos_sin, heads, w_q, out,
-        t, cos_sin.shape[0],
-        query.stride(0), query.stride(1), cos_sin.stride(0), w_q.stride(0), w_q.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile, PRECISION=_DOT_PRECISION, PDL=pdl,
-        num_warps=_NUM_WARPS, launch_pdl=pdl,
-    )
+    _launch(t, positions, cos_sin, is_neox_style, d, rot, hr, None, queries)
     return out
 
 
 def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_heads: torch.Tensor,
                      w_k: torch.Tensor, slot_mapping: torch.Tensor, index: PagedHeads, *,
-                     is_neox_style: bool) -> PagedHeads:
-    """Writes the retrieval heads' index keys of vLLM's post-RoPE keys into the paged index-key units.
+                     is_neox_style: bool, queries: IndexQueries | None = None) -> PagedHeads:
+    """Writes the retrieval heads' index keys of vLLM's post-RoPE keys into the paged index-key units,
+    and with ``queries`` the index queries of the first tokens in the same launch.
 
     Args:
         key: ``[T, HKV, D]`` bf16/fp16/fp32 (device), post-RoPE; last dimension contiguous.
@@ -309,6 +366,8 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
             +-448, unscaled, :func:`..fp8.quantize_e4m3`) of head ``r``'s unit and slot; nothing else is
             touched.
         is_neox_style: the model's RoPE pairing (``RopeSpec.is_neox_style``).
+        queries: the index queries of tokens ``[0, TQ)`` (``TQ <= T``, the same ``HR`` and ``DI``), as
+            :func:`index_queries` computes them (device positions are not checked; see there).
 
     Returns:
         ``index``.
@@ -325,18 +384,14 @@ def write_index_keys(key: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
         raise ValueError(f"slot_mapping must be int64 [{t}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
     if index.device != key.device or slot_mapping.device != key.device:
         raise ValueError("the index units and slot_mapping must be on the key's device")
-    if t == 0 or hr == 0:
-        return index
-    page_size, page_stride, token_stride = index.geometry[0]
-    tile = _tile(d, rot)
-    grid = (triton.cdiv(t, tile["BLOCK_T"]), hr)
-    _write_index_keys_kernel[grid](
-        key, positions, cos_sin, kv_heads, w_k, slot_mapping, index.kernel_base(), index.offsets,
-        t, cos_sin.shape[0],
-        key.stride(0), key.stride(1), cos_sin.stride(0), w_k.stride(0), w_k.stride(1),
-        page_stride, token_stride,
-        D=d, ROT=rot, NEOX=is_neox_style, DI=di, **tile,
-        PAGE=page_size, PRECISION=_DOT_PRECISION, OFF_ALIGN=index.offset_align, FP8=index.is_fp8,
-        MANUAL_FP8=index.is_fp8 and interpreting(), num_warps=_NUM_WARPS,
-    )
+    if queries is not None:
+        if queries.query.dim() != 3 or queries.query.shape[0] > t:
+            raise ValueError(f"queries must be those of the first TQ <= T={t} tokens, [TQ, HQ, D], got a query "
+                             f"of shape {tuple(queries.query.shape)}")
+        tq = queries.query.shape[0]
+        if (_check_queries(queries, positions[:tq], cos_sin, is_neox_style)[1:4] != (d, hr, di)
+                or queries.query.device != key.device):
+            raise ValueError(f"queries must match the keys' D={d}, HR={hr} and DI={di} and device {key.device}, "
+                             f"got query {tuple(queries.query.shape)}, w_q {tuple(queries.w_q.shape)}")
+    _launch(t, positions, cos_sin, is_neox_style, d, rot, hr, (key, kv_heads, w_k, slot_mapping, index), queries)
     return index
