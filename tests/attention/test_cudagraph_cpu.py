@@ -244,15 +244,21 @@ class Setup:
                                layer.kv_cache, md, io["output"][:padded])
         return io["output"][:padded]
 
-    def check_output(self, layer_idx, seqs, cached, out, md):
-        """Real rows against the reference (over the kernel's kept blocks where they tie), padded rows finite."""
+    def check_output(self, layer_idx, seqs, cached, tables, out, md):
+        """Real rows against the reference (over the kernel's kept blocks where they tie, judged on the
+        index keys and queries as stored, bf16), padded rows finite."""
         impl = self.layers[layer_idx].impl
         heads = self.case[2][layer_idx]
         ws = md.decode.workspace
+        units = impl.kv.index
         for b, (q_pre, q, k_pre, k, v) in enumerate(seqs[layer_idx]):
             kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist() for r in range(len(heads))]
+            slots = self.slots("index", tables, b, torch.arange(cached[b] + 1))
+            page = self.layout.units["index"].block_size
+            scores = [units.units[units.head_unit[r]][slots // page, slots % page, units.head_slot[r]].float()
+                      @ ws.index_queries[b, r].float() for r in range(len(heads))]
             want = cpu.decode_reference(q[-1], k, v, q_pre[-1], k_pre, heads, impl.heads.w_q, impl.heads.w_k,
-                                        impl.params, impl.scale, kernel_blocks)
+                                        impl.params, impl.scale, kernel_blocks, index_scores=scores)
             torch.testing.assert_close(out[b].float(), want, atol=0.03, rtol=0.03,
                                        msg=f"layer {layer_idx} request {b} (cached {cached[b]})")
         assert torch.isfinite(out[len(cached):]).all()
@@ -305,7 +311,7 @@ def launch_recorder(monkeypatch):
     return calls
 
 
-LAUNCHERS = ("kv_write", "write_index_keys", "index_queries", "block_topp", "headwise_sparse_decode")
+LAUNCHERS = ("kv_write", "write_index_keys", "block_topp", "headwise_sparse_decode")
 
 
 def persistent_storages(setup: Setup) -> set[int]:
@@ -341,7 +347,7 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
         before = setup.snapshot()
         out, launches = forward(i, seqs_a, STEP_A, captured, md_a)
         capture_launches.append(launches)
-        setup.check_output(i, seqs_a, STEP_A, out, md_a)
+        setup.check_output(i, seqs_a, STEP_A, tables_a, out, md_a)
         assert (out[len(STEP_A):] == 0).all()            # padded row: seq_len 0, nothing kept
         setup.check_writes(i, before, STEP_A, tables_a)
 
@@ -359,7 +365,7 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
     for i in range(len(setup.layers)):
         before = setup.snapshot()
         out, _ = forward(i, seqs_b, STEP_B, captured, md_a)          # the captured launches
-        setup.check_output(i, seqs_b, STEP_B, out, md_a)
+        setup.check_output(i, seqs_b, STEP_B, tables_b, out, md_a)
         setup.check_writes(i, before, STEP_B, tables_b)
         replayed = out.clone()
         out, launches = forward(i, seqs_b, STEP_B, replay, md_b)     # what an eager step would run
@@ -394,7 +400,7 @@ def test_padded_rows_write_nothing_and_stay_finite(tmp_path, cpu_platform, seed,
         before = setup.snapshot()
         out = setup.forward(i, seqs, cached, MAX_REQS, attn_metadata, md)
         setup.check_writes(i, before, cached, tables)
-        setup.check_output(i, seqs, cached, out, md)
+        setup.check_output(i, seqs, cached, tables, out, md)
         if pad_seq_len == 0:
             assert (out[len(cached):] == 0).all()
         ws = md.decode.workspace
