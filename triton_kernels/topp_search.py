@@ -81,20 +81,20 @@ def block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks
 
 @triton.jit
 def _mass_at_least(bits, mass, bounds):
-    """``[K]`` sums of ``mass`` ``[N]`` over the entries whose ``bits`` are ``>= bounds[k]``: one reduction
-    of a ``[K, N]`` where-tensor over its second axis."""
-    return tl.sum(tl.where(bits[None, :] >= bounds[:, None], mass[None, :], 0.0), axis=1)
+    """``[K, 1]`` sums of ``mass`` ``[1, N]`` over the entries whose ``bits`` ``[1, N]`` are ``>= bounds[k]``
+    (``bounds`` ``[K, 1]``): one reduction of a ``[K, N]`` where-tensor over its second axis."""
+    return tl.sum(tl.where(bits >= bounds, mass, 0.0), axis=1, keep_dims=True)
 
 
 @triton.jit
 def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
                              global_max, inv_total, bounds, CHUNK: tl.constexpr):
-    """``[K]`` sums of the non-forced masses whose bit pattern is ``>= bounds[k]``, re-read chunk by chunk
-    (one pass over the row for all ``K`` bounds)."""
+    """``[K, 1]`` sums of the non-forced masses whose bit pattern is ``>= bounds[k]`` (``bounds`` ``[K, 1]``),
+    re-read chunk by chunk as ``[1, CHUNK]`` rows (one pass over the row for all ``K`` bounds)."""
     total = tl.zeros(bounds.shape, tl.float32)
     for start in range(0, num_blocks, CHUNK):
-        mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK), num_blocks,
-                                           num_sink_blocks, first_tail_block, global_max, inv_total)
+        mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
+                                           num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
         bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS)
         total += _mass_at_least(bits, mass, bounds)
     return total
@@ -165,18 +165,22 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     # tau: invariant reached(lo), not reached(hi), from lo = -1 ("keep all") and hi = +inf. Lane j of a
     # step is the threshold t_{j+1}; with K_PAD = 2**SEARCH_BITS lanes (SEARCH_BITS > 1) the last lane is
     # t_{K+1} = hi, never reached.
+    # The steps work on 2-D tensors, the thresholds ``[K_PAD, 1]`` against the row ``[1, CHUNK]``, so that
+    # they stay in the layout of their ``[K_PAD, CHUNK]`` comparison: the register-resident row is put in
+    # it once, here, not moved between thread layouts at every step.
     K_PAD: tl.constexpr = (1 << SEARCH_BITS) - (SEARCH_BITS == 1)
-    splits = tl.arange(0, K_PAD) + 1                                  # k of each lane
+    splits = (tl.arange(0, K_PAD) + 1)[:, None]                       # [K_PAD, 1]: k of each lane
     first_bits = first_mass.to(tl.int32, bitcast=True)
-    candidate_bits = tl.where(first_candidate, first_bits, NOT_CANDIDATE_BITS)
+    candidate_row = tl.where(first_candidate, first_bits, NOT_CANDIDATE_BITS)[None, :]
+    mass_row = first_mass[None, :]
     lo = tl.full((), -1, tl.int32)
     hi = tl.full((), F32_INF_BITS, tl.int32)
     for _ in range((SEARCH_WIDTH_BITS + SEARCH_BITS - 1) // SEARCH_BITS):
         step = (hi - lo) >> SEARCH_BITS
         rest = (hi - lo) & ((1 << SEARCH_BITS) - 1)
-        bounds = _split_point(lo, step, rest, splits, SEARCH_BITS)    # [K_PAD], lo <= bounds <= hi
+        bounds = _split_point(lo, step, rest, splits, SEARCH_BITS)    # [K_PAD, 1], lo <= bounds <= hi
         if in_registers:
-            mass_at_least = _mass_at_least(candidate_bits, first_mass, bounds)
+            mass_at_least = _mass_at_least(candidate_row, mass_row, bounds)
         else:
             mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
                                                      first_tail_block, global_max, inv_total, bounds, CHUNK)
@@ -191,7 +195,7 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     else:
         mass_above = tl.sum(_candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
                                                      first_tail_block, global_max, inv_total,
-                                                     tl.full((1,), 1, tl.int32) + tau_bits, CHUNK))
+                                                     tl.full((1, 1), 1, tl.int32) + tau_bits, CHUNK))
     mass_before_ties = forced_mass + mass_above
 
     # Compaction in ascending block order.
