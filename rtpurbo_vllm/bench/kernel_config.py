@@ -16,6 +16,8 @@ KERNELS = {"block_topp": "block_topp.kernel", "sparse_decode": "sparse_decode.ke
            "sparse_prefill": "sparse_prefill.kernel", "launch": "launch"}
 """Name on the command line -> module under ``rtpurbo_vllm.triton_kernels`` whose ``CONFIG`` can be set
 (``launch``: programmatic dependent launch of the decode chain, ``launch.pdl=1``)."""
+SWITCHES = {("launch", "pdl"), ("sparse_decode", "side_first")}
+"""Settings that are on (1) or off (0); every other setting is a positive integer."""
 
 
 def kernel_module(name: str):
@@ -29,8 +31,8 @@ def kernel_configs() -> dict[str, dict[str, Any]]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
-    """``["KERNEL.KEY=VALUE", ...]`` (VALUE a positive integer) as ``{KERNEL: {KEY: VALUE}}``; raises
-    ``ValueError`` naming the first bad item and what is allowed."""
+    """``["KERNEL.KEY=VALUE", ...]`` (VALUE a positive integer, or 0 / 1 for a :data:`SWITCHES` setting) as
+    ``{KERNEL: {KEY: VALUE}}``; raises ``ValueError`` naming the first bad item and what is allowed."""
     configs, overrides = kernel_configs(), {}
     for item in items:
         target, sep, text = item.partition("=")
@@ -43,8 +45,10 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value < 1:
+            value = -1
+        if (kernel, key) in SWITCHES and value not in (0, 1):
+            raise ValueError(f"--config {item!r}: {kernel}.{key} is a switch, 0 (off) or 1 (on)")
+        if (kernel, key) not in SWITCHES and value < 1:
             raise ValueError(f"--config {item!r}: the value must be a positive integer")
         overrides.setdefault(kernel, {})[key] = value
     return overrides

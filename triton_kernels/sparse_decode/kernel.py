@@ -75,9 +75,10 @@ DEFAULT_MAX_SPLITS = 64
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
 # side_first: with a ``select`` step, 1 launches the KV-group units' splits before it, 0 after it (both
-# forks run in parallel; the GPU hands out blocks of equal-priority grids in launch order, so the
-# grid launched first fills the machine first).
-CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 1}
+# forks run in parallel; the GPU hands out the blocks of equal-priority grids in launch order, so the
+# grid launched first fills the machine first: with 0 the selection starts at once and the window
+# splits fill the machine behind it; figures in docs/BENCHMARKS.md).
+CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0}
 
 
 @dataclass(frozen=True)
