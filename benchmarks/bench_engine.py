@@ -26,7 +26,9 @@ KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, th
 * ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
   then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
   decode step is the median difference over ``--steps`` (every request decodes from the first step:
-  the prompts hit the cache), with the smallest and largest beside it.
+  the prompts hit the cache), with the smallest and largest beside it. RTPURBO's retrieval heads keep
+  about ``--keep`` of the blocks (default 0.03, the paper's decode sparsity; the artifact's ``top_p``,
+  since dummy weights give flat indexer scores).
 
 The ``capacity`` and ``load`` engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that
 the pool's block count and the scheduler's queues can be read from it (``load`` stops after
@@ -89,8 +91,11 @@ def parse_config(text: str) -> dict:
             "index_key_dtype": index}
 
 
-def model_dir(out: Path, context: int, selection: str | None) -> Path:
-    """A Llama-3-8B-shape folder (config.json, the tiny tokenizer) with a synthetic artifact for ``selection``."""
+def model_dir(out: Path, context: int, selection: str | None, keep: float) -> Path:
+    """A Llama-3-8B-shape folder (config.json, the tiny tokenizer) with a synthetic artifact for ``selection``
+    whose decode ``top_p`` is ``keep``: dummy weights give flat indexer scores, on which block top-p keeps
+    about ``top_p`` of the blocks (as ``bench_serving.py --keep``)."""
+    from rtpurbo_vllm.artifacts import SparsityParams
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
     from rtpurbo_vllm.tiny.tokenizer import save_tokenizer
 
@@ -100,7 +105,8 @@ def model_dir(out: Path, context: int, selection: str | None) -> Path:
     if not (path / "tokenizer.json").exists():
         save_tokenizer(path)
     if selection is not None:
-        synthesize_artifact(path, path / f"rtpurbo-{selection}", **SELECTIONS[selection], seed=0)
+        synthesize_artifact(path, path / f"rtpurbo-{selection}", **SELECTIONS[selection], seed=0,
+                            params=SparsityParams(top_p=keep))
     return path
 
 
@@ -177,7 +183,7 @@ def replay_row(cfg: dict, args) -> dict:
     from rtpurbo_vllm.kv_cache import KVLayout, index_key_dtype
     from rtpurbo_vllm.kv_cache.side_layers import collected_specs
 
-    path = model_dir(args.out, args.context, cfg["selection"])
+    path = model_dir(args.out, args.context, cfg["selection"], args.keep)
     pool = {} if args.kv_memory_gib is None else {"kv_memory_bytes": round(args.kv_memory_gib * 2**30)}
     settings = ReplaySettings(context=args.context, max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_dtype=cfg["kv_dtype"], **pool)
@@ -210,12 +216,12 @@ def run_one(args) -> dict:
                 for _ in range(count)]
 
     cfg = parse_config(args.one)
-    path = model_dir(args.out, args.context, cfg["selection"])
+    path = model_dir(args.out, args.context, cfg["selection"], args.keep)
     load = args.phase == "load"
     max_seqs = args.max_seqs if load else max(args.batch + [8])
     llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization,
                  args.max_num_batched_tokens if load else None)
-    row = {**cfg, "context": args.context, "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
+    row = {**cfg, "context": args.context, "keep": args.keep, "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     if args.phase == "capacity":
         return row
@@ -276,7 +282,7 @@ def run_child(cfg: str, args) -> dict:
     """Runs one configuration in a fresh process (its GPU memory is freed when it exits)."""
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
-            str(args.context), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            str(args.context), "--keep", str(args.keep), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--repeats", str(args.repeats), "--batch", *map(str, args.batch), "--max-seqs", str(args.max_seqs),
             "--load-tokens", str(args.load_tokens), "--stable-steps", str(args.stable_steps),
             "--load-seconds", str(args.load_seconds), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -325,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
+                        help="the synthetic artifact's decode top_p: about the share of blocks it keeps on dummy "
+                             "weights' flat indexer scores (as bench_serving.py --keep)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="(1, 1 + steps) pairs per batch; the median counts")
@@ -347,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         configs = [parse_config(c) for c in args.configs]
+        if not 0.0 < args.keep <= 1.0:
+            raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
         if min(args.repeats, args.steps, args.max_seqs, args.load_tokens, args.stable_steps, *args.batch) < 1:
             raise ValueError("--repeats, --steps, --batch, --max-seqs, --load-tokens and --stable-steps must be >= 1")
         if args.load_tokens > 2048:

@@ -38,6 +38,12 @@ def test_counts_below_one_exit_2(bench, tmp_path, capsys, flag):
     assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("keep", ["0", "1.5"])
+def test_keep_outside_zero_one_exits_2(bench, tmp_path, capsys, keep):
+    assert bench.main(["step", "--out", str(tmp_path / "out"), "--configs", "RTPURBO:auto", "--keep", keep]) == 2
+    assert "--keep must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_step_engines_run_as_vllm_runs_them(bench, tmp_path, monkeypatch):
     """``step`` children keep vLLM's separate engine-core process (its scheduler overlaps the GPU);
     ``capacity`` children run the engine in-process to read its block count."""
@@ -73,8 +79,10 @@ def test_kernel_table_and_its_report(bench):
 
 
 def test_model_folder_and_report(bench, tmp_path):
-    path = bench.model_dir(tmp_path, 4096, "kvgroup15")
+    path = bench.model_dir(tmp_path, 4096, "kvgroup15", 0.03)
     assert (path / "config.json").exists() and (path / "rtpurbo-kvgroup15" / "rtpurbo_config.json").exists()
+    config = json.loads((path / "rtpurbo-kvgroup15" / "rtpurbo_config.json").read_text())
+    assert config["params"]["top_p"] == 0.03          # about 3 % of the blocks on flat (dummy-weight) scores
     rows = [{"phase": "capacity", "name": "RTPURBO:auto:kvgroup15", "vllm_kv_tokens": 10, "held_sequences": 3.5},
             {"phase": "step", "name": "FLASH_ATTN:fp8", "decode_step_ms": {"1": 8.1, "4": 16.4},
              "decode_step_range_ms": {"1": [8.0, 8.3], "4": [16.2, 16.9]}}]
