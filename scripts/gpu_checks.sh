@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 # -P: keep the repo root (and its top-level triton_kernels/ folder) off sys.path.
 case "$stage" in
   tests)
-    timeout 150 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 \
+    timeout 420 python3 -P -m pytest -q -rs -m gpu tests/attention tests/kernels 2>&1 \
       | tail -15 | tee "$OUT/gpu_tests.log"
     [ "${1:-}" = kernels ] && exit 0
     timeout 300 python3 -P -m pytest -q -s -rs tests/e2e/test_engine_gpu.py 2>&1 | tee "$OUT/e2e_engine.log" \
