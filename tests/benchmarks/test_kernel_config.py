@@ -27,19 +27,20 @@ def test_overrides_are_parsed_and_applied(fresh_configs):
 
 
 def test_switches_take_zero():
-    assert kc.parse_overrides(["launch.pdl=0", "sparse_decode.side_first=1"]) == {
-        "launch": {"pdl": 0}, "sparse_decode": {"side_first": 1}}
+    assert kc.parse_overrides(["launch.pdl=0", "sparse_decode.side_first=1", "sparse_decode.local_programs=0"]) == {
+        "launch": {"pdl": 0}, "sparse_decode": {"side_first": 1, "local_programs": 0}}
 
 
 @pytest.mark.parametrize("item, message", [
     ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill, launch"),
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
-    ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are side_first, stages, tile_local"),
+    ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are local_programs, side_first, stages"),
     ("sparse_decode.warps=eight", "the value must be a positive integer"),
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),
     ("sparse_decode.side_first=on", "sparse_decode.side_first is a switch"),
+    ("sparse_decode.local_programs=-1", "a non-negative integer (0: no bound)"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ValueError, match="--config") as error:

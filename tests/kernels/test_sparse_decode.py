@@ -212,6 +212,22 @@ def test_mixed_batch(seed, case):
     _run_case(SEQ_LENS, hq, hkv, d, p, 64, sink, window, ret, dtype=dtype, num_splits=splits)
 
 
+@pytest.mark.parametrize("local_programs", [1, 28])
+def test_fewer_local_splits(seed, local_programs, monkeypatch):
+    """The KV-group units cut their window into fewer splits than the retrieval units (7 sequences x 2 KV
+    heads: S_local 1, and 2 of 8), in one launch: the combine merges each head's own splits."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
+    _run_case(SEQ_LENS, 8, 2, 64, 16, 64, 4, 200, [0, 5], num_splits=8)
+
+
+def test_local_splits_for(monkeypatch):
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", 0)
+    assert _kernel_module.local_splits_for(4, 8, 64) == 64
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", 256)
+    assert [_kernel_module.local_splits_for(b, 8, 64) for b in (1, 3, 4, 32, 64)] == [32, 8, 8, 1, 1]
+    assert _kernel_module.local_splits_for(1, 8, 16) == 16
+
+
 @pytest.mark.parametrize("page_size, block_size", [pytest.param(128, 64, id="P128-BS64"),
                                                    pytest.param(16, 32, id="P16-BS32")])
 def test_page_and_block_sizes(seed, page_size, block_size):
@@ -344,13 +360,15 @@ def test_reuse_same_tensors_new_values(seed):
         _check(q, kv, tables, lens, [0, 6], selected, num_selected, bs, sink, window, out, lse)
 
 
-@pytest.mark.parametrize("side_first", [1, 0])
+@pytest.mark.parametrize("side_first, local_programs", [(1, 0), (0, 0), (0, 8)])
 @pytest.mark.parametrize("ret", [[0, 6], [], list(range(8))], ids=["two", "none", "all"])
-def test_select_step_between_the_launches(seed, ret, side_first, monkeypatch):
-    """With a ``select`` step the KV-group units launch before or after it (``side_first``), then the
-    retrieval units launch: the output is the one-launch op's on the filled selection, bit for bit
-    (scattered layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
+def test_select_step_between_the_launches(seed, ret, side_first, local_programs, monkeypatch):
+    """With a ``select`` step the KV-group units launch before or after it (``side_first``; with
+    ``local_programs`` 8, S_local 2 of S 4 splits in a launch of their own size), then the retrieval
+    units launch: the output is the one-launch op's on the filled selection, bit for bit (scattered
+    layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
     monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
     hq, head_kind, d, bs, sink, window = 8, [0, 1, 1, 0], 64, 64, 4, 50
     if len(ret) == hq:
         head_kind = [0] * 4
@@ -518,16 +536,20 @@ def test_gpu_int64_page_offsets(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-@pytest.mark.parametrize("side_stream, pdl, side_first", [(False, 0, 1), (True, 0, 1), (True, 1, 1), (True, 0, 0)],
-                         ids=["one-stream", "side-stream", "side-stream-pdl", "side-stream-select-first"])
-def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_first, monkeypatch):
+@pytest.mark.parametrize("side_stream, pdl, side_first, local_programs",
+                         [(False, 0, 1, 0), (True, 0, 1, 0), (True, 1, 1, 0), (True, 0, 0, 0), (True, 0, 0, 32)],
+                         ids=["one-stream", "side-stream", "side-stream-pdl", "side-stream-select-first",
+                              "side-stream-local-bound"])
+def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_first, local_programs, monkeypatch):
     """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay.
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
     step (a copy of the staged selection) and the retrieval units run on the capture stream, the side
-    stream's launch before or after the select step (``side_first``); with ``pdl`` the kernels launch
-    with programmatic dependent launch (the combine after both branches)."""
+    stream's launch before or after the select step (``side_first``), with fewer splits than the
+    retrieval units' when ``local_programs`` bounds them; with ``pdl`` the kernels launch with
+    programmatic dependent launch (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
     monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
     max_len = 20_000
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]

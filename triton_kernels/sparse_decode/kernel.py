@@ -51,8 +51,11 @@ FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and convert
 query dtype for the dots (native conversion; the interpreter converts every finite e4m3fn value
 exactly too); ``k_scale`` is folded into the softmax scale and ``v_scale`` into each split's output.
 
-Splits past a head's work return without writing; the combine reads only the valid ones.
-Work per program is bounded by ``roundup(cdiv(max n, S), TILE)`` tokens. Page offsets are int64.
+Splits past a head's work return without writing; the combine reads only the valid ones. The
+KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
+``CONFIG["local_programs"]``; their forked launch has ``S_local`` programs per sequence and KV head), the
+retrieval units into ``S``. Work per program is bounded by ``roundup(cdiv(max n, S_local or S), TILE)``
+tokens. Page offsets are int64.
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ DEFAULT_MAX_SPLITS = 64
 # forks run in parallel; the GPU hands out the blocks of equal-priority grids in launch order, so the
 # grid launched first fills the machine first: with 0 the selection starts at once and the window
 # splits fill the machine behind it; figures in docs/BENCHMARKS.md).
-CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0}
+# local_programs: the most programs the KV-group units' splits launch, B * HKV * S_local <= local_programs
+# (S_local a power of two, at least 1, at most the retrieval units' S); 0: no bound, S_local = S. Fewer,
+# longer programs that all fit on the GPU at once leave room for the selection chain beside them.
+CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0,
+          "local_programs": 0}
 
 
 @dataclass(frozen=True)
@@ -130,14 +137,24 @@ def allocate_sparse_decode_workspace(max_batch: int, num_heads: int, head_dim: i
     return SparseDecodeWorkspace(partial_out, partial_lse, max_splits)
 
 
+def local_splits_for(batch: int, num_kv_heads: int, num_splits: int) -> int:
+    """S_local, the splits per (sequence, KV head) of the KV-group units: ``num_splits`` (S) unless
+    ``CONFIG["local_programs"]`` bounds ``batch * num_kv_heads * S_local`` (a power of two, >= 1)."""
+    cap = CONFIG["local_programs"]
+    if cap <= 0:
+        return num_splits
+    per_unit = max(cap // max(batch * num_kv_heads, 1), 1)
+    return min(num_splits, 1 << (per_unit.bit_length() - 1))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Shared device helpers: the combine must cut work exactly as the split kernels do.
 
 
 @triton.jit
-def _split_chunk(n_virtual, NUM_SPLITS: tl.constexpr, TILE: tl.constexpr):
-    """Tokens per split: ``cdiv(n, S)`` rounded up to a whole tile (at least one tile)."""
-    chunk = tl.cdiv(tl.cdiv(n_virtual, NUM_SPLITS), TILE) * TILE
+def _split_chunk(n_virtual, num_splits, TILE: tl.constexpr):
+    """Tokens per split: ``cdiv(n, num_splits)`` rounded up to a whole tile (at least one tile)."""
+    chunk = tl.cdiv(tl.cdiv(n_virtual, num_splits), TILE) * TILE
     return tl.maximum(chunk, TILE)
 
 
@@ -223,18 +240,19 @@ def _store_partial(po_ptr, pl_ptr, slot, h, acc, l_i, m_i, mask_h, out_scale, s_
 @triton.jit
 def _local_split(
     b, kvh, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, po_ptr, pl_ptr,
-    sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
+    sink_tokens, window, dense_threshold, qk_scale, out_scale, HR, local_splits,
     s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1, s_bt1,
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Split ``split`` of the local query heads of KV group ``kvh`` (all G rows in one dot), reading
-    the KV head through its kind's block table and geometry (only sink and window tokens)."""
+    """Split ``split`` (of ``local_splits <= NUM_SPLITS``) of the local query heads of KV group ``kvh`` (all
+    G rows in one dot), reading the KV head through its kind's block table and geometry (only sink and
+    window tokens)."""
     seq_len = tl.load(seq_lens_ptr + b)
     ws, n_sink, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
-    chunk = _split_chunk(n_virtual, NUM_SPLITS, TILE)
+    chunk = _split_chunk(n_virtual, local_splits, TILE)
     start = split * chunk
     offs_g = tl.arange(0, ROWS)
     h = kvh * G + offs_g
@@ -297,11 +315,11 @@ def _retrieval_split(
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
 
-@triton.jit(do_not_specialize=["s_bt0", "s_bt1", "first_unit"])
+@triton.jit(do_not_specialize=["s_bt0", "s_bt1", "first_unit", "local_splits"])
 def _split_kernel(
     q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr, ret_ptr, sel_ptr, nsel_ptr,
     po_ptr, pl_ptr, k_scale_ptr, v_scale_ptr, sink_tokens, window, dense_threshold, qk_scale, max_blocks, HR,
-    first_unit,
+    first_unit, local_splits,
     s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1, s_bt1,
     s_sb, s_sr, s_nb, s_nr, s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
@@ -328,15 +346,15 @@ def _split_kernel(
     else:
         _local_split(b, head - HR, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr,
                      ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
-                     s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1,
+                     local_splits, s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1,
                      s_bt1, s_pos, s_poh, s_pls, s_plh,
                      G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["local_splits"])
 def _combine_kernel(
     po_ptr, pl_ptr, out_ptr, lse_ptr, seq_lens_ptr, ret_ptr, nsel_ptr,
-    sink_tokens, window, dense_threshold, max_blocks, HR,
+    sink_tokens, window, dense_threshold, max_blocks, HR, local_splits,
     s_pos, s_poh, s_pls, s_plh, s_ob, s_oh, s_lb, s_lh, s_nb, s_nr,
     BS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr, HAS_LSE: tl.constexpr,
     D: tl.constexpr, D_BLOCK: tl.constexpr, TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr,
@@ -350,7 +368,7 @@ def _combine_kernel(
 
     seq_len = tl.load(seq_lens_ptr + b)
     _, _, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
-    n_splits = tl.cdiv(n_virtual, _split_chunk(n_virtual, NUM_SPLITS, TILE_LOCAL))
+    n_splits = tl.cdiv(n_virtual, _split_chunk(n_virtual, local_splits, TILE_LOCAL))
     if HAS_RET:
         r_idx = tl.arange(0, HR_PAD)
         hit = tl.load(ret_ptr + r_idx, mask=r_idx < HR, other=-1) == h
@@ -526,13 +544,15 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     scale_args = (k_scale, v_scale) if fp8 else (pl, pl)
     pdl = pdl_launch(q.device)
 
-    def launch_splits(first_unit: int, num_units: int) -> None:
+    local_splits = local_splits_for(batch, num_kv_heads, num_splits)
+
+    def launch_splits(first_unit: int, num_units: int, splits: int) -> None:
         if num_units == 0:
             return
-        _split_kernel[(batch, num_units, num_splits)](
+        _split_kernel[(batch, num_units, splits)](
             q, kv.kernel_base(), kv.offsets, kv.kinds, tables[0].block_table, tables[1].block_table, seq_lens,
             ret_arg, sel_arg, nsel_arg, po, pl, *scale_args,
-            sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret, first_unit,
+            sink_tokens, window, dense_threshold, qk_scale, max_blocks, num_ret, first_unit, local_splits,
             q.stride(0), q.stride(1), *table_args, *sel_strides, *nsel_strides, *part_strides,
             G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
@@ -541,7 +561,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
         )
 
     if select is None:
-        launch_splits(0, num_ret + num_kv_heads)
+        launch_splits(0, num_ret + num_kv_heads, num_splits)
     else:
         fork = side_stream is not None
         if fork:
@@ -550,10 +570,10 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
         if not side_first:
             select()
         with torch.cuda.stream(side_stream):         # a no-op for None: the current stream, in order
-            launch_splits(num_ret, num_kv_heads)
+            launch_splits(num_ret, num_kv_heads, local_splits)
         if side_first:
             select()
-        launch_splits(0, num_ret)
+        launch_splits(0, num_ret, num_splits)
         if fork:
             torch.cuda.current_stream(q.device).wait_stream(side_stream)
     lse_arg = lse if lse is not None else pl
@@ -561,7 +581,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     d_block = min(d_pad, 32)
     _combine_kernel[(batch, num_heads, triton.cdiv(head_dim, d_block))](
         po, pl, out, lse_arg, seq_lens, ret_arg, nsel_arg,
-        sink_tokens, window, dense_threshold, max_blocks, num_ret,
+        sink_tokens, window, dense_threshold, max_blocks, num_ret, local_splits,
         *part_strides, out.stride(0), out.stride(1), *lse_strides, *nsel_strides,
         BS=block_size, HR_PAD=hr_pad, HAS_RET=has_ret, HAS_LSE=lse is not None,
         D=head_dim, D_BLOCK=d_block, TILE_LOCAL=tile_local, TILE_RET=tile_ret,
