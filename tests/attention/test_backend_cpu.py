@@ -403,8 +403,8 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
             if new == 1:
                 kernel_blocks = [ws.selected[b, r, :ws.num_selected[b, r]].tolist()
                                  for r in range(len(RETRIEVAL[layer_idx]))]
-                scores = [to_float(gather(kv.index, [index_table], b, r, torch.arange(n))) @ ws.index_queries[b, r].float()
-                          for r in range(len(RETRIEVAL[layer_idx]))]
+                scores = [to_float(gather(kv.index, [index_table], b, r, torch.arange(n)))
+                          @ ws.index_queries[b, r].float() for r in range(len(RETRIEVAL[layer_idx]))]
                 want = decode_reference(q[-1], k_seen, v_seen, q_pre[-1], k_pre, RETRIEVAL[layer_idx], w_q, w_k, p,
                                         impl.scale, kernel_blocks, index_scores=scores)[None]
             else:

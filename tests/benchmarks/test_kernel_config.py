@@ -35,7 +35,7 @@ def test_switches_take_zero():
     ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill, launch"),
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
-    ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are local_programs, side_first, stages"),
+    ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are local_programs, side_first"),
     ("sparse_decode.warps=eight", "the value must be a positive integer"),
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),

@@ -21,11 +21,12 @@ both projections; each program takes ``BLOCK_T`` tokens of one retrieval head ``
 step's decode tokens (the first tokens of vLLM's batch), so the decode chain starts at block top-p;
 :func:`index_queries` launches it for queries alone.
 
-Grid ``(cdiv(T, BLOCK_T), HR)``: it depends on shapes only, so every launch can be captured in a CUDA
-graph. ``T`` and ``TQ`` are not specialised on (``do_not_specialize``): one compiled variant per kind of
-launch serves every step. Token, page and table offsets are computed in int64. A position outside the
-table has no RoPE angle: its row reads a clamped table row (memory safety) and comes out NaN, never a
-plausible wrong vector (keys of padding tokens are not stored: their slot is negative).
+Grid ``(cdiv(T, BLOCK_T), HR, parts)``, one part for the keys and one for the queries (they run side by
+side): it depends on shapes only, so every launch can be captured in a CUDA graph. ``T`` and ``TQ`` are
+not specialised on (``do_not_specialize``): one compiled variant per kind of launch serves every step.
+Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle: its
+row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector (keys of
+padding tokens are not stored: their slot is negative).
 :func:`index_queries` also refuses such positions up front when they are on the host (no device sync);
 on a device the caller covers them (the attention impl builds its table for every position below
 ``max_model_len``).
@@ -160,15 +161,16 @@ def _index_vectors_kernel(
     OFF_ALIGN: tl.constexpr, FP8: tl.constexpr, MANUAL_FP8: tl.constexpr, KEYS: tl.constexpr,
     QUERIES: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid ``(cdiv(T, BLOCK_T), HR)``: with ``KEYS`` the index keys of tokens ``[0, T)`` into the units,
-    with ``QUERIES`` the index queries of tokens ``[0, TQ)`` (``TQ <= T``) into ``out``."""
+    """Grid ``(cdiv(T, BLOCK_T), HR, KEYS + QUERIES)``: with ``KEYS`` the index keys of tokens ``[0, T)``
+    into the units (the programs of the third axis' first index), with ``QUERIES`` the index queries of
+    tokens ``[0, TQ)`` (``TQ <= T``) into ``out`` (its last index): the two run side by side."""
     wait_for_previous_kernel(PDL)
     r = tl.program_id(1)
     first = tl.program_id(0).to(tl.int64) * BLOCK_T
     offs_t = first + tl.arange(0, BLOCK_T)
     offs_i = tl.arange(0, DI)
     if QUERIES:
-        if first < TQ:
+        if (tl.program_id(2) == tl.num_programs(2) - 1) & (first < TQ):
             mask_q = offs_t < TQ
             head = tl.load(heads_ptr + r)
             acc = _unrope_project(q_ptr, s_qt, s_qh, head, pos_ptr, cs_ptr, s_cs, num_positions,
@@ -177,21 +179,22 @@ def _index_vectors_kernel(
             dst = out_ptr + (offs_t * s_ot + r.to(tl.int64) * s_oh)[:, None] + offs_i[None, :] * s_oi
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_q[:, None])
     if KEYS:
-        slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
-        keep = slot >= 0
-        kv_head = tl.load(kv_heads_ptr + r)
-        acc = _unrope_project(k_ptr, s_kt, s_kh, kv_head, pos_ptr, cs_ptr, s_cs, num_positions,
-                              w_k_ptr, s_wkh, s_wki, r, offs_t, keep, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
-                              PRECISION)
-        slot = tl.where(keep, slot, 0)
-        page = slot // PAGE
-        offset = slot % PAGE
-        head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
-        dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
-        if FP8:
-            tl.store(dst, quantize_e4m3(acc, 1.0, MANUAL_FP8), mask=keep[:, None])
-        else:
-            tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
+        if tl.program_id(2) == 0:
+            slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
+            keep = slot >= 0
+            kv_head = tl.load(kv_heads_ptr + r)
+            acc = _unrope_project(k_ptr, s_kt, s_kh, kv_head, pos_ptr, cs_ptr, s_cs, num_positions,
+                                  w_k_ptr, s_wkh, s_wki, r, offs_t, keep, D, ROT, NEOX, BLOCK_HALF, BLOCK_TAIL, DI,
+                                  PRECISION)
+            slot = tl.where(keep, slot, 0)
+            page = slot // PAGE
+            offset = slot % PAGE
+            head_off = tl.multiple_of(tl.load(offsets_ptr + r), OFF_ALIGN)   # retrieval head r's unit and slot
+            dst = cache_ptr + (head_off + page * s_cp + offset * s_co)[:, None] + offs_i[None, :]
+            if FP8:
+                tl.store(dst, quantize_e4m3(acc, 1.0, MANUAL_FP8), mask=keep[:, None])
+            else:
+                tl.store(dst, acc.to(cache_ptr.dtype.element_ty), mask=keep[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def _launch(t: int, positions: torch.Tensor, cos_sin: torch.Tensor, is_neox_styl
     s_qt, s_qh, s_wqh, s_wqi, s_ot, s_oh, s_oi = query_strides
     tile = _tile(d, rot)
     pdl = pdl_launch(positions.device)
-    _index_vectors_kernel[(triton.cdiv(t, tile["BLOCK_T"]), hr)](
+    _index_vectors_kernel[(triton.cdiv(t, tile["BLOCK_T"]), hr, (keys is not None) + (queries is not None))](
         key, query, positions, cos_sin, kv_heads, heads, w_k, w_q, slot_mapping, cache, offsets, out,
         t, 0 if queries is None else query.shape[0], cos_sin.shape[0],
         s_kt, s_kh, s_qt, s_qh, cos_sin.stride(0), s_wkh, s_wki, s_wqh, s_wqi, s_cp, s_co, s_ot, s_oh, s_oi,

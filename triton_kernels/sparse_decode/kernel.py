@@ -346,8 +346,8 @@ def _split_kernel(
     else:
         _local_split(b, head - HR, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr,
                      ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
-                     local_splits, s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1, token_stride1,
-                     s_bt1, s_pos, s_poh, s_pls, s_plh,
+                     local_splits, s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1,
+                     token_stride1, s_bt1, s_pos, s_poh, s_pls, s_plh,
                      G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
