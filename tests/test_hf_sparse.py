@@ -26,7 +26,8 @@ def artifact_for(model, retrieval_heads, **params) -> RTPurboArtifact:
 
 
 def greedy(model, ids, steps):
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+    """``steps`` greedy tokens, never stopping early (a random model may pick its EOS id first)."""
+    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, torch.stack(out.logits)
 
