@@ -12,8 +12,10 @@ from rtpurbo_vllm.bench import summary as sm
 RESULTS = Path(sm.SUMMARY_JSON).parent
 # Where each recorded figure was measured (raw files of the runs); the extractors must give it again.
 SOURCES = {
-    "2026-12-05-h200/bench_attention.json": ("prefill_layer_128k", "prefill_layer_512k", "prefill_layer_1m",
-                                             "decode_layer_128k_b1", "decode_layer_512k_b1", "decode_layer_128k_b4"),
+    "2026-12-05-h200-session3/bench_attention_side_first1.json": ("prefill_layer_128k", "prefill_layer_512k",
+                                                                  "prefill_layer_1m"),
+    "2026-12-05-h200-session3/bench_attention.json": ("decode_layer_128k_b1", "decode_layer_512k_b1",
+                                                      "decode_layer_128k_b4"),
     "2026-12-05-h200-session2/bench_serving.json": ("ttft_128k", "ttft_256k"),
     "2026-11-28-h200-session5/decode/bench_serving.json": ("decode_step_128k_b1",),
     "2026-11-28-h200-session5/lat/bench_serving.json": ("decode_step_128k_b4",),
