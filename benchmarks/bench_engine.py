@@ -221,7 +221,8 @@ def run_one(args) -> dict:
     max_seqs = args.max_seqs if load else max(args.batch + [8])
     llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization,
                  args.max_num_batched_tokens if load else None)
-    row = {**cfg, "context": args.context, "keep": args.keep, "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
+    row = {**cfg, "context": args.context, "keep": args.keep,
+           "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     if args.phase == "capacity":
         return row
@@ -282,7 +283,8 @@ def run_child(cfg: str, args) -> dict:
     """Runs one configuration in a fresh process (its GPU memory is freed when it exits)."""
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
-            str(args.context), "--keep", str(args.keep), "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            str(args.context), "--keep", str(args.keep), "--steps", str(args.steps),
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--repeats", str(args.repeats), "--batch", *map(str, args.batch), "--max-seqs", str(args.max_seqs),
             "--load-tokens", str(args.load_tokens), "--stable-steps", str(args.stable_steps),
             "--load-seconds", str(args.load_seconds), "--max-num-batched-tokens", str(args.max_num_batched_tokens),

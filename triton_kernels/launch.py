@@ -1,11 +1,12 @@
 """Programmatic dependent launch (PDL) of the decode step's kernel chain, a launch setting.
 
 At batch 1 a decode step is a chain of small kernels that each wait for the one before them: index
-keys with the index queries, block stats, selection, the retrieval heads' splits, the combine. Each also waits for its own
-launch. With PDL (compute capability 9.0 and later) a kernel is launched while the one before it on
-the stream is still running: its programs start, then wait at ``griddepcontrol.wait`` until that kernel
-has finished and its writes are visible, so the launch overlaps the earlier kernel's tail instead of
-following it. A CUDA-graph capture records the launch as a programmatic edge.
+keys with the index queries, block stats, selection, the retrieval heads' splits, the combine. Each
+also waits for its own launch. With PDL (compute capability 9.0 and later) a kernel is launched while
+the one before it on the stream is still running: its programs start, then wait at
+``griddepcontrol.wait`` until that kernel has finished and its writes are visible, so the launch
+overlaps the earlier kernel's tail instead of following it. A CUDA-graph capture records the launch
+as a programmatic edge.
 
 Every kernel launched this way calls :func:`wait_for_previous_kernel` as its first statement, before it
 reads or writes memory: the ordering of memory accesses is exactly that of a plain launch. The

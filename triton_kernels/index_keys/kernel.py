@@ -287,34 +287,28 @@ def _launch(t: int, positions: torch.Tensor, cos_sin: torch.Tensor, is_neox_styl
             queries: IndexQueries | None) -> None:
     """One :func:`_index_vectors_kernel` launch over ``t`` tokens: the index keys (``keys``: ``key,
     kv_heads, w_k, slot_mapping, index``) and/or the index ``queries``. The absent side's pointers are
-    the present side's tensors, never dereferenced (its ``KEYS`` / ``QUERIES`` is off)."""
+    the present side's tensors and its strides 0, never dereferenced (its ``KEYS`` / ``QUERIES`` is off)."""
     if t == 0 or hr == 0:
         return
     if keys is not None:
         key, kv_heads, w_k, slot_mapping, index = keys
+        cache, offsets, fp8, off_align = index.kernel_base(), index.offsets, index.is_fp8, index.offset_align
         page_size, page_stride, token_stride = index.geometry[0]
-        key_args = (key, kv_heads, w_k, slot_mapping, index.kernel_base(), index.offsets)
-        key_strides = (key.stride(0), key.stride(1), w_k.stride(0), w_k.stride(1), page_stride, token_stride)
-        fp8, off_align = index.is_fp8, index.offset_align
     if queries is not None:
         query, heads, w_q, out = queries.query, queries.heads, queries.w_q, queries.out
-        query_args = (query, heads, w_q, out)
-        query_strides = (query.stride(0), query.stride(1), w_q.stride(0), w_q.stride(1), *out.stride())
     if keys is None:
-        key_args, key_strides = (query, heads, w_q, positions, out, heads), (0,) * 6
-        page_size, fp8, off_align = 1, False, 1
+        key, kv_heads, w_k, slot_mapping, cache, offsets = query, heads, w_q, positions, out, heads
+        fp8, off_align, page_size, page_stride, token_stride = False, 1, 1, 0, 0
     if queries is None:
-        query_args, query_strides = key_args[:3] + key_args[4:5], (0,) * 7
-    key, kv_heads, w_k, slot_mapping, cache, offsets = key_args
-    query, heads, w_q, out = query_args
-    s_kt, s_kh, s_wkh, s_wki, s_cp, s_co = key_strides
-    s_qt, s_qh, s_wqh, s_wqi, s_ot, s_oh, s_oi = query_strides
+        query, heads, w_q, out = key, kv_heads, w_k, cache
+    out_strides = out.stride() if queries is not None else (0, 0, 0)
     tile = _tile(d, rot)
     pdl = pdl_launch(positions.device)
     _index_vectors_kernel[(triton.cdiv(t, tile["BLOCK_T"]), hr, (keys is not None) + (queries is not None))](
         key, query, positions, cos_sin, kv_heads, heads, w_k, w_q, slot_mapping, cache, offsets, out,
         t, 0 if queries is None else query.shape[0], cos_sin.shape[0],
-        s_kt, s_kh, s_qt, s_qh, cos_sin.stride(0), s_wkh, s_wki, s_wqh, s_wqi, s_cp, s_co, s_ot, s_oh, s_oi,
+        key.stride(0), key.stride(1), query.stride(0), query.stride(1), cos_sin.stride(0),
+        w_k.stride(0), w_k.stride(1), w_q.stride(0), w_q.stride(1), page_stride, token_stride, *out_strides,
         D=d, ROT=rot, NEOX=is_neox_style, DI=w_k.shape[1], **tile, PAGE=page_size, PRECISION=_DOT_PRECISION,
         OFF_ALIGN=off_align, FP8=fp8, MANUAL_FP8=fp8 and interpreting(), KEYS=keys is not None,
         QUERIES=queries is not None, PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl,
