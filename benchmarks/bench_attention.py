@@ -79,6 +79,13 @@ def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
     return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
 
+def index_key_weights(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index-key write's inputs besides the keys: the KV head of each retrieval head (``[HR]`` int32)
+    and random ``W_k`` (``[HR, DI, D]``, the layer's dtype)."""
+    kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
+    return kv_heads, torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+
+
 def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_P, keep: float = 0.03) -> dict:
     key_cache, value_cache, block_table, _, kv = paged_cache(length, 1, device)
     positions = torch.arange(length, device=device)
@@ -94,9 +101,8 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
     heads = PrefillHeads.build(RETRIEVAL, HQ, HKV, device)
     parts = [KVPart(key_cache, value_cache, block_table, tuple(range(HKV)))]
     retrieval = torch.tensor(RETRIEVAL, dtype=torch.int32, device=device)
-    kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
     w_q = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
-    w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+    kv_heads, w_k = index_key_weights(device)
     index = PagedHeads.single(torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device))
     slots = (block_table[0, positions // PAGE].long() * PAGE + positions % PAGE)
     table = rope_table(ROPE, device, num_positions=length)
@@ -161,8 +167,7 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
     k_new = torch.randn(batch, HKV, D, dtype=DTYPE, device=device)
-    kv_heads = torch.tensor([h // (HQ // HKV) for h in RETRIEVAL], dtype=torch.int32, device=device)
-    w_k = torch.randn(len(RETRIEVAL), DI, D, dtype=DTYPE, device=device) / D ** 0.5
+    kv_heads, w_k = index_key_weights(device)
     slots = block_table[:, (length - 1) // PAGE].long() * PAGE + (length - 1) % PAGE
     queries = IndexQueries(q, heads, w_q, q_idx)
 
