@@ -175,6 +175,7 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     mass_row = first_mass[None, :]
     lo = tl.full((), -1, tl.int32)
     hi = tl.full((), F32_INF_BITS, tl.int32)
+    mass_above = tl.full((), 0.0, tl.float32)                         # S(hi): none is >= +inf
     for _ in range((SEARCH_WIDTH_BITS + SEARCH_BITS - 1) // SEARCH_BITS):
         step = (hi - lo) >> SEARCH_BITS
         rest = (hi - lo) & ((1 << SEARCH_BITS) - 1)
@@ -186,16 +187,13 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
                                                      first_tail_block, global_max, inv_total, bounds, CHUNK)
         reached = (bounds == lo) | ((bounds < hi) & (forced_mass + mass_at_least >= top_p))
         n = tl.max(tl.where(reached, splits, 0))                      # largest reached k (0: none)
+        # S at the new hi = t_{n+1}: lane n + 1 when there is one (always but in the binary search's n = 1,
+        # where hi stays). The last hi is tau + 1: S(hi) is the candidate mass above tau.
+        mass_above = tl.where(n < K_PAD, tl.sum(tl.where(splits == n + 1, mass_at_least, 0.0)), mass_above)
         lo, hi = _split_point(lo, step, rest, n, SEARCH_BITS), _split_point(lo, step, rest, n + 1, SEARCH_BITS)
     tau_bits = lo
     tau = tau_bits.to(tl.float32, bitcast=True)
     keep_all = tau_bits < 0
-    if in_registers:
-        mass_above = tl.sum(tl.where(first_candidate & (first_bits > tau_bits), first_mass, 0.0))
-    else:
-        mass_above = tl.sum(_candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                                     first_tail_block, global_max, inv_total,
-                                                     tl.full((1, 1), 1, tl.int32) + tau_bits, CHUNK))
     mass_before_ties = forced_mass + mass_above
 
     # Compaction in ascending block order.
