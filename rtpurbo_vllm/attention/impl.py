@@ -196,11 +196,13 @@ class RTPurboAttentionImpl(AttentionImpl):
         index = groups[kv.index_group] if kv.index is not None else None
         slot_mappings = [md.slot_mapping, None if window is None else window.slot_mapping[:n]]
         kv_write(key[:n], value[:n], kv.kv, slot_mappings, layer._k_scale, layer._v_scale)
+        # The decode tokens' index queries ([nd, HR, DI]), written with the index keys, read by block top-p.
+        decode_index_queries = (None if md.decode is None
+                                else md.decode.workspace.index_queries[:nd, :heads.retrieval_heads.shape[0]])
         if index is not None:
             # The decode tokens' index queries in the same launch: the decode chain starts at block top-p.
-            queries = None if md.decode is None else IndexQueries(
-                query[:nd], heads.retrieval_heads, heads.w_q,
-                md.decode.workspace.index_queries[:nd, :heads.retrieval_heads.shape[0]])
+            queries = None if md.decode is None else IndexQueries(query[:nd], heads.retrieval_heads, heads.w_q,
+                                                                 decode_index_queries)
             write_index_keys(key[:n], md.positions, self.rope_table, heads.kv_heads, heads.w_k,
                              index.slot_mapping[:n], kv.index, is_neox_style=self.rope.is_neox_style,
                              queries=queries)
@@ -209,7 +211,7 @@ class RTPurboAttentionImpl(AttentionImpl):
             tables = {"full": md.decode.block_table,
                       "window": None if window is None else window.block_table[rows]}
             self._decode(layer, query[:nd], kv.kv_tables(tables), None if index is None else index.block_table[rows],
-                         md, output[:nd])
+                         decode_index_queries, md, output[:nd])
         if md.prefill is not None:
             if query.is_cuda and torch.cuda.is_current_stream_capturing():
                 # Its launch shapes come from per-step host values: a replay would run stale ones.
@@ -240,10 +242,10 @@ class RTPurboAttentionImpl(AttentionImpl):
                                workspace=step.workspace, top_p=self.params.prefill_top_p,
                                block_size=self.params.block_size)
 
-    def _decode(self, layer, query, kv_tables, index_table, md: RTPurboMetadata, out) -> None:
-        """Decode part: the head-wise sparse decode into ``out``, its select step the block top-p of the
-        index queries written with the index keys (beside the local heads' splits, on the side stream on a
-        GPU)."""
+    def _decode(self, layer, query, kv_tables, index_table, index_queries, md: RTPurboMetadata, out) -> None:
+        """Decode part: the head-wise sparse decode into ``out``, its select step the block top-p of
+        ``index_queries`` (``[num_decodes, HR, DI]``, written with the index keys) beside the local heads'
+        splits (on the side stream on a GPU)."""
         dec, heads, p, kv = md.decode, self.heads, self.params, self.kv
         ws = dec.workspace
         num_decodes, num_retrieval = query.shape[0], heads.retrieval_heads.shape[0]
@@ -251,7 +253,7 @@ class RTPurboAttentionImpl(AttentionImpl):
         num_selected = ws.num_selected[:num_decodes, :num_retrieval]
 
         def select() -> None:
-            block_topp(ws.index_queries[:num_decodes, :num_retrieval], kv.index, kv.index.table(0, index_table),
+            block_topp(index_queries, kv.index, kv.index.table(0, index_table),
                        dec.seq_lens, p.top_p, p.sink_tokens, p.block_size, selected.shape[-1], ws.topp[num_retrieval],
                        selected, num_selected, dense_threshold=p.dense_threshold)
 
