@@ -196,13 +196,13 @@ class RTPurboAttentionImpl(AttentionImpl):
         index = groups[kv.index_group] if kv.index is not None else None
         slot_mappings = [md.slot_mapping, None if window is None else window.slot_mapping[:n]]
         kv_write(key[:n], value[:n], kv.kv, slot_mappings, layer._k_scale, layer._v_scale)
-        # The decode tokens' index queries ([nd, HR, DI]), written with the index keys, read by block top-p.
+        # The decode tokens' index queries ([nd, HR, DI]), computed in the index-key write's launch (the decode
+        # chain starts at block top-p) and read by block top-p.
         decode_index_queries = (None if md.decode is None
                                 else md.decode.workspace.index_queries[:nd, :heads.retrieval_heads.shape[0]])
         if index is not None:
-            # The decode tokens' index queries in the same launch: the decode chain starts at block top-p.
-            queries = None if md.decode is None else IndexQueries(query[:nd], heads.retrieval_heads, heads.w_q,
-                                                                 decode_index_queries)
+            queries = None if decode_index_queries is None else IndexQueries(
+                query[:nd], heads.retrieval_heads, heads.w_q, decode_index_queries)
             write_index_keys(key[:n], md.positions, self.rope_table, heads.kv_heads, heads.w_k,
                              index.slot_mapping[:n], kv.index, is_neox_style=self.rope.is_neox_style,
                              queries=queries)
