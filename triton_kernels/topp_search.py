@@ -14,29 +14,35 @@ the greedy order takes. Kept: forced blocks, blocks above ``tau``, and the block
 order while ``F + sum(mass > tau) + (ties before) * tau < top_p``.
 
 The search is k-ary, ``SEARCH_BITS`` bits per step (a constexpr; 1 is the binary search): it keeps a
-bracket ``[lo, hi)`` of bit patterns with ``lo`` reached (``-1``, "keep all", counts as reached) and
-``hi`` not, from ``[-1, +inf bits)``. Each step evaluates the ``K = 2**SEARCH_BITS - 1`` interior
-thresholds ``t_k = lo + floor(k * (hi - lo) / 2**SEARCH_BITS)`` with one reduction of a
+bracket ``[lo, hi)`` of bit patterns with ``lo`` reached and ``hi`` not. It starts from the candidates'
+own range ``[smallest, largest + 1)`` when all candidates together reach ``top_p`` (``S`` at the
+smallest is the whole candidate mass, above the largest it is 0), from ``[-1, 0)`` ("keep all") when
+they do not, and from ``[+inf bits - 1, +inf bits)`` (no candidate) when the forced mass alone does.
+Each step evaluates the ``K = 2**SEARCH_BITS - 1`` interior thresholds
+``t_k = lo + floor(k * (hi - lo) / 2**SEARCH_BITS)`` with one reduction of a
 ``[2**SEARCH_BITS, CHUNK]`` where-tensor over its block axis (the candidate mass ``>= t_k`` for every
 ``k`` at once; the last lane, ``t_{K+1} = hi``, pads it to a power of two, and ``SEARCH_BITS = 1``
-has the one lane ``lo + floor((hi - lo) / 2)``, the binary search's midpoint), and narrows the bracket
-to ``[t_n, t_{n+1})`` with ``n`` the largest reached ``k`` (``t_0 = lo``). A threshold that a narrow
-bracket puts on ``lo`` counts as reached, so the bracket never empties; every step divides its width
-by ``2**SEARCH_BITS`` (rounded up), and ``ceil(31 / SEARCH_BITS)`` steps shrink the initial
-``2**31 - 2**23 + 1`` to 1, leaving ``tau = lo``. The thresholds are split with int32 arithmetic that
-cannot overflow (:func:`_split_point`). Whatever the width, ``tau`` is the one bit pattern where
-``F + S(t) >= top_p`` flips (``S(t)``, the candidate mass ``>= t``, does not grow with ``t``: a float
-sum in a fixed order is monotone in its terms), so every ``SEARCH_BITS`` keeps the same blocks as long
-as the reductions add the blocks in the same order (they do where the blocks sit on the same threads;
-another order could only move ``tau`` where ``F + S(t)`` is within rounding of ``top_p``).
+has the one lane ``lo + floor((hi - lo) / 2)``, the binary search's midpoint), narrows the bracket
+to ``[t_n, t_{n+1})`` with ``n`` the largest reached ``k`` (``t_0 = lo``; a threshold that a narrow
+bracket puts on ``lo`` counts as reached), then shrinks it to the candidate values inside,
+``[smallest, largest + 1)`` (one more reduction: ``S`` is the same at both ends, so the invariant
+holds, and the bracket is never empty, as ``S(lo) > S(hi)``). The search ends when the bracket holds
+one value, ``tau = lo``: the width shrinks by ``2**SEARCH_BITS`` or more per step, so within
+``ceil(31 / SEARCH_BITS)`` steps, and in practice after 4 to 7 (the candidates near ``tau`` part
+after a few steps). The thresholds are split with int32 arithmetic that cannot overflow
+(:func:`_split_point`). ``tau`` is the one bit pattern where ``F + S(t) >= top_p`` flips (``S(t)``, the
+candidate mass ``>= t``, does not grow with ``t``: a float sum in a fixed order is monotone in its
+terms), so every ``SEARCH_BITS`` keeps the same blocks as long as the reductions add the blocks in the
+same order (they do where the blocks sit on the same threads; another order could only move ``tau``
+where ``F + S(t)`` is within rounding of ``top_p``).
 
 The threshold axis is the leading one so that the compiler spreads the blocks over the threads as in
 the row's own 1-D tensors and keeps a block's ``2**SEARCH_BITS`` comparisons in one thread: no
 shared-memory exchange of the row per step, and the row stays in registers (``2**SEARCH_BITS *
 CHUNK / threads`` where-values per thread per step, fused into the reduction; 4 bits at ``CHUNK`` 4096
 and 8 warps compile for sm_90 without spills). A row of at most ``CHUNK`` blocks keeps its masses in
-registers through the search; a longer one re-reads them from memory once per step
-(``ceil(31 / SEARCH_BITS)`` passes), evaluating all thresholds in the same pass. More bits per step
+registers through the search; a longer one re-reads them from memory twice per step (all thresholds
+in one pass, the bracket's shrinking in the other). More bits per step
 mean fewer serial block-wide reductions (the latency of a lone program at batch 1) for ``2**SEARCH_BITS``
 times the arithmetic per step; the launchers take the value from a tunable setting.
 
@@ -52,9 +58,6 @@ import triton.language as tl
 
 F32_INF_BITS = tl.constexpr(0x7F800000)
 """Bit pattern of +inf in float32: every finite non-negative mass has a smaller one."""
-SEARCH_WIDTH_BITS = tl.constexpr(31)
-"""ceil(log2(F32_INF_BITS + 1)): bits of the initial bracket ``[-1, +inf bits)``; a search of ``B`` bits
-per step takes ``ceil(31 / B)`` steps."""
 NOT_CANDIDATE_BITS = tl.constexpr(-2)
 """Stands in for the bit pattern of a block that is not a candidate: below every threshold (``>= -1``)."""
 
@@ -98,6 +101,51 @@ def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_
         bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS)
         total += _mass_at_least(bits, mass, bounds)
     return total
+
+
+@triton.jit
+def _min_min(a_lo, a_hi, b_lo, b_hi):
+    return tl.minimum(a_lo, b_lo), tl.minimum(a_hi, b_hi)
+
+
+@triton.jit
+def _bracket_gaps(bits, lo, hi):
+    """How far the entries of ``bits`` (a ``[1, N]`` row) in ``[lo, hi)`` (``0 <= lo < hi``) reach into it: the
+    smallest ``bits - lo`` and ``hi - 1 - bits`` among them, uint32. As unsigned offsets from either end an
+    entry outside the bracket (non-candidates' ``-2`` included) is at least its width ``hi - lo`` away, so
+    both are plain minima, no masks; no entry inside gives gaps of at least the width. One reduction."""
+    gap_lo, gap_hi = tl.reduce(((bits - lo).to(tl.uint32, bitcast=True),
+                                (hi - 1 - bits).to(tl.uint32, bitcast=True)), 1, _min_min)
+    return tl.min(gap_lo, axis=0), tl.min(gap_hi, axis=0)
+
+
+@triton.jit
+def _candidate_bracket_gaps(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
+                            global_max, inv_total, lo, hi, CHUNK: tl.constexpr):
+    """:func:`_bracket_gaps` of the candidates' bit patterns, re-read chunk by chunk (one pass over the row)."""
+    gap_lo = tl.full((), 0xFFFFFFFF, tl.uint32)
+    gap_hi = tl.full((), 0xFFFFFFFF, tl.uint32)
+    for start in range(0, num_blocks, CHUNK):
+        mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
+                                           num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
+        chunk_lo, chunk_hi = _bracket_gaps(tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS),
+                                           lo, hi)
+        gap_lo, gap_hi = tl.minimum(gap_lo, chunk_lo), tl.minimum(gap_hi, chunk_hi)
+    return gap_lo, gap_hi
+
+
+@triton.jit
+def _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                    first_tail_block, global_max, inv_total, lo, hi, CHUNK: tl.constexpr):
+    """``[lo, hi)`` shrunk to the candidate values it holds, ``[smallest, largest + 1)`` (unchanged if none)."""
+    if in_registers:
+        gap_lo, gap_hi = _bracket_gaps(candidate_row, lo, hi)
+    else:
+        gap_lo, gap_hi = _candidate_bracket_gaps(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                                                 first_tail_block, global_max, inv_total, lo, hi, CHUNK)
+    holds_any = gap_lo < (hi - lo).to(tl.uint32, bitcast=True)
+    return (tl.where(holds_any, lo + gap_lo.to(tl.int32, bitcast=True), lo),
+            tl.where(holds_any, hi - gap_hi.to(tl.int32, bitcast=True), hi))
 
 
 @triton.jit
@@ -157,12 +205,14 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     first_mass, first_valid, first_forced, first_candidate = _chunk_mass(
         first_max, first_sum, lanes, num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
     forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
+    candidate_mass = tl.sum(tl.where(first_candidate, first_mass, 0.0))
     for start in range(CHUNK, num_blocks, CHUNK):
-        mass, _, forced, _ = block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks, num_sink_blocks,
-                                        first_tail_block, global_max, inv_total)
+        mass, _, forced, candidate = block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks,
+                                                num_sink_blocks, first_tail_block, global_max, inv_total)
         forced_mass += tl.sum(tl.where(forced, mass, 0.0))
+        candidate_mass += tl.sum(tl.where(candidate, mass, 0.0))
 
-    # tau: invariant reached(lo), not reached(hi), from lo = -1 ("keep all") and hi = +inf. Lane j of a
+    # tau: invariant reached(lo), not reached(hi) (module doc). Lane j of a
     # step is the threshold t_{j+1}; with K_PAD = 2**SEARCH_BITS lanes (SEARCH_BITS > 1) the last lane is
     # t_{K+1} = hi, never reached.
     # The steps work on 2-D tensors, the thresholds ``[K_PAD, 1]`` against the row ``[1, CHUNK]``, so that
@@ -173,10 +223,17 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     first_bits = first_mass.to(tl.int32, bitcast=True)
     candidate_row = tl.where(first_candidate, first_bits, NOT_CANDIDATE_BITS)[None, :]
     mass_row = first_mass[None, :]
-    lo = tl.full((), -1, tl.int32)
-    hi = tl.full((), F32_INF_BITS, tl.int32)
-    mass_above = tl.full((), 0.0, tl.float32)                         # S(hi): none is >= +inf
-    for _ in range((SEARCH_WIDTH_BITS + SEARCH_BITS - 1) // SEARCH_BITS):
+    # The first bracket: the candidates' range when they reach top_p, "keep all" when they do not, no
+    # candidate when the forced mass alone does.
+    first_lo, first_hi = _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks,
+                                         num_sink_blocks, first_tail_block, global_max, inv_total,
+                                         tl.full((), 0, tl.int32), tl.full((), F32_INF_BITS, tl.int32), CHUNK)
+    reachable = forced_mass + candidate_mass >= top_p
+    forced_reach = forced_mass >= top_p
+    lo = tl.where(forced_reach, F32_INF_BITS - 1, tl.where(reachable, first_lo, -1))
+    hi = tl.where(forced_reach, F32_INF_BITS, tl.where(reachable, first_hi, 0))
+    mass_above = tl.full((), 0.0, tl.float32)                         # S(hi): no candidate is >= hi
+    while hi - lo > 1:
         step = (hi - lo) >> SEARCH_BITS
         rest = (hi - lo) & ((1 << SEARCH_BITS) - 1)
         bounds = _split_point(lo, step, rest, splits, SEARCH_BITS)    # [K_PAD, 1], lo <= bounds <= hi
@@ -191,6 +248,9 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
         # where hi stays). The last hi is tau + 1: S(hi) is the candidate mass above tau.
         mass_above = tl.where(n < K_PAD, tl.sum(tl.where(splits == n + 1, mass_at_least, 0.0)), mass_above)
         lo, hi = _split_point(lo, step, rest, n, SEARCH_BITS), _split_point(lo, step, rest, n + 1, SEARCH_BITS)
+        # The candidate values inside; the search ends when there is one.
+        lo, hi = _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks,
+                                 num_sink_blocks, first_tail_block, global_max, inv_total, lo, hi, CHUNK)
     tau_bits = lo
     tau = tau_bits.to(tl.float32, bitcast=True)
     keep_all = tau_bits < 0

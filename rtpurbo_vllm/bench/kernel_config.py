@@ -18,8 +18,9 @@ KERNELS = {"block_topp": "block_topp.kernel", "sparse_decode": "sparse_decode.ke
 (``launch``: programmatic dependent launch of the decode chain, ``launch.pdl=1``)."""
 SWITCHES = {("launch", "pdl"), ("sparse_decode", "side_first")}
 """Settings that are on (1) or off (0)."""
-ZERO_IS_NO_BOUND = {("sparse_decode", "local_programs")}
-"""Bounds that 0 turns off; every other setting is a positive integer."""
+ZERO_IS_LAUNCHERS_CHOICE = {("sparse_decode", "local_programs"), ("block_topp", "select_warps")}
+"""Settings where 0 leaves the value to the launcher (``local_programs``: no bound; ``select_warps``: by the
+row's chunk); every other setting is a positive integer."""
 
 
 def kernel_module(name: str):
@@ -34,7 +35,7 @@ def kernel_configs() -> dict[str, dict[str, Any]]:
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
     """``["KERNEL.KEY=VALUE", ...]`` (VALUE a positive integer, 0 / 1 for a :data:`SWITCHES` setting, or a
-    non-negative one for a :data:`ZERO_IS_NO_BOUND` bound) as ``{KERNEL: {KEY: VALUE}}``; raises
+    non-negative one for a :data:`ZERO_IS_LAUNCHERS_CHOICE` setting) as ``{KERNEL: {KEY: VALUE}}``; raises
     ``ValueError`` naming the first bad item and what is allowed."""
     configs, overrides = kernel_configs(), {}
     for item in items:
@@ -51,9 +52,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
             value = -1
         if (kernel, key) in SWITCHES and value not in (0, 1):
             raise ValueError(f"--config {item!r}: {kernel}.{key} is a switch, 0 (off) or 1 (on)")
-        if (kernel, key) in ZERO_IS_NO_BOUND and value < 0:
-            raise ValueError(f"--config {item!r}: the value must be a non-negative integer (0: no bound)")
-        if (kernel, key) not in SWITCHES | ZERO_IS_NO_BOUND and value < 1:
+        if (kernel, key) in ZERO_IS_LAUNCHERS_CHOICE and value < 0:
+            raise ValueError(f"--config {item!r}: the value must be a non-negative integer (0: the launcher's choice)")
+        if (kernel, key) not in SWITCHES | ZERO_IS_LAUNCHERS_CHOICE and value < 1:
             raise ValueError(f"--config {item!r}: the value must be a positive integer")
         overrides.setdefault(kernel, {})[key] = value
     return overrides

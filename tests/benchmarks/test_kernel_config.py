@@ -40,7 +40,8 @@ def test_switches_take_zero():
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),
     ("sparse_decode.side_first=on", "sparse_decode.side_first is a switch"),
-    ("sparse_decode.local_programs=-1", "a non-negative integer (0: no bound)"),
+    ("sparse_decode.local_programs=-1", "a non-negative integer (0: the launcher's choice)"),
+    ("block_topp.select_warps=-1", "a non-negative integer"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ValueError, match="--config") as error:

@@ -407,13 +407,14 @@ def crafted_block_stats():
 
 
 @runs_here
-@pytest.mark.parametrize("chunk, top_ps", [(16, (0.5, 0.6875, 0.999999, 1.0)), (4, (0.6875, 1.0))],
+@pytest.mark.parametrize("chunk, top_ps", [(16, (0.25, 0.5, 0.6875, 0.999999, 1.0)), (4, (0.25, 0.6875, 1.0))],
                          ids=["registers", "reread"])
 def test_select_search_bits_agree(chunk, top_ps):
     """The selection kernel on crafted block stats: every search width keeps exactly the blocks of the
     binary search, which (on row 0's exact masses) are the greedy reference's; rows of 11 blocks stay in
     registers (chunk 16) or are re-read chunk by chunk (chunk 4). Widths of 4 and 8 bits (16 and 256
-    thresholds) are wider than the last steps' brackets."""
+    thresholds) are wider than the last steps' brackets. At top_p 0.25 the forced blocks alone reach it
+    in rows 0 and 2 (the search's bracket starts above every candidate)."""
     kernel = importlib.import_module("rtpurbo_vllm.triton_kernels.block_topp.kernel")
     rows = crafted_block_stats()
     batch, max_blocks, sink = len(rows), 12, 1

@@ -20,7 +20,8 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
    the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
    order like their values, and a k-ary search over bit patterns (``SEARCH_BITS`` bits per step, one
-   ``[2**SEARCH_BITS, CHUNK]`` reduction per step; 1 is a binary search, 31 steps) finds the largest
+   ``[2**SEARCH_BITS, CHUNK]`` reduction per step, the bracket shrunk to the candidate values it holds
+   after each; 1 is a binary search) finds the largest
    ``tau`` with ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is
    the mass of the last block the greedy order takes. The kept set is the forced blocks, every
    non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
@@ -28,7 +29,7 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (``CONFIG["select_chunk"]``) blocks keeps its masses in registers through the search; a longer row
-   re-reads them from the workspace once per search step. The choice is made per row, so a long
+   re-reads them from the workspace twice per search step. The choice is made per row, so a long
    ``max_model_len`` (which sets ``max_blocks``) does not put short rows on the slow path.
 
 Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
@@ -37,7 +38,7 @@ the page from the index kind's block table.
 
 Tuning: one selection program per (sequence, head) means a handful of programs at batch 1, so the
 selection is latency-bound on its serial search steps; ``CONFIG["search_bits"]`` trades steps
-(``ceil(31 / bits)``) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
+(at most ``ceil(31 / bits)``, 4 to 7 in practice) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
 blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py``).
 """
 
@@ -56,16 +57,17 @@ from ..topp_search import topp_select_row
 
 
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
-# found per step of the selection's k-ary search (1: a binary search of 31 steps; 3: 11 steps of 7
+# found per step of the selection's k-ary search (1: a binary search of up to 31 steps; 3: up to 11 steps of 7
 # thresholds each). select_chunk: the most blocks one selection program holds in registers (a power of
-# two; longer rows re-read the workspace once per search step); the program has 4 warps up to 1024
-# blocks, 8 up to 4096, 16 above. The [2**bits, CHUNK] comparison of a step lives in registers
-# (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps compiles without spills).
+# two; longer rows re-read the workspace twice per search step); the program has 4 warps up to 1024
+# blocks, 8 up to 4096, 16 above, unless select_warps (0: that rule) sets it. The [2**bits, CHUNK]
+# comparison of a step lives in registers (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps
+# compiles without spills); more warps mean fewer blocks per thread in each serial search step.
 # stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
 # per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
 # next iterations' page-table and key loads in flight, through shared memory).
-CONFIG = {"search_bits": 3, "select_chunk": 8192, "stats_blocks_per_prog": 16, "stats_tokens_per_iter": 256,
-          "stats_stages": 1}
+CONFIG = {"search_bits": 3, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 16,
+          "stats_tokens_per_iter": 256, "stats_stages": 1}
 
 
 @dataclass(frozen=True)
@@ -293,12 +295,13 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
+    select_warps = CONFIG["select_warps"] or (4 if chunk <= 1024 else 8 if chunk <= 4096 else 16)
     _select_kernel[(num_heads, batch)](
         seq_lens, workspace.block_max, workspace.block_sum, selected, num_selected,
         workspace.block_max.stride(0), workspace.block_max.stride(1),
         selected.stride(0), selected.stride(1), num_selected.stride(0), num_selected.stride(1),
         float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), max_blocks,
         BLOCK_SIZE=block_size, CHUNK=chunk, SEARCH_BITS=CONFIG["search_bits"], PDL=pdl,
-        num_warps=4 if chunk <= 1024 else 8 if chunk <= 4096 else 16, launch_pdl=pdl,
+        num_warps=select_warps, launch_pdl=pdl,
     )
     return selected, num_selected
