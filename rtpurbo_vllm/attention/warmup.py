@@ -13,15 +13,17 @@ ones do:
    counts, the prefill LSE's head stride (a token count) and block-table row strides
    (``do_not_specialize``), and the alignment of the sink merge's per-sequence index arrays, views of
    vLLM's buffers offset by the decode count (``do_not_specialize_on_alignment``). What is left depends
-   on the model, the layer (its retrieval head count), the KV layout and dtype, and for the sparse
-   decode on the decode batch's split count ``S`` (``SparseDecodeWorkspace.splits_for_batch``: a few
-   values up to ``max_num_seqs``).
+   on the model, the layer (its retrieval head count), the KV layout and dtype, for the index keys on
+   whether a step has fewer tokens than :func:`first_tiled_launch` (one token per program) or not, and
+   for the sparse decode on the decode batch's split count ``S``
+   (``SparseDecodeWorkspace.splits_for_batch``: a few values up to ``max_num_seqs``).
 2. **One warm-up.** :func:`warm_up` runs every layer's real ``RTPurboAttentionImpl.forward`` through
    the builder's real ``build`` (and the side units' builders) on the small steps of
    :func:`warmup_steps`, against the real caches and the builder's workspace: a mixed step (one
-   decode, a fresh two-token prompt and a two-token chunk that ends at ``max_model_len``, so the
-   head-wise prefill takes its windowed path and the sink merge), a pure prefill of the two-token
-   prompt (one FA3 call for short sequences), and one pure decode step per split count ``S``.
+   decode, a fresh prompt and a chunk of as many tokens that ends at ``max_model_len``, so the
+   head-wise prefill takes its windowed path and the sink merge) and a pure prefill of the prompt (one
+   FA3 call for short sequences), with two-token prompts and again with prompts of
+   :func:`first_tiled_launch` tokens, and one pure decode step per split count ``S``.
 
 Nothing is written to a cache: every dummy token has slot -1 in every kind's slot mapping (the kernels
 skip it, as they skip CUDA-graph padding), and every block-table entry is vLLM's null block 0, which is
@@ -51,6 +53,7 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from rtpurbo_vllm.kv_cache.layout import FULL, INDEX, WINDOW
+from rtpurbo_vllm.triton_kernels.index_keys import first_tiled_launch
 
 if TYPE_CHECKING:
     from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 PROMPT_TOKENS = 2
-"""Query length of every warm-up prefill: the least that is not a decode."""
+"""Query length of the first warm-up prefills: the least that is not a decode."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,17 @@ class WarmupStep:
 
 
 def warmup_steps(max_decodes: int, splits_for_batch: Callable[[int], int], max_model_len: int) -> list[WarmupStep]:
-    """The warm-up's steps (module docstring): mixed, pure prefill, and a pure decode of the smallest
-    batch of each split count ``splits_for_batch(B)`` for ``B`` in ``[1, max_decodes]``."""
-    short = (PROMPT_TOKENS, PROMPT_TOKENS)
-    long = (PROMPT_TOKENS, max(max_model_len, PROMPT_TOKENS))
+    """The warm-up's steps (module docstring): mixed and pure prefill with prompts of
+    :data:`PROMPT_TOKENS` and of :func:`first_tiled_launch` tokens, and a pure decode of the smallest batch
+    of each split count ``splits_for_batch(B)`` for ``B`` in ``[1, max_decodes]``."""
+    steps = []
+    for prompt in (PROMPT_TOKENS, max(first_tiled_launch(), PROMPT_TOKENS)):
+        short, long = (prompt, prompt), (prompt, max(max_model_len, prompt))
+        steps += [WarmupStep(1, (short, long)), WarmupStep(0, (short,))]
     first_batch: dict[int, int] = {}
     for batch in range(1, max_decodes + 1):
         first_batch.setdefault(splits_for_batch(batch), batch)
-    return [WarmupStep(1, (short, long)), WarmupStep(0, (short,)), *map(WarmupStep, first_batch.values())]
+    return [*steps, *map(WarmupStep, first_batch.values())]
 
 
 def step_metadata(step: WarmupStep, page_size: int, device: torch.device) -> CommonAttentionMetadata:

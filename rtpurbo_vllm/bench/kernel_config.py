@@ -12,8 +12,8 @@ import importlib
 from collections.abc import Iterator
 from typing import Any
 
-KERNELS = {"block_topp": "block_topp.kernel", "sparse_decode": "sparse_decode.kernel",
-           "sparse_prefill": "sparse_prefill.kernel", "launch": "launch"}
+KERNELS = {"index_keys": "index_keys.kernel", "block_topp": "block_topp.kernel",
+           "sparse_decode": "sparse_decode.kernel", "sparse_prefill": "sparse_prefill.kernel", "launch": "launch"}
 """Name on the command line -> module under ``rtpurbo_vllm.triton_kernels`` whose ``CONFIG`` can be set
 (``launch``: programmatic dependent launch of the decode chain, ``launch.pdl=1``)."""
 SWITCHES = {("launch", "pdl"), ("sparse_decode", "side_first")}

@@ -272,7 +272,8 @@ def test_metadata_less_forward_warms_up_once_the_caches_exist(tmp_path, cpu_plat
 def test_warmup_steps_cover_every_split_count():
     workspace = allocate_sparse_decode_workspace(256, 4, 64)
     steps = warmup_steps(256, workspace.splits_for_batch, 40960)
-    assert steps == [WarmupStep(1, ((2, 2), (2, 40960))), WarmupStep(0, ((2, 2),)), WarmupStep(1), WarmupStep(129)]
+    assert steps == [WarmupStep(1, ((2, 2), (2, 40960))), WarmupStep(0, ((2, 2),)),
+                     WarmupStep(1, ((17, 17), (17, 40960))), WarmupStep(0, ((17, 17),)), WarmupStep(1), WarmupStep(129)]
     assert {workspace.splits_for_batch(b) for b in range(1, 257)} == {64, 32}
     md = step_metadata(steps[0], 16, torch.device("cpu"))
     assert md.slot_mapping.tolist() == [-1] * 5 and not md.block_table_tensor.any()

@@ -32,7 +32,8 @@ def test_switches_take_zero():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of block_topp, sparse_decode, sparse_prefill, launch"),
+    ("nope.warps=8", "expected KERNEL.KEY=VALUE with KERNEL one of index_keys, block_topp, sparse_decode, sparse_prefill, "
+                    "launch"),
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.wraps=8", "sparse_decode has no setting 'wraps'; its settings are local_programs, side_first"),

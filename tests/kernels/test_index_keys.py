@@ -25,6 +25,7 @@ from transformers import LlamaConfig, Qwen3Config  # noqa: E402
 from rtpurbo_vllm.cuda_graphs import capture  # noqa: E402
 from rtpurbo_vllm.rope import RopeSpec, apply_rope, rope_cos_sin  # noqa: E402
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads  # noqa: E402
+from rtpurbo_vllm.triton_kernels.index_keys import kernel as index_keys_kernel  # noqa: E402
 from rtpurbo_vllm.triton_kernels.index_keys import (  # noqa: E402
     IndexQueries,
     index_keys_ref, index_queries, index_queries_ref, rope_table, rope_table_length, write_index_keys,
@@ -256,9 +257,12 @@ def test_write_index_keys(seed, case):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES[:4]])
 @pytest.mark.parametrize("decodes", [0, 1, "all"])
-def test_write_index_keys_with_queries(seed, case, decodes):
+@pytest.mark.parametrize("per_token_up_to", [0, 1000], ids=["tiles", "per-token"])
+def test_write_index_keys_with_queries(seed, monkeypatch, case, decodes, per_token_up_to):
     """Keys and the first TQ tokens' queries in one launch: the same bits as the two launches apart
-    (queries into a buffer of their own dtype, bf16 here; rows past TQ untouched)."""
+    (queries into a buffer of their own dtype, bf16 here; rows past TQ untouched), with token tiles or one
+    token per program for all three launches."""
+    monkeypatch.setitem(index_keys_kernel.CONFIG, "per_token_up_to", per_token_up_to)
     x = _inputs(case)
     table = _table(x.spec, DEVICE)
     hr = len(case.heads)
@@ -494,9 +498,11 @@ def test_gpu_int64_cache_offsets(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
-def test_gpu_cuda_graph_replay(seed):
-    """Capture both ops once; refill the inputs' contents (new tokens, positions, slots) and replay."""
-    case = Case(512, 32, 8, (3, 4, 17, 18, 30), 128, "yarn", 16, torch.bfloat16)
+@pytest.mark.parametrize("t", [512, 4], ids=["tiles", "per-token"])
+def test_gpu_cuda_graph_replay(seed, t):
+    """Capture both ops once; refill the inputs' contents (new tokens, positions, slots) and replay: a
+    prefill-sized launch (token tiles) and a decode-sized one (one token per program)."""
+    case = Case(t, 32, 8, (3, 4, 17, 18, 30), 128, "yarn", 16, torch.bfloat16)
     first = _inputs(case, device="cuda")
     table = _table(first.spec, "cuda")
     hr = len(case.heads)

@@ -142,7 +142,11 @@ def _block_stats_kernel(
         blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
         tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
         valid = tokens < seq_len
-        page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
+        if PAGE_SIZE % BLOCK_SIZE == 0:   # a block lies on one page: one page id per block
+            page = tl.load(table_row + (blocks * BLOCK_SIZE // PAGE_SIZE) * stride_tp,
+                           mask=blocks * BLOCK_SIZE < seq_len, other=0).to(tl.int64)[:, None]
+        else:
+            page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
         row = head_off + page * stride_cp + (tokens % PAGE_SIZE) * stride_ct           # [NBI, BS] int64
         keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
                        mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)

@@ -10,8 +10,9 @@ both projections; each program takes ``BLOCK_T`` tokens of one retrieval head ``
    pass-through tail ``[rotary_dim, D)`` (partial rotary),
 2. un-rotates the halves in float32 with the ``cos | sin`` rows of their positions, the exact inverse of
    vLLM's 2x2 rotation (transpose / (cos² + sin²), so YaRN's folded mscale is divided out),
-3. projects with the matching columns of ``W[r]`` (``[DI, D]``) in three ``[BLOCK_T, *] x [*, DI]`` dots
-   accumulated in float32 (``tf32x3``: about 1e-6 relative error against a float32 matmul),
+3. projects with the matching columns of ``W[r]`` (``[DI, D]``) in three ``[BLOCK_T, *] x [*, DI]`` products
+   accumulated in float32: tensor-core dots (``tf32x3``: about 1e-6 relative error against a float32
+   matmul) for tiles of 16 or more tokens, plain float32 multiply-adds for smaller ones,
 4. stores ``[BLOCK_T, DI]``: queries into ``out[t, r, :]``; keys into the paged index-key units at
    ``slot_mapping[t] = page * P + offset`` (negative slots are padding: nothing is loaded or stored),
    addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at ``base + offsets[r]``
@@ -22,7 +23,10 @@ step's decode tokens (the first tokens of vLLM's batch), so the decode chain sta
 :func:`index_queries` launches it for queries alone.
 
 Grid ``(cdiv(T, BLOCK_T), HR, parts)``, one part for the keys and one for the queries (they run side by
-side): it depends on shapes only, so every launch can be captured in a CUDA graph. ``T`` and ``TQ`` are
+side): it depends on shapes only, so every launch can be captured in a CUDA graph. A launch of at most
+``CONFIG["per_token_up_to"]`` tokens (a decode step's) has one token per program (``BLOCK_T`` 1): the
+tile of ``CONFIG["block_t"]`` tokens would leave most of its work masked and run as one long serial
+chain per program. ``T`` and ``TQ`` are
 not specialised on (``do_not_specialize``): one compiled variant per kind of launch serves every step.
 Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle: its
 row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector (keys of
@@ -50,10 +54,11 @@ from ..fp8 import quantize_e4m3
 from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..paged_heads import PagedHeads
 
-# Launch configuration (the fastest of a sweep over BLOCK_T, warps and dot precision on Hopper; the
-# history of that sweep is in docs/results/).
-_BLOCK_T = 32
-_NUM_WARPS = 2
+# Launch settings a benchmark may change (read at each launch): block_t tokens per program and warps per
+# program (the fastest of a sweep over BLOCK_T, warps and dot precision on Hopper, at prefill sizes; the
+# history of that sweep is in docs/results/); launches of at most per_token_up_to tokens have one token
+# per program.
+CONFIG = {"block_t": 32, "warps": 2, "per_token_up_to": 16}
 _DOT_PRECISION = "tf32x3"  # 3 TF32 MMAs: ~1e-6 relative to the float32 result
 
 
@@ -96,6 +101,15 @@ def rope_table(spec: RopeSpec, device: torch.device | str | None = None,
 
 
 @triton.jit
+def _project_acc(x, w, acc, PRECISION: tl.constexpr):
+    """``acc + x @ w^T`` in float32 for ``x [BLOCK_T, K]``, ``w [DI, K]``, ``acc [BLOCK_T, DI]``: a tensor-core
+    dot for tiles of 16 or more tokens, plain multiply-adds below (``tl.dot`` needs 16 rows)."""
+    if x.shape[0] >= 16:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    return acc + tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+
+
+@triton.jit
 def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_positions, w_ptr, s_wh, s_wi, r,
                     offs_t, mask_t,
                     D: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -104,7 +118,7 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
 
     The rotary pairs are loaded as two ``[BLOCK_T, HALF]`` halves (NeoX: channels ``j`` and ``HALF + j``;
     GPT-J: ``2j`` and ``2j + 1``), un-rotated, and projected with the matching columns of ``W``; the
-    pass-through tail ``[ROT, D)`` is projected as is. Three dots, no gathers.
+    pass-through tail ``[ROT, D)`` is projected as is. Three products (:func:`_project_acc`), no gathers.
     """
     HALF: tl.constexpr = ROT // 2
     TAIL: tl.constexpr = D - ROT
@@ -138,15 +152,15 @@ def _unrope_project(x_ptr, s_xt, s_xh, head, pos_ptr, cs_ptr, s_cs, num_position
     mw = mask_j[None, :]
     w1 = tl.load(w_row[:, None] + ch1[None, :], mask=mw, other=0.0).to(tl.float32)     # [DI, BLOCK_HALF]
     w2 = tl.load(w_row[:, None] + ch2[None, :], mask=mw, other=0.0).to(tl.float32)
-    acc = tl.dot(p1, tl.trans(w1), input_precision=PRECISION)                          # [BLOCK_T, DI]
-    acc = tl.dot(p2, tl.trans(w2), acc, input_precision=PRECISION)
+    acc = _project_acc(p1, w1, tl.zeros((p1.shape[0], DI), tl.float32), PRECISION)      # [BLOCK_T, DI]
+    acc = _project_acc(p2, w2, acc, PRECISION)
     if TAIL > 0:
         offs_k = tl.arange(0, BLOCK_TAIL)
         mask_k = offs_k < TAIL
         xt = tl.load(row[:, None] + ROT + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                      other=0.0).to(tl.float32)                                          # [BLOCK_T, BLOCK_TAIL]
         wt = tl.load(w_row[:, None] + ROT + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        acc = _project_acc(xt, wt, acc, PRECISION)
     return tl.where(in_table[:, None], acc, float("nan"))
 
 
@@ -244,11 +258,19 @@ def _check_positions(positions: torch.Tensor, num_positions: int) -> None:
                          f"build it with rope_table(spec, num_positions=...) covering every position")
 
 
-def _tile(d: int, rot: int) -> dict[str, int]:
-    """Block sizes: rotary halves and tail padded to powers of two (>= 16 for tl.dot)."""
+def first_tiled_launch() -> int:
+    """The fewest tokens a launch takes in ``CONFIG["block_t"]``-token tiles; fewer run one token per program.
+    Both are separate compiled variants: a warm-up launches one of each."""
+    return CONFIG["per_token_up_to"] + 1
+
+
+def _tile(t: int, d: int, rot: int) -> dict[str, int]:
+    """Block sizes of a launch over ``t`` tokens: tokens per program (:data:`CONFIG`), rotary halves and tail
+    padded to powers of two (>= 16 for tl.dot)."""
     block_half = max(16, triton.next_power_of_2(rot // 2))
     block_tail = max(16, triton.next_power_of_2(d - rot)) if d > rot else 16
-    return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=_BLOCK_T)
+    block_t = 1 if t < first_tiled_launch() else CONFIG["block_t"]
+    return dict(BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_T=block_t)
 
 
 @dataclass(frozen=True)
@@ -302,7 +324,7 @@ def _launch(t: int, positions: torch.Tensor, cos_sin: torch.Tensor, is_neox_styl
     if queries is None:
         query, heads, w_q, out = key, kv_heads, w_k, cache
     out_strides = out.stride() if queries is not None else (0, 0, 0)
-    tile = _tile(d, rot)
+    tile = _tile(t, d, rot)
     pdl = pdl_launch(positions.device)
     _index_vectors_kernel[(triton.cdiv(t, tile["BLOCK_T"]), hr, (keys is not None) + (queries is not None))](
         key, query, positions, cos_sin, kv_heads, heads, w_k, w_q, slot_mapping, cache, offsets, out,
@@ -311,7 +333,7 @@ def _launch(t: int, positions: torch.Tensor, cos_sin: torch.Tensor, is_neox_styl
         w_k.stride(0), w_k.stride(1), w_q.stride(0), w_q.stride(1), page_stride, token_stride, *out_strides,
         D=d, ROT=rot, NEOX=is_neox_style, DI=w_k.shape[1], **tile, PAGE=page_size, PRECISION=_DOT_PRECISION,
         OFF_ALIGN=off_align, FP8=fp8, MANUAL_FP8=fp8 and interpreting(), KEYS=keys is not None,
-        QUERIES=queries is not None, PDL=pdl, num_warps=_NUM_WARPS, launch_pdl=pdl,
+        QUERIES=queries is not None, PDL=pdl, num_warps=CONFIG["warps"], launch_pdl=pdl,
     )
 
 
