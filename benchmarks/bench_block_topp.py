@@ -75,7 +75,8 @@ def bench_point(batch: int, length: int, settings: list[dict[str, int]], keep: f
 
 def parse_sweep(items: list[str]) -> dict[str, list[int]]:
     """``["KEY=V1,V2", ...]`` as ``{KEY: [V1, V2]}``; raises ``ValueError`` naming the bad item: KEY must be a
-    block_topp setting, ``search_bits`` and ``stats_stages`` values in 1..8, the others powers of two."""
+    block_topp setting, ``search_bits`` and ``stats_stages`` values in 1..8, ``select_warps`` 0 (the launcher's
+    choice) or a power of two, the others powers of two."""
     sweep = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -86,11 +87,12 @@ def parse_sweep(items: list[str]) -> dict[str, list[int]]:
             values = [int(v) for v in text.split(",")]
         except ValueError:
             values = [0]
+        least = 0 if key == "select_warps" else 1
         ok = (all(1 <= v <= 8 for v in values) if key in ("search_bits", "stats_stages")
-              else all(v > 0 and not v & (v - 1) for v in values))
+              else all(v >= least and not v & (v - 1) for v in values))
         if not ok:
-            raise ValueError(f"--sweep {item!r}: search_bits and stats_stages take 1..8, the other settings "
-                             "powers of two")
+            raise ValueError(f"--sweep {item!r}: search_bits and stats_stages take 1..8, select_warps 0 or a power of "
+                             "two, the other settings powers of two")
         sweep[key] = values
     return sweep
 

@@ -38,6 +38,7 @@ def test_point_rows(bench, monkeypatch):
 
 
 def test_sweeps_combine_after_the_reference(bench):
+    assert bench.parse_sweep(["select_warps=0,16"]) == {"select_warps": [0, 16]}   # 0: the launcher's choice
     sweep = bench.parse_sweep(["search_bits=1,3", "stats_tokens_per_iter=256,1024"])
     assert sweep == {"search_bits": [1, 3], "stats_tokens_per_iter": [256, 1024]}
     default_tokens = bench.topp_kernel.CONFIG["stats_tokens_per_iter"]
@@ -49,7 +50,10 @@ def test_sweeps_combine_after_the_reference(bench):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sweep", "select_chunk=3000"], "search_bits and stats_stages take 1..8, the other settings powers of two"),
+    (["--sweep", "select_chunk=3000"], "search_bits and stats_stages take 1..8, select_warps 0 or a power of two, "
+                                        "the other settings powers of two"),
+    (["--sweep", "select_warps=0,12"], "select_warps 0 or a power of two"),
+    (["--sweep", "select_chunk=0"], "the other settings powers of two"),
     (["--sweep", "search_bits=9"], "search_bits and stats_stages take 1..8"),
     (["--sweep", "stats_stages=0"], "search_bits and stats_stages take 1..8"),
     (["--sweep", "search_bits=x"], "search_bits and stats_stages take 1..8"),

@@ -38,7 +38,7 @@ the page from the index kind's block table.
 
 Tuning: one selection program per (sequence, head) means a handful of programs at batch 1, so the
 selection is latency-bound on its serial search steps; ``CONFIG["search_bits"]`` trades steps
-(at most ``ceil(31 / bits)``, 4 to 7 in practice) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
+(at most ``ceil(31 / bits)``) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
 blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py``).
 """
 
@@ -57,8 +57,9 @@ from ..topp_search import topp_select_row
 
 
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
-# found per step of the selection's k-ary search (1: a binary search of up to 31 steps; 3: up to 11 steps of 7
-# thresholds each). select_chunk: the most blocks one selection program holds in registers (a power of
+# found per step of the selection's k-ary search (1: a binary search; 3: steps of 7 thresholds each);
+# with the bracket shrunk to the candidate values it holds after each step, the binary search's cheap
+# steps are the fastest. select_chunk: the most blocks one selection program holds in registers (a power of
 # two; longer rows re-read the workspace twice per search step); the program has 4 warps up to 1024
 # blocks, 8 up to 4096, 16 above, unless select_warps (0: that rule) sets it. The [2**bits, CHUNK]
 # comparison of a step lives in registers (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps
@@ -66,7 +67,7 @@ from ..topp_search import topp_select_row
 # stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
 # per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
 # next iterations' page-table and key loads in flight, through shared memory).
-CONFIG = {"search_bits": 3, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 16,
+CONFIG = {"search_bits": 1, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 4,
           "stats_tokens_per_iter": 256, "stats_stages": 1}
 
 
