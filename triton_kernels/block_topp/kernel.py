@@ -21,8 +21,8 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
    order like their values, and a k-ary search over bit patterns (``SEARCH_BITS`` bits per step, one
    ``[2**SEARCH_BITS, CHUNK]`` reduction per step, the bracket shrunk to the candidate values it holds
-   after each; 1 is a binary search) finds the largest
-   ``tau`` with ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is
+   after each; 1 is a binary search) finds the largest ``tau`` with
+   ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is
    the mass of the last block the greedy order takes. The kept set is the forced blocks, every
    non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
    ``F + sum(mass > tau) + (ties before) * tau < top_p`` -- exactly the greedy prefix. If even all
@@ -38,8 +38,8 @@ the page from the index kind's block table.
 
 Tuning: one selection program per (sequence, head) means a handful of programs at batch 1, so the
 selection is latency-bound on its serial search steps; ``CONFIG["search_bits"]`` trades steps
-(at most ``ceil(31 / bits)``) for arithmetic per step (``2**bits`` thresholds). Every value selects the same
-blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py``).
+(at most ``ceil(31 / bits)``) for arithmetic per step (``2**bits`` thresholds). Every value selects the
+same blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py``).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ from ..topp_search import topp_select_row
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
 # found per step of the selection's k-ary search (1: a binary search; 3: steps of 7 thresholds each);
 # with the bracket shrunk to the candidate values it holds after each step, the binary search's cheap
-# steps are the fastest. select_chunk: the most blocks one selection program holds in registers (a power of
-# two; longer rows re-read the workspace twice per search step); the program has 4 warps up to 1024
+# steps are the fastest. select_chunk: the most blocks one selection program holds in registers (a power
+# of two; longer rows re-read the workspace twice per search step); the program has 4 warps up to 1024
 # blocks, 8 up to 4096, 16 above, unless select_warps (0: that rule) sets it. The [2**bits, CHUNK]
 # comparison of a step lives in registers (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps
 # compiles without spills); more warps mean fewer blocks per thread in each serial search step.

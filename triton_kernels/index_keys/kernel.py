@@ -26,8 +26,8 @@ Grid ``(cdiv(T, BLOCK_T), HR, parts)``, one part for the keys and one for the qu
 side): it depends on shapes only, so every launch can be captured in a CUDA graph. A launch of at most
 ``CONFIG["per_token_up_to"]`` tokens (a decode step's) has one token per program (``BLOCK_T`` 1): the
 tile of ``CONFIG["block_t"]`` tokens would leave most of its work masked and run as one long serial
-chain per program. ``T`` and ``TQ`` are
-not specialised on (``do_not_specialize``): one compiled variant per kind of launch serves every step.
+chain per program. ``T`` and ``TQ`` are not specialised on (``do_not_specialize``): one compiled variant
+per kind of launch and tiling serves every step.
 Token, page and table offsets are computed in int64. A position outside the table has no RoPE angle: its
 row reads a clamped table row (memory safety) and comes out NaN, never a plausible wrong vector (keys of
 padding tokens are not stored: their slot is negative).
