@@ -24,9 +24,10 @@
 #   bash scripts/gpu_checks.sh firstreq [extra bench_first_requests args]  # first requests on a fresh server
 #                                         # (fresh Triton cache) vs steady state, RTPURBO and FLASH_ATTN
 #   bash scripts/gpu_checks.sh throughput WORKLOAD BACKENDS [args]  # bench_throughput.py, e.g. long-decodes RTPURBO
-#   bash scripts/gpu_checks.sh engine capacity|load|step CONFIG...  # bench_engine.py: vllm.LLM KV pool, requests
-#                                         # held under load (one config per call), or decode step,
-#                                         # e.g. engine step RTPURBO:auto:global15:full RTPURBO:auto:global15:compact
+#   bash scripts/gpu_checks.sh engine capacity|load|step CONFIG... [-- FLAGS]  # bench_engine.py: vllm.LLM KV
+#                                         # pool, requests held under load (one config per call), or decode step,
+#                                         # e.g. engine step RTPURBO:auto:global15:full RTPURBO:auto:global15:compact,
+#                                         # engine step FLASH_ATTN:fp8 -- --profile --batch 4 (flags after --)
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
@@ -163,9 +164,11 @@ case "$stage" in
     phase=${1:?engine needs a phase: capacity, load or step}
     shift
     keep="$HOME/rtpurbo_engine"      # rows merge across calls
-    timeout 590 python3 -P benchmarks/bench_engine.py "$phase" --out "$keep" --configs "$@" 2>&1 \
+    configs=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do configs+=("$1"); shift; done
+    [ $# -gt 0 ] && shift            # the flags after --
+    timeout 590 python3 -P benchmarks/bench_engine.py "$phase" --out "$keep" --configs "${configs[@]}" "$@" 2>&1 \
       | tee "$OUT/bench_engine_$phase.log" | tail -20
-    cp "$keep"/bench_engine.* "$OUT/" ;;
+    mkdir -p "$OUT/engine_logs"; cp "$keep"/bench_engine.* "$OUT/"; cp "$keep"/*.log "$OUT/engine_logs/" ;;
   throughput)
     # benchmarks/bench_throughput.py: one workload, the given backends (comma-separated) one after the other;
     # rows merge into $HOME/rtpurbo_throughput across calls, so call once per backend to stay under 10 minutes.
