@@ -29,12 +29,12 @@ bracket puts on ``lo`` counts as reached), then shrinks it to the candidate valu
 holds, and the bracket is never empty, as ``S(lo) > S(hi)``). The search ends when the bracket holds
 one value, ``tau = lo``: the width shrinks by ``2**SEARCH_BITS`` or more per step, so within
 ``ceil(31 / SEARCH_BITS)`` steps, and in practice after about ``log2`` of the number of candidates (the
-binary search: 10 to 16 steps over 2K to 8K blocks instead of 31; 3 bits: 4 to 6 instead of 11). The thresholds are split with int32 arithmetic that cannot overflow
-(:func:`_split_point`). ``tau`` is the one bit pattern where ``F + S(t) >= top_p`` flips (``S(t)``, the
-candidate mass ``>= t``, does not grow with ``t``: a float sum in a fixed order is monotone in its
-terms), so every ``SEARCH_BITS`` keeps the same blocks as long as the reductions add the blocks in the
-same order (they do where the blocks sit on the same threads; another order could only move ``tau``
-where ``F + S(t)`` is within rounding of ``top_p``).
+binary search: 10 to 16 steps over 2K to 8K blocks; 3 bits: 4 to 6). The thresholds are split with
+int32 arithmetic that cannot overflow (:func:`_split_point`). ``tau`` is the one bit pattern where
+``F + S(t) >= top_p`` flips (``S(t)``, the candidate mass ``>= t``, does not grow with ``t``: a float sum
+in a fixed order is monotone in its terms), so every ``SEARCH_BITS`` keeps the same blocks as long as
+the reductions add the blocks in the same order (they do where the blocks sit on the same threads;
+another order could only move ``tau`` where ``F + S(t)`` is within rounding of ``top_p``).
 
 The threshold axis is the leading one so that the compiler spreads the blocks over the threads as in
 the row's own 1-D tensors and keeps a block's ``2**SEARCH_BITS`` comparisons in one thread: no
@@ -83,6 +83,12 @@ def block_mass(block_max_ptr, block_sum_ptr, blocks, num_blocks, num_sink_blocks
 
 
 @triton.jit
+def _candidate_bits(mass, candidate):
+    """The masses' int32 bit patterns (ordered like the masses), :data:`NOT_CANDIDATE_BITS` for non-candidates."""
+    return tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS)
+
+
+@triton.jit
 def _mass_at_least(bits, mass, bounds):
     """``[K, 1]`` sums of ``mass`` ``[1, N]`` over the entries whose ``bits`` ``[1, N]`` are ``>= bounds[k]``
     (``bounds`` ``[K, 1]``): one reduction of a ``[K, N]`` where-tensor over its second axis."""
@@ -98,8 +104,7 @@ def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_
     for start in range(0, num_blocks, CHUNK):
         mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
                                            num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
-        bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS)
-        total += _mass_at_least(bits, mass, bounds)
+        total += _mass_at_least(_candidate_bits(mass, candidate), mass, bounds)
     return total
 
 
@@ -128,8 +133,7 @@ def _candidate_bracket_gaps(block_max_ptr, block_sum_ptr, num_blocks, num_sink_b
     for start in range(0, num_blocks, CHUNK):
         mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
                                            num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
-        chunk_lo, chunk_hi = _bracket_gaps(tl.where(candidate, mass.to(tl.int32, bitcast=True), NOT_CANDIDATE_BITS),
-                                           lo, hi)
+        chunk_lo, chunk_hi = _bracket_gaps(_candidate_bits(mass, candidate), lo, hi)
         gap_lo, gap_hi = tl.minimum(gap_lo, chunk_lo), tl.minimum(gap_hi, chunk_hi)
     return gap_lo, gap_hi
 
@@ -220,8 +224,7 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     # it once, here, not moved between thread layouts at every step.
     K_PAD: tl.constexpr = (1 << SEARCH_BITS) - (SEARCH_BITS == 1)
     splits = (tl.arange(0, K_PAD) + 1)[:, None]                       # [K_PAD, 1]: k of each lane
-    first_bits = first_mass.to(tl.int32, bitcast=True)
-    candidate_row = tl.where(first_candidate, first_bits, NOT_CANDIDATE_BITS)[None, :]
+    candidate_row = _candidate_bits(first_mass, first_candidate)[None, :]
     mass_row = first_mass[None, :]
     # The first bracket: the candidates' range when they reach top_p, "keep all" when they do not, no
     # candidate when the forced mass alone does.

@@ -6,8 +6,9 @@ decode tokens' index queries (:class:`IndexQueries`) in the same launch if asked
 into a buffer.
 """
 
-from .kernel import IndexQueries, first_tiled_launch, index_queries, rope_table, rope_table_length, write_index_keys
+from .kernel import (IndexQueries, first_tiled_launch, index_queries, rope_table, rope_table_length,
+                     write_index_keys)
 from .reference import index_keys_ref, index_project_ref, index_queries_ref, write_index_keys_ref
 
-__all__ = ["IndexQueries", "first_tiled_launch", "index_keys_ref", "index_project_ref", "index_queries", "index_queries_ref", "rope_table",
-           "rope_table_length", "write_index_keys", "write_index_keys_ref"]
+__all__ = ["IndexQueries", "first_tiled_launch", "index_keys_ref", "index_project_ref", "index_queries",
+           "index_queries_ref", "rope_table", "rope_table_length", "write_index_keys", "write_index_keys_ref"]
