@@ -26,7 +26,9 @@ KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, th
 * ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
   then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
   decode step is the median difference over ``--steps`` (every request decodes from the first step:
-  the prompts hit the cache), with the smallest and largest beside it. RTPURBO's retrieval heads keep
+  the prompts hit the cache), with the smallest and largest beside it. ``load`` and ``step`` outputs are
+  not detokenised (as ``vllm bench latency --disable-detokenize``): the random ids' incremental
+  detokenisation costs the host about 8 ms per request and step, longer than a batch-4 step on the GPU. RTPURBO's retrieval heads keep
   about ``--keep`` of the blocks (default 0.03, the paper's decode sparsity; the artifact's ``top_p``,
   since dummy weights give flat indexer scores).
 
@@ -207,7 +209,6 @@ def run_one(args) -> dict:
     """One configuration in this process (the child side); returns its row."""
     import random
 
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     def random_prompts(count: int, seed: int) -> list:
@@ -228,8 +229,7 @@ def run_one(args) -> dict:
         return row
     if load:
         prompts = random_prompts(load_requests(row["held_sequences"], max_seqs), seed=0)
-        params = SamplingParams(max_tokens=args.load_tokens, min_tokens=args.load_tokens, ignore_eos=True,
-                                temperature=0)
+        params = fixed_length_params(args.load_tokens)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler      # in-process engine core
         return {**row, "max_num_batched_tokens": args.max_num_batched_tokens,
                 **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps, args.load_seconds)}
@@ -239,9 +239,8 @@ def run_one(args) -> dict:
         prompts = random_prompts(batch, seed=batch)
 
         def timed(max_tokens):
-            params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
             start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
+            llm.generate(prompts, fixed_length_params(max_tokens), use_tqdm=False)
             return time.perf_counter() - start
 
         timed(1)                                     # prefill into the prefix cache
@@ -254,6 +253,15 @@ def run_one(args) -> dict:
     if args.profile:
         row["profile"] = profiles
     return row
+
+
+def fixed_length_params(max_tokens: int):
+    """Sampling of ``load`` and ``step`` requests: exactly ``max_tokens`` greedy tokens, not detokenised
+    (module docstring)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0,
+                          detokenize=False)
 
 
 def profiled(run, steps: int) -> dict:

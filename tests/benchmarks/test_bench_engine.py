@@ -173,3 +173,10 @@ def test_replay_rows_on_the_cpu(bench, tmp_path):
     assert [(r["phase"], r["name"]) for r in rows] == [("replay", "FLASH_ATTN:auto"), ("replay", "RTPURBO:auto:n1:compact")]
     assert all(r["held_requests"] >= 1 and r["preemptions"] == 0 and r["vllm_kv_tokens"] > 0 for r in rows)
     assert "| replay | FLASH_ATTN:auto | 40960 | 6.67 |" in (out / "bench_engine.md").read_text()
+
+
+def test_requests_generate_a_fixed_length_without_detokenising(bench):
+    """Detokenising random ids costs the host more than a decode step on the GPU: timed runs skip it."""
+    params = bench.fixed_length_params(257)
+    assert (params.max_tokens, params.min_tokens, params.ignore_eos, params.temperature) == (257, 257, True, 0)
+    assert params.detokenize is False
