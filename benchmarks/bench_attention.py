@@ -10,7 +10,11 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   query of a retrieval head points the same way), and the share each tile really kept is printed.
 - Decode (one new token per sequence, batch 1 and 32): FA3 paged decode vs the decode tokens' index keys
   and index queries (one launch) + block top-p + head-wise sparse decode, the local heads' part on a
-  side stream beside block top-p (as served).
+  side stream beside block top-p (as served). ``--kv-cache-dtype fp8``: both read an FP8 K/V cache as
+  vLLM serves one (FA3 with FP8 queries and descales, its ``FLASH_ATTN`` fp8 path, the queries quantised
+  outside the timed step; RTPURBO's kernels with ``k_scale``/``v_scale``; index keys stay bf16, the
+  served default). The sparse decode's split scratch is sized for ``--max-num-seqs`` sequences, as
+  the serving builder sizes it for vLLM's ``max_num_seqs``, which sets the splits per sequence.
   Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each
   sequence's blocks are planted as the indexer's hot blocks (the paper measures > 97% decode sparsity
   at 512K, i.e. about 3% kept); the share top-p really kept is printed. Both sides are timed as
@@ -21,6 +25,7 @@ Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --out results/
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 512 --batch 1 4 --variants launch.pdl=1
+    python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 4 --kv-cache-dtype fp8
 It prints a table of times and ratios, RTPURBO's decode step as the GPU runs it (each kernel's start and
 duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must
 read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
@@ -51,30 +56,37 @@ from rtpurbo_vllm.rope import apply_rope
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.index_keys import IndexQueries, index_queries, rope_table, write_index_keys
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
-from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace, headwise_sparse_decode
+from rtpurbo_vllm.triton_kernels.sparse_decode import (allocate_sparse_decode_workspace, headwise_sparse_decode,
+                                                       local_splits_for)
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
                                                         plan_sparse_prefill)
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 
 DTYPE = dtype()
-ELEMENT_BYTES = 2                       # bf16 K, V and index keys
+KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn}     # --kv-cache-dtype, as vLLM names them
+INDEX_KEY_BYTES = 2                     # bf16 index keys
+VLLM_MAX_NUM_SEQS = 1024                # vLLM's default max_num_seqs on an H100/H200 (the --max-num-seqs default)
 H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
 PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (one layer's call, not a server's chunk)
 ROPE = rope_spec()
 
 
-def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None):
+def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None, descale=None):
+    """FA3 as vLLM's FLASH_ATTN calls it; ``descale`` (``[B, HKV]`` float32): FP8 ``q`` and caches, with
+    that descale for all three."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    scales = {} if descale is None else {"q_descale": descale, "k_descale": descale, "v_descale": descale}
     flash_attn_varlen_func(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k=seqused_k, causal=True,
                            softmax_scale=D ** -0.5, block_table=block_table, out=out, fa_version=3,
-                           window_size=window)
+                           window_size=window, **scales)
 
 
-def paged_cache(num_tokens_per_seq: int, num_seqs: int, device):
-    """K|V cache in vLLM's packed layout, random contents; distinct pages per sequence."""
+def paged_cache(num_tokens_per_seq: int, num_seqs: int, device, kv_dtype: torch.dtype = DTYPE):
+    """K|V cache in vLLM's packed layout (``kv_dtype``: bf16 or float8_e4m3fn), random contents; distinct
+    pages per sequence."""
     block_table, num_pages = random_block_table(num_tokens_per_seq, num_seqs, device)
-    kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device)
+    kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device).to(kv_dtype)
     key_cache, value_cache = kv.split(D, dim=-1)
     return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
 
@@ -143,10 +155,13 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
             "prefill_top_p": prefill_top_p, "kept_block_share": float(kept), "fa3_tflops": flops / t_dense / 1e9}
 
 
-def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None) -> dict:
+def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None,
+                 max_num_seqs: int | None = None, kv_cache_dtype: str = "auto") -> dict:
     """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
-    serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``."""
-    key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device)
+    serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``; its
+    split scratch by ``max_num_seqs`` (default ``batch``); ``kv_cache_dtype`` a key of :data:`KV_DTYPES`."""
+    kv_dtype = KV_DTYPES[kv_cache_dtype]
+    key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device, kv_dtype)
     inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device)
     q, positions, table, heads, w_q, q_idx = (inputs.q, inputs.positions, inputs.rope_table, inputs.heads,
                                               inputs.w_q, inputs.q_idx)
@@ -158,11 +173,17 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
     num_selected = torch.empty(batch, len(RETRIEVAL), dtype=torch.int32, device=device)
     topp_ws = make_block_topp_workspace(batch, len(RETRIEVAL), max_blocks, device)
-    attn_ws = allocate_sparse_decode_workspace(batch, HQ, D, device=device)
+    max_num_seqs = max(max_num_seqs or batch, batch)
+    attn_ws = allocate_sparse_decode_workspace(max_num_seqs, HQ, D, device=device)
+    splits = attn_ws.splits_for_batch(batch)
     kv_tables = [kv.table(0, block_table)]
+    fp8 = kv_dtype != DTYPE
+    kv_scale = torch.ones(1, dtype=torch.float32, device=device) if fp8 else None
+    descale = torch.ones(batch, HKV, dtype=torch.float32, device=device) if fp8 else None
+    q_fa3 = q.to(kv_dtype)
 
     def dense():
-        fa3(q, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out)
+        fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, descale=descale)
 
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
@@ -177,32 +198,37 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection
         write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True, queries=queries)
         headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected, BS, SINK, WINDOW,
-                               D ** -0.5, attn_ws, out, select=select, side_stream=side_stream)
+                               D ** -0.5, attn_ws, out, k_scale=kv_scale, v_scale=kv_scale, select=select,
+                               side_stream=side_stream)
 
     t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
+            "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs, "splits": splits,
+            "local_splits": local_splits_for(batch, HKV, splits),
             "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
-            "bytes": decode_bytes(batch, length, int(num_selected.sum().item())), "rtpurbo_kernels": timeline}
+            "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize),
+            "rtpurbo_kernels": timeline}
 
 
-def decode_bytes(batch: int, length: int, kept_blocks: int) -> dict[str, int]:
+def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2) -> dict[str, int]:
     """Bytes one decode step of one layer must read from HBM, at the least.
 
     Args:
         batch: sequences, each ``length`` tokens long.
         kept_blocks: blocks block top-p kept, summed over sequences and retrieval heads.
+        kv_bytes: bytes of one K or V element (2: bf16, 1: fp8); index keys are bf16.
 
     Returns:
         ``fa3``: K and V of every KV head over the whole context; ``rtpurbo``: K and V of the sink and
         window tokens of every KV head that serves a local head, the 16-dim index keys of every
         retrieval head over the context, and K and V of each retrieval head's kept ``BS``-token blocks.
     """
-    kv_token = 2 * D * ELEMENT_BYTES                                          # K and V of one token, one KV head
+    kv_token = 2 * D * kv_bytes                                               # K and V of one token, one KV head
     local_kv_heads = len({h // (HQ // HKV) for h in range(HQ) if h not in RETRIEVAL})
     window = batch * min(length, SINK + WINDOW) * local_kv_heads * kv_token
-    index = batch * length * len(RETRIEVAL) * DI * ELEMENT_BYTES
+    index = batch * length * len(RETRIEVAL) * DI * INDEX_KEY_BYTES
     kept = kept_blocks * BS * kv_token
     return {"fa3": batch * length * HKV * kv_token, "rtpurbo": window + index + kept,
             "rtpurbo_window": window, "rtpurbo_index": index, "rtpurbo_kept": kept}
@@ -283,6 +309,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-model-len", metavar="K", type=int, default=None,
                         help="decode: size block top-p for this max_model_len in K tokens, as a server with "
                              "--max-model-len does (default: each context itself)")
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto",
+                        help="decode: the K/V cache of both sides, as vLLM's --kv-cache-dtype (default auto: bf16)")
+    parser.add_argument("--max-num-seqs", metavar="N", type=int, default=VLLM_MAX_NUM_SEQS,
+                        help="decode: size the sparse decode's split scratch as a server with this max_num_seqs "
+                             "does (default %(default)s, vLLM's on an H100/H200)")
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--prefill-top-p", metavar="P", type=float, default=TOP_P,
@@ -317,17 +348,19 @@ def main(argv=None) -> int:
     for batch in args.batch:
         for k in args.decode:
             free = torch.cuda.mem_get_info()[0]
-            need = batch * k * 1024 * HKV * 2 * D * 2 * 1.3
+            need = batch * k * 1024 * HKV * 2 * D * KV_DTYPES[args.kv_cache_dtype].itemsize * 1.3
             if need > free:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
             rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
-                                                   max_model_len), args.peak_bandwidth))
+                                                   max_model_len, args.max_num_seqs, args.kv_cache_dtype),
+                                      args.peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     variant_rows = time_variants(variants, [r for r in rows if r["phase"] == "decode"],
                                  lambda batch, length: bench_decode(batch, length, args.keep, device, args.repeats,
-                                                                    max_model_len))
+                                                                    max_model_len, args.max_num_seqs,
+                                                                    args.kv_cache_dtype))
     out = Path(args.out)
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
@@ -336,7 +369,8 @@ def main(argv=None) -> int:
               "rows": rows, "variants": variant_rows}
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
-    print(f"\n{result['environment']['device']}  (times in ms, median"
+    print(f"\n{result['environment']['device']}  (times in ms, median; decode: K/V cache {args.kv_cache_dtype}, "
+          f"split scratch for max_num_seqs {args.max_num_seqs}"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
     if overrides:
         print("kernel settings set for this run: " + ", ".join(f"{k}.{key}={v}" for k, values in overrides.items()

@@ -40,6 +40,7 @@ def test_decode_row_has_the_step_and_its_kernels(bench_attention):
     assert row["fa3_ms"] == 2.0 and row["rtpurbo_ms"] == 0.5 and row["speedup"] == 4.0
     timeline = row["rtpurbo_kernels"]
     assert timeline["span_us"] == 5.0
+    assert row["kv_cache_dtype"] == "auto" and row["splits"] == 32     # scratch for the batch alone: 32 splits
     assert [k["name"] for k in timeline["kernels"]] == ["_split_kernel", "_combine_kernel"]
     assert 0.0 < row["kept_block_share"] <= 1.0                       # block top-p really ran
 
@@ -55,6 +56,23 @@ def test_decode_sized_for_a_longer_max_model_len(bench_attention):
     assert row["kept_block_share"] == short["kept_block_share"] and 0.0 < row["kept_block_share"] <= 1.0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention):
+    """--kv-cache-dtype fp8: both sides read float8_e4m3fn pages (FA3 gets FP8 queries and descales);
+    --max-num-seqs sizes the split scratch as the serving builder does, hence the splits per sequence."""
+    m, seen = bench_attention, {}
+    m.fa3 = lambda q, k_cache, v_cache, *args, descale=None, **kwargs: seen.update(
+        dtypes=(q.dtype, k_cache.dtype, v_cache.dtype), descale=descale)
+    length = 3 * m.BS + 17
+    row = m.bench_decode(1, length, keep=0.25, device=torch.device("cpu"), repeats=1, max_num_seqs=2,
+                         kv_cache_dtype="fp8")
+    assert seen["dtypes"] == (torch.float8_e4m3fn,) * 3 and seen["descale"].shape == (1, m.HKV)
+    assert row["kv_cache_dtype"] == "fp8" and row["max_num_seqs"] == 2
+    assert row["splits"] == 64 and row["local_splits"] == 64       # 2 x 32 slots for one sequence
+    assert row["bytes"]["fa3"] == length * m.HKV * 2 * m.D         # one byte per K or V element
+    assert 0.0 < row["kept_block_share"] <= 1.0
+
+
 def test_decode_bytes_and_bandwidth(bench_attention):
     """Bytes per layer step: FA3 reads every KV head's K/V; RTPURBO the sink + window K/V of the KV heads
     that serve local heads (all 8 here), the 16-dim index keys of the 5 retrieval heads and the kept
@@ -68,6 +86,9 @@ def test_decode_bytes_and_bandwidth(bench_attention):
     assert got["rtpurbo_kept"] == 10 * m.BS * token
     assert got["rtpurbo"] == got["rtpurbo_window"] + got["rtpurbo_index"] + got["rtpurbo_kept"]
     assert m.decode_bytes(1, 100, 0)["rtpurbo_window"] == 100 * m.HKV * token     # shorter than the window
+    fp8 = m.decode_bytes(batch=2, length=length, kept_blocks=10, kv_bytes=1)        # K/V halve, index keys stay
+    assert (fp8["fa3"], fp8["rtpurbo_window"], fp8["rtpurbo_index"]) == (got["fa3"] // 2, got["rtpurbo_window"] // 2,
+                                                                         got["rtpurbo_index"])
     row = m.add_bandwidth({"fa3_ms": 2.0, "rtpurbo_ms": 0.5, "bytes": {"fa3": 4e9, "rtpurbo": 1e9}}, 4e12)
     assert row["fa3_tb_per_s"] == pytest.approx(2.0) and row["rtpurbo_tb_per_s"] == pytest.approx(2.0)
     assert row["fa3_peak_share"] == pytest.approx(0.5) and row["rtpurbo_peak_share"] == pytest.approx(0.5)
