@@ -57,7 +57,7 @@ from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_w
 from rtpurbo_vllm.triton_kernels.index_keys import IndexQueries, index_queries, rope_table, write_index_keys
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
 from rtpurbo_vllm.triton_kernels.sparse_decode import (allocate_sparse_decode_workspace, headwise_sparse_decode,
-                                                       local_splits_for)
+                                                       local_splits_for, sm_count)
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
                                                         plan_sparse_prefill)
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
@@ -206,7 +206,7 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
             "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs, "splits": splits,
-            "local_splits": local_splits_for(batch, HKV, splits),
+            "local_splits": local_splits_for(batch, HKV, splits, sm_count(device)),
             "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
             "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize),
             "rtpurbo_kernels": timeline}

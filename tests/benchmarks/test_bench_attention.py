@@ -68,7 +68,8 @@ def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention):
                          kv_cache_dtype="fp8")
     assert seen["dtypes"] == (torch.float8_e4m3fn,) * 3 and seen["descale"].shape == (1, m.HKV)
     assert row["kv_cache_dtype"] == "fp8" and row["max_num_seqs"] == 2
-    assert row["splits"] == 64 and row["local_splits"] == 64       # 2 x 32 slots for one sequence
+    assert row["splits"] == 64                                     # 2 x 32 slots for one sequence
+    assert row["local_splits"] == 32                               # 2 programs per SM (132): 8 KV heads x 32
     assert row["bytes"]["fa3"] == length * m.HKV * 2 * m.D         # one byte per K or V element
     assert 0.0 < row["kept_block_share"] <= 1.0
 

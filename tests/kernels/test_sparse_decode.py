@@ -216,16 +216,19 @@ def test_mixed_batch(seed, case):
 def test_fewer_local_splits(seed, local_programs, monkeypatch):
     """The KV-group units cut their window into fewer splits than the retrieval units (7 sequences x 2 KV
     heads: S_local 1, and 2 of 8), in one launch: the combine merges each head's own splits."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
+    monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)
     _run_case(SEQ_LENS, 8, 2, 64, 16, 64, 4, 200, [0, 5], num_splits=8)
 
 
 def test_local_splits_for(monkeypatch):
-    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", 0)
-    assert _kernel_module.local_splits_for(4, 8, 64) == 64
-    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", 256)
-    assert [_kernel_module.local_splits_for(b, 8, 64) for b in (1, 3, 4, 32, 64)] == [32, 8, 8, 1, 1]
-    assert _kernel_module.local_splits_for(1, 8, 16) == 16
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", 0)
+    assert _kernel_module.local_splits_for(4, 8, 64, num_sms=132) == 64
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", 2)
+    assert [_kernel_module.local_splits_for(b, 8, 64, num_sms=128) for b in (1, 3, 4, 32, 64)] == [32, 8, 8, 1, 1]
+    assert _kernel_module.local_splits_for(1, 8, 16, num_sms=128) == 16
+    assert [_kernel_module.local_splits_for(b, 8, 64, num_sms=132) for b in (1, 4)] == [32, 8]    # 264 programs
+    assert _kernel_module.sm_count(torch.device("cpu")) == _kernel_module.NOMINAL_SMS
 
 
 @pytest.mark.parametrize("page_size, block_size", [pytest.param(128, 64, id="P128-BS64"),
@@ -368,7 +371,8 @@ def test_select_step_between_the_launches(seed, ret, side_first, local_programs,
     units launch: the output is the one-launch op's on the filled selection, bit for bit (scattered
     layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
     monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
-    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
+    monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch
     hq, head_kind, d, bs, sink, window = 8, [0, 1, 1, 0], 64, 64, 4, 50
     if len(ret) == hq:
         head_kind = [0] * 4
@@ -549,7 +553,8 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_first, loc
     programmatic dependent launch (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
     monkeypatch.setitem(_kernel_module.CONFIG, "side_first", side_first)
-    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs", local_programs)
+    monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
+    monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
     max_len = 20_000
     head_kind = [0 if h in {r // 4 for r in GPU_RETRIEVAL} else 1 for h in range(hkv)]

@@ -8,7 +8,7 @@ able to do so after another module imported this folder for its reference.
 from .reference import decode_keep_ref, paged_sparse_decode_ref, sparse_decode_ref, sparse_decode_varlen_ref
 
 _KERNEL_NAMES = ("DEFAULT_MAX_SPLITS", "DEFAULT_SPLITS_PER_SEQ", "SparseDecodeWorkspace", "allocate_sparse_decode_workspace",
-                 "headwise_sparse_decode", "local_splits_for")
+                 "headwise_sparse_decode", "local_splits_for", "sm_count")
 
 __all__ = [*_KERNEL_NAMES, "decode_keep_ref", "paged_sparse_decode_ref", "sparse_decode_ref", "sparse_decode_varlen_ref"]
 

@@ -53,13 +53,14 @@ exactly too); ``k_scale`` is folded into the softmax scale and ``v_scale`` into 
 
 Splits past a head's work return without writing; the combine reads only the valid ones. The
 KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
-``CONFIG["local_programs"]``; their forked launch has ``S_local`` programs per sequence and KV head), the
+``CONFIG["local_programs_per_sm"]``; their forked launch has ``S_local`` programs per sequence and KV head), the
 retrieval units into ``S``. Work per program is bounded by ``roundup(cdiv(max n, S_local or S), TILE)``
 tokens. Page offsets are int64.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -81,11 +82,14 @@ DEFAULT_MAX_SPLITS = 64
 # forks run in parallel; the GPU hands out the blocks of equal-priority grids in launch order, so the
 # grid launched first fills the machine first: with 0 the selection starts at once and the window
 # splits fill the machine behind it; figures in docs/BENCHMARKS.md).
-# local_programs: the most programs the KV-group units' splits launch, B * HKV * S_local <= local_programs
-# (S_local a power of two, at least 1, at most the retrieval units' S); 0: no bound, S_local = S. Fewer,
-# longer programs that all fit on the GPU at once leave room for the selection chain beside them.
+# local_programs_per_sm: the most programs the KV-group units' splits launch per SM of the GPU,
+# B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
+# retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
+# leave room for the selection chain beside them and spend less of their time starting up.
 CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0,
-          "local_programs": 0}
+          "local_programs_per_sm": 2}
+NOMINAL_SMS = 132
+"""SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,19 @@ def allocate_sparse_decode_workspace(max_batch: int, num_heads: int, head_dim: i
     return SparseDecodeWorkspace(partial_out, partial_lse, max_splits)
 
 
-def local_splits_for(batch: int, num_kv_heads: int, num_splits: int) -> int:
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (:data:`NOMINAL_SMS` off CUDA)."""
+    if device.type != "cuda":
+        return NOMINAL_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def local_splits_for(batch: int, num_kv_heads: int, num_splits: int, num_sms: int) -> int:
     """S_local, the splits per (sequence, KV head) of the KV-group units: ``num_splits`` (S) unless
-    ``CONFIG["local_programs"]`` bounds ``batch * num_kv_heads * S_local`` (a power of two, >= 1)."""
-    cap = CONFIG["local_programs"]
+    ``CONFIG["local_programs_per_sm"] * num_sms`` bounds ``batch * num_kv_heads * S_local`` (a power of
+    two, >= 1)."""
+    cap = CONFIG["local_programs_per_sm"] * num_sms
     if cap <= 0:
         return num_splits
     per_unit = max(cap // max(batch * num_kv_heads, 1), 1)
@@ -544,7 +557,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     scale_args = (k_scale, v_scale) if fp8 else (pl, pl)
     pdl = pdl_launch(q.device)
 
-    local_splits = local_splits_for(batch, num_kv_heads, num_splits)
+    local_splits = local_splits_for(batch, num_kv_heads, num_splits, sm_count(q.device))
 
     def launch_splits(first_unit: int, num_units: int, splits: int) -> None:
         if num_units == 0:
