@@ -27,8 +27,9 @@ KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, th
   then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
   decode step is the median difference over ``--steps`` (every request decodes from the first step:
   the prompts hit the cache), with the smallest and largest beside it. ``load`` and ``step`` outputs are
-  not detokenised (as ``vllm bench latency --disable-detokenize``): the random ids' incremental
-  detokenisation costs the host about 8 ms per request and step, longer than a batch-4 step on the GPU. RTPURBO's retrieval heads keep
+  not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
+  incremental detokenizer with its whole prompt, which its first output token then decodes on the host,
+  a cost that grows with the context and has nothing to do with attention. RTPURBO's retrieval heads keep
   about ``--keep`` of the blocks (default 0.03, the paper's decode sparsity; the artifact's ``top_p``,
   since dummy weights give flat indexer scores).
 

@@ -176,7 +176,8 @@ def test_replay_rows_on_the_cpu(bench, tmp_path):
 
 
 def test_requests_generate_a_fixed_length_without_detokenising(bench):
-    """Detokenising random ids costs the host more than a decode step on the GPU: timed runs skip it."""
+    """vLLM's detokenizer decodes a request's whole prompt at its first output token, host time that grows
+    with the context: timed runs skip detokenisation."""
     params = bench.fixed_length_params(257)
     assert (params.max_tokens, params.min_tokens, params.ignore_eos, params.temperature) == (257, 257, True, 0)
     assert params.detokenize is False
