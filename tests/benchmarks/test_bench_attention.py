@@ -57,12 +57,12 @@ def test_decode_sized_for_a_longer_max_model_len(bench_attention):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
-def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention):
+def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention, monkeypatch):
     """--kv-cache-dtype fp8: both sides read float8_e4m3fn pages (FA3 gets FP8 queries and descales);
     --max-num-seqs sizes the split scratch as the serving builder does, hence the splits per sequence."""
     m, seen = bench_attention, {}
-    m.fa3 = lambda q, k_cache, v_cache, *args, descale=None, **kwargs: seen.update(
-        dtypes=(q.dtype, k_cache.dtype, v_cache.dtype), descale=descale)
+    monkeypatch.setattr(m, "fa3", lambda q, k_cache, v_cache, *args, descale=None, **kwargs: seen.update(
+        dtypes=(q.dtype, k_cache.dtype, v_cache.dtype), descale=descale))
     length = 3 * m.BS + 17
     row = m.bench_decode(1, length, keep=0.25, device=torch.device("cpu"), repeats=1, max_num_seqs=2,
                          kv_cache_dtype="fp8")
