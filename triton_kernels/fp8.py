@@ -1,10 +1,17 @@
-"""Storing float32 values as float8_e4m3fn in the kernels (Triton device functions, no launcher).
+"""float8_e4m3fn values in the kernels: storing float32 as fp8, and the dtype attention dots read fp8
+K/V in (Triton device functions, no launcher).
 
 :func:`quantize_e4m3` is vLLM's ``reshape_and_cache_flash`` fp8 store: ``x / scale`` (IEEE division)
 in float32, saturated to +-448, rounded to nearest even. On the GPU the rounding is Triton's native
 fp32 -> fp8e4nv conversion (round to nearest even); under ``TRITON_INTERPRET=1``, whose fp8 downcast
 does not round correctly, an exact bit-level encoder (:func:`fp8e4m3_rne_bits`) does the same rounding
 (``MANUAL`` True). The plain-PyTorch twin is :func:`..paged_heads.quantize_fp8`.
+
+Attention over fp8 K/V dots in fp16 (:func:`fp16_dot_query`, :func:`fp16_dot_operand`): e4m3 converts to
+fp16 exactly in one instruction per pair of values on Hopper (to bf16 it takes three, through float32),
+and a bf16 query converts to fp16 exactly wherever fp16 is normal (``|q|`` in ``[2**-14, 65504]``;
+beyond it saturates, as vLLM's fp8 FA3 path saturates queries at 448). The softmax weights then multiply V in
+fp16 too, 10 mantissa bits against bf16's 7.
 """
 
 from __future__ import annotations
@@ -38,3 +45,15 @@ def quantize_e4m3(x, scale, MANUAL: tl.constexpr):
         return fp8e4m3_rne_bits(y).to(tl.float8e4nv, bitcast=True)
     else:
         return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def fp16_dot_query(q):
+    """``q`` (bf16/fp16) as fp16 for dots with fp8 keys, saturated to fp16's +-65504."""
+    return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def fp16_dot_operand(x):
+    """fp8e4nv ``x`` (keys or values) as fp16, exactly."""
+    return x.to(tl.float16)

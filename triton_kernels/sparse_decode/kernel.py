@@ -47,9 +47,9 @@ Retrieval units always read kind-0 heads through the kind-0 table; a KV-group un
 head's kind. Local units only ever enumerate sink and window tokens, so a window kind's pages outside
 them (vLLM's null block) are never read.
 
-FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and converted exactly to the
-query dtype for the dots (native conversion; the interpreter converts every finite e4m3fn value
-exactly too); ``k_scale`` is folded into the softmax scale and ``v_scale`` into each split's output.
+FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and the dots run in fp16 (the
+values converted exactly, the query saturated to fp16's range: :mod:`..fp8`); ``k_scale`` is folded
+into the softmax scale and ``v_scale`` into each split's output.
 
 Splits past a head's work return without writing; the combine reads only the valid ones. The
 KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import fp16_dot_operand, fp16_dot_query
 from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
@@ -201,12 +202,14 @@ def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws,
     head at ``kv_ptr + head_off`` (K at ``[0, D)``, V at ``[D, 2D)``), paged by ``bt_row``.
 
     Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
-    FP8 K/V are converted exactly to the query dtype; their scales live in ``qk_scale`` and the caller's
-    output factor.
+    FP8 K/V are dotted in fp16 (:mod:`..fp8`); their scales live in ``qk_scale`` and the caller's output
+    factor.
     """
     offs_d = tl.arange(0, D_PAD)
     mask_d = offs_d < D
     offs_t = tl.arange(0, TILE)
+    if FP8:
+        q = fp16_dot_query(q)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
@@ -225,8 +228,8 @@ def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws,
         k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
         v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
         if FP8:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            k = fp16_dot_operand(k)
+            v = fp16_dot_operand(v)
         s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
     return acc, l_i, m_i

@@ -27,10 +27,10 @@ from :class:`SparsePrefillWorkspace`:
    kept-block list as a list of virtual tokens (token ``i % BS`` of block ``kept[i // BS]``) in
    ``[TILE_Q, D] x [D, KV_TILE]`` tiles, so ``KV_TILE`` is free of BS: K and V of each kept block are
    loaded once (per-token page lookups through the kind-0 block table), online softmax in float32
-   (exp2), P in the K/V dtype for the second dot. The kept list is ascending and ends with the blocks
+   (exp2), P in the dot dtype of V for the second dot. The kept list is ascending and ends with the blocks
    holding the tile's own positions, so the loop runs in two parts: the whole tiles before them with no
-   mask at all, then the rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are converted
-   exactly to the query dtype; ``k_scale`` joins the softmax scale and ``v_scale`` the output factor.
+   mask at all, then the rest with the causal mask ``key_pos <= row_pos``. FP8 K/V are dotted in fp16
+   (:mod:`..fp8`); ``k_scale`` joins the softmax scale and ``v_scale`` the output factor.
 
 Variants: the constexprs and specialised arguments follow the model, the layer, the dtypes and the
 workspace, never the step (block-table row strides and the per-sequence arrays' alignment, views of
@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import fp16_dot_operand, fp16_dot_query
 from ..launch import interpreting
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
@@ -123,8 +124,8 @@ def _attend_tiles(acc, l_i, m_i, q, pos, last_pos, kv_ptr, kv_off, bt_row, kept_
             k = tl.load(k_ptrs)
             v = tl.load(k_ptrs + D)
         if FP8:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            k = fp16_dot_operand(k)
+            v = fp16_dot_operand(v)
         s = tile_scores(q, k, UPCAST_DOT) * qk_scale                                   # [TILE_Q, KV_TILE]
         if MASKED:
             s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
@@ -269,6 +270,7 @@ def _attend_kernel(plan_ptr, q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, sequse
         pos = first_pos + rows
         out_scale = 1.0
         if FP8:
+            q = fp16_dot_query(q)
             qk_scale = qk_scale * tl.load(k_scale_ptr)
             out_scale = tl.load(v_scale_ptr)
         kv_off = tl.multiple_of(tl.load(kv_off_ptr + h // G), OFF_ALIGN)
