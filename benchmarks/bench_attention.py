@@ -12,9 +12,10 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   and index queries (one launch) + block top-p + head-wise sparse decode, the local heads' part on a
   side stream beside block top-p (as served). ``--kv-cache-dtype fp8``: both read an FP8 K/V cache as
   vLLM serves one (FA3 with FP8 queries and descales, its ``FLASH_ATTN`` fp8 path, the queries quantised
-  outside the timed step; RTPURBO's kernels with ``k_scale``/``v_scale``; index keys stay bf16, the
-  served default). The sparse decode's split scratch is sized for ``--max-num-seqs`` sequences, as
-  the serving builder sizes it for vLLM's ``max_num_seqs``, which sets the splits per sequence.
+  outside the timed step; RTPURBO's kernels with ``k_scale``/``v_scale``, its index keys in e4m3 as
+  served with an fp8 cache unless ``--index-key-dtype`` says otherwise). The sparse decode's split
+  scratch is sized for ``--max-num-seqs`` sequences, as the serving builder sizes it for vLLM's
+  ``max_num_seqs``, which sets the splits per sequence.
   Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each
   sequence's blocks are planted as the indexer's hot blocks (the paper measures > 97% decode sparsity
   at 512K, i.e. about 3% kept); the share top-p really kept is printed. Both sides are timed as
@@ -51,6 +52,7 @@ from rtpurbo_vllm.bench.kernel_config import applied, apply_overrides, parse_ove
 from rtpurbo_vllm.bench.timing import (format_timeline, profile_cuda_graph, replay_timeline, time_cuda_graph,
                                       time_eager)
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
+from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, index_key_dtype
 from rtpurbo_vllm.outputs import write_figure, write_json
 from rtpurbo_vllm.rope import apply_rope
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
@@ -64,7 +66,6 @@ from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 
 DTYPE = dtype()
 KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn}     # --kv-cache-dtype, as vLLM names them
-INDEX_KEY_BYTES = 2                     # bf16 index keys
 VLLM_MAX_NUM_SEQS = 1024                # vLLM's default max_num_seqs on an H100/H200 (the --max-num-seqs default)
 H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
 PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (one layer's call, not a server's chunk)
@@ -156,13 +157,17 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
 
 
 def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None,
-                 max_num_seqs: int | None = None, kv_cache_dtype: str = "auto") -> dict:
+                 max_num_seqs: int | None = None, kv_cache_dtype: str = "auto", index_keys: str = "auto") -> dict:
     """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
     serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``; its
-    split scratch by ``max_num_seqs`` (default ``batch``); ``kv_cache_dtype`` a key of :data:`KV_DTYPES`."""
+    split scratch by ``max_num_seqs`` (default ``batch``); ``kv_cache_dtype`` a key of :data:`KV_DTYPES`;
+    ``index_keys`` the index keys' storage, one of :data:`~rtpurbo_vllm.kv_cache.layout.INDEX_KEY_DTYPES`
+    as the serving option ``index_key_dtype``."""
     kv_dtype = KV_DTYPES[kv_cache_dtype]
+    fp8 = kv_dtype != DTYPE
+    index_dtype = index_key_dtype(index_keys, DTYPE, torch.uint8 if fp8 else DTYPE)
     key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device, kv_dtype)
-    inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device)
+    inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device, index_dtype)
     q, positions, table, heads, w_q, q_idx = (inputs.q, inputs.positions, inputs.rope_table, inputs.heads,
                                               inputs.w_q, inputs.q_idx)
     seq_lens, index, index_table = inputs.seq_lens, inputs.index, inputs.index_table
@@ -177,7 +182,6 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     attn_ws = allocate_sparse_decode_workspace(max_num_seqs, HQ, D, device=device)
     splits = attn_ws.splits_for_batch(batch)
     kv_tables = [kv.table(0, block_table)]
-    fp8 = kv_dtype != DTYPE
     kv_scale = torch.ones(1, dtype=torch.float32, device=device) if fp8 else None
     descale = torch.ones(batch, HKV, dtype=torch.float32, device=device) if fp8 else None
     q_fa3 = q.to(kv_dtype)
@@ -205,20 +209,22 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
-            "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs, "splits": splits,
+            "kv_cache_dtype": kv_cache_dtype, "index_key_dtype": index_keys, "index_key_bytes": index_dtype.itemsize,
+            "max_num_seqs": max_num_seqs, "splits": splits,
             "local_splits": local_splits_for(batch, HKV, splits, sm_count(device)),
             "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
-            "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize),
+            "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize,
+                                  index_dtype.itemsize),
             "rtpurbo_kernels": timeline}
 
 
-def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2) -> dict[str, int]:
+def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2, index_bytes: int = 2) -> dict[str, int]:
     """Bytes one decode step of one layer must read from HBM, at the least.
 
     Args:
         batch: sequences, each ``length`` tokens long.
         kept_blocks: blocks block top-p kept, summed over sequences and retrieval heads.
-        kv_bytes: bytes of one K or V element (2: bf16, 1: fp8); index keys are bf16.
+        kv_bytes: bytes of one K or V element (2: bf16, 1: fp8); index_bytes: of one index-key element.
 
     Returns:
         ``fa3``: K and V of every KV head over the whole context; ``rtpurbo``: K and V of the sink and
@@ -228,7 +234,7 @@ def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2) -
     kv_token = 2 * D * kv_bytes                                               # K and V of one token, one KV head
     local_kv_heads = len({h // (HQ // HKV) for h in range(HQ) if h not in RETRIEVAL})
     window = batch * min(length, SINK + WINDOW) * local_kv_heads * kv_token
-    index = batch * length * len(RETRIEVAL) * DI * INDEX_KEY_BYTES
+    index = batch * length * len(RETRIEVAL) * DI * index_bytes
     kept = kept_blocks * BS * kv_token
     return {"fa3": batch * length * HKV * kv_token, "rtpurbo": window + index + kept,
             "rtpurbo_window": window, "rtpurbo_index": index, "rtpurbo_kept": kept}
@@ -311,6 +317,9 @@ def main(argv=None) -> int:
                              "--max-model-len does (default: each context itself)")
     parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto",
                         help="decode: the K/V cache of both sides, as vLLM's --kv-cache-dtype (default auto: bf16)")
+    parser.add_argument("--index-key-dtype", choices=INDEX_KEY_DTYPES, default="auto",
+                        help="decode: RTPURBO's index keys, as the serving option index_key_dtype (default auto: "
+                             "e4m3 with an fp8 cache, else bf16)")
     parser.add_argument("--max-num-seqs", metavar="N", type=int, default=VLLM_MAX_NUM_SEQS,
                         help="decode: size the sparse decode's split scratch as a server with this max_num_seqs "
                              "does (default %(default)s, vLLM's on an H100/H200)")
@@ -353,14 +362,15 @@ def main(argv=None) -> int:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
             rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
-                                                   max_model_len, args.max_num_seqs, args.kv_cache_dtype),
+                                                   max_model_len, args.max_num_seqs, args.kv_cache_dtype,
+                                                   args.index_key_dtype),
                                       args.peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     variant_rows = time_variants(variants, [r for r in rows if r["phase"] == "decode"],
                                  lambda batch, length: bench_decode(batch, length, args.keep, device, args.repeats,
                                                                     max_model_len, args.max_num_seqs,
-                                                                    args.kv_cache_dtype))
+                                                                    args.kv_cache_dtype, args.index_key_dtype))
     out = Path(args.out)
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
@@ -370,6 +380,7 @@ def main(argv=None) -> int:
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median; decode: K/V cache {args.kv_cache_dtype}, "
+          f"index keys {args.index_key_dtype}, "
           f"split scratch for max_num_seqs {args.max_num_seqs}"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
     if overrides:

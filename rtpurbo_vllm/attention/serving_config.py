@@ -11,9 +11,11 @@ full K/V only for the KV heads of retrieval heads, sink + window K/V for the oth
 step is measured within 5 % of the full layout's). :func:`serving_kv_layout` plans the layout once per
 process (every layer installs its share of the same layout).
 
-``{"rtpurbo": {"index_key_dtype": "fp8_e4m3"}}`` stores the index keys in one byte per value instead of
-the model's dtype (:func:`~rtpurbo_vllm.kv_cache.index_key_dtype`; opt-in: measure the routing with
-``rtpurbo-calibrate evaluate --index-key-dtype fp8_e4m3`` first).
+The index keys follow the K/V cache's precision: one byte per value (e4m3) with ``--kv-cache-dtype fp8``,
+the model's dtype otherwise (:func:`~rtpurbo_vllm.kv_cache.index_key_dtype`). ``{"rtpurbo":
+{"index_key_dtype": "model"}}`` keeps them in the model's dtype under an fp8 cache, ``"fp8_e4m3"`` stores
+them in e4m3 under a bf16 one (measure the routing with ``rtpurbo-calibrate evaluate --index-key-dtype
+fp8_e4m3`` first).
 
 ``{"rtpurbo": {"top_p": 0.85, "prefill_top_p": 0.95}}`` overrides the artifact's decode and prefill
 top-p at serve time (:data:`PARAM_OVERRIDES`; each checked by the artifact's rules, ``PARAM_RULES``);
@@ -59,7 +61,8 @@ def kv_layout_for(vllm_config) -> str:
 
 
 def index_key_dtype_for(vllm_config) -> str:
-    """How this engine stores the index keys: ``"auto"`` (default, the model's dtype) or ``"fp8_e4m3"``."""
+    """How this engine stores the index keys: ``"auto"`` (default, the K/V cache's precision), ``"model"``
+    or ``"fp8_e4m3"`` (:data:`~rtpurbo_vllm.kv_cache.INDEX_KEY_DTYPES`)."""
     setting = _options(vllm_config).get("index_key_dtype", "auto")
     if setting not in INDEX_KEY_DTYPES:
         raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.index_key_dtype' must be one of "
@@ -119,14 +122,14 @@ def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtyp
         artifact: the serving artifact.
         name: ``"compact"`` or ``"full"``.
         kv_dtype: the K/V cache's torch dtype (``torch.uint8`` for fp8 caches).
-        model_dtype: the model's activation dtype (the index keys', unless :func:`index_key_dtype_for`
-            says fp8).
+        model_dtype: the model's activation dtype (the index keys' with a bf16/fp16 cache, unless
+            :func:`index_key_dtype_for` says fp8).
     """
     from rtpurbo_vllm.attention.tp import tp_rank_and_size
 
     rank, size = tp_rank_and_size()
     block_unit = vllm_config.cache_config.block_size
-    index_dtype = index_key_dtype(index_key_dtype_for(vllm_config), model_dtype)
+    index_dtype = index_key_dtype(index_key_dtype_for(vllm_config), model_dtype, kv_dtype)
     key = (id(artifact), name, kv_dtype, index_dtype, rank, size, block_unit)
     if key not in _KV_LAYOUTS:
         _KV_LAYOUTS[key] = KVLayout.from_artifact(artifact, name=name, kv_dtype=kv_dtype, index_dtype=index_dtype,

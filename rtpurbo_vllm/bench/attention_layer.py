@@ -88,14 +88,15 @@ class DecodeIndexInputs:
 
 
 def decode_index_inputs(batch: int, length: int, keep: float, block_table, num_pages: int,
-                        device) -> DecodeIndexInputs:
+                        device, index_dtype=None) -> DecodeIndexInputs:
     """A decode step of ``batch`` sequences of ``length`` tokens over ``block_table``'s pages: random
     queries, their index queries, and index keys with ``keep`` of each sequence's blocks planted hot
-    (:func:`plant_hot_blocks`, a fixed generator)."""
+    (:func:`plant_hot_blocks`, a fixed generator), stored in ``index_dtype`` (default the model's dtype;
+    ``torch.uint8``: unscaled e4m3 bytes, as a cache with fp8 index keys stores them)."""
     import torch
 
     from rtpurbo_vllm.triton_kernels.index_keys import index_queries, rope_table
-    from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
+    from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads, quantize_fp8
 
     q = torch.randn(batch, HQ, D, dtype=dtype(), device=device)
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
@@ -107,6 +108,8 @@ def decode_index_inputs(batch: int, length: int, keep: float, block_table, num_p
     index_cache = torch.empty(num_pages, PAGE, len(RETRIEVAL), DI, dtype=dtype(), device=device)
     index_queries(q, positions, table, heads, w_q, q_idx, is_neox_style=True)
     plant_hot_blocks(q_idx, index_cache, block_table, length, keep, torch.Generator().manual_seed(0))
+    if index_dtype == torch.uint8:
+        index_cache = quantize_fp8(index_cache, 1.0)
     index = PagedHeads.single(index_cache)
     return DecodeIndexInputs(q=q, positions=positions, rope_table=table, heads=heads, w_q=w_q, q_idx=q_idx,
                              index=index, index_table=index.table(0, block_table), seq_lens=seq_lens)

@@ -248,16 +248,18 @@ def predict_kv_capacity(retrieval_heads: Sequence[Sequence[int]], num_heads: int
     sequence, without vLLM's chunked-prefill admission reserve).
 
     Sinks, window, dense threshold and DI come from ``params`` (default :class:`SparsityParams`); index
-    keys are bf16.
+    keys as served by default (:func:`~rtpurbo_vllm.kv_cache.index_key_dtype`: bf16 beside a bf16 cache,
+    e4m3 beside an fp8 one).
     """
     from rtpurbo_vllm.head_layout import HeadLayout
-    from rtpurbo_vllm.kv_cache.layout import FULL, KVLayout
+    from rtpurbo_vllm.kv_cache.layout import FULL, KVLayout, index_key_dtype
 
     params = params or SparsityParams()
     heads = HeadLayout.from_lists(num_heads, num_kv_heads, retrieval_heads)
     ratios = {}
     for name, kv_dtype in (("bf16", torch.bfloat16), ("fp8", torch.uint8)):
-        layout = KVLayout.build(heads, head_size=head_dim, kv_dtype=kv_dtype, index_dtype=torch.bfloat16,
+        layout = KVLayout.build(heads, head_size=head_dim, kv_dtype=kv_dtype,
+                                index_dtype=index_key_dtype("auto", torch.bfloat16, kv_dtype),
                                 index_dim=params.index_dim, sink_tokens=params.sink_tokens, window=params.window,
                                 dense_threshold=params.dense_threshold)
         ratios[name] = round(layout.capacity_ratio(context), 3)

@@ -3,7 +3,7 @@
 Per tensor-parallel rank, a KV head whose query heads include a retrieval head keeps the whole
 history (a *full* KV head); every other KV head keeps only the sink tokens and the last ``window``
 tokens (a *window* KV head); every retrieval query head keeps a ``DI``-dim index key per token (in the
-model's dtype, or in fp8: :func:`index_key_dtype`).
+model's dtype, or in fp8, by default with an fp8 K/V cache: :func:`index_key_dtype`).
 
 vLLM's KV-cache manager groups cache layers by equal spec, gives each group one block table, and
 backs a block id by one page in each of ``group_size`` shared tensors; groups of unequal size pad
@@ -57,18 +57,22 @@ DEFAULT_MAX_SCHEDULER_BLOCK = 4096
 DEFAULT_REFERENCE_TOKENS = 131072
 # Index-slot padding is weighed against page size at this context length (see plan_block_sizes).
 PAGE_REFERENCE_TOKENS = 16384
-INDEX_KEY_DTYPES = ("auto", "fp8_e4m3")
-"""Storage of the index keys: ``"auto"`` the model's activation dtype, ``"fp8_e4m3"`` one byte per value
-(uint8 bytes of unscaled float8_e4m3fn, saturated at +-448)."""
+INDEX_KEY_DTYPES = ("auto", "model", "fp8_e4m3")
+"""Storage of the index keys: ``"model"`` the model's activation dtype, ``"fp8_e4m3"`` one byte per value
+(uint8 bytes of unscaled float8_e4m3fn, saturated at +-448), ``"auto"`` (the default) the K/V cache's
+precision: e4m3 with an fp8 K/V cache (whose keys vLLM stores unscaled too, at its default ``k_scale`` of
+1), the model's dtype otherwise."""
 
 
-def index_key_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The index units' torch dtype for ``setting`` (one of :data:`INDEX_KEY_DTYPES`). e4m3 halves the index
-    keys' bytes; on the two test models it keeps the decode recall (``rtpurbo-calibrate evaluate
-    --index-key-dtype``), but its 3-bit mantissa moves block masses where index scores are large."""
+def index_key_dtype(setting: str, model_dtype: torch.dtype, kv_dtype: torch.dtype) -> torch.dtype:
+    """The index units' torch dtype for ``setting`` (one of :data:`INDEX_KEY_DTYPES`), the model's activation
+    dtype and the K/V cache's (``torch.uint8`` for fp8 caches). e4m3 halves the index keys' bytes; on the
+    two test models it keeps the decode recall (``rtpurbo-calibrate evaluate --index-key-dtype``), but its
+    3-bit mantissa moves block masses where index scores are large."""
     if setting not in INDEX_KEY_DTYPES:
         raise ValueError(f"unknown index key dtype {setting!r}; expected one of {INDEX_KEY_DTYPES}")
-    return torch.uint8 if setting == "fp8_e4m3" else model_dtype
+    fp8 = setting == "fp8_e4m3" or (setting == "auto" and kv_dtype == torch.uint8)
+    return torch.uint8 if fp8 else model_dtype
 
 
 @dataclass(frozen=True)

@@ -247,15 +247,17 @@ def decode_reference(q, k, v, q_pre, k_pre, heads, w_q, w_k, p, scale, kernel_bl
     ("full", "hand", "auto", 1.0, "auto"), ("compact", "hand", "auto", 1.0, "auto"),
     ("compact", "manager", "auto", 1.0, "auto"), ("compact", "hand", "fp8", 1.0, "auto"),
     ("full", "hand", "fp8_e4m3", 1.0, "auto"), ("full", "hand", "auto", 0.5, "auto"),
-    ("compact", "hand", "fp8", 0.5, "auto"), ("compact", "hand", "fp8", 0.5, "fp8_e4m3")])
+    ("compact", "hand", "fp8", 0.5, "auto"), ("compact", "hand", "fp8", 0.5, "model"),
+    ("full", "hand", "auto", 0.5, "fp8_e4m3")])
 def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case, dense_threshold, kv_layout, blocks,
                                 kv_cache_dtype, prefill_top_p, index_key_dtype):
     """``blocks``: hand-built block tables, or tables from vLLM's KV-cache manager (compact layout with
     three groups only: with every KV head full there is one group). FP8 caches: the reference reads
     K/V quantised as the cache stores them. ``prefill_top_p < 1``: the retrieval heads' prefill rows
     see, per query tile of 16 rows, the sink, diagonal and top-p blocks of the tile's index queries
-    (the selection's inputs as the step computed and stored them). ``index_key_dtype`` fp8_e4m3: the
-    index keys in one byte per value, the decode's blocks judged on the scores of the stored keys."""
+    (the selection's inputs as the step computed and stored them). Index keys in one byte per value
+    (``index_key_dtype`` fp8_e4m3, or auto with an fp8 cache): the decode's blocks judged on the scores
+    of the stored keys."""
     from vllm.forward_context import set_forward_context
 
     from rtpurbo_vllm.attention import builder as builder_module
@@ -269,7 +271,9 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
     names = tuple(layer.layer_name for layer in layers)
     layout = layers[0].impl.kv.layout
     spec = RopeSpec.from_hf_config(engine.model_config.hf_text_config)
-    fp8, fp8_index = kv_cache_dtype != "auto", index_key_dtype == "fp8_e4m3"
+    fp8 = kv_cache_dtype != "auto"
+    fp8_index = index_key_dtype == "fp8_e4m3" or (fp8 and index_key_dtype == "auto")
+    assert (layout.units["index"].dtype == torch.uint8) == fp8_index
     if blocks == "manager" and not layout.has("window"):
         pytest.skip("every KV head is full: one KV-cache group, covered with hand-built tables")
     managed, managed_pages = manager_block_tables(engine) if blocks == "manager" else (None, None)
@@ -444,8 +448,9 @@ def test_kv_layout_option(tmp_path, cpu_platform, seed):
 
 
 def test_index_key_dtype_option(tmp_path, cpu_platform, seed):
-    """``index_key_dtype``: "auto" (the model's dtype, the default) or "fp8_e4m3" (one byte per value, the
-    index units uint8); anything else is refused naming the option and its values."""
+    """``index_key_dtype``: "auto" (the default: one byte per value, the index units uint8, with an fp8
+    K/V cache, else the model's dtype), "model" (the model's dtype) or "fp8_e4m3" (one byte per value);
+    anything else is refused naming the option and its values."""
     from rtpurbo_vllm.artifacts import ArtifactError
     from rtpurbo_vllm.attention.serving_config import index_key_dtype_for, serving_kv_layout, serving_artifact
     from rtpurbo_vllm.kv_cache import INDEX
@@ -456,10 +461,15 @@ def test_index_key_dtype_option(tmp_path, cpu_platform, seed):
     assert layout.units[INDEX].dtype == torch.uint8
     engine.additional_config = {"rtpurbo": {}}
     assert index_key_dtype_for(engine) == "auto"
+    for kv_dtype, index_dtype in ((torch.uint8, torch.uint8), (torch.bfloat16, torch.bfloat16)):
+        layout = serving_kv_layout(engine, serving_artifact(engine), "compact", kv_dtype, torch.bfloat16)
+        assert layout.units[INDEX].dtype == index_dtype
+    engine.additional_config = {"rtpurbo": {"index_key_dtype": "model"}}
     assert serving_kv_layout(engine, serving_artifact(engine), "compact", torch.uint8,
-                             torch.bfloat16).units[INDEX].dtype == torch.bfloat16       # fp8 K/V alone: bf16 keys
+                             torch.bfloat16).units[INDEX].dtype == torch.bfloat16
     engine.additional_config = {"rtpurbo": {"index_key_dtype": "fp8"}}
-    with pytest.raises(ArtifactError, match=r"index_key_dtype' must be one of \['auto', 'fp8_e4m3'\], got 'fp8'"):
+    with pytest.raises(ArtifactError,
+                       match=r"index_key_dtype' must be one of \['auto', 'model', 'fp8_e4m3'\], got 'fp8'"):
         index_key_dtype_for(engine)
 
 

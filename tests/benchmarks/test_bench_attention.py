@@ -58,8 +58,9 @@ def test_decode_sized_for_a_longer_max_model_len(bench_attention):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
 def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention, monkeypatch):
-    """--kv-cache-dtype fp8: both sides read float8_e4m3fn pages (FA3 gets FP8 queries and descales);
-    --max-num-seqs sizes the split scratch as the serving builder does, hence the splits per sequence."""
+    """--kv-cache-dtype fp8: both sides read float8_e4m3fn pages (FA3 gets FP8 queries and descales) and
+    RTPURBO's index keys are e4m3 as served (bf16 with --index-key-dtype model); --max-num-seqs sizes the
+    split scratch as the serving builder does, hence the splits per sequence."""
     m, seen = bench_attention, {}
     monkeypatch.setattr(m, "fa3", lambda q, k_cache, v_cache, *args, descale=None, **kwargs: seen.update(
         dtypes=(q.dtype, k_cache.dtype, v_cache.dtype), descale=descale))
@@ -71,7 +72,12 @@ def test_decode_reads_an_fp8_cache_with_a_servers_split_count(bench_attention, m
     assert row["splits"] == 64                                     # 2 x 32 slots for one sequence
     assert row["local_splits"] == 32                               # 2 programs per SM (132): 8 KV heads x 32
     assert row["bytes"]["fa3"] == length * m.HKV * 2 * m.D         # one byte per K or V element
+    assert row["index_key_dtype"] == "auto" and row["index_key_bytes"] == 1
+    assert row["bytes"]["rtpurbo_index"] == length * len(m.RETRIEVAL) * m.DI
     assert 0.0 < row["kept_block_share"] <= 1.0
+    bf16_keys = m.bench_decode(1, length, keep=0.25, device=torch.device("cpu"), repeats=1, kv_cache_dtype="fp8",
+                               index_keys="model")
+    assert bf16_keys["index_key_bytes"] == 2 and bf16_keys["kept_block_share"] == row["kept_block_share"]
 
 
 def test_decode_bytes_and_bandwidth(bench_attention):
@@ -90,6 +96,7 @@ def test_decode_bytes_and_bandwidth(bench_attention):
     fp8 = m.decode_bytes(batch=2, length=length, kept_blocks=10, kv_bytes=1)        # K/V halve, index keys stay
     assert (fp8["fa3"], fp8["rtpurbo_window"], fp8["rtpurbo_index"]) == (got["fa3"] // 2, got["rtpurbo_window"] // 2,
                                                                          got["rtpurbo_index"])
+    assert m.decode_bytes(2, length, 10, kv_bytes=1, index_bytes=1)["rtpurbo_index"] == got["rtpurbo_index"] // 2
     row = m.add_bandwidth({"fa3_ms": 2.0, "rtpurbo_ms": 0.5, "bytes": {"fa3": 4e9, "rtpurbo": 1e9}}, 4e12)
     assert row["fa3_tb_per_s"] == pytest.approx(2.0) and row["rtpurbo_tb_per_s"] == pytest.approx(2.0)
     assert row["fa3_peak_share"] == pytest.approx(0.5) and row["rtpurbo_peak_share"] == pytest.approx(0.5)
