@@ -4,8 +4,8 @@ Each configuration is ``BACKEND:KV_DTYPE[:SELECTION[:LAYOUT[:INDEX]]]``: ``FLASH
 ``FLASH_ATTN:fp8``, ``RTPURBO:auto:kvgroup15``, ``RTPURBO:fp8:n1:compact``... ``SELECTION`` is the synthetic
 artifact's head selection (``global15``: the global top 15 % of query heads, ``kvgroup15``: 15 % of KV
 groups, ``n1``: one retrieval KV head per layer; random heads, as for dummy weights), ``LAYOUT`` RTPURBO's
-KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, the default, or
-``fp8_e4m3``: ``--additional-config`` ``index_key_dtype``).
+KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, the default: e4m3 with an
+fp8 cache, else the model's dtype; ``model`` or ``fp8_e4m3``: ``--additional-config`` ``index_key_dtype``).
 
 * ``capacity``: the engine starts and reports its KV pool: vLLM's logged KV tokens and maximum
   concurrency (start-up arithmetic, which reserves a chunked prefill's in-flight window), and the
@@ -23,10 +23,11 @@ KV layout (default ``compact``), ``INDEX`` its index keys' storage (``auto``, th
   (:mod:`rtpurbo_vllm.bench.capacity_replay`) for a pool of ``--kv-memory-gib`` (what the GPU run
   profiled), with ``vllm serve``'s scheduler settings on an H100/H200 (``--max-num-batched-tokens``
   8192, async scheduling); it also gives vLLM's logged KV tokens for that pool, to check against the GPU's.
-* ``step``: ``--batch`` prompts of ``--context`` random tokens, prefilled once into the prefix cache,
-  then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times in turn; the
-  decode step is the median difference over ``--steps`` (every request decodes from the first step:
-  the prompts hit the cache), with the smallest and largest beside it. ``load`` and ``step`` outputs are
+* ``step``: per ``--batch`` B, the first B of one set of prompts of ``--context`` random tokens (so
+  the prefix cache holds the largest batch's prompts, not every batch's), prefilled once into the
+  prefix cache, then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times
+  in turn; the decode step is the median difference over ``--steps`` (every request decodes from the
+  first step: the prompts hit the cache), with the smallest and largest beside it. ``load`` and ``step`` outputs are
   not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
   incremental detokenizer with its whole prompt, which its first output token then decodes on the host,
   a cost that grows with the context and has nothing to do with attention. RTPURBO's retrieval heads keep
@@ -143,7 +144,7 @@ def held_sequences(llm, cfg: dict, context: int) -> float:
 
     kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
     layout = KVLayout.from_artifact(serving_artifact(vllm_config), name=cfg["layout"], kv_dtype=kv_dtype,
-                                    index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16),
+                                    index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16, kv_dtype),
                                     block_unit=vllm_config.cache_config.block_size)
     return num_blocks * layout.bytes_per_block / layout.bytes_per_sequence(context)
 
@@ -197,7 +198,7 @@ def replay_row(cfg: dict, args) -> dict:
         artifact = load_artifact(path / f"rtpurbo-{cfg['selection']}")
         kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
         layout = KVLayout.from_artifact(artifact, name=cfg["layout"], kv_dtype=kv_dtype,
-                                        index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16))
+                                        index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16, kv_dtype))
         names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layout.num_layers))
         specs = collected_specs(layout, names, cfg["kv_dtype"], config)
     replayed = replay_held(config, specs, settings)
@@ -236,8 +237,9 @@ def run_one(args) -> dict:
                 **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps, args.load_seconds)}
 
     steps, spread, profiles = {}, {}, {}
+    shared = random_prompts(max(args.batch), seed=1)
     for batch in args.batch:
-        prompts = random_prompts(batch, seed=batch)
+        prompts = shared[:batch]
 
         def timed(max_tokens):
             start = time.perf_counter()

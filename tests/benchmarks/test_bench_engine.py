@@ -181,3 +181,29 @@ def test_requests_generate_a_fixed_length_without_detokenising(bench):
     params = bench.fixed_length_params(257)
     assert (params.max_tokens, params.min_tokens, params.ignore_eos, params.temperature) == (257, 257, True, 0)
     assert params.detokenize is False
+
+
+def test_step_batches_share_their_prompts(bench, tmp_path, monkeypatch, capsys):
+    """``step``: each batch generates the first B of one set of prompts, so the prefix cache holds the
+    largest batch's prompts (every batch's own prompts would not stay cached where the pool fits only
+    the largest batch); per batch one prefill, then ``--repeats`` pairs of runs."""
+    calls = []
+
+    class FakeLLM:
+        llm_engine = type("Engine", (), {"vllm_config": type("Config", (), {
+            "cache_config": type("Cache", (), {"num_gpu_blocks": 10})()})()})()
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append((tuple(tuple(p["prompt_token_ids"]) for p in prompts), params.max_tokens))
+
+    monkeypatch.setattr(bench, "model_dir", lambda *args: tmp_path)
+    monkeypatch.setattr(bench, "engine", lambda *args: FakeLLM())
+    monkeypatch.setattr(bench, "held_sequences", lambda *args: 1.0)
+    assert bench.main(["step", "--one", "FLASH_ATTN:auto", "--out", str(tmp_path), "--context", "8", "--batch", "1",
+                       "4", "--repeats", "2", "--steps", "3"]) == 0
+    row = json.loads(capsys.readouterr().out.split("ROW ", 1)[1])
+    assert set(row["decode_step_ms"]) == {"1", "4"}
+    assert [len(p) for p, _ in calls] == [1] * 5 + [4] * 5
+    assert [n for _, n in calls[:5]] == [1, 4, 1, 4, 1]
+    first, largest = calls[0][0], calls[5][0]
+    assert first == largest[:1] and len(set(largest)) == 4 and all(len(t) == 8 for t in largest)
