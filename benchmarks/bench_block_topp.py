@@ -3,7 +3,7 @@ of the swept settings, split into its two kernels (block stats, selection) as th
 
 The settings are ``block_topp.kernel.CONFIG``'s: ``search_bits`` (bits of the threshold found per
 selection step; 1 is the binary search), ``select_chunk`` (blocks one selection program holds in
-registers; a longer row re-reads the workspace twice per step), ``select_warps`` (its warps; 0: by the
+registers; a longer row re-reads the workspace once per step), ``select_warps`` (its warps; 0: by the
 chunk), ``stats_blocks_per_prog``,
 ``stats_tokens_per_iter`` and ``stats_stages`` (selection blocks one stats program scores, tokens per
 iteration of its loop, that loop's pipelining depth). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5

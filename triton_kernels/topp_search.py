@@ -18,16 +18,16 @@ bracket ``[lo, hi)`` of bit patterns with ``lo`` reached and ``hi`` not. It star
 own range ``[smallest, largest + 1)`` when all candidates together reach ``top_p`` (``S`` at the
 smallest is the whole candidate mass, above the largest it is 0), from ``[-1, 0)`` ("keep all") when
 they do not, and from ``[+inf bits - 1, +inf bits)`` (no candidate) when the forced mass alone does.
-Each step evaluates the ``K = 2**SEARCH_BITS - 1`` interior thresholds
-``t_k = lo + floor(k * (hi - lo) / 2**SEARCH_BITS)`` with one reduction of a
-``[2**SEARCH_BITS, CHUNK]`` where-tensor over its block axis (the candidate mass ``>= t_k`` for every
-``k`` at once; the last lane, ``t_{K+1} = hi``, pads it to a power of two, and ``SEARCH_BITS = 1``
-has the one lane ``lo + floor((hi - lo) / 2)``, the binary search's midpoint), narrows the bracket
-to ``[t_n, t_{n+1})`` with ``n`` the largest reached ``k`` (``t_0 = lo``; a threshold that a narrow
-bracket puts on ``lo`` counts as reached), then shrinks it to the candidate values inside,
-``[smallest, largest + 1)`` (one more reduction: ``S`` is the same at both ends, so the invariant
-holds, and the bracket is never empty, as ``S(lo) > S(hi)``). The search ends when the bracket holds
-one value, ``tau = lo``: the width shrinks by ``2**SEARCH_BITS`` or more per step, so within
+Each step cuts the bracket into ``2**SEARCH_BITS`` sub-brackets ``[t_k, t_{k+1})``,
+``t_k = lo + floor(k * (hi - lo) / 2**SEARCH_BITS)`` (``t_0 = lo``, the last ``t`` is ``hi``), and
+makes one reduction over the row of a ``[2**SEARCH_BITS, CHUNK]`` tuple: per sub-bracket, the
+candidate mass ``>= t_k`` and how far the candidates inside it reach into it (its smallest and largest
+candidate value). It takes ``[t_n, t_{n+1})`` with ``n`` the largest reached ``k`` (``t_0 = lo`` is
+reached, and so is a ``t_k`` that a narrow bracket puts on ``lo``), shrunk to the candidate values
+inside, ``[smallest, largest + 1)`` (``S`` is the same at both ends, so the invariant holds, and the
+bracket is never empty, as ``S(lo) > S(hi)``): the reduction that finds the threshold also shrinks the
+bracket, one round of the program's warps per step. The search ends when the bracket holds one
+value, ``tau = lo``: the width shrinks by ``2**SEARCH_BITS`` or more per step, so within
 ``ceil(31 / SEARCH_BITS)`` steps, and in practice after about ``log2`` of the number of candidates (the
 binary search: 10 to 16 steps over 2K to 8K blocks; 3 bits: 4 to 6). The thresholds are split with
 int32 arithmetic that cannot overflow (:func:`_split_point`). ``tau`` is the one bit pattern where
@@ -36,15 +36,14 @@ in a fixed order is monotone in its terms), so every ``SEARCH_BITS`` keeps the s
 the reductions add the blocks in the same order (they do where the blocks sit on the same threads;
 another order could only move ``tau`` where ``F + S(t)`` is within rounding of ``top_p``).
 
-The threshold axis is the leading one so that the compiler spreads the blocks over the threads as in
+The sub-bracket axis is the leading one so that the compiler spreads the blocks over the threads as in
 the row's own 1-D tensors and keeps a block's ``2**SEARCH_BITS`` comparisons in one thread: no
 shared-memory exchange of the row per step, and the row stays in registers (``2**SEARCH_BITS *
-CHUNK / threads`` where-values per thread per step, fused into the reduction; 4 bits at ``CHUNK`` 4096
-and 8 warps compile for sm_90 without spills). A row of at most ``CHUNK`` blocks keeps its masses in
-registers through the search; a longer one re-reads them from memory twice per step (all thresholds
-in one pass, the bracket's shrinking in the other). More bits per step
-mean fewer serial block-wide reductions (the latency of a lone program at batch 1) for ``2**SEARCH_BITS``
-times the arithmetic per step; the launchers take the value from a tunable setting.
+CHUNK / threads`` values per thread per step, fused into the reduction). A row of at most ``CHUNK``
+blocks keeps its masses in registers through the search; a longer one re-reads them from memory once
+per step. More bits per step mean fewer serial block-wide reductions (the latency of a lone program at
+batch 1) for ``2**SEARCH_BITS`` times the arithmetic per step; the launchers take the value from a
+tunable setting.
 
 Shared by the decode selection (``block_topp``: the forced tail is the last block,
 ``first_tail_block = num_blocks - 1``) and the prefill selection (``sparse_prefill``: the forced tail is
@@ -89,64 +88,59 @@ def _candidate_bits(mass, candidate):
 
 
 @triton.jit
-def _mass_at_least(bits, mass, bounds):
-    """``[K, 1]`` sums of ``mass`` ``[1, N]`` over the entries whose ``bits`` ``[1, N]`` are ``>= bounds[k]``
-    (``bounds`` ``[K, 1]``): one reduction of a ``[K, N]`` where-tensor over its second axis."""
-    return tl.sum(tl.where(bits >= bounds, mass, 0.0), axis=1, keep_dims=True)
+def _min_min_sum(a_lo, a_hi, a_mass, b_lo, b_hi, b_mass):
+    return tl.minimum(a_lo, b_lo), tl.minimum(a_hi, b_hi), a_mass + b_mass
 
 
 @triton.jit
-def _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
-                             global_max, inv_total, bounds, CHUNK: tl.constexpr):
-    """``[K, 1]`` sums of the non-forced masses whose bit pattern is ``>= bounds[k]`` (``bounds`` ``[K, 1]``),
-    re-read chunk by chunk as ``[1, CHUNK]`` rows (one pass over the row for all ``K`` bounds)."""
-    total = tl.zeros(bounds.shape, tl.float32)
+def _lane_stats(bits, mass, lower, upper):
+    """Per lane ``k`` (``lower``, ``upper`` ``[K, 1]``, ``0 <= lower <= upper``) over a row (``bits``, ``mass``
+    ``[1, N]``), in one reduction over the row: the mass of the entries whose bits are ``>= lower[k]``, and
+    how far the entries in ``[lower[k], upper[k])`` reach into it: the smallest ``bits - lower`` and
+    ``upper - 1 - bits`` among them, uint32 (``[K, 1]`` each). As unsigned offsets from either end an
+    entry outside the bracket (non-candidates' ``-2`` included) is at least its width away, so both are
+    plain minima, no masks; no entry inside gives gaps of at least the width."""
+    gap_lo, gap_hi, mass_at_least = tl.reduce(((bits - lower).to(tl.uint32, bitcast=True),
+                                               (upper - 1 - bits).to(tl.uint32, bitcast=True),
+                                               tl.where(bits >= lower, mass, 0.0)), 1, _min_min_sum,
+                                              keep_dims=True)
+    return mass_at_least, gap_lo, gap_hi
+
+
+@triton.jit
+def _candidate_lane_stats(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
+                          global_max, inv_total, lower, upper, CHUNK: tl.constexpr):
+    """:func:`_lane_stats` of the candidates (non-forced masses), the row re-read chunk by chunk as
+    ``[1, CHUNK]`` rows (one pass over it for every lane)."""
+    mass_at_least = tl.zeros(lower.shape, tl.float32)
+    gap_lo = tl.full(lower.shape, 0xFFFFFFFF, tl.uint32)
+    gap_hi = tl.full(lower.shape, 0xFFFFFFFF, tl.uint32)
     for start in range(0, num_blocks, CHUNK):
         mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
                                            num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
-        total += _mass_at_least(_candidate_bits(mass, candidate), mass, bounds)
-    return total
-
-
-@triton.jit
-def _min_min(a_lo, a_hi, b_lo, b_hi):
-    return tl.minimum(a_lo, b_lo), tl.minimum(a_hi, b_hi)
-
-
-@triton.jit
-def _bracket_gaps(bits, lo, hi):
-    """How far the entries of ``bits`` (a ``[1, N]`` row) in ``[lo, hi)`` (``0 <= lo < hi``) reach into it: the
-    smallest ``bits - lo`` and ``hi - 1 - bits`` among them, uint32. As unsigned offsets from either end an
-    entry outside the bracket (non-candidates' ``-2`` included) is at least its width ``hi - lo`` away, so
-    both are plain minima, no masks; no entry inside gives gaps of at least the width. One reduction."""
-    gap_lo, gap_hi = tl.reduce(((bits - lo).to(tl.uint32, bitcast=True),
-                                (hi - 1 - bits).to(tl.uint32, bitcast=True)), 1, _min_min)
-    return tl.min(gap_lo, axis=0), tl.min(gap_hi, axis=0)
-
-
-@triton.jit
-def _candidate_bracket_gaps(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
-                            global_max, inv_total, lo, hi, CHUNK: tl.constexpr):
-    """:func:`_bracket_gaps` of the candidates' bit patterns, re-read chunk by chunk (one pass over the row)."""
-    gap_lo = tl.full((), 0xFFFFFFFF, tl.uint32)
-    gap_hi = tl.full((), 0xFFFFFFFF, tl.uint32)
-    for start in range(0, num_blocks, CHUNK):
-        mass, _, _, candidate = block_mass(block_max_ptr, block_sum_ptr, start + tl.arange(0, CHUNK)[None, :],
-                                           num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
-        chunk_lo, chunk_hi = _bracket_gaps(_candidate_bits(mass, candidate), lo, hi)
+        chunk_mass, chunk_lo, chunk_hi = _lane_stats(_candidate_bits(mass, candidate), mass, lower, upper)
+        mass_at_least += chunk_mass
         gap_lo, gap_hi = tl.minimum(gap_lo, chunk_lo), tl.minimum(gap_hi, chunk_hi)
-    return gap_lo, gap_hi
+    return mass_at_least, gap_lo, gap_hi
 
 
 @triton.jit
-def _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                    first_tail_block, global_max, inv_total, lo, hi, CHUNK: tl.constexpr):
-    """``[lo, hi)`` shrunk to the candidate values it holds, ``[smallest, largest + 1)`` (unchanged if none)."""
+def _search_stats(candidate_row, mass_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
+                  first_tail_block, global_max, inv_total, lower, upper, CHUNK: tl.constexpr):
+    """:func:`_lane_stats` of the row's candidates, from the registers or re-read."""
     if in_registers:
-        gap_lo, gap_hi = _bracket_gaps(candidate_row, lo, hi)
+        mass_at_least, gap_lo, gap_hi = _lane_stats(candidate_row, mass_row, lower, upper)
     else:
-        gap_lo, gap_hi = _candidate_bracket_gaps(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                                 first_tail_block, global_max, inv_total, lo, hi, CHUNK)
+        mass_at_least, gap_lo, gap_hi = _candidate_lane_stats(block_max_ptr, block_sum_ptr, num_blocks,
+                                                              num_sink_blocks, first_tail_block, global_max,
+                                                              inv_total, lower, upper, CHUNK)
+    return mass_at_least, gap_lo, gap_hi
+
+
+@triton.jit
+def _shrunk(lo, hi, gap_lo, gap_hi):
+    """``[lo, hi)`` shrunk to the candidate values it holds, ``[smallest, largest + 1)``, given their gaps
+    (unchanged if it holds none)."""
     holds_any = gap_lo < (hi - lo).to(tl.uint32, bitcast=True)
     return (tl.where(holds_any, lo + gap_lo.to(tl.int32, bitcast=True), lo),
             tl.where(holds_any, hi - gap_hi.to(tl.int32, bitcast=True), hi))
@@ -216,44 +210,46 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
         forced_mass += tl.sum(tl.where(forced, mass, 0.0))
         candidate_mass += tl.sum(tl.where(candidate, mass, 0.0))
 
-    # tau: invariant reached(lo), not reached(hi) (module doc). Lane j of a
-    # step is the threshold t_{j+1}; with K_PAD = 2**SEARCH_BITS lanes (SEARCH_BITS > 1) the last lane is
-    # t_{K+1} = hi, never reached.
-    # The steps work on 2-D tensors, the thresholds ``[K_PAD, 1]`` against the row ``[1, CHUNK]``, so that
-    # they stay in the layout of their ``[K_PAD, CHUNK]`` comparison: the register-resident row is put in
+    # tau: invariant reached(lo), not reached(hi) (module doc). Lane k of a step is the sub-bracket
+    # [t_k, t_{k + 1}), k = 0 .. 2**SEARCH_BITS - 1 (t_0 = lo, t_{2**SEARCH_BITS} = hi).
+    # The steps work on 2-D tensors, the lanes ``[LANES, 1]`` against the row ``[1, CHUNK]``, so that
+    # they stay in the layout of their ``[LANES, CHUNK]`` comparison: the register-resident row is put in
     # it once, here, not moved between thread layouts at every step.
-    K_PAD: tl.constexpr = (1 << SEARCH_BITS) - (SEARCH_BITS == 1)
-    splits = (tl.arange(0, K_PAD) + 1)[:, None]                       # [K_PAD, 1]: k of each lane
+    LANES: tl.constexpr = 1 << SEARCH_BITS
+    splits = tl.arange(0, LANES)[:, None]                             # [LANES, 1]: k of each lane
     candidate_row = _candidate_bits(first_mass, first_candidate)[None, :]
     mass_row = first_mass[None, :]
     # The first bracket: the candidates' range when they reach top_p, "keep all" when they do not, no
     # candidate when the forced mass alone does.
-    first_lo, first_hi = _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks,
-                                         num_sink_blocks, first_tail_block, global_max, inv_total,
-                                         tl.full((), 0, tl.int32), tl.full((), F32_INF_BITS, tl.int32), CHUNK)
+    whole_lo = tl.full((1, 1), 0, tl.int32)
+    whole_hi = tl.full((1, 1), F32_INF_BITS, tl.int32)
+    _, first_gap_lo, first_gap_hi = _search_stats(candidate_row, mass_row, in_registers, block_max_ptr, block_sum_ptr,
+                                                  num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total,
+                                                  whole_lo, whole_hi, CHUNK)
+    first_lo, first_hi = _shrunk(whole_lo, whole_hi, first_gap_lo, first_gap_hi)
     reachable = forced_mass + candidate_mass >= top_p
     forced_reach = forced_mass >= top_p
-    lo = tl.where(forced_reach, F32_INF_BITS - 1, tl.where(reachable, first_lo, -1))
-    hi = tl.where(forced_reach, F32_INF_BITS, tl.where(reachable, first_hi, 0))
+    lo = tl.sum(tl.where(forced_reach, F32_INF_BITS - 1, tl.where(reachable, first_lo, -1)))
+    hi = tl.sum(tl.where(forced_reach, F32_INF_BITS, tl.where(reachable, first_hi, 0)))
     mass_above = tl.full((), 0.0, tl.float32)                         # S(hi): no candidate is >= hi
     while hi - lo > 1:
         step = (hi - lo) >> SEARCH_BITS
         rest = (hi - lo) & ((1 << SEARCH_BITS) - 1)
-        bounds = _split_point(lo, step, rest, splits, SEARCH_BITS)    # [K_PAD, 1], lo <= bounds <= hi
-        if in_registers:
-            mass_at_least = _mass_at_least(candidate_row, mass_row, bounds)
-        else:
-            mass_at_least = _candidate_mass_at_least(block_max_ptr, block_sum_ptr, num_blocks, num_sink_blocks,
-                                                     first_tail_block, global_max, inv_total, bounds, CHUNK)
-        reached = (bounds == lo) | ((bounds < hi) & (forced_mass + mass_at_least >= top_p))
-        n = tl.max(tl.where(reached, splits, 0))                      # largest reached k (0: none)
-        # S at the new hi = t_{n+1}: lane n + 1 when there is one (always but in the binary search's n = 1,
-        # where hi stays). The last hi is tau + 1: S(hi) is the candidate mass above tau.
-        mass_above = tl.where(n < K_PAD, tl.sum(tl.where(splits == n + 1, mass_at_least, 0.0)), mass_above)
-        lo, hi = _split_point(lo, step, rest, n, SEARCH_BITS), _split_point(lo, step, rest, n + 1, SEARCH_BITS)
-        # The candidate values inside; the search ends when there is one.
-        lo, hi = _shrink_bracket(candidate_row, in_registers, block_max_ptr, block_sum_ptr, num_blocks,
-                                 num_sink_blocks, first_tail_block, global_max, inv_total, lo, hi, CHUNK)
+        lower = _split_point(lo, step, rest, splits, SEARCH_BITS)     # [LANES, 1], lo <= lower <= upper <= hi
+        upper = _split_point(lo, step, rest, splits + 1, SEARCH_BITS)
+        # One pass over the row: S(t_k) for every lane, and each sub-bracket's candidate range.
+        mass_at_least, gap_lo, gap_hi = _search_stats(candidate_row, mass_row, in_registers, block_max_ptr,
+                                                      block_sum_ptr, num_blocks, num_sink_blocks, first_tail_block,
+                                                      global_max, inv_total, lower, upper, CHUNK)
+        reached = (lower == lo) | (forced_mass + mass_at_least >= top_p)
+        n = tl.max(tl.where(reached, splits, 0))                      # largest reached k (lane 0, lo, is)
+        # S at the new hi = t_{n+1}: lane n + 1 when there is one, else hi stays (and so does S(hi)). The
+        # last hi is tau + 1: S(hi) is the candidate mass above tau.
+        mass_above = tl.where(n + 1 < LANES, tl.sum(tl.where(splits == n + 1, mass_at_least, 0.0)), mass_above)
+        in_lane = splits == n
+        # The candidate values inside [t_n, t_{n+1}); the search ends when there is one.
+        lo, hi = _shrunk(tl.sum(tl.where(in_lane, lower, 0)), tl.sum(tl.where(in_lane, upper, 0)),
+                         tl.max(tl.where(in_lane, gap_lo, 0)), tl.max(tl.where(in_lane, gap_hi, 0)))
     tau_bits = lo
     tau = tau_bits.to(tl.float32, bitcast=True)
     keep_all = tau_bits < 0

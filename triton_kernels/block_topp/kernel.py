@@ -20,8 +20,8 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
    the threshold ``tau`` without sorting: masses are non-negative floats, so their int32 bit patterns
    order like their values, and a k-ary search over bit patterns (``SEARCH_BITS`` bits per step, one
-   ``[2**SEARCH_BITS, CHUNK]`` reduction per step, the bracket shrunk to the candidate values it holds
-   after each; 1 is a binary search) finds the largest ``tau`` with
+   ``[2**SEARCH_BITS, CHUNK]`` reduction per step that also shrinks the bracket to the candidate values
+   it holds; 1 is a binary search) finds the largest ``tau`` with
    ``F + sum(mass_j >= tau, j not forced) >= top_p`` (``F`` the forced mass). ``tau`` is
    the mass of the last block the greedy order takes. The kept set is the forced blocks, every
    non-forced block with mass ``> tau``, and the blocks tied at ``tau`` in id order while
@@ -29,7 +29,7 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
    blocks fall short of ``top_p`` (rounding), or ``top_p == 1``, every block is kept. A last pass
    writes the kept ids in ascending order, the count, and ``-1`` padding. A row of at most ``CHUNK``
    (``CONFIG["select_chunk"]``) blocks keeps its masses in registers through the search; a longer row
-   re-reads them from the workspace twice per search step. The choice is made per row, so a long
+   re-reads them from the workspace once per search step. The choice is made per row, so a long
    ``max_model_len`` (which sets ``max_blocks``) does not put short rows on the slow path.
 
 Index keys are addressed through :mod:`..paged_heads`: retrieval head ``r``'s keys live at
@@ -57,13 +57,14 @@ from ..topp_search import topp_select_row
 
 
 # Launch settings a benchmark may change (read at each launch). search_bits: bits of the threshold
-# found per step of the selection's k-ary search (1: a binary search; 3: steps of 7 thresholds each);
+# found per step of the selection's k-ary search (1: a binary search; 3: 8 sub-brackets per step);
 # with the bracket shrunk to the candidate values it holds after each step, the binary search's cheap
 # steps are the fastest. select_chunk: the most blocks one selection program holds in registers (a power
-# of two; longer rows re-read the workspace twice per search step); the program has 4 warps up to 1024
+# of two; longer rows re-read the workspace once per search step); the program has 4 warps up to 1024
 # blocks, 8 up to 4096, 16 above, unless select_warps (0: that rule) sets it. The [2**bits, CHUNK]
-# comparison of a step lives in registers (2**bits per block per thread; 4 bits at CHUNK 4096 and 8 warps
-# compiles without spills); more warps mean fewer blocks per thread in each serial search step.
+# reduction of a step lives in registers (2**bits per block per thread; 3 bits at CHUNK 4096 and 8 warps
+# compile for sm_90 without spills, 4 bits spill); more warps mean fewer blocks per thread in each serial
+# search step.
 # stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
 # per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
 # next iterations' page-table and key loads in flight, through shared memory).
