@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import fp16_dot_operand, fp16_dot_query
+from ..fp8 import fp16_dot_operand, fp16_dot_query, fp16_dot_values
 from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
@@ -229,7 +229,7 @@ def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws,
         v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
         if FP8:
             k = fp16_dot_operand(k)
-            v = fp16_dot_operand(v)
+            v = fp16_dot_values(v, mask)
         s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
     return acc, l_i, m_i
