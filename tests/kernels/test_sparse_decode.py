@@ -297,6 +297,25 @@ def test_fp8_single_unit_against_unquantised(seed, kv_dtype):
     assert all(x[0].abs().max() <= 448 * 0.02 + 1e-6 for x in exact)
 
 
+def test_fp8_queries_beyond_fp16_saturate(seed):
+    """Over fp8 K/V the dots run in fp16: query entries beyond fp16's range (bf16 reaches 3e38) saturate
+    at +-65504 instead of turning into inf and NaN outputs; the result is the reference's for the
+    saturated queries."""
+    seq_lens, hq, hkv, d, p, bs, sink, window, ret = [70, 300], 4, 2, 64, 16, 64, 4, 100, [1]
+    k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
+    lay, _ = PL.paged_kv(seq_lens, [0] * hkv, d, u8, [KindSpec(p, 1, hkv)], DEVICE, None, k_scale, v_scale)
+    q = torch.randn(len(seq_lens), hq, d, dtype=torch.bfloat16, device=DEVICE)
+    q[:, :, :3] = torch.tensor([1e5, -3e5, 7e4], dtype=torch.bfloat16)
+    selected, num_selected, _ = _selection(seq_lens, len(ret), bs, sink, 6)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((len(seq_lens), hq), float("nan"), device=DEVICE)
+    args = (torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), torch.tensor(ret, dtype=torch.int32, device=DEVICE),
+            selected.to(DEVICE), num_selected.to(DEVICE), bs, sink, window)
+    _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
+    _check(q.clamp(-65504, 65504), lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window,
+           out, lse, 0, k_scale, v_scale)
+
+
 def test_fp8_error_bound_against_bf16(seed):
     """The same K/V stored as bf16 and as fp8: outputs differ by what e4m3 rounding allows."""
     seq_lens, hq, hkv, d, p, bs, sink, window, ret = [200, 515], 4, 2, 64, 32, 64, 4, 100, [1]
