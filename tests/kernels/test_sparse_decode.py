@@ -309,8 +309,9 @@ def test_fp8_queries_beyond_fp16_saturate(seed):
     selected, num_selected, _ = _selection(seq_lens, len(ret), bs, sink, 6)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((len(seq_lens), hq), float("nan"), device=DEVICE)
-    args = (torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), torch.tensor(ret, dtype=torch.int32, device=DEVICE),
-            selected.to(DEVICE), num_selected.to(DEVICE), bs, sink, window)
+    args = (torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            torch.tensor(ret, dtype=torch.int32, device=DEVICE), selected.to(DEVICE), num_selected.to(DEVICE), bs,
+            sink, window)
     _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
     _check(q.clamp(-65504, 65504), lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window,
            out, lse, 0, k_scale, v_scale)
