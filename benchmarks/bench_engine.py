@@ -27,7 +27,9 @@ fp8 cache, else the model's dtype; ``model`` or ``fp8_e4m3``: ``--additional-con
   the prefix cache holds the largest batch's prompts, not every batch's), prefilled once into the
   prefix cache, then generated again with 1 and with ``1 + --steps`` output tokens, ``--repeats`` times
   in turn; the decode step is the median difference over ``--steps`` (every request decodes from the
-  first step: the prompts hit the cache), with the smallest and largest beside it. ``load`` and ``step`` outputs are
+  first step: the prompts hit the cache), with the smallest and largest beside it. A batch of more
+  sequences of ``--context + 1 + --steps`` tokens than the pool holds (they would be preempted and
+  prefilled again inside the timed runs) is listed in ``batches_over_pool`` instead of timed. ``load`` and ``step`` outputs are
   not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
   incremental detokenizer with its whole prompt, which its first output token then decodes on the host,
   a cost that grows with the context and has nothing to do with attention. RTPURBO's retrieval heads keep
@@ -236,9 +238,14 @@ def run_one(args) -> dict:
         return {**row, "max_num_batched_tokens": args.max_num_batched_tokens,
                 **fill_until_full(llm.llm_engine, scheduler, prompts, params, args.stable_steps, args.load_seconds)}
 
+    # A batch whose sequences do not all fit in the pool at their last step would be preempted and
+    # prefill again inside the timed runs: such a batch is reported, not timed.
+    room = held_sequences(llm, cfg, args.context + 1 + args.steps)
+    timed_batches = [b for b in args.batch if b <= room]
+    row["batches_over_pool"] = [b for b in args.batch if b > room]
     steps, spread, profiles = {}, {}, {}
-    shared = random_prompts(max(args.batch), seed=1)
-    for batch in args.batch:
+    shared = random_prompts(max(timed_batches, default=0), seed=1)
+    for batch in timed_batches:
         prompts = shared[:batch]
 
         def timed(max_tokens):
@@ -318,8 +325,9 @@ def render(results: dict) -> str:
              "| decode step (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in results["rows"]:
         ranges = row.get("decode_step_range_ms", {})
-        step = ", ".join(f"b{b}: {ms}" + (" ({} - {})".format(*ranges[b]) if b in ranges else "")
-                         for b, ms in row.get("decode_step_ms", {}).items())
+        step = ", ".join([f"b{b}: {ms}" + (" ({} - {})".format(*ranges[b]) if b in ranges else "")
+                          for b, ms in row.get("decode_step_ms", {}).items()]
+                         + [f"b{b}: over the pool" for b in row.get("batches_over_pool", [])])
         load = ""
         if "held_requests" in row:
             load = (f"{'>= ' if row['all_admitted'] else ''}{row['held_requests']} of {row['num_requests']}, "

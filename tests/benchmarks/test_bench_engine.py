@@ -183,27 +183,51 @@ def test_requests_generate_a_fixed_length_without_detokenising(bench):
     assert params.detokenize is False
 
 
+class FakeLLM:
+    """``vllm.LLM`` as ``step`` uses it: a 10-block pool; records each ``generate`` call's prompts
+    (token-id tuples) and ``max_tokens``."""
+
+    llm_engine = type("Engine", (), {"vllm_config": type("Config", (), {
+        "cache_config": type("Cache", (), {"num_gpu_blocks": 10})()})()})()
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm):
+        self.calls.append((tuple(tuple(p["prompt_token_ids"]) for p in prompts), params.max_tokens))
+
+
+def run_step(bench, monkeypatch, capsys, out, held, argv) -> tuple[dict, list]:
+    """Runs one ``step`` child on :class:`FakeLLM` with ``held_sequences`` -> ``held(context)``; returns its
+    row and the ``generate`` calls."""
+    llm = FakeLLM()
+    monkeypatch.setattr(bench, "model_dir", lambda *args: out)
+    monkeypatch.setattr(bench, "engine", lambda *args: llm)
+    monkeypatch.setattr(bench, "held_sequences", lambda llm, cfg, context: held(context))
+    assert bench.main(["step", "--out", str(out), "--context", "8", *argv]) == 0
+    return json.loads(capsys.readouterr().out.split("ROW ", 1)[1]), llm.calls
+
+
 def test_step_batches_share_their_prompts(bench, tmp_path, monkeypatch, capsys):
     """``step``: each batch generates the first B of one set of prompts, so the prefix cache holds the
     largest batch's prompts (every batch's own prompts would not stay cached where the pool fits only
     the largest batch); per batch one prefill, then ``--repeats`` pairs of runs."""
-    calls = []
-
-    class FakeLLM:
-        llm_engine = type("Engine", (), {"vllm_config": type("Config", (), {
-            "cache_config": type("Cache", (), {"num_gpu_blocks": 10})()})()})()
-
-        def generate(self, prompts, params, use_tqdm):
-            calls.append((tuple(tuple(p["prompt_token_ids"]) for p in prompts), params.max_tokens))
-
-    monkeypatch.setattr(bench, "model_dir", lambda *args: tmp_path)
-    monkeypatch.setattr(bench, "engine", lambda *args: FakeLLM())
-    monkeypatch.setattr(bench, "held_sequences", lambda *args: 1.0)
-    assert bench.main(["step", "--one", "FLASH_ATTN:auto", "--out", str(tmp_path), "--context", "8", "--batch", "1",
-                       "4", "--repeats", "2", "--steps", "3"]) == 0
-    row = json.loads(capsys.readouterr().out.split("ROW ", 1)[1])
-    assert set(row["decode_step_ms"]) == {"1", "4"}
+    row, calls = run_step(bench, monkeypatch, capsys, tmp_path, lambda context: 4.5,
+                          ["--one", "FLASH_ATTN:auto", "--batch", "1", "4", "--repeats", "2", "--steps", "3"])
+    assert set(row["decode_step_ms"]) == {"1", "4"} and row["batches_over_pool"] == []
     assert [len(p) for p, _ in calls] == [1] * 5 + [4] * 5
     assert [n for _, n in calls[:5]] == [1, 4, 1, 4, 1]
     first, largest = calls[0][0], calls[5][0]
     assert first == largest[:1] and len(set(largest)) == 4 and all(len(t) == 8 for t in largest)
+
+
+def test_step_reports_batches_over_the_pool_untimed(bench, tmp_path, monkeypatch, capsys):
+    """A batch whose sequences (prompt + 1 + steps tokens) do not all fit in the pool would be preempted
+    and prefill again inside the timed runs: it is listed, not timed, and the report says so."""
+    held_at = []
+    row, calls = run_step(bench, monkeypatch, capsys, tmp_path, lambda context: held_at.append(context) or 3.26,
+                          ["--one", "RTPURBO:auto:global15:full", "--batch", "1", "4", "--repeats", "1", "--steps", "3"])
+    assert held_at == [8, 12] and [n for _, n in calls] == [1, 4, 1]     # batch 1 only: its prefill, one pair
+    assert set(row["decode_step_ms"]) == {"1"} and row["batches_over_pool"] == [4]
+    text = bench.render({"rows": [{"phase": "step", **row}]})
+    assert "b1: " in text and "b4: over the pool" in text
