@@ -27,8 +27,9 @@ Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 --config sparse_decode.warps=8
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 512 --batch 1 4 --variants launch.pdl=1
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 4 --kv-cache-dtype fp8
-It prints a table of times and ratios, RTPURBO's decode step as the GPU runs it (each kernel's start and
-duration in the replayed graph, from ``torch.profiler``), and per decode point the bytes the step must
+It prints a table of times and ratios, where RTPURBO's sparse prefill spends its GPU time (per kernel,
+one call under ``torch.profiler``), RTPURBO's decode step as the GPU runs it (each kernel's start and
+duration in the replayed graph), and per decode point the bytes the step must
 read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
 (``--peak-bandwidth``, default an H200's 4.8 TB/s); it writes ``bench_attention.json`` and
 ``bench_attention.png``.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,8 +51,8 @@ from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIE
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.kernel_config import applied, apply_overrides, parse_overrides
-from rtpurbo_vllm.bench.timing import (format_timeline, profile_cuda_graph, replay_timeline, time_cuda_graph,
-                                      time_eager)
+from rtpurbo_vllm.bench.timing import (format_timeline, kernel_table, profile_cuda_graph, profile_kernels,
+                                      replay_timeline, time_cuda_graph, time_eager)
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, index_key_dtype
 from rtpurbo_vllm.outputs import write_figure, write_json
@@ -142,8 +144,15 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
         index_queries(q, positions, table, retrieval, w_q, q_idx, is_neox_style=True)
         headwise_prefill(q, parts, cu_q, seqused, length, length, heads, SINK, WINDOW, D ** -0.5, out, sparse=sparse)
 
+    def sparse_seconds():
+        start = time.perf_counter()
+        rtpurbo_sparse()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     reps = max(2, repeats // max(1, length // 131072))
     t_dense, t_rtp, t_sparse = (time_eager(fn, reps, 1) for fn in (dense, rtpurbo, rtpurbo_sparse))
+    seconds, kernels = profile_kernels(sparse_seconds)
     # Kept share of the last wave's tiles (the longest), against the blocks each tile may see.
     last = plan.waves[-1]
     tile_index = plan.tiles[-1, TILE_INDEX, :last.num_tiles].long()
@@ -153,7 +162,8 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
     flops = 4 * length * length / 2 * HQ * D
     return {"phase": "prefill", "batch": 1, "context": length, "fa3_ms": t_dense, "rtpurbo_ms": t_rtp,
             "speedup": t_dense / t_rtp, "rtpurbo_sparse_ms": t_sparse, "sparse_speedup": t_dense / t_sparse,
-            "prefill_top_p": prefill_top_p, "kept_block_share": float(kept), "fa3_tflops": flops / t_dense / 1e9}
+            "prefill_top_p": prefill_top_p, "kept_block_share": float(kept), "fa3_tflops": flops / t_dense / 1e9,
+            "rtpurbo_sparse_kernels": kernel_table(kernels, seconds, top=10)}
 
 
 def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None,
@@ -216,6 +226,15 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
             "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize,
                                   index_dtype.itemsize),
             "rtpurbo_kernels": timeline}
+
+
+def format_kernel_table(table: dict, title: str) -> list[str]:
+    """A :func:`~rtpurbo_vllm.bench.timing.kernel_table` of one call as text: its wall and summed GPU time,
+    then per kernel its GPU milliseconds, share of the GPU time, launches and name."""
+    lines = [f"\n{title}: wall {table['wall_ms']:.1f} ms, kernels {table['gpu_ms']:.1f} ms on the GPU"]
+    lines += [f"  {k['ms']:9.3f} ms {k['ms'] / table['gpu_ms']:6.1%} {k['launches']:6.0f}x  {k['name'][:60]}"
+              for k in table["kernels"]]
+    return lines
 
 
 def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2, index_bytes: int = 2) -> dict[str, int]:
@@ -392,6 +411,10 @@ def main(argv=None) -> int:
         sparse = f"{r['rtpurbo_sparse_ms']:10.3f} {r['sparse_speedup']:7.2f}x" if "rtpurbo_sparse_ms" in r else ""
         print(f"{r['phase']:8} {r['batch']:5d} {r['context'] // 1024:7d}K {r['fa3_ms']:10.3f} "
               f"{r['rtpurbo_ms']:10.3f} {r['speedup']:7.2f}x {r['kept_block_share']:6.3f} {sparse}")
+    for r in rows:
+        if "rtpurbo_sparse_kernels" in r:
+            print("\n".join(format_kernel_table(r["rtpurbo_sparse_kernels"], f"RTPURBO sparse prefill, "
+                                                 f"{r['context'] // 1024}K, one call under torch.profiler")))
     decode_rows = [r for r in rows if "rtpurbo_kernels" in r]
     if decode_rows:
         print(f"\nRTPURBO decode step on the GPU: its CUDA graph replayed {args.repeats} times under torch.profiler "

@@ -276,25 +276,12 @@ def fixed_length_params(max_tokens: int):
 
 def profiled(run, steps: int) -> dict:
     """``run()`` (one generate of ``1 + steps`` tokens, returning its seconds) under ``torch.profiler``:
-    :func:`kernel_table` of the CUDA kernels it launched."""
-    import torch
+    :func:`~rtpurbo_vllm.bench.timing.kernel_table` per step of the CUDA kernels it launched (the run's one
+    prefill step spread over the steps too)."""
+    from rtpurbo_vllm.bench.timing import kernel_table, profile_kernels
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        seconds = run()
-    kernels = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    seconds, kernels = profile_kernels(run)
     return kernel_table(kernels, seconds, steps)
-
-
-def kernel_table(kernels: list[tuple[str, float, int]], seconds: float, steps: int, top: int = 12) -> dict:
-    """Per decode step: the run's wall milliseconds, the kernels' summed GPU milliseconds, and the ``top``
-    kernels by time (name cut to 100 characters, milliseconds and launches per step). ``kernels``:
-    ``(name, total microseconds, launches)``; the run's one prefill step is spread over the steps too."""
-    ranked = sorted(kernels, key=lambda k: -k[1])
-    return {"wall_ms_per_step": round(seconds * 1000 / steps, 3),
-            "gpu_ms_per_step": round(sum(k[1] for k in kernels) / 1000 / steps, 3),
-            "kernels": [{"name": name[:100], "ms_per_step": round(us / 1000 / steps, 4),
-                         "launches_per_step": round(count / steps, 2)} for name, us, count in ranked[:top]]}
 
 
 def run_child(cfg: str, args) -> dict:
@@ -340,8 +327,8 @@ def render(results: dict) -> str:
         lines += ["", "| configuration | batch | wall ms / step | GPU kernels ms / step | top kernels (ms / step) |",
                   "| --- | --- | --- | --- | --- |"]
         for name, batch, p in profiled_rows:
-            top = "; ".join(f"{k['name'][:40]} {k['ms_per_step']}" for k in p["kernels"][:4])
-            lines.append(f"| {name} | {batch} | {p['wall_ms_per_step']} | {p['gpu_ms_per_step']} | {top} |")
+            top = "; ".join(f"{k['name'][:40]} {k['ms']}" for k in p["kernels"][:4])
+            lines.append(f"| {name} | {batch} | {p['wall_ms']} | {p['gpu_ms']} | {top} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,15 +1,18 @@
-"""GPU timing shared by the benchmarks: CUDA-graph replays timed with events, median of repeats, and the
-kernels of a replayed graph as the profiler sees them on the GPU (where a step's time goes)."""
+"""GPU timing shared by the benchmarks: CUDA-graph replays timed with events, median of repeats, the
+kernels of a replayed graph as the profiler sees them on the GPU (where a step's time goes), and the GPU
+time per kernel of any run (where a prefill's or an engine's time goes)."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from rtpurbo_vllm.cuda_graphs import capture
+
+R = TypeVar("R")
 
 
 def time_cuda_graph(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:
@@ -105,3 +108,24 @@ def format_timeline(timeline: dict, width: int = 40) -> list[str]:
     lines = [f"  GPU span {timeline['span_us']:.1f} us; kernels (start and duration in us from the first):"]
     lines += [f"    {k['start_us']:7.1f} {k['us']:7.1f}  {k['name'][:width]}" for k in timeline["kernels"]]
     return lines
+
+
+def profile_kernels(run: Callable[[], R]) -> tuple[R, list[tuple[str, float, int]]]:
+    """``run()`` under ``torch.profiler``: what it returned, and per CUDA kernel name its summed GPU
+    microseconds and launches (``(name, us, launches)``; see :func:`kernel_table`)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = run()
+    return result, [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_table(kernels: list[tuple[str, float, int]], seconds: float, runs: int = 1, top: int = 12) -> dict:
+    """Per run (a decode step, a prefill call) of a profiled stretch of ``runs`` runs that took ``seconds``
+    of wall time: its wall milliseconds, the kernels' summed GPU milliseconds, and the ``top`` kernels by
+    time (name cut to 100 characters, milliseconds and launches per run). ``kernels``: ``(name, total
+    microseconds, launches)`` (:func:`profile_kernels`)."""
+    ranked = sorted(kernels, key=lambda k: -k[1])
+    return {"wall_ms": round(seconds * 1000 / runs, 3),
+            "gpu_ms": round(sum(k[1] for k in kernels) / 1000 / runs, 3),
+            "kernels": [{"name": name[:100], "ms": round(us / 1000 / runs, 4), "launches": round(count / runs, 2)}
+                        for name, us, count in ranked[:top]]}

@@ -117,11 +117,18 @@ def test_prefill_row_has_the_sparse_prefill(bench_attention, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fa)
     times = iter([3.0, 1.0, 0.5])
     monkeypatch.setattr(bench_attention, "time_eager", lambda fn, repeats, warmup: (fn(), next(times))[1])
+    kernels = [("_attend_kernel", 300.0, 2), ("_window_kernel", 100.0, 1)]       # the profiler's view, stubbed
+    monkeypatch.setattr(bench_attention, "profile_kernels", lambda run: (0.0005, kernels))
     length = 5 * bench_attention.TILE_Q + 37                          # 6 tiles, the last one partial
     row = bench_attention.bench_prefill(length, torch.device("cpu"), repeats=1, prefill_top_p=0.9, keep=0.2)
     assert row["phase"] == "prefill" and row["context"] == length and row["prefill_top_p"] == 0.9
     assert row["speedup"] == 3.0 and row["sparse_speedup"] == 6.0
     assert 0.0 < row["kept_block_share"] < 1.0
+    table = row["rtpurbo_sparse_kernels"]
+    assert (table["wall_ms"], table["gpu_ms"], table["kernels"][0]["name"]) == (0.5, 0.4, "_attend_kernel")
+    lines = bench_attention.format_kernel_table(table, "sparse prefill")
+    assert lines[0] == "\nsparse prefill: wall 0.5 ms, kernels 0.4 ms on the GPU"
+    assert lines[1].split() == ["0.300", "ms", "75.0%", "2x", "_attend_kernel"]
 
 
 def test_bad_kernel_setting_exits_2_before_any_work(load_benchmark, capsys, tmp_path):

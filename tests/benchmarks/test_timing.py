@@ -1,7 +1,8 @@
-"""The profiler's view of replayed CUDA graphs (rtpurbo_vllm.bench.timing): kernel runs grouped into replays,
-medians per kernel, a name launched twice kept apart, and a clear note when the runs do not fit."""
+"""The profiler's view of the GPU (rtpurbo_vllm.bench.timing): kernel runs of replayed CUDA graphs grouped into
+replays, medians per kernel, a name launched twice kept apart, a clear note when the runs do not fit; GPU time
+per kernel name per run."""
 
-from rtpurbo_vllm.bench.timing import KernelRun, format_timeline, replay_timeline
+from rtpurbo_vllm.bench.timing import KernelRun, format_timeline, kernel_table, replay_timeline
 
 
 def replay(start: float, split_first: float) -> list[KernelRun]:
@@ -31,3 +32,12 @@ def test_runs_that_do_not_fit_the_replays_give_a_note():
     odd = replay_timeline(replay(0.0, 1.0)[:4], repeats=3)
     assert odd["span_us"] is None and format_timeline(odd) == ["  no kernel timeline: the profiler saw 4 kernel "
                                                                "runs for 3 replays"]
+
+
+def test_kernel_table_per_run():
+    kernels = [("small", 512.0, 512), ("gemm_big_kernel", 5120.0, 1024), ("attention", 2560.0, 512)]
+    assert kernel_table(kernels, seconds=2.56, runs=256, top=2) == {
+        "wall_ms": 10.0, "gpu_ms": 0.032, "kernels": [{"name": "gemm_big_kernel", "ms": 0.02, "launches": 4.0},
+                                                       {"name": "attention", "ms": 0.01, "launches": 2.0}]}
+    assert kernel_table(kernels, seconds=0.5)["kernels"][0] == {"name": "gemm_big_kernel", "ms": 5.12, "launches": 1024}
+
