@@ -221,6 +221,13 @@ def test_fewer_local_splits(seed, local_programs, monkeypatch):
     _run_case(SEQ_LENS, 8, 2, 64, 16, 64, 4, 200, [0, 5], num_splits=8)
 
 
+def test_register_bound(seed, monkeypatch):
+    """``max_registers`` bounds the split kernel's registers (a compile option: the interpreter ignores it,
+    the sm_90 compile of every recorded launch at the end of the session takes it)."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "max_registers", 128)
+    _run_case([1, 70, 300], 8, 2, 64, 16, 64, 4, 100, [2, 5], num_splits=4)
+
+
 def test_local_splits_for(monkeypatch):
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", 0)
     assert _kernel_module.local_splits_for(4, 8, 64, num_sms=132) == 64
@@ -539,8 +546,11 @@ def test_gpu_realistic(seed, batch, page_size, num_splits):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="realistic sizes need the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-def test_gpu_scattered_realistic(seed, kv_dtype):
-    """8 KV heads over 3 full units (P16) and 2 window units (P32), 16K tokens, bf16 and fp8."""
+@pytest.mark.parametrize("max_registers", [0, 128])
+def test_gpu_scattered_realistic(seed, kv_dtype, max_registers, monkeypatch):
+    """8 KV heads over 3 full units (P16) and 2 window units (P32), 16K tokens, bf16 and fp8, with the
+    compiler's register count and bounded to 128 (spilling)."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "max_registers", max_registers)
     lens = [16 * 1024 - 3, 9000, 1]
     head_kind = [0, 1, 0, 1, 1, 0, 1, 1]   # KV heads of GPU_RETRIEVAL (0, 2, 4, 6, 7) ... made full below
     for h in {r // 4 for r in GPU_RETRIEVAL}:

@@ -87,8 +87,12 @@ DEFAULT_MAX_SPLITS = 64
 # B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
 # retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
 # leave room for the selection chain beside them and spend less of their time starting up.
+# max_registers: registers per thread the split kernel may use (0: the compiler's choice, 155-168 at 4
+# warps); a selection program shares an SM with two split programs only if the three fit in its 64K
+# registers (at 128, two 4-warp split programs take 32K and an 8-warp selection of 120 registers 30K),
+# at the price of spilling (the fp8 split kernel a few words, the bf16 one more).
 CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0,
-          "local_programs_per_sm": 2}
+          "local_programs_per_sm": 2, "max_registers": 0}
 NOMINAL_SMS = 132
 """SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
 
@@ -574,6 +578,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
             TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
             UPCAST_DOT=upcast, FP8=fp8, PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
+            maxnreg=cfg["max_registers"] or None,
         )
 
     if select is None:
