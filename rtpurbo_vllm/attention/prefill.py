@@ -13,14 +13,19 @@ with its kind's block table. The full layout has one part (every
 KV head, in order); the compact layout one per unit the layer touches. :func:`headwise_prefill`
 (FlashAttention-3, Hopper) runs, for the sequences that are not dense:
 
-1. local heads: per part, one FA3 call over the query heads of its KV heads (gathered, then scattered
-   back into ``out``; no gather for a part holding every KV head in order) with
-   ``window_size=(window - 1, 0)``, written together with its LSE; then the sink keys that lie outside a
-   query's window are merged in by log-sum-exp (one Triton pass, :mod:`rtpurbo_vllm.triton_kernels.sink_merge`);
+1. local heads: per :class:`HeadRun` of each part (:meth:`PrefillHeads.local_runs`), one FA3 call with
+   ``window_size=(window - 1, 0)`` on views of the query, ``out`` and the part's K/V (no copies), written
+   together with its LSE; then the sink keys that lie outside a query's window are merged in by
+   log-sum-exp (one Triton pass per run, :mod:`rtpurbo_vllm.triton_kernels.sink_merge`). A run is a
+   contiguous range of query heads over the KV slots they read: whole GQA groups of consecutive KV
+   heads merge into one run. Steps of at least :data:`EXACT_RUNS_MIN_TOKENS` query rows leave the
+   retrieval heads out of these calls (their share of the windowed work, 5 of 32 heads for a 15 %
+   selection, is not computed); shorter steps keep whole groups, fewer calls, and overwrite those rows;
 2. retrieval heads: one dense causal FA3 call per KV head ``g`` that serves retrieval heads, on the
    one-head view of ``g``'s slot (no copy); or, sparse, one :func:`~rtpurbo_vllm.triton_kernels.
    sparse_prefill.sparse_prefill` call for all of them; the results overwrite those heads in ``out``;
-3. dense sequences: per part, one dense causal FA3 call; its rows replace theirs.
+3. dense sequences: per run of whole groups of each part, one dense causal FA3 call; its rows replace
+   theirs.
 
 Sequences are taken out of a call by passing it ``seqused_k = 0`` for them (FA3 then reads none of
 their keys), so no call needs host-side knowledge of which sequences are dense. A one-part batch whose
@@ -38,8 +43,8 @@ as ``[HQ, T]`` float32 (natural log); a query at chunk row ``i`` sees keys in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -50,6 +55,54 @@ from rtpurbo_vllm.triton_kernels.paged_heads import FP8_MAX, PagedHeads, PageTab
 from rtpurbo_vllm.triton_kernels.sink_merge import merge_sinks
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (SparsePrefillPlan, SparsePrefillWorkspace,
                                                         paged_sparse_prefill_ref)
+
+
+EXACT_RUNS_MIN_TOKENS = 2048
+"""Prefill steps with at least this many query rows run the local heads' windows for local query heads
+only; shorter ones, whose FA3 launches would cost more than the rows they skip, cover whole GQA groups."""
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """One FA3 call's heads: the layer's query heads ``[first_head, first_head + num_heads)`` and the
+    KV slots ``[first_slot, first_slot + num_slots)`` of a part that they read (GQA group
+    ``num_heads // num_slots``)."""
+
+    first_slot: int
+    num_slots: int
+    first_head: int
+    num_heads: int
+
+    @property
+    def heads(self) -> slice:
+        return slice(self.first_head, self.first_head + self.num_heads)
+
+    @property
+    def slots(self) -> slice:
+        return slice(self.first_slot, self.first_slot + self.num_slots)
+
+
+def head_runs(kv_head_ids: Sequence[int], group: int, wanted: Callable[[int], bool]) -> list[HeadRun]:
+    """The fewest runs (:class:`HeadRun`) covering the ``wanted`` query heads of a part that holds the KV heads
+    ``kv_head_ids`` (in slot order; KV head ``g`` serves query heads ``[g * group, (g + 1) * group)``).
+
+    Each KV head's wanted query heads split into contiguous ranges; a range that is its whole group joins
+    the run before it when that run is whole groups ending at the query head just before (then its KV
+    head is the next one, in the next slot). Runs come in slot order.
+    """
+    runs: list[HeadRun] = []
+    for slot, kv_head in enumerate(kv_head_ids):
+        first = kv_head * group
+        wanted_heads = [h for h in range(first, first + group) if wanted(h)]
+        for start in (h for h in wanted_heads if h - 1 not in wanted_heads):
+            count = next(n for n in range(1, group + 1) if start + n not in wanted_heads)
+            last = runs[-1] if runs else None
+            if (count == group and last is not None and last.num_heads == last.num_slots * group
+                    and last.first_slot + last.num_slots == slot and last.first_head + last.num_heads == start):
+                runs[-1] = HeadRun(last.first_slot, last.num_slots + 1, last.first_head, last.num_heads + group)
+            else:
+                runs.append(HeadRun(slot, 1, start, count))
+    return runs
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +141,23 @@ class PrefillHeads:
         return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, retrieval_groups=tuple(groups),
                    local_heads=tuple(h for h in range(num_heads) if h not in heads),
                    retrieval_mask=layout.retrieval_mask(0).to(device))
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def local_runs(self, kv_head_ids: Sequence[int], exact: bool) -> list[HeadRun]:
+        """The FA3 calls of the local heads of a part holding ``kv_head_ids``: runs of its local query
+        heads (``exact``), or of the whole groups that have a local head."""
+        if exact:
+            return head_runs(kv_head_ids, self.group, set(self.local_heads).__contains__)
+        groups = {h // self.group for h in self.local_heads}
+        return head_runs(kv_head_ids, self.group, lambda h: h // self.group in groups)
+
+    def group_runs(self, kv_head_ids: Sequence[int]) -> list[HeadRun]:
+        """Runs of every query head of a part holding ``kv_head_ids`` (whole groups)."""
+        return head_runs(kv_head_ids, self.group, lambda h: True)
 
 
 @dataclass(frozen=True)
@@ -164,9 +234,10 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
     """Head-wise prefill (or chunked prefill) of one layer with FlashAttention-3; writes ``out``.
 
     Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
-    already in the cache. No device sync. Scratch: per part the gathered queries and their output, per
-    retrieval KV head the gathered queries and their output; ``[T, HQ, D]`` for the dense calls when
-    ``dense_threshold > 0``. The sink merge works in place.
+    already in the cache. No device sync, except one read of the fp8 scales (the sink merge takes them as
+    numbers). Scratch: per retrieval KV head (dense retrieval) the gathered queries and their output;
+    per run of the dense calls its output when ``dense_threshold > 0``. The local heads' calls and the
+    sink merge write ``out`` in place.
 
     Args:
         query: ``[T, HQ, D]`` fp16/bf16 on a Hopper GPU, post-RoPE; last dimension contiguous.
@@ -216,19 +287,20 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
     headwise_used = seqused_k.masked_fill(dense_seqs, 0) if dense_threshold else seqused_k  # [B] int32
     sink_scales = (1.0, 1.0) if not fp8 else (float(k_scale), float(v_scale))
 
-    # Per part: its query heads ([T, HQ_p, D], the query itself for an all-heads part).
-    part_queries = [query if part.query_heads is None else query.index_select(1, part.query_heads) for part in parts]
-    if heads.local_heads:
-        # Every query head of each part (retrieval ones are overwritten below).
-        for q, part in zip(part_queries, parts):
-            o = out if part.query_heads is None else torch.empty_like(q)
-            _, lse = fa3(q, part.key_cache, part.value_cache, part.block_table, headwise_used, out=o,
-                         window_size=(window - 1, 0), return_softmax_lse=True)             # lse [HQ_p, T]
+    def views(part: KVPart, run: HeadRun) -> tuple[torch.Tensor, ...]:
+        """The run's query rows, output rows and K/V slots: views, no copies."""
+        return tuple(canonicalize_singleton_dim_strides(x) for x in (
+            query[:, run.heads], out[:, run.heads], part.key_cache[:, :, run.slots], part.value_cache[:, :, run.slots]))
+
+    exact = query.shape[0] >= EXACT_RUNS_MIN_TOKENS
+    for part in parts:
+        for run in heads.local_runs(part.kv_head_ids, exact):
+            q, o, k, v = views(part, run)
+            _, lse = fa3(q, k, v, part.block_table, headwise_used, out=o, window_size=(window - 1, 0),
+                         return_softmax_lse=True)                                          # lse [H_run, T]
             if sink_tokens and max_seqlen_k > window:      # else no row sees a sink outside its window
-                merge_sinks(q, part.key_cache, part.value_cache, cu_seqlens_q, headwise_used, part.block_table,
-                            token_seqs, sink_tokens, window, scale, o, lse, *sink_scales)
-            if part.query_heads is not None:
-                out.index_copy_(1, part.query_heads, o)
+                merge_sinks(q, k, v, cu_seqlens_q, headwise_used, part.block_table, token_seqs, sink_tokens,
+                            window, scale, o, lse, *sink_scales)
     if sparse is not None:
         from rtpurbo_vllm.triton_kernels.sparse_prefill import sparse_prefill
         sparse_prefill(query, sparse.kv, sparse.kv_tables, sparse.index, sparse.index_table, sparse.index_queries,
@@ -244,14 +316,11 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
                                             headwise_used))
     if dense_threshold:
         dense_rows = dense_seqs[token_seqs][:, None, None]                                 # [T, 1, 1]
-        for q, part in zip(part_queries, parts):
-            dense_out = fa3(q, part.key_cache, part.value_cache, part.block_table,
-                            seqused_k.masked_fill(~dense_seqs, 0))                         # [T, HQ_p, D]
-            if part.query_heads is None:
-                torch.where(dense_rows, dense_out, out, out=out)
-            else:
-                out.index_copy_(1, part.query_heads,
-                                torch.where(dense_rows, dense_out, out.index_select(1, part.query_heads)))
+        for part in parts:
+            for run in heads.group_runs(part.kv_head_ids):
+                q, o, k, v = views(part, run)
+                dense_out = fa3(q, k, v, part.block_table, seqused_k.masked_fill(~dense_seqs, 0))  # [T, H_run, D]
+                o.copy_(torch.where(dense_rows, dense_out, o))
 
 
 def headwise_prefill_torch(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, max_seqlen_q: int,

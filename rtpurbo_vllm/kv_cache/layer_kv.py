@@ -35,7 +35,6 @@ class KVPart:
         block_table: ``[B, max_pages]`` int32 of the step's sequences.
         kv_head_ids: the layer's KV heads in the view, in its head order.
         kv_heads: ``[H_p]`` int64 on the device, the same (None: every KV head of the layer, in order).
-        query_heads: ``[H_p * G]`` int64 on the device, the query heads that read them (None likewise).
         is_window: the view holds only sink and window tokens (other pages may be vLLM's null block).
     """
 
@@ -44,7 +43,6 @@ class KVPart:
     block_table: torch.Tensor
     kv_head_ids: tuple[int, ...]
     kv_heads: torch.Tensor | None = None
-    query_heads: torch.Tensor | None = None
     is_window: bool = False
 
 
@@ -101,7 +99,7 @@ class LayerKV:
         self.parts = tuple(parts)
         self.kv: PagedHeads | None = None
         self.index: PagedHeads | None = None
-        self.part_heads: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...] = ()
+        self.part_kv_heads: tuple[torch.Tensor | None, ...] = ()
 
     @property
     def is_bound(self) -> bool:
@@ -109,9 +107,8 @@ class LayerKV:
 
     def bind(self, static_forward_context: dict) -> None:
         """Builds the kernels' descriptors from the unit tensors vLLM bound, and per part its KV heads
-        and their query heads (``[H_p]``, ``[H_p * G]`` int64 on the device; None for a part holding
-        every KV head in order). Call once, after vLLM allocated the KV cache and before a CUDA-graph
-        capture (small host-to-device copies)."""
+        (``[H_p]`` int64 on the device; None for a part holding every KV head in order). Call once, after
+        vLLM allocated the KV cache and before a CUDA-graph capture (small host-to-device copies)."""
         shapes = self.layout.units
         kv = [unit_tensor(static_forward_context[n].kv_cache, kind, shapes[kind].width)
               for n, (kind, _) in zip(self.kv_unit_names, self.kv_units)]
@@ -120,14 +117,9 @@ class LayerKV:
             index = [unit_tensor(static_forward_context[n].kv_cache, INDEX, shapes[INDEX].width)
                      for n in self.index_unit_names]
             self.index = PagedHeads.from_units(index, self.index_head_unit, self.index_head_slot)
-        group = self.layout.num_heads // self.layout.num_kv_heads
         every = tuple(range(self.layout.num_kv_heads))
-        device = self.kv.device
-        self.part_heads = tuple(
-            (None, None) if part.kv_heads == every else
-            (torch.tensor(part.kv_heads, dtype=torch.long, device=device),
-             torch.tensor([g * group + i for g in part.kv_heads for i in range(group)], dtype=torch.long,
-                          device=device))
+        self.part_kv_heads = tuple(
+            None if part.kv_heads == every else torch.tensor(part.kv_heads, dtype=torch.long, device=self.kv.device)
             for part in self.parts)
 
     def kv_tables(self, block_tables: dict[str, torch.Tensor]) -> list[PageTable | None]:
@@ -139,11 +131,11 @@ class LayerKV:
     def kv_parts(self, block_tables: dict[str, torch.Tensor]) -> list[KVPart]:
         """The layer's parts as the prefill reads them, with the step's block tables per kind."""
         parts = []
-        for part, (kv_heads, query_heads) in zip(self.parts, self.part_heads):
+        for part, kv_heads in zip(self.parts, self.part_kv_heads):
             unit = self.kv.units[part.unit][:, :, part.first_slot:part.first_slot + len(part.kv_heads)]
             if unit.dtype == torch.uint8:
                 unit = unit.view(torch.float8_e4m3fn)
             d = unit.shape[-1] // 2
             parts.append(KVPart(unit[..., :d], unit[..., d:], block_tables[part.kind], part.kv_heads, kv_heads,
-                                query_heads, part.kind == WINDOW))
+                                part.kind == WINDOW))
         return parts

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rtpurbo_vllm.attention import prefill
-from rtpurbo_vllm.attention.prefill import PrefillHeads, headwise_prefill, headwise_prefill_torch
+from rtpurbo_vllm.attention.prefill import HeadRun, PrefillHeads, head_runs, headwise_prefill, headwise_prefill_torch
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.reference import rtpurbo_prefill_ref
 from rtpurbo_vllm.triton_kernels.headwise_attention import headwise_attention_ref, masked_attention
@@ -199,13 +199,10 @@ def _run(fn, batch, heads, sink_tokens, window, dense_threshold, device="cpu"):
     return out
 
 
-def _part(kv_heads, hq, hkv, key_cache, value_cache, block_table, is_window, device="cpu"):
+def _part(kv_heads, key_cache, value_cache, block_table, is_window, device="cpu"):
     """A :class:`KVPart` of ``kv_heads`` (a subset of the layer's, in the views' head order)."""
-    group = hq // hkv
     return KVPart(key_cache, value_cache, block_table, tuple(kv_heads),
-                  torch.tensor(kv_heads, dtype=torch.long, device=device),
-                  torch.tensor([g * group + i for g in kv_heads for i in range(group)], dtype=torch.long,
-                               device=device), is_window)
+                  torch.tensor(kv_heads, dtype=torch.long, device=device), is_window)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,13 +336,71 @@ def test_fa3_path_emulated(seed, fake_fa3, case, window, sink_tokens):
     if window >= max(h + n for h, n in zip(hist, new)):
         assert len(fake_fa3) == 1 and "window_size" not in fake_fa3[0]          # dense on every head
         return
-    assert len(fake_fa3) == bool(plan.local_heads) + len(plan.retrieval_groups)
-    if plan.local_heads:
-        assert fake_fa3[0]["window_size"] == (window - 1, 0) and fake_fa3[0]["q"].shape[1] == hq
-    for call, (kv_head, group) in zip(fake_fa3[bool(plan.local_heads):], plan.retrieval_groups):
+    local_runs = plan.local_runs(range(hkv), exact=False)                      # a short step: whole groups
+    assert len(fake_fa3) == len(local_runs) + len(plan.retrieval_groups)
+    for call, run in zip(fake_fa3, local_runs):
+        assert call["window_size"] == (window - 1, 0) and call["q"].shape[1] == run.num_heads
+        assert call["q"].data_ptr() == q[:, run.first_head].data_ptr()         # views of the query and output
+        assert call["out"].untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    for call, (kv_head, group) in zip(fake_fa3[len(local_runs):], plan.retrieval_groups):
         assert call["q"].shape[1] == len(group) and call["k"].shape[2] == 1
         assert call["k"].data_ptr() == key_cache[:, :, kv_head].data_ptr()     # a view, not a copy
         assert call["k"].untyped_storage().data_ptr() == key_cache.untyped_storage().data_ptr()
+
+
+def test_head_runs():
+    """Contiguous wanted heads of each KV head; whole groups of consecutive KV heads in consecutive slots merge."""
+    every = lambda h: True                                                     # noqa: E731
+    assert head_runs(range(8), 4, every) == [HeadRun(0, 8, 0, 32)]
+    assert head_runs([1, 2, 5, 6], 4, every) == [HeadRun(0, 2, 4, 8), HeadRun(2, 2, 20, 8)]
+    assert head_runs([2, 0], 4, every) == [HeadRun(0, 1, 8, 4), HeadRun(1, 1, 0, 4)]      # out of head order
+    # The layer benchmark's retrieval heads (3, 9, 14, 22, 27) over 8 KV heads of 4 query heads.
+    plan = PrefillHeads.build([3, 9, 14, 22, 27], 32, 8)
+    runs = plan.local_runs(range(8), exact=True)
+    assert [(r.first_slot, r.num_slots, r.first_head, r.num_heads) for r in runs] == [
+        (0, 1, 0, 3), (1, 1, 4, 4), (2, 1, 8, 1), (2, 1, 10, 2), (3, 1, 12, 2), (3, 1, 15, 1), (4, 1, 16, 4),
+        (5, 1, 20, 2), (5, 1, 23, 1), (6, 1, 24, 3), (7, 1, 28, 4)]
+    assert sorted(h for r in runs for h in range(r.first_head, r.first_head + r.num_heads)) == list(plan.local_heads)
+    assert plan.local_runs(range(8), exact=False) == [HeadRun(0, 8, 0, 32)]
+    # A group of retrieval heads only needs no local call; the groups around it do not merge across it.
+    plan = PrefillHeads.build([4, 5, 6, 7], 16, 4)
+    assert plan.local_runs(range(4), exact=False) == [HeadRun(0, 1, 0, 4), HeadRun(2, 2, 8, 8)]
+    assert plan.group_runs([3, 1]) == [HeadRun(0, 1, 12, 4), HeadRun(1, 1, 4, 4)]
+    assert PrefillHeads.build(list(range(8)), 8, 2).local_runs(range(2), exact=True) == []
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_ids(c)) for c in CPU_CASES])
+@pytest.mark.parametrize("sink_tokens", [0, 4])
+def test_fa3_path_emulated_exact_runs(seed, fake_fa3, monkeypatch, case, sink_tokens):
+    """Steps of at least ``EXACT_RUNS_MIN_TOKENS`` rows (here every step) run the windows of local query
+    heads only: each FA3 call's heads are local, and the result is the reference's."""
+    monkeypatch.setattr(prefill, "EXACT_RUNS_MIN_TOKENS", 1)
+    hist, new, hq, hkv, d, heads, page_size, layout = case
+    batch = _paged_batch(hist, new, hq, hkv, d, page_size, layout, torch.float16, "cpu")
+    q, k, v, cu_q, cu_k = batch[:5]
+    out = _run(headwise_prefill, batch, heads, sink_tokens, 7, dense_threshold=0)
+    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink_tokens, 7, 0, d ** -0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+    windowed = [c for c in fake_fa3 if "window_size" in c]
+    assert sum(c["q"].shape[1] for c in windowed) == hq - len(heads)
+    for call in windowed:
+        first = (call["q"].data_ptr() - q.data_ptr()) // (d * q.element_size())
+        assert not set(range(first, first + call["q"].shape[1])) & set(heads)
+
+
+@pytest.mark.parametrize("exact_from", [1, 10**9], ids=["exact", "whole-groups"])
+def test_compact_kv_layout_exact_runs(seed, fake_fa3, monkeypatch, exact_from):
+    """Both run kinds over the compact layout's parts (full heads out of head order, a window part)."""
+    monkeypatch.setattr(prefill, "EXACT_RUNS_MIN_TOKENS", exact_from)
+    case = SPLIT_CASES[1]
+    hist, new, hq, hkv, d, heads, full, main_page, window_page, sink, window, dense = case
+    batch = _paged_batch(hist, new, hq, hkv, d, 16, "NHD", torch.float16, "cpu")
+    q, k, v, cu_q, cu_k, seqused_k = batch[:6]
+    out = torch.full_like(q, float("nan"))
+    headwise_prefill(q, _compact_parts(case, batch, 1000.0), cu_q, seqused_k, int(cu_q.diff().max()),
+                     int(seqused_k.max()), PrefillHeads.build(heads, hq, hkv), sink, window, d ** -0.5, out)
+    expected = rtpurbo_prefill_ref(q, k, v, cu_q, cu_k, heads, sink, window, 0, d ** -0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("dense_threshold", [100, 250, 10_000])
@@ -489,8 +544,8 @@ def _compact_parts(case, batch, garbage, device="cpu"):
     # The window view holds sinks, the window, and every token of a sequence that may run dense.
     window_kv = _split_paged(k, v, cu_k, window_heads, window_page,
                              lambda b, t: (t < sink) | (t > hist[b] - window) | (hist[b] + 1 < dense), garbage)
-    return [_part(full, hq, hkv, *(x.to(device) for x in main), False, device),
-            _part(window_heads, hq, hkv, *(x.to(device) for x in window_kv), True, device)]
+    return [_part(full, *(x.to(device) for x in main), False, device),
+            _part(window_heads, *(x.to(device) for x in window_kv), True, device)]
 
 
 @pytest.mark.parametrize("fn", [headwise_prefill_torch, headwise_prefill], ids=["torch", "fa3-emulated"])

@@ -6,9 +6,10 @@ update in float32, and writes the rows that gained a sink. Each row's sequence, 
 pages come from ``token_seqs``, ``cu_seqlens_q``, ``seqused_k`` and the block table on the device: no
 host sync, one read of ``query``/``out``/``lse`` and one write of ``out`` (the PyTorch version it
 replaces made about fifteen float32 passes over ``[T, HQ, D]``). Equals :func:`.reference.merge_sinks_ref`
-up to float32 summation order. One compiled variant per layer part serves every step: the token count
-(also the LSE's head stride) and the block table's row stride are not specialised on, nor the
-alignment of the per-sequence index arrays (views of vLLM's buffers offset by the decode count).
+up to float32 summation order. One compiled variant serves every step and every run of heads: the token
+count (also the LSE's head stride), the GQA group and the block table's row stride are not specialised
+on, nor the alignment of the per-sequence index arrays (views of vLLM's buffers offset by the decode
+count).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import triton.language as tl
 BLOCK_T = 32
 
 
-@triton.jit(do_not_specialize=["num_tokens", "sbt_b", "sl_h"],
+@triton.jit(do_not_specialize=["num_tokens", "group", "sbt_b", "sl_h"],
             do_not_specialize_on_alignment=["cu_ptr", "used_ptr", "seq_ptr", "bt_ptr"])
 def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, out_ptr, lse_ptr,
-                        num_tokens, page_size, window, scale, k_scale, v_scale,
+                        num_tokens, group, page_size, window, scale, k_scale, v_scale,
                         sq_t, sq_h, sk_n, sk_p, sk_h, sv_n, sv_p, sv_h, sbt_b, so_t, so_h, sl_h, sl_t,
-                        GROUP: tl.constexpr, NUM_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        NUM_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -42,7 +43,7 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
     acc = tl.load(out_ptrs, mask=tile, other=0.0).to(tl.float32)
     m = tl.load(lse_ptr + head * sl_h + rows64 * sl_t, mask=row_ok, other=float("-inf"))
     denom = tl.full([BLOCK_T], 1.0, tl.float32)
-    kv_head = head // GROUP
+    kv_head = head // group
     for s in tl.static_range(NUM_SINKS):
         seen = last >= s
         load_ok = seen[:, None] & dim_ok[None, :]
@@ -89,8 +90,8 @@ def merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads)
     _merge_sinks_kernel[grid](
         query, key_cache, value_cache, cu_seqlens_q, seqused_k, token_seqs, block_table, out, lse,
-        num_tokens, key_cache.shape[1], window, scale, k_scale, v_scale,
+        num_tokens, num_heads // num_kv_heads, key_cache.shape[1], window, scale, k_scale, v_scale,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
         block_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        GROUP=num_heads // num_kv_heads, NUM_SINKS=sink_tokens, HEAD_DIM=head_size, BLOCK_T=BLOCK_T,
+        NUM_SINKS=sink_tokens, HEAD_DIM=head_size, BLOCK_T=BLOCK_T,
         BLOCK_D=triton.next_power_of_2(head_size))
