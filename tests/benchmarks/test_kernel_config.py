@@ -39,7 +39,7 @@ def test_switches_take_zero():
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.wraps=8",
-     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, max_registers, side_first"),
+     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, max_registers, prefetch"),
     ("sparse_decode.warps=eight", "the value must be a positive integer"),
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),
