@@ -21,9 +21,9 @@ KV head, in order); the compact layout one per unit the layer touches. :func:`he
    heads merge into one run. Steps of at least :data:`EXACT_RUNS_MIN_TOKENS` query rows leave the
    retrieval heads out of these calls (their share of the windowed work, 5 of 32 heads for a 15 %
    selection, is not computed); shorter steps keep whole groups, fewer calls, and overwrite those rows;
-2. retrieval heads: one dense causal FA3 call per KV head ``g`` that serves retrieval heads, on the
-   one-head view of ``g``'s slot (no copy); or, sparse, one :func:`~rtpurbo_vllm.triton_kernels.
-   sparse_prefill.sparse_prefill` call for all of them; the results overwrite those heads in ``out``;
+2. retrieval heads: one dense causal FA3 call per run of them (:meth:`PrefillHeads.retrieval_runs`), on
+   views as above; or, sparse, one :func:`~rtpurbo_vllm.triton_kernels.sparse_prefill.sparse_prefill`
+   call for all of them; the results overwrite those heads in ``out``;
 3. dense sequences: per run of whole groups of each part, one dense causal FA3 call; its rows replace
    theirs.
 
@@ -112,16 +112,14 @@ class PrefillHeads:
     Attributes:
         num_heads: query heads of the layer (HQ).
         num_kv_heads: KV heads of the layer (HKV).
-        retrieval_groups: for each KV head ``g`` that serves retrieval query heads, in increasing ``g``:
-            ``(g, heads)`` with ``heads`` ``[n_g]`` int64 on the device, the retrieval query heads
-            that read ``g``, in increasing order.
+        retrieval_heads: the retrieval query heads, in increasing order.
         local_heads: the local query heads, in increasing order.
         retrieval_mask: ``[HQ]`` bool on the device, True for retrieval query heads.
     """
 
     num_heads: int
     num_kv_heads: int
-    retrieval_groups: tuple[tuple[int, torch.Tensor], ...]
+    retrieval_heads: tuple[int, ...]
     local_heads: tuple[int, ...]
     retrieval_mask: torch.Tensor
 
@@ -133,12 +131,8 @@ class PrefillHeads:
         Raises ``ValueError`` for duplicate or out-of-range heads, or ``num_heads % num_kv_heads != 0``.
         """
         layout = HeadLayout.from_lists(num_heads, num_kv_heads, [retrieval_heads])
-        heads = layout.retrieval_heads[0]
-        groups = []
-        for kv_head in layout.retrieval_kv_heads(0):
-            members = [h for h in heads if layout.kv_head_of(h) == kv_head]
-            groups.append((kv_head, torch.tensor(members, dtype=torch.long, device=device)))
-        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, retrieval_groups=tuple(groups),
+        heads = tuple(sorted(layout.retrieval_heads[0]))
+        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, retrieval_heads=heads,
                    local_heads=tuple(h for h in range(num_heads) if h not in heads),
                    retrieval_mask=layout.retrieval_mask(0).to(device))
 
@@ -154,6 +148,10 @@ class PrefillHeads:
             return head_runs(kv_head_ids, self.group, set(self.local_heads).__contains__)
         groups = {h // self.group for h in self.local_heads}
         return head_runs(kv_head_ids, self.group, lambda h: h // self.group in groups)
+
+    def retrieval_runs(self, kv_head_ids: Sequence[int]) -> list[HeadRun]:
+        """The dense causal FA3 calls of the retrieval heads of a part holding ``kv_head_ids``."""
+        return head_runs(kv_head_ids, self.group, set(self.retrieval_heads).__contains__)
 
     def group_runs(self, kv_head_ids: Sequence[int]) -> list[HeadRun]:
         """Runs of every query head of a part holding ``kv_head_ids`` (whole groups)."""
@@ -235,9 +233,8 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
 
     Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
     already in the cache. No device sync, except one read of the fp8 scales (the sink merge takes them as
-    numbers). Scratch: per retrieval KV head (dense retrieval) the gathered queries and their output;
-    per run of the dense calls its output when ``dense_threshold > 0``. The local heads' calls and the
-    sink merge write ``out`` in place.
+    numbers). Scratch: per run of the dense calls its output when ``dense_threshold > 0``; every other
+    call writes ``out`` in place.
 
     Args:
         query: ``[T, HQ, D]`` fp16/bf16 on a Hopper GPU, post-RoPE; last dimension contiguous.
@@ -307,13 +304,10 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
                        cu_seqlens_q, seqused_k, sparse.heads, sparse.plan, sparse.top_p, sink_tokens,
                        sparse.block_size, scale, sparse.workspace, out, dense_threshold=dense_threshold,
                        k_scale=k_scale, v_scale=v_scale)
-    for kv_head, group_heads in heads.retrieval_groups if sparse is None else ():
-        part = next(p for p in parts if kv_head in p.kv_head_ids)
-        pos = part.kv_head_ids.index(kv_head)
-        k = canonicalize_singleton_dim_strides(part.key_cache[:, :, pos:pos + 1])           # [N, P, 1, D]
-        v = canonicalize_singleton_dim_strides(part.value_cache[:, :, pos:pos + 1])
-        out.index_copy_(1, group_heads, fa3(query.index_select(1, group_heads), k, v, part.block_table,
-                                            headwise_used))
+    for part in parts if sparse is None else ():
+        for run in heads.retrieval_runs(part.kv_head_ids):
+            q, o, k, v = views(part, run)
+            fa3(q, k, v, part.block_table, headwise_used, out=o)
     if dense_threshold:
         dense_rows = dense_seqs[token_seqs][:, None, None]                                 # [T, 1, 1]
         for part in parts:

@@ -212,18 +212,16 @@ def _part(kv_heads, key_cache, value_cache, block_table, is_window, device="cpu"
 def test_plan_groups_and_local_heads():
     plan = PrefillHeads.build([5, 0, 2], num_heads=8, num_kv_heads=2)
     assert (plan.num_heads, plan.num_kv_heads) == (8, 2)
-    assert [g for g, _ in plan.retrieval_groups] == [0, 1]
-    assert [heads.tolist() for _, heads in plan.retrieval_groups] == [[0, 2], [5]]
-    assert all(heads.dtype == torch.long for _, heads in plan.retrieval_groups)
-    assert plan.local_heads == (1, 3, 4, 6, 7)
+    assert plan.retrieval_heads == (0, 2, 5) and plan.local_heads == (1, 3, 4, 6, 7)
+    assert plan.retrieval_runs(range(2)) == [HeadRun(0, 1, 0, 1), HeadRun(0, 1, 2, 1), HeadRun(1, 1, 5, 1)]
     assert plan.retrieval_mask.tolist() == [True, False, True, False, False, True, False, False]
 
 
-@pytest.mark.parametrize("heads, groups, local", [([], [], (0, 1, 2, 3, 4)), ([0, 1, 2, 3, 4], [0], ()),
-                                                  ([4], [0], (0, 1, 2, 3))])
-def test_plan_mqa(heads, groups, local):
+@pytest.mark.parametrize("heads, runs, local", [([], [], (0, 1, 2, 3, 4)), ([0, 1, 2, 3, 4], [(0, 5)], ()),
+                                                ([4], [(4, 1)], (0, 1, 2, 3))])
+def test_plan_mqa(heads, runs, local):
     plan = PrefillHeads.build(heads, num_heads=5, num_kv_heads=1)
-    assert [g for g, _ in plan.retrieval_groups] == groups
+    assert [(r.first_head, r.num_heads) for r in plan.retrieval_runs([0])] == runs
     assert plan.local_heads == local
     assert plan.retrieval_mask.sum() == len(heads)
 
@@ -336,16 +334,15 @@ def test_fa3_path_emulated(seed, fake_fa3, case, window, sink_tokens):
     if window >= max(h + n for h, n in zip(hist, new)):
         assert len(fake_fa3) == 1 and "window_size" not in fake_fa3[0]          # dense on every head
         return
-    local_runs = plan.local_runs(range(hkv), exact=False)                      # a short step: whole groups
-    assert len(fake_fa3) == len(local_runs) + len(plan.retrieval_groups)
-    for call, run in zip(fake_fa3, local_runs):
-        assert call["window_size"] == (window - 1, 0) and call["q"].shape[1] == run.num_heads
-        assert call["q"].data_ptr() == q[:, run.first_head].data_ptr()         # views of the query and output
+    runs = plan.local_runs(range(hkv), exact=False) + plan.retrieval_runs(range(hkv))   # a short step
+    assert len(fake_fa3) == len(runs)
+    for i, (call, run) in enumerate(zip(fake_fa3, runs)):
+        assert ("window_size" in call) == (i < len(runs) - len(plan.retrieval_runs(range(hkv))))
+        assert call["q"].shape[1] == run.num_heads and call["k"].shape[2] == run.num_slots
+        # views of the query, the output and the cache, not copies
+        assert call["q"].data_ptr() == q[:, run.first_head].data_ptr()
         assert call["out"].untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
-    for call, (kv_head, group) in zip(fake_fa3[len(local_runs):], plan.retrieval_groups):
-        assert call["q"].shape[1] == len(group) and call["k"].shape[2] == 1
-        assert call["k"].data_ptr() == key_cache[:, :, kv_head].data_ptr()     # a view, not a copy
-        assert call["k"].untyped_storage().data_ptr() == key_cache.untyped_storage().data_ptr()
+        assert call["k"].data_ptr() == key_cache[:, :, run.first_slot].data_ptr()
 
 
 def test_head_runs():
