@@ -34,6 +34,7 @@ cpu.__spec__.loader.exec_module(cpu)
 
 import rtpurbo_vllm.attention.builder as builder_module  # noqa: E402
 import rtpurbo_vllm.attention.impl as impl_module  # noqa: E402
+import rtpurbo_vllm.attention.prefill as prefill_module  # noqa: E402
 from rtpurbo_vllm.attention.prefill import headwise_prefill  # noqa: E402
 from rtpurbo_vllm.attention.warmup import WarmupStep, step_metadata, warm_up, warmup_steps  # noqa: E402
 from rtpurbo_vllm.kv_cache.layout import FULL, INDEX, WINDOW  # noqa: E402
@@ -211,8 +212,11 @@ def test_warm_up_runs_every_kernel_and_writes_no_cache(tmp_path, cpu_platform, m
 @pytest.mark.parametrize("kv_layout, prefill_top_p", [("full", 1.0), ("compact", 1.0), ("compact", 0.5)])
 def test_real_steps_launch_only_variants_the_warm_up_compiled(tmp_path, cpu_platform, monkeypatch, seed, small_splits,
                                                                gpu_prefill, recorder, kv_layout, prefill_top_p):
-    """``prefill_top_p < 1``: the retrieval heads' sparse prefill kernels too."""
+    """``prefill_top_p < 1``: the retrieval heads' sparse prefill kernels too. The real steps of more query
+    rows than any warm-up step (70 here) run the local heads' windows per run of local heads, the warm-up
+    per whole GQA group: the sink merge must not compile a variant per run."""
     monkeypatch.setattr(cpu, "PARAMS", dataclasses.replace(cpu.PARAMS, prefill_top_p=prefill_top_p))
+    monkeypatch.setattr(prefill_module, "EXACT_RUNS_MIN_TOKENS", 70)
     served = Served(tmp_path, kv_layout)
     with recorder.variants() as launched:
         warm_up(served.builder)
