@@ -232,9 +232,8 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
     """Head-wise prefill (or chunked prefill) of one layer with FlashAttention-3; writes ``out``.
 
     Each sequence's ``seqlen_q`` new queries are the last rows of its ``seqused_k`` keys, which are
-    already in the cache. No device sync, except one read of the fp8 scales (the sink merge takes them as
-    numbers). Scratch: per run of the dense calls its output when ``dense_threshold > 0``; every other
-    call writes ``out`` in place.
+    already in the cache. No device sync. Scratch: per run of the dense calls its output when
+    ``dense_threshold > 0``; every other call writes ``out`` in place.
 
     Args:
         query: ``[T, HQ, D]`` fp16/bf16 on a Hopper GPU, post-RoPE; last dimension contiguous.
@@ -282,7 +281,7 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
     token_seqs = _token_seqs(cu_seqlens_q, query.shape[0])                                 # [T] int64
     dense_seqs = seqused_k < dense_threshold if dense_threshold else None                  # [B] bool
     headwise_used = seqused_k.masked_fill(dense_seqs, 0) if dense_threshold else seqused_k  # [B] int32
-    sink_scales = (1.0, 1.0) if not fp8 else (float(k_scale), float(v_scale))
+    sink_scales = (k_scale, v_scale) if fp8 else (None, None)
 
     def views(part: KVPart, run: HeadRun) -> tuple[torch.Tensor, ...]:
         """The run's query rows, output rows and K/V slots: views, no copies."""

@@ -64,6 +64,23 @@ def test_kernel_matches_reference(case, sinks, dtype, seed):
     assert not untouched.all()
 
 
+def test_fp8_cache_scales_come_from_the_device(seed):
+    """An fp8 cache's keys and values times its scales, read by the kernel from 1-element tensors."""
+    args = make_case([5, 1, 30], [40, 17, 30], 8, 2, 16, 2, torch.bfloat16, seed)
+    for name in ("key_cache", "value_cache"):
+        args[name] = args[name].to(torch.float8_e4m3fn)
+    scales = {"k_scale": torch.tensor([0.5], device=DEVICE), "v_scale": torch.tensor([3.0], device=DEVICE)}
+    want, got = args["out"].clone(), args["out"].clone()
+    merge_sinks_ref(**{**args, "out": want}, sink_tokens=4, window=8, scale=0.25, **scales)
+    merge_sinks(**{**args, "out": got}, sink_tokens=4, window=8, scale=0.25, **scales)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+    unscaled = args["out"].clone()
+    merge_sinks_ref(**{**args, "out": unscaled}, sink_tokens=4, window=8, scale=0.25)
+    assert not torch.equal(unscaled, want)
+    with pytest.raises(ValueError, match="both k_scale and v_scale"):
+        merge_sinks(**{**args, "out": got}, sink_tokens=4, window=8, scale=0.25, k_scale=scales["k_scale"])
+
+
 def test_reference_equals_full_softmax_over_window_and_sinks(seed):
     """The reference's merge equals one softmax over the window keys plus the visible sinks."""
     torch.manual_seed(seed)

@@ -24,9 +24,9 @@ BLOCK_T = 32
 @triton.jit(do_not_specialize=["num_tokens", "group", "sbt_b", "sl_h"],
             do_not_specialize_on_alignment=["cu_ptr", "used_ptr", "seq_ptr", "bt_ptr"])
 def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, out_ptr, lse_ptr,
-                        num_tokens, group, page_size, window, scale, k_scale, v_scale,
+                        num_tokens, group, page_size, window, scale, k_scale_ptr, v_scale_ptr,
                         sq_t, sq_h, sk_n, sk_p, sk_h, sv_n, sv_p, sv_h, sbt_b, so_t, so_h, sl_h, sl_t,
-                        NUM_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        NUM_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -44,6 +44,10 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
     m = tl.load(lse_ptr + head * sl_h + rows64 * sl_t, mask=row_ok, other=float("-inf"))
     denom = tl.full([BLOCK_T], 1.0, tl.float32)
     kv_head = head // group
+    k_scale, v_scale = 1.0, 1.0
+    if SCALED:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     for s in tl.static_range(NUM_SINKS):
         seen = last >= s
         load_ok = seen[:, None] & dim_ok[None, :]
@@ -69,7 +73,8 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
 def merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
                 token_seqs: torch.Tensor, sink_tokens: int, window: int, scale: float,
-                out: torch.Tensor, lse: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                out: torch.Tensor, lse: torch.Tensor, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> None:
     """Triton version of :func:`.reference.merge_sinks_ref` (same arguments and semantics).
 
     Shapes and dtypes as there; additionally ``query`` and ``out`` need a contiguous last dimension,
@@ -85,13 +90,16 @@ def merge_sinks(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     ("block_table", block_table)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension, got strides {x.stride()}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale (an fp8 cache's) or neither")
     if num_tokens == 0 or sink_tokens <= 0:
         return
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads)
     _merge_sinks_kernel[grid](
         query, key_cache, value_cache, cu_seqlens_q, seqused_k, token_seqs, block_table, out, lse,
-        num_tokens, num_heads // num_kv_heads, key_cache.shape[1], window, scale, k_scale, v_scale,
+        num_tokens, num_heads // num_kv_heads, key_cache.shape[1], window, scale,
+        lse if k_scale is None else k_scale, lse if v_scale is None else v_scale,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3],
         block_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        NUM_SINKS=sink_tokens, HEAD_DIM=head_size, BLOCK_T=BLOCK_T,
+        NUM_SINKS=sink_tokens, SCALED=k_scale is not None, HEAD_DIM=head_size, BLOCK_T=BLOCK_T,
         BLOCK_D=triton.next_power_of_2(head_size))

@@ -8,7 +8,8 @@ import torch
 def merge_sinks_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor, block_table: torch.Tensor,
                     token_seqs: torch.Tensor, sink_tokens: int, window: int, scale: float,
-                    out: torch.Tensor, lse: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                    out: torch.Tensor, lse: torch.Tensor, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> None:
     """Adds to the windowed attention in ``out`` the sink keys that lie outside each query's window.
 
     Query row ``t`` of sequence ``b`` sits at absolute position ``i = seqused_k[b] - (cu_seqlens_q[b+1] - t)``
@@ -27,7 +28,8 @@ def merge_sinks_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             the window; scale: softmax scale.
         out: ``[T, HQ, D]`` float, the windowed attention; updated in place.
         lse: ``[HQ, T]`` float32, its log-sum-exp (FlashAttention's varlen layout); only read.
-        k_scale, v_scale: stored keys and values are multiplied by these (fp8 caches' scales).
+        k_scale, v_scale: 1-element float32 tensors on the device; stored keys and values are multiplied by
+            them (fp8 caches' scales; None: 1).
     """
     num_tokens, num_heads, _ = query.shape
     page_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -39,8 +41,9 @@ def merge_sinks_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         return
     pages = block_table[:, sinks // page_size].long()                                       # [B, S]
     group = num_heads // num_kv_heads
-    k = key_cache[pages, sinks % page_size][seqs].float().repeat_interleave(group, dim=2) * k_scale  # [T, S, HQ, D]
-    v = value_cache[pages, sinks % page_size][seqs].float().repeat_interleave(group, dim=2) * v_scale
+    k = key_cache[pages, sinks % page_size][seqs].float().repeat_interleave(group, dim=2)    # [T, S, HQ, D]
+    v = value_cache[pages, sinks % page_size][seqs].float().repeat_interleave(group, dim=2)
+    k, v = (x if sc is None else x * sc for x, sc in ((k, k_scale), (v, v_scale)))
     s = torch.einsum("thd,tshd->ths", query.float(), k) * scale                             # [T, HQ, S]
     s = s.masked_fill(~visible[:, None, :], float("-inf"))
     lse_win = lse.t().float()                                                               # [T, HQ]
