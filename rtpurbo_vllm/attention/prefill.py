@@ -43,7 +43,8 @@ as ``[HQ, T]`` float32 (natural log); a query at chunk row ``i`` sees keys in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,18 +83,20 @@ class HeadRun:
         return slice(self.first_slot, self.first_slot + self.num_slots)
 
 
-def head_runs(kv_head_ids: Sequence[int], group: int, wanted: Callable[[int], bool]) -> list[HeadRun]:
+@functools.cache
+def head_runs(kv_head_ids: tuple[int, ...], group: int, wanted: frozenset[int]) -> tuple[HeadRun, ...]:
     """The fewest runs (:class:`HeadRun`) covering the ``wanted`` query heads of a part that holds the KV heads
     ``kv_head_ids`` (in slot order; KV head ``g`` serves query heads ``[g * group, (g + 1) * group)``).
 
     Each KV head's wanted query heads split into contiguous ranges; a range that is its whole group joins
     the run before it when that run is whole groups ending at the query head just before (then its KV
-    head is the next one, in the next slot). Runs come in slot order.
+    head is the next one, in the next slot). Runs come in slot order. Cached: a layer asks for the same
+    runs at every prefill step.
     """
     runs: list[HeadRun] = []
     for slot, kv_head in enumerate(kv_head_ids):
         first = kv_head * group
-        wanted_heads = [h for h in range(first, first + group) if wanted(h)]
+        wanted_heads = [h for h in range(first, first + group) if h in wanted]
         for start in (h for h in wanted_heads if h - 1 not in wanted_heads):
             count = next(n for n in range(1, group + 1) if start + n not in wanted_heads)
             last = runs[-1] if runs else None
@@ -102,7 +105,7 @@ def head_runs(kv_head_ids: Sequence[int], group: int, wanted: Callable[[int], bo
                 runs[-1] = HeadRun(last.first_slot, last.num_slots + 1, last.first_head, last.num_heads + group)
             else:
                 runs.append(HeadRun(slot, 1, start, count))
-    return runs
+    return tuple(runs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,21 +144,20 @@ class PrefillHeads:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
-    def local_runs(self, kv_head_ids: Sequence[int], exact: bool) -> list[HeadRun]:
+    def local_runs(self, kv_head_ids: Sequence[int], exact: bool) -> tuple[HeadRun, ...]:
         """The FA3 calls of the local heads of a part holding ``kv_head_ids``: runs of its local query
         heads (``exact``), or of the whole groups that have a local head."""
-        if exact:
-            return head_runs(kv_head_ids, self.group, set(self.local_heads).__contains__)
         groups = {h // self.group for h in self.local_heads}
-        return head_runs(kv_head_ids, self.group, lambda h: h // self.group in groups)
+        wanted = self.local_heads if exact else (h for h in range(self.num_heads) if h // self.group in groups)
+        return head_runs(tuple(kv_head_ids), self.group, frozenset(wanted))
 
-    def retrieval_runs(self, kv_head_ids: Sequence[int]) -> list[HeadRun]:
+    def retrieval_runs(self, kv_head_ids: Sequence[int]) -> tuple[HeadRun, ...]:
         """The dense causal FA3 calls of the retrieval heads of a part holding ``kv_head_ids``."""
-        return head_runs(kv_head_ids, self.group, set(self.retrieval_heads).__contains__)
+        return head_runs(tuple(kv_head_ids), self.group, frozenset(self.retrieval_heads))
 
-    def group_runs(self, kv_head_ids: Sequence[int]) -> list[HeadRun]:
+    def group_runs(self, kv_head_ids: Sequence[int]) -> tuple[HeadRun, ...]:
         """Runs of every query head of a part holding ``kv_head_ids`` (whole groups)."""
-        return head_runs(kv_head_ids, self.group, lambda h: True)
+        return head_runs(tuple(kv_head_ids), self.group, frozenset(range(self.num_heads)))
 
 
 @dataclass(frozen=True)

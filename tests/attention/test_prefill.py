@@ -213,7 +213,7 @@ def test_plan_groups_and_local_heads():
     plan = PrefillHeads.build([5, 0, 2], num_heads=8, num_kv_heads=2)
     assert (plan.num_heads, plan.num_kv_heads) == (8, 2)
     assert plan.retrieval_heads == (0, 2, 5) and plan.local_heads == (1, 3, 4, 6, 7)
-    assert plan.retrieval_runs(range(2)) == [HeadRun(0, 1, 0, 1), HeadRun(0, 1, 2, 1), HeadRun(1, 1, 5, 1)]
+    assert plan.retrieval_runs(range(2)) == (HeadRun(0, 1, 0, 1), HeadRun(0, 1, 2, 1), HeadRun(1, 1, 5, 1))
     assert plan.retrieval_mask.tolist() == [True, False, True, False, False, True, False, False]
 
 
@@ -347,10 +347,10 @@ def test_fa3_path_emulated(seed, fake_fa3, case, window, sink_tokens):
 
 def test_head_runs():
     """Contiguous wanted heads of each KV head; whole groups of consecutive KV heads in consecutive slots merge."""
-    every = lambda h: True                                                     # noqa: E731
-    assert head_runs(range(8), 4, every) == [HeadRun(0, 8, 0, 32)]
-    assert head_runs([1, 2, 5, 6], 4, every) == [HeadRun(0, 2, 4, 8), HeadRun(2, 2, 20, 8)]
-    assert head_runs([2, 0], 4, every) == [HeadRun(0, 1, 8, 4), HeadRun(1, 1, 0, 4)]      # out of head order
+    every = frozenset(range(32))
+    assert head_runs(tuple(range(8)), 4, every) == (HeadRun(0, 8, 0, 32),)
+    assert head_runs((1, 2, 5, 6), 4, every) == (HeadRun(0, 2, 4, 8), HeadRun(2, 2, 20, 8))
+    assert head_runs((2, 0), 4, every) == (HeadRun(0, 1, 8, 4), HeadRun(1, 1, 0, 4))      # out of head order
     # The layer benchmark's retrieval heads (3, 9, 14, 22, 27) over 8 KV heads of 4 query heads.
     plan = PrefillHeads.build([3, 9, 14, 22, 27], 32, 8)
     runs = plan.local_runs(range(8), exact=True)
@@ -358,12 +358,12 @@ def test_head_runs():
         (0, 1, 0, 3), (1, 1, 4, 4), (2, 1, 8, 1), (2, 1, 10, 2), (3, 1, 12, 2), (3, 1, 15, 1), (4, 1, 16, 4),
         (5, 1, 20, 2), (5, 1, 23, 1), (6, 1, 24, 3), (7, 1, 28, 4)]
     assert sorted(h for r in runs for h in range(r.first_head, r.first_head + r.num_heads)) == list(plan.local_heads)
-    assert plan.local_runs(range(8), exact=False) == [HeadRun(0, 8, 0, 32)]
+    assert plan.local_runs(range(8), exact=False) == (HeadRun(0, 8, 0, 32),)
     # A group of retrieval heads only needs no local call; the groups around it do not merge across it.
     plan = PrefillHeads.build([4, 5, 6, 7], 16, 4)
-    assert plan.local_runs(range(4), exact=False) == [HeadRun(0, 1, 0, 4), HeadRun(2, 2, 8, 8)]
-    assert plan.group_runs([3, 1]) == [HeadRun(0, 1, 12, 4), HeadRun(1, 1, 4, 4)]
-    assert PrefillHeads.build(list(range(8)), 8, 2).local_runs(range(2), exact=True) == []
+    assert plan.local_runs(range(4), exact=False) == (HeadRun(0, 1, 0, 4), HeadRun(2, 2, 8, 8))
+    assert plan.group_runs([3, 1]) == (HeadRun(0, 1, 12, 4), HeadRun(1, 1, 4, 4))
+    assert PrefillHeads.build(list(range(8)), 8, 2).local_runs(range(2), exact=True) == ()
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=_ids(c)) for c in CPU_CASES])
