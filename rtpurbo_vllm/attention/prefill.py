@@ -287,8 +287,9 @@ def headwise_prefill(query: torch.Tensor, parts: Sequence[KVPart], cu_seqlens_q:
 
     def views(part: KVPart, run: HeadRun) -> tuple[torch.Tensor, ...]:
         """The run's query rows, output rows and K/V slots: views, no copies."""
-        return tuple(canonicalize_singleton_dim_strides(x) for x in (
-            query[:, run.heads], out[:, run.heads], part.key_cache[:, :, run.slots], part.value_cache[:, :, run.slots]))
+        return tuple(canonicalize_singleton_dim_strides(x) for x in (query[:, run.heads], out[:, run.heads],
+                                                                      part.key_cache[:, :, run.slots],
+                                                                      part.value_cache[:, :, run.slots]))
 
     exact = query.shape[0] >= EXACT_RUNS_MIN_TOKENS
     for part in parts:
