@@ -29,8 +29,8 @@ fp8 cache, else the model's dtype; ``model`` or ``fp8_e4m3``: ``--additional-con
   in turn; the decode step is the median difference over ``--steps`` (every request decodes from the
   first step: the prompts hit the cache), with the smallest and largest beside it. A batch of more
   sequences of ``--context + 1 + --steps`` tokens than the pool holds (they would be preempted and
-  prefilled again inside the timed runs) is listed in ``batches_over_pool`` instead of timed. ``load`` and ``step`` outputs are
-  not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
+  prefilled again inside the timed runs) is listed in ``batches_over_pool`` instead of timed.
+  ``load`` and ``step`` outputs are not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
   incremental detokenizer with its whole prompt, which its first output token then decodes on the host,
   a cost that grows with the context and has nothing to do with attention. RTPURBO's retrieval heads keep
   about ``--keep`` of the blocks (default 0.03, the paper's decode sparsity; the artifact's ``top_p``,
