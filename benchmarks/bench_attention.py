@@ -31,8 +31,8 @@ It prints a table of times and ratios, where RTPURBO's sparse prefill spends its
 one call under ``torch.profiler``), RTPURBO's decode step as the GPU runs it (each kernel's start and
 duration in the replayed graph), and per decode point the bytes the step must
 read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
-(``--peak-bandwidth``, default an H200's 4.8 TB/s); it writes ``bench_attention.json`` and
-``bench_attention.png``.
+(``--peak-bandwidth``, by default the card's from :data:`PEAK_BYTES_PER_S`); it writes
+``bench_attention.json`` and ``bench_attention.png``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 DTYPE = dtype()
 KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn}     # --kv-cache-dtype, as vLLM names them
 VLLM_MAX_NUM_SEQS = 1024                # vLLM's default max_num_seqs on an H100/H200 (the --max-num-seqs default)
-H200_PEAK_BYTES_PER_S = 4.8e12          # HBM3e bandwidth of an H200 (the default --peak-bandwidth)
+# Peak HBM bandwidth of the Hopper cards FA3 runs on, by a part of the name torch gives the card (the default
+# --peak-bandwidth; the first match counts): NVIDIA's data sheets.
+PEAK_BYTES_PER_S = {"GH200 480GB": 4.0e12, "GH200": 4.9e12, "H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
+                    "H100": 3.35e12}
 PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (one layer's call, not a server's chunk)
 ROPE = rope_spec()
 
@@ -259,6 +262,12 @@ def decode_bytes(batch: int, length: int, kept_blocks: int, kv_bytes: int = 2, i
             "rtpurbo_window": window, "rtpurbo_index": index, "rtpurbo_kept": kept}
 
 
+def card_peak_bandwidth(name: str) -> float | None:
+    """The peak memory bandwidth (bytes/s) of the card called ``name`` (``torch.cuda.get_device_name``),
+    or None for a card not in :data:`PEAK_BYTES_PER_S`."""
+    return next((peak for part, peak in PEAK_BYTES_PER_S.items() if part in name), None)
+
+
 def add_bandwidth(row: dict, peak_bytes_per_s: float) -> dict:
     """``row`` (a decode row) with the bytes of :func:`decode_bytes`, the achieved TB/s of both sides
     and their share of the card's peak ``peak_bytes_per_s``."""
@@ -347,9 +356,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-top-p", metavar="P", type=float, default=TOP_P,
                         help="prefill: the retrieval heads' sparse prefill top-p (default %(default)s)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
-    parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float, default=H200_PEAK_BYTES_PER_S,
-                        help="the card's peak memory bandwidth, for the decode bandwidth table "
-                             "(default %(default)g: H200)")
+    parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float,
+                        help="the card's peak memory bandwidth, for the decode bandwidth table (default: the "
+                             "card's, for " + ", ".join(PEAK_BYTES_PER_S) + ")")
     parser.add_argument("--config", metavar="KERNEL.KEY=VALUE", nargs="*", default=[],
                         help="launch settings of the Triton kernels for this run (rtpurbo_vllm.bench.kernel_config), "
                              "e.g. sparse_decode.warps=8 block_topp.search_bits=2")
@@ -363,6 +372,12 @@ def main(argv=None) -> int:
         variants = {text: parse_overrides(text.split(",")) for text in args.variants}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(0)
+    peak_bandwidth = args.peak_bandwidth or card_peak_bandwidth(card)
+    if peak_bandwidth is None:
+        print(f"error: no peak memory bandwidth known for {card!r}: pass --peak-bandwidth BYTES_PER_S "
+              "(e.g. 3.35e12 for an H100 SXM)", file=sys.stderr)
         return 2
     kernel_config = apply_overrides(overrides)
     device = torch.device("cuda")
@@ -383,7 +398,7 @@ def main(argv=None) -> int:
             rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
                                                    max_model_len, args.max_num_seqs, args.kv_cache_dtype,
                                                    args.index_key_dtype),
-                                      args.peak_bandwidth))
+                                      peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     variant_rows = time_variants(variants, [r for r in rows if r["phase"] == "decode"],
@@ -394,7 +409,7 @@ def main(argv=None) -> int:
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
                         "top_p": TOP_P},
-              "peak_bandwidth": args.peak_bandwidth, "kernel_config": kernel_config, "command": " ".join(sys.argv),
+              "peak_bandwidth": peak_bandwidth, "kernel_config": kernel_config, "command": " ".join(sys.argv),
               "rows": rows, "variants": variant_rows}
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
@@ -423,7 +438,7 @@ def main(argv=None) -> int:
         print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events)")
         print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
-        print_bandwidth(decode_rows, args.peak_bandwidth)
+        print_bandwidth(decode_rows, peak_bandwidth)
     if variant_rows:
         print("\nRTPURBO decode step with other settings (ms; > 1: faster than this run's settings)")
         print(f"{'batch':>5} {'context':>8} {'base':>9} {'variant':>9} {'speedup':>8}  settings")

@@ -102,6 +102,14 @@ def test_decode_bytes_and_bandwidth(bench_attention):
     assert row["fa3_peak_share"] == pytest.approx(0.5) and row["rtpurbo_peak_share"] == pytest.approx(0.5)
 
 
+def test_peak_bandwidth_follows_the_card(bench_attention):
+    """The default peak is the card's, by the name torch gives it; GH200 is not taken for an H200."""
+    peak = bench_attention.card_peak_bandwidth
+    assert peak("NVIDIA H200") == 4.8e12 and peak("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert peak("NVIDIA H100 PCIe") == 2.0e12 and peak("NVIDIA GH200 480GB") == 4.0e12
+    assert peak("NVIDIA A100-SXM4-80GB") is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
 def test_prefill_row_has_the_sparse_prefill(bench_attention, monkeypatch):
     """The prefill point runs the head-wise prefill dense and sparse (FA3 stubbed, the sparse prefill's
