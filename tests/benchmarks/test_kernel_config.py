@@ -27,10 +27,9 @@ def test_overrides_are_parsed_and_applied(fresh_configs):
 
 
 def test_switches_take_zero():
-    settings = ["launch.pdl=0", "sparse_decode.side_first=1", "sparse_decode.local_programs_per_sm=0",
-                "sparse_decode.max_registers=0"]
-    assert kc.parse_overrides(settings) == {"launch": {"pdl": 0}, "sparse_decode": {
-        "side_first": 1, "local_programs_per_sm": 0, "max_registers": 0}}
+    settings = ["launch.pdl=0", "sparse_decode.side_first=1", "sparse_decode.local_programs_per_sm=0"]
+    assert kc.parse_overrides(settings) == {"launch": {"pdl": 0},
+                                            "sparse_decode": {"side_first": 1, "local_programs_per_sm": 0}}
 
 
 @pytest.mark.parametrize("item, message", [
@@ -39,7 +38,7 @@ def test_switches_take_zero():
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.wraps=8",
-     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, max_registers, prefetch"),
+     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, side_first"),
     ("sparse_decode.warps=eight", "the value must be a positive integer"),
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),

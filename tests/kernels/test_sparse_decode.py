@@ -221,26 +221,6 @@ def test_fewer_local_splits(seed, local_programs, monkeypatch):
     _run_case(SEQ_LENS, 8, 2, 64, 16, 64, 4, 200, [0, 5], num_splits=8)
 
 
-def prefetching(monkeypatch) -> None:
-    """Tiles loaded one ahead (``prefetch``), with the 64-token tiles it runs with."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "prefetch", 1)
-    monkeypatch.setitem(_kernel_module.CONFIG, "tile_local", 64)
-    monkeypatch.setitem(_kernel_module.CONFIG, "tile_retrieval", 64)
-
-
-def test_prefetch(seed, monkeypatch):
-    """Local and retrieval splits of several prefetched tiles each, the last one partial."""
-    prefetching(monkeypatch)
-    _run_case([1, 70, 300, 517], 8, 2, 64, 16, 16, 4, 200, [2, 5], num_splits=2)
-
-
-def test_register_bound(seed, monkeypatch):
-    """``max_registers`` bounds the split kernel's registers (a compile option: the interpreter ignores it,
-    the sm_90 compile of every recorded launch at the end of the session takes it)."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "max_registers", 128)
-    _run_case([1, 70, 300], 8, 2, 64, 16, 64, 4, 100, [2, 5], num_splits=4)
-
-
 def test_local_splits_for(monkeypatch):
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", 0)
     assert _kernel_module.local_splits_for(4, 8, 64, num_sms=132) == 64
@@ -292,13 +272,9 @@ def test_scattered_layout(seed, case):
 
 
 @pytest.mark.parametrize("kv_dtype", [u8, f8])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_fp8_single_unit_against_unquantised(seed, kv_dtype, prefetch, monkeypatch):
+def test_fp8_single_unit_against_unquantised(seed, kv_dtype):
     """fp8 units in the one-tensor layout: the kernel matches the dequantising reference to bf16 accuracy
-    and the unquantised attention to fp8 accuracy (e4m3 keeps 3 mantissa bits: <= 2^-4 relative per value);
-    with tiles loaded as they are dotted and one ahead."""
-    if prefetch:
-        prefetching(monkeypatch)
+    and the unquantised attention to fp8 accuracy (e4m3 keeps 3 mantissa bits: <= 2^-4 relative per value)."""
     seq_lens, hq, hkv, d, p, bs, sink, window, ret = [1, 70, 300], 8, 2, 64, 16, 64, 4, 100, [2, 5]
     k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
     lay, stored = PL.paged_kv(seq_lens, [0] * hkv, d, kv_dtype, [KindSpec(p, 1, hkv)], DEVICE, None, k_scale,
@@ -563,14 +539,8 @@ def test_gpu_realistic(seed, batch, page_size, num_splits):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="realistic sizes need the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-@pytest.mark.parametrize("settings", [{}, {"max_registers": 128},
-                                      {"prefetch": 1, "tile_local": 64, "tile_retrieval": 64}],
-                         ids=["default", "max_registers128", "prefetch-tile64"])
-def test_gpu_scattered_realistic(seed, kv_dtype, settings, monkeypatch):
-    """8 KV heads over 3 full units (P16) and 2 window units (P32), 16K tokens, bf16 and fp8, with the
-    default launch settings, the registers bounded to 128 (spilling) and tiles loaded one ahead."""
-    for key, value in settings.items():
-        monkeypatch.setitem(_kernel_module.CONFIG, key, value)
+def test_gpu_scattered_realistic(seed, kv_dtype):
+    """8 KV heads over 3 full units (P16) and 2 window units (P32), 16K tokens, bf16 and fp8."""
     lens = [16 * 1024 - 3, 9000, 1]
     head_kind = [0, 1, 0, 1, 1, 0, 1, 1]   # KV heads of GPU_RETRIEVAL (0, 2, 4, 6, 7) ... made full below
     for h in {r // 4 for r in GPU_RETRIEVAL}:

@@ -87,17 +87,8 @@ DEFAULT_MAX_SPLITS = 64
 # B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
 # retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
 # leave room for the selection chain beside them and spend less of their time starting up.
-# max_registers: registers per thread the split kernel may use (0: the compiler's choice, 155-168 at 4
-# warps); a selection program shares an SM with two split programs only if the three fit in its 64K
-# registers (at 128, two 4-warp split programs take 32K and an 8-warp selection of 120 registers 30K),
-# at the price of spilling (the fp8 split kernel a few words, the bf16 one more).
-# prefetch: 1 issues each tile's K/V loads (into registers) one tile ahead, before the tile before it is
-# dotted; 0 loads a tile when its iteration starts and leaves the loop to Triton's pipeliner (`stages`),
-# which in the sm_90 compile keeps one K/V buffer and issues the next tile's copies after the dots, so
-# each tile waits for its loads. With 1, 128-token tiles spill; 64-token tiles fit (about 200-220
-# registers at 4 warps).
 CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_first": 0,
-          "local_programs_per_sm": 2, "max_registers": 0, "prefetch": 0}
+          "local_programs_per_sm": 2}
 NOMINAL_SMS = 132
 """SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
 
@@ -202,67 +193,45 @@ def _is_retrieval(h, ret_ptr, HR, HR_PAD: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink, page_size, page_stride,
-               token_stride, RETRIEVAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-               TILE: tl.constexpr):
-    """K and V ``[TILE, D_PAD]`` of virtual tokens ``[start, start + TILE)`` (masked at ``end``), as stored,
-    with the tile's ``valid [TILE]`` tokens and the ``[TILE, D_PAD]`` load mask."""
-    offs_d = tl.arange(0, D_PAD)
-    vi = start + tl.arange(0, TILE)
-    valid = vi < end
-    if RETRIEVAL:
-        blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
-        tok = blk * BS + vi % BS
-        valid = valid & (blk >= 0) & (tok < seq_len)
-    else:
-        tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
-    page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
-    row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
-    mask = valid[:, None] & (offs_d < D)[None, :]
-    k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
-    v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
-    return k, v, valid, mask
-
-
-@triton.jit
 def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
                   page_size, page_stride, token_stride,
                   ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
                   D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
-                  qk_scale, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr,
-                  LOOP_STAGES: tl.constexpr):
+                  qk_scale, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
     """Online softmax of the ``[ROWS, D_PAD]`` queries over virtual tokens ``[start, end)`` of the KV
     head at ``kv_ptr + head_off`` (K at ``[0, D)``, V at ``[D, 2D)``), paged by ``bt_row``.
 
     Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
     FP8 K/V are dotted in fp16 (:mod:`..fp8`); their scales live in ``qk_scale`` and the caller's output
-    factor. ``PREFETCH``: each iteration issues the next tile's loads into registers before its own
-    dots (``LOOP_STAGES`` 1: Triton's pipeliner off); else it loads its own tile and Triton pipelines
-    the loop with ``LOOP_STAGES`` stages.
+    factor.
     """
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < D
+    offs_t = tl.arange(0, TILE)
     if FP8:
         q = fp16_dot_query(q)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
-    if PREFETCH:
-        k, v, valid, mask = _load_tile(kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
-                                       page_size, page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
-    for off in tl.range(start, end, TILE, num_stages=LOOP_STAGES):
-        if PREFETCH:    # the next tile's loads, issued before this tile's dots, land while they run
-            k_next, v_next, valid_next, mask_next = _load_tile(
-                kv_ptr, head_off, bt_row, sel_row, off + TILE, end, seq_len, ws, n_sink, page_size, page_stride,
-                token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
+    for off in range(start, end, TILE):
+        vi = off + offs_t
+        valid = vi < end
+        if RETRIEVAL:
+            blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
+            tok = blk * BS + vi % BS
+            valid = valid & (blk >= 0) & (tok < seq_len)
         else:
-            k, v, valid, mask = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink,
-                                           page_size, page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
+            tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
+        page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
+        row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
+        mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
+        v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
         if FP8:
             k = fp16_dot_operand(k)
             v = fp16_dot_values(v, mask)
         s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
-        if PREFETCH:
-            k, v, valid, mask = k_next, v_next, valid_next, mask_next
     return acc, l_i, m_i
 
 
@@ -292,8 +261,7 @@ def _local_split(
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """Split ``split`` (of ``local_splits <= NUM_SPLITS``) of the local query heads of KV group ``kvh`` (all
     G rows in one dot), reading the KV head through its kind's block table and geometry (only sink and
@@ -324,8 +292,7 @@ def _local_split(
         token_stride = tl.where(kind == 0, token_stride0, token_stride1).to(tl.int64)
         acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt_row, bt_row, start, end, seq_len, ws, n_sink,
                                       page_size, page_stride, token_stride,
-                                      ROWS, False, 1, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8, PREFETCH,
-                                      LOOP_STAGES)
+                                      ROWS, False, 1, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
@@ -338,8 +305,7 @@ def _retrieval_split(
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot); its KV
     head ``h // G`` is a kind-0 (full) head, read through the kind-0 block table."""
@@ -360,8 +326,7 @@ def _retrieval_split(
         acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt0_ptr + b * s_bt0, sel_ptr + b * s_sb + r * s_sr,
                                       start, end, seq_len, 0, 0, page0, page_stride0.to(tl.int64),
                                       token_stride0.to(tl.int64),
-                                      ROWS, True, BS, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8, PREFETCH,
-                                      LOOP_STAGES)
+                                      ROWS, True, BS, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
@@ -376,8 +341,7 @@ def _split_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, OFF_ALIGN: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, units, S)``: units ``first_unit ..`` of the ``HR`` retrieval units (their splits run
     longest) followed by the ``HKV`` KV-group units."""
@@ -394,15 +358,13 @@ def _split_kernel(
                          nsel_ptr, po_ptr, pl_ptr, qk_scale, out_scale, max_blocks,
                          s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, s_sb, s_sr, s_nb, s_nr,
                          s_pos, s_poh, s_pls, s_plh,
-                         G, ROWS, BS, D, D_PAD, TILE_RET, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8, PREFETCH,
-                         LOOP_STAGES)
+                         G, ROWS, BS, D, D_PAD, TILE_RET, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
     else:
         _local_split(b, head - HR, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr,
                      ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
                      local_splits, s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1,
                      token_stride1, s_bt1, s_pos, s_poh, s_pls, s_plh,
-                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8,
-                     PREFETCH, LOOP_STAGES)
+                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
 @triton.jit(do_not_specialize=["local_splits"])
@@ -611,9 +573,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
             TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
-            UPCAST_DOT=upcast, FP8=fp8, PREFETCH=bool(cfg["prefetch"]), LOOP_STAGES=1 if cfg["prefetch"] else cfg["stages"],
-            PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
-            maxnreg=cfg["max_registers"] or None,
+            UPCAST_DOT=upcast, FP8=fp8, PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
         )
 
     if select is None:
