@@ -51,9 +51,8 @@ def _merge_sinks_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, used_ptr, seq_ptr, bt_ptr, 
     for s in tl.static_range(NUM_SINKS):
         seen = last >= s
         load_ok = seen[:, None] & dim_ok[None, :]
-        # the page id broadcast over the tile (a 1-D masked load here trips Triton 3.6's layout pass)
-        page = tl.load(bt_ptr + seq.to(tl.int64)[:, None] * sbt_b + s // page_size + 0 * dims[None, :],
-                       mask=load_ok, other=0).to(tl.int64)
+        page = tl.load(bt_ptr + seq.to(tl.int64)[:, None] * sbt_b + s // page_size,
+                       mask=seen[:, None], other=0).to(tl.int64)                 # [BLOCK_T, 1]
         offset = s % page_size
         k = tl.load(k_ptr + page * sk_n + offset * sk_p + kv_head * sk_h + dims[None, :],
                     mask=load_ok, other=0.0).to(tl.float32) * k_scale
