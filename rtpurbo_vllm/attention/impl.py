@@ -15,8 +15,8 @@ Per layer and step (tokens ordered decodes first, see :mod:`rtpurbo_vllm.attenti
 
 Where every head lives is the layer's :class:`~rtpurbo_vllm.kv_cache.layer_kv.LayerKV`, the one
 seam between the KV layout and the kernels: ``--additional-config '{"rtpurbo": {"kv_layout": ...}}'``
-picks ``"full"`` (the default: every KV head keeps every token) or ``"compact"`` (full K/V only for
-retrieval KV heads, sinks + window for the others), and both run the same code.
+picks ``"compact"`` (the default: full K/V only for retrieval KV heads, sinks + window for the others)
+or ``"full"`` (every KV head keeps every token), and both run the same code.
 
 CUDA graphs: a pure-decode step (padded to a capture size: padded requests have ``seq_len`` 0, the
 null block and slot -1) runs steps 1-3 only, with launch grids fixed by the padded batch size and

@@ -5,11 +5,11 @@ The artifact folder is ``<model_dir>/rtpurbo`` unless ``--additional-config '{"r
 "/path"}}'`` names another. A model without a valid artifact refuses to start with a message that
 says what is missing and how to make it.
 
-``{"rtpurbo": {"kv_layout": "compact"}}`` selects the memory-saving KV layout (:mod:`rtpurbo_vllm.kv_cache`:
-full K/V only for the KV heads of retrieval heads, sink + window K/V for the others); the default
-``"full"`` keeps every KV head for every token (the compact layout becomes the default once its decode
-step is measured within 5 % of the full layout's). :func:`serving_kv_layout` plans the layout once per
-process (every layer installs its share of the same layout).
+The KV layout (:mod:`rtpurbo_vllm.kv_cache`) is ``"compact"`` by default: full K/V only for the KV heads
+of retrieval heads, sink + window K/V for the others. ``{"rtpurbo": {"kv_layout": "full"}}`` keeps every KV
+head for every token; it is also the default where vLLM's hybrid KV-cache manager, which the compact
+layout's window and index units need, is off (:func:`kv_layout_for`). :func:`serving_kv_layout` plans the
+layout once per process (every layer installs its share of the same layout).
 
 The index keys follow the K/V cache's precision: one byte per value (e4m3) with ``--kv-cache-dtype fp8``,
 the model's dtype otherwise (:func:`~rtpurbo_vllm.kv_cache.index_key_dtype`). ``{"rtpurbo":
@@ -29,13 +29,16 @@ import os
 from pathlib import Path
 
 import torch
+from vllm.logger import init_logger
 
 from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, SparsityParams, find_artifact_dir, load_artifact
 from rtpurbo_vllm.artifacts.validate import check_params
 from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, KV_LAYOUTS, KVLayout, index_key_dtype
 
+logger = init_logger(__name__)
+
 ADDITIONAL_CONFIG_KEY = "rtpurbo"
-DEFAULT_KV_LAYOUT = "full"
+DEFAULT_KV_LAYOUT = "compact"
 # Sparsity settings a serving process may override: each is a number, taken instead of the artifact's.
 PARAM_OVERRIDES = ("top_p", "prefill_top_p")
 _KNOWN_KEYS = {"artifact", "kv_layout", "index_key_dtype", *PARAM_OVERRIDES}
@@ -52,11 +55,26 @@ def _options(vllm_config) -> dict:
 
 
 def kv_layout_for(vllm_config) -> str:
-    """The KV-cache layout this engine serves with: ``"full"`` (default) or ``"compact"``."""
-    layout = _options(vllm_config).get("kv_layout", DEFAULT_KV_LAYOUT)
+    """The KV-cache layout this engine serves with: ``"compact"`` (the default) or ``"full"``.
+
+    The compact layout groups its full, window and index units through vLLM's hybrid KV-cache manager.
+    Where that is off (``--disable-hybrid-kv-cache-manager``, or vLLM turned it off, e.g. for a KV
+    connector without hybrid support) the default is ``"full"`` and an explicit ``"compact"`` is refused.
+    """
+    hybrid = not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+    options = _options(vllm_config)
+    if "kv_layout" not in options and not hybrid:
+        logger.info_once("RTPURBO: vLLM's hybrid KV-cache manager is off, so the KV layout is \"full\" (every "
+                         "KV head keeps every token) instead of the default \"compact\"")
+    layout = options.get("kv_layout", DEFAULT_KV_LAYOUT if hybrid else "full")
     if layout not in KV_LAYOUTS:
         raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.kv_layout' must be one of "
                             f"{list(KV_LAYOUTS)}, got {layout!r}")
+    if layout == "compact" and not hybrid:
+        raise ArtifactError(f"--additional-config '{ADDITIONAL_CONFIG_KEY}.kv_layout' is \"compact\", which needs "
+                            "vLLM's hybrid KV-cache manager, and it is off (--disable-hybrid-kv-cache-manager, or "
+                            "a KV connector without hybrid support): drop that flag or serve with \"kv_layout\": "
+                            "\"full\"")
     return layout
 
 

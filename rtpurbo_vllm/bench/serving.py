@@ -391,9 +391,7 @@ def engine_flags(settings: Settings, backend: str) -> list[str]:
              "--enable-prefix-caching" if settings.prefix_caching else "--no-enable-prefix-caching",
              "--generation-config", "vllm", "--seed", str(settings.seed)]
     if backend == "RTPURBO":
-        options = {"artifact": str(settings.artifact_dir)}
-        if settings.kv_layout != FULL_LAYOUT:    # the default layout keeps the command line as it was
-            options["kv_layout"] = settings.kv_layout
+        options = {"artifact": str(settings.artifact_dir), "kv_layout": settings.kv_layout}
         flags += ["--additional-config", json.dumps({"rtpurbo": options})]
     return flags + list(settings.engine_args)
 
@@ -666,10 +664,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> list[str]:
                               "--kv-heads-per-layer): retrieval heads only in N KV groups of every layer, so "
                               "--kv-layout compact keeps N KV heads per layer in full (default %(default)s; None is "
                               "no budget)"),
-        art.add_argument("--kv-layout", choices=(FULL_LAYOUT, MEMORY_SAVING_LAYOUT), default=FULL_LAYOUT,
-                         help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): full keeps every "
-                              "KV head for every token; compact keeps full history only for retrieval KV heads "
-                              "(compare the logged KV capacity; default %(default)s)"),
+        art.add_argument("--kv-layout", choices=(FULL_LAYOUT, MEMORY_SAVING_LAYOUT), default=MEMORY_SAVING_LAYOUT,
+                         help="RTPURBO's KV-cache layout (additional-config rtpurbo.kv_layout): compact (the "
+                              "backend's default) keeps full history only for retrieval KV heads; full keeps every "
+                              "KV head for every token (default %(default)s)"),
         keep.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                           help="kept-block share of the retrieval heads at decode, set as the artifact's top-p "
                                "(dummy weights give flat indexer scores, so top-p keeps about this share; "

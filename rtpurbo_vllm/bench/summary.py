@@ -79,7 +79,7 @@ STATUS = (
      ("decode_layer_128k_b1", "decode_layer_512k_b1", "decode_layer_128k_b4", "decode_step_128k_b1",
       "decode_step_128k_b4", "decode_step_128k_b4_vs_fp8")),
     ("Memory-saving KV layout: KV capacity at 128K",
-     "opt-in (`kv_layout: compact`), any head selection, bf16 or fp8; figures: vLLM's logged KV tokens of the "
+     "the default (`kv_layout: compact`), any head selection, bf16 or fp8; figures: vLLM's logged KV tokens of the "
      "earlier per-layer layout (`bench_engine.py load` measures the requests held)",
      ("kv_capacity_128k_n1", "kv_capacity_128k_global15", "kv_capacity_128k_kvgroup15", "kv_capacity_128k_fp8_n1",
       "kv_capacity_128k_fp8_kvgroup15")),

@@ -72,9 +72,13 @@ def make_engine(tmp_path, case, dense_threshold, kv_layout="full", kv_cache_dtyp
     save_artifact(RTPurboArtifact(model=ModelFingerprint.from_hf_config(config), retrieval_heads=RETRIEVAL,
                                   params=params, indexer=indexer), tmp_path / "rtpurbo")
     model_config = ModelConfig(model=str(tmp_path), dtype="bfloat16", max_model_len=1024, skip_tokenizer_init=True)
-    return VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
-                      cache_config=CacheConfig(block_size=PAGE, cache_dtype=kv_cache_dtype),
-                      additional_config={"rtpurbo": {"kv_layout": kv_layout, "index_key_dtype": index_key_dtype}})
+    vllm_config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"),
+                             cache_config=CacheConfig(block_size=PAGE, cache_dtype=kv_cache_dtype),
+                             additional_config={"rtpurbo": {"kv_layout": kv_layout,
+                                                            "index_key_dtype": index_key_dtype}})
+    # As on a GPU: vLLM turns its hybrid KV-cache manager off on a CPU platform.
+    vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = False
+    return vllm_config
 
 
 @pytest.fixture
@@ -141,7 +145,6 @@ def manager_block_tables(vllm_config, num_blocks=1024):
     context = vllm_config.compilation_config.static_forward_context
     specs = {name: layer.get_kv_cache_spec(vllm_config) for name, layer in context.items()
              if isinstance(layer, AttentionLayerBase)}
-    vllm_config.scheduler_config.disable_hybrid_kv_cache_manager = False
     kv = helpers.Engine(vllm_config, specs, num_blocks)
     requests = []
     for i, (cached, new) in enumerate(BATCH):
@@ -435,13 +438,21 @@ def test_impl_matches_reference(tmp_path, cpu_platform, seed, monkeypatch, case,
 
 
 def test_kv_layout_option(tmp_path, cpu_platform, seed):
+    """The compact layout is the default; with vLLM's hybrid KV-cache manager off the default is the full
+    layout and an explicit compact one is refused, naming the flag and the way out."""
     from rtpurbo_vllm.artifacts import ArtifactError
     from rtpurbo_vllm.attention.serving_config import kv_layout_for
 
-    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="compact")) == "compact"
+    assert kv_layout_for(make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="full")) == "full"
     engine = make_engine(tmp_path, CASES["hkv2"], 0)
     engine.additional_config = {}
+    assert kv_layout_for(engine) == "compact"
+    engine.scheduler_config.disable_hybrid_kv_cache_manager = True
     assert kv_layout_for(engine) == "full"
+    engine.additional_config = {"rtpurbo": {"kv_layout": "compact"}}
+    with pytest.raises(ArtifactError, match=r"\"compact\", which needs vLLM's hybrid KV-cache manager, and it is "
+                                            r"off \(--disable-hybrid-kv-cache-manager.*\"kv_layout\": \"full\""):
+        kv_layout_for(engine)
     engine = make_engine(tmp_path, CASES["hkv2"], 0, kv_layout="split")
     with pytest.raises(ArtifactError, match=r"kv_layout' must be one of \['compact', 'full'\], got 'split'"):
         kv_layout_for(engine)

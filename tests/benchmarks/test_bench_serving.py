@@ -55,19 +55,21 @@ def test_server_commands_for_both_backends(tmp_path):
         assert _value(argv, "--tokenizer") == str(s.tokenizer_dir)
     assert s.vllm == (sys.executable, "-P", "-m", "vllm.entrypoints.cli.main")    # works with vLLM on PYTHONPATH
     assert "--additional-config" not in fa
-    assert json.loads(_value(rtp, "--additional-config")) == {"rtpurbo": {"artifact": str(s.artifact_dir)}}
+    assert json.loads(_value(rtp, "--additional-config")) == {"rtpurbo": {"artifact": str(s.artifact_dir),
+                                                                      "kv_layout": "compact"}}
     assert s.artifact_dir.parent == s.out            # never written into a user's model folder
 
 
 def test_kv_layout_option(tmp_path):
-    """--kv-layout compact reaches RTPURBO's additional-config (only RTPURBO's) and the comparable settings."""
-    s = _settings(tmp_path, "--kv-layout", "compact")
+    """--kv-layout (default compact, the backend's) reaches RTPURBO's additional-config (only RTPURBO's)
+    and the comparable settings."""
+    s = _settings(tmp_path, "--kv-layout", "full")
     fa, rtp = (bs.serve_command(s, backend, 8123) for backend in bs.BACKENDS)
     assert "--additional-config" not in fa
     assert json.loads(_value(rtp, "--additional-config")) == {
-        "rtpurbo": {"artifact": str(s.artifact_dir), "kv_layout": "compact"}}
-    assert s.comparable()["kv_layout"] == "compact"
-    assert _settings(tmp_path).comparable()["kv_layout"] == "full"
+        "rtpurbo": {"artifact": str(s.artifact_dir), "kv_layout": "full"}}
+    assert s.comparable()["kv_layout"] == "full"
+    assert _settings(tmp_path).comparable()["kv_layout"] == "compact"
     with pytest.raises(SystemExit):
         _settings(tmp_path, "--kv-layout", "split")
 
@@ -416,7 +418,7 @@ def test_full_run_against_fake_vllm(tmp_path, capsys, monkeypatch, fake_vllm):
     out = tmp_path / "out"
     common = ["--vllm", fake_vllm, "--out", str(out), "--contexts", "1", "2", "--latency-context", "1",
               "--latency-batch", "1", "2", "--latency-output-len", "1", "33", "--num-prompts", "2",
-              "--startup-timeout", "20", "--stop-timeout", "1", "--max-model-len", "4096"]
+              "--startup-timeout", "20", "--stop-timeout", "1", "--max-model-len", "4096", "--kv-layout", "full"]
     assert bs.main(common) == 0
     printed = capsys.readouterr().out
     assert "Kept-block share of the retrieval heads at decode: set through top-p, not measured" in printed

@@ -7,7 +7,7 @@ blocks at the answer positions (measured by ``tests/tiny/test_rtpurbo_on_tiny.py
 reference on the same prompts). Checked here, each server a real ``vllm serve`` process:
 
 - completions and chat: RTPURBO's exact-match accuracy is within 2 points of FLASH_ATTN's (with the
-  same KV-cache dtype) with the default full KV layout, the compact layout, the compact layout with
+  same KV-cache dtype) with the default (compact) KV layout, the full layout, the compact layout with
   the artifact ``model/rtpurbo-kv1`` (one retrieval KV head per layer, so the other KV head keeps only
   sinks + window), that on an fp8 KV cache, and the compact layout with the retrieval heads' sparse
   prefill (``prefill_top_p`` 0.95 through ``--additional-config``);
@@ -91,7 +91,7 @@ def mixed_batch():
     return long + short + shared
 
 
-# RTPURBO's KV layouts and cache dtypes: the default (full layout, the shipped artifact), the compact
+# RTPURBO's KV layouts and cache dtypes: the default (compact layout, the shipped artifact), the full
 # layout, the compact layout with the artifact calibrated under a KV budget of one retrieval KV head
 # per layer (window units hold most KV heads), that on an fp8 KV cache (compared with FLASH_ATTN on
 # an fp8 cache too), and the compact layout with the retrieval heads' sparse prefill (prefill_top_p 0.95).
@@ -99,7 +99,7 @@ KV1 = str(tiny_kv1_artifact_dir())
 COMPACT_KV1 = json.dumps({"rtpurbo": {"artifact": KV1, "kv_layout": "compact"}})
 LAYOUTS = {
     "default": (),
-    "compact": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "compact"}})),
+    "full": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "full"}})),
     "kv1": ("--additional-config", COMPACT_KV1),
     "fp8": ("--kv-cache-dtype", "fp8", "--additional-config", COMPACT_KV1),
     "sparse_prefill": ("--additional-config", json.dumps({"rtpurbo": {"kv_layout": "compact", "prefill_top_p": 0.95}})),
@@ -162,7 +162,7 @@ def preempt_pages(layout: str) -> int:
 
     artifact = load_artifact(KV1 if layout in ("kv1", "fp8") else MODEL / "rtpurbo")
     kv_dtype = torch.uint8 if layout == "fp8" else torch.bfloat16
-    plan = KVLayout.from_artifact(artifact, name="full" if layout == "default" else "compact", kv_dtype=kv_dtype,
+    plan = KVLayout.from_artifact(artifact, name="full" if layout == "full" else "compact", kv_dtype=kv_dtype,
                                   index_dtype=torch.bfloat16)
     return int(1.1 * plan.bytes_per_sequence(2248) / plan.bytes_per_block) + 1
 
