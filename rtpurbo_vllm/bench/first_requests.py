@@ -15,8 +15,10 @@ the later rounds is the steady state.
 
 Reported per backend: seconds from the start of ``vllm serve`` to a healthy server, the duration the
 RTPURBO warm-up logged (``rtpurbo_vllm.attention.warmup``; the cost moved from the first requests to
-start-up), each round's seconds and first / steady, and (fresh Triton cache) the kernels Triton compiled
-after the server was healthy, by name (``compiled_after_startup``: what the first requests paid for). Criterion: for every backend, round 1 within
+start-up), each round's seconds and first / steady, where each round's time went (``round_phases``: per
+request the mean seconds vLLM's ``/metrics`` counted in the queue, in prefill and in decode over the
+round) and (fresh Triton cache) the kernels Triton compiled after the server was healthy, by name
+(``compiled_after_startup``: what the first requests paid for). Criterion: for every backend, round 1 within
 ``--max-first-ratio`` (default 1.5) x the steady state. Results go to ``--out``:
 ``bench_first_requests.json`` (a backend run again replaces its entry) and ``bench_first_requests.md``;
 server logs in ``OUT/logs``. The exit code is 0 only if every criterion passed.
@@ -41,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from rtpurbo_vllm.bench.environment import environment
-from rtpurbo_vllm.bench.server import HOST, free_port, post_all, running_server, stop_on_sigterm, vllm_command
+from rtpurbo_vllm.bench.server import (HOST, free_port, post_all, running_server, server_metrics, stop_on_sigterm,
+                                       vllm_command)
 from rtpurbo_vllm.outputs import write_json, write_text
 from rtpurbo_vllm.tiny import tiny_model_dir
 from rtpurbo_vllm.tiny.task import make_prompt
@@ -52,6 +55,9 @@ MAX_MODEL_LEN = 4096                 # the tiny model's trained length
 MIN_PROMPT = 64                      # tokens: room for make_prompt's pairs and query
 RESULTS_JSON, REPORT_MD = "bench_first_requests.json", "bench_first_requests.md"
 WARMUP_LOG = re.compile(r"RTPURBO warm-up: .* in ([0-9.]+) s")
+# vLLM's per-request phase histograms: the growth of their sums over a round says where its time went.
+PHASE_METRICS = {"vllm:request_queue_time_seconds_sum": "queue_s", "vllm:request_prefill_time_seconds_sum": "prefill_s",
+                 "vllm:request_decode_time_seconds_sum": "decode_s"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +122,12 @@ def compiled_kernels(cache: Path | None) -> set[str]:
     return {f"{f.parent.name}/{f.stem}" for f in cache.glob("*/*.json") if not f.name.startswith("__grp__")}
 
 
+def round_phases(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Mean seconds per request in each phase of :data:`PHASE_METRICS` over a round, from the metrics read
+    before and after it (a phase the server does not report is left out)."""
+    return {key: round((after[key] - before.get(key, 0.0)) / requests, 4) for key in after}
+
+
 def run_backend(args: argparse.Namespace, backend: str, port: int, out: Path) -> dict[str, Any]:
     """One fresh server of ``backend``: start-up time, its rounds, the RTPURBO warm-up's logged duration."""
     argv, log = serve_command(args, backend, port), out / "logs" / f"server-{backend}.log"
@@ -131,17 +143,20 @@ def run_backend(args: argparse.Namespace, backend: str, port: int, out: Path) ->
     with running_server(argv, port, log, out, args.startup_timeout, args.stop_timeout, env=env):
         row["startup_s"] = round(time.monotonic() - start, 2)
         at_startup = compiled_kernels(cache)
-        rounds = []
+        rounds, phases = [], []
         for index in range(args.rounds):
             bodies = round_bodies(args, index)
+            before = server_metrics(port, PHASE_METRICS)
             begin = time.monotonic()
             post_all(port, "/v1/completions", bodies, concurrency=len(bodies), timeout=args.request_timeout)
             rounds.append(round(time.monotonic() - begin, 3))
+            phases.append(round_phases(before, server_metrics(port, PHASE_METRICS), len(bodies)))
             print(f"[{backend}] round {index + 1}: {len(bodies)} prompts in {rounds[-1]:.2f} s", flush=True)
         late = sorted({name.split("/", 1)[1] for name in compiled_kernels(cache) - at_startup})
     found = WARMUP_LOG.findall(log.read_text(errors="replace"))
     steady = statistics.median(rounds[1:])
-    row.update(warmup_s=[float(s) for s in found], rounds_s=rounds, first_s=rounds[0], steady_s=steady,
+    row.update(warmup_s=[float(s) for s in found], rounds_s=rounds, round_phases=phases, first_s=rounds[0],
+               steady_s=steady,
                first_over_steady=round(rounds[0] / steady, 3) if steady > 0 else None,
                compiled_at_startup=len(at_startup), compiled_after_startup=late if cache else None)
     return row
@@ -176,6 +191,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {backend} | {row['startup_s']:.0f} | {', '.join(map(str, row['warmup_s'])) or '-'} | "
                      f"{row['first_s']:.2f} | {row['steady_s']:.2f} | {row['first_over_steady']} | "
                      f"{row['triton_cache']} | {', '.join(row['compiled_after_startup'] or []) or '-'} |")
+    lines += ["", "Per request, mean ms in vLLM's queue / prefill / decode phases, per round:", ""]
+    for backend, row in results["backends"].items():
+        cells = ["/".join(f"{1000 * phases[key]:.0f}" if key in phases else "-" for key in PHASE_METRICS.values())
+                 for phases in row.get("round_phases", [])]
+        lines.append(f"- {backend}: {', '.join(cells) or '-'}")
     lines += ["", *(f"- {'pass' if c['passed'] else 'FAIL'}: {c['name']}: {c['detail']}" for c in results["criteria"])]
     lines += ["", "```bash", *(row["command"] for row in results["backends"].values() if "command" in row), "```", ""]
     return "\n".join(lines)

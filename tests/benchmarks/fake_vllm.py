@@ -2,7 +2,8 @@
 ``python fake_vllm.py serve ...``, ``... bench serve ...`` or ``... bench latency ...``:
 
 - ``serve``: prints vLLM's KV-capacity log lines and serves on 127.0.0.1: ``/health``, ``/metrics``
-  (idle: no preemption, KV usage 0, nothing running or waiting) and ``POST /v1/completions``: greedy
+  (idle: no preemption, KV usage 0, nothing running or waiting; each completion served adds 1, 2 and 3
+  ms to the queue, prefill and decode histograms' sums) and ``POST /v1/completions``: greedy
   completions derived from the prompt alone (one hex digit of its SHA-1 per token), with top-2
   log-probabilities, so the same prompt always gets the same answer;
 - ``bench serve``: writes a ``--save-result`` JSON (``--save-detailed`` adds ``input_lens`` and
@@ -42,12 +43,14 @@ def print_capacity(argv):
           "per request: %.2fx" % (f"{int(value(argv, '--max-model-len')):,}", 1.5), flush=True)
 
 
-def metrics_text():
+def metrics_text(served):
     usage = float(os.environ.get("FAKE_KV_USAGE", "0"))
     running = float(os.environ.get("FAKE_RUNNING", "0"))
+    phases = [f'vllm:request_{phase}_time_seconds_sum{{engine="0"}} {ms * served / 1000}'
+              for phase, ms in (("queue", 1), ("prefill", 2), ("decode", 3))]
     return "\n".join(['vllm:num_preemptions_total{engine="0"} 0.0', f'vllm:kv_cache_usage_perc{{engine="0"}} {usage}',
                       f'vllm:num_requests_running{{engine="0"}} {running}', 'vllm:num_requests_waiting{engine="0"} 0.0',
-                      'vllm:prefix_cache_hits_total{engine="0"} 1234.0', ""]).encode()
+                      'vllm:prefix_cache_hits_total{engine="0"} 1234.0', *phases, ""]).encode()
 
 
 def completion(prompt, max_tokens, flipped):
@@ -69,7 +72,7 @@ def serve(argv):
     if os.environ.get("FAKE_SERVER_EXIT"):
         sys.exit(2)
     print_capacity(argv)
-    seen, lock = set(), threading.Lock()
+    seen, served, lock = set(), [], threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def reply(self, status, body=b""):
@@ -79,7 +82,7 @@ def serve(argv):
             self.wfile.write(body)
 
         def do_GET(self):
-            body = {"/health": b"", "/metrics": metrics_text()}.get(self.path)
+            body = {"/health": b"", "/metrics": metrics_text(len(served))}.get(self.path)
             self.reply(404) if body is None else self.reply(200, body)
 
         def do_POST(self):
@@ -90,6 +93,7 @@ def serve(argv):
             with lock:
                 first = key not in seen
                 seen.add(key)
+                served.append(key)
             flipped = first and key == os.environ.get("FAKE_FLIP_PROMPT")
             self.reply(200, json.dumps(completion(request["prompt"], request["max_tokens"], flipped)).encode())
 
