@@ -29,10 +29,11 @@ Run on a Hopper GPU from the repo root:
     python3 -P benchmarks/bench_attention.py --prefill --decode 128 --batch 1 4 --kv-cache-dtype fp8
 It prints a table of times and ratios, where RTPURBO's sparse prefill spends its GPU time (per kernel,
 one call under ``torch.profiler``), RTPURBO's decode step as the GPU runs it (each kernel's start and
-duration in the replayed graph), and per decode point the bytes the step must
-read (:func:`decode_bytes`) with the achieved TB/s of both sides and their share of the card's peak
-(``--peak-bandwidth``, by default the card's from :data:`PEAK_BYTES_PER_S`); it writes
-``bench_attention.json`` and ``bench_attention.png``.
+duration in the replayed graph) beside FA3 over the local heads' window alone (every query head,
+``window_size`` ``(WINDOW - 1, 0)``: what FA3 would take for the window splits' work), and per decode
+point the bytes the step must read (:func:`decode_bytes`) with the achieved TB/s of both sides and
+their share of the card's peak (``--peak-bandwidth``, by default the card's from
+:data:`PEAK_BYTES_PER_S`); it writes ``bench_attention.json`` and ``bench_attention.png``.
 """
 
 from __future__ import annotations
@@ -202,6 +203,10 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     def dense():
         fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, descale=descale)
 
+    def window():           # FA3 over the window alone (no sinks), every query head: the local heads' part its way
+        fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, window=(WINDOW - 1, 0),
+            descale=descale)
+
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
     k_new = torch.randn(batch, HKV, D, dtype=DTYPE, device=device)
@@ -219,14 +224,15 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
                                D ** -0.5, attn_ws, out, k_scale=kv_scale, v_scale=kv_scale, select=select,
                                side_stream=side_stream)
 
-    t_dense, t_rtp = time_cuda_graph(dense, repeats), time_cuda_graph(rtpurbo, repeats)
+    t_dense, t_rtp, t_window = (time_cuda_graph(fn, repeats) for fn in (dense, rtpurbo, window))
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
             "kv_cache_dtype": kv_cache_dtype, "index_key_dtype": index_keys, "index_key_bytes": index_dtype.itemsize,
             "max_num_seqs": max_num_seqs, "splits": splits,
             "local_splits": local_splits_for(batch, HKV, splits, sm_count(device)),
-            "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "kept_block_share": kept,
+            "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "fa3_window_ms": t_window,
+            "kept_block_share": kept,
             "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize,
                                   index_dtype.itemsize),
             "rtpurbo_kernels": timeline}
@@ -436,7 +442,8 @@ def main(argv=None) -> int:
         print(f"\nRTPURBO decode step on the GPU: its CUDA graph replayed {args.repeats} times under torch.profiler "
               "(medians; kernels of the side stream overlap the others)")
     for r in decode_rows:
-        print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events)")
+        print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events); FA3 over "
+              f"the window alone, every head: {r['fa3_window_ms'] * 1000:.1f} us")
         print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
         print_bandwidth(decode_rows, peak_bandwidth)

@@ -33,11 +33,16 @@ def bench_attention(monkeypatch, load_benchmark):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
-def test_decode_row_has_the_step_and_its_kernels(bench_attention):
+def test_decode_row_has_the_step_and_its_kernels(bench_attention, monkeypatch):
+    """The dense FA3 step, RTPURBO's step with its kernels, and FA3 over the local heads' window alone
+    (``window_size`` (W - 1, 0))."""
+    windows = []
+    monkeypatch.setattr(bench_attention, "fa3", lambda *args, window=None, **kwargs: windows.append(window))
     length = 3 * bench_attention.BS + 17                              # a partial last block
     row = bench_attention.bench_decode(2, length, keep=0.25, device=torch.device("cpu"), repeats=1)
     assert row["phase"] == "decode" and row["batch"] == 2 and row["context"] == length
     assert row["fa3_ms"] == 2.0 and row["rtpurbo_ms"] == 0.5 and row["speedup"] == 4.0
+    assert row["fa3_window_ms"] == 0.5 and windows == [None, (bench_attention.WINDOW - 1, 0)]
     timeline = row["rtpurbo_kernels"]
     assert timeline["span_us"] == 5.0
     assert row["kv_cache_dtype"] == "auto" and row["splits"] == 32     # scratch for the batch alone: 32 splits
