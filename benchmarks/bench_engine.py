@@ -73,6 +73,10 @@ from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity
 SELECTIONS = {"global15": {"ratio": 0.15}, "kvgroup15": {"ratio": 0.15, "by_kv_group": True},
               "n1": {"ratio": None, "kv_heads_per_layer": 1}}
 RESULTS_JSON, REPORT_MD = "bench_engine.json", "bench_engine.md"
+# The KV-cache block size every engine is given: vLLM's default, set explicitly because after start-up
+# vLLM's cache_config.block_size is its smallest KV-cache group's block size, not the one the RTPURBO
+# layout was planned from.
+BLOCK_SIZE = 16
 
 
 def parse_config(text: str) -> dict:
@@ -122,8 +126,8 @@ def engine(cfg: dict, path: Path, context: int, max_num_seqs: int, gpu_memory_ut
     from vllm import LLM
 
     kwargs = dict(model=str(path), load_format="dummy", attention_backend=cfg["backend"], max_model_len=context + 2048,
-                  max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization, seed=0,
-                  enable_prefix_caching=True, max_num_batched_tokens=max_num_batched_tokens)
+                  block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+                  seed=0, enable_prefix_caching=True, max_num_batched_tokens=max_num_batched_tokens)
     if cfg["kv_dtype"] == "fp8":
         kwargs["kv_cache_dtype"] = "fp8"
     if cfg["backend"] == "RTPURBO":
@@ -140,14 +144,14 @@ def held_sequences(llm, cfg: dict, context: int) -> float:
     vllm_config = llm.llm_engine.vllm_config
     num_blocks = vllm_config.cache_config.num_gpu_blocks
     if cfg["backend"] == "FLASH_ATTN":
-        return num_blocks * vllm_config.cache_config.block_size / context
+        return num_blocks * BLOCK_SIZE / context
     from rtpurbo_vllm.attention.serving_config import serving_artifact
     from rtpurbo_vllm.kv_cache import KVLayout, index_key_dtype
 
     kv_dtype = torch.uint8 if cfg["kv_dtype"] == "fp8" else torch.bfloat16
     layout = KVLayout.from_artifact(serving_artifact(vllm_config), name=cfg["layout"], kv_dtype=kv_dtype,
                                     index_dtype=index_key_dtype(cfg["index_key_dtype"], torch.bfloat16, kv_dtype),
-                                    block_unit=vllm_config.cache_config.block_size)
+                                    block_unit=BLOCK_SIZE)
     return num_blocks * layout.bytes_per_block / layout.bytes_per_sequence(context)
 
 

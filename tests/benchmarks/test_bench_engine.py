@@ -67,6 +67,32 @@ def test_step_engines_run_as_vllm_runs_them(bench, tmp_path, monkeypatch):
     assert seen["step"][0] == "0" and "--profile" in seen["step"][1]      # the profiler sees the engine
 
 
+def test_held_sequences_plan_the_layout_from_the_engines_block_size(bench, tmp_path, monkeypatch):
+    """After start-up vLLM's ``cache_config.block_size`` is its smallest KV-cache group's (48 for this
+    compact layout), not the 16 the layout was planned from: the held sequences come from the layout of
+    :data:`BLOCK_SIZE`, vLLM's pool bytes over what one decoding sequence holds."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rtpurbo_vllm.artifacts import load_artifact
+    from rtpurbo_vllm.attention import serving_config
+    from rtpurbo_vllm.kv_cache import KVLayout
+
+    artifact = load_artifact(bench.model_dir(tmp_path, 131072, "global15", 0.03) / "rtpurbo-global15")
+    monkeypatch.setattr(serving_config, "serving_artifact", lambda vllm_config: artifact)
+    cache = SimpleNamespace(num_gpu_blocks=28873, block_size=48)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)))
+    cfg = {"backend": "RTPURBO", "kv_dtype": "fp8", "layout": "compact", "index_key_dtype": "auto"}
+    layout = KVLayout.from_artifact(artifact, name="compact", kv_dtype=torch.uint8, index_dtype=torch.uint8,
+                                    block_unit=16)
+    assert min(layout.blocks.block_sizes) == 48
+    held = bench.held_sequences(llm, cfg, 131072)
+    assert held == pytest.approx(28873 * layout.bytes_per_block / layout.bytes_per_sequence(131072))
+    assert 11 < held < 13                                     # 1.78x FLASH_ATTN's 6.78 sequences
+    assert bench.held_sequences(llm, {"backend": "FLASH_ATTN"}, 131072) == 28873 * 16 / 131072
+
+
 def test_profiled_steps_report(bench):
     table = {"wall_ms": 10.0, "gpu_ms": 0.032, "kernels": [{"name": "gemm_big_kernel", "ms": 0.02, "launches": 4.0},
                                                            {"name": "attention", "ms": 0.01, "launches": 2.0}]}
