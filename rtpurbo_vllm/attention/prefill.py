@@ -147,9 +147,11 @@ class PrefillHeads:
     def local_runs(self, kv_head_ids: Sequence[int], exact: bool) -> tuple[HeadRun, ...]:
         """The FA3 calls of the local heads of a part holding ``kv_head_ids``: runs of its local query
         heads (``exact``), or of the whole groups that have a local head."""
-        groups = {h // self.group for h in self.local_heads}
-        wanted = self.local_heads if exact else (h for h in range(self.num_heads) if h // self.group in groups)
-        return head_runs(tuple(kv_head_ids), self.group, frozenset(wanted))
+        wanted = frozenset(self.local_heads)
+        if not exact:
+            groups = {h // self.group for h in wanted}
+            wanted = frozenset(h for h in range(self.num_heads) if h // self.group in groups)
+        return head_runs(tuple(kv_head_ids), self.group, wanted)
 
     def retrieval_runs(self, kv_head_ids: Sequence[int]) -> tuple[HeadRun, ...]:
         """The dense causal FA3 calls of the retrieval heads of a part holding ``kv_head_ids``."""
