@@ -30,9 +30,7 @@ Run on a Hopper GPU from the repo root:
 It prints a table of times and ratios, where RTPURBO's sparse prefill spends its GPU time (per kernel,
 one call under ``torch.profiler``), RTPURBO's decode step as the GPU runs it (each kernel's start and
 duration in the replayed graph) beside FA3 over the local heads' window alone (every query head,
-``window_size`` ``(WINDOW - 1, 0)``: what FA3 would take for the window splits' work; and the same per
-part of the compact layout, one call for the retrieval heads' KV heads and one for the others, with the
-queries gathered into that order and the LSEs copied out, as a combine would need them), and per decode
+``window_size`` ``(WINDOW - 1, 0)``: what FA3 would take for the window splits' work), and per decode
 point the bytes the step must read (:func:`decode_bytes`) with the achieved TB/s of both sides and
 their share of the card's peak (``--peak-bandwidth``, by default the card's from
 :data:`PEAK_BYTES_PER_S`); it writes ``bench_attention.json`` and ``bench_attention.png``.
@@ -80,18 +78,15 @@ PREFILL_WAVE_TILES = 1024               # query tiles per sparse prefill wave (o
 ROPE = rope_spec()
 
 
-def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None, descale=None,
-        return_lse=False):
-    """FA3 as vLLM's FLASH_ATTN calls it; ``descale`` (``[B, H]`` float32, ``H`` the KV heads of the call):
-    FP8 ``q`` and caches, with that descale for all three. ``return_lse``: returns the LSE (``[HQ_call, T]``
-    float32)."""
+def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, window=None, descale=None):
+    """FA3 as vLLM's FLASH_ATTN calls it; ``descale`` (``[B, HKV]`` float32): FP8 ``q`` and caches, with
+    that descale for all three."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     scales = {} if descale is None else {"q_descale": descale, "k_descale": descale, "v_descale": descale}
-    result = flash_attn_varlen_func(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k=seqused_k, causal=True,
-                                    softmax_scale=D ** -0.5, block_table=block_table, out=out, fa_version=3,
-                                    window_size=window, return_softmax_lse=return_lse, **scales)
-    return result[1] if return_lse else None
+    flash_attn_varlen_func(q, k_cache, v_cache, max_q, cu_q, max_k, seqused_k=seqused_k, causal=True,
+                           softmax_scale=D ** -0.5, block_table=block_table, out=out, fa_version=3,
+                           window_size=window, **scales)
 
 
 def paged_cache(num_tokens_per_seq: int, num_seqs: int, device, kv_dtype: torch.dtype = DTYPE):
@@ -212,28 +207,6 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
         fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, window=(WINDOW - 1, 0),
             descale=descale)
 
-    # The same window as the compact layout would give it to FA3: the retrieval heads' KV heads in their full
-    # unit, the others in a window unit (here the first and last KV heads of the one cache, as many of each),
-    # the queries gathered into that order (and quantised, fp8), one windowed call per part, each part's LSE
-    # copied out for a combine.
-    group = HQ // HKV
-    full_kv = sorted({h // group for h in RETRIEVAL})
-    order = full_kv + [g for g in range(HKV) if g not in full_kv]
-    query_order = torch.tensor([g * group + i for g in order for i in range(group)], device=device)
-    q_parts = torch.empty(batch, HQ, D, dtype=kv_dtype, device=device)
-    out_parts = torch.empty(batch, HQ, D, dtype=DTYPE, device=device)
-    lse_parts = torch.empty(HQ, batch, dtype=torch.float32, device=device)
-    part_slots = [slice(0, len(full_kv)), slice(len(full_kv), HKV)]
-    part_descale = [None if descale is None else descale[:, s].contiguous() for s in part_slots]
-
-    def window_parts():
-        q_parts.copy_(q.index_select(1, query_order))
-        for slots, part_scale in zip(part_slots, part_descale):
-            rows = slice(slots.start * group, slots.stop * group)
-            lse = fa3(q_parts[:, rows], key_cache[:, :, slots], value_cache[:, :, slots], cu_q, seq_lens, 1, length,
-                      block_table, out_parts[:, rows], window=(WINDOW - 1, 0), descale=part_scale, return_lse=True)
-            lse_parts[rows].copy_(lse)
-
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
     k_new = torch.randn(batch, HKV, D, dtype=DTYPE, device=device)
@@ -251,8 +224,7 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
                                D ** -0.5, attn_ws, out, k_scale=kv_scale, v_scale=kv_scale, select=select,
                                side_stream=side_stream)
 
-    t_dense, t_rtp, t_window, t_window_parts = (time_cuda_graph(fn, repeats)
-                                                for fn in (dense, rtpurbo, window, window_parts))
+    t_dense, t_rtp, t_window = (time_cuda_graph(fn, repeats) for fn in (dense, rtpurbo, window))
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
     return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
@@ -260,7 +232,7 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
             "max_num_seqs": max_num_seqs, "splits": splits,
             "local_splits": local_splits_for(batch, HKV, splits, sm_count(device)),
             "fa3_ms": t_dense, "rtpurbo_ms": t_rtp, "speedup": t_dense / t_rtp, "fa3_window_ms": t_window,
-            "fa3_window_parts_ms": t_window_parts, "kept_block_share": kept,
+            "kept_block_share": kept,
             "bytes": decode_bytes(batch, length, int(num_selected.sum().item()), kv_dtype.itemsize,
                                   index_dtype.itemsize),
             "rtpurbo_kernels": timeline}
@@ -471,8 +443,7 @@ def main(argv=None) -> int:
               "(medians; kernels of the side stream overlap the others)")
     for r in decode_rows:
         print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events); FA3 over "
-              f"the window alone, every head: {r['fa3_window_ms'] * 1000:.1f} us; per part of the compact layout, "
-              f"queries gathered, LSEs copied: {r['fa3_window_parts_ms'] * 1000:.1f} us")
+              f"the window alone, every head: {r['fa3_window_ms'] * 1000:.1f} us")
         print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
         print_bandwidth(decode_rows, peak_bandwidth)
