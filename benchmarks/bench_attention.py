@@ -214,9 +214,8 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     slots = block_table[:, (length - 1) // PAGE].long() * PAGE + (length - 1) % PAGE
     queries = IndexQueries(q, heads, w_q, q_idx)
 
-    def select(after_stats):   # block top-p (block scores + selection)
-        block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected, num_selected,
-                   after_stats=after_stats)
+    def select():           # block top-p (block scores + selection)
+        block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected, num_selected)
 
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection
         write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True, queries=queries)

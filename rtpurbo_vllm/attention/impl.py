@@ -252,10 +252,10 @@ class RTPurboAttentionImpl(AttentionImpl):
         selected = ws.selected[:num_decodes, :num_retrieval]
         num_selected = ws.num_selected[:num_decodes, :num_retrieval]
 
-        def select(after_stats) -> None:
+        def select() -> None:
             block_topp(index_queries, kv.index, kv.index.table(0, index_table),
                        dec.seq_lens, p.top_p, p.sink_tokens, p.block_size, selected.shape[-1], ws.topp[num_retrieval],
-                       selected, num_selected, dense_threshold=p.dense_threshold, after_stats=after_stats)
+                       selected, num_selected, dense_threshold=p.dense_threshold)
 
         headwise_sparse_decode(query, kv.kv, kv_tables, dec.seq_lens, heads.retrieval_heads, selected,
                                num_selected, p.block_size, p.sink_tokens, p.window, self.scale, ws.attention, out,

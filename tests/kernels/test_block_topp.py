@@ -340,25 +340,6 @@ def test_block_topp_empty_rows_and_reuse(seed):
 
 
 @runs_here
-def test_block_topp_after_stats_between_the_launches(seed):
-    """``after_stats`` runs once, after the block stats are launched and before the selection: under the
-    interpreter (launches run at once) the stats are written then and the outputs still poisoned."""
-    seq_lens = [515, 130]
-    workspace = make_block_topp_workspace(2, 3, 9, DEVICE)
-    workspace.block_sum.fill_(-1.0)
-    q_idx, index, table, lens, keys = make_batch(seq_lens, 3, 16, 16, 64, bf16, "peaked", DEVICE)
-    selected, num_selected = poisoned_outputs(2, 3, 9, DEVICE)
-    seen = []
-
-    def after_stats():
-        seen.append((bool((workspace.block_sum[:2, :, 0] >= 0).all()), num_selected.clone()))
-
-    block_topp(q_idx, index, table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected, after_stats=after_stats)
-    assert len(seen) == 1 and seen[0][0] and not torch.equal(seen[0][1], num_selected)
-    check_against_reference(q_idx, keys, seq_lens, selected, num_selected, 0.9, 4, 64)
-
-
-@runs_here
 def test_block_topp_float32_queries_bf16_cache(seed):
     """q_idx may be float32 (the index-query kernel's output) over a bf16 cache."""
     seq_lens = [200, 515]

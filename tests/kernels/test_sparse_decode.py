@@ -383,14 +383,13 @@ def test_reuse_same_tensors_new_values(seed):
         _check(q, kv, tables, lens, [0, 6], selected, num_selected, bs, sink, window, out, lse)
 
 
-@pytest.mark.parametrize("side_after_stats, local_programs", [(1, 0), (0, 0), (0, 8)])
+@pytest.mark.parametrize("local_programs", [0, 8])
 @pytest.mark.parametrize("ret", [[0, 6], [], list(range(8))], ids=["two", "none", "all"])
-def test_select_step_between_the_launches(seed, ret, side_after_stats, local_programs, monkeypatch):
-    """With a ``select`` step (which calls its ``after_stats`` argument once) the KV-group units launch
-    after it (with ``local_programs`` 8, S_local 2 of S 4 splits in a launch of their own size), then
-    the retrieval units: the output is the one-launch op's on the filled selection, bit for bit
-    (scattered layout, window kind, ragged lengths; no retrieval heads, and retrieval heads only)."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "side_after_stats", side_after_stats)
+def test_select_step_between_the_launches(seed, ret, local_programs, monkeypatch):
+    """With a ``select`` step the KV-group units launch after it (with ``local_programs`` 8, S_local 2
+    of S 4 splits in a launch of their own size), then the retrieval units: the output is the
+    one-launch op's on the filled selection, bit for bit (scattered layout, window kind, ragged
+    lengths; no retrieval heads, and retrieval heads only)."""
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
     monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch
     hq, head_kind, d, bs, sink, window = 8, [0, 1, 1, 0], 64, 64, 4, 50
@@ -413,8 +412,7 @@ def test_select_step_between_the_launches(seed, ret, side_after_stats, local_pro
         lse = torch.full((len(lens), hq), float("nan"), device=DEVICE)
         calls = []
 
-        def select(after_stats):
-            after_stats()
+        def select():
             calls.append(1)
             selected.copy_(sel)
             num_selected.copy_(nsel)
@@ -514,7 +512,7 @@ def test_bad_arguments():
         headwise_sparse_decode(q, window_only, [None, window_only.table(1, bt)], *args[3:])
     if not q.is_cuda:
         with pytest.raises(ValueError, match="side_stream runs CUDA tensors only"):
-            headwise_sparse_decode(*args, select=lambda after_stats: None, side_stream=object())
+            headwise_sparse_decode(*args, select=lambda: None, side_stream=object())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,20 +559,18 @@ def test_gpu_int64_page_offsets(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("kv_dtype", [bf16, u8])
-@pytest.mark.parametrize("side_stream, pdl, side_after_stats, local_programs",
-                         [(False, 0, 0, 0), (True, 0, 0, 0), (True, 1, 0, 0), (True, 0, 1, 0), (True, 0, 0, 32)],
-                         ids=["one-stream", "side-stream", "side-stream-pdl", "side-stream-after-stats",
+@pytest.mark.parametrize("side_stream, pdl, local_programs",
+                         [(False, 0, 0), (True, 0, 0), (True, 1, 0), (True, 0, 32)],
+                         ids=["one-stream", "side-stream", "side-stream-pdl",
                               "side-stream-local-bound"])
-def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_after_stats, local_programs, monkeypatch):
+def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, local_programs, monkeypatch):
     """Capture once, then change q, seq_lens, block tables, selections and cache contents and replay.
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
-    step (a copy of the staged selection, its ``after_stats`` called between two copies) and the
-    retrieval units run on the capture stream, the side stream waiting for the first copy with
-    ``side_after_stats``, with fewer splits than the retrieval units' when ``local_programs`` bounds
-    them; with ``pdl`` the kernels launch with programmatic dependent launch (the combine after both
-    branches)."""
+    step (a copy of the staged selection) and the retrieval units run on the capture stream, the side
+    stream's launch after the select step, with fewer splits than the retrieval units' when
+    ``local_programs`` bounds them; with ``pdl`` the kernels launch with
+    programmatic dependent launch (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
-    monkeypatch.setitem(_kernel_module.CONFIG, "side_after_stats", side_after_stats)
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
     monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch
     batch, hq, hkv, d, bs, sink, window = 8, GPU_NUM_HEADS, GPU_NUM_KV_HEADS, GPU_HEAD_DIM, 64, 4, 2048
@@ -600,9 +596,8 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, side_after_stat
     staged = (selected.clone(), num_selected.clone())
     stream = torch.cuda.Stream() if side_stream else None
 
-    def select(after_stats):
+    def select():
         selected.copy_(staged[0])
-        after_stats()
         num_selected.copy_(staged[1])
 
     def call():

@@ -45,7 +45,6 @@ same blocks; the fastest is a GPU measurement (``benchmarks/bench_block_topp.py`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,8 +200,8 @@ def _select_kernel(
 def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
                seq_lens: torch.Tensor, top_p: float, sink_tokens: int, block_size: int, max_blocks: int,
                workspace: BlockTopPWorkspace, selected: torch.Tensor | None = None,
-               num_selected: torch.Tensor | None = None, dense_threshold: int = 0,
-               after_stats: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               num_selected: torch.Tensor | None = None,
+               dense_threshold: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Block top-p selection of every retrieval head of a decode batch.
 
     Per sequence ``b`` and head ``h``: softmax over the ``seq_lens[b]`` index scores
@@ -233,8 +232,6 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         num_selected: optional output ``[B, HR]`` int32, written in place; allocated if None.
         dense_threshold: a sequence with ``seq_lens < dense_threshold`` keeps every block (it runs
             dense); 0: none does.
-        after_stats: called once on the host between the block-stats launch and the selection launch
-            (e.g. to make another stream's work wait for the block stats); not called when ``B`` is 0.
 
     Returns:
         ``selected`` ``[B, HR, max_blocks]`` int32: kept block ids ascending, then ``-1``; and
@@ -303,8 +300,6 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
         STAGES=CONFIG["stats_stages"],
         OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
-    if after_stats is not None:
-        after_stats()
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
     select_warps = CONFIG["select_warps"] or (4 if chunk <= 1024 else 8 if chunk <= 4096 else 16)
     _select_kernel[(num_heads, batch)](

@@ -32,9 +32,10 @@ variants differ only in S (the block tables' row strides are not specialised on)
    back, batch 1 leaves it idle). With one (the caller's block top-p, which fills ``selected``), the
    KV-group units run on ``side_stream`` when given while ``select`` and then the retrieval units run
    on the current stream: the local heads' window, most of the bytes a step reads, no longer waits for
-   the latency-bound selection. They launch after ``select``; ``CONFIG["side_after_stats"]`` says
-   whether they also wait for its block stats. The current stream waits for the side stream before the
-   combine (a fork and join that CUDA-graph capture records as parallel branches).
+   the latency-bound selection. They launch after ``select``, so that its kernels take the machine
+   first (the GPU hands out the blocks of grids that become ready together in launch order). The
+   current stream waits for the side stream before the combine (a fork and join that CUDA-graph
+   capture records as parallel branches).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
 K/V addressing (:mod:`..paged_heads`): the layer's KV heads are a :class:`PagedHeads` of width
@@ -79,17 +80,11 @@ DEFAULT_MAX_SPLITS = 64
 """Default cap on ``S`` when a small batch could use more of the workspace."""
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
-# side_after_stats: with a ``select`` step on a side stream, 0 lets the KV-group units' splits start once
-# the step's K/V and index keys are written, so they take SMs as the block-stats grid drains and the
-# selection kernel (a program of up to a whole SM per sequence and retrieval head) waits for SMs to
-# empty; 1 makes them wait for the block stats too, so that the selection kernel, launched before
-# them, gets its SMs first (the GPU hands out the blocks of grids that become ready together in
-# launch order).
 # local_programs_per_sm: the most programs the KV-group units' splits launch per SM of the GPU,
 # B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
 # retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
 # leave room for the selection chain beside them and spend less of their time starting up.
-CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2, "side_after_stats": 0,
+CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2,
           "local_programs_per_sm": 2}
 NOMINAL_SMS = 132
 """SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
@@ -480,9 +475,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             / ``_v_scale``); a stored value means ``fp8 * scale``. Ignored for bf16/fp16 units.
         select: optional step that fills ``selected`` and ``num_selected`` (the retrieval heads'
             block top-p), launched on the current stream before the KV-group units' splits and the
-            retrieval units' (see the module docstring); ``None``: they are filled already. It is
-            called with one argument, a callable it calls once on the host between its block-stats
-            launch and its selection launch (``after_stats`` of :func:`..block_topp.block_topp`).
+            retrieval units' (see the module docstring); ``None``: they are filled already.
         side_stream: with ``select``, the CUDA stream the KV-group units' splits run on, after the
             work queued so far on the current stream; the current stream waits for it before the
             combine. ``None``: everything runs on the current stream, in the same order.
@@ -535,7 +528,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
                                               "(pass side_stream=None)")
     if batch == 0:
         if select is not None:
-            select(lambda: None)
+            select()
         return out
     num_splits = workspace.splits_for_batch(batch)   # raises if the workspace is too small
 
@@ -586,12 +579,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
         fork = side_stream is not None
         if fork:
             side_stream.wait_stream(torch.cuda.current_stream(q.device))   # the decode token's K/V is written
-
-        def after_stats() -> None:
-            if fork and cfg["side_after_stats"]:
-                side_stream.wait_stream(torch.cuda.current_stream(q.device))
-
-        select(after_stats)
+        select()
         with torch.cuda.stream(side_stream):         # a no-op for None: the current stream, in order
             launch_splits(num_ret, num_kv_heads, local_splits)
         launch_splits(0, num_ret, num_splits)
