@@ -32,10 +32,9 @@ variants differ only in S (the block tables' row strides are not specialised on)
    back, batch 1 leaves it idle). With one (the caller's block top-p, which fills ``selected``), the
    KV-group units run on ``side_stream`` when given while ``select`` and then the retrieval units run
    on the current stream: the local heads' window, most of the bytes a step reads, no longer waits for
-   the latency-bound selection. They launch after ``select``, so that its kernels take the machine
-   first (the GPU hands out the blocks of grids that become ready together in launch order). The
-   current stream waits for the side stream before the combine (a fork and join that CUDA-graph
-   capture records as parallel branches).
+   the latency-bound selection. They launch after ``select``: launched before it, their programs
+   filled the GPU ahead of the block stats (slower). The current stream waits for the side stream
+   before the combine (a fork and join that CUDA-graph capture records as parallel branches).
 2. ``_combine_kernel``, grid ``(B, HQ, D / 32)``: merges the valid splits' ``(out, lse)`` into ``out``.
 
 K/V addressing (:mod:`..paged_heads`): the layer's KV heads are a :class:`PagedHeads` of width
