@@ -48,8 +48,9 @@ head's kind. Local units only ever enumerate sink and window tokens, so a window
 them (vLLM's null block) are never read.
 
 FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and the dots run in fp16 (the
-values converted exactly, the query saturated to fp16's range: :mod:`..fp8`); ``k_scale`` is folded
-into the softmax scale and ``v_scale`` into each split's output.
+values converted exactly, the query saturated to fp16's range: :mod:`..fp8`), or with
+``CONFIG["fp8_dots"]`` in e4m3 as FlashAttention-3's fp8 path does (:func:`_attend_split_e4m3`);
+``k_scale`` is folded into the softmax scale and ``v_scale`` into each split's output.
 
 Splits past a head's work return without writing; the combine reads only the valid ones. The
 KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
@@ -68,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import fp16_dot_operand, fp16_dot_query, fp16_dot_values
+from ..fp8 import fp16_dot_operand, fp16_dot_query, fp16_dot_values, quantize_e4m3
 from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
@@ -79,12 +80,16 @@ DEFAULT_MAX_SPLITS = 64
 """Default cap on ``S`` when a small batch could use more of the workspace."""
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
+# fp8_dots: with an fp8 cache, 1 dots K/V in e4m3 (the queries saturated at +-448 and rounded to e4m3, at
+# vLLM's default q_scale of 1, and the softmax weights rounded to e4m3, as FlashAttention-3's fp8 path),
+# the tile's tokens as the dots' M; 0 converts them to fp16 exactly and dots in fp16 with the query's own
+# precision.
 # local_programs_per_sm: the most programs the KV-group units' splits launch per SM of the GPU,
 # B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
 # retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
 # leave room for the selection chain beside them and spend less of their time starting up.
 CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2,
-          "local_programs_per_sm": 2}
+          "fp8_dots": 0, "local_programs_per_sm": 2}
 NOMINAL_SMS = 132
 """SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
 
@@ -189,6 +194,30 @@ def _is_retrieval(h, ret_ptr, HR, HR_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size, page_stride,
+               token_stride, RETRIEVAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+               TILE: tl.constexpr):
+    """Virtual tokens ``[off, off + TILE)`` (of ``[.., end)``) of the KV head at ``kv_ptr + head_off``:
+    ``valid [TILE]``, ``mask [TILE, D_PAD]`` and K, V ``[TILE, D_PAD]`` in the cache's dtype (0 where
+    masked)."""
+    offs_d = tl.arange(0, D_PAD)
+    vi = off + tl.arange(0, TILE)
+    valid = vi < end
+    if RETRIEVAL:
+        blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
+        tok = blk * BS + vi % BS
+        valid = valid & (blk >= 0) & (tok < seq_len)
+    else:
+        tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
+    page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
+    row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
+    mask = valid[:, None] & (offs_d < D)[None, :]
+    k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
+    v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
+    return valid, mask, k, v
+
+
+@triton.jit
 def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
                   page_size, page_stride, token_stride,
                   ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
@@ -198,37 +227,65 @@ def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws,
     head at ``kv_ptr + head_off`` (K at ``[0, D)``, V at ``[D, 2D)``), paged by ``bt_row``.
 
     Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
-    FP8 K/V are dotted in fp16 (:mod:`..fp8`); their scales live in ``qk_scale`` and the caller's output
-    factor.
+    ``FP8`` 1: fp8 K/V dotted in fp16 (:mod:`..fp8`); 2: dotted in e4m3 (:func:`_attend_split_e4m3`).
+    Their scales live in ``qk_scale`` and the caller's output factor.
     """
-    offs_d = tl.arange(0, D_PAD)
-    mask_d = offs_d < D
-    offs_t = tl.arange(0, TILE)
+    if FP8 == 2:
+        return _attend_split_e4m3(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink, page_size,
+                                  page_stride, token_stride, ROWS, RETRIEVAL, BS, D, D_PAD, TILE, qk_scale,
+                                  UPCAST_DOT)
     if FP8:
         q = fp16_dot_query(q)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     for off in range(start, end, TILE):
-        vi = off + offs_t
-        valid = vi < end
-        if RETRIEVAL:
-            blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
-            tok = blk * BS + vi % BS
-            valid = valid & (blk >= 0) & (tok < seq_len)
-        else:
-            tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
-        page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
-        row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
-        mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
-        v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
+        valid, mask, k, v = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size,
+                                       page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
         if FP8:
             k = fp16_dot_operand(k)
             v = fp16_dot_values(v, mask)
         s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_split_e4m3(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
+                       page_size, page_stride, token_stride,
+                       ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
+                       D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
+                       qk_scale, INTERPRET: tl.constexpr):
+    """:func:`_attend_split` over fp8 K/V with e4m3 dots, as FlashAttention-3's fp8 path: the queries
+    saturated at +-448 and rounded to e4m3, the softmax weights rounded to e4m3 for ``p @ v`` (their sum,
+    ``l``, is not). The tile's tokens are the dots' M (``S^T = K @ Q^T``, ``O^T = V^T @ P^T``), which on
+    sm_90 gives 64-row e4m3 ``wgmma`` straight from shared memory with K/V double-buffered; ``INTERPRET``:
+    the interpreter's roundings and dots (bit-level e4m3 encoder, float32 dots)."""
+    q8 = quantize_e4m3(q.to(tl.float32), 1.0, INTERPRET)                                  # [ROWS, D_PAD]
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([D_PAD, ROWS], tl.float32)
+    for off in range(start, end, TILE):
+        valid, mask, k, v = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size,
+                                       page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
+        if INTERPRET:
+            s = tl.dot(k.to(tl.float32), tl.trans(q8.to(tl.float32)))
+        else:
+            s = tl.dot(k, tl.trans(q8))
+        s = tl.where(valid[:, None], s * qk_scale, float("-inf"))                           # [TILE, ROWS]
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # a row that has seen no key yet stays empty
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        p8 = quantize_e4m3(p, 1.0, INTERPRET)
+        if INTERPRET:
+            pv = tl.dot(tl.trans(v.to(tl.float32)), p8.to(tl.float32))
+        else:
+            pv = tl.dot(tl.trans(v), p8)                                                    # [D_PAD, ROWS]
+        acc = acc * alpha[None, :] + pv
+        m_i = m_new
+    return tl.trans(acc), l_i, m_i
 
 
 @triton.jit
@@ -541,7 +598,9 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     has_ret = num_ret > 0
     qk_scale = float(scale) * 1.4426950408889634   # exp2 domain
     max_blocks = selected.shape[2]
-    upcast = interpreting() and q.dtype == torch.bfloat16
+    e4m3_dots = fp8 and bool(cfg["fp8_dots"])
+    # The interpreter: bf16 dots in float32; e4m3 roundings bit by bit and their dots in float32.
+    upcast = interpreting() and (q.dtype == torch.bfloat16 or e4m3_dots)
     # With HR == 0 these pointers are passed but never dereferenced.
     ret_arg = retrieval_heads if has_ret else seq_lens
     nsel_arg = num_selected if has_ret else seq_lens
@@ -569,7 +628,8 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
             TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
-            UPCAST_DOT=upcast, FP8=fp8, PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
+            UPCAST_DOT=upcast, FP8=2 if e4m3_dots else int(fp8), PDL=pdl, num_warps=cfg["warps"],
+            num_stages=cfg["stages"], launch_pdl=pdl,
         )
 
     if select is None:
