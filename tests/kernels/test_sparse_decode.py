@@ -362,9 +362,9 @@ def test_fp8_error_bound_against_bf16(seed):
 @pytest.mark.parametrize("kv_dtype", [u8, f8])
 def test_fp8_e4m3_dots(seed, kv_dtype, monkeypatch):
     """``CONFIG["fp8_dots"]``: fp8 K/V dotted in e4m3 as FlashAttention-3's fp8 path does, the tile's tokens
-    as the dots' M: the reference's output on the e4m3-rounded queries (entries beyond 448 saturated) up to
-    the softmax weights' rounding, its LSE to float32 accuracy (scattered layout, window kind, GQA,
-    retrieval and local heads, a dense sequence, ragged lengths and splits)."""
+    as the dots' M: the reference's output on the e4m3-rounded queries up to the softmax weights' rounding,
+    its LSE to float32 accuracy (scattered layout, window kind, GQA, retrieval and local heads, a dense
+    sequence, ragged lengths and splits)."""
     monkeypatch.setitem(_kernel_module.CONFIG, "fp8_dots", 1)
     _run_scattered([1, 70, 300, 515], 8, [0, 1, 1, 0], 64, [KindSpec(16, 2, 2), KindSpec(32, 2, 2)], [0, 6], 4, 100,
                    kv_dtype, dense=100, e4m3_dots=True)
