@@ -310,10 +310,12 @@ def test_fp8_single_unit_against_unquantised(seed, kv_dtype):
     assert all(x[0].abs().max() <= 448 * 0.02 + 1e-6 for x in exact)
 
 
-def test_fp8_queries_beyond_fp16_saturate(seed):
+@pytest.mark.parametrize("fp8_dots", [0, 1])
+def test_fp8_queries_beyond_fp16_saturate(seed, fp8_dots, monkeypatch):
     """Over fp8 K/V the dots run in fp16: query entries beyond fp16's range (bf16 reaches 3e38) saturate
     at +-65504 instead of turning into inf and NaN outputs; the result is the reference's for the
-    saturated queries."""
+    saturated queries. With ``fp8_dots`` they saturate at e4m3's +-448 and round to e4m3."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "fp8_dots", fp8_dots)
     seq_lens, hq, hkv, d, p, bs, sink, window, ret = [70, 300], 4, 2, 64, 16, 64, 4, 100, [1]
     k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
     lay, _ = PL.paged_kv(seq_lens, [0] * hkv, d, u8, [KindSpec(p, 1, hkv)], DEVICE, None, k_scale, v_scale)
@@ -326,8 +328,12 @@ def test_fp8_queries_beyond_fp16_saturate(seed):
             torch.tensor(ret, dtype=torch.int32, device=DEVICE), selected.to(DEVICE), num_selected.to(DEVICE), bs,
             sink, window)
     _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
-    _check(q.clamp(-65504, 65504), lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window,
-           out, lse, 0, k_scale, v_scale)
+    q_ref, tolerance = q.clamp(-65504, 65504), {}
+    if fp8_dots:
+        q_ref = q.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(q.dtype)
+        tolerance = dict(atol=E4M3_DOTS_ATOL, rtol=E4M3_DOTS_ATOL, max_rel=E4M3_DOTS_MAX_REL)
+    _check(q_ref, lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window, out, lse, 0,
+           k_scale, v_scale, **tolerance)
 
 
 def test_fp8_error_bound_against_bf16(seed):
