@@ -107,6 +107,13 @@ E4M3_DOTS_ATOL = 6e-2
 E4M3_DOTS_MAX_REL = 2e-2
 
 
+def _e4m3_dots_reference(q):
+    """What ``CONFIG["fp8_dots"]`` is checked against: the queries saturated at +-448 and rounded to e4m3,
+    and the output tolerances (``_check``'s keywords) widened for the softmax weights' rounding."""
+    q_ref = q.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(q.dtype)
+    return q_ref, dict(atol=E4M3_DOTS_ATOL, rtol=E4M3_DOTS_ATOL, max_rel=E4M3_DOTS_MAX_REL)
+
+
 def _scales(kv_dtype, device):
     if kv_dtype in FP8:
         return (torch.tensor([0.03], device=device), torch.tensor([0.011], device=device))
@@ -183,10 +190,7 @@ def _run_scattered(seq_lens, hq, head_kind, head_dim, kinds, ret, sink, window, 
     lse = torch.full((len(seq_lens), hq), float("nan"), device=device)
     _call(q, lay.paged, lay.tables, torch.tensor(seq_lens, dtype=torch.int32, device=device), ret_t, selected,
           num_selected, block_size, sink, window, ws, out, lse, dense, k_scale, v_scale)
-    q_ref, tolerance = q, {}
-    if e4m3_dots:
-        q_ref = q.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(q.dtype)
-        tolerance = dict(atol=E4M3_DOTS_ATOL, rtol=E4M3_DOTS_ATOL, max_rel=E4M3_DOTS_MAX_REL)
+    q_ref, tolerance = _e4m3_dots_reference(q) if e4m3_dots else (q, {})
     ref_out, _ = _check(q_ref, lay.paged, lay.tables, seq_lens, ret, selected, num_selected, block_size, sink, window,
                         out, lse, dense, k_scale, v_scale, **tolerance)
     return dict(q=q, out=out, lse=lse, ref_out=ref_out, stored=stored, keep_blocks=keep_blocks, lay=lay,
@@ -328,10 +332,7 @@ def test_fp8_queries_beyond_fp16_saturate(seed, fp8_dots, monkeypatch):
             torch.tensor(ret, dtype=torch.int32, device=DEVICE), selected.to(DEVICE), num_selected.to(DEVICE), bs,
             sink, window)
     _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
-    q_ref, tolerance = q.clamp(-65504, 65504), {}
-    if fp8_dots:
-        q_ref = q.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(q.dtype)
-        tolerance = dict(atol=E4M3_DOTS_ATOL, rtol=E4M3_DOTS_ATOL, max_rel=E4M3_DOTS_MAX_REL)
+    q_ref, tolerance = _e4m3_dots_reference(q) if fp8_dots else (q.clamp(-65504, 65504), {})
     _check(q_ref, lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window, out, lse, 0,
            k_scale, v_scale, **tolerance)
 
@@ -600,8 +601,8 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, local_programs,
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
     step (a copy of the staged selection) and the retrieval units run on the capture stream, the side
     stream's launch after the select step, with fewer splits than the retrieval units' when
-    ``local_programs`` bounds them; with ``pdl`` the kernels launch with
-    programmatic dependent launch (the combine after both branches)."""
+    ``local_programs`` bounds them; with ``pdl`` the kernels launch with programmatic dependent launch
+    (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
     monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch

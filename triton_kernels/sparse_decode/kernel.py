@@ -268,11 +268,7 @@ def _attend_split_e4m3(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len
     for off in range(start, end, TILE):
         valid, mask, k, v = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size,
                                        page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
-        if INTERPRET:
-            s = tl.dot(k.to(tl.float32), tl.trans(q8.to(tl.float32)))
-        else:
-            s = tl.dot(k, tl.trans(q8))
-        s = tl.where(valid[:, None], s * qk_scale, float("-inf"))                           # [TILE, ROWS]
+        s = tl.where(valid[:, None], tile_scores(k, q8, INTERPRET) * qk_scale, float("-inf"))  # [TILE, ROWS]
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # a row that has seen no key yet stays empty
         alpha = tl.exp2(m_i - m_ref)
