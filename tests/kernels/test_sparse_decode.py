@@ -108,7 +108,8 @@ E4M3_DOTS_MAX_REL = 2e-2
 
 
 def _e4m3_dots_reference(q):
-    """What ``CONFIG["fp8_dots"]`` is checked against: the queries saturated at +-448 and rounded to e4m3,
+    """What ``CONFIG["token_major_dots"]`` over an fp8 cache is checked against: the queries saturated at
+    +-448 and rounded to e4m3,
     and the output tolerances (``_check``'s keywords) widened for the softmax weights' rounding."""
     q_ref = q.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(q.dtype)
     return q_ref, dict(atol=E4M3_DOTS_ATOL, rtol=E4M3_DOTS_ATOL, max_rel=E4M3_DOTS_MAX_REL)
@@ -173,9 +174,9 @@ def _run_case(seq_lens, num_heads, num_kv_heads, head_dim, page_size, block_size
 
 def _run_scattered(seq_lens, hq, head_kind, head_dim, kinds, ret, sink, window, kv_dtype=torch.bfloat16,
                    q_dtype=torch.bfloat16, num_splits=4, dense=0, block_size=64, device=DEVICE, e4m3_dots=False):
-    """A scattered layout; returns everything for further checks. ``e4m3_dots``: the kernel runs with
-    ``CONFIG["fp8_dots"]`` (set by the caller); checked against the reference on the e4m3-rounded queries,
-    with the output's tolerance widened for the softmax weights' e4m3 rounding."""
+    """A scattered layout; returns everything for further checks. ``e4m3_dots``: the kernel dots an fp8
+    cache in e4m3 (``CONFIG["token_major_dots"]``, set by the caller); checked against the reference on the
+    e4m3-rounded queries, with the output's tolerance widened for the softmax weights' e4m3 rounding."""
     k_scale, v_scale = _scales(kv_dtype, device)
     keeps = [None, PL.kept_window(seq_lens, sink, window, dense)][:len(kinds)]
     lay, stored = PL.paged_kv(seq_lens, head_kind, head_dim, kv_dtype, kinds, device, keeps, k_scale, v_scale)
@@ -314,12 +315,12 @@ def test_fp8_single_unit_against_unquantised(seed, kv_dtype):
     assert all(x[0].abs().max() <= 448 * 0.02 + 1e-6 for x in exact)
 
 
-@pytest.mark.parametrize("fp8_dots", [0, 1])
-def test_fp8_queries_beyond_fp16_saturate(seed, fp8_dots, monkeypatch):
+@pytest.mark.parametrize("token_major", [0, 1])
+def test_fp8_queries_beyond_fp16_saturate(seed, token_major, monkeypatch):
     """Over fp8 K/V the dots run in fp16: query entries beyond fp16's range (bf16 reaches 3e38) saturate
     at +-65504 instead of turning into inf and NaN outputs; the result is the reference's for the
-    saturated queries. With ``fp8_dots`` they saturate at e4m3's +-448 and round to e4m3."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "fp8_dots", fp8_dots)
+    saturated queries. With ``token_major_dots`` (e4m3 dots) they saturate at e4m3's +-448 and round to e4m3."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "token_major_dots", token_major)
     seq_lens, hq, hkv, d, p, bs, sink, window, ret = [70, 300], 4, 2, 64, 16, 64, 4, 100, [1]
     k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
     lay, _ = PL.paged_kv(seq_lens, [0] * hkv, d, u8, [KindSpec(p, 1, hkv)], DEVICE, None, k_scale, v_scale)
@@ -332,7 +333,7 @@ def test_fp8_queries_beyond_fp16_saturate(seed, fp8_dots, monkeypatch):
             torch.tensor(ret, dtype=torch.int32, device=DEVICE), selected.to(DEVICE), num_selected.to(DEVICE), bs,
             sink, window)
     _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
-    q_ref, tolerance = _e4m3_dots_reference(q) if fp8_dots else (q.clamp(-65504, 65504), {})
+    q_ref, tolerance = _e4m3_dots_reference(q) if token_major else (q.clamp(-65504, 65504), {})
     _check(q_ref, lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window, out, lse, 0,
            k_scale, v_scale, **tolerance)
 
@@ -366,15 +367,16 @@ def test_fp8_error_bound_against_bf16(seed):
     assert rel > 1e-4, "fp8 path looks unquantised"
 
 
-@pytest.mark.parametrize("kv_dtype", [u8, f8])
-def test_fp8_e4m3_dots(seed, kv_dtype, monkeypatch):
-    """``CONFIG["fp8_dots"]``: fp8 K/V dotted in e4m3 as FlashAttention-3's fp8 path does, the tile's tokens
-    as the dots' M: the reference's output on the e4m3-rounded queries up to the softmax weights' rounding,
-    its LSE to float32 accuracy (scattered layout, window kind, GQA, retrieval and local heads, a dense
-    sequence, ragged lengths and splits)."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "fp8_dots", 1)
+@pytest.mark.parametrize("kv_dtype, q_dtype", [(bf16, bf16), (fp16, fp16), (u8, bf16), (f8, bf16)])
+def test_token_major_dots(seed, kv_dtype, q_dtype, monkeypatch):
+    """``CONFIG["token_major_dots"]``: the tile's tokens as the dots' M. bf16 / fp16 K/V: the reference's
+    output and LSE at the default path's tolerance; fp8 K/V, dotted in e4m3 as FlashAttention-3's fp8 path
+    does: the reference's output on the e4m3-rounded queries up to the softmax weights' rounding, its LSE
+    to float32 accuracy (scattered layout, window kind, GQA, retrieval and local heads, a dense sequence,
+    ragged lengths and splits)."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "token_major_dots", 1)
     _run_scattered([1, 70, 300, 515], 8, [0, 1, 1, 0], 64, [KindSpec(16, 2, 2), KindSpec(32, 2, 2)], [0, 6], 4, 100,
-                   kv_dtype, dense=100, e4m3_dots=True)
+                   kv_dtype, q_dtype, dense=100, e4m3_dots=kv_dtype in FP8)
 
 
 def test_reuse_same_tensors_new_values(seed):
@@ -568,17 +570,19 @@ def test_gpu_realistic(seed, batch, page_size, num_splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="realistic sizes need the compiled kernel (unset TRITON_INTERPRET)")
-@pytest.mark.parametrize("kv_dtype, fp8_dots", [(bf16, 0), (u8, 0), (u8, 1)], ids=["bf16", "fp8", "fp8-e4m3-dots"])
-def test_gpu_scattered_realistic(seed, kv_dtype, fp8_dots, monkeypatch):
+@pytest.mark.parametrize("kv_dtype, token_major", [(bf16, 0), (bf16, 1), (u8, 0), (u8, 1)],
+                         ids=["bf16", "bf16-token-major", "fp8", "fp8-e4m3-dots"])
+def test_gpu_scattered_realistic(seed, kv_dtype, token_major, monkeypatch):
     """8 KV heads over 3 full units (P16) and 2 window units (P32), 16K tokens, bf16 and fp8 (dotted in
-    fp16, and in e4m3 with ``fp8_dots``)."""
-    monkeypatch.setitem(_kernel_module.CONFIG, "fp8_dots", fp8_dots)
+    fp16, and in e4m3 with ``token_major_dots``), query rows or tokens as the dots' M."""
+    monkeypatch.setitem(_kernel_module.CONFIG, "token_major_dots", token_major)
     lens = [16 * 1024 - 3, 9000, 1]
     head_kind = [0, 1, 0, 1, 1, 0, 1, 1]   # KV heads of GPU_RETRIEVAL (0, 2, 4, 6, 7) ... made full below
     for h in {r // 4 for r in GPU_RETRIEVAL}:
         head_kind[h] = 0
     _run_scattered(lens, GPU_NUM_HEADS, head_kind, GPU_HEAD_DIM, [KindSpec(16, 3, 3), KindSpec(32, 2, 3)],
-                   GPU_RETRIEVAL, 4, 2048, kv_dtype, bf16, num_splits=32, device="cuda", e4m3_dots=bool(fp8_dots))
+                   GPU_RETRIEVAL, 4, 2048, kv_dtype, bf16, num_splits=32, device="cuda",
+                   e4m3_dots=bool(token_major) and kv_dtype == u8)
 
 
 @pytest.mark.gpu
