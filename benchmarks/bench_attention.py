@@ -19,7 +19,8 @@ heads (15%) are retrieval heads, spread over 5 KV heads; local heads see 4 sinks
   Random weights have no real sparsity, so the kept-block share is set explicitly: ``--keep`` of each
   sequence's blocks are planted as the indexer's hot blocks (the paper measures > 97% decode sparsity
   at 512K, i.e. about 3% kept); the share top-p really kept is printed. Both sides are timed as
-  CUDA-graph replays (median of repeats). ``--variants`` times RTPURBO's step again with other launch
+  CUDA-graph replays (median of repeats) of ``--layers`` layers' steps, each layer with its own caches as
+  in a model, and reported per layer. ``--variants`` times RTPURBO's step again with other launch
   settings (e.g. ``launch.pdl=1``) in the same process, beside this run's.
 
 Run on a Hopper GPU from the repo root:
@@ -42,12 +43,14 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rtpurbo_vllm.attention.prefill import PrefillHeads, SparseRetrieval, headwise_prefill
 from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIEVAL, SINK, TOP_P, WINDOW,
+                                                DecodeIndexInputs,
                                                 decode_index_inputs, dtype, plant_hot_blocks, random_block_table,
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
@@ -89,13 +92,12 @@ def fa3(q, k_cache, v_cache, cu_q, seqused_k, max_q, max_k, block_table, out, wi
                            window_size=window, **scales)
 
 
-def paged_cache(num_tokens_per_seq: int, num_seqs: int, device, kv_dtype: torch.dtype = DTYPE):
-    """K|V cache in vLLM's packed layout (``kv_dtype``: bf16 or float8_e4m3fn), random contents; distinct
-    pages per sequence."""
-    block_table, num_pages = random_block_table(num_tokens_per_seq, num_seqs, device)
+def paged_cache(num_pages: int, device, kv_dtype: torch.dtype = DTYPE):
+    """K|V cache of ``num_pages`` pages in vLLM's packed layout (``kv_dtype``: bf16 or float8_e4m3fn),
+    random contents: ``(key_cache, value_cache, PagedHeads)``."""
     kv = torch.randn(num_pages, PAGE, HKV, 2 * D, dtype=DTYPE, device=device).to(kv_dtype)
     key_cache, value_cache = kv.split(D, dim=-1)
-    return key_cache, value_cache, block_table, num_pages, PagedHeads.single(kv)
+    return key_cache, value_cache, PagedHeads.single(kv)
 
 
 def index_key_weights(device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +108,8 @@ def index_key_weights(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_P, keep: float = 0.03) -> dict:
-    key_cache, value_cache, block_table, _, kv = paged_cache(length, 1, device)
+    block_table, num_pages = random_block_table(length, 1, device)
+    key_cache, value_cache, kv = paged_cache(num_pages, device)
     positions = torch.arange(length, device=device)
     q = torch.randn(length, HQ, D, dtype=DTYPE, device=device)
     # Every retrieval query points one way per head (its pre-RoPE vector is constant), so the planted
@@ -170,23 +173,50 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
             "rtpurbo_sparse_kernels": kernel_table(kernels, seconds, top=10)}
 
 
+@dataclass
+class DecodeLayer:
+    """One layer's own tensors in :func:`bench_decode`: its K/V cache (as FA3 and as RTPURBO read it), its
+    decode-step queries (``q_fa3`` in the cache's dtype) with their index queries and index keys, and the
+    decode tokens' keys ``k_new`` ``[B, HKV, D]`` with the index-key weights ``w_k``."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    kv: PagedHeads
+    kv_tables: list
+    inputs: DecodeIndexInputs
+    queries: IndexQueries
+    q_fa3: torch.Tensor
+    k_new: torch.Tensor
+    w_k: torch.Tensor
+
+
 def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max_model_len: int | None = None,
-                 max_num_seqs: int | None = None, kv_cache_dtype: str = "auto", index_keys: str = "auto") -> dict:
+                 max_num_seqs: int | None = None, kv_cache_dtype: str = "auto", index_keys: str = "auto",
+                 layers: int = 1) -> dict:
     """One decode step of ``batch`` sequences of ``length`` tokens. RTPURBO's block top-p is sized, as in
     serving, by ``max_model_len`` (default ``length``): ``max_blocks = ceil(max_model_len / BS)``; its
     split scratch by ``max_num_seqs`` (default ``batch``); ``kv_cache_dtype`` a key of :data:`KV_DTYPES`;
     ``index_keys`` the index keys' storage, one of :data:`~rtpurbo_vllm.kv_cache.layout.INDEX_KEY_DTYPES`
-    as the serving option ``index_key_dtype``."""
+    as the serving option ``index_key_dtype``. Each timed graph runs the step of ``layers`` layers one
+    after the other, each with its own caches, queries and weights over one block table and one set of
+    workspaces, as a model's decode graph does; the times are per layer (the replay's launch shared by
+    the layers, and no layer finding in L2 what its previous replay left there)."""
     kv_dtype = KV_DTYPES[kv_cache_dtype]
     fp8 = kv_dtype != DTYPE
     index_dtype = index_key_dtype(index_keys, DTYPE, torch.uint8 if fp8 else DTYPE)
-    key_cache, value_cache, block_table, num_pages, kv = paged_cache(length, batch, device, kv_dtype)
-    inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device, index_dtype)
-    q, positions, table, heads, w_q, q_idx = (inputs.q, inputs.positions, inputs.rope_table, inputs.heads,
-                                              inputs.w_q, inputs.q_idx)
-    seq_lens, index, index_table = inputs.seq_lens, inputs.index, inputs.index_table
+    block_table, num_pages = random_block_table(length, batch, device)
+    stack = []
+    for _ in range(layers):
+        key_cache, value_cache, kv = paged_cache(num_pages, device, kv_dtype)
+        inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device, index_dtype)
+        queries = IndexQueries(inputs.q, inputs.heads, inputs.w_q, inputs.q_idx)
+        stack.append(DecodeLayer(key_cache, value_cache, kv, [kv.table(0, block_table)], inputs, queries,
+                                 inputs.q.to(kv_dtype), torch.randn(batch, HKV, D, dtype=DTYPE, device=device),
+                                 index_key_weights(device)[1]))
+    seq_lens, table, heads = stack[0].inputs.seq_lens, stack[0].inputs.rope_table, stack[0].inputs.heads
+    positions = stack[0].inputs.positions
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    out = torch.empty_like(q)
+    out = torch.empty_like(stack[0].inputs.q)
     max_model_len = max(max_model_len or length, length)
     max_blocks = math.ceil(max_model_len / BS)
     selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
@@ -195,38 +225,42 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
     max_num_seqs = max(max_num_seqs or batch, batch)
     attn_ws = allocate_sparse_decode_workspace(max_num_seqs, HQ, D, device=device)
     splits = attn_ws.splits_for_batch(batch)
-    kv_tables = [kv.table(0, block_table)]
     kv_scale = torch.ones(1, dtype=torch.float32, device=device) if fp8 else None
     descale = torch.ones(batch, HKV, dtype=torch.float32, device=device) if fp8 else None
-    q_fa3 = q.to(kv_dtype)
 
     def dense():
-        fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, descale=descale)
+        for layer in stack:
+            fa3(layer.q_fa3, layer.key_cache, layer.value_cache, cu_q, seq_lens, 1, length, block_table, out,
+                descale=descale)
 
     def window():           # FA3 over the window alone (no sinks), every query head: the local heads' part its way
-        fa3(q_fa3, key_cache, value_cache, cu_q, seq_lens, 1, length, block_table, out, window=(WINDOW - 1, 0),
-            descale=descale)
+        for layer in stack:
+            fa3(layer.q_fa3, layer.key_cache, layer.value_cache, cu_q, seq_lens, 1, length, block_table, out,
+                window=(WINDOW - 1, 0), descale=descale)
 
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
-    k_new = torch.randn(batch, HKV, D, dtype=DTYPE, device=device)
-    kv_heads, w_k = index_key_weights(device)
+    kv_heads = index_key_weights(device)[0]
     slots = block_table[:, (length - 1) // PAGE].long() * PAGE + (length - 1) % PAGE
-    queries = IndexQueries(q, heads, w_q, q_idx)
-
-    def select():           # block top-p (block scores + selection)
-        block_topp(q_idx, index, index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws, selected, num_selected)
 
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection
-        write_index_keys(k_new, positions, table, kv_heads, w_k, slots, index, is_neox_style=True, queries=queries)
-        headwise_sparse_decode(q, kv, kv_tables, seq_lens, heads, selected, num_selected, BS, SINK, WINDOW,
-                               D ** -0.5, attn_ws, out, k_scale=kv_scale, v_scale=kv_scale, select=select,
-                               side_stream=side_stream)
+        for layer in stack:
+            x = layer.inputs
 
-    t_dense, t_rtp, t_window = (time_cuda_graph(fn, repeats) for fn in (dense, rtpurbo, window))
+            def select(x=x):           # block top-p (block scores + selection)
+                block_topp(x.q_idx, x.index, x.index_table, seq_lens, TOP_P, SINK, BS, max_blocks, topp_ws,
+                           selected, num_selected)
+
+            write_index_keys(layer.k_new, positions, table, kv_heads, layer.w_k, slots, x.index, is_neox_style=True,
+                             queries=layer.queries)
+            headwise_sparse_decode(x.q, layer.kv, layer.kv_tables, seq_lens, heads, selected,
+                                   num_selected, BS, SINK, WINDOW, D ** -0.5, attn_ws, out, k_scale=kv_scale,
+                                   v_scale=kv_scale, select=select, side_stream=side_stream)
+
+    t_dense, t_rtp, t_window = (time_cuda_graph(fn, repeats) / layers for fn in (dense, rtpurbo, window))
     kept = num_selected.float().mean().item() / math.ceil(length / BS)
     timeline = replay_timeline(profile_cuda_graph(rtpurbo, repeats), repeats)
-    return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len,
+    return {"phase": "decode", "batch": batch, "context": length, "max_model_len": max_model_len, "layers": layers,
             "kv_cache_dtype": kv_cache_dtype, "index_key_dtype": index_keys, "index_key_bytes": index_dtype.itemsize,
             "max_num_seqs": max_num_seqs, "splits": splits,
             "local_splits": local_splits_for(batch, HKV, splits, sm_count(device)),
@@ -362,6 +396,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-top-p", metavar="P", type=float, default=TOP_P,
                         help="prefill: the retrieval heads' sparse prefill top-p (default %(default)s)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
+    parser.add_argument("--layers", metavar="N", type=int, default=4,
+                        help="decode: layers per timed graph, each with its own caches, times per layer (default "
+                             "%(default)s: a model's graph shares its launch, and a layer's bytes leave L2 before "
+                             "its next replay)")
     parser.add_argument("--peak-bandwidth", metavar="BYTES_PER_S", type=float,
                         help="the card's peak memory bandwidth, for the decode bandwidth table (default: the "
                              "card's, for " + ", ".join(PEAK_BYTES_PER_S) + ")")
@@ -378,6 +416,10 @@ def main(argv=None) -> int:
         variants = {text: parse_overrides(text.split(",")) for text in args.variants}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.layers < 1:
+        print(f"error: --layers {args.layers}: a timed graph needs at least one layer (e.g. --layers 4)",
+              file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name(0)
     peak_bandwidth = args.peak_bandwidth or card_peak_bandwidth(card)
@@ -397,20 +439,21 @@ def main(argv=None) -> int:
     for batch in args.batch:
         for k in args.decode:
             free = torch.cuda.mem_get_info()[0]
-            need = batch * k * 1024 * HKV * 2 * D * KV_DTYPES[args.kv_cache_dtype].itemsize * 1.3
+            need = batch * k * 1024 * HKV * 2 * D * KV_DTYPES[args.kv_cache_dtype].itemsize * 1.3 * args.layers
             if need > free:
                 print(f"skip decode batch {batch} at {k}K: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                 continue
             rows.append(add_bandwidth(bench_decode(batch, k * 1024, args.keep, device, args.repeats,
                                                    max_model_len, args.max_num_seqs, args.kv_cache_dtype,
-                                                   args.index_key_dtype),
+                                                   args.index_key_dtype, args.layers),
                                       peak_bandwidth))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     variant_rows = time_variants(variants, [r for r in rows if r["phase"] == "decode"],
                                  lambda batch, length: bench_decode(batch, length, args.keep, device, args.repeats,
                                                                     max_model_len, args.max_num_seqs,
-                                                                    args.kv_cache_dtype, args.index_key_dtype))
+                                                                    args.kv_cache_dtype, args.index_key_dtype,
+                                                                    args.layers))
     out = Path(args.out)
     result = {"environment": {**environment(), "sm_count": torch.cuda.get_device_properties(0).multi_processor_count},
               "shape": {"HQ": HQ, "HKV": HKV, "D": D, "retrieval": RETRIEVAL, "sink": SINK, "window": WINDOW,
@@ -420,7 +463,7 @@ def main(argv=None) -> int:
     write_json(out / "bench_attention.json", result)
     plot(rows, out / "bench_attention.png")
     print(f"\n{result['environment']['device']}  (times in ms, median; decode: K/V cache {args.kv_cache_dtype}, "
-          f"index keys {args.index_key_dtype}, "
+          f"index keys {args.index_key_dtype}, per layer of {args.layers}-layer graphs, "
           f"split scratch for max_num_seqs {args.max_num_seqs}"
           + (f"; block top-p sized for max_model_len {args.max_model_len}K)" if args.max_model_len else ")"))
     if overrides:
@@ -438,11 +481,11 @@ def main(argv=None) -> int:
                                                  f"{r['context'] // 1024}K, one call under torch.profiler")))
     decode_rows = [r for r in rows if "rtpurbo_kernels" in r]
     if decode_rows:
-        print(f"\nRTPURBO decode step on the GPU: its CUDA graph replayed {args.repeats} times under torch.profiler "
-              "(medians; kernels of the side stream overlap the others)")
+        print(f"\nRTPURBO decode step on the GPU: its CUDA graph ({args.layers} layers) replayed {args.repeats} times "
+              "under torch.profiler (medians; kernels of the side stream overlap the others)")
     for r in decode_rows:
-        print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us (events); FA3 over "
-              f"the window alone, every head: {r['fa3_window_ms'] * 1000:.1f} us")
+        print(f"batch {r['batch']}, {r['context'] // 1024}K: step {r['rtpurbo_ms'] * 1000:.1f} us per layer (events); "
+              f"FA3 over the window alone, every head: {r['fa3_window_ms'] * 1000:.1f} us")
         print("\n".join(format_timeline(r["rtpurbo_kernels"])))
     if decode_rows:
         print_bandwidth(decode_rows, peak_bandwidth)

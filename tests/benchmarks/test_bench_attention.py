@@ -51,6 +51,34 @@ def test_decode_row_has_the_step_and_its_kernels(bench_attention, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_decode_graph_of_several_layers_times_one(bench_attention, monkeypatch):
+    """--layers: the timed step runs every layer, each over its own K/V cache and index keys (one block
+    table), and the times are per layer."""
+    caches, index_caches = [], []
+    monkeypatch.setattr(bench_attention, "fa3", lambda q, k_cache, *args, **kwargs: caches.append(k_cache))
+    topp = bench_attention.block_topp
+
+    def block_topp(q_idx, index, *args, **kwargs):
+        index_caches.append(index.base)
+        return topp(q_idx, index, *args, **kwargs)
+
+    monkeypatch.setattr(bench_attention, "block_topp", block_topp)
+    row = bench_attention.bench_decode(1, 2 * bench_attention.BS + 9, keep=0.5, device=torch.device("cpu"),
+                                       repeats=1, layers=3)
+    assert row["layers"] == 3 and row["fa3_ms"] == pytest.approx(2.0 / 3) and row["speedup"] == 4.0
+    assert len(caches) == 6 and len({c.data_ptr() for c in caches}) == 3        # dense and window, 3 caches
+    assert len(index_caches) == 6 and len({c.data_ptr() for c in index_caches}) == 3   # timed and profiled
+    assert 0.0 < row["kept_block_share"] <= 1.0
+
+
+def test_layers_below_one_exit_2_before_any_work(load_benchmark, capsys, tmp_path):
+    bench = load_benchmark("bench_attention")
+    assert bench.main(["--prefill", "--decode", "--layers", "0", "--out", str(tmp_path)]) == 2
+    assert "error: --layers 0: a timed graph needs at least one layer" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
 def test_decode_sized_for_a_longer_max_model_len(bench_attention):
     """--max-model-len sizes block top-p as a server would; the kept share stays per real block."""
     length = 2 * bench_attention.BS + 5
