@@ -16,7 +16,7 @@ KERNELS = {"index_keys": "index_keys.kernel", "block_topp": "block_topp.kernel",
            "sparse_decode": "sparse_decode.kernel", "sparse_prefill": "sparse_prefill.kernel", "launch": "launch"}
 """Name on the command line -> module under ``rtpurbo_vllm.triton_kernels`` whose ``CONFIG`` can be set
 (``launch``: programmatic dependent launch of the decode chain, ``launch.pdl=1``)."""
-SWITCHES = {("launch", "pdl"), ("sparse_decode", "token_major_dots")}
+SWITCHES = {("launch", "pdl")}
 """Settings that are on (1) or off (0)."""
 ZERO_IS_LAUNCHERS_CHOICE = {("sparse_decode", "local_programs_per_sm"), ("block_topp", "select_warps")}
 """Settings where 0 leaves the value to the launcher (``local_programs_per_sm``: no bound; ``select_warps``: by the

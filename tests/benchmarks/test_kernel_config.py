@@ -27,9 +27,8 @@ def test_overrides_are_parsed_and_applied(fresh_configs):
 
 
 def test_switches_take_zero():
-    settings = ["launch.pdl=0", "sparse_decode.token_major_dots=1", "sparse_decode.local_programs_per_sm=0"]
-    assert kc.parse_overrides(settings) == {"launch": {"pdl": 0},
-                                            "sparse_decode": {"token_major_dots": 1, "local_programs_per_sm": 0}}
+    settings = ["launch.pdl=0", "launch.pdl=1", "sparse_decode.local_programs_per_sm=0"]
+    assert kc.parse_overrides(settings) == {"launch": {"pdl": 1}, "sparse_decode": {"local_programs_per_sm": 0}}
 
 
 @pytest.mark.parametrize("item, message", [
@@ -38,11 +37,11 @@ def test_switches_take_zero():
     ("sparse_decode=8", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.warps", "expected KERNEL.KEY=VALUE"),
     ("sparse_decode.wraps=8",
-     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, stages, tile_local"),
+     "sparse_decode has no setting 'wraps'; its settings are local_programs_per_sm, stages"),
     ("sparse_decode.warps=eight", "the value must be a positive integer"),
     ("sparse_decode.warps=0", "the value must be a positive integer"),
     ("launch.pdl=2", "launch.pdl is a switch, 0 (off) or 1 (on)"),
-    ("sparse_decode.token_major_dots=on", "sparse_decode.token_major_dots is a switch"),
+    ("launch.pdl=on", "launch.pdl is a switch"),
     ("sparse_decode.local_programs_per_sm=-1", "a non-negative integer (0: the launcher's choice)"),
     ("block_topp.select_warps=-1", "a non-negative integer"),
 ])

@@ -2,10 +2,9 @@
 
 Under ``TRITON_INTERPRET=1`` some launches take interpreter-only branches (kv_write's and the index-key
 write's bit-level fp8 encoder instead of the native fp32 -> fp8e4nv conversion; the sparse decode's
-and sparse prefill's float32 dots for bf16, and the decode's token-major dots over fp8, in e4m3 with
-bit-level roundings), so the recorded launches that ``test_compile_for_gpu.py`` compiles never contain
-the GPU variant of those branches. Here the launchers run with the interpreter check patched to False and the
-kernels replaced by a recorder, and the recorded GPU launches are compiled down to the cubin
+and sparse prefill's float32 dots for bf16), so the recorded launches that ``test_compile_for_gpu.py``
+compiles never contain the GPU variant of those branches. Here the launchers run with the interpreter check patched to False and the kernels
+replaced by a recorder, and the recorded GPU launches are compiled down to the cubin
 (``tests/triton_launches.py``).
 """
 
@@ -78,12 +77,10 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
         tables = [kv.table(k, torch.zeros(2, 4, dtype=torch.int32)) for k in (0, 1)]
         ws = decode_kernel.allocate_sparse_decode_workspace(2, hq, d, 4)
         q = torch.zeros(2, hq, d, dtype=torch.bfloat16)
-        for token_major in (0, 1):    # query rows or tokens as the dots' M (fp8: dotted in fp16, or in e4m3)
-            monkeypatch.setitem(decode_kernel.CONFIG, "token_major_dots", token_major)
-            decode_kernel.headwise_sparse_decode(
-                q, kv, tables, torch.ones(2, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
-                torch.zeros(2, 1, 3, dtype=torch.int32), torch.ones(2, 1, dtype=torch.int32), 64, 4, 16,
-                d ** -0.5, ws, torch.empty_like(q), k_scale=scales[0], v_scale=scales[1])
+        decode_kernel.headwise_sparse_decode(
+            q, kv, tables, torch.ones(2, dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+            torch.zeros(2, 1, 3, dtype=torch.int32), torch.ones(2, 1, dtype=torch.int32), 64, 4, 16,
+            d ** -0.5, ws, torch.empty_like(q), k_scale=scales[0], v_scale=scales[1])
         index = PagedHeads.from_units([torch.zeros(4, p, 1, 16, dtype=torch.bfloat16)], [0], [0], [0])
         rows = torch.zeros(20, hq, d, dtype=torch.bfloat16)
         prefill_kernel.sparse_prefill(
@@ -110,9 +107,8 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
             for lw in idx_rec.launches] == [(True, False, True)]
     assert [lw["kwargs"]["MANUAL_FP8"] for lw in kv_rec.launches] == [False, False]
     assert [lw["kwargs"]["FP8"] for lw in kv_rec.launches] == [True, False]
-    assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"], lw["kwargs"]["TOKEN_MAJOR"])
-            for lw in dec_rec.launches] == [(False, True, False), (False, True, True), (False, False, False),
-                                            (False, False, True)]
+    assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in dec_rec.launches] == [(False, True),
+                                                                                           (False, False)]
     assert [(lw["kwargs"]["UPCAST_DOT"], lw["kwargs"]["FP8"]) for lw in pf_rec.launches] == [(False, True),
                                                                                           (False, False)]
     failures = tl_launches.compile_launches(kv_rec.launches + idx_rec.launches + dec_rec.launches + pf_rec.launches,

@@ -48,9 +48,8 @@ head's kind. Local units only ever enumerate sink and window tokens, so a window
 them (vLLM's null block) are never read.
 
 FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and the dots run in fp16 (the
-values converted exactly, the query saturated to fp16's range: :mod:`..fp8`), or with
-``CONFIG["token_major_dots"]`` in e4m3 as FlashAttention-3's fp8 path does (:func:`_attend_split_token_major`);
-``k_scale`` is folded into the softmax scale and ``v_scale`` into each split's output.
+values converted exactly, the query saturated to fp16's range: :mod:`..fp8`); ``k_scale`` is folded
+into the softmax scale and ``v_scale`` into each split's output.
 
 Splits past a head's work return without writing; the combine reads only the valid ones. The
 KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
@@ -69,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import fp16_dot_operand, fp16_dot_query, fp16_dot_values, quantize_e4m3
+from ..fp8 import fp16_dot_operand, fp16_dot_query, fp16_dot_values
 from ..launch import interpreting, pdl_launch, wait_for_previous_kernel
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
@@ -80,16 +79,12 @@ DEFAULT_MAX_SPLITS = 64
 """Default cap on ``S`` when a small batch could use more of the workspace."""
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
-# token_major_dots: 1 puts the tile's tokens as the dots' M (sm_90: wgmma), 0 the query rows (mma.sync).
-# With an fp8 cache the token-major dots run in e4m3 (the queries saturated at +-448 and rounded to e4m3,
-# at vLLM's default q_scale of 1, and the softmax weights rounded to e4m3, as FlashAttention-3's fp8
-# path); the query-major ones convert K/V to fp16 exactly and dot in fp16 with the query's own precision.
 # local_programs_per_sm: the most programs the KV-group units' splits launch per SM of the GPU,
 # B * HKV * S_local <= local_programs_per_sm * SMs (S_local a power of two, at least 1, at most the
 # retrieval units' S); 0: no bound, S_local = S. Fewer, longer programs that all fit on the GPU at once
 # leave room for the selection chain beside them and spend less of their time starting up.
 CONFIG = {"tile_local": 128, "tile_retrieval": 128, "warps": 4, "stages": 2, "warps_combine": 2,
-          "token_major_dots": 0, "local_programs_per_sm": 2}
+          "local_programs_per_sm": 2}
 NOMINAL_SMS = 132
 """SMs assumed off the GPU (an H100's or H200's), so that the interpreter cuts the work as those cards do."""
 
@@ -194,100 +189,46 @@ def _is_retrieval(h, ret_ptr, HR, HR_PAD: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size, page_stride,
-               token_stride, RETRIEVAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-               TILE: tl.constexpr):
-    """Virtual tokens ``[off, off + TILE)`` (of ``[.., end)``) of the KV head at ``kv_ptr + head_off``:
-    ``valid [TILE]``, ``mask [TILE, D_PAD]`` and K, V ``[TILE, D_PAD]`` in the cache's dtype (0 where
-    masked)."""
-    offs_d = tl.arange(0, D_PAD)
-    vi = off + tl.arange(0, TILE)
-    valid = vi < end
-    if RETRIEVAL:
-        blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
-        tok = blk * BS + vi % BS
-        valid = valid & (blk >= 0) & (tok < seq_len)
-    else:
-        tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
-    page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
-    row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
-    mask = valid[:, None] & (offs_d < D)[None, :]
-    k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
-    v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
-    return valid, mask, k, v
-
-
-@triton.jit
 def _attend_split(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
                   page_size, page_stride, token_stride,
                   ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
                   D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
-                  qk_scale, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+                  qk_scale, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
     """Online softmax of the ``[ROWS, D_PAD]`` queries over virtual tokens ``[start, end)`` of the KV
     head at ``kv_ptr + head_off`` (K at ``[0, D)``, V at ``[D, 2D)``), paged by ``bt_row``.
 
     Returns un-normalised ``acc [ROWS, D_PAD]``, ``l [ROWS]`` and the base-2 running max ``m [ROWS]``.
-    ``FP8``: fp8 K/V, dotted in fp16 (:mod:`..fp8`), or in e4m3 with ``TOKEN_MAJOR``
-    (:func:`_attend_split_token_major`). Their scales live in ``qk_scale`` and the caller's output factor.
+    FP8 K/V are dotted in fp16 (:mod:`..fp8`); their scales live in ``qk_scale`` and the caller's output
+    factor.
     """
-    if TOKEN_MAJOR:
-        return _attend_split_token_major(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
-                                         page_size, page_stride, token_stride, ROWS, RETRIEVAL, BS, D, D_PAD,
-                                         TILE, qk_scale, UPCAST_DOT, FP8)
+    offs_d = tl.arange(0, D_PAD)
+    mask_d = offs_d < D
+    offs_t = tl.arange(0, TILE)
     if FP8:
         q = fp16_dot_query(q)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     for off in range(start, end, TILE):
-        valid, mask, k, v = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size,
-                                       page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
+        vi = off + offs_t
+        valid = vi < end
+        if RETRIEVAL:
+            blk = tl.load(sel_row + vi // BS, mask=valid, other=-1)
+            tok = blk * BS + vi % BS
+            valid = valid & (blk >= 0) & (tok < seq_len)
+        else:
+            tok = tl.where(vi < n_sink, vi, ws + vi - n_sink)
+        page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
+        row = head_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride      # [TILE]
+        mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0.0)             # [TILE, D_PAD]
+        v = tl.load(kv_ptr + row[:, None] + D + offs_d[None, :], mask=mask, other=0.0)         # [TILE, D_PAD]
         if FP8:
             k = fp16_dot_operand(k)
             v = fp16_dot_values(v, mask)
         s = tl.where(valid[None, :], tile_scores(q, k, UPCAST_DOT) * qk_scale, float("-inf"))   # [ROWS, TILE]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, UPCAST_DOT)
     return acc, l_i, m_i
-
-
-@triton.jit
-def _attend_split_token_major(q, kv_ptr, head_off, bt_row, sel_row, start, end, seq_len, ws, n_sink,
-                              page_size, page_stride, token_stride,
-                              ROWS: tl.constexpr, RETRIEVAL: tl.constexpr, BS: tl.constexpr,
-                              D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr,
-                              qk_scale, UPCAST_DOT: tl.constexpr, E4M3: tl.constexpr):
-    """:func:`_attend_split` with the tile's tokens as the dots' M (``S^T = K @ Q^T`` ``[TILE, ROWS]``,
-    softmax along the tokens, ``O^T = V^T @ P^T`` ``[D_PAD, ROWS]``), which on sm_90 gives 64-row
-    ``wgmma`` straight from shared memory with K/V multi-buffered. The softmax weights are rounded to the
-    dot dtype for ``p @ v`` (their sum, ``l``, is not). ``E4M3``: fp8 K/V dotted in e4m3 as
-    FlashAttention-3's fp8 path does, the queries saturated at +-448 and rounded to e4m3 (vLLM's default
-    ``q_scale`` of 1), the weights rounded to e4m3; else K/V in the queries' dtype. ``UPCAST_DOT``: the
-    interpreter's roundings and float32 dots (bit-level e4m3 encoder)."""
-    if E4M3:
-        q = quantize_e4m3(q.to(tl.float32), 1.0, UPCAST_DOT)                              # [ROWS, D_PAD]
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([D_PAD, ROWS], tl.float32)
-    for off in range(start, end, TILE):
-        valid, mask, k, v = _load_tile(kv_ptr, head_off, bt_row, sel_row, off, end, seq_len, ws, n_sink, page_size,
-                                       page_stride, token_stride, RETRIEVAL, BS, D, D_PAD, TILE)
-        s = tl.where(valid[:, None], tile_scores(k, q, UPCAST_DOT) * qk_scale, float("-inf"))   # [TILE, ROWS]
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # a row that has seen no key yet stays empty
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
-        if E4M3:
-            p = quantize_e4m3(p, 1.0, UPCAST_DOT)
-        else:
-            p = p.to(v.dtype)
-        if UPCAST_DOT:
-            pv = tl.dot(tl.trans(v.to(tl.float32)), p.to(tl.float32))
-        else:
-            pv = tl.dot(tl.trans(v), p)                                                     # [D_PAD, ROWS]
-        acc = acc * alpha[None, :] + pv
-        m_i = m_new
-    return tl.trans(acc), l_i, m_i
 
 
 @triton.jit
@@ -316,7 +257,7 @@ def _local_split(
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, TOKEN_MAJOR: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """Split ``split`` (of ``local_splits <= NUM_SPLITS``) of the local query heads of KV group ``kvh`` (all
     G rows in one dot), reading the KV head through its kind's block table and geometry (only sink and
@@ -347,8 +288,7 @@ def _local_split(
         token_stride = tl.where(kind == 0, token_stride0, token_stride1).to(tl.int64)
         acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt_row, bt_row, start, end, seq_len, ws, n_sink,
                                       page_size, page_stride, token_stride,
-                                      ROWS, False, 1, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8,
-                                      TOKEN_MAJOR)
+                                      ROWS, False, 1, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
@@ -361,7 +301,7 @@ def _retrieval_split(
     s_pos, s_poh, s_pls, s_plh,
     G: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, TOKEN_MAJOR: tl.constexpr,
+    OFF_ALIGN: tl.constexpr, UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """Split ``split`` of retrieval head ``r`` (its one query row padded to ROWS for tl.dot); its KV
     head ``h // G`` is a kind-0 (full) head, read through the kind-0 block table."""
@@ -382,8 +322,7 @@ def _retrieval_split(
         acc, l_i, m_i = _attend_split(q, kv_ptr, head_off, bt0_ptr + b * s_bt0, sel_ptr + b * s_sb + r * s_sr,
                                       start, end, seq_len, 0, 0, page0, page_stride0.to(tl.int64),
                                       token_stride0.to(tl.int64),
-                                      ROWS, True, BS, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8,
-                                      TOKEN_MAJOR)
+                                      ROWS, True, BS, D, D_PAD, TILE, qk_scale, UPCAST_DOT, FP8)
         _store_partial(po_ptr, pl_ptr, b * NUM_SPLITS + split, h + offs_row, acc, l_i, m_i, mask_h, out_scale,
                        s_pos, s_poh, s_pls, s_plh, D, D_PAD)
 
@@ -398,7 +337,7 @@ def _split_kernel(
     G: tl.constexpr, ROWS: tl.constexpr, HR_PAD: tl.constexpr, HAS_RET: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     TILE_LOCAL: tl.constexpr, TILE_RET: tl.constexpr, NUM_SPLITS: tl.constexpr, OFF_ALIGN: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, TOKEN_MAJOR: tl.constexpr, PDL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, units, S)``: units ``first_unit ..`` of the ``HR`` retrieval units (their splits run
     longest) followed by the ``HKV`` KV-group units."""
@@ -415,14 +354,13 @@ def _split_kernel(
                          nsel_ptr, po_ptr, pl_ptr, qk_scale, out_scale, max_blocks,
                          s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, s_sb, s_sr, s_nb, s_nr,
                          s_pos, s_poh, s_pls, s_plh,
-                         G, ROWS, BS, D, D_PAD, TILE_RET, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8, TOKEN_MAJOR)
+                         G, ROWS, BS, D, D_PAD, TILE_RET, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
     else:
         _local_split(b, head - HR, split, q_ptr, kv_ptr, off_ptr, kind_ptr, bt0_ptr, bt1_ptr, seq_lens_ptr,
                      ret_ptr, po_ptr, pl_ptr, sink_tokens, window, dense_threshold, qk_scale, out_scale, HR,
                      local_splits, s_qb, s_qh, page0, page_stride0, token_stride0, s_bt0, page1, page_stride1,
                      token_stride1, s_bt1, s_pos, s_poh, s_pls, s_plh,
-                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8,
-                     TOKEN_MAJOR)
+                     G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
 @triton.jit(do_not_specialize=["local_splits"])
@@ -603,9 +541,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
     has_ret = num_ret > 0
     qk_scale = float(scale) * 1.4426950408889634   # exp2 domain
     max_blocks = selected.shape[2]
-    token_major = bool(cfg["token_major_dots"])
-    # The interpreter: bf16 dots in float32; e4m3 roundings bit by bit and their dots in float32.
-    upcast = interpreting() and (q.dtype == torch.bfloat16 or (fp8 and token_major))
+    upcast = interpreting() and q.dtype == torch.bfloat16
     # With HR == 0 these pointers are passed but never dereferenced.
     ret_arg = retrieval_heads if has_ret else seq_lens
     nsel_arg = num_selected if has_ret else seq_lens
@@ -633,8 +569,7 @@ def headwise_sparse_decode(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[
             G=group, ROWS=max(triton.next_power_of_2(group), 16), HR_PAD=hr_pad,
             HAS_RET=has_ret, BS=block_size, D=head_dim, D_PAD=d_pad,
             TILE_LOCAL=tile_local, TILE_RET=tile_ret, NUM_SPLITS=num_splits, OFF_ALIGN=kv.offset_align,
-            UPCAST_DOT=upcast, FP8=fp8, TOKEN_MAJOR=token_major, PDL=pdl, num_warps=cfg["warps"],
-            num_stages=cfg["stages"], launch_pdl=pdl,
+            UPCAST_DOT=upcast, FP8=fp8, PDL=pdl, num_warps=cfg["warps"], num_stages=cfg["stages"], launch_pdl=pdl,
         )
 
     if select is None:
