@@ -11,11 +11,10 @@ Two launches, both with grids fixed by ``(B, HR, max_blocks)`` so they can be ca
 graph; nothing is read back to the host and nothing is allocated when a workspace and outputs are
 passed in. The block table's row stride (its width, set by whoever allocates it) is not specialised on.
 
-1. ``_block_stats_kernel``, grid ``(cdiv(HR, HEADS_PER_PROG), cdiv(max_blocks, BLOCKS_PER_PROG), B)``:
-   each program scores ``BLOCKS_PER_PROG`` selection blocks of ``HEADS_PER_PROG`` heads of one sequence
-   (``CONFIG``) in float32 and writes, per block and head, the max score ``m_j`` and
-   ``l_j = sum_t exp(s_t - m_j)`` to the workspace. Programs past the sequence's last block return at
-   once.
+1. ``_block_stats_kernel``, grid ``(HR, cdiv(max_blocks, BLOCKS_PER_PROG), B)``: each program scores
+   ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
+   max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. Programs past the
+   sequence's last block return at once.
 2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), :func:`..topp_search.topp_select_row`
    (shared with the prefill selection) combines the block stats into masses
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
@@ -66,12 +65,11 @@ from ..topp_search import topp_select_row
 # reduction of a step lives in registers (2**bits per block per thread; 3 bits at CHUNK 4096 and 8 warps
 # compile for sm_90 without spills, 4 bits spill); more warps mean fewer blocks per thread in each serial
 # search step.
-# stats_blocks_per_prog / stats_heads_per_prog / stats_tokens_per_iter: selection blocks and retrieval heads
-# (a power of two, capped at HR's) scored by one stats program, and (token, head) pairs per iteration of
-# its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the next iterations'
-# page-table and key loads in flight, through shared memory).
+# stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
+# per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
+# next iterations' page-table and key loads in flight, through shared memory).
 CONFIG = {"search_bits": 1, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 4,
-          "stats_heads_per_prog": 1, "stats_tokens_per_iter": 256, "stats_stages": 1}
+          "stats_tokens_per_iter": 256, "stats_stages": 1}
 
 
 @dataclass(frozen=True)
@@ -123,17 +121,13 @@ def _block_stats_kernel(
     stride_cp, stride_ct,
     stride_tb, stride_tp,
     stride_wb, stride_wh,
-    max_blocks, num_heads,
+    max_blocks,
     DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
-    STAGES: tl.constexpr, OFF_ALIGN: tl.constexpr, PDL: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, STAGES: tl.constexpr, OFF_ALIGN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Grid ``(cdiv(HR, HEADS_PER_PROG), cdiv(max_blocks, BLOCKS_PER_PROG), B)``: the stats of
-    ``BLOCKS_PER_PROG`` blocks of ``HEADS_PER_PROG`` heads of one sequence (a token's keys of
-    neighbouring heads are neighbours in memory when the heads share a unit)."""
     wait_for_previous_kernel(PDL)
-    heads = tl.program_id(0) * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)           # [H]
-    has_head = heads < num_heads
+    head = tl.program_id(0)
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
     seq = tl.program_id(2).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -141,14 +135,11 @@ def _block_stats_kernel(
     end_block = tl.minimum(first_block + BLOCKS_PER_PROG, num_blocks)  # <= first_block: nothing to do
 
     dims = tl.arange(0, DI_PAD)
-    head_dims = has_head[:, None] & (dims < DI)[None, :]                                 # [H, DI_PAD]
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=head_dims,
-                other=0.0).to(tl.float32)                                             # [H, DI_PAD]
+    q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
+                other=0.0).to(tl.float32)                                             # [DI_PAD]
     table_row = block_table_ptr + seq * stride_tb
-    head_off = tl.multiple_of(tl.load(offsets_ptr + heads, mask=has_head, other=0), OFF_ALIGN)   # units and slots
-    key_off = head_off[:, None] + dims[None, :]                                       # [H, DI_PAD]
-    ws_row = block_max_ptr + seq * stride_wb + heads.to(tl.int64) * stride_wh        # [H]
-    ws_sum_row = block_sum_ptr + seq * stride_wb + heads.to(tl.int64) * stride_wh
+    head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
+    ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
     for block0 in tl.range(first_block, end_block, BLOCKS_PER_ITER, num_stages=STAGES):
         blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
         tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
@@ -158,17 +149,17 @@ def _block_stats_kernel(
                            mask=blocks * BLOCK_SIZE < seq_len, other=0).to(tl.int64)[:, None]
         else:
             page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
-        row = page * stride_cp + (tokens % PAGE_SIZE) * stride_ct                       # [NBI, BS] int64
-        keys = tl.load(cache_ptr + row[:, :, None, None] + key_off[None, None, :, :],
-                       mask=valid[:, :, None, None] & head_dims[None, None, :, :], other=0.0)
-        scores = tl.sum(keys.to(tl.float32) * q[None, None, :, :], axis=3)           # [NBI, BS, H]
-        scores = tl.where(valid[:, :, None], scores, float("-inf"))
-        block_max = tl.max(scores, axis=1)                                            # [NBI, H]
+        row = head_off + page * stride_cp + (tokens % PAGE_SIZE) * stride_ct           # [NBI, BS] int64
+        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
+                       mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)               # [NBI, BS]
+        scores = tl.where(valid, scores, float("-inf"))
+        block_max = tl.max(scores, axis=1)                                            # [NBI]
         safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)              # rows past the end
-        block_sum = tl.sum(tl.exp(scores - safe_max[:, None, :]), axis=1)             # [NBI, H]
-        store = (blocks < end_block)[:, None] & has_head[None, :]
-        tl.store(ws_row[None, :] + blocks[:, None], block_max, mask=store)
-        tl.store(ws_sum_row[None, :] + blocks[:, None], block_sum, mask=store)
+        block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                # [NBI]
+        in_range = blocks < end_block
+        tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
+        tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,20 +287,17 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
     if batch == 0:
         return selected, num_selected
 
-    heads_per_prog = min(CONFIG["stats_heads_per_prog"], triton.next_power_of_2(num_heads))
-    # An iteration scores stats_tokens_per_iter (token, head) pairs' keys.
-    tokens_per_iter = CONFIG["stats_tokens_per_iter"] // heads_per_prog
-    blocks_per_iter = max(1, min(CONFIG["stats_blocks_per_prog"], tokens_per_iter // block_size))
+    blocks_per_iter = max(1, min(CONFIG["stats_blocks_per_prog"], CONFIG["stats_tokens_per_iter"] // block_size))
     blocks_per_prog = max(CONFIG["stats_blocks_per_prog"], blocks_per_iter)
     pdl = pdl_launch(device)
-    _block_stats_kernel[(triton.cdiv(num_heads, heads_per_prog), triton.cdiv(max_blocks, blocks_per_prog), batch)](
+    _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
         q_idx, index.kernel_base(), index.offsets, block_table, seq_lens, workspace.block_max, workspace.block_sum,
         *q_idx.stride(), index_table.page_stride, index_table.token_stride, *block_table.stride(),
         workspace.block_max.stride(0), workspace.block_max.stride(1),
-        max_blocks, num_heads,
+        max_blocks,
         DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=index_table.page_size,
         BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
-        HEADS_PER_PROG=heads_per_prog, STAGES=CONFIG["stats_stages"],
+        STAGES=CONFIG["stats_stages"],
         OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
