@@ -10,6 +10,9 @@ iteration of its loop, that loop's pipelining depth). Inputs as ``bench_attentio
 retrieval heads, 16-dim index keys, 64-token pages and blocks, ``--keep`` of the blocks planted hot,
 top-p 0.9). Per context and batch, every setting must select exactly what the binary search at the
 kernel's other defaults selects (the reference, timed first); the script exits with 1 if one does not.
+Each timed graph runs ``--layers`` layers' ``block_topp`` one after the other, each layer with its own
+queries and index keys (as a model's decode graph does), and times are per layer: one layer's index keys
+(21 MB at 128K, batch 1, bf16) would otherwise stay in the 50 MB L2 between replays.
 
 Run on a GPU from the repo root:
     python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--sweep search_bits=1,2,3,4]
@@ -35,19 +38,21 @@ KERNEL_NAMES = {"stats": "_block_stats_kernel", "select": "_select_kernel"}
 
 
 def bench_point(batch: int, length: int, settings: list[dict[str, int]], keep: float, device,
-                repeats: int) -> list[dict]:
+                repeats: int, layers: int = 1) -> list[dict]:
     """One row per setting (``{CONFIG key: value}``, the rest at the kernel's defaults): ``block_topp``
-    milliseconds, its kernels' GPU microseconds, and whether it selects what the first setting does."""
+    milliseconds and its kernels' GPU microseconds per layer of ``layers``-layer graphs, and whether it
+    selects what the first setting does (in the last layer)."""
     block_table, num_pages = random_block_table(length, batch, device)
-    inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device)
+    stack = [decode_index_inputs(batch, length, keep, block_table, num_pages, device) for _ in range(layers)]
     max_blocks = math.ceil(length / BS)
     workspace = make_block_topp_workspace(batch, len(RETRIEVAL), max_blocks, device)
     selected = torch.empty(batch, len(RETRIEVAL), max_blocks, dtype=torch.int32, device=device)
     num_selected = torch.empty(batch, len(RETRIEVAL), dtype=torch.int32, device=device)
 
     def run():
-        block_topp(inputs.q_idx, inputs.index, inputs.index_table, inputs.seq_lens, TOP_P, SINK, BS, max_blocks,
-                   workspace, selected, num_selected)
+        for inputs in stack:
+            block_topp(inputs.q_idx, inputs.index, inputs.index_table, inputs.seq_lens, TOP_P, SINK, BS, max_blocks,
+                       workspace, selected, num_selected)
 
     saved, rows, reference = dict(topp_kernel.CONFIG), [], None
     try:
@@ -60,10 +65,10 @@ def bench_point(batch: int, length: int, settings: list[dict[str, int]], keep: f
             result = (selected.clone(), num_selected.clone())
             reference = reference or result
             timeline = replay_timeline(profile_cuda_graph(run, repeats), repeats)
-            kernel_us = {part: sum(k["us"] for k in timeline["kernels"] if k["name"].startswith(name))
+            kernel_us = {part: sum(k["us"] for k in timeline["kernels"] if k["name"].startswith(name)) / layers
                          for part, name in KERNEL_NAMES.items()} if timeline["kernels"] else {}
-            rows.append({"batch": batch, "context": length, "blocks": max_blocks, "settings": setting,
-                         "ms": time_cuda_graph(run, repeats), "kernel_us": kernel_us,
+            rows.append({"batch": batch, "context": length, "blocks": max_blocks, "layers": layers, "settings": setting,
+                         "ms": time_cuda_graph(run, repeats) / layers, "kernel_us": kernel_us,
                          "same_as_reference": torch.equal(result[0], reference[0])
                          and torch.equal(result[1], reference[1]),
                          "kept_block_share": num_selected.float().mean().item() / max_blocks})
@@ -117,11 +122,18 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=50, help="timed replays (median)")
+    parser.add_argument("--layers", metavar="N", type=int, default=4,
+                        help="layers per timed graph, each with its own index keys, times per layer (default "
+                             "%(default)s)")
     args = parser.parse_args(argv)
     try:
         settings = sweep_settings(parse_sweep(args.sweep))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.layers < 1:
+        print(f"error: --layers {args.layers}: a timed graph needs at least one layer (e.g. --layers 4)",
+              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("bench_block_topp.py needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
@@ -130,10 +142,11 @@ def main(argv=None) -> int:
     rows = []
     for batch in args.batch:
         for k in args.contexts:
-            rows += bench_point(batch, k * 1024, settings, args.keep, torch.device("cuda"), args.repeats)
+            rows += bench_point(batch, k * 1024, settings, args.keep, torch.device("cuda"), args.repeats,
+                                args.layers)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: block_topp (stats + selection), CUDA-graph replay, median of "
-          f"{args.repeats}; HR={len(RETRIEVAL)}, BS={BS}, top_p={TOP_P}; defaults {topp_kernel.CONFIG}; "
+          f"{args.repeats}, per layer of {args.layers}-layer graphs; HR={len(RETRIEVAL)}, BS={BS}, top_p={TOP_P}; defaults {topp_kernel.CONFIG}; "
           "stats / select: each kernel's GPU time (torch.profiler)")
     print(f"{'batch':>5} {'context':>8} {'blocks':>7} {'ms':>9} {'vs ref':>7} {'stats us':>9} {'select us':>9} "
           f"{'kept':>6} {'same':>5}  setting")

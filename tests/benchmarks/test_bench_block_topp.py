@@ -37,6 +37,28 @@ def test_point_rows(bench, monkeypatch):
     assert bench.topp_kernel.CONFIG == default
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+def test_point_of_several_layers_times_one(bench, monkeypatch):
+    """--layers: each timed graph runs every layer's block top-p over its own index keys; times per layer."""
+    monkeypatch.setattr(bench, "time_cuda_graph", lambda fn, repeats: (fn(), 0.75)[1])
+    monkeypatch.setattr(bench, "profile_cuda_graph", lambda fn, repeats: [
+        KernelRun(name, 20.0 * i + 3 * k, 20.0 * i + 3 * k + 1.5) for i in range(repeats)
+        for k, name in enumerate(("_block_stats_kernel", "_select_kernel") * 3)])
+    indexes, topp = [], bench.block_topp
+    monkeypatch.setattr(bench, "block_topp", lambda q_idx, index, *args: (indexes.append(index.base),
+                                                                          topp(q_idx, index, *args))[1])
+    rows = bench.bench_point(1, 3 * bench.BS + 5, [{"search_bits": 1}, {"search_bits": 2}], keep=0.25,
+                             device=torch.device("cpu"), repeats=2, layers=3)
+    assert all(r["layers"] == 3 and r["ms"] == 0.25 and r["same_as_reference"] for r in rows)
+    assert all(r["kernel_us"] == {"stats": 1.5, "select": 1.5} for r in rows)
+    assert len({i.data_ptr() for i in indexes}) == 3 and len(indexes) % 3 == 0
+
+
+def test_layers_below_one_exit_2(bench, capsys):
+    assert bench.main(["--layers", "0"]) == 2
+    assert "error: --layers 0: a timed graph needs at least one layer" in capsys.readouterr().err
+
+
 def test_sweeps_combine_after_the_reference(bench):
     assert bench.parse_sweep(["select_warps=0,16"]) == {"select_warps": [0, 16]}   # 0: the launcher's choice
     sweep = bench.parse_sweep(["search_bits=1,3", "stats_tokens_per_iter=256,1024"])
