@@ -210,9 +210,9 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
         key_cache, value_cache, kv = paged_cache(num_pages, device, kv_dtype)
         inputs = decode_index_inputs(batch, length, keep, block_table, num_pages, device, index_dtype)
         queries = IndexQueries(inputs.q, inputs.heads, inputs.w_q, inputs.q_idx)
+        kv_heads, w_k = index_key_weights(device)
         stack.append(DecodeLayer(key_cache, value_cache, kv, [kv.table(0, block_table)], inputs, queries,
-                                 inputs.q.to(kv_dtype), torch.randn(batch, HKV, D, dtype=DTYPE, device=device),
-                                 index_key_weights(device)[1]))
+                                 inputs.q.to(kv_dtype), torch.randn(batch, HKV, D, dtype=DTYPE, device=device), w_k))
     seq_lens, table, heads = stack[0].inputs.seq_lens, stack[0].inputs.rope_table, stack[0].inputs.heads
     positions = stack[0].inputs.positions
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
@@ -240,7 +240,6 @@ def bench_decode(batch: int, length: int, keep: float, device, repeats: int, max
 
     side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     # The decode tokens' index keys (into their own, last slots) with their index queries in one launch.
-    kv_heads = index_key_weights(device)[0]
     slots = block_table[:, (length - 1) // PAGE].long() * PAGE + (length - 1) % PAGE
 
     def rtpurbo():          # as the backend runs it: the local heads' splits beside the selection

@@ -27,8 +27,9 @@ def test_overrides_are_parsed_and_applied(fresh_configs):
 
 
 def test_switches_take_zero():
-    settings = ["launch.pdl=0", "launch.pdl=1", "sparse_decode.local_programs_per_sm=0"]
-    assert kc.parse_overrides(settings) == {"launch": {"pdl": 1}, "sparse_decode": {"local_programs_per_sm": 0}}
+    settings = ["launch.pdl=0", "sparse_decode.local_programs_per_sm=0"]
+    assert kc.parse_overrides(settings) == {"launch": {"pdl": 0}, "sparse_decode": {"local_programs_per_sm": 0}}
+    assert kc.parse_overrides(["launch.pdl=1"]) == {"launch": {"pdl": 1}}
 
 
 @pytest.mark.parametrize("item, message", [

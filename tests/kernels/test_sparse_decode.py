@@ -568,8 +568,8 @@ def test_gpu_cuda_graph_replay(seed, kv_dtype, side_stream, pdl, local_programs,
     With ``side_stream`` the captured call forks the KV-group units onto a side stream while a select
     step (a copy of the staged selection) and the retrieval units run on the capture stream, the side
     stream's launch after the select step, with fewer splits than the retrieval units' when
-    ``local_programs`` bounds them; with ``pdl`` the kernels launch with
-    programmatic dependent launch (the combine after both branches)."""
+    ``local_programs`` bounds them; with ``pdl`` the kernels launch with programmatic dependent launch
+    (the combine after both branches)."""
     monkeypatch.setitem(launch.CONFIG, "pdl", pdl)
     monkeypatch.setitem(_kernel_module.CONFIG, "local_programs_per_sm", local_programs)
     monkeypatch.setattr(_kernel_module, "sm_count", lambda device: 1)        # local_programs bounds the launch
