@@ -146,8 +146,8 @@ def main(argv=None) -> int:
                                 args.layers)
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: block_topp (stats + selection), CUDA-graph replay, median of "
-          f"{args.repeats}, per layer of {args.layers}-layer graphs; HR={len(RETRIEVAL)}, BS={BS}, top_p={TOP_P}; defaults {topp_kernel.CONFIG}; "
-          "stats / select: each kernel's GPU time (torch.profiler)")
+          f"{args.repeats}, per layer of {args.layers}-layer graphs; HR={len(RETRIEVAL)}, BS={BS}, top_p={TOP_P}; "
+          f"defaults {topp_kernel.CONFIG}; stats / select: each kernel's GPU time (torch.profiler)")
     print(f"{'batch':>5} {'context':>8} {'blocks':>7} {'ms':>9} {'vs ref':>7} {'stats us':>9} {'select us':>9} "
           f"{'kept':>6} {'same':>5}  setting")
     base = {}
