@@ -55,8 +55,8 @@ from rtpurbo_vllm.bench.attention_layer import (BS, D, DI, HKV, HQ, PAGE, RETRIE
                                                 rope_spec)
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.kernel_config import applied, apply_overrides, parse_overrides
-from rtpurbo_vllm.bench.timing import (format_timeline, kernel_table, profile_cuda_graph, profile_kernels,
-                                      replay_timeline, time_cuda_graph, time_eager)
+from rtpurbo_vllm.bench.timing import (format_timeline, kernel_table, layer_count, profile_cuda_graph,
+                                      profile_kernels, replay_timeline, time_cuda_graph, time_eager)
 from rtpurbo_vllm.kv_cache.layer_kv import KVPart
 from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, index_key_dtype
 from rtpurbo_vllm.outputs import write_figure, write_json
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-top-p", metavar="P", type=float, default=TOP_P,
                         help="prefill: the retrieval heads' sparse prefill top-p (default %(default)s)")
     parser.add_argument("--repeats", metavar="N", type=int, default=20, help="timed repeats (median)")
-    parser.add_argument("--layers", metavar="N", type=int, default=4,
+    parser.add_argument("--layers", metavar="N", type=layer_count, default=4,
                         help="decode: layers per timed graph, each with its own caches, times per layer (default "
                              "%(default)s: a model's graph shares its launch, and a layer's bytes leave L2 before "
                              "its next replay)")
@@ -415,10 +415,6 @@ def main(argv=None) -> int:
         variants = {text: parse_overrides(text.split(",")) for text in args.variants}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.layers < 1:
-        print(f"error: --layers {args.layers}: a timed graph needs at least one layer (e.g. --layers 4)",
-              file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name(0)
     peak_bandwidth = args.peak_bandwidth or card_peak_bandwidth(card)

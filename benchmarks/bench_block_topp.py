@@ -30,7 +30,7 @@ import torch
 
 from rtpurbo_vllm.bench.attention_layer import (BS, RETRIEVAL, SINK, TOP_P, decode_index_inputs,
                                                 random_block_table)
-from rtpurbo_vllm.bench.timing import profile_cuda_graph, replay_timeline, time_cuda_graph
+from rtpurbo_vllm.bench.timing import layer_count, profile_cuda_graph, replay_timeline, time_cuda_graph
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.block_topp import kernel as topp_kernel
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="share of blocks planted as the indexer's hot blocks (default 0.03)")
     parser.add_argument("--repeats", metavar="N", type=int, default=50, help="timed replays (median)")
-    parser.add_argument("--layers", metavar="N", type=int, default=4,
+    parser.add_argument("--layers", metavar="N", type=layer_count, default=4,
                         help="layers per timed graph, each with its own index keys, times per layer (default "
                              "%(default)s)")
     args = parser.parse_args(argv)
@@ -130,10 +130,6 @@ def main(argv=None) -> int:
         settings = sweep_settings(parse_sweep(args.sweep))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.layers < 1:
-        print(f"error: --layers {args.layers}: a timed graph needs at least one layer (e.g. --layers 4)",
-              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("bench_block_topp.py needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)

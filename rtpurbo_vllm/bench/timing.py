@@ -4,6 +4,7 @@ time per kernel of any run (where a prefill's or an engine's time goes)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -13,6 +14,17 @@ import torch
 from rtpurbo_vllm.cuda_graphs import capture
 
 R = TypeVar("R")
+
+
+def layer_count(text: str) -> int:
+    """The benchmarks' ``--layers`` (argparse ``type``): layers per timed graph, at least one."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of layers (e.g. --layers 4)") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: a timed graph needs at least one layer (e.g. --layers 4)")
+    return count
 
 
 def time_cuda_graph(fn: Callable[[], None], repeats: int = 20, warmup: int = 3) -> float:

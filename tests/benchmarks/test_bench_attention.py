@@ -73,8 +73,10 @@ def test_decode_graph_of_several_layers_times_one(bench_attention, monkeypatch):
 
 def test_layers_below_one_exit_2_before_any_work(load_benchmark, capsys, tmp_path):
     bench = load_benchmark("bench_attention")
-    assert bench.main(["--prefill", "--decode", "--layers", "0", "--out", str(tmp_path)]) == 2
-    assert "error: --layers 0: a timed graph needs at least one layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--prefill", "--decode", "--layers", "0", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "error: argument --layers: 0: a timed graph needs at least one layer" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

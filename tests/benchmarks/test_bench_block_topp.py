@@ -54,9 +54,13 @@ def test_point_of_several_layers_times_one(bench, monkeypatch):
     assert len({i.data_ptr() for i in indexes}) == 3 and len(indexes) % 3 == 0
 
 
-def test_layers_below_one_exit_2(bench, capsys):
-    assert bench.main(["--layers", "0"]) == 2
-    assert "error: --layers 0: a timed graph needs at least one layer" in capsys.readouterr().err
+@pytest.mark.parametrize("text, message", [("0", "0: a timed graph needs at least one layer"),
+                                           ("two", "'two' is not a whole number of layers")])
+def test_layers_below_one_exit_2(bench, capsys, text, message):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--layers", text])
+    assert exit_.value.code == 2
+    assert f"error: argument --layers: {message}" in capsys.readouterr().err
 
 
 def test_sweeps_combine_after_the_reference(bench):
