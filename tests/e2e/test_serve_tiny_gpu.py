@@ -154,9 +154,13 @@ def test_accuracy_within_two_points_of_flash_attn(request, prompts, served, layo
     assert sparse >= dense - 0.02
 
 
+PREEMPT_MAX_LEN, PREEMPT_BATCHED_TOKENS = 2304, 512
+
+
 def preempt_pages(layout: str) -> int:
-    """KV-cache blocks for ~1.1 long requests (2048 + 200 tokens) in ``layout``: vLLM's pool holds
-    ``blocks * units * page`` bytes."""
+    """The fewest KV-cache blocks vLLM starts with in ``layout``: one request of ``PREEMPT_MAX_LEN`` tokens
+    as its start-up check counts it (``KVLayout.vllm_bytes_per_sequence``: the window units' reserve for
+    the two batches in flight of async scheduling); vLLM's pool holds ``blocks * units * page`` bytes."""
     from rtpurbo_vllm.artifacts import load_artifact
     from rtpurbo_vllm.kv_cache import KVLayout
 
@@ -164,7 +168,8 @@ def preempt_pages(layout: str) -> int:
     kv_dtype = torch.uint8 if layout == "fp8" else torch.bfloat16
     plan = KVLayout.from_artifact(artifact, name="full" if layout == "full" else "compact", kv_dtype=kv_dtype,
                                   index_dtype=torch.bfloat16)
-    return int(1.1 * plan.bytes_per_sequence(2248) / plan.bytes_per_block) + 1
+    need = plan.vllm_bytes_per_sequence(PREEMPT_MAX_LEN, 2 * PREEMPT_BATCHED_TOKENS)
+    return -(-need // plan.bytes_per_block)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -174,8 +179,9 @@ def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout
     recompute; the 8 prompts sharing a 1536-token prefix hit the prefix cache. The answers (the first
     3 generated words) must equal the unconstrained server's (same layout)."""
     with serve(f"rtpurbo_preempt_{layout}", "RTPURBO", "--enforce-eager", "--block-size", "16",
-               "--max-model-len", "2304", "--num-gpu-blocks-override", str(preempt_pages(layout)),
-               "--enable-prefix-caching", "--enable-chunked-prefill", "--max-num-batched-tokens", "512",
+               "--max-model-len", str(PREEMPT_MAX_LEN), "--num-gpu-blocks-override", str(preempt_pages(layout)),
+               "--enable-prefix-caching", "--enable-chunked-prefill",
+               "--max-num-batched-tokens", str(PREEMPT_BATCHED_TOKENS),
                "--max-num-seqs", "32", *LAYOUTS[layout]) as port:
         got = completions(port, mixed_batch, max_tokens=200)
         preempted = metric(port, "vllm:num_preemptions_total")

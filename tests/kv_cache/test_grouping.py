@@ -54,6 +54,27 @@ def test_llama3_8b_groups_without_padding_and_capacity_vs_dense(make_config, kv,
     assert ratio > 0.85 * layout.capacity_ratio(max_len) * 0.7
 
 
+@pytest.mark.parametrize("selection, kv_dtype, name", [("global15", torch.bfloat16, "compact"),
+                                                       ("n1", torch.uint8, "compact"),
+                                                       ("kvgroup15", torch.bfloat16, "full")])
+def test_vllm_bytes_per_sequence_is_the_start_up_need(make_config, kv, selection, kv_dtype, name):
+    """``vllm_bytes_per_sequence`` (the capacity report's figure) is what vLLM's start-up check needs for one
+    sequence of ``max_model_len``: a pool of exactly that many bytes starts, one block less refuses."""
+    layout = KVLayout.build(layout_cases.llama8b_heads(selection), name=name, head_size=128, kv_dtype=kv_dtype,
+                            index_dtype=torch.bfloat16, window=4096, sink_tokens=4, dense_threshold=8192)
+    max_len = 20000
+    need = layout.vllm_bytes_per_sequence(max_len, make_config(max_len).max_in_flight_tokens)
+    assert need % layout.bytes_per_block == 0
+    blocks = need // layout.bytes_per_block
+    config = make_config(max_len)
+    config.cache_config.num_gpu_blocks_override = blocks
+    assert capacity(config, kv.model_specs(layout), 40 * GIB)[0].num_blocks == blocks
+    config = make_config(max_len)
+    config.cache_config.num_gpu_blocks_override = blocks - 1
+    with pytest.raises(ValueError, match="To serve at least one request with the model's max seq len"):
+        capacity(config, kv.model_specs(layout), 40 * GIB)
+
+
 def test_tensor_parallel_ranks_declare_identical_specs(make_config, kv):
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 
