@@ -88,6 +88,21 @@ def _candidate_bits(mass, candidate):
 
 
 @triton.jit
+def _sum_sum_min_max(a_forced, a_candidate, a_smallest, a_largest, b_forced, b_candidate, b_smallest, b_largest):
+    return (a_forced + b_forced, a_candidate + b_candidate, tl.minimum(a_smallest, b_smallest),
+            tl.maximum(a_largest, b_largest))
+
+
+@triton.jit
+def _chunk_totals(mass, forced, candidate):
+    """One reduction over a chunk (1-D): its forced mass, its candidate mass, and its candidates'
+    smallest and largest bit patterns (:data:`F32_INF_BITS` and ``-1`` when it has none)."""
+    bits = mass.to(tl.int32, bitcast=True)
+    return tl.reduce((tl.where(forced, mass, 0.0), tl.where(candidate, mass, 0.0),
+                      tl.where(candidate, bits, F32_INF_BITS), tl.where(candidate, bits, -1)), 0, _sum_sum_min_max)
+
+
+@triton.jit
 def _min_min_sum(a_lo, a_hi, a_mass, b_lo, b_hi, b_mass):
     return tl.minimum(a_lo, b_lo), tl.minimum(a_hi, b_hi), a_mass + b_mass
 
@@ -169,20 +184,24 @@ def _compact_chunk(kept_ptr, count, ties_seen, blocks, mass, valid, forced, cand
 
 
 @triton.jit
-def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink_blocks, first_tail_block, top_p,
-                    CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr):
+def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, capacity, num_sink_blocks, first_tail_block,
+                    top_p, CHUNK: tl.constexpr, SEARCH_BITS: tl.constexpr):
     """Writes the kept block ids of one row, ascending, to ``kept_ptr[0 : count]``; returns ``count``.
 
-    ``block_max_ptr`` / ``block_sum_ptr`` point at the row's block 0 (unit stride). Entries past
-    ``count`` are not written. ``SEARCH_BITS`` (1 to 8): bits of ``tau`` found per search step. The
-    row's first ``CHUNK`` blocks are loaded once and stay in registers (a row of at most ``CHUNK``
-    blocks is read once); the rest is re-read chunk by chunk where each pass needs it.
+    ``block_max_ptr`` / ``block_sum_ptr`` point at the row's block 0 (unit stride), readable (whatever
+    they hold) up to ``capacity >= num_blocks`` entries: the first chunk is loaded by ``capacity``
+    and cut to ``num_blocks`` after, so that its loads need not wait for the row's length (usually a
+    load of the caller's). Entries past ``count`` are not written. ``SEARCH_BITS`` (1 to 8): bits of
+    ``tau`` found per search step. The row's first ``CHUNK`` blocks are loaded once and stay in
+    registers (a row of at most ``CHUNK`` blocks is read once); the rest is re-read chunk by chunk where
+    each pass needs it.
     """
     tl.static_assert((SEARCH_BITS >= 1) & (SEARCH_BITS <= 8), "SEARCH_BITS must be in [1, 8]")
     lanes = tl.arange(0, CHUNK)
     first_valid = lanes < num_blocks
-    first_max = tl.load(block_max_ptr + lanes, mask=first_valid, other=float("-inf"))
-    first_sum = tl.load(block_sum_ptr + lanes, mask=first_valid, other=0.0)
+    readable = lanes < capacity
+    first_max = tl.where(first_valid, tl.load(block_max_ptr + lanes, mask=readable, other=0.0), float("-inf"))
+    first_sum = tl.load(block_sum_ptr + lanes, mask=readable, other=0.0)      # masked where it is used
     # Softmax normaliser of the row from its block stats.
     global_max = tl.max(first_max)
     for start in range(CHUNK, num_blocks, CHUNK):
@@ -202,13 +221,14 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     in_registers = num_blocks <= CHUNK
     first_mass, first_valid, first_forced, first_candidate = _chunk_mass(
         first_max, first_sum, lanes, num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total)
-    forced_mass = tl.sum(tl.where(first_forced, first_mass, 0.0))
-    candidate_mass = tl.sum(tl.where(first_candidate, first_mass, 0.0))
+    forced_mass, candidate_mass, smallest, largest = _chunk_totals(first_mass, first_forced, first_candidate)
     for start in range(CHUNK, num_blocks, CHUNK):
         mass, _, forced, candidate = block_mass(block_max_ptr, block_sum_ptr, start + lanes, num_blocks,
                                                 num_sink_blocks, first_tail_block, global_max, inv_total)
-        forced_mass += tl.sum(tl.where(forced, mass, 0.0))
-        candidate_mass += tl.sum(tl.where(candidate, mass, 0.0))
+        chunk_forced, chunk_candidate, chunk_smallest, chunk_largest = _chunk_totals(mass, forced, candidate)
+        forced_mass += chunk_forced
+        candidate_mass += chunk_candidate
+        smallest, largest = tl.minimum(smallest, chunk_smallest), tl.maximum(largest, chunk_largest)
 
     # tau: invariant reached(lo), not reached(hi) (module doc). Lane k of a step is the sub-bracket
     # [t_k, t_{k + 1}), k = 0 .. 2**SEARCH_BITS - 1 (t_0 = lo, t_{2**SEARCH_BITS} = hi).
@@ -219,18 +239,12 @@ def topp_select_row(block_max_ptr, block_sum_ptr, kept_ptr, num_blocks, num_sink
     splits = tl.arange(0, LANES)[:, None]                             # [LANES, 1]: k of each lane
     candidate_row = _candidate_bits(first_mass, first_candidate)[None, :]
     mass_row = first_mass[None, :]
-    # The first bracket: the candidates' range when they reach top_p, "keep all" when they do not, no
-    # candidate when the forced mass alone does.
-    whole_lo = tl.full((1, 1), 0, tl.int32)
-    whole_hi = tl.full((1, 1), F32_INF_BITS, tl.int32)
-    _, first_gap_lo, first_gap_hi = _search_stats(candidate_row, mass_row, in_registers, block_max_ptr, block_sum_ptr,
-                                                  num_blocks, num_sink_blocks, first_tail_block, global_max, inv_total,
-                                                  whole_lo, whole_hi, CHUNK)
-    first_lo, first_hi = _shrunk(whole_lo, whole_hi, first_gap_lo, first_gap_hi)
+    # The first bracket: the candidates' range when they reach top_p (then they hold a positive mass), "keep
+    # all" when they do not, no candidate when the forced mass alone does.
     reachable = forced_mass + candidate_mass >= top_p
     forced_reach = forced_mass >= top_p
-    lo = tl.sum(tl.where(forced_reach, F32_INF_BITS - 1, tl.where(reachable, first_lo, -1)))
-    hi = tl.sum(tl.where(forced_reach, F32_INF_BITS, tl.where(reachable, first_hi, 0)))
+    lo = tl.where(forced_reach, F32_INF_BITS - 1, tl.where(reachable, smallest, -1))
+    hi = tl.where(forced_reach, F32_INF_BITS, tl.where(reachable, largest + 1, 0))
     mass_above = tl.full((), 0.0, tl.float32)                         # S(hi): no candidate is >= hi
     while hi - lo > 1:
         step = (hi - lo) >> SEARCH_BITS

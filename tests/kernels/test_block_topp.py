@@ -330,9 +330,13 @@ def test_block_topp_underflowing_blocks(seed, search_bits):
 
 @runs_here
 def test_block_topp_empty_rows_and_reuse(seed):
-    """seq_len 0 (a padded batch row) selects nothing; a workspace for a larger batch is reused."""
+    """seq_len 0 (a padded batch row) selects nothing; a workspace for a larger batch is reused. The
+    selection reads a row's stats up to the workspace's width and drops what lies past the row's blocks
+    (a max above every score and a NaN sum here, then the previous batch's stats)."""
     workspace = make_block_topp_workspace(4, 3, 9, DEVICE)
-    for seq_lens in ([515, 0, 64], [0, 130, 1]):
+    workspace.block_max.fill_(3e38)
+    workspace.block_sum.fill_(float("nan"))
+    for seq_lens in ([330, 200, 515], [515, 0, 64], [0, 130, 1]):
         q_idx, index, table, lens, keys = make_batch(seq_lens, 3, 16, 16, 64, bf16, "peaked", DEVICE)
         selected, num_selected = poisoned_outputs(3, 3, 9, DEVICE)
         block_topp(q_idx, index, table, lens, 0.9, 4, 64, 9, workspace, selected, num_selected)

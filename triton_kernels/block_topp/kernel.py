@@ -184,7 +184,7 @@ def _select_kernel(
     row_top_p = tl.where((top_p >= 1.0) | (seq_len < dense_threshold), float("inf"), top_p)
     count = topp_select_row(block_max_ptr + seq * stride_wb + head * stride_wh,
                             block_sum_ptr + seq * stride_wb + head * stride_wh, selected_ptr, num_blocks,
-                            num_sink_blocks, num_blocks - 1, row_top_p, CHUNK, SEARCH_BITS)
+                            max_blocks, num_sink_blocks, num_blocks - 1, row_top_p, CHUNK, SEARCH_BITS)
     tl.store(num_selected_ptr + seq * stride_nb + head * stride_nh, count)
     lanes = tl.arange(0, CHUNK)
     for start in range((count // CHUNK) * CHUNK, max_blocks, CHUNK):

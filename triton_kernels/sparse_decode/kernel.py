@@ -363,6 +363,17 @@ def _split_kernel(
                      G, ROWS, HR_PAD, HAS_RET, D, D_PAD, TILE_LOCAL, NUM_SPLITS, OFF_ALIGN, UPCAST_DOT, FP8)
 
 
+@triton.jit
+def _merge_splits(m, den, acc, lse, po):
+    """Folds splits (``lse [SPLIT_BLOCK]``, natural log, ``-inf`` for none; ``po [SPLIT_BLOCK, D_BLOCK]``
+    normalised outputs) into the running max ``m``, denominator ``den`` and un-normalised ``acc``."""
+    m_new = tl.maximum(m, tl.max(lse, 0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    w = tl.exp(lse - m_ref)                                                            # 0 where -inf
+    return m_new, den * alpha + tl.sum(w, 0), acc * alpha + tl.sum(w[:, None] * po, 0)
+
+
 @triton.jit(do_not_specialize=["local_splits"])
 def _combine_kernel(
     po_ptr, pl_ptr, out_ptr, lse_ptr, seq_lens_ptr, ret_ptr, nsel_ptr,
@@ -378,6 +389,16 @@ def _combine_kernel(
     h = tl.program_id(1)
     d0 = tl.program_id(2) * D_BLOCK
 
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    offs_d = d0 + tl.arange(0, D_BLOCK)
+    mask_d = offs_d < D
+    base = b * NUM_SPLITS
+    # The first SPLIT_BLOCK splits' partials (SPLIT_BLOCK <= NUM_SPLITS: always in the workspace), loaded
+    # before the head's split count, which takes a load of its own (two for a retrieval head), is known.
+    first_lse = tl.load(pl_ptr + (base + offs_s) * s_pls + h * s_plh)
+    first_po = tl.load(po_ptr + (base + offs_s)[:, None] * s_pos + h * s_poh + offs_d[None, :],
+                       mask=mask_d[None, :], other=0.0)                                    # [SPLIT_BLOCK, D_BLOCK]
+
     seq_len = tl.load(seq_lens_ptr + b)
     _, _, n_virtual = _local_span(seq_len, sink_tokens, window, dense_threshold)
     n_splits = tl.cdiv(n_virtual, _split_chunk(n_virtual, local_splits, TILE_LOCAL))
@@ -390,26 +411,18 @@ def _combine_kernel(
         n_ret = tl.minimum(tl.maximum(n_sel, 0), max_blocks) * BS
         n_splits = tl.where(is_ret, tl.cdiv(n_ret, _split_chunk(n_ret, NUM_SPLITS, TILE_RET)), n_splits)
 
-    offs_s = tl.arange(0, SPLIT_BLOCK)
-    offs_d = d0 + tl.arange(0, D_BLOCK)
-    mask_d = offs_d < D
-    base = b * NUM_SPLITS
-    m = float("-inf")
-    den = 0.0
-    acc = tl.zeros([D_BLOCK], tl.float32)
-    for s0 in range(0, n_splits, SPLIT_BLOCK):
+    # Splits past the count hold what an earlier step left there: dropped, not weighted by 0.
+    first_valid = offs_s < n_splits
+    m, den, acc = _merge_splits(float("-inf"), 0.0, tl.zeros([D_BLOCK], tl.float32),
+                                tl.where(first_valid, first_lse, float("-inf")),
+                                tl.where(first_valid[:, None], first_po, 0.0))
+    for s0 in range(SPLIT_BLOCK, n_splits, SPLIT_BLOCK):
         mask_s = s0 + offs_s < n_splits
         slots = base + s0 + offs_s
         lse = tl.load(pl_ptr + slots * s_pls + h * s_plh, mask=mask_s, other=float("-inf"))
         po = tl.load(po_ptr + slots[:, None] * s_pos + h * s_poh + offs_d[None, :],
                      mask=mask_s[:, None] & mask_d[None, :], other=0.0)                # [SPLIT_BLOCK, D_BLOCK]
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        w = tl.exp(lse - m_ref)                                                        # 0 where -inf
-        den = den * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * po, 0)
-        m = m_new
+        m, den, acc = _merge_splits(m, den, acc, lse, po)
     has = den > 0.0
     den_safe = tl.where(has, den, 1.0)
     tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, (acc / den_safe).to(out_ptr.dtype.element_ty), mask=mask_d)

@@ -235,8 +235,8 @@ def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr
     else:
         first_diagonal = tl.maximum(first_pos - BS + 1, 0) // BS
         ws = t * s_wt + r * s_wh
-        count = topp_select_row(max_ptr + ws, sum_ptr + ws, kept_row, num_blocks, num_sink_blocks, first_diagonal,
-                                top_p, CHUNK, SEARCH_BITS)
+        count = topp_select_row(max_ptr + ws, sum_ptr + ws, kept_row, num_blocks, max_blocks, num_sink_blocks,
+                                first_diagonal, top_p, CHUNK, SEARCH_BITS)
     tl.store(nkept_ptr + t * s_nt + r * s_nh, count)
 
 
