@@ -407,7 +407,7 @@ def main(argv=None) -> int:
                              "e.g. sparse_decode.warps=8 block_topp.search_bits=2")
     parser.add_argument("--variants", metavar="KERNEL.KEY=VALUE[,...]", nargs="*", default=[],
                         help="decode: time RTPURBO's step again at every point with each of these settings (on top "
-                             "of --config), e.g. launch.pdl=1 block_topp.stats_stages=3,launch.pdl=1")
+                             "of --config), e.g. launch.pdl=1 block_topp.stats_blocks_per_prog=8,launch.pdl=1")
     parser.add_argument("--out", metavar="DIR", default="results", help="folder for the JSON and the PNG")
     args = parser.parse_args(argv)
     try:

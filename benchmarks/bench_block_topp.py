@@ -4,9 +4,7 @@ of the swept settings, split into its two kernels (block stats, selection) as th
 The settings are ``block_topp.kernel.CONFIG``'s: ``search_bits`` (bits of the threshold found per
 selection step; 1 is the binary search), ``select_chunk`` (blocks one selection program holds in
 registers; a longer row re-reads the workspace once per step), ``select_warps`` (its warps; 0: by the
-chunk), ``stats_blocks_per_prog``,
-``stats_tokens_per_iter`` and ``stats_stages`` (selection blocks one stats program scores, tokens per
-iteration of its loop, that loop's pipelining depth). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
+chunk) and ``stats_blocks_per_prog`` (selection blocks one stats program scores). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
 retrieval heads, 16-dim index keys, 64-token pages and blocks, ``--keep`` of the blocks planted hot,
 top-p 0.9). Per context and batch, every setting must select exactly what the binary search at the
 kernel's other defaults selects (the reference, timed first); the script exits with 1 if one does not.
@@ -16,7 +14,7 @@ queries and index keys (as a model's decode graph does), and times are per layer
 
 Run on a GPU from the repo root:
     python3 -P benchmarks/bench_block_topp.py [--contexts 128 512] [--batch 1 4] [--sweep search_bits=1,2,3,4]
-    python3 -P benchmarks/bench_block_topp.py --sweep select_chunk=4096,8192 stats_tokens_per_iter=256,1024
+    python3 -P benchmarks/bench_block_topp.py --sweep select_chunk=4096,8192 stats_blocks_per_prog=2,4,8
 """
 
 from __future__ import annotations
@@ -80,7 +78,7 @@ def bench_point(batch: int, length: int, settings: list[dict[str, int]], keep: f
 
 def parse_sweep(items: list[str]) -> dict[str, list[int]]:
     """``["KEY=V1,V2", ...]`` as ``{KEY: [V1, V2]}``; raises ``ValueError`` naming the bad item: KEY must be a
-    block_topp setting, ``search_bits`` and ``stats_stages`` values in 1..8, ``select_warps`` 0 (the launcher's
+    block_topp setting, ``search_bits`` values in 1..8, ``select_warps`` 0 (the launcher's
     choice) or a power of two, the others powers of two."""
     sweep = {}
     for item in items:
@@ -93,11 +91,11 @@ def parse_sweep(items: list[str]) -> dict[str, list[int]]:
         except ValueError:
             values = [0]
         least = 0 if key == "select_warps" else 1
-        ok = (all(1 <= v <= 8 for v in values) if key in ("search_bits", "stats_stages")
+        ok = (all(1 <= v <= 8 for v in values) if key == "search_bits"
               else all(v >= least and not v & (v - 1) for v in values))
         if not ok:
-            raise ValueError(f"--sweep {item!r}: search_bits and stats_stages take 1..8, select_warps 0 or a power of "
-                             "two, the other settings powers of two")
+            raise ValueError(f"--sweep {item!r}: search_bits takes 1..8, select_warps 0 or a power of two, the "
+                             "other settings powers of two")
         sweep[key] = values
     return sweep
 

@@ -55,7 +55,7 @@ case "$stage" in
   topp)
     # Every combination of the given block_topp settings (default: the stats kernel's), stats and select
     # kernels timed apart, at 128K and 512K, batch 1 and 4 (~1 min per 10 settings).
-    [ $# -eq 0 ] && set -- stats_blocks_per_prog=16,32 stats_tokens_per_iter=256,1024 stats_stages=1,3
+    [ $# -eq 0 ] && set -- stats_blocks_per_prog=2,4,8
     timeout 560 python3 -P benchmarks/bench_block_topp.py --contexts 128 512 --batch 1 4 --sweep "$@" 2>&1 \
       | tee "$OUT/bench_block_topp.log" | tail -40 ;;
   serving)

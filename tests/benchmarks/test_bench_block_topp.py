@@ -28,7 +28,7 @@ def test_point_rows(bench, monkeypatch):
     default = dict(bench.topp_kernel.CONFIG)
     length = 5 * bench.BS + 17
     settings = [{"search_bits": 1}, {"search_bits": 4}, {"search_bits": 2, "select_chunk": 4},
-                {"stats_blocks_per_prog": 2, "stats_tokens_per_iter": 64}]   # chunk 4: the 6-block rows re-read
+                {"stats_blocks_per_prog": 2}]   # chunk 4: the 6-block rows re-read
     rows = bench.bench_point(2, length, settings, keep=0.25, device=torch.device("cpu"), repeats=3)
     assert [r["settings"] for r in rows] == settings
     assert all(r["same_as_reference"] and r["ms"] == 0.25 and r["blocks"] == 6 for r in rows)
@@ -65,24 +65,24 @@ def test_layers_below_one_exit_2(bench, capsys, text, message):
 
 def test_sweeps_combine_after_the_reference(bench):
     assert bench.parse_sweep(["select_warps=0,16"]) == {"select_warps": [0, 16]}   # 0: the launcher's choice
-    sweep = bench.parse_sweep(["search_bits=1,3", "stats_tokens_per_iter=256,1024"])
-    assert sweep == {"search_bits": [1, 3], "stats_tokens_per_iter": [256, 1024]}
-    default_tokens = bench.topp_kernel.CONFIG["stats_tokens_per_iter"]
+    sweep = bench.parse_sweep(["search_bits=1,3", "stats_blocks_per_prog=2,4"])
+    assert sweep == {"search_bits": [1, 3], "stats_blocks_per_prog": [2, 4]}
+    default_blocks = bench.topp_kernel.CONFIG["stats_blocks_per_prog"]
     settings = bench.sweep_settings(sweep)
     assert settings[0] == {"search_bits": 1}
-    expected = [{"search_bits": b, "stats_tokens_per_iter": t} for b in (1, 3) for t in (256, 1024)
-                if (b, t) != (1, default_tokens)]
+    expected = [{"search_bits": b, "stats_blocks_per_prog": n} for b in (1, 3) for n in (2, 4)
+                if (b, n) != (1, default_blocks)]
     assert settings[1:] == expected
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sweep", "select_chunk=3000"], "search_bits and stats_stages take 1..8, select_warps 0 or a power of two, "
+    (["--sweep", "select_chunk=3000"], "search_bits takes 1..8, select_warps 0 or a power of two, "
                                         "the other settings powers of two"),
     (["--sweep", "select_warps=0,12"], "select_warps 0 or a power of two"),
     (["--sweep", "select_chunk=0"], "the other settings powers of two"),
-    (["--sweep", "search_bits=9"], "search_bits and stats_stages take 1..8"),
-    (["--sweep", "stats_stages=0"], "search_bits and stats_stages take 1..8"),
-    (["--sweep", "search_bits=x"], "search_bits and stats_stages take 1..8"),
+    (["--sweep", "search_bits=9"], "search_bits takes 1..8"),
+    (["--sweep", "stats_blocks_per_prog=3"], "the other settings powers of two"),
+    (["--sweep", "search_bits=x"], "search_bits takes 1..8"),
     (["--sweep", "serch_bits=3"], "expected KEY=V1,V2,... with KEY one of"),
 ])
 def test_bad_settings_exit_2(bench, capsys, flags, message):

@@ -54,6 +54,6 @@ def test_bad_overrides_are_named(item, message):
 
 def test_applied_settings_last_for_the_body_only(fresh_configs):
     before = {name: dict(config) for name, config in fresh_configs.items()}
-    with kc.applied({"launch": {"pdl": 1}, "block_topp": {"stats_stages": 3}}) as now:
-        assert now["launch"]["pdl"] == 1 and kc.kernel_configs()["block_topp"]["stats_stages"] == 3
+    with kc.applied({"launch": {"pdl": 1}, "block_topp": {"stats_blocks_per_prog": 8}}) as now:
+        assert now["launch"]["pdl"] == 1 and kc.kernel_configs()["block_topp"]["stats_blocks_per_prog"] == 8
     assert {name: dict(config) for name, config in kc.kernel_configs().items()} == before

@@ -13,8 +13,10 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
 
 1. ``_block_stats_kernel``, grid ``(HR, cdiv(max_blocks, BLOCKS_PER_PROG), B)``: each program scores
    ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
-   max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. Programs past the
-   sequence's last block return at once.
+   max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. The page ids, the
+   sequence's length, the query and the head's offset are loaded together, so the keys wait for one
+   round trip to memory: the page ids are bounded by the block table's width, not by the length.
+   Programs past the sequence's last block load no keys and store nothing.
 2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), :func:`..topp_search.topp_select_row`
    (shared with the prefill selection) combines the block stats into masses
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
@@ -65,11 +67,9 @@ from ..topp_search import topp_select_row
 # reduction of a step lives in registers (2**bits per block per thread; 3 bits at CHUNK 4096 and 8 warps
 # compile for sm_90 without spills, 4 bits spill); more warps mean fewer blocks per thread in each serial
 # search step.
-# stats_blocks_per_prog / stats_tokens_per_iter: selection blocks scored by one stats program, and tokens
-# per iteration of its loop; stats_stages: software-pipelining depth of that loop (1: none; more keeps the
-# next iterations' page-table and key loads in flight, through shared memory).
-CONFIG = {"search_bits": 1, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 4,
-          "stats_tokens_per_iter": 256, "stats_stages": 1}
+# stats_blocks_per_prog: selection blocks scored by one stats program (one [blocks, BS, DI] tile of keys; a
+# power of two).
+CONFIG = {"search_bits": 1, "select_chunk": 8192, "select_warps": 0, "stats_blocks_per_prog": 4}
 
 
 @dataclass(frozen=True)
@@ -114,52 +114,53 @@ def make_block_topp_workspace(max_batch: int, num_heads: int, max_blocks: int,
 # Kernel 1: per-block max score and exp-sum
 
 
-@triton.jit(do_not_specialize=["stride_tb"])
+@triton.jit(do_not_specialize=["stride_tb", "table_width"])
 def _block_stats_kernel(
     q_ptr, cache_ptr, offsets_ptr, block_table_ptr, seq_lens_ptr, block_max_ptr, block_sum_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_cp, stride_ct,
-    stride_tb, stride_tp,
+    stride_tb, stride_tp, table_width,
     stride_wb, stride_wh,
     max_blocks,
     DI: tl.constexpr, DI_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_PROG: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, STAGES: tl.constexpr, OFF_ALIGN: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr, OFF_ALIGN: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     head = tl.program_id(0)
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
     seq = tl.program_id(2).to(tl.int64)
+    blocks = first_block + tl.arange(0, BLOCKS_PER_PROG)                              # [NB]
+    tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]          # [NB, BS]
+    # Everything the keys' addresses need is loaded at once, the page ids bounded by the block table's
+    # width rather than by the sequence's length (its own load): the keys wait for one round trip, not two.
+    table_row = block_table_ptr + seq * stride_tb
+    if PAGE_SIZE % BLOCK_SIZE == 0:   # a block lies on one page: one page id per block
+        page_index = blocks * BLOCK_SIZE // PAGE_SIZE
+        page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)[:, None]
+    else:
+        page_index = tokens // PAGE_SIZE
+        page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_blocks = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
-    end_block = tl.minimum(first_block + BLOCKS_PER_PROG, num_blocks)  # <= first_block: nothing to do
-
     dims = tl.arange(0, DI_PAD)
     q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
                 other=0.0).to(tl.float32)                                             # [DI_PAD]
-    table_row = block_table_ptr + seq * stride_tb
     head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
+
+    # No branch on the length: the compiler would sink the page ids' load below it.
+    num_blocks = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
+    in_range = blocks < num_blocks
+    valid = in_range[:, None] & (tokens < seq_len)   # page ids past it (stale ones) stay unread
+    row = head_off + page.to(tl.int64) * stride_cp + (tokens % PAGE_SIZE) * stride_ct       # [NB, BS] int64
+    keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
+                   mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
+    scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)                   # [NB, BS]
+    scores = tl.where(valid, scores, float("-inf"))
+    block_max = tl.max(scores, axis=1)                                                # [NB]
+    safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)                  # blocks past the end
+    block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                    # [NB]
     ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
-    for block0 in tl.range(first_block, end_block, BLOCKS_PER_ITER, num_stages=STAGES):
-        blocks = block0 + tl.arange(0, BLOCKS_PER_ITER)                               # [NBI]
-        tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]     # [NBI, BS]
-        valid = tokens < seq_len
-        if PAGE_SIZE % BLOCK_SIZE == 0:   # a block lies on one page: one page id per block
-            page = tl.load(table_row + (blocks * BLOCK_SIZE // PAGE_SIZE) * stride_tp,
-                           mask=blocks * BLOCK_SIZE < seq_len, other=0).to(tl.int64)[:, None]
-        else:
-            page = tl.load(table_row + (tokens // PAGE_SIZE) * stride_tp, mask=valid, other=0).to(tl.int64)
-        row = head_off + page * stride_cp + (tokens % PAGE_SIZE) * stride_ct           # [NBI, BS] int64
-        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
-                       mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
-        scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)               # [NBI, BS]
-        scores = tl.where(valid, scores, float("-inf"))
-        block_max = tl.max(scores, axis=1)                                            # [NBI]
-        safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)              # rows past the end
-        block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                # [NBI]
-        in_range = blocks < end_block
-        tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
-        tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
+    tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
+    tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,17 +288,15 @@ def block_topp(q_idx: torch.Tensor, index: PagedHeads, index_table: PageTable,
     if batch == 0:
         return selected, num_selected
 
-    blocks_per_iter = max(1, min(CONFIG["stats_blocks_per_prog"], CONFIG["stats_tokens_per_iter"] // block_size))
-    blocks_per_prog = max(CONFIG["stats_blocks_per_prog"], blocks_per_iter)
+    blocks_per_prog = CONFIG["stats_blocks_per_prog"]
     pdl = pdl_launch(device)
     _block_stats_kernel[(num_heads, triton.cdiv(max_blocks, blocks_per_prog), batch)](
         q_idx, index.kernel_base(), index.offsets, block_table, seq_lens, workspace.block_max, workspace.block_sum,
         *q_idx.stride(), index_table.page_stride, index_table.token_stride, *block_table.stride(),
-        workspace.block_max.stride(0), workspace.block_max.stride(1),
+        block_table.shape[1], workspace.block_max.stride(0), workspace.block_max.stride(1),
         max_blocks,
         DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim), PAGE_SIZE=index_table.page_size,
-        BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog, BLOCKS_PER_ITER=blocks_per_iter,
-        STAGES=CONFIG["stats_stages"],
+        BLOCK_SIZE=block_size, BLOCKS_PER_PROG=blocks_per_prog,
         OFF_ALIGN=index.offset_align, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     chunk = min(triton.next_power_of_2(max_blocks), CONFIG["select_chunk"])
