@@ -51,8 +51,9 @@ FP8 units (float8_e4m3fn, stored by vLLM as uint8) are loaded as fp8 and the dot
 values converted exactly, the query saturated to fp16's range: :mod:`..fp8`); ``k_scale`` is folded
 into the softmax scale and ``v_scale`` into each split's output.
 
-Splits past a head's work return without writing; the combine reads only the valid ones. The
-KV-group units cut their tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
+Splits past a head's work return without writing; the combine merges only the valid ones (it loads a
+head's first 32 slots before it knows how many are, and drops the rest). The KV-group units cut their
+tokens into ``S_local <= S`` splits (:func:`local_splits_for`,
 ``CONFIG["local_programs_per_sm"]``; their forked launch has ``S_local`` programs per sequence and KV head), the
 retrieval units into ``S``. Work per program is bounded by ``roundup(cdiv(max n, S_local or S), TILE)``
 tokens. Page offsets are int64.
