@@ -14,9 +14,9 @@ passed in. The block table's row stride (its width, set by whoever allocates it)
 1. ``_block_stats_kernel``, grid ``(HR, cdiv(max_blocks, BLOCKS_PER_PROG), B)``: each program scores
    ``BLOCKS_PER_PROG`` selection blocks of one (sequence, head) in float32 and writes, per block, the
    max score ``m_j`` and ``l_j = sum_t exp(s_t - m_j)`` to the workspace. The page ids, the
-   sequence's length, the query and the head's offset are loaded together, so the keys wait for one
-   round trip to memory: the page ids are bounded by the block table's width, not by the length.
-   Programs past the sequence's last block load no keys and store nothing.
+   sequence's length and the head's offset are loaded together, so the keys wait for one round trip
+   to memory: the page ids are bounded by the block table's width, not by the length. Programs past
+   the sequence's last block stop after those loads.
 2. ``_select_kernel``, grid ``(HR, B)``: per (sequence, head), :func:`..topp_search.topp_select_row`
    (shared with the prefill selection) combines the block stats into masses
    ``mass_j = l_j * exp(m_j - M) / Z`` (``M`` the global max, ``Z`` the partition sum), then finds
@@ -130,37 +130,38 @@ def _block_stats_kernel(
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
     seq = tl.program_id(2).to(tl.int64)
     blocks = first_block + tl.arange(0, BLOCKS_PER_PROG)                              # [NB]
-    tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]          # [NB, BS]
-    # Everything the keys' addresses need is loaded at once, the page ids bounded by the block table's
-    # width rather than by the sequence's length (its own load): the keys wait for one round trip, not two.
+    # What the keys' addresses need is loaded together, the page ids bounded by the block table's width
+    # rather than by the sequence's length (a load of its own): the keys wait for one round trip, not two.
     table_row = block_table_ptr + seq * stride_tb
     if PAGE_SIZE % BLOCK_SIZE == 0:   # a block lies on one page: one page id per block
-        page_index = blocks * BLOCK_SIZE // PAGE_SIZE
+        page_index = blocks // (PAGE_SIZE // BLOCK_SIZE)
         page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)[:, None]
-    else:
-        page_index = tokens // PAGE_SIZE
-        page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    dims = tl.arange(0, DI_PAD)
-    q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
-                other=0.0).to(tl.float32)                                             # [DI_PAD]
+    else:                             # one per token
+        page_index = (blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]) // PAGE_SIZE
+        page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)   # [NB, BS]
     head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
-
-    # No branch on the length: the compiler would sink the page ids' load below it.
+    seq_len = tl.load(seq_lens_ptr + seq)
     num_blocks = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
-    in_range = blocks < num_blocks
-    valid = in_range[:, None] & (tokens < seq_len)   # page ids past it (stale ones) stay unread
-    row = head_off + page.to(tl.int64) * stride_cp + (tokens % PAGE_SIZE) * stride_ct       # [NB, BS] int64
-    keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
-                   mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
-    scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)                   # [NB, BS]
-    scores = tl.where(valid, scores, float("-inf"))
-    block_max = tl.max(scores, axis=1)                                                # [NB]
-    safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)                  # blocks past the end
-    block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                    # [NB]
-    ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
-    tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
-    tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
+    # Programs past the sequence's last block stop here. The condition reads the page ids as well (never
+    # negative where it matters): on the length alone, the compiler sinks their load below the branch.
+    if (first_block < num_blocks) | (tl.min(page) < 0):
+        tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]      # [NB, BS]
+        dims = tl.arange(0, DI_PAD)
+        q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
+                    other=0.0).to(tl.float32)                                         # [DI_PAD]
+        in_range = blocks < num_blocks
+        valid = in_range[:, None] & (tokens < seq_len)   # page ids past it (stale ones) stay unread
+        row = head_off + page.to(tl.int64) * stride_cp + (tokens % PAGE_SIZE) * stride_ct   # [NB, BS] int64
+        keys = tl.load(cache_ptr + row[:, :, None] + dims[None, None, :],
+                       mask=valid[:, :, None] & (dims < DI)[None, None, :], other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * q[None, None, :], axis=2)               # [NB, BS]
+        scores = tl.where(valid, scores, float("-inf"))
+        block_max = tl.max(scores, axis=1)                                            # [NB]
+        safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)              # blocks past the end
+        block_sum = tl.sum(tl.exp(scores - safe_max[:, None]), axis=1)                # [NB]
+        ws_offset = seq * stride_wb + head.to(tl.int64) * stride_wh
+        tl.store(block_max_ptr + ws_offset + blocks, block_max, mask=in_range)
+        tl.store(block_sum_ptr + ws_offset + blocks, block_sum, mask=in_range)
 
 
 # ---------------------------------------------------------------------------------------------------
