@@ -4,7 +4,8 @@ of the swept settings, split into its two kernels (block stats, selection) as th
 The settings are ``block_topp.kernel.CONFIG``'s: ``search_bits`` (bits of the threshold found per
 selection step; 1 is the binary search), ``select_chunk`` (blocks one selection program holds in
 registers; a longer row re-reads the workspace once per step), ``select_warps`` (its warps; 0: by the
-chunk) and ``stats_blocks_per_prog`` (selection blocks one stats program scores). Inputs as ``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
+chunk) and ``stats_blocks_per_prog`` (selection blocks one stats program scores). Inputs as
+``bench_attention.py``'s decode points (:mod:`rtpurbo_vllm.bench.attention_layer`: 5
 retrieval heads, 16-dim index keys, 64-token pages and blocks, ``--keep`` of the blocks planted hot,
 top-p 0.9). Per context and batch, every setting must select exactly what the binary search at the
 kernel's other defaults selects (the reference, timed first); the script exits with 1 if one does not.
