@@ -130,6 +130,7 @@ def _block_stats_kernel(
     first_block = tl.program_id(1) * BLOCKS_PER_PROG
     seq = tl.program_id(2).to(tl.int64)
     blocks = first_block + tl.arange(0, BLOCKS_PER_PROG)                              # [NB]
+    tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]          # [NB, BS]
     # What the keys' addresses need is loaded together, the page ids bounded by the block table's width
     # rather than by the sequence's length (a load of its own): the keys wait for one round trip, not two.
     table_row = block_table_ptr + seq * stride_tb
@@ -137,7 +138,7 @@ def _block_stats_kernel(
         page_index = blocks // (PAGE_SIZE // BLOCK_SIZE)
         page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)[:, None]
     else:                             # one per token
-        page_index = (blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]) // PAGE_SIZE
+        page_index = tokens // PAGE_SIZE
         page = tl.load(table_row + page_index * stride_tp, mask=page_index < table_width, other=0)   # [NB, BS]
     head_off = tl.multiple_of(tl.load(offsets_ptr + head), OFF_ALIGN)                 # the head's unit and slot
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -145,7 +146,6 @@ def _block_stats_kernel(
     # Programs past the sequence's last block stop here. The condition reads the page ids as well (never
     # negative where it matters): on the length alone, the compiler sinks their load below the branch.
     if (first_block < num_blocks) | (tl.min(page) < 0):
-        tokens = blocks[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]      # [NB, BS]
         dims = tl.arange(0, DI_PAD)
         q = tl.load(q_ptr + seq * stride_qb + head * stride_qh + dims * stride_qd, mask=dims < DI,
                     other=0.0).to(tl.float32)                                         # [DI_PAD]
