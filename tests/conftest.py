@@ -1,10 +1,15 @@
 """Shared test setup: the ``gpu`` marker is skipped where no CUDA device exists (CI); on such machines
-the Triton kernel launches of the whole session are recorded (``triton_launches.py``) so that the
-last test can compile them for a GPU target. The kernel tests' paged-layout builders
-(``kernels/paged_layouts.py``) are importable as ``rtpurbo_paged_layouts`` (with
-``--import-mode=importlib`` sibling test modules are not importable by name)."""
+every Triton kernel launch of the session is recorded (``triton_launches.py``), and with
+``--compile-launches`` (``scripts/test.sh`` passes it) the session ends by compiling each recorded launch
+specialisation for sm_90 on the CPU: a kernel the GPU compiler rejects fails the run. Under pytest-xdist
+each worker sends its launches to the controller, which compiles them all once the workers are done. The
+kernel tests' paged-layout builders (``kernels/paged_layouts.py``) are importable as
+``rtpurbo_paged_layouts`` (with ``--import-mode=importlib`` sibling test modules are not importable by
+name)."""
 
+import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -23,8 +28,16 @@ def _load(name: str, path: pathlib.Path):
 
 triton_launches = _load("rtpurbo_triton_launches", pathlib.Path(__file__).with_name("triton_launches.py"))
 _load("rtpurbo_paged_layouts", pathlib.Path(__file__).parent / "kernels" / "paged_layouts.py")
-LAST = "test_recorded_launches_compile_for_hopper"
 _RECORDER = triton_launches.LaunchRecorder()
+_WORKER_LAUNCHES: dict[str, dict] = {}  # the controller's: the xdist workers' recorded launches by variant
+LAUNCHES_KEY = "rtpurbo_triton_launches"
+GPU_ARCH = 90
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-launches", action="store_true",
+                     help="end the session by compiling every Triton launch it recorded (CPU machines, "
+                          f"TRITON_INTERPRET=1) for sm_{GPU_ARCH}; a launch that does not compile fails the run")
 
 
 def pytest_sessionstart(session):
@@ -32,8 +45,52 @@ def pytest_sessionstart(session):
         _RECORDER.install()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the xdist controller: keeps the launches a worker recorded."""
+    _WORKER_LAUNCHES.update(json.loads(node.workeroutput.get(LAUNCHES_KEY, "{}")))
+
+
+def _launches_by_variant() -> dict[str, dict]:
+    """This process's recorded launch descriptions keyed by their variant (JSON): the key that makes
+    launches from several workers one compile each."""
+    return {json.dumps(dataclasses.astuple(variant)): launch for variant, launch in _RECORDER.launches.items()}
+
+
 def pytest_sessionfinish(session, exitstatus):
     _RECORDER.uninstall()
+    config = session.config
+    if hasattr(config, "workeroutput"):          # an xdist worker: its launches go to the controller
+        config.workeroutput[LAUNCHES_KEY] = json.dumps(_launches_by_variant())
+    elif config.getoption("compile_launches"):
+        _compile_recorded_launches(session, list({**_WORKER_LAUNCHES, **_launches_by_variant()}.values()))
+
+
+def _compile_recorded_launches(session, launches: list[dict]) -> None:
+    """Compiles the session's launches (one per variant) for the GPU target; a failure sets the exit
+    status to 1.
+
+    The interpreter runs kernels without Triton's GPU compiler, so the tests cannot see a kernel that the
+    compiler rejects (Triton 3.6's layout pass once rejected the sink-merge kernel for an int64 index
+    argument, found only on the GPU)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not launches:
+        reporter.write_line(f"--compile-launches: no Triton launch recorded (GPU machine, or no kernel ran), "
+                            f"nothing compiled for sm_{GPU_ARCH}")
+        return
+    kernels = {f"{launch['module']}.{launch['name']}" for launch in launches}
+    reporter.write_line("")                      # ends the progress line
+    reporter.write_sep("-", f"compiling {len(launches)} Triton launch specialisations of {len(kernels)} kernels "
+                            f"for sm_{GPU_ARCH}")
+    failures = triton_launches.compile_launches(launches, arch=GPU_ARCH, processes=os.cpu_count() or 1)
+    if not failures:
+        reporter.write_line(f"all {len(launches)} compiled")
+        return
+    reporter.write_sep("=", f"{len(failures)} Triton launches do not compile for sm_{GPU_ARCH}", red=True)
+    for f in failures:
+        reporter.write_line(f"{f['kernel']}\n  args {json.dumps(f['args'])}\n  kwargs {json.dumps(f['kwargs'])}\n"
+                            f"{f['error']}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +100,6 @@ def triton_launch_recorder():
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.name.startswith(LAST))      # stable: only moves that test to the end
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -6,7 +6,7 @@ compile on the GPU. :class:`LaunchRecorder` wraps the interpreter's launch entry
 description per distinct :class:`Variant`, the key Triton compiles a kernel for (:func:`variant`:
 Triton's own binder on the launch's arguments, honouring the kernel's ``do_not_specialize`` and
 ``do_not_specialize_on_alignment``); :func:`compile_launches` replays them with ``JITFunction.warmup``
-in a process without the interpreter and a stand-in driver whose current target is the given GPU
+in processes without the interpreter and a stand-in driver whose current target is the given GPU
 (default Hopper, sm_90), so Triton's real compiler runs down to the cubin exactly as a launch on that
 GPU would, without a GPU. :meth:`LaunchRecorder.variants` collects the variants launched inside a
 block (the warm-up test compares those of real steps with the warm-up's).
@@ -139,11 +139,6 @@ class LaunchRecorder:
         finally:
             self._scopes.remove(scope)
 
-    def compile_all(self, arch: int = 90) -> list[dict]:
-        """:func:`compile_launches` of every recorded launch."""
-        return compile_launches(list(self.launches.values()), arch)
-
-
 REPLAY = r'''
 import importlib, json, sys, traceback
 import torch
@@ -194,17 +189,25 @@ print("\nRTPURBO-COMPILE-RESULT " + json.dumps(failures))
 '''
 
 
-def compile_launches(launches: list[dict], arch: int = 90, timeout: float = 1800) -> list[dict]:
-    """Compiles every launch for ``cuda:arch`` in a fresh process without the interpreter; returns the
-    failures (kernel, arguments, the compiler's error, or a shared-memory need over the SM's per-block
-    limit, which a GPU would refuse at launch), an empty list when all compiled within it."""
+def compile_launches(launches: list[dict], arch: int = 90, processes: int = 1, timeout: float = 1800) -> list[dict]:
+    """Compiles every launch for ``cuda:arch`` in fresh processes without the interpreter, ``processes`` of
+    them at once (the launches dealt out in turn); returns the failures (kernel, arguments, the compiler's
+    error, or a shared-memory need over the SM's per-block limit, which a GPU would refuse at launch), an
+    empty list when all compiled within ``timeout`` seconds."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-P", "-c", REPLAY, str(arch)], input=json.dumps(launches),
-                          capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=Path(__file__).resolve().parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"the replay process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    result = [line for line in done.stdout.splitlines() if line.startswith("RTPURBO-COMPILE-RESULT ")]
-    return json.loads(result[-1].split(" ", 1)[1])
+
+    def replay(group: list[dict]) -> list[dict]:
+        done = subprocess.run([sys.executable, "-P", "-c", REPLAY, str(arch)], input=json.dumps(group),
+                              capture_output=True, text=True, env=env, timeout=timeout,
+                              cwd=Path(__file__).resolve().parent)
+        if done.returncode != 0:
+            raise RuntimeError(f"the replay process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        result = [line for line in done.stdout.splitlines() if line.startswith("RTPURBO-COMPILE-RESULT ")]
+        return json.loads(result[-1].split(" ", 1)[1])
+
+    groups = [group for group in (launches[i::max(1, processes)] for i in range(max(1, processes))) if group]
+    with ThreadPoolExecutor(max(1, len(groups))) as pool:
+        return [failure for failures in pool.map(replay, groups) for failure in failures]
