@@ -43,6 +43,9 @@ def pytest_addoption(parser):
 def pytest_sessionstart(session):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1":
         _RECORDER.install()
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:                              # an xdist worker: its share of the cores for torch's threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -100,6 +103,8 @@ def triton_launch_recorder():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first (a stable sort): under pytest-xdist the short ones then fill the processes' ends.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -326,6 +326,7 @@ def persistent_storages(setup: Setup) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in found}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_layout", ["full", "compact"])
 def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeypatch, kv_layout):
     """Capture a padded decode step (3 requests in a graph of 4), replay it for another batch of
@@ -386,6 +387,7 @@ def test_capture_then_replay_another_batch(tmp_path, cpu_platform, seed, monkeyp
     assert [signature(x) for x in capture_launches] == [signature(x) for x in eager_launches]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_layout", ["full", "compact"])
 @pytest.mark.parametrize("pad_seq_len", [0, 1])
 def test_padded_rows_write_nothing_and_stay_finite(tmp_path, cpu_platform, seed, kv_layout, pad_seq_len):

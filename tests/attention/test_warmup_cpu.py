@@ -189,6 +189,7 @@ def kernels(launched):
     return {v.kernel.rsplit(".", 1)[1] for v, _ in launched}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_layout, kv_cache_dtype, top_p", [
     ("full", "auto", 0.8), ("full", "auto", 1.0), ("compact", "auto", 0.8), ("compact", "fp8", 1.0),
     ("full", "fp8_e4m3", 0.8)])
@@ -209,6 +210,7 @@ def test_warm_up_runs_every_kernel_and_writes_no_cache(tmp_path, cpu_platform, m
     served.step(REAL_STEPS[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_layout, prefill_top_p", [("full", 1.0), ("compact", 1.0), ("compact", 0.5)])
 def test_real_steps_launch_only_variants_the_warm_up_compiled(tmp_path, cpu_platform, monkeypatch, seed, small_splits,
                                                                gpu_prefill, recorder, kv_layout, prefill_top_p):

@@ -50,6 +50,7 @@ def test_decode_row_has_the_step_and_its_kernels(bench_attention, monkeypatch):
     assert 0.0 < row["kept_block_share"] <= 1.0                       # block top-p really ran
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
 def test_decode_graph_of_several_layers_times_one(bench_attention, monkeypatch):
     """--layers: the timed step runs every layer, each over its own K/V cache and index keys (one block
