@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -85,7 +86,10 @@ def _compile_recorded_launches(session, launches: list[dict]) -> None:
     reporter.write_line("")                      # ends the progress line
     reporter.write_sep("-", f"compiling {len(launches)} Triton launch specialisations of {len(kernels)} kernels "
                             f"for sm_{GPU_ARCH}")
-    failures = triton_launches.compile_launches(launches, arch=GPU_ARCH, processes=os.cpu_count() or 1)
+    try:
+        failures = triton_launches.compile_launches(launches, arch=GPU_ARCH, processes=os.cpu_count() or 1)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:     # a replay process that died or hung
+        failures = [{"kernel": "(the replay process)", "args": [], "kwargs": {}, "error": str(exc)}]
     if not failures:
         reporter.write_line(f"all {len(launches)} compiled")
         return

@@ -139,6 +139,7 @@ class LaunchRecorder:
         finally:
             self._scopes.remove(scope)
 
+
 REPLAY = r'''
 import importlib, json, sys, traceback
 import torch
@@ -208,6 +209,7 @@ def compile_launches(launches: list[dict], arch: int = 90, processes: int = 1, t
         result = [line for line in done.stdout.splitlines() if line.startswith("RTPURBO-COMPILE-RESULT ")]
         return json.loads(result[-1].split(" ", 1)[1])
 
-    groups = [group for group in (launches[i::max(1, processes)] for i in range(max(1, processes))) if group]
+    processes = max(1, processes)
+    groups = [group for group in (launches[i::processes] for i in range(processes)) if group]
     with ThreadPoolExecutor(max(1, len(groups))) as pool:
         return [failure for failures in pool.map(replay, groups) for failure in failures]
