@@ -94,9 +94,8 @@ def _compile_recorded_launches(session, launches: list[dict]) -> None:
         reporter.write_line(f"all {len(launches)} compiled")
         return
     reporter.write_sep("=", f"{len(failures)} Triton launches do not compile for sm_{GPU_ARCH}", red=True)
-    for f in failures:
-        reporter.write_line(f"{f['kernel']}\n  args {json.dumps(f['args'])}\n  kwargs {json.dumps(f['kwargs'])}\n"
-                            f"{f['error']}")
+    for failure in failures:
+        reporter.write_line(triton_launches.describe_failure(failure))
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -213,3 +213,9 @@ def compile_launches(launches: list[dict], arch: int = 90, processes: int = 1, t
     groups = [group for group in (launches[i::processes] for i in range(processes)) if group]
     with ThreadPoolExecutor(max(1, len(groups))) as pool:
         return [failure for failures in pool.map(replay, groups) for failure in failures]
+
+
+def describe_failure(failure: dict) -> str:
+    """One failure of :func:`compile_launches` as text: the kernel, its arguments, the compiler's error."""
+    return (f"{failure['kernel']}\n  args {json.dumps(failure['args'])}\n  kwargs {json.dumps(failure['kwargs'])}\n"
+            f"{failure['error']}")

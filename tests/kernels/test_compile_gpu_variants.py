@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -114,7 +113,7 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
     failures = tl_launches.compile_launches(kv_rec.launches + idx_rec.launches + dec_rec.launches + pf_rec.launches,
                                             arch=90)
     assert not failures, "GPU variants that do not compile for sm_90:\n" + "\n\n".join(
-        f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)
+        map(tl_launches.describe_failure, failures))
 
 
 def test_pdl_variants_compile_for_hopper(monkeypatch):
@@ -161,4 +160,4 @@ def test_pdl_variants_compile_for_hopper(monkeypatch):
     assert all(lw["kwargs"]["PDL"] is True and lw["kwargs"]["launch_pdl"] is True for lw in launches)
     failures = tl_launches.compile_launches(launches, arch=90, processes=2)
     assert not failures, "PDL variants that do not compile for sm_90:\n" + "\n\n".join(
-        f"{f['kernel']}\n  kwargs {json.dumps(f['kwargs'])}\n{f['error']}" for f in failures)
+        map(tl_launches.describe_failure, failures))
