@@ -109,9 +109,10 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
 
     def prepare(self) -> None:
         """Once the caches exist (vLLM binds them after creating the builders): resolves every layer's
-        unit tensors, then, on a GPU, compiles every kernel variant the layers can launch
-        (:func:`~rtpurbo_vllm.attention.warmup.warm_up`; it builds again). Idempotent; never inside a
-        CUDA-graph capture. Called by the first :meth:`build` and by the layers' first metadata-less
+        unit tensors in the caches bound last (a model runner that binds a new cache makes new builders),
+        then, on a GPU, compiles every kernel variant the layers can launch
+        (:func:`~rtpurbo_vllm.attention.warmup.warm_up`; it builds again). Once per builder; never inside
+        a CUDA-graph capture. Called by the first :meth:`build` and by the layers' first metadata-less
         forward after the caches exist, whichever comes first."""
         if self._kv_bound:
             return

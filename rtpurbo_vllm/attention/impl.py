@@ -27,7 +27,7 @@ write no cache entry and produce output 0. The prefill path (step 4) always runs
 Everything that depends only on the layer (its retrieval heads on this rank, indexer weights, the
 RoPE table, the prefill head split, its share of the KV layout) is prepared once in
 :meth:`RTPurboAttentionImpl.process_weights_after_loading`; the unit tensors are resolved once vLLM
-has bound them (:meth:`RTPurboAttentionImpl.bind_kv_cache`, from the metadata builder's first build).
+has bound them (:meth:`RTPurboAttentionImpl.bind_kv_cache`, from each metadata builder's first build).
 """
 
 from __future__ import annotations
@@ -156,10 +156,11 @@ class RTPurboAttentionImpl(AttentionImpl):
         self.side_stream = aux_stream() if torch.device(device).type == "cuda" else None
 
     def bind_kv_cache(self) -> None:
-        """Resolves the layer's unit tensors once vLLM has bound them (idempotent; never inside a
-        CUDA-graph capture: it copies the per-head offsets to the device)."""
-        if not self.kv.is_bound:
-            self.kv.bind(self.vllm_config.compilation_config.static_forward_context)
+        """Resolves the layer's unit tensors from the caches vLLM bound last (never inside a CUDA-graph
+        capture: it copies the per-head offsets to the device). Every metadata builder calls it once: the
+        V1 model runner binds a minimal cache, with builders of its own, to measure its CUDA graphs'
+        memory, frees it, then binds the real cache and makes new builders."""
+        self.kv.bind(self.vllm_config.compilation_config.static_forward_context)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: RTPurboMetadata | None, output: torch.Tensor,

@@ -107,8 +107,9 @@ class LayerKV:
 
     def bind(self, static_forward_context: dict) -> None:
         """Builds the kernels' descriptors from the unit tensors vLLM bound, and per part its KV heads
-        (``[H_p]`` int64 on the device; None for a part holding every KV head in order). Call once, after
-        vLLM allocated the KV cache and before a CUDA-graph capture (small host-to-device copies)."""
+        (``[H_p]`` int64 on the device; None for a part holding every KV head in order). Call after vLLM
+        bound a KV cache (again after it binds a new one) and before a CUDA-graph capture (small
+        host-to-device copies)."""
         shapes = self.layout.units
         kv = [unit_tensor(static_forward_context[n].kv_cache, kind, shapes[kind].width)
               for n, (kind, _) in zip(self.kv_unit_names, self.kv_units)]

@@ -106,15 +106,28 @@ class Served:
     builder and the side units' builders, and vLLM's persistent per-step buffers."""
 
     def __init__(self, tmp_path, kv_layout, kv_cache_dtype="auto"):
-        from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
-        from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
-
         self.engine = cpu.make_engine(tmp_path, CASE, 0, kv_layout, kv_cache_dtype)
         self.engine.scheduler_config.max_num_seqs = MAX_REQS
         self.layers = cpu.make_layers(self.engine, CASE)
+        self.layout = self.layers[0].impl.kv.layout
+        self.bind_caches()
+        max_tokens = 1024
+        self.query_start_loc = torch.zeros(MAX_REQS + 1, dtype=torch.int32)
+        self.seq_lens = torch.zeros(MAX_REQS, dtype=torch.int32)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64)
+        max_len = self.engine.model_config.max_model_len
+        self.tables = {kind: torch.zeros(MAX_REQS, -(-max_len // s.block_size), dtype=torch.int32)
+                       for kind, s in self.layout.units.items()}
+        self.slots = {kind: torch.zeros(max_tokens, dtype=torch.int64) for kind in self.layout.units}
+
+    def bind_caches(self):
+        """What vLLM does once it allocated a KV cache: binds fresh unit tensors (random contents) and makes
+        the RTPURBO builder and the side units' builders for them."""
+        from rtpurbo_vllm.attention.builder import RTPurboMetadataBuilder
+        from rtpurbo_vllm.kv_cache.side_layers import UnitMetadataBuilder
+
         names = tuple(layer.layer_name for layer in self.layers)
         kv = self.layers[0].impl.kv
-        self.layout = kv.layout
         cpu.bind_units(self.engine, self.layout, names, {kind: NUM_PAGES for kind in self.layout.units})
         context = self.engine.compilation_config.static_forward_context
         self.units = {name: context[name].kv_cache for kind in self.layout.units
@@ -129,14 +142,6 @@ class Served:
         self.side = {name: (kind, UnitMetadataBuilder(context[name].get_kv_cache_spec(self.engine), [name],
                                                       self.engine, torch.device("cpu")))
                      for name, kind in ((kv.window_group, WINDOW), (kv.index_group, INDEX)) if name is not None}
-        max_tokens = 1024
-        self.query_start_loc = torch.zeros(MAX_REQS + 1, dtype=torch.int32)
-        self.seq_lens = torch.zeros(MAX_REQS, dtype=torch.int32)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64)
-        max_len = self.engine.model_config.max_model_len
-        self.tables = {kind: torch.zeros(MAX_REQS, -(-max_len // s.block_size), dtype=torch.int32)
-                       for kind, s in self.layout.units.items()}
-        self.slots = {kind: torch.zeros(max_tokens, dtype=torch.int64) for kind in self.layout.units}
 
     def cache_bytes(self):
         return {name: cache.contiguous().view(torch.uint8).clone() for name, cache in self.units.items()}
@@ -273,6 +278,30 @@ def test_metadata_less_forward_warms_up_once_the_caches_exist(tmp_path, cpu_plat
     assert warmed == [served.builder] and served.layers[-1].impl.kv.is_bound
     served.builder.build(0, step_metadata(WarmupStep(1), served.layout.units[FULL].block_size, torch.device("cpu")))
     assert warmed == [served.builder]                                      # the first build: already prepared
+
+
+def test_layers_follow_the_caches_vllm_binds_last(tmp_path, cpu_platform, small_splits):
+    """vLLM's V1 model runner measures its CUDA graphs' memory on a minimal KV cache, with builders of its
+    own, frees that cache, then binds the real one and makes new builders. The layers must address the
+    real cache from the new builders' first build on (on a GPU, writing into the freed one is an illegal
+    memory access)."""
+    def written_units(step):
+        before = served.cache_bytes()
+        served.step(step)
+        return {name for name, cache in served.cache_bytes().items() if not torch.equal(cache, before[name])}
+
+    served = Served(tmp_path, "compact")
+    step = [(40, 1), (0, 17)]
+    profiling = served.units
+    written = written_units(step)                      # the profiling builders, the minimal cache
+    names = tuple(layer.layer_name for layer in served.layers)
+    kinds = {name: kind for kind in served.layout.units for name in served.layout.unit_names(names, kind)}
+    assert {kinds[name] for name in written} == {FULL, WINDOW, INDEX}
+    profiling_bytes = served.cache_bytes()
+    served.bind_caches()                               # the real cache, new builders
+    assert written_units(step) == written
+    assert all(torch.equal(cache.contiguous().view(torch.uint8), profiling_bytes[name])
+               for name, cache in profiling.items())
 
 
 def test_warmup_steps_cover_every_split_count():
