@@ -193,21 +193,28 @@ print("\nRTPURBO-COMPILE-RESULT " + json.dumps(failures))
 def compile_launches(launches: list[dict], arch: int = 90, processes: int = 1, timeout: float = 1800) -> list[dict]:
     """Compiles every launch for ``cuda:arch`` in fresh processes without the interpreter, ``processes`` of
     them at once (the launches dealt out in turn); returns the failures (kernel, arguments, the compiler's
-    error, or a shared-memory need over the SM's per-block limit, which a GPU would refuse at launch), an
-    empty list when all compiled within ``timeout`` seconds."""
+    error, or a shared-memory need over the SM's per-block limit, which a GPU would refuse at launch; a
+    replay process that dies or outlives ``timeout`` seconds is one failure for its share of the
+    launches), an empty list when all compiled."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
 
     def replay(group: list[dict]) -> list[dict]:
-        done = subprocess.run([sys.executable, "-P", "-c", REPLAY, str(arch)], input=json.dumps(group),
-                              capture_output=True, text=True, env=env, timeout=timeout,
-                              cwd=Path(__file__).resolve().parent)
-        if done.returncode != 0:
-            raise RuntimeError(f"the replay process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        result = [line for line in done.stdout.splitlines() if line.startswith("RTPURBO-COMPILE-RESULT ")]
-        return json.loads(result[-1].split(" ", 1)[1])
+        try:
+            done = subprocess.run([sys.executable, "-P", "-c", REPLAY, str(arch)], input=json.dumps(group),
+                                  capture_output=True, text=True, env=env, timeout=timeout,
+                                  cwd=Path(__file__).resolve().parent)
+        except subprocess.TimeoutExpired:
+            error = f"the replay process of {len(group)} launches did not finish within {timeout} s"
+        else:
+            if done.returncode == 0:
+                result = [line for line in done.stdout.splitlines() if line.startswith("RTPURBO-COMPILE-RESULT ")]
+                return json.loads(result[-1].split(" ", 1)[1])
+            error = (f"the replay process of {len(group)} launches failed (exit {done.returncode}):\n"
+                     f"{done.stderr[-4000:]}")
+        return [{"kernel": "(the replay process)", "args": [], "kwargs": {}, "error": error}]
 
     processes = max(1, processes)
     groups = [group for group in (launches[i::processes] for i in range(processes)) if group]
