@@ -177,9 +177,9 @@ def _sparse_retrieval(run: _Run, layer: int, q: torch.Tensor, k: torch.Tensor, q
     k_idx = index_project_ref(invert_rope(k, positions, run.rope)[:, [h // group for h in heads]], w_k)
     out = torch.empty_like(qh)
     first = num_k - num_q
-    for c0 in range(0, num_q, _SPARSE_CHUNK):
-        c1 = min(c0 + _SPARSE_CHUNK, num_q)
-        # The rows [c0, c1) cut into the same tiles as the whole chunk (c0 is a multiple of TILE_Q).
+    for start in range(-(first % _SPARSE_CHUNK), num_q, _SPARSE_CHUNK):
+        # Rows [c0, c1) at positions cut at multiples of _SPARSE_CHUNK: the same tiles as the whole chunk's.
+        c0, c1 = max(start, 0), min(start + _SPARSE_CHUNK, num_q)
         _, visible = sparse_prefill_visible_ref(q_idx[c0:c1], k_idx[:first + c1], p.prefill_top_p, p.sink_tokens,
                                                 p.block_size, TILE_Q)                          # [HR, C, K]
         out[:, c0:c1] = torch.nn.functional.scaled_dot_product_attention(

@@ -1,7 +1,7 @@
 """sparse_prefill (Triton) against paged_sparse_prefill_ref on PagedHeads layouts.
 
 Batches mix fresh sequences and chunked prefills (a chunk after cached tokens, starting inside a
-selection block), lengths that are multiples of nothing, GQA (HQ / HKV = 4) with 1-3 retrieval heads
+selection block and inside a query tile), lengths that are multiples of nothing, GQA (HQ / HKV = 4) with 1-3 retrieval heads
 of different KV heads (and two sharing one), K/V and index keys scattered over two unit tensors each
 with spare slots and garbage (NaN, random fp8 bytes) everywhere no token lives. Checked per case: the
 kept block sets equal the reference's exactly (masses made tie-free by a per-block random strength; a
@@ -28,7 +28,8 @@ from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as _kernel_module 
 from rtpurbo_vllm.triton_kernels import topp_search as _topp_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (chunk_tiles, paged_sparse_prefill_ref,  # noqa: E402
                                                         plan_sparse_prefill, pool_index_queries,
-                                                        tile_block_mass_ref, tile_forced_blocks)
+                                                        sparse_prefill_visible_ref, tile_block_mass_ref,
+                                                        tile_forced_blocks)
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX, TILE_SEQ  # noqa: E402
 
 
@@ -160,7 +161,8 @@ def _check_selection(p, kept, num_kept, plan, ref_keep, top_p, sink_tokens, bloc
     kept, num_kept = kept.cpu(), num_kept.cpu()
     tile_seqs, tile_indices = plan.tiles[0, TILE_SEQ].tolist(), plan.tiles[0, TILE_INDEX].tolist()
     cu = p["cu_seqlens_q"].tolist()
-    expected = [(b, i) for b in range(len(cu) - 1) for i in range(math.ceil((cu[b + 1] - cu[b]) / tile_q))]
+    expected = [(b, i) for b in range(len(cu) - 1)
+                for i in range(len(chunk_tiles(cu[b + 1] - cu[b], int(p["seqused_k"][b]), tile_q)))]
     assert list(zip(tile_seqs, tile_indices))[:plan.waves[0].num_tiles] == expected
     exact = 0
     for t, (b, i) in enumerate(expected):
@@ -304,11 +306,11 @@ def test_fp8_index_keys(seed):
 
 
 def test_several_waves(seed):
-    """A batch of more tiles than the workspace holds runs in waves (22 tiles of 16 rows in waves of at
-    most 16, score groups of at most 16 tiles never split): the output equals the reference."""
+    """A batch of more tiles than the workspace holds runs in waves (23 tiles of up to 16 rows in waves
+    of at most 16, score groups of at most 16 tiles never split): the output equals the reference."""
     p = _problem(SEQS, 8, 2, 64, [1, 6], 16, 48, 32)
     out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 16, wave_tiles=16)
-    assert [w.num_tiles for w in plan.waves] == [15, 7]
+    assert [w.num_tiles for w in plan.waves] == [15, 8]
     ref_out, ref_lse, _ = _reference(p, 0.8, 4, 32, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
 
@@ -319,13 +321,15 @@ def test_exact_ties_go_to_lower_block_ids(seed):
     p = _problem([(200, 64)], 4, 1, 64, [1], 16, 16, 32)
     p["q_idx"].zero_()
     out, lse, kept, num_kept, plan = _run(p, 0.5, 0, 32, 32)
-    # Tile 0: rows at 200..231, 232 keys (blocks 0-6 of 32 keys, block 7 of 8); the diagonal blocks 5-7
-    # (from position 169) hold 72/232, and each of blocks 0-4 32/232: two more reach 136/232 >= 0.5.
-    # Tile 1: rows at 232..263, 264 keys; diagonal blocks 6-8 hold 72/264; two more reach 136/264 >= 0.5.
-    expected = [[0, 1, 5, 6, 7], [0, 1, 6, 7, 8]]
-    assert [kept[i, 0, :int(num_kept[i, 0])].tolist() for i in range(2)] == expected
+    # Tiles cut at multiples of 32. Tile 0: rows at 200..223, 224 keys (blocks 0-6 of 32 keys); the
+    # diagonal blocks 5-6 (from position 169) hold 64/224, and each other block 32/224: two more reach
+    # 128/224 >= 0.5. Tile 1: rows at 224..255, 256 keys; diagonal blocks 6-7 hold 64/256; two more reach
+    # 128/256. Tile 2: rows at 256..263, 264 keys (block 8 of 8); diagonal blocks 7-8 hold 40/264; three
+    # more reach 136/264.
+    expected = [[0, 1, 5, 6], [0, 1, 6, 7], [0, 1, 2, 7, 8]]
+    assert [kept[i, 0, :int(num_kept[i, 0])].tolist() for i in range(3)] == expected
     ref_out, ref_lse, ref_keep = _reference(p, 0.5, 0, 32, 32)
-    assert [ref_keep[0][0, i].nonzero().flatten().tolist() for i in range(2)] == expected
+    assert [ref_keep[0][0, i].nonzero().flatten().tolist() for i in range(3)] == expected
     _check_attention(p, out, lse, ref_out, ref_lse)
 
 
@@ -344,6 +348,28 @@ def test_empty_batch_and_no_rows(seed):
                             p["q_idx"][:0], empty, empty[:0], p["heads"], plan_sparse_prefill([], [], 16, 16, 16, DEVICE),
                             0.9, 4, 16, 0.125, ws, torch.empty_like(q))
     assert result[1].shape == (0, 1, 4) and result[2].shape == (0, 1)
+
+
+def test_tiles_follow_positions_not_chunk_boundaries(seed):
+    """The same sequence prefilled whole and in chunks cut anywhere (a prefix-cache hit ending inside a
+    tile, chunks of any length): every tile no chunk boundary cuts keeps the same blocks."""
+    seq_len, tile_q, block_size, top_p = 300, 32, 16, 0.7
+    q_idx, k_idx = torch.randn(seq_len, 2, DI), torch.randn(seq_len, 2, DI)
+    whole, _ = sparse_prefill_visible_ref(q_idx, k_idx, top_p, 4, block_size, tile_q)
+    compared = 0
+    for cuts in ([0, 45, 150, 300], [0, 208, 211, 300]):
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            keep, _ = sparse_prefill_visible_ref(q_idx[c0:c1], k_idx[:c1], top_p, 4, block_size, tile_q)
+            for i, tile in enumerate(chunk_tiles(c1 - c0, c1, tile_q)):
+                j = tile.first_pos // tile_q
+                assert tile.last_pos // tile_q == j, f"tile {i} of chunk [{c0}, {c1}) spans two aligned runs"
+                if tile.first_pos == j * tile_q and tile.last_pos == min((j + 1) * tile_q, seq_len) - 1:
+                    assert torch.equal(keep[:, i], whole[:, j, :keep.shape[2]]), f"chunk [{c0}, {c1}) tile {i}"
+                    compared += 1
+    assert compared == 17
+    seen = [math.ceil(min((j + 1) * tile_q, seq_len) / block_size) for j in range(whole.shape[1])]
+    assert any(int(whole[r, j].sum()) < n for r in range(2) for j, n in enumerate(seen)), \
+        "nothing was dropped: the case does not test the selection"
 
 
 def _geometry(table):

@@ -1,8 +1,9 @@
 """Sparse top-p prefill of retrieval heads over vLLM's paged caches, in Triton.
 
-Semantics: :mod:`.reference` (query tiles of ``tile_q`` chunk rows; per (sequence, retrieval head,
-tile) the sink blocks, the diagonal blocks and the top-p blocks of the tile's pooled index query;
-exact causal attention of each row over its tile's kept blocks).
+Semantics: :mod:`.reference` (query tiles of up to ``tile_q`` chunk rows, cut at the positions that
+are multiples of ``tile_q``; per (sequence, retrieval head, tile) the sink blocks, the diagonal blocks
+and the top-p blocks of the tile's pooled index query; exact causal attention of each row over its
+tile's kept blocks).
 
 The tiles come from the step's :class:`.plan.SparsePrefillPlan`: a flat list per wave, so scratch
 follows the number of tiles, not the batch size times the longest chunk. Four launches per wave;
@@ -84,9 +85,12 @@ def pool_tile_queries(x, n_rows):
 
 
 @triton.jit
-def _tile_rows(seqlen_q, tile, TILE_Q: tl.constexpr):
-    """Rows of chunk tile(s) ``tile`` (``<= 0``: past the chunk)."""
-    return tl.minimum(seqlen_q - tile * TILE_Q, TILE_Q)
+def _tile_span(seqlen_q, seqlen_k, tile, TILE_Q: tl.constexpr):
+    """First chunk row and row count of chunk tile(s) ``tile`` (:func:`.reference.chunk_tiles`: the
+    chunk's rows cut at the positions that are multiples of ``TILE_Q``; a count ``<= 0``: past the chunk)."""
+    start = tile * TILE_Q - (seqlen_k - seqlen_q) % TILE_Q
+    row0 = tl.maximum(start, 0)
+    return row0, tl.minimum(start + TILE_Q, seqlen_q) - row0
 
 
 @triton.jit
@@ -143,18 +147,18 @@ def _plan_tile(plan_ptr, s_row, t):
     return tl.load(plan_ptr + _TILE_SEQ * s_row + t).to(tl.int64), tl.load(plan_ptr + _TILE_INDEX * s_row + t)
 
 
-@triton.jit
-def _pool_kernel(plan_ptr, q_idx_ptr, cu_q_ptr, pooled_ptr, s_row, s_it, s_ih, s_id, s_pt, s_ph,
+@triton.jit(do_not_specialize_on_alignment=["seqused_k_ptr"])
+def _pool_kernel(plan_ptr, q_idx_ptr, cu_q_ptr, seqused_k_ptr, pooled_ptr, s_row, s_it, s_ih, s_id, s_pt, s_ph,
                  TILE_Q: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr):
     """Grid ``(tiles, HR)``: ``pooled[t, r]`` from the rows of the wave's tile ``t``."""
     t = tl.program_id(0)
     r = tl.program_id(1)
     b, tile = _plan_tile(plan_ptr, s_row, t)
     q0 = tl.load(cu_q_ptr + b)
-    n_rows = _tile_rows(tl.load(cu_q_ptr + b + 1) - q0, tile, TILE_Q)
+    row0, n_rows = _tile_span(tl.load(cu_q_ptr + b + 1) - q0, tl.load(seqused_k_ptr + b), tile, TILE_Q)
     rows = tl.arange(0, TILE_Q)
     dims = tl.arange(0, DI_PAD)
-    src = q_idx_ptr + (q0 + tile * TILE_Q + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id
+    src = q_idx_ptr + (q0 + row0 + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id
     x = tl.load(src, mask=(rows < n_rows)[:, None] & (dims < DI)[None, :], other=0.0).to(tl.float32)
     tl.store(pooled_ptr + t * s_pt + r * s_ph + dims, pool_tile_queries(x, n_rows), mask=dims < DI)
 
@@ -177,9 +181,9 @@ def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, 
     q0 = tl.load(cu_q_ptr + b)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - q0
     seqlen_k = tl.load(seqused_k_ptr + b)
-    n_rows = _tile_rows(seqlen_q, tiles, TILE_Q)
+    row0, n_rows = _tile_span(seqlen_q, seqlen_k, tiles, TILE_Q)
     live = lanes < group_tiles
-    n_keys = tl.where(live, seqlen_k - seqlen_q + tiles * TILE_Q + n_rows, 0)             # last_pos + 1
+    n_keys = tl.where(live, seqlen_k - seqlen_q + row0 + n_rows, 0)                     # last_pos + 1
     first_block = tl.program_id(0) * BLOCKS_PER_PROG
     end_block = tl.minimum(first_block + BLOCKS_PER_PROG, tl.minimum(tl.cdiv(tl.max(n_keys), BS), max_blocks))
     if first_block < end_block:
@@ -224,8 +228,8 @@ def _select_kernel(plan_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr, kept_ptr
     b, tile = _plan_tile(plan_ptr, s_row, t)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - tl.load(cu_q_ptr + b)
     seqlen_k = tl.load(seqused_k_ptr + b)
-    n_rows = _tile_rows(seqlen_q, tile, TILE_Q)
-    first_pos = seqlen_k - seqlen_q + tile * TILE_Q
+    row0, n_rows = _tile_span(seqlen_q, seqlen_k, tile, TILE_Q)
+    first_pos = seqlen_k - seqlen_q + row0
     num_blocks = tl.minimum(tl.cdiv(first_pos + n_rows, BS), max_blocks)
     kept_row = kept_ptr + t * s_kt + r * s_kh
     if KEEP_ALL:
@@ -254,17 +258,17 @@ def _attend_kernel(plan_ptr, q_ptr, kv_ptr, kv_off_ptr, bt_ptr, cu_q_ptr, sequse
     b, tile = _plan_tile(plan_ptr, s_row, t)
     q0 = tl.load(cu_q_ptr + b)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - q0
-    n_rows = _tile_rows(seqlen_q, tile, TILE_Q)
+    seqlen_k = tl.load(seqused_k_ptr + b)
+    row0, n_rows = _tile_span(seqlen_q, seqlen_k, tile, TILE_Q)
     if n_rows > 0:
-        seqlen_k = tl.load(seqused_k_ptr + b)
-        first_pos = seqlen_k - seqlen_q + tile * TILE_Q
+        first_pos = seqlen_k - seqlen_q + row0
         last_pos = first_pos + n_rows - 1
         h = tl.load(heads_ptr + r)
         rows = tl.arange(0, TILE_Q)
         mask_r = rows < n_rows
         offs_d = tl.arange(0, D_PAD)
         mask_d = offs_d < D
-        tok_rows = (q0 + tile * TILE_Q + rows).to(tl.int64)                              # [TILE_Q]
+        tok_rows = (q0 + row0 + rows).to(tl.int64)                                       # [TILE_Q]
         q = tl.load(q_ptr + tok_rows[:, None] * s_qt + h * s_qh + offs_d[None, :],
                     mask=mask_r[:, None] & mask_d[None, :], other=0.0)                   # [TILE_Q, D_PAD]
         pos = first_pos + rows
@@ -319,7 +323,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     """Sparse top-p prefill (or chunked prefill) of the retrieval heads of one layer; writes their rows of ``out``.
 
     Each sequence's ``seqlen_q`` new query rows are the last rows of its ``seqused_k`` keys, whose K/V
-    and index keys are already in the caches. Semantics: :mod:`.reference`; the tiles have
+    and index keys are already in the caches. Semantics: :mod:`.reference`; the tiles have up to
     ``plan.tile_q`` rows. Only shapes, dtypes and devices are checked (no host sync); values are
     trusted. Not for CUDA graphs (the grids follow the plan's waves).
 
@@ -433,7 +437,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
         num_blocks = triton.cdiv(wave.max_seqlen_k, block_size)
         if not keep_all:
             _pool_kernel[(wave.num_tiles, num_ret)](
-                wave_plan, q_idx, cu_seqlens_q, pooled, s_row, *q_idx.stride(), *pooled.stride()[:2],
+                wave_plan, q_idx, cu_seqlens_q, seqused_k, pooled, s_row, *q_idx.stride(), *pooled.stride()[:2],
                 TILE_Q=plan.tile_q, DI=index_dim, DI_PAD=di_pad, num_warps=4)
             blocks_per_prog = cfg["blocks_per_prog"]
             _score_kernel[(triton.cdiv(num_blocks, blocks_per_prog), wave.num_groups, num_ret)](

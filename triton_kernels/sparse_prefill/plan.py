@@ -1,9 +1,10 @@
 """The host side of the sparse prefill: a batch's query tiles laid out for the kernels (the plan), and
 the kernels' scratch.
 
-A batch's chunks are cut into query tiles of ``tile_q`` rows (:func:`.reference.chunk_tiles`); the
-kernels address tiles through one flat index, so a batch of many short chunks (prefix-cache hits with a
-short question each) costs no more scratch than one long chunk. Tiles are taken in sequence order and
+A batch's chunks are cut into query tiles of up to ``tile_q`` rows at the positions that are multiples
+of ``tile_q`` (:func:`.reference.chunk_tiles`); the kernels address tiles through one flat index, so a
+batch of many short chunks (prefix-cache hits with a short question each) costs no more scratch than
+one long chunk. Tiles are taken in sequence order and
 cut into *waves* of at most ``wave_tiles`` tiles, the scratch of one pass of the kernels
 (:class:`SparsePrefillWorkspace`); a batch with more tiles runs several passes. Inside a wave,
 the tiles of one sequence form *score groups* of at most ``tile_group`` consecutive tiles, which the
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .reference import chunk_tiles
 
 TILE_Q = 128
 """Query rows per tile of the serving prefill and of ``rtpurbo-calibrate evaluate``'s prefill measurement:
@@ -74,8 +77,8 @@ def plan_sparse_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], wave
 
     Args:
         query_lens: per sequence, the chunk's new rows (``>= 0``).
-        seq_lens: per sequence, its keys including the chunk (``>= query_lens``); an upper bound is fine
-            (it orders the attention and bounds the score grid).
+        seq_lens: per sequence, its keys including the chunk (``>= query_lens``), as the kernels' ``seqused_k``
+            (where the chunk starts places its tiles, :func:`.reference.chunk_tiles`).
         wave_tiles: most tiles per wave (the workspace's tile capacity; ``>= tile_group``).
         tile_q: query rows per tile, a power of two ``>= 16``.
         tile_group: most tiles per score group, a power of two ``>= 16``.
@@ -89,10 +92,12 @@ def plan_sparse_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], wave
         raise ValueError(f"wave_tiles ({wave_tiles}) must hold a score group of tile_group={tile_group} tiles")
     waves: list[list[tuple[int, int, int]]] = [[]]          # per wave: (sequence, first tile, tiles) groups
     filled = 0                                              # tiles of the last wave
+    tile_keys = []                                          # per sequence, per tile: its last position + 1
     for seq, (seqlen_q, seqlen_k) in enumerate(zip(query_lens, seq_lens)):
         if not 0 <= seqlen_q <= seqlen_k:
             raise ValueError(f"sequence {seq}: need 0 <= chunk rows <= keys, got {seqlen_q} and {seqlen_k}")
-        num_tiles = math.ceil(seqlen_q / tile_q)
+        tile_keys.append([tile.last_pos + 1 for tile in chunk_tiles(seqlen_q, seqlen_k, tile_q)])
+        num_tiles = len(tile_keys[-1])
         for first in range(0, num_tiles, tile_group):
             size = min(tile_group, num_tiles - first)
             if filled + size > wave_tiles:
@@ -105,7 +110,7 @@ def plan_sparse_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], wave
     for w, groups in enumerate(waves):
         seqs = [seq for seq, first, n in groups for _ in range(n)]
         indices = [first + i for _, first, n in groups for i in range(n)]
-        keys = [seq_lens[s] - query_lens[s] + min((i + 1) * tile_q, query_lens[s]) for s, i in zip(seqs, indices)]
+        keys = [tile_keys[s][i] for s, i in zip(seqs, indices)]
         first_tiles = list(itertools.accumulate((n for _, _, n in groups[:-1]), initial=0))[:len(groups)]
         for row, values in ((TILE_SEQ, seqs), (TILE_INDEX, indices),
                             (ATTEND_ORDER, sorted(range(len(seqs)), key=lambda t: -keys[t])),

@@ -1,9 +1,12 @@
 """Sparse top-p prefill of retrieval heads in plain PyTorch: the ground truth for the sparse prefill kernels.
 
 Layout (vLLM varlen): sequence ``b``'s chunk of ``seqlen_q`` new query rows are the last rows of its
-``seqlen_k`` keys, so chunk row ``i`` sits at position ``seqlen_k - seqlen_q + i``. The chunk is cut
-into query tiles of ``tile_q`` consecutive rows from its first row (the last tile may be short). Per
-retrieval head ``r`` (query head ``heads[r]``, KV head ``heads[r] // G``) and tile:
+``seqlen_k`` keys, so chunk row ``i`` sits at position ``seqlen_k - seqlen_q + i``. Query tiles are
+the sequence's positions in aligned runs of ``tile_q`` (``[j * tile_q, (j + 1) * tile_q)``); a chunk
+holds the parts of them its rows cover (:func:`chunk_tiles`: the first and last may be short). A tile's
+selection thus depends on its positions, not on where vLLM cut the prompt into chunks or where a
+prefix-cache hit ended, except for a tile a chunk boundary cuts. Per retrieval head ``r`` (query head
+``heads[r]``, KV head ``heads[r] // G``) and tile:
 
 1. :func:`pool_index_queries` turns the tile's index queries into one vector; its float32 softmax over
    the index scores ``pooled . k_idx[t]`` (no scale) of the keys ``t <= last_pos`` (causal for the
@@ -57,14 +60,15 @@ class Tile:
 
 
 def chunk_tiles(seqlen_q: int, seqlen_k: int, tile_q: int) -> list[Tile]:
-    """The query tiles of a chunk of ``seqlen_q`` rows ending a sequence of ``seqlen_k`` keys
-    (``ceil(seqlen_q / tile_q)`` tiles; the kept share of a tile is its kept-block count over
-    ``ceil((last_pos + 1) / BS)``)."""
+    """The query tiles of a chunk of ``seqlen_q`` rows ending a sequence of ``seqlen_k`` keys: the
+    chunk's rows in runs cut at the positions that are multiples of ``tile_q`` (``ceil((shift +
+    seqlen_q) / tile_q)`` tiles for ``shift = (seqlen_k - seqlen_q) % tile_q``, none for an empty chunk;
+    the kept share of a tile is its kept-block count over ``ceil((last_pos + 1) / BS)``)."""
     if not 0 <= seqlen_q <= seqlen_k or tile_q < 1:
         raise ValueError(f"need 0 <= seqlen_q <= seqlen_k and tile_q >= 1, got {seqlen_q}, {seqlen_k}, {tile_q}")
     start = seqlen_k - seqlen_q
-    return [Tile(r0, min(r0 + tile_q, seqlen_q), start + r0, start + min(r0 + tile_q, seqlen_q) - 1)
-            for r0 in range(0, seqlen_q, tile_q)]
+    cuts = [0, *range(tile_q - start % tile_q, seqlen_q, tile_q), seqlen_q] if seqlen_q else [0]
+    return [Tile(r0, r1, start + r0, start + r1 - 1) for r0, r1 in zip(cuts[:-1], cuts[1:])]
 
 
 def tile_block_mass_ref(pooled: torch.Tensor, k_idx: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -142,7 +146,7 @@ def sparse_prefill_visible_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, top_p: 
     tokens = torch.arange(seqlen_k)
     positions = torch.arange(seqlen_k - seqlen_q, seqlen_k)                                    # [Tq]
     causal = tokens[None, :] <= positions[:, None]                                             # [Tq, Tk]
-    row_tile = torch.arange(seqlen_q) // tile_q                                                # [Tq]
+    row_tile = positions // tile_q - (seqlen_k - seqlen_q) // tile_q                          # [Tq]
     visible = keep[:, row_tile][:, :, tokens // block_size] & causal                           # [HR, Tq, Tk]
     return keep, visible
 
