@@ -16,8 +16,8 @@ the later rounds is the steady state.
 Reported per backend: seconds from the start of ``vllm serve`` to a healthy server, the duration the
 RTPURBO warm-up logged (``rtpurbo_vllm.attention.warmup``; the cost moved from the first requests to
 start-up), each round's seconds and first / steady, where each round's time went (``round_phases``: per
-request the mean seconds vLLM's ``/metrics`` counted in the queue, in prefill and in decode over the
-round) and (fresh Triton cache) the kernels Triton compiled after the server was healthy, by name
+request the mean seconds vLLM's ``/metrics`` counted in the queue, in prefill and in decode, and its
+time to first token and end to end from the request's arrival at the API server, over the round) and (fresh Triton cache) the kernels Triton compiled after the server was healthy, by name
 (``compiled_after_startup``: what the first requests paid for). Criterion: for every backend, round 1 within
 ``--max-first-ratio`` (default 1.5) x the steady state. Results go to ``--out``:
 ``bench_first_requests.json`` (a backend run again replaces its entry) and ``bench_first_requests.md``;
@@ -55,9 +55,14 @@ MAX_MODEL_LEN = 4096                 # the tiny model's trained length
 MIN_PROMPT = 64                      # tokens: room for make_prompt's pairs and query
 RESULTS_JSON, REPORT_MD = "bench_first_requests.json", "bench_first_requests.md"
 WARMUP_LOG = re.compile(r"RTPURBO warm-up: .* in ([0-9.]+) s")
-# vLLM's per-request phase histograms: the growth of their sums over a round says where its time went.
+# vLLM's per-request histograms: the growth of their sums over a round says where its time went. Queue,
+# prefill and decode are the engine's phases; time to first token and end to end are counted by the API
+# server from the request's arrival, so end to end minus the phases is the time spent outside the engine
+# (the API server's input and output processing, and the wait before the engine takes the request in).
 PHASE_METRICS = {"vllm:request_queue_time_seconds_sum": "queue_s", "vllm:request_prefill_time_seconds_sum": "prefill_s",
-                 "vllm:request_decode_time_seconds_sum": "decode_s"}
+                 "vllm:request_decode_time_seconds_sum": "decode_s",
+                 "vllm:time_to_first_token_seconds_sum": "first_token_s",
+                 "vllm:e2e_request_latency_seconds_sum": "end_to_end_s"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +196,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {backend} | {row['startup_s']:.0f} | {', '.join(map(str, row['warmup_s'])) or '-'} | "
                      f"{row['first_s']:.2f} | {row['steady_s']:.2f} | {row['first_over_steady']} | "
                      f"{row['triton_cache']} | {', '.join(row['compiled_after_startup'] or []) or '-'} |")
-    lines += ["", "Per request, mean ms in vLLM's queue / prefill / decode phases, per round:", ""]
+    lines += ["", "Per request, mean ms in vLLM's queue / prefill / decode phases, then its time to first token / "
+              "end to end (from arrival at the API server), per round:", ""]
     for backend, row in results["backends"].items():
         cells = ["/".join(f"{1000 * phases[key]:.0f}" if key in phases else "-" for key in PHASE_METRICS.values())
                  for phases in row.get("round_phases", [])]

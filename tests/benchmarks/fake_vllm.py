@@ -2,8 +2,8 @@
 ``python fake_vllm.py serve ...``, ``... bench serve ...`` or ``... bench latency ...``:
 
 - ``serve``: prints vLLM's KV-capacity log lines and serves on 127.0.0.1: ``/health``, ``/metrics``
-  (idle: no preemption, KV usage 0, nothing running or waiting; each completion served adds 1, 2 and 3
-  ms to the queue, prefill and decode histograms' sums) and ``POST /v1/completions``: greedy
+  (idle: no preemption, KV usage 0, nothing running or waiting; each completion served adds 1, 2, 3, 4
+  and 8 ms to the queue, prefill, decode, time-to-first-token and end-to-end histograms' sums) and ``POST /v1/completions``: greedy
   completions derived from the prompt alone (one hex digit of its SHA-1 per token), with top-2
   log-probabilities, so the same prompt always gets the same answer;
 - ``bench serve``: writes a ``--save-result`` JSON (``--save-detailed`` adds ``input_lens`` and
@@ -46,8 +46,9 @@ def print_capacity(argv):
 def metrics_text(served):
     usage = float(os.environ.get("FAKE_KV_USAGE", "0"))
     running = float(os.environ.get("FAKE_RUNNING", "0"))
-    phases = [f'vllm:request_{phase}_time_seconds_sum{{engine="0"}} {ms * served / 1000}'
-              for phase, ms in (("queue", 1), ("prefill", 2), ("decode", 3))]
+    phases = [f'vllm:{name}_seconds_sum{{engine="0"}} {ms * served / 1000}'
+              for name, ms in (("request_queue_time", 1), ("request_prefill_time", 2), ("request_decode_time", 3),
+                               ("time_to_first_token", 4), ("e2e_request_latency", 8))]
     return "\n".join(['vllm:num_preemptions_total{engine="0"} 0.0', f'vllm:kv_cache_usage_perc{{engine="0"}} {usage}',
                       f'vllm:num_requests_running{{engine="0"}} {running}', 'vllm:num_requests_waiting{engine="0"} 0.0',
                       'vllm:prefix_cache_hits_total{engine="0"} 1234.0', *phases, ""]).encode()

@@ -57,10 +57,11 @@ def test_full_run_with_the_fake_vllm(tmp_path, fake_vllm):
         assert len(row["rounds_s"]) == 3 and row["first_s"] == row["rounds_s"][0] and row["warmup_s"] == []
         assert row["steady_s"] > 0 and row["startup_s"] >= 0 and (out / "triton_cache" / backend).is_dir()
         assert row["compiled_at_startup"] == 0 and row["compiled_after_startup"] == []
-        assert row["round_phases"] == [{"queue_s": 0.001, "prefill_s": 0.002, "decode_s": 0.003}] * 3
+        assert row["round_phases"] == [{"queue_s": 0.001, "prefill_s": 0.002, "decode_s": 0.003,
+                                        "first_token_s": 0.004, "end_to_end_s": 0.008}] * 3
     assert all(c["passed"] for c in results["criteria"]) and len(results["criteria"]) == 2
     report = (out / fr.REPORT_MD).read_text()
-    assert "First requests against steady state: PASSED" in report and "- RTPURBO: 1/2/3, 1/2/3, 1/2/3" in report
+    assert "First requests against steady state: PASSED" in report and "- RTPURBO: 1/2/3/4/8, 1/2/3/4/8, 1/2/3/4/8" in report
     # A backend run again replaces its own entry only.
     assert fr.main([*argv, "--backends", "FLASH_ATTN", "--rounds", "2"]) == 0
     results = json.loads((out / fr.RESULTS_JSON).read_text())
