@@ -4,11 +4,11 @@ the kernels' scratch.
 A batch's chunks are cut into query tiles of up to ``tile_q`` rows at the positions that are multiples
 of ``tile_q`` (:func:`.reference.chunk_tiles`); the kernels address tiles through one flat index, so a
 batch of many short chunks (prefix-cache hits with a short question each) costs no more scratch than
-one long chunk. Tiles are taken in sequence order and
-cut into *waves* of at most ``wave_tiles`` tiles, the scratch of one pass of the kernels
-(:class:`SparsePrefillWorkspace`); a batch with more tiles runs several passes. Inside a wave,
-the tiles of one sequence form *score groups* of at most ``tile_group`` consecutive tiles, which the
-score kernel scores together (one read of each index key per group); a group never spans two waves.
+one long chunk. Tiles are taken in sequence order and cut into *waves* of at most ``wave_tiles`` tiles,
+the scratch of one pass of the kernels (:class:`SparsePrefillWorkspace`); a batch with more tiles runs
+several passes. Inside a wave, the tiles of one sequence form *score groups* of at most ``tile_group``
+consecutive tiles, which the score kernel scores together (one read of each index key per group); a
+group never spans two waves.
 
 :func:`plan_sparse_prefill` runs on the host once per step (the metadata builder's job) and is shared
 by every layer; it needs only the host-side chunk and sequence lengths and makes one small copy to
