@@ -66,8 +66,7 @@ from rtpurbo_vllm.triton_kernels.index_keys import IndexQueries, index_queries, 
 from rtpurbo_vllm.triton_kernels.paged_heads import PagedHeads
 from rtpurbo_vllm.triton_kernels.sparse_decode import (allocate_sparse_decode_workspace, headwise_sparse_decode,
                                                        local_splits_for, sm_count)
-from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_GROUP, TILE_Q, make_sparse_prefill_workspace,
-                                                        plan_sparse_prefill)
+from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, make_sparse_prefill_workspace, plan_sparse_prefill
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX
 
 DTYPE = dtype()
@@ -133,8 +132,8 @@ def bench_prefill(length: int, device, repeats: int, prefill_top_p: float = TOP_
     planted = torch.empty(block_table.numel(), PAGE, len(RETRIEVAL), DI, dtype=DTYPE, device=device)
     plant_hot_blocks(q_idx[:1], planted, block_table, length, keep, torch.Generator().manual_seed(0))
     planted_index = PagedHeads.single(planted)
-    plan = plan_sparse_prefill([length], [length], PREFILL_WAVE_TILES, TILE_Q, TILE_GROUP, device)
-    workspace = make_sparse_prefill_workspace(PREFILL_WAVE_TILES, len(RETRIEVAL), length, BS, DI, TILE_Q, device)
+    plan = plan_sparse_prefill([length], [length], PREFILL_WAVE_TILES, TILE_Q, device)
+    workspace = make_sparse_prefill_workspace(PREFILL_WAVE_TILES, len(RETRIEVAL), length, BS, TILE_Q, device)
     sparse = SparseRetrieval(kv=kv, kv_tables=[kv.table(0, block_table)], index=planted_index,
                              index_table=planted_index.table(0, block_table), index_queries=q_idx, heads=retrieval,
                              plan=plan, workspace=workspace, top_p=prefill_top_p, block_size=BS)

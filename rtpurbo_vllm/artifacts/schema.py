@@ -104,8 +104,9 @@ class SparsityParams:
         top_p: a retrieval head keeps, at each decode step, the fewest selection blocks whose
             indexer-softmax mass reaches ``top_p``; in (0, 1].
         prefill_top_p: a retrieval head's prefill keeps, per query tile, the sink blocks, the tile's
-            diagonal blocks and the fewest other blocks whose softmax mass under the tile's mean-pooled
-            index query reaches ``prefill_top_p`` (``rtpurbo_vllm.triton_kernels.sparse_prefill``);
+            diagonal blocks and the fewest other blocks whose softmax mass, over the keys' index scores
+            (each the max over the tile's rows), reaches ``prefill_top_p``
+            (``rtpurbo_vllm.triton_kernels.sparse_prefill``);
             in (0, 1]. 1.0 keeps every block: the dense causal retrieval prefill, the exact fallback.
             The default stays 1.0 until measured accuracy on a long-context model supports a lower one.
         block_size: tokens per selection block of the top-p decode and prefill.

@@ -48,9 +48,9 @@ from rtpurbo_vllm.attention.tp import rank_layout
 from rtpurbo_vllm.attention.warmup import warm_up
 from rtpurbo_vllm.triton_kernels.block_topp import BlockTopPWorkspace, make_block_topp_workspace
 from rtpurbo_vllm.triton_kernels.sparse_decode import allocate_sparse_decode_workspace
-from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_GROUP, TILE_Q, make_sparse_prefill_workspace, plan_sparse_prefill
+from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, make_sparse_prefill_workspace, plan_sparse_prefill
 
-SPARE_PREFILL_TILES = TILE_GROUP
+SPARE_PREFILL_TILES = 64
 """Tiles of a sparse prefill wave beyond a full chunk's: room for the tiles of other short chunks."""
 
 
@@ -96,7 +96,7 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
                                                      dtype=vllm_config.model_config.dtype, device=device)
             self.prefill_workspace = make_sparse_prefill_workspace(
                 -(-max_tokens // TILE_Q) + SPARE_PREFILL_TILES, max_retrieval, vllm_config.model_config.max_model_len,
-                params.block_size, params.index_dim, TILE_Q, device)
+                params.block_size, TILE_Q, device)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> RTPurboMetadata:
         """Metadata of a capture batch: exactly what :meth:`build` gives at replay (the same views of
@@ -164,7 +164,6 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
         query_lens = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1].diff().tolist()
         lengths = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens_cpu
         seq_lens = lengths[rows].tolist()
-        plan = plan_sparse_prefill(query_lens, seq_lens, self.prefill_workspace.wave_tiles, TILE_Q, TILE_GROUP,
-                                   self.device)
+        plan = plan_sparse_prefill(query_lens, seq_lens, self.prefill_workspace.wave_tiles, TILE_Q, self.device)
         return RTPurboSparsePrefill(plan=plan, index_queries=self.prefill_index_queries,
                                     workspace=self.prefill_workspace)

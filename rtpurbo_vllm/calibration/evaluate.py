@@ -11,7 +11,7 @@ For scale, *oracle blocks kept* is the share an oracle needs: block top-p on the
 Prefill: each sequence is prefilled as one chunk, cut into query tiles of
 :data:`~rtpurbo_vllm.triton_kernels.sparse_prefill.TILE_Q` rows; per tile and retrieval head the
 sparse prefill's selection (:mod:`rtpurbo_vllm.triton_kernels.sparse_prefill`: sink and diagonal
-blocks plus the top-p blocks of the tile's mean-pooled index query, at the artifact's
+blocks plus the top-p blocks of its keys' index scores, each the max over the tile's rows, at the artifact's
 ``prefill_top_p``) is applied to the real attention rows of the tile: the mass each row keeps,
 averaged over the tile's rows, is the tile's *prefill recall*. ``dense_threshold`` is not applied
 (both measure the routing itself). The same captured q/k serve both.
@@ -39,8 +39,8 @@ from rtpurbo_vllm.calibration.capture import LoadedModel, attention_rows, captur
 from rtpurbo_vllm.calibration.data import TokenSource, sample_sequence
 from rtpurbo_vllm.triton_kernels.block_topp import block_topp_ref, expand_block_mask, index_scores_ref
 from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
-from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_Q, chunk_tiles, pool_index_queries, tile_block_mass_ref,
-                                                        tile_forced_blocks, tile_topp_ref)
+from rtpurbo_vllm.triton_kernels.sparse_prefill import (TILE_Q, chunk_tiles, tile_block_mass_ref, tile_forced_blocks,
+                                                        tile_topp_ref)
 
 REPORT_JSON, REPORT_MD = "evaluate.json", "evaluate.md"
 DECODE_METRICS = ("recall", "blocks_kept", "oracle_blocks_kept")
@@ -114,7 +114,7 @@ def layer_prefill_routing(lm: LoadedModel, heads: list[int], q_pre: torch.Tensor
     out = {m: torch.empty(len(heads), len(tiles)) for m in TILE_METRICS}
     for i, tile in enumerate(tiles):
         n = tile.last_pos + 1
-        mass = tile_block_mass_ref(pool_index_queries(q_idx[tile.row0:tile.row1]), k_idx[:n], block_size)
+        mass = tile_block_mass_ref(q_idx[tile.row0:tile.row1], k_idx[:n], block_size)
         keep = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens), top_p)  # [HR, NB]
         positions = torch.arange(tile.first_pos, n)                  # one chunk: chunk rows are positions
         real = attention_rows(q_pre[tile.row0:tile.row1], k_pre[:n], positions, head_ids, lm)  # [HR, rows, n]

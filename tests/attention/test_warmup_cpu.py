@@ -46,7 +46,7 @@ MAX_REQS = 8                    # max_num_seqs: split counts 4 (1-4 decodes) and
 NUM_PAGES = 96
 SERVING_KERNELS = {"_kv_write_kernel", "_index_vectors_kernel", "_block_stats_kernel",
                    "_select_kernel", "_split_kernel", "_combine_kernel", "_merge_sinks_kernel"}
-SPARSE_PREFILL_KERNELS = {"_pool_kernel", "_score_kernel", "_attend_kernel"}   # and its own _select_kernel
+SPARSE_PREFILL_KERNELS = {"_score_kernel", "_attend_kernel"}   # and its own _select_kernel
 # Real steps, (cached, new) tokens per request, decodes first, of many request, token and decode counts:
 # pure decodes of both split counts, mixed steps, prefills under and over the window (24 tokens; 4
 # sinks, 16-token pages, max_model_len 1024), token counts divisible by 16 and not.

@@ -139,9 +139,10 @@ def test_export_round_trip_and_evaluate_report(model_dir, lm, heads_dir, tmp_pat
 
 
 def test_evaluate_measures_the_sparse_prefill_selection(lm):
-    """Per query tile, the prefill metrics apply the sparse prefill's selection (the tile's pooled index
-    query over its KV head's index keys, causal for its last row; sink and diagonal blocks forced) to the
-    real attention rows of the tile; at prefill_top_p 1.0 every visible block and all of the mass is kept."""
+    """Per query tile, the prefill metrics apply the sparse prefill's selection (per key of its KV head,
+    the max over the tile's rows of the index logit, causal for its last row; sink and diagonal blocks
+    forced) to the real attention rows of the tile; at prefill_top_p 1.0 every visible block and all of
+    the mass is kept."""
     from rtpurbo_vllm.calibration.capture import attention_rows, capture_retrieval
     from rtpurbo_vllm.calibration.evaluate import layer_prefill_routing
     from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, tile_topp_ref
@@ -159,11 +160,12 @@ def test_evaluate_measures_the_sparse_prefill_selection(lm):
     assert dense["tile_visible"][0].tolist() == [8, 16, 19]                  # ceil((last_pos + 1) / 16)
     sparse = layer_prefill_routing(lm, heads, q_pre, k_pre, w_q, w_k, 0.5, block_size, 4)
     assert (sparse["tile_kept"] < sparse["tile_visible"])[:, 1:].all()
-    # The last tile by hand: rows 256..299 pool their index queries; each head reads its KV head.
+    # The last tile by hand: each key scores its max logit over rows 256..299; each head reads its KV head.
     rows = torch.arange(2 * TILE_Q, num_tokens)
     kv = torch.tensor(heads) // (lm.num_heads // lm.num_kv_heads)
-    pooled = torch.einsum("thd,hid->hi", q_pre[rows].float(), w_q) / len(rows)
-    probs = torch.einsum("hi,thd,hid->ht", pooled, k_pre[:, kv].float(), w_k).softmax(-1)    # [HR, 300]
+    q_idx = torch.einsum("qhd,hid->qhi", q_pre[rows].float(), w_q)                         # [44, HR, DI]
+    logits = torch.einsum("qhi,thd,hid->hqt", q_idx, k_pre[:, kv].float(), w_k)             # [HR, 44, 300]
+    probs = logits.amax(1).softmax(-1)
     mass = torch.nn.functional.pad(probs, (0, 4)).view(len(heads), 19, block_size).sum(-1)
     forced = torch.zeros(19, dtype=torch.bool)
     forced[[0, 15, 16, 17, 18]] = True                                       # sink block; blocks over [241, 299]

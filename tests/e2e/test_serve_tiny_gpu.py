@@ -188,8 +188,8 @@ def test_mixed_batch_with_preemption_and_prefix_hits(served, mixed_batch, layout
     recompute; the 8 prompts sharing a 1536-token prefix hit the prefix cache. The answers (the first
     3 generated words) must equal the unconstrained server's (same layout), all but one. The sparse
     prefill is judged by right answers instead, no fewer than the unconstrained server's but one: a
-    query tile that a chunk boundary cuts selects its blocks with the pooled index query of its rows in
-    that chunk, so its answers follow where vLLM ended the chunks (here a 512-token step budget shared
+    query tile that a chunk boundary cuts selects its blocks by the index scores of its rows in that
+    chunk, so its answers follow where vLLM ended the chunks (here a 512-token step budget shared
     with the decodes, there the default)."""
     with serve(f"rtpurbo_preempt_{layout}", "RTPURBO", "--enforce-eager", "--block-size", "16",
                "--max-model-len", str(PREEMPT_MAX_LEN), "--num-gpu-blocks-override", str(preempt_pages(layout)),

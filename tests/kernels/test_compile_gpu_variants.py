@@ -85,8 +85,8 @@ def test_gpu_variants_compile_for_hopper(monkeypatch):
         prefill_kernel.sparse_prefill(
             rows, kv, [kv.table(k, torch.zeros(1, 4, dtype=torch.int32)) for k in (0, 1)], index, index.table(0, torch.zeros(1, 4, dtype=torch.int32)),
             torch.zeros(20, 1, 16), torch.tensor([0, 20], dtype=torch.int32), torch.tensor([30], dtype=torch.int32),
-            torch.tensor([1], dtype=torch.int32), plan_sparse_prefill([20], [30], 16, 16, 16), 1.0, 4, 16,
-            d ** -0.5, make_sparse_prefill_workspace(16, 1, 64, 16, 16, 16), torch.empty_like(rows),
+            torch.tensor([1], dtype=torch.int32), plan_sparse_prefill([20], [30], 16, 16), 1.0, 4, 16,
+            d ** -0.5, make_sparse_prefill_workspace(16, 1, 64, 16, 16), torch.empty_like(rows),
             k_scale=scales[0], v_scale=scales[1])
     # fp8 index keys: the index-key write's native fp32 -> fp8e4nv store (with a decode step's queries).
     from rtpurbo_vllm.triton_kernels.index_keys import kernel as index_kernel

@@ -27,9 +27,8 @@ from rtpurbo_vllm.triton_kernels.paged_heads import PageTable, gather, to_float 
 from rtpurbo_vllm.triton_kernels.sparse_prefill import kernel as _kernel_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels import topp_search as _topp_module  # noqa: E402
 from rtpurbo_vllm.triton_kernels.sparse_prefill import (chunk_tiles, paged_sparse_prefill_ref,  # noqa: E402
-                                                        plan_sparse_prefill, pool_index_queries,
-                                                        sparse_prefill_visible_ref, tile_block_mass_ref,
-                                                        tile_forced_blocks)
+                                                        plan_sparse_prefill, sparse_prefill_visible_ref,
+                                                        tile_block_mass_ref, tile_forced_blocks)
 from rtpurbo_vllm.triton_kernels.sparse_prefill.plan import TILE_INDEX, TILE_SEQ  # noqa: E402
 
 
@@ -67,7 +66,7 @@ def _index_keys(seq_len, num_ret, block_size):
 
 
 def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_size, kv_dtype=bf16, q_dtype=bf16,
-             k_scale=None, v_scale=None, index_dtype=bf16):
+             k_scale=None, v_scale=None, index_dtype=bf16, q_idx_dtype=torch.float32):
     """Everything one call needs, with K/V over two units of kind 0 and the index keys over two units
     (``index_dtype`` u8: fp8 bytes, stored unscaled)."""
     seq_lens = [c + n for c, n in seqs]
@@ -83,22 +82,21 @@ def _problem(seqs, hq, hkv, head_dim, heads, page_size, index_page_size, block_s
     return dict(
         q=torch.randn(num_tokens, hq, head_dim, dtype=q_dtype, device=DEVICE),
         kv=lay.paged, kv_tables=lay.tables, index=index.paged, index_table=index.tables[0],
-        q_idx=torch.randn(num_tokens, num_ret, DI, device=DEVICE),
+        q_idx=torch.randn(num_tokens, num_ret, DI, device=DEVICE).to(q_idx_dtype),
         cu_seqlens_q=torch.tensor([0] + [n for _, n in seqs], dtype=torch.int32).cumsum(0).int().to(DEVICE),
         seqused_k=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         heads=torch.tensor(heads, dtype=torch.int32, device=DEVICE),
         k_scale=k_scale, v_scale=v_scale, stored=stored)
 
 
-def _run(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0, lse_layout="rows", wave_tiles=64,
-         tile_group=16):
+def _run(p, top_p, sink_tokens, block_size, tile_q, dense_threshold=0, lse_layout="rows", wave_tiles=64):
     """Calls the kernel on NaN-filled ``out``/``lse`` (``lse_layout`` "heads": a ``[HQ, T]`` buffer
     passed transposed, as FA3 returns its LSE); returns (out, lse [T, HQ], kept, num_kept, plan)."""
     seqs_q = p["cu_seqlens_q"].diff().tolist()
-    plan = plan_sparse_prefill(seqs_q, p["seqused_k"].tolist(), wave_tiles, tile_q, tile_group, DEVICE)
+    plan = plan_sparse_prefill(seqs_q, p["seqused_k"].tolist(), wave_tiles, tile_q, DEVICE)
     ws = make_sparse_prefill_workspace(wave_tiles + 3, len(p["heads"]) + 1, int(p["seqused_k"].max()) + 70,
-                                       block_size, DI, tile_q, DEVICE)
-    for t in (ws.pooled, ws.block_max, ws.block_sum):
+                                       block_size, tile_q, DEVICE)
+    for t in (ws.block_max, ws.block_sum):
         t.fill_(float("nan"))
     ws.kept.fill_(-7)
     ws.num_kept.fill_(-7)
@@ -169,8 +167,8 @@ def _check_selection(p, kept, num_kept, plan, ref_keep, top_p, sink_tokens, bloc
         seqlen_k = int(p["seqused_k"][b])
         tile = chunk_tiles(cu[b + 1] - cu[b], seqlen_k, tile_q)[i]
         k_idx = torch.stack([_index_keys_of(p, b, r, seqlen_k) for r in range(len(p["heads"]))], 1)
-        pooled = pool_index_queries(p["q_idx"][cu[b] + tile.row0:cu[b] + tile.row1].double().cpu())
-        mass = tile_block_mass_ref(pooled.double(), k_idx[:tile.last_pos + 1].double(), block_size).double()
+        rows = p["q_idx"][cu[b] + tile.row0:cu[b] + tile.row1].cpu()
+        mass = tile_block_mass_ref(rows, k_idx[:tile.last_pos + 1], block_size).double()
         forced = tile_forced_blocks(tile, block_size, sink_tokens)
         for r in range(len(p["heads"])):
             where = f"seq {b} tile {i} head {r}"
@@ -247,20 +245,19 @@ def test_matches_reference(seed, case):
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2, search_bits=4),
-                 id="sub16-chunk4-kvtile16-bits4"),
-    pytest.param(dict(kv_tile=128, select_chunk=8, search_bits=2), id="kvtile128-chunk8-bits2"),
+    pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2, search_bits=4,
+                      score_warps=1), id="sub16-chunk4-kvtile16-bits4-warps1"),
+    pytest.param(dict(kv_tile=128, select_chunk=8, search_bits=2, score_warps=2), id="kvtile128-chunk8-bits2-warps2"),
 ])
 def test_launch_configs(seed, monkeypatch, config):
-    """Other launch knobs give the same result: several score programs per head, blocks scored in
-    sub-chunks (online merge), rows longer than the selection's register chunk (re-read from the
+    """Other launch knobs give the same result: several score programs per tile of 1 or 2 warps, blocks
+    scored in sub-chunks (online merge), rows longer than the selection's register chunk (re-read from the
     workspace), KV tiles smaller than a block and KV tiles spanning several blocks, and a k-ary
     threshold search of 4 and 2 bits per step."""
     monkeypatch.setattr(_kernel_module, "CONFIG", {**_kernel_module.CONFIG, **config})
-    seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows: two score groups in the first sequence
+    seqs = [(40, 290), (75, 50), (203, 67)]          # 19 tiles of 16 rows, up to 11 blocks of 32 keys
     p = _problem(seqs, 8, 2, 64, [1, 6], 16, 48, 32)
     out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 16)
-    assert plan.waves[0].num_groups == 4
     ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 16)
     _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
@@ -295,10 +292,13 @@ def test_fp8_units(seed, kv_dtype):
     assert all(to_float(k, k_scale).abs().max() <= 448 * 0.02 + 1e-6 for k, _ in p["stored"])
 
 
-def test_fp8_index_keys(seed):
-    """Index keys in fp8 units (as ``write_index_keys`` stores them with an fp8 KV cache): the tiles select
-    what the reference selects on the stored values, and attend the same."""
-    p = _problem(SEQS[1:4], 8, 2, 64, [2, 5], 16, 48, 32, index_dtype=u8)
+@pytest.mark.parametrize("q_idx_dtype, index_dtype", [(torch.float32, u8), (bf16, bf16), (bf16, u8), (fp16, bf16)],
+                         ids=["f32-fp8", "bf16-bf16", "bf16-fp8", "fp16-bf16"])
+def test_index_dtypes(seed, q_idx_dtype, index_dtype):
+    """Index queries in the model dtype and index keys in fp8 units (as ``write_index_keys`` stores them
+    with an fp8 KV cache) or 16-bit: scored in the queries' 16-bit dtype where the keys share it or are fp8,
+    else in float32; the tiles select what the reference selects on the stored values, and attend the same."""
+    p = _problem(SEQS[1:4], 8, 2, 64, [2, 5], 16, 48, 32, index_dtype=index_dtype, q_idx_dtype=q_idx_dtype)
     out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 32)
     ref_out, ref_lse, ref_keep = _reference(p, 0.8, 4, 32, 32)
     _check_selection(p, kept, num_kept, plan, ref_keep, 0.8, 4, 32, 32)
@@ -307,10 +307,10 @@ def test_fp8_index_keys(seed):
 
 def test_several_waves(seed):
     """A batch of more tiles than the workspace holds runs in waves (23 tiles of up to 16 rows in waves
-    of at most 16, score groups of at most 16 tiles never split): the output equals the reference."""
+    of at most 16, a sequence's tiles split between two): the output equals the reference."""
     p = _problem(SEQS, 8, 2, 64, [1, 6], 16, 48, 32)
     out, lse, kept, num_kept, plan = _run(p, 0.8, 4, 32, 16, wave_tiles=16)
-    assert [w.num_tiles for w in plan.waves] == [15, 8]
+    assert [w.num_tiles for w in plan.waves] == [16, 7]
     ref_out, ref_lse, _ = _reference(p, 0.8, 4, 32, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
 
@@ -341,11 +341,11 @@ def test_empty_batch_and_no_rows(seed):
     ref_out, ref_lse, _ = _reference(p, 0.9, 4, 16, 16)
     _check_attention(p, out, lse, ref_out, ref_lse)
     empty = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    ws = make_sparse_prefill_workspace(16, 1, 64, 16, DI, 16, DEVICE)
+    ws = make_sparse_prefill_workspace(16, 1, 64, 16, 16, DEVICE)
     q = p["q"][:0]
     result = sparse_prefill(q, p["kv"], [PageTable(p["kv_tables"][0].block_table[:0], *_geometry(p["kv_tables"][0]))],
                             p["index"], PageTable(p["index_table"].block_table[:0], *_geometry(p["index_table"])),
-                            p["q_idx"][:0], empty, empty[:0], p["heads"], plan_sparse_prefill([], [], 16, 16, 16, DEVICE),
+                            p["q_idx"][:0], empty, empty[:0], p["heads"], plan_sparse_prefill([], [], 16, 16, DEVICE),
                             0.9, 4, 16, 0.125, ws, torch.empty_like(q))
     assert result[1].shape == (0, 1, 4) and result[2].shape == (0, 1)
 
@@ -378,22 +378,22 @@ def _geometry(table):
 
 def test_bad_arguments(seed):
     p = _problem([(10, 20)], 4, 1, 64, [2], 16, 16, 16)
-    ws = make_sparse_prefill_workspace(16, 1, 30, 16, DI, 16, DEVICE)
+    ws = make_sparse_prefill_workspace(16, 1, 30, 16, 16, DEVICE)
     out = torch.empty_like(p["q"])
-    plan = plan_sparse_prefill([20], [30], 16, 16, 16, DEVICE)
+    plan = plan_sparse_prefill([20], [30], 16, 16, DEVICE)
     args = [p["q"], p["kv"], p["kv_tables"], p["index"], p["index_table"], p["q_idx"], p["cu_seqlens_q"],
             p["seqused_k"], p["heads"], plan, 0.9, 4, 16, 0.125, ws, out]
     sparse_prefill(*args)   # valid as given
-    small = make_sparse_prefill_workspace(16, 1, 16, 16, DI, 16, DEVICE)       # too few blocks
-    other_tiles = plan_sparse_prefill([20], [30], 16, 32, 16, DEVICE)          # tiles of 32 rows
-    wide = plan_sparse_prefill([20], [30], 32, 16, 16, DEVICE)                 # waves wider than the workspace
+    small = make_sparse_prefill_workspace(16, 1, 16, 16, 16, DEVICE)           # too few blocks
+    other_tiles = plan_sparse_prefill([20], [30], 16, 32, DEVICE)              # tiles of 32 rows
+    wide = plan_sparse_prefill([20], [30], 32, 16, DEVICE)                     # waves wider than the workspace
     for i, bad in [(0, p["q"].float()), (2, []), (5, p["q_idx"][:, :, :8]), (6, p["cu_seqlens_q"].long()),
                    (7, p["seqused_k"][:0]), (8, p["heads"].long()), (9, other_tiles), (9, wide), (9, None),
                    (10, 0.0), (12, 48), (12, 8), (14, small), (15, out[:, :2]), (3, p["kv"])]:
         with pytest.raises(ValueError):
             sparse_prefill(*args[:i], bad, *args[i + 1:])
     with pytest.raises(ValueError, match="power of two"):
-        make_sparse_prefill_workspace(16, 1, 30, 16, DI, 24, DEVICE)
+        make_sparse_prefill_workspace(16, 1, 30, 16, 24, DEVICE)
     with pytest.raises(ValueError, match="k_scale"):
         fp8 = _problem([(10, 20)], 4, 1, 64, [2], 16, 16, 16, u8, bf16, torch.tensor([0.1]), torch.tensor([0.1]))
         sparse_prefill(fp8["q"], fp8["kv"], fp8["kv_tables"], *args[3:])
@@ -407,12 +407,13 @@ def test_bad_arguments(seed):
 @pytest.mark.skipif(INTERPRET, reason="realistic sizes need the compiled kernel (unset TRITON_INTERPRET)")
 @pytest.mark.parametrize("tile_q, kv_dtype", [(128, bf16), (64, bf16), (128, u8)])
 def test_gpu_realistic(seed, tile_q, kv_dtype):
-    """Chunks of 2-3K rows after up to 6K cached tokens, HQ 32 / HKV 8, D 128, 3 retrieval heads."""
+    """Chunks of 2-3K rows after up to 6K cached tokens, HQ 32 / HKV 8, D 128, 3 retrieval heads, index
+    queries in bf16 as the backend computes them."""
     seqs = [(0, 3000), (6001, 2048), (777, 1)]
     scales = (torch.tensor([0.02], device=DEVICE), torch.tensor([0.011], device=DEVICE)) if kv_dtype == u8 \
         else (None, None)
-    p = _problem(seqs, 32, 8, 128, [3, 17, 30], 16, 16, 64, kv_dtype, bf16, *scales)
-    out, lse, kept, num_kept, plan = _run(p, 0.9, 4, 64, tile_q, wave_tiles=128, tile_group=64)
+    p = _problem(seqs, 32, 8, 128, [3, 17, 30], 16, 16, 64, kv_dtype, bf16, *scales, q_idx_dtype=bf16)
+    out, lse, kept, num_kept, plan = _run(p, 0.9, 4, 64, tile_q, wave_tiles=128)
     ref_out, ref_lse, ref_keep = _reference(p, 0.9, 4, 64, tile_q)
     _check_selection(p, kept, num_kept, plan, ref_keep, 0.9, 4, 64, tile_q)
     _check_attention(p, out, lse, ref_out, ref_lse)

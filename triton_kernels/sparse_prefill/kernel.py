@@ -2,28 +2,27 @@
 
 Semantics: :mod:`.reference` (query tiles of up to ``tile_q`` chunk rows, cut at the positions that
 are multiples of ``tile_q``; per (sequence, retrieval head, tile) the sink blocks, the diagonal blocks
-and the top-p blocks of the tile's pooled index query; exact causal attention of each row over its
-tile's kept blocks).
+and the top-p blocks of the keys' index scores, each the max over the tile's rows; exact causal
+attention of each row over its tile's kept blocks).
 
 The tiles come from the step's :class:`.plan.SparsePrefillPlan`: a flat list per wave, so scratch
-follows the number of tiles, not the batch size times the longest chunk. Four launches per wave;
-grids depend on the wave's tile and group counts, ``HR`` and ``cdiv(max_seqlen_k, BS)`` (host values
-of the plan; prefill runs eagerly), nothing is read back to the host, and every scratch tensor comes
-from :class:`SparsePrefillWorkspace`:
+follows the number of tiles, not the batch size times the longest chunk. Three launches per wave;
+grids depend on the wave's tile count, ``HR`` and ``cdiv(max_seqlen_k, BS)`` (host values of the plan;
+prefill runs eagerly), nothing is read back to the host, and every scratch tensor comes from
+:class:`SparsePrefillWorkspace`:
 
-1. ``_pool_kernel``, grid ``(tiles, HR)``: each tile's pooled index query (:func:`pool_tile_queries`,
-   the mean of its rows), ``[tiles, HR, DI]`` float32.
-2. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), groups, HR)``: one program takes
-   ``BLOCKS_PER_PROG`` key blocks and one score group (up to ``TILE_GROUP`` consecutive tiles of one
-   sequence) of one head: it loads each index key once and scores it against all the group's pooled
-   queries with one ``[TILE_GROUP, DI] x [DI, SUB]`` dot (tf32x3, about float32 accuracy), then writes
-   per (tile, block) the max score and ``sum exp(score - max)`` over the keys the tile may see. Index
-   keys are read once per group instead of once per tile; programs past the group's last causal key
-   return at once.
-3. ``_select_kernel``, grid ``(tiles, HR)``: per tile, the sort-free top-p of :mod:`..topp_search`
+1. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), tiles, HR)``: one program holds one tile's
+   ``[TILE_Q, DI]`` index queries and walks ``BLOCKS_PER_PROG`` key blocks of one head, ``SUB`` keys at
+   a time: one ``[SUB, DI] x [DI, TILE_Q]`` dot gives every (key, row) logit, the max over the rows
+   (within a warp: rows are the dot's N dimension) each key's score; it writes per (tile, block) the
+   max score and ``sum exp(score - max)`` over the keys the tile may see. The dot runs in the index
+   queries' 16-bit dtype when the index keys share it or are fp8 (the products are exact, the sums
+   float32), else on float32 operands as tf32x3 (about float32 accuracy). Programs past the tile's
+   last key return at once; the index keys of a head are re-read per tile, from L2 at long contexts.
+2. ``_select_kernel``, grid ``(tiles, HR)``: per tile, the sort-free top-p of :mod:`..topp_search`
    with the sink blocks and the diagonal blocks forced; writes the kept ids ascending and their count.
-   ``top_p >= 1`` skips launches 1-2 and keeps every block.
-4. ``_attend_kernel``, grid ``(tiles, HR)``, in the plan's attention order (the tiles with the most keys
+   ``top_p >= 1`` skips launch 1 and keeps every block.
+3. ``_attend_kernel``, grid ``(tiles, HR)``, in the plan's attention order (the tiles with the most keys
    first): one program per (tile, retrieval head) holds its ``[TILE_Q, D]`` queries and walks its
    kept-block list as a list of virtual tokens (token ``i % BS`` of block ``kept[i // BS]``) in
    ``[TILE_Q, D] x [D, KV_TILE]`` tiles, so ``KV_TILE`` is free of BS: K and V of each kept block are
@@ -40,8 +39,8 @@ vLLM's buffers offset by the decode count, are not specialised on), so the start
 
 Hopper: the attention tiles compile to wgmma with cp.async software pipelining (``CONFIG["stages"]``)
 of the gathered K/V rows; the paged gather rules out TMA. ``CONFIG`` holds the launch knobs a sweep on
-the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program, the selection's
-``search_bits``).
+the GPU should settle (``kv_tile``, ``stages``, the score kernel's blocks per program and warps, the
+selection's ``search_bits``).
 """
 
 from __future__ import annotations
@@ -58,18 +57,16 @@ from ..launch import interpreting
 from ..online_softmax import online_softmax_step, tile_scores
 from ..paged_heads import PagedHeads, PageTable
 from ..topp_search import keep_every_block, topp_select_row
-from .plan import (ATTEND_ORDER, GROUP_FIRST_TILE, GROUP_TILES, TILE_INDEX, TILE_SEQ, SparsePrefillPlan,
-                   SparsePrefillWorkspace, check_power_of_two)
+from .plan import ATTEND_ORDER, TILE_INDEX, TILE_SEQ, SparsePrefillPlan, SparsePrefillWorkspace, check_power_of_two
 
 # The plan's rows, as the kernels read them.
 _TILE_SEQ, _TILE_INDEX, _ATTEND_ORDER = tl.constexpr(TILE_SEQ), tl.constexpr(TILE_INDEX), tl.constexpr(ATTEND_ORDER)
-_GROUP_FIRST_TILE, _GROUP_TILES = tl.constexpr(GROUP_FIRST_TILE), tl.constexpr(GROUP_TILES)
 
 # Launch configuration; module-level so a benchmark can sweep it (values are read at each launch).
 # search_bits: bits per step of the selection's k-ary threshold search (:mod:`..topp_search`); the
 # prefill launches many selection programs at once, so the binary search (1), the least arithmetic in
 # all, is the default, unlike the latency-bound decode selection (``block_topp.kernel.CONFIG``).
-CONFIG = {"blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_tile": 64,
+CONFIG = {"blocks_per_prog": 16, "score_sub": 64, "score_warps": 4, "select_chunk": 4096, "kv_tile": 64,
           "stages": 3, "search_bits": 1}
 
 
@@ -78,10 +75,12 @@ CONFIG = {"blocks_per_prog": 16, "score_sub": 128, "select_chunk": 4096, "kv_til
 
 
 @triton.jit
-def pool_tile_queries(x, n_rows):
-    """The tile's one index query: the mean of its rows' index queries (:func:`.reference.
-    pool_index_queries`). ``x`` ``[TILE_Q, DI_PAD]`` float32 with rows ``>= n_rows`` zero."""
-    return tl.sum(x, axis=0) / tl.maximum(n_rows, 1).to(tl.float32)
+def _index_scores(keys, q, NATIVE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``keys [SUB, DI_PAD] @ q [TILE_Q, DI_PAD]^T`` in float32. ``NATIVE``: in ``q``'s 16-bit dtype
+    (``keys`` of that dtype or fp8, converted exactly), else float32 operands as tf32x3."""
+    if NATIVE:
+        return tile_scores(keys.to(tl.float32).to(q.dtype), q, UPCAST_DOT)
+    return tl.dot(keys.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="tf32x3")
 
 
 @triton.jit
@@ -147,74 +146,53 @@ def _plan_tile(plan_ptr, s_row, t):
     return tl.load(plan_ptr + _TILE_SEQ * s_row + t).to(tl.int64), tl.load(plan_ptr + _TILE_INDEX * s_row + t)
 
 
-@triton.jit(do_not_specialize_on_alignment=["seqused_k_ptr"])
-def _pool_kernel(plan_ptr, q_idx_ptr, cu_q_ptr, seqused_k_ptr, pooled_ptr, s_row, s_it, s_ih, s_id, s_pt, s_ph,
-                 TILE_Q: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr):
-    """Grid ``(tiles, HR)``: ``pooled[t, r]`` from the rows of the wave's tile ``t``."""
-    t = tl.program_id(0)
-    r = tl.program_id(1)
-    b, tile = _plan_tile(plan_ptr, s_row, t)
-    q0 = tl.load(cu_q_ptr + b)
-    row0, n_rows = _tile_span(tl.load(cu_q_ptr + b + 1) - q0, tl.load(seqused_k_ptr + b), tile, TILE_Q)
-    rows = tl.arange(0, TILE_Q)
-    dims = tl.arange(0, DI_PAD)
-    src = q_idx_ptr + (q0 + row0 + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id
-    x = tl.load(src, mask=(rows < n_rows)[:, None] & (dims < DI)[None, :], other=0.0).to(tl.float32)
-    tl.store(pooled_ptr + t * s_pt + r * s_ph + dims, pool_tile_queries(x, n_rows), mask=dims < DI)
-
-
 @triton.jit(do_not_specialize=["s_bt"], do_not_specialize_on_alignment=["bt_ptr", "seqused_k_ptr"])
-def _score_kernel(plan_ptr, pooled_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr,
-                  max_blocks, s_row, page_size, page_stride, token_stride, s_bt, s_pt, s_ph, s_wt, s_wh,
-                  TILE_Q: tl.constexpr, TILE_GROUP: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
-                  BS: tl.constexpr, SUB: tl.constexpr, DI: tl.constexpr, DI_PAD: tl.constexpr,
-                  OFF_ALIGN: tl.constexpr):
-    """Grid ``(cdiv(blocks, BLOCKS_PER_PROG), groups, HR)``: per-(tile, block) index-score stats of one
-    score group's tiles over ``BLOCKS_PER_PROG`` key blocks of one head."""
-    g = tl.program_id(1)
+def _score_kernel(plan_ptr, q_idx_ptr, idx_ptr, idx_off_ptr, bt_ptr, cu_q_ptr, seqused_k_ptr, max_ptr, sum_ptr,
+                  dense_threshold, s_row, s_it, s_ih, s_id, page_size, page_stride, token_stride, s_bt, s_wt, s_wh,
+                  TILE_Q: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr,
+                  DI: tl.constexpr, DI_PAD: tl.constexpr, OFF_ALIGN: tl.constexpr, NATIVE: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr):
+    """Grid ``(cdiv(blocks, BLOCKS_PER_PROG), tiles, HR)``: per-(tile, block) stats of the keys' scores
+    (max over the tile's rows of the index logit) of the wave's tile ``t`` over ``BLOCKS_PER_PROG``
+    key blocks of one head; nothing for a sequence under ``dense_threshold`` keys (it keeps every block)."""
+    t = tl.program_id(1)
     r = tl.program_id(2)
-    first_tile = tl.load(plan_ptr + _GROUP_FIRST_TILE * s_row + g)
-    group_tiles = tl.load(plan_ptr + _GROUP_TILES * s_row + g)
-    b, tile0 = _plan_tile(plan_ptr, s_row, first_tile)
-    lanes = tl.arange(0, TILE_GROUP)                                                     # [TG]
-    tiles = tile0 + lanes
+    b, tile = _plan_tile(plan_ptr, s_row, t)
     q0 = tl.load(cu_q_ptr + b)
     seqlen_q = tl.load(cu_q_ptr + b + 1) - q0
     seqlen_k = tl.load(seqused_k_ptr + b)
-    row0, n_rows = _tile_span(seqlen_q, seqlen_k, tiles, TILE_Q)
-    live = lanes < group_tiles
-    n_keys = tl.where(live, seqlen_k - seqlen_q + row0 + n_rows, 0)                     # last_pos + 1
+    row0, n_rows = _tile_span(seqlen_q, seqlen_k, tile, TILE_Q)
+    n_keys = seqlen_k - seqlen_q + row0 + n_rows                                         # last_pos + 1
     first_block = tl.program_id(0) * BLOCKS_PER_PROG
-    end_block = tl.minimum(first_block + BLOCKS_PER_PROG, tl.minimum(tl.cdiv(tl.max(n_keys), BS), max_blocks))
-    if first_block < end_block:
+    end_block = tl.minimum(first_block + BLOCKS_PER_PROG, tl.cdiv(n_keys, BS))
+    if (first_block < end_block) & (seqlen_k >= dense_threshold):
+        # Rows past the tile repeat its last row, which leaves every key's max as it is.
+        rows = tl.minimum(tl.arange(0, TILE_Q), n_rows - 1)
         dims = tl.arange(0, DI_PAD)
-        flat = (first_tile + lanes).to(tl.int64)                                          # [TG] wave tiles
-        pooled = tl.load(pooled_ptr + flat[:, None] * s_pt + r * s_ph + dims[None, :],
-                         mask=live[:, None] & (dims < DI)[None, :], other=0.0)           # [TG, DI_PAD]
+        q = tl.load(q_idx_ptr + (q0 + row0 + rows).to(tl.int64)[:, None] * s_it + r * s_ih + dims[None, :] * s_id,
+                    mask=(dims < DI)[None, :], other=0.0)                                # [TILE_Q, DI_PAD]
         idx_off = tl.multiple_of(tl.load(idx_off_ptr + r), OFF_ALIGN)
         bt_row = bt_ptr + b * s_bt
-        key_limit = tl.max(n_keys)
-        ws = flat * s_wt + r * s_wh                                                       # [TG]
+        ws = t * s_wt + r * s_wh
         offs_t = tl.arange(0, SUB)
         for blk in range(first_block, end_block):
-            m_i = tl.full([TILE_GROUP], float("-inf"), tl.float32)
-            l_i = tl.zeros([TILE_GROUP], tl.float32)
+            m_i = float("-inf")
+            l_i = 0.0
             for sub in tl.static_range(BS // SUB):
                 tok = blk * BS + sub * SUB + offs_t                                       # [SUB]
-                valid = tok < key_limit
+                valid = tok < n_keys
                 page = tl.load(bt_row + tok // page_size, mask=valid, other=0).to(tl.int64)
                 row = idx_off + page * page_stride + (tok % page_size).to(tl.int64) * token_stride
                 keys = tl.load(idx_ptr + row[:, None] + dims[None, :], mask=valid[:, None] & (dims < DI)[None, :],
-                               other=0.0).to(tl.float32)                                  # [SUB, DI_PAD]
-                s = tl.dot(pooled, tl.trans(keys), input_precision="tf32x3")              # [TG, SUB]
-                s = tl.where(tok[None, :] < n_keys[:, None], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                               other=0.0)                                                 # [SUB, DI_PAD]
+                logits = _index_scores(keys, q, NATIVE, UPCAST_DOT)                       # [SUB, TILE_Q]
+                score = tl.where(valid, tl.max(logits, 1), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(score, 0))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
+                l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(score - m_ref), 0)
                 m_i = m_new
-            store = live & (blk * BS < n_keys)
-            tl.store(max_ptr + ws + blk, m_i, mask=store)
-            tl.store(sum_ptr + ws + blk, l_i, mask=store)
+            tl.store(max_ptr + ws + blk, m_i)
+            tl.store(sum_ptr + ws + blk, l_i)
 
 
 @triton.jit(do_not_specialize_on_alignment=["seqused_k_ptr"])
@@ -349,7 +327,7 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
         block_size: BS, tokens per selection block, a power of two ``>= 16``.
         scale: softmax scale.
         workspace: from :func:`make_sparse_prefill_workspace` with ``tile_q == plan.tile_q``,
-            ``wave_tiles >= plan.wave_tiles``, ``HR_max >= HR``, DI and ``max_blocks`` covering every
+            ``wave_tiles >= plan.wave_tiles``, ``HR_max >= HR`` and ``max_blocks`` covering every
             sequence's ``cdiv(seqused_k, BS)``.
         out: ``[T, HQ, D]`` (unit last stride); the rows of the retrieval heads are written in its dtype,
             every other entry is left untouched.
@@ -407,23 +385,22 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
     _check(isinstance(plan, SparsePrefillPlan), f"plan must be a SparsePrefillPlan, got {type(plan).__name__}")
     max_key_blocks = triton.cdiv(max((wave.max_seqlen_k for wave in plan.waves), default=0), block_size)
     _check(workspace.tile_q == plan.tile_q and workspace.wave_tiles >= plan.wave_tiles
-           and workspace.kept.shape[1] >= num_ret and workspace.max_blocks >= max_key_blocks
-           and workspace.pooled.shape[2] == index_dim,
-           f"workspace (tiles of {workspace.tile_q} rows, {tuple(workspace.kept.shape)}, DI "
-           f"{workspace.pooled.shape[2]}) does not serve waves of {plan.wave_tiles} tiles of {plan.tile_q} rows, "
-           f"HR={num_ret}, {max_key_blocks} blocks, DI={index_dim}: allocate it with make_sparse_prefill_workspace")
+           and workspace.kept.shape[1] >= num_ret and workspace.max_blocks >= max_key_blocks,
+           f"workspace (tiles of {workspace.tile_q} rows, {tuple(workspace.kept.shape)}) does not serve waves of "
+           f"{plan.wave_tiles} tiles of {plan.tile_q} rows, HR={num_ret}, {max_key_blocks} blocks: allocate it with "
+           f"make_sparse_prefill_workspace")
     tensors = (q, kv.base, index.base, q_idx, cu_seqlens_q, seqused_k, heads, out, workspace.kept, plan.tiles,
                *((lse,) if lse is not None else ()), *((k_scale, v_scale) if fp8 else ()))
     _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
     ws_max, ws_sum = workspace.block_max[:, :num_ret], workspace.block_sum[:, :num_ret]
-    pooled, kept, num_kept = workspace.pooled[:, :num_ret], workspace.kept[:, :num_ret], workspace.num_kept[:, :num_ret]
+    kept, num_kept = workspace.kept[:, :num_ret], workspace.num_kept[:, :num_ret]
     last = plan.waves[-1].num_tiles if plan.waves else 0
     if batch == 0:
         return out, kept[:0], num_kept[:0]
 
     cfg = CONFIG
     keep_all = top_p >= 1.0
-    di_pad = triton.next_power_of_2(index_dim)
+    native_scores = q_idx.dtype != torch.float32 and (index.dtype == q_idx.dtype or index.is_fp8)
     table = kv_tables[0]
     kv_tile = cfg["kv_tile"] if head_dim <= 128 else cfg["kv_tile"] // 2   # bound registers for wide heads
     lse_arg = lse if lse is not None else out
@@ -436,18 +413,16 @@ def sparse_prefill(q: torch.Tensor, kv: PagedHeads, kv_tables: Sequence[PageTabl
             continue
         num_blocks = triton.cdiv(wave.max_seqlen_k, block_size)
         if not keep_all:
-            _pool_kernel[(wave.num_tiles, num_ret)](
-                wave_plan, q_idx, cu_seqlens_q, seqused_k, pooled, s_row, *q_idx.stride(), *pooled.stride()[:2],
-                TILE_Q=plan.tile_q, DI=index_dim, DI_PAD=di_pad, num_warps=4)
             blocks_per_prog = cfg["blocks_per_prog"]
-            _score_kernel[(triton.cdiv(num_blocks, blocks_per_prog), wave.num_groups, num_ret)](
-                wave_plan, pooled, index.kernel_base(), index.offsets, index_table.block_table, cu_seqlens_q,
-                seqused_k, ws_max, ws_sum, workspace.max_blocks, s_row,
+            _score_kernel[(triton.cdiv(num_blocks, blocks_per_prog), wave.num_tiles, num_ret)](
+                wave_plan, q_idx, index.kernel_base(), index.offsets, index_table.block_table, cu_seqlens_q,
+                seqused_k, ws_max, ws_sum, dense_threshold, s_row, *q_idx.stride(),
                 index_table.page_size, index_table.page_stride, index_table.token_stride,
-                index_table.block_table.stride(0), *pooled.stride()[:2], *ws_max.stride()[:2],
-                TILE_Q=plan.tile_q, TILE_GROUP=plan.tile_group, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
-                SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=di_pad, OFF_ALIGN=index.offset_align,
-                num_warps=4)
+                index_table.block_table.stride(0), *ws_max.stride()[:2],
+                TILE_Q=plan.tile_q, BLOCKS_PER_PROG=blocks_per_prog, BS=block_size,
+                SUB=min(block_size, cfg["score_sub"]), DI=index_dim, DI_PAD=triton.next_power_of_2(index_dim),
+                OFF_ALIGN=index.offset_align, NATIVE=native_scores,
+                UPCAST_DOT=interpreting() and q_idx.dtype == torch.bfloat16, num_warps=cfg["score_warps"])
         _select_kernel[(wave.num_tiles, num_ret)](
             wave_plan, cu_seqlens_q, seqused_k, ws_max, ws_sum, kept, num_kept,
             float(top_p), dense_threshold, math.ceil(sink_tokens / block_size), workspace.max_blocks, s_row,

@@ -6,9 +6,7 @@ of ``tile_q`` (:func:`.reference.chunk_tiles`); the kernels address tiles throug
 batch of many short chunks (prefix-cache hits with a short question each) costs no more scratch than
 one long chunk. Tiles are taken in sequence order and cut into *waves* of at most ``wave_tiles`` tiles,
 the scratch of one pass of the kernels (:class:`SparsePrefillWorkspace`); a batch with more tiles runs
-several passes. Inside a wave, the tiles of one sequence form *score groups* of at most ``tile_group``
-consecutive tiles, which the score kernel scores together (one read of each index key per group); a
-group never spans two waves.
+several passes.
 
 :func:`plan_sparse_prefill` runs on the host once per step (the metadata builder's job) and is shared
 by every layer; it needs only the host-side chunk and sequence lengths and makes one small copy to
@@ -17,7 +15,6 @@ the device.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,20 +26,16 @@ from .reference import chunk_tiles
 TILE_Q = 128
 """Query rows per tile of the serving prefill and of ``rtpurbo-calibrate evaluate``'s prefill measurement:
 the granularity of the selection and the attention's query tile."""
-TILE_GROUP = 64
-"""Most tiles one score program scores together."""
 
 # Rows of SparsePrefillPlan.tiles.
-TILE_SEQ, TILE_INDEX, ATTEND_ORDER, GROUP_FIRST_TILE, GROUP_TILES = range(5)
+TILE_SEQ, TILE_INDEX, ATTEND_ORDER = range(3)
 
 
 @dataclass(frozen=True)
 class Wave:
-    """One pass of the kernels: ``num_tiles`` tiles in ``num_groups`` score groups, whose sequences have
-    at most ``max_seqlen_k`` keys."""
+    """One pass of the kernels: ``num_tiles`` tiles, whose sequences have at most ``max_seqlen_k`` keys."""
 
     num_tiles: int
-    num_groups: int
     max_seqlen_k: int
 
 
@@ -51,20 +44,17 @@ class SparsePrefillPlan:
     """Where every query tile of a prefill batch goes.
 
     Attributes:
-        tiles: ``[num_waves, 5, wave_tiles]`` int32 on the kernels' device; per wave, row
+        tiles: ``[num_waves, 3, wave_tiles]`` int32 on the kernels' device; per wave, row
             ``TILE_SEQ[t]`` is the sequence of the wave's tile ``t``, ``TILE_INDEX[t]`` its index in that
-            sequence's chunk, ``ATTEND_ORDER`` the wave's tiles by decreasing key count (the attention
-            runs the longest first), and ``GROUP_FIRST_TILE[g]`` / ``GROUP_TILES[g]`` the first tile and
-            the tile count of score group ``g``. Entries past a wave's counts are unspecified.
+            sequence's chunk and ``ATTEND_ORDER`` the wave's tiles by decreasing key count (the
+            attention runs the longest first). Entries past a wave's tile count are unspecified.
         waves: the waves, in order.
         tile_q: query rows per tile.
-        tile_group: most tiles per score group.
     """
 
     tiles: torch.Tensor
     waves: tuple[Wave, ...]
     tile_q: int
-    tile_group: int
 
     @property
     def wave_tiles(self) -> int:
@@ -72,53 +62,36 @@ class SparsePrefillPlan:
 
 
 def plan_sparse_prefill(query_lens: Sequence[int], seq_lens: Sequence[int], wave_tiles: int, tile_q: int = TILE_Q,
-                        tile_group: int = TILE_GROUP, device: torch.device | str | None = None) -> SparsePrefillPlan:
+                        device: torch.device | str | None = None) -> SparsePrefillPlan:
     """The plan of a prefill batch.
 
     Args:
         query_lens: per sequence, the chunk's new rows (``>= 0``).
         seq_lens: per sequence, its keys including the chunk (``>= query_lens``), as the kernels' ``seqused_k``
             (where the chunk starts places its tiles, :func:`.reference.chunk_tiles`).
-        wave_tiles: most tiles per wave (the workspace's tile capacity; ``>= tile_group``).
+        wave_tiles: most tiles per wave (the workspace's tile capacity, ``>= 1``).
         tile_q: query rows per tile, a power of two ``>= 16``.
-        tile_group: most tiles per score group, a power of two ``>= 16``.
         device: where the kernels run.
     """
     if len(query_lens) != len(seq_lens):
         raise ValueError(f"{len(query_lens)} chunk lengths but {len(seq_lens)} sequence lengths")
     check_power_of_two("tile_q", tile_q)
-    check_power_of_two("tile_group", tile_group)
-    if wave_tiles < tile_group:
-        raise ValueError(f"wave_tiles ({wave_tiles}) must hold a score group of tile_group={tile_group} tiles")
-    waves: list[list[tuple[int, int, int]]] = [[]]          # per wave: (sequence, first tile, tiles) groups
-    filled = 0                                              # tiles of the last wave
-    tile_keys = []                                          # per sequence, per tile: its last position + 1
+    if wave_tiles < 1:
+        raise ValueError(f"wave_tiles must be >= 1, got {wave_tiles}")
+    tiles = []                                              # (sequence, tile index, last position + 1)
     for seq, (seqlen_q, seqlen_k) in enumerate(zip(query_lens, seq_lens)):
         if not 0 <= seqlen_q <= seqlen_k:
             raise ValueError(f"sequence {seq}: need 0 <= chunk rows <= keys, got {seqlen_q} and {seqlen_k}")
-        tile_keys.append([tile.last_pos + 1 for tile in chunk_tiles(seqlen_q, seqlen_k, tile_q)])
-        num_tiles = len(tile_keys[-1])
-        for first in range(0, num_tiles, tile_group):
-            size = min(tile_group, num_tiles - first)
-            if filled + size > wave_tiles:
-                waves.append([])
-                filled = 0
-            waves[-1].append((seq, first, size))
-            filled += size
-    table = torch.zeros(len(waves), 5, wave_tiles, dtype=torch.int32)
-    summaries = []
-    for w, groups in enumerate(waves):
-        seqs = [seq for seq, first, n in groups for _ in range(n)]
-        indices = [first + i for _, first, n in groups for i in range(n)]
-        keys = [tile_keys[s][i] for s, i in zip(seqs, indices)]
-        first_tiles = list(itertools.accumulate((n for _, _, n in groups[:-1]), initial=0))[:len(groups)]
-        for row, values in ((TILE_SEQ, seqs), (TILE_INDEX, indices),
-                            (ATTEND_ORDER, sorted(range(len(seqs)), key=lambda t: -keys[t])),
-                            (GROUP_FIRST_TILE, first_tiles), (GROUP_TILES, [n for _, _, n in groups])):
+        tiles += [(seq, i, tile.last_pos + 1) for i, tile in enumerate(chunk_tiles(seqlen_q, seqlen_k, tile_q))]
+    waves = [tiles[w:w + wave_tiles] for w in range(0, len(tiles), wave_tiles)] or [[]]
+    table = torch.zeros(len(waves), 3, wave_tiles, dtype=torch.int32)
+    for w, wave in enumerate(waves):
+        for row, values in ((TILE_SEQ, [seq for seq, _, _ in wave]), (TILE_INDEX, [i for _, i, _ in wave]),
+                            (ATTEND_ORDER, sorted(range(len(wave)), key=lambda t: -wave[t][2]))):
             table[w, row, :len(values)] = torch.tensor(values, dtype=torch.int32)
-        summaries.append(Wave(num_tiles=len(seqs), num_groups=len(groups),
-                              max_seqlen_k=max((seq_lens[s] for s, _, _ in groups), default=0)))
-    return SparsePrefillPlan(tiles=table.to(device), waves=tuple(summaries), tile_q=tile_q, tile_group=tile_group)
+    summaries = tuple(Wave(num_tiles=len(wave), max_seqlen_k=max((seq_lens[seq] for seq, _, _ in wave), default=0))
+                      for wave in waves)
+    return SparsePrefillPlan(tiles=table.to(device), waves=summaries, tile_q=tile_q)
 
 
 @dataclass(frozen=True)
@@ -127,7 +100,6 @@ class SparsePrefillWorkspace:
     and share between layers (a layer with fewer retrieval heads uses the leading ones).
 
     Attributes:
-        pooled: ``[wave_tiles, HR_max, DI]`` float32, pooled index queries per tile.
         block_max: ``[wave_tiles, HR_max, max_blocks]`` float32, per (tile, block) max index score.
         block_sum: same shape, ``sum exp(score - block_max)``.
         kept: ``[wave_tiles, HR_max, max_blocks]`` int32, kept block ids per tile, ascending.
@@ -135,7 +107,6 @@ class SparsePrefillWorkspace:
         tile_q: query rows per tile (the plan's).
     """
 
-    pooled: torch.Tensor
     block_max: torch.Tensor
     block_sum: torch.Tensor
     kept: torch.Tensor
@@ -152,12 +123,12 @@ class SparsePrefillWorkspace:
 
 
 def make_sparse_prefill_workspace(wave_tiles: int, num_heads: int, max_seqlen_k: int, block_size: int,
-                                  index_dim: int = 16, tile_q: int = TILE_Q,
-                                  device: torch.device | str | None = None) -> SparsePrefillWorkspace:
+                                  tile_q: int = TILE_Q, device: torch.device | str | None = None
+                                  ) -> SparsePrefillWorkspace:
     """Scratch for waves of up to ``wave_tiles`` query tiles of ``tile_q`` rows, over up to
     ``max_seqlen_k`` keys (``max_model_len``), for layers of up to ``num_heads`` retrieval heads (HR_max).
 
-    Size: ``wave_tiles * HR_max * (12 * max_blocks + 4 * DI + 4)`` bytes with ``max_blocks =
+    Size: ``wave_tiles * HR_max * (12 * max_blocks + 4)`` bytes with ``max_blocks =
     cdiv(max_seqlen_k, block_size)`` (about 16 MB for 80 tiles, HR_max 8, 128K keys in 64-token blocks).
     Uninitialised: every entry read is written first in the same wave.
     """
@@ -166,10 +137,8 @@ def make_sparse_prefill_workspace(wave_tiles: int, num_heads: int, max_seqlen_k:
                          f"max_seqlen_k={max_seqlen_k}")
     check_power_of_two("tile_q", tile_q)
     check_power_of_two("block_size", block_size)
-    check_power_of_two("index_dim", index_dim)
     shape = (wave_tiles, num_heads, math.ceil(max_seqlen_k / block_size))
     return SparsePrefillWorkspace(
-        pooled=torch.empty(wave_tiles, num_heads, index_dim, dtype=torch.float32, device=device),
         block_max=torch.empty(shape, dtype=torch.float32, device=device),
         block_sum=torch.empty(shape, dtype=torch.float32, device=device),
         kept=torch.empty(shape, dtype=torch.int32, device=device),

@@ -8,9 +8,9 @@ selection thus depends on its positions, not on where vLLM cut the prompt into c
 prefix-cache hit ended, except for a tile a chunk boundary cuts. Per retrieval head ``r`` (query head
 ``heads[r]``, KV head ``heads[r] // G``) and tile:
 
-1. :func:`pool_index_queries` turns the tile's index queries into one vector; its float32 softmax over
-   the index scores ``pooled . k_idx[t]`` (no scale) of the keys ``t <= last_pos`` (causal for the
-   tile's last row) gives each BS-token block its mass (:func:`tile_block_mass_ref`).
+1. Each key ``t <= last_pos`` (causal for the tile's last row) scores the max over the tile's rows of
+   the index logit ``q_idx[i] . k_idx[t]`` (no scale); the float32 softmax of these scores gives each
+   BS-token block its mass (:func:`tile_block_mass_ref`).
 2. The tile keeps the sink blocks (those holding the first ``sink_tokens`` tokens), its diagonal blocks
    (every block overlapping ``[first_pos - BS + 1, last_pos]``) and the fewest other blocks, taken by
    decreasing mass with ties to the lower block id, that bring the kept mass to ``top_p``
@@ -32,22 +32,6 @@ import torch
 
 from ..headwise_attention.reference import masked_attention
 from ..paged_heads import PagedHeads, PageTable, gather, to_float
-
-def pool_index_queries(q_idx: torch.Tensor) -> torch.Tensor:
-    """The one index query of a query tile: the mean of its rows' index queries.
-
-    A block's pooled logit is then the mean of the rows' logits, so a block every row wants ranks
-    first, and when the rows disagree the pooled vector shrinks, the softmax flattens and top-p keeps
-    more blocks. Its cost does not grow with the tile's row count.
-
-    Args:
-        q_idx: ``[n, HR, DI]`` any float dtype, ``n >= 1`` rows of the tile.
-
-    Returns:
-        ``[HR, DI]`` float32.
-    """
-    return q_idx.float().mean(dim=0)
-
 
 @dataclass(frozen=True)
 class Tile:
@@ -71,20 +55,27 @@ def chunk_tiles(seqlen_q: int, seqlen_k: int, tile_q: int) -> list[Tile]:
     return [Tile(r0, r1, start + r0, start + r1 - 1) for r0, r1 in zip(cuts[:-1], cuts[1:])]
 
 
-def tile_block_mass_ref(pooled: torch.Tensor, k_idx: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Block masses of one tile's pooled index queries over the keys it may see.
+def tile_block_mass_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block masses of one query tile over the keys it may see.
+
+    A key's score is the max over the tile's rows of its index logit, so a block that any row wants
+    ranks high: a tile whose last rows ask for a fact far back keeps that block although its other
+    rows look elsewhere (a mean over the rows' index queries would dilute that row's vote). The
+    logits of a row for the keys after its own position join the max; they lie in the tile's
+    diagonal blocks, which every tile keeps anyway.
 
     Args:
-        pooled: ``[HR, DI]`` any float dtype, from :func:`pool_index_queries`.
+        q_idx: ``[n_rows, HR, DI]`` any float dtype, the tile's rows' index queries (``n_rows >= 1``).
         k_idx: ``[n, HR, DI]`` any float dtype, index keys of positions ``0 .. last_pos`` (``n >= 1``).
         block_size: BS, tokens per block.
 
     Returns:
-        ``[HR, ceil(n / BS)]`` float32: per block the softmax mass of its keys (each row sums to 1).
+        ``[HR, ceil(n / BS)]`` float32: per block the softmax mass of its keys' scores (each row sums to 1).
     """
     num_keys = k_idx.shape[0]
     num_blocks = math.ceil(num_keys / block_size)
-    probs = torch.softmax(torch.einsum("hi,thi->ht", pooled.float(), k_idx.float()), dim=-1)   # [HR, n]
+    scores = torch.einsum("qhi,thi->hqt", q_idx.float(), k_idx.float()).amax(dim=1)            # [HR, n]
+    probs = torch.softmax(scores, dim=-1)
     padded = torch.nn.functional.pad(probs, (0, num_blocks * block_size - num_keys))
     return padded.view(probs.shape[0], num_blocks, block_size).sum(-1)
 
@@ -140,8 +131,8 @@ def sparse_prefill_visible_ref(q_idx: torch.Tensor, k_idx: torch.Tensor, top_p: 
     keep = torch.zeros(num_ret, len(tiles), math.ceil(seqlen_k / block_size), dtype=torch.bool)
     p = 1.0 if seqlen_k < dense_threshold else top_p
     for i, tile in enumerate(tiles):
-        mass = tile_block_mass_ref(pool_index_queries(q_idx[tile.row0:tile.row1]),
-                                   k_idx[:tile.last_pos + 1].to(q_idx.device), block_size)
+        mass = tile_block_mass_ref(q_idx[tile.row0:tile.row1], k_idx[:tile.last_pos + 1].to(q_idx.device),
+                                   block_size)
         keep[:, i, :mass.shape[1]] = tile_topp_ref(mass, tile_forced_blocks(tile, block_size, sink_tokens), p).cpu()
     tokens = torch.arange(seqlen_k)
     positions = torch.arange(seqlen_k - seqlen_q, seqlen_k)                                    # [Tq]
