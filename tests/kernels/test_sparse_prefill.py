@@ -246,11 +246,11 @@ def test_matches_reference(seed, case):
 
 @pytest.mark.parametrize("config", [
     pytest.param(dict(blocks_per_prog=2, score_sub=16, select_chunk=4, kv_tile=16, stages=2, search_bits=4,
-                      score_warps=1), id="sub16-chunk4-kvtile16-bits4-warps1"),
-    pytest.param(dict(kv_tile=128, select_chunk=8, search_bits=2, score_warps=2), id="kvtile128-chunk8-bits2-warps2"),
+                      score_warps=2), id="sub16-chunk4-kvtile16-bits4-warps2"),
+    pytest.param(dict(kv_tile=128, select_chunk=8, search_bits=2, score_warps=4), id="kvtile128-chunk8-bits2-warps4"),
 ])
 def test_launch_configs(seed, monkeypatch, config):
-    """Other launch knobs give the same result: several score programs per tile of 1 or 2 warps, blocks
+    """Other launch knobs give the same result: several score programs per tile of 2 or 4 warps, blocks
     scored in sub-chunks (online merge), rows longer than the selection's register chunk (re-read from the
     workspace), KV tiles smaller than a block and KV tiles spanning several blocks, and a k-ary
     threshold search of 4 and 2 bits per step."""

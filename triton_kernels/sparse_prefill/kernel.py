@@ -14,7 +14,7 @@ prefill runs eagerly), nothing is read back to the host, and every scratch tenso
 1. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), tiles, HR)``: one program holds one tile's
    ``[TILE_Q, DI]`` index queries and walks ``BLOCKS_PER_PROG`` key blocks of one head, ``SUB`` keys at
    a time: one ``[SUB, DI] x [DI, TILE_Q]`` dot gives every (key, row) logit, the max over the rows
-   (within a warp: rows are the dot's N dimension) each key's score; it writes per (tile, block) the
+   each key's score; it writes per (tile, block) the
    max score and ``sum exp(score - max)`` over the keys the tile may see. The dot runs in the index
    queries' 16-bit dtype when the index keys share it or are fp8 (the products are exact, the sums
    float32), else on float32 operands as tf32x3 (about float32 accuracy). Programs past the tile's
@@ -66,7 +66,9 @@ _TILE_SEQ, _TILE_INDEX, _ATTEND_ORDER = tl.constexpr(TILE_SEQ), tl.constexpr(TIL
 # search_bits: bits per step of the selection's k-ary threshold search (:mod:`..topp_search`); the
 # prefill launches many selection programs at once, so the binary search (1), the least arithmetic in
 # all, is the default, unlike the latency-bound decode selection (``block_topp.kernel.CONFIG``).
-CONFIG = {"blocks_per_prog": 16, "score_sub": 64, "score_warps": 4, "select_chunk": 4096, "kv_tile": 64,
+# score_warps: one warp per score program (mma.sync; the reductions over rows and over a block's keys
+# stay inside the warp) rather than a warpgroup whose per-block reductions cross warps.
+CONFIG = {"blocks_per_prog": 16, "score_sub": 64, "score_warps": 1, "select_chunk": 4096, "kv_tile": 64,
           "stages": 3, "search_bits": 1}
 
 
