@@ -14,11 +14,11 @@ prefill runs eagerly), nothing is read back to the host, and every scratch tenso
 1. ``_score_kernel``, grid ``(cdiv(blocks, BLOCKS_PER_PROG), tiles, HR)``: one program holds one tile's
    ``[TILE_Q, DI]`` index queries and walks ``BLOCKS_PER_PROG`` key blocks of one head, ``SUB`` keys at
    a time: one ``[SUB, DI] x [DI, TILE_Q]`` dot gives every (key, row) logit, the max over the rows
-   each key's score; it writes per (tile, block) the
-   max score and ``sum exp(score - max)`` over the keys the tile may see. The dot runs in the index
-   queries' 16-bit dtype when the index keys share it or are fp8 (the products are exact, the sums
-   float32), else on float32 operands as tf32x3 (about float32 accuracy). Programs past the tile's
-   last key return at once; the index keys of a head are re-read per tile, from L2 at long contexts.
+   each key's score; it writes per (tile, block) the max score and ``sum exp(score - max)`` over the
+   keys the tile may see. The dot runs in the index queries' 16-bit dtype when the index keys share it
+   or are fp8 (the products are exact, the sums float32), else on float32 operands as tf32x3 (about
+   float32 accuracy). Programs past the tile's last key return at once; the index keys of a head are
+   re-read per tile, from L2 at long contexts.
 2. ``_select_kernel``, grid ``(tiles, HR)``: per tile, the sort-free top-p of :mod:`..topp_search`
    with the sink blocks and the diagonal blocks forced; writes the kept ids ascending and their count.
    ``top_p >= 1`` skips launch 1 and keeps every block.
