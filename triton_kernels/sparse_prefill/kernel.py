@@ -81,7 +81,9 @@ def _index_scores(keys, q, NATIVE: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """``keys [SUB, DI_PAD] @ q [TILE_Q, DI_PAD]^T`` in float32. ``NATIVE``: in ``q``'s 16-bit dtype
     (``keys`` of that dtype or fp8, converted exactly), else float32 operands as tf32x3."""
     if NATIVE:
-        return tile_scores(keys.to(tl.float32).to(q.dtype), q, UPCAST_DOT)
+        if keys.dtype != q.dtype:                                # fp8: through float32, exactly
+            keys = keys.to(tl.float32)
+        return tile_scores(keys.to(q.dtype), q, UPCAST_DOT)
     return tl.dot(keys.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="tf32x3")
 
 
