@@ -33,7 +33,7 @@ from vllm.logger import init_logger
 
 from rtpurbo_vllm.artifacts import ArtifactError, RTPurboArtifact, SparsityParams, find_artifact_dir, load_artifact
 from rtpurbo_vllm.artifacts.validate import check_params
-from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, KV_LAYOUTS, KVLayout, index_key_dtype
+from rtpurbo_vllm.kv_cache.layout import INDEX_KEY_DTYPES, KV_LAYOUTS, WINDOW, KVLayout, index_key_dtype
 
 logger = init_logger(__name__)
 
@@ -150,6 +150,12 @@ def serving_kv_layout(vllm_config, artifact: RTPurboArtifact, name: str, kv_dtyp
     index_dtype = index_key_dtype(index_key_dtype_for(vllm_config), model_dtype, kv_dtype)
     key = (id(artifact), name, kv_dtype, index_dtype, rank, size, block_unit)
     if key not in _KV_LAYOUTS:
-        _KV_LAYOUTS[key] = KVLayout.from_artifact(artifact, name=name, kv_dtype=kv_dtype, index_dtype=index_dtype,
-                                                  tp_rank=rank, tp_size=size, block_unit=block_unit)
+        layout = KVLayout.from_artifact(artifact, name=name, kv_dtype=kv_dtype, index_dtype=index_dtype,
+                                        tp_rank=rank, tp_size=size, block_unit=block_unit)
+        _KV_LAYOUTS[key] = layout
+        if rank == 0:
+            peak = (". vLLM's \"Maximum concurrency\" line sizes every request at its peak while it prefills "
+                    "(window units: max(window, dense_threshold) tokens plus the tokens in flight), so more "
+                    "requests decode at once than it says") if layout.has(WINDOW) else ""
+            logger.info("RTPURBO %s%s", layout.summary(vllm_config.model_config.max_model_len), peak)
     return _KV_LAYOUTS[key]

@@ -12,6 +12,7 @@ window token are vLLM's null block 0, filled with NaN, and every unheld slot is 
 """
 
 import dataclasses
+import logging
 import os
 
 import pytest
@@ -482,6 +483,23 @@ def test_index_key_dtype_option(tmp_path, cpu_platform, seed):
     with pytest.raises(ArtifactError,
                        match=r"index_key_dtype' must be one of \['auto', 'model', 'fp8_e4m3'\], got 'fp8'"):
         index_key_dtype_for(engine)
+
+
+def test_kv_layout_logged(tmp_path, cpu_platform, seed, caplog):
+    """Planning the serving layout logs it once per process: its units, its capacity against FLASH_ATTN
+    at ``max_model_len`` and, for the compact layout, why vLLM's own concurrency line says less."""
+    from rtpurbo_vllm.attention.serving_config import serving_artifact, serving_kv_layout
+
+    for name, peak in (("compact", True), ("full", False)):
+        engine = make_engine(tmp_path / name, CASES["hkv2"], 0, kv_layout=name)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rtpurbo_vllm.attention.serving_config"):
+            for _ in range(2):
+                layout = serving_kv_layout(engine, serving_artifact(engine), name, torch.bfloat16, torch.bfloat16)
+        lines = [r.getMessage() for r in caplog.records if f"KV layout {name!r}" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert f"capacity vs FLASH_ATTN at 1024 tokens: {layout.capacity_ratio(1024):.2f}x" in lines[0]
+        assert ("Maximum concurrency" in lines[0]) == peak
 
 
 def test_sparsity_overrides(tmp_path, cpu_platform, seed):
