@@ -33,8 +33,10 @@ fp8 cache, else the model's dtype; ``model`` or ``fp8_e4m3``: ``--additional-con
   ``load`` and ``step`` outputs are not detokenised (as ``vllm bench latency --disable-detokenize``): vLLM primes each request's
   incremental detokenizer with its whole prompt, which its first output token then decodes on the host,
   a cost that grows with the context and has nothing to do with attention. RTPURBO's retrieval heads keep
-  about ``--keep`` of the blocks (default 0.03, the paper's decode sparsity; the artifact's ``top_p``,
-  since dummy weights give flat indexer scores).
+  about ``--keep`` of the blocks in decode and ``--prefill-top-p`` of them in prefill (both 0.03 by
+  default: the paper's decode sparsity; what the prompts' prefill keeps changes neither the KV pool nor
+  the decode step, so the ``load`` and ``step`` prompts prefill sparse, which is sooner; the artifact's
+  ``top_p`` and ``prefill_top_p``, since dummy weights give flat indexer scores).
 
 The ``capacity`` and ``load`` engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that
 the pool's block count and the scheduler's queues can be read from it (``load`` stops after
@@ -101,10 +103,10 @@ def parse_config(text: str) -> dict:
             "index_key_dtype": index}
 
 
-def model_dir(out: Path, context: int, selection: str | None, keep: float) -> Path:
+def model_dir(out: Path, context: int, selection: str | None, keep: float, prefill_keep: float) -> Path:
     """A Llama-3-8B-shape folder (config.json, the tiny tokenizer) with a synthetic artifact for ``selection``
-    whose decode ``top_p`` is ``keep``: dummy weights give flat indexer scores, on which block top-p keeps
-    about ``top_p`` of the blocks (as ``bench_serving.py --keep``)."""
+    whose decode ``top_p`` is ``keep`` and ``prefill_top_p`` ``prefill_keep``: dummy weights give flat
+    indexer scores, on which top-p keeps about that share of the blocks (as ``bench_serving.py --keep``)."""
     from rtpurbo_vllm.artifacts import SparsityParams
     from rtpurbo_vllm.calibration.synthesize import synthesize_artifact
     from rtpurbo_vllm.tiny.tokenizer import save_tokenizer
@@ -116,7 +118,7 @@ def model_dir(out: Path, context: int, selection: str | None, keep: float) -> Pa
         save_tokenizer(path)
     if selection is not None:
         synthesize_artifact(path, path / f"rtpurbo-{selection}", **SELECTIONS[selection], seed=0,
-                            params=SparsityParams(top_p=keep))
+                            params=SparsityParams(top_p=keep, prefill_top_p=prefill_keep))
     return path
 
 
@@ -193,7 +195,7 @@ def replay_row(cfg: dict, args) -> dict:
     from rtpurbo_vllm.kv_cache import KVLayout, index_key_dtype
     from rtpurbo_vllm.kv_cache.side_layers import collected_specs
 
-    path = model_dir(args.out, args.context, cfg["selection"], args.keep)
+    path = model_dir(args.out, args.context, cfg["selection"], args.keep, args.prefill_top_p)
     pool = {} if args.kv_memory_gib is None else {"kv_memory_bytes": round(args.kv_memory_gib * 2**30)}
     settings = ReplaySettings(context=args.context, max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_dtype=cfg["kv_dtype"], **pool)
@@ -225,12 +227,12 @@ def run_one(args) -> dict:
                 for _ in range(count)]
 
     cfg = parse_config(args.one)
-    path = model_dir(args.out, args.context, cfg["selection"], args.keep)
+    path = model_dir(args.out, args.context, cfg["selection"], args.keep, args.prefill_top_p)
     load = args.phase == "load"
     max_seqs = args.max_seqs if load else max(args.batch + [8])
     llm = engine(cfg, path, args.context, max_seqs, args.gpu_memory_utilization,
                  args.max_num_batched_tokens if load else None)
-    row = {**cfg, "context": args.context, "keep": args.keep,
+    row = {**cfg, "context": args.context, "keep": args.keep, "prefill_top_p": args.prefill_top_p,
            "held_sequences": round(held_sequences(llm, cfg, args.context), 2),
            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
     if args.phase == "capacity":
@@ -292,8 +294,8 @@ def run_child(cfg: str, args) -> dict:
     """Runs one configuration in a fresh process (its GPU memory is freed when it exits)."""
     log = args.out / f"{args.phase}-{cfg.replace(':', '_')}.log"
     argv = [sys.executable, "-P", __file__, args.phase, "--one", cfg, "--out", str(args.out), "--context",
-            str(args.context), "--keep", str(args.keep), "--steps", str(args.steps),
-            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            str(args.context), "--keep", str(args.keep), "--prefill-top-p", str(args.prefill_top_p),
+            "--steps", str(args.steps), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--repeats", str(args.repeats), "--batch", *map(str, args.batch), "--max-seqs", str(args.max_seqs),
             "--load-tokens", str(args.load_tokens), "--stable-steps", str(args.stable_steps),
             "--load-seconds", str(args.load_seconds), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", metavar="SHARE", type=float, default=0.03,
                         help="the synthetic artifact's decode top_p: about the share of blocks it keeps on dummy "
                              "weights' flat indexer scores (as bench_serving.py --keep)")
+    parser.add_argument("--prefill-top-p", metavar="SHARE", type=float, default=0.03,
+                        help="the synthetic artifact's prefill_top_p: about the share of blocks a prompt's query "
+                             "tiles keep (1: dense retrieval heads)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="(1, 1 + steps) pairs per batch; the median counts")
@@ -368,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         configs = [parse_config(c) for c in args.configs]
-        if not 0.0 < args.keep <= 1.0:
-            raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
+        for flag, share in (("--keep", args.keep), ("--prefill-top-p", args.prefill_top_p)):
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"{flag} must be in (0, 1], got {share}")
         if min(args.repeats, args.steps, args.max_seqs, args.load_tokens, args.stable_steps, *args.batch) < 1:
             raise ValueError("--repeats, --steps, --batch, --max-seqs, --load-tokens and --stable-steps must be >= 1")
         if args.load_tokens > 2048:

@@ -38,10 +38,11 @@ def test_counts_below_one_exit_2(bench, tmp_path, capsys, flag):
     assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("keep", ["0", "1.5"])
-def test_keep_outside_zero_one_exits_2(bench, tmp_path, capsys, keep):
-    assert bench.main(["step", "--out", str(tmp_path / "out"), "--configs", "RTPURBO:auto", "--keep", keep]) == 2
-    assert "--keep must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "out").exists()
+@pytest.mark.parametrize("flag", ["--keep", "--prefill-top-p"])
+@pytest.mark.parametrize("share", ["0", "1.5"])
+def test_shares_outside_zero_one_exit_2(bench, tmp_path, capsys, flag, share):
+    assert bench.main(["step", "--out", str(tmp_path / "out"), "--configs", "RTPURBO:auto", flag, share]) == 2
+    assert f"{flag} must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_step_engines_run_as_vllm_runs_them(bench, tmp_path, monkeypatch):
@@ -63,6 +64,7 @@ def test_step_engines_run_as_vllm_runs_them(bench, tmp_path, monkeypatch):
         assert bench.main([phase, "--out", str(tmp_path), "--configs", "FLASH_ATTN:auto", "--repeats", "5"]) == 0
     assert seen["step"][0] is None and seen["capacity"][0] == "0"
     assert seen["step"][1][seen["step"][1].index("--repeats") + 1] == "5" and "--profile" not in seen["step"][1]
+    assert seen["step"][1][seen["step"][1].index("--prefill-top-p") + 1] == "0.03"
     assert bench.main(["step", "--out", str(tmp_path), "--configs", "FLASH_ATTN:auto", "--profile"]) == 0
     assert seen["step"][0] == "0" and "--profile" in seen["step"][1]      # the profiler sees the engine
 
@@ -79,7 +81,7 @@ def test_held_sequences_plan_the_layout_from_the_engines_block_size(bench, tmp_p
     from rtpurbo_vllm.attention import serving_config
     from rtpurbo_vllm.kv_cache import KVLayout
 
-    artifact = load_artifact(bench.model_dir(tmp_path, 131072, "global15", 0.03) / "rtpurbo-global15")
+    artifact = load_artifact(bench.model_dir(tmp_path, 131072, "global15", 0.03, 0.03) / "rtpurbo-global15")
     monkeypatch.setattr(serving_config, "serving_artifact", lambda vllm_config: artifact)
     cache = SimpleNamespace(num_gpu_blocks=28873, block_size=48)
     llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)))
@@ -102,10 +104,11 @@ def test_profiled_steps_report(bench):
 
 
 def test_model_folder_and_report(bench, tmp_path):
-    path = bench.model_dir(tmp_path, 4096, "kvgroup15", 0.03)
+    path = bench.model_dir(tmp_path, 4096, "kvgroup15", 0.03, 0.05)
     assert (path / "config.json").exists() and (path / "rtpurbo-kvgroup15" / "rtpurbo_config.json").exists()
     config = json.loads((path / "rtpurbo-kvgroup15" / "rtpurbo_config.json").read_text())
     assert config["params"]["top_p"] == 0.03          # about 3 % of the blocks on flat (dummy-weight) scores
+    assert config["params"]["prefill_top_p"] == 0.05
     rows = [{"phase": "capacity", "name": "RTPURBO:auto:kvgroup15", "vllm_kv_tokens": 10, "held_sequences": 3.5},
             {"phase": "step", "name": "FLASH_ATTN:fp8", "decode_step_ms": {"1": 8.1, "4": 16.4},
              "decode_step_range_ms": {"1": [8.0, 8.3], "4": [16.2, 16.9]}}]
