@@ -156,13 +156,13 @@ class RTPurboMetadataBuilder(AttentionMetadataBuilder[RTPurboMetadata]):
 
     def _sparse_prefill(self, cm: CommonAttentionMetadata, num_decodes: int) -> RTPurboSparsePrefill | None:
         """The prefill requests' query tiles (host lengths: ``query_start_loc_cpu`` and vLLM's upper
-        bound of the sequence lengths, exact for prefill rows, else the device lengths), with the
-        builder's scratch."""
+        bound of the sequence lengths, exact for prefill rows; a copy of the device lengths where a
+        model runner gives no bound), with the builder's scratch."""
         if self.prefill_workspace is None:
             return None
         rows = slice(num_decodes, cm.num_reqs)
         query_lens = cm.query_start_loc_cpu[num_decodes:cm.num_reqs + 1].diff().tolist()
-        lengths = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens_cpu
+        lengths = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         seq_lens = lengths[rows].tolist()
         plan = plan_sparse_prefill(query_lens, seq_lens, self.prefill_workspace.wave_tiles, TILE_Q, self.device)
         return RTPurboSparsePrefill(plan=plan, index_queries=self.prefill_index_queries,
