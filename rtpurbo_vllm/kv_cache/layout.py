@@ -469,7 +469,7 @@ class KVLayout:
         return (f"KV layout {self.name!r}: units {slots}; page {self.blocks.page_size_bytes} B, prefix-hit "
                 f"granularity {self.blocks.scheduler_block_size} tokens; empty slots "
                 + ", ".join(f"{k} {n}" for k, n in empty.items())
-                + f"; capacity vs FLASH_ATTN at {context} tokens: {self.capacity_ratio(context):.2f}x")
+                + f"; capacity vs FLASH_ATTN (same KV dtype) at {context} tokens: {self.capacity_ratio(context):.2f}x")
 
 
 def _cdiv(a: int, b: int) -> int:
