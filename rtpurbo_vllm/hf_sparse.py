@@ -27,7 +27,7 @@ import torch
 from rtpurbo_vllm.artifacts import RTPurboArtifact
 from rtpurbo_vllm.reference import rtpurbo_decode_keep_ref
 from rtpurbo_vllm.rope import RopeSpec, invert_rope
-from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask, headwise_attention_ref
+from rtpurbo_vllm.triton_kernels.headwise_attention import attention_mask
 from rtpurbo_vllm.triton_kernels.index_keys import index_project_ref
 from rtpurbo_vllm.triton_kernels.sparse_decode import sparse_decode_varlen_ref
 from rtpurbo_vllm.triton_kernels.sparse_prefill import TILE_Q, sparse_prefill_visible_ref
@@ -77,7 +77,7 @@ class _Run:
 _ACTIVE: list[_Run] = []
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, hf_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query [1, HQ, Tq, D]``, ``key/value [1, HKV, Tk, D]`` post-RoPE.
 
     Returns ``([1, Tq, HQ, D]`` in the query dtype, ``None)``.
@@ -91,15 +91,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     v = value[0].transpose(0, 1)
     num_q, num_k = q.shape[0], k.shape[0]
     scale = module.scaling if scaling is None else scaling
-    cu_q = torch.tensor([0, num_q], dtype=torch.int32)
-    cu_k = torch.tensor([0, num_k], dtype=torch.int32)
     if run.artifact is None:   # dense (ablation only)
-        every_head = torch.ones(q.shape[1], dtype=torch.bool)
-        out = headwise_attention_ref(q, k, v, cu_q, cu_k, every_head, 0, num_k, scale)[0]
+        group = q.shape[1] // k.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query[0].float(), key[0].float().repeat_interleave(group, dim=0),
+            value[0].float().repeat_interleave(group, dim=0), scale=scale,
+            attn_mask=attention_mask(num_q, num_k, device=q.device)).transpose(0, 1)      # [Tq, HQ, D]
     elif num_q > 1 or num_k < run.artifact.params.dense_threshold:
         out = _prefill(run, layer, q, k, v, scale)
     else:
-        out = _decode(run, layer, q, k, v, cu_k, scale)
+        out = _decode(run, layer, q, k, v, torch.tensor([0, num_k], dtype=torch.int32), scale)
     out = out.to(query.dtype)
     for head in run.ablated.get(layer, ()):
         out[:, head] = 0
