@@ -80,6 +80,9 @@ _ACTIVE: list[_Run] = []
 def _attention(module, query, key, value, hf_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``query [1, HQ, Tq, D]``, ``key/value [1, HKV, Tk, D]`` post-RoPE.
 
+    ``hf_mask`` (transformers' own mask) is not read: without padding, each query's visible keys follow
+    from the positions ``0..Tk-1``.
+
     Returns ``([1, Tq, HQ, D]`` in the query dtype, ``None)``.
     """
     run = _ACTIVE[-1]
