@@ -95,11 +95,9 @@ def _attention(module, query, key, value, hf_mask, scaling=None, dropout=0.0, **
     num_q, num_k = q.shape[0], k.shape[0]
     scale = module.scaling if scaling is None else scaling
     if run.artifact is None:   # dense (ablation only)
-        group = q.shape[1] // k.shape[1]
+        qh, kh, vh = _heads_first(q, k, v)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query[0].float(), key[0].float().repeat_interleave(group, dim=0),
-            value[0].float().repeat_interleave(group, dim=0), scale=scale,
-            attn_mask=attention_mask(num_q, num_k, device=q.device)).transpose(0, 1)      # [Tq, HQ, D]
+            qh, kh, vh, scale=scale, attn_mask=attention_mask(num_q, num_k, device=q.device)).transpose(0, 1)
     elif num_q > 1 or num_k < run.artifact.params.dense_threshold:
         out = _prefill(run, layer, q, k, v, scale)
     else:
@@ -108,6 +106,14 @@ def _attention(module, query, key, value, hf_mask, scaling=None, dropout=0.0, **
     for head in run.ablated.get(layer, ()):
         out[:, head] = 0
     return out[None], None
+
+
+def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``q [Tq, HQ, D]``, ``k/v [Tk, HKV, D]`` -> ``[HQ, Tq, D]``, ``[HQ, Tk, D]``, ``[HQ, Tk, D]`` float32,
+    each KV head repeated for its query heads (the layout ``scaled_dot_product_attention`` takes)."""
+    group = q.shape[1] // k.shape[1]
+    return (q.transpose(0, 1).float(), k.transpose(0, 1).float().repeat_interleave(group, dim=0),
+            v.transpose(0, 1).float().repeat_interleave(group, dim=0))
 
 
 def _prefill(run: _Run, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,10 +137,7 @@ def _prefill(run: _Run, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     params, retrieval_heads = run.artifact.params, run.artifact.retrieval_heads[layer]
     num_q, num_heads, num_k = q.shape[0], q.shape[1], k.shape[0]
-    group = num_heads // k.shape[1]
-    qh = q.transpose(0, 1).float()                                            # [HQ, Tq, D]
-    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)            # [HQ, Tk, D]
-    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+    qh, kh, vh = _heads_first(q, k, v)
     dense = num_k < params.dense_threshold
     causal = [h for h in range(num_heads) if dense or h in set(retrieval_heads)]
     local = [h for h in range(num_heads) if h not in set(causal)]
