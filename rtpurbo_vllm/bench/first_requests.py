@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from rtpurbo_vllm.bench.environment import environment
-from rtpurbo_vllm.bench.server import (HOST, free_port, post_all, running_server, server_metrics, stop_on_sigterm,
-                                       vllm_command)
+from rtpurbo_vllm.bench.server import (HOST, INTERRUPTED, free_port, post_all, running_server, server_metrics,
+                                       stop_on_sigterm, vllm_command)
 from rtpurbo_vllm.outputs import write_json, write_text
 from rtpurbo_vllm.tiny import tiny_model_dir
 from rtpurbo_vllm.tiny.task import make_prompt
@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, TimeoutError, OSError) as exc:
                 results["backends"][backend] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"[{backend}] FAILED: {results['backends'][backend]['error']}", flush=True)
+            except KeyboardInterrupt:
+                results["backends"][backend] = {"error": INTERRUPTED}
+                raise
     finally:
         results["criteria"] = criteria(results, args.max_first_ratio)
         write_json(path, results)

@@ -182,6 +182,10 @@ def server_metrics(port: int, names: Mapping[str, str] = SERVER_METRICS) -> dict
         return {}
 
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM, e.g. a timeout)"
+"""The error a benchmark records for the run or phase that :func:`stop_on_sigterm`'s interrupt cut short."""
+
+
 def stop_on_sigterm() -> None:
     """Makes SIGTERM (a job manager's stop, ``timeout``) unwind like Ctrl-C, so every ``finally`` runs and
     every server is stopped on the way out."""

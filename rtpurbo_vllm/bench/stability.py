@@ -65,7 +65,8 @@ from typing import Any
 
 from rtpurbo_vllm.bench import serving as bs
 from rtpurbo_vllm.bench.environment import environment
-from rtpurbo_vllm.bench.server import HOST, SERVER_METRICS, free_port, post_all, server_metrics, stop_on_sigterm
+from rtpurbo_vllm.bench.server import (HOST, INTERRUPTED, SERVER_METRICS, free_port, post_all, server_metrics,
+                                       stop_on_sigterm)
 from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity, parse_serve_result
 from rtpurbo_vllm.outputs import write_text
 from rtpurbo_vllm.tiny import tiny_kv1_artifact_dir, tiny_model_dir
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 section["error"] = f"{type(exc).__name__}: {exc}"
                 print(f"[{phase}] FAILED: {section['error']}", flush=True)
             except KeyboardInterrupt:
-                section["error"] = "interrupted (Ctrl-C or SIGTERM, e.g. a timeout)"
+                section["error"] = INTERRUPTED
                 raise
             finally:
                 section["criteria"] = phase_criteria(settings, phase, section)

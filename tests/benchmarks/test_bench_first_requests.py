@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from rtpurbo_vllm.bench import first_requests as fr
+from rtpurbo_vllm.bench.server import INTERRUPTED
 
 
 def _value(argv, flag):
@@ -67,6 +68,23 @@ def test_full_run_with_the_fake_vllm(tmp_path, fake_vllm):
     results = json.loads((out / fr.RESULTS_JSON).read_text())
     rounds = {backend: len(row["rounds_s"]) for backend, row in results["backends"].items()}
     assert rounds == {"FLASH_ATTN": 2, "RTPURBO": 3}
+
+
+def test_an_interrupted_run_is_reported_as_such(tmp_path, monkeypatch):
+    """A timeout's SIGTERM during a server's start-up: the report names the interrupted backend, the
+    backends already measured stay in it, and the interrupt still ends the run."""
+    def run_backend(args, backend, port, out):
+        if backend == "RTPURBO":
+            raise KeyboardInterrupt("signal 15")
+        return {"error": "RuntimeError: measured elsewhere"}
+    monkeypatch.setattr(fr, "run_backend", run_backend)
+    monkeypatch.setattr(fr, "stop_on_sigterm", lambda: None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        fr.main(["--out", str(out), "--backends", "FLASH_ATTN", "RTPURBO"])
+    results = json.loads((out / fr.RESULTS_JSON).read_text())
+    assert results["backends"]["RTPURBO"] == {"error": INTERRUPTED} and "FLASH_ATTN" in results["backends"]
+    assert f"| RTPURBO | error: {INTERRUPTED} |" in (out / fr.REPORT_MD).read_text()
 
 
 def test_compiled_kernels_are_read_from_the_triton_cache(tmp_path):
