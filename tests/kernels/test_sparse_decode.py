@@ -300,7 +300,10 @@ def test_fp8_single_unit_against_unquantised(seed, kv_dtype):
 def test_fp8_queries_beyond_fp16_saturate(seed):
     """Over fp8 K/V the dots run in fp16: query entries beyond fp16's range (bf16 reaches 3e38) saturate
     at +-65504 instead of turning into inf and NaN outputs; the result is the reference's for the
-    saturated queries."""
+    saturated queries. Scores reach ~1e5 here, where float32 rounds to ~0.01 and the kernel (``k_scale``
+    in the score scale) and the reference (``k_scale`` in K) round differently: two keys within a few
+    units of each other get weights a few per cent apart, hence ``atol`` 0.1 (a wrong saturation moves
+    outputs by O(1))."""
     seq_lens, hq, hkv, d, p, bs, sink, window, ret = [70, 300], 4, 2, 64, 16, 64, 4, 100, [1]
     k_scale, v_scale = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
     lay, _ = PL.paged_kv(seq_lens, [0] * hkv, d, u8, [KindSpec(p, 1, hkv)], DEVICE, None, k_scale, v_scale)
@@ -314,7 +317,7 @@ def test_fp8_queries_beyond_fp16_saturate(seed):
             sink, window)
     _call(q, lay.paged, lay.tables, *args, _workspace(len(seq_lens), hq, d, 4, DEVICE), out, lse, 0, k_scale, v_scale)
     _check(q.clamp(-65504, 65504), lay.paged, lay.tables, seq_lens, ret, selected, num_selected, bs, sink, window,
-           out, lse, 0, k_scale, v_scale)
+           out, lse, 0, k_scale, v_scale, atol=0.1)
 
 
 def test_fp8_error_bound_against_bf16(seed):
