@@ -78,6 +78,7 @@ from typing import Any, Callable, Iterator
 from rtpurbo_vllm.bench.environment import environment
 from rtpurbo_vllm.bench.server import (
     HOST,
+    INTERRUPTED,
     Child,
     free_port,
     run_command,
@@ -577,8 +578,9 @@ def run_bench(settings: Settings, results: dict[str, Any], run: BenchRun,
 
 def run_backend(settings: Settings, results: dict[str, Any], backend: str, port: int) -> None:
     """The serve phase (one server, every bench serve run; the capacity phase alone starts the server for
-    its KV-capacity lines only) and the latency phase for one backend. A server that fails is recorded
-    under ``capacity`` with an ``error`` and the run goes on with the next phase."""
+    its KV-capacity lines only) and the latency phase for one backend. A server that fails is recorded under
+    ``capacity`` with an ``error`` and the run goes on with the next phase; one interrupted (Ctrl-C, a
+    timeout's SIGTERM) is recorded the same way before the interrupt ends the run."""
     if "serve" in settings.phases or "capacity" in settings.phases:
         log = settings.out / "logs" / f"server-{backend}.log"
         start = time.monotonic()
@@ -606,10 +608,12 @@ def run_backend(settings: Settings, results: dict[str, Any], backend: str, port:
                 time.sleep(1.0)                     # one more stats interval after the last request
                 results["capacity"][backend]["after_runs"] = server_metrics(port)
                 print(f"[{backend}] after the runs: {results['capacity'][backend]['after_runs']}", flush=True)
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            results["capacity"][backend] = {**results["capacity"].get(backend, {}), "error": str(exc),
-                                            "log": str(log)}
-            print(f"[{backend}] server FAILED: {exc}", flush=True)
+        except (RuntimeError, TimeoutError, OSError, KeyboardInterrupt) as exc:
+            error = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else str(exc)
+            results["capacity"][backend] = {**results["capacity"].get(backend, {}), "error": error, "log": str(log)}
+            print(f"[{backend}] server FAILED: {error}", flush=True)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
         finally:
             save(settings, results)
     if "latency" in settings.phases:

@@ -54,7 +54,7 @@ from typing import Any
 
 from rtpurbo_vllm.bench import serving as bs
 from rtpurbo_vllm.bench.environment import environment
-from rtpurbo_vllm.bench.server import HOST, free_port, metric_peaks, server_metrics, stop_on_sigterm
+from rtpurbo_vllm.bench.server import HOST, INTERRUPTED, free_port, metric_peaks, server_metrics, stop_on_sigterm
 from rtpurbo_vllm.bench.vllm_results import parse_kv_capacity, parse_serve_result
 from rtpurbo_vllm.outputs import write_figure, write_text
 
@@ -451,9 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in settings.workloads:
             for backend in settings.backends:
-                row = run_one(settings, results, WORKLOADS[name], backend, port)
+                key = {"workload": name, "backend": backend}
+                try:
+                    row = run_one(settings, results, WORKLOADS[name], backend, port)
+                except KeyboardInterrupt:
+                    bs.put_row(results["rows"], {**key, "error": INTERRUPTED}, key)
+                    raise
                 failed |= "error" in row
-                bs.put_row(results["rows"], row, {"workload": name, "backend": backend})
+                bs.put_row(results["rows"], row, key)
                 save(settings, results)
     finally:
         save(settings, results)

@@ -474,6 +474,27 @@ def test_capacity_phase_only_starts_the_servers(tmp_path, capsys, fake_vllm):
     assert "KV capacity RTPURBO (compact layout) / FLASH_ATTN: measured 1.00x" in capsys.readouterr().out
 
 
+def test_an_interrupted_server_is_recorded(tmp_path, capsys, monkeypatch, fake_vllm):
+    """A timeout's SIGTERM while the RTPURBO server starts: its capacity entry names the interrupt, the
+    backend measured before it stays, the report is written, and the interrupt still ends the run."""
+    real = bs.recorded_server
+
+    def recorded_server(commands, argv, port, log, label, settings):
+        if label == "RTPURBO":
+            raise KeyboardInterrupt("signal 15")
+        return real(commands, argv, port, log, label, settings)
+    monkeypatch.setattr(bs, "recorded_server", recorded_server)
+    monkeypatch.setattr(bs, "stop_on_sigterm", lambda: None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "capacity", "--contexts", "1",
+                 "--startup-timeout", "20", "--stop-timeout", "1", "--max-model-len", "4096"])
+    results = json.loads((out / bs.RESULTS_JSON).read_text())
+    assert results["capacity"]["RTPURBO"]["error"] == server.INTERRUPTED
+    assert results["capacity"]["FLASH_ATTN"]["kv_cache_tokens"] == 400_000
+    assert f"RTPURBO server: FAILED, {server.INTERRUPTED}" in (out / bs.REPORT_MD).read_text()
+
+
 def test_decode_only_primes_each_context_with_the_same_prompts(tmp_path, fake_vllm):
     out = tmp_path / "out"
     assert bs.main(["--vllm", fake_vllm, "--out", str(out), "--phases", "serve", "--decode-only", "--contexts", "1",

@@ -148,6 +148,25 @@ def test_merge_of_parallel_folders_and_a_failed_server(tmp_path, fake_vllm, monk
         tp.main(_argv(tmp_path, fake_vllm, "--backends", "FLASH_ATTN", "--keep", "0.1"))
 
 
+def test_an_interrupted_backend_is_reported_as_such(tmp_path, fake_vllm, monkeypatch):
+    """A timeout's SIGTERM during the second backend: its row names the interrupt, the first backend's row
+    stays, the report is written, and the interrupt still ends the run."""
+    real = tp.run_one
+
+    def run_one(settings, results, workload, backend, port):
+        if backend == "RTPURBO":
+            raise KeyboardInterrupt("signal 15")
+        return real(settings, results, workload, backend, port)
+    monkeypatch.setattr(tp, "run_one", run_one)
+    monkeypatch.setattr(tp, "stop_on_sigterm", lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        tp.main(_argv(tmp_path, fake_vllm, "--backends", "FLASH_ATTN,RTPURBO"))
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "out" / tp.RESULTS_JSON).read_text())["rows"]}
+    assert rows["RTPURBO"] == {"workload": "long-decodes", "backend": "RTPURBO", "error": tp.INTERRUPTED}
+    assert "error" not in rows["FLASH_ATTN"]
+    assert f"- long-decodes RTPURBO: {tp.INTERRUPTED}" in (tmp_path / "out" / tp.REPORT_MD).read_text()
+
+
 def test_dry_run_prints_every_command(tmp_path, capsys):
     assert tp.main(["--out", str(tmp_path / "out"), "--dry-run", "--workload", "long-prompts",
                     "--backends", "FLASH_ATTN,RTPURBO-fp8"]) == 0
