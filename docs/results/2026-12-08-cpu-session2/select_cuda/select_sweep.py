@@ -9,6 +9,9 @@
 2. Speed: CUDA-graph replays of ``--layers`` layers' selections (each layer with its own stats), the
    Triton selection alone, the CUDA one alone, and ``block_topp`` (stats + Triton selection) whole, per
    layer, at bench_attention's decode points.
+3. The layer: ``benchmarks/bench_attention.py``'s decode step (bf16, and with ``--kv-cache-dtype fp8``
+   when asked) with the Triton selection, then with the CUDA one launched in its place inside
+   ``block_topp``, each beside FA3, with the selection's GPU time in the step.
 
 Run from the repository root on a GPU (compiles the extension with the machine's nvcc, ~1 min):
     python3 -P docs/results/2026-12-08-cpu-session2/select_cuda/select_sweep.py [--contexts 128 512 1024] [--batch 1 4]
@@ -211,6 +214,54 @@ def speed(ext, contexts, batches, layers, repeats) -> int:
     return bad
 
 
+class CudaSelectLaunch:
+    """Stands in for ``block_topp``'s ``_select_kernel``: ``[grid](...)`` with the Triton launch's arguments
+    launches the CUDA selection instead."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def __getitem__(self, grid):
+        def launch(seq_lens, block_max, block_sum, selected, num_selected, *rest, BLOCK_SIZE, **_):
+            top_p, dense_threshold, num_sink_blocks, max_blocks = rest[6:10]
+            self.ext.topp_select(seq_lens, block_max, block_sum, selected, num_selected, top_p, dense_threshold,
+                                 num_sink_blocks, max_blocks, BLOCK_SIZE)
+        return launch
+
+
+def layer(ext, contexts, batches, layers, repeats, kv_cache_dtypes) -> None:
+    import importlib.util
+
+    path = os.path.join(HERE, "..", "..", "..", "..", "benchmarks", "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention_module", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    triton_launch = topp_kernel._select_kernel
+    print(f"\n{torch.cuda.get_device_name()}: one layer's decode step (bench_attention.bench_decode, per layer of "
+          f"{layers}-layer graphs, split scratch for max_num_seqs 1024)")
+    print(f"{'kv':>5} {'batch':>5} {'context':>8} {'FA3 ms':>8} {'triton ms':>10} {'x':>6} {'sel us':>7} "
+          f"{'cuda ms':>8} {'x':>6} {'sel us':>7}")
+    for kv in kv_cache_dtypes:
+        for batch in batches:
+            for k in contexts:
+                cells = []
+                for launch in (triton_launch, CudaSelectLaunch(ext)):
+                    topp_kernel._select_kernel = launch
+                    try:
+                        row = bench.bench_decode(batch, k * 1024, 0.03, torch.device("cuda"), repeats,
+                                                 max_num_seqs=1024, kv_cache_dtype=kv, layers=layers)
+                    finally:
+                        topp_kernel._select_kernel = triton_launch
+                    select_us = sum(x["us"] for x in row["rtpurbo_kernels"]["kernels"]
+                                    if "select" in x["name"]) / layers
+                    cells.append((row["fa3_ms"], row["rtpurbo_ms"], select_us))
+                    torch.cuda.empty_cache()
+                fa3 = cells[0][0]
+                print(f"{kv:>5} {batch:5d} {k:7d}K {fa3:8.4f} {cells[0][1]:10.4f} {fa3 / cells[0][1]:5.2f}x "
+                      f"{cells[0][2]:7.1f} {cells[1][1]:8.4f} {cells[1][0] / cells[1][1]:5.2f}x {cells[1][2]:7.1f}",
+                      flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512, 1024])
@@ -218,11 +269,15 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--layer-kv", nargs="*", default=["auto"], metavar="KV",
+                        help="KV dtypes of the layer comparison (auto, fp8; none: skip it)")
     args = parser.parse_args()
     ext = build()
     torch.manual_seed(0)
     bad = 0 if args.skip_correctness else correctness(ext)
     bad += speed(ext, args.contexts, args.batch, args.layers, args.repeats)
+    if args.layer_kv:
+        layer(ext, [k for k in args.contexts if k <= 512], args.batch, args.layers, args.repeats, args.layer_kv)
     print(f"\n{bad} row(s) differ beyond a borderline case")
     return 1 if bad else 0
 
